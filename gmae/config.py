@@ -1,0 +1,147 @@
+"""Model and training settings: two dataclasses and the named presets.
+
+`ModelConfig` is everything needed to rebuild a model (it is stored in every
+checkpoint); `TrainConfig` is everything about one pre-training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import GMAEError
+
+MODELS = ("gmae", "mae")
+LOSSES = ("masked", "all", "masked_normpix")
+
+
+@dataclass
+class ModelConfig:
+    model: str = "gmae"  # "gmae" (Gaussian decoder + splatting) or "mae" (pixel decoder)
+    img_size: int = 64
+    patch_size: int = 8
+    in_chans: int = 3
+    # ViT encoder
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    # light decoder
+    decoder_embed_dim: int = 128
+    decoder_depth: int = 2
+    decoder_num_heads: int = 4
+    # pre-training objective
+    mask_ratio: float = 0.75
+    loss: str = "masked"  # "masked" | "all" | "masked_normpix"
+    # GMAE only
+    num_gaussians: int = 256  # k, independent of the number of masked patches
+    max_scale: float = 1.0  # c: scale = c * sigmoid(s); c = 1 -> largest std ~ W/16 pixels
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # authors' white
+    render_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.background = tuple(float(v) for v in self.background)
+        self.validate()
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def validate(self) -> None:
+        """Raise GMAEError naming the first impossible setting."""
+        if self.model not in MODELS:
+            raise GMAEError(f"model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        if self.loss not in LOSSES:
+            raise GMAEError(f"loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
+        if self.patch_size <= 0 or self.img_size <= 0 or self.img_size % self.patch_size:
+            raise GMAEError(
+                f"image size {self.img_size} must be a positive multiple of the patch size {self.patch_size}"
+            )
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise GMAEError(f"mask ratio must be in [0, 1) so that some patches stay visible; got {self.mask_ratio}")
+        if self.num_gaussians < 1:
+            raise GMAEError(f"number of Gaussians must be at least 1; got {self.num_gaussians}")
+        if not self.max_scale > 0:
+            raise GMAEError(f"max scale c must be positive; got {self.max_scale}")
+        if len(self.background) != self.in_chans:
+            raise GMAEError(f"background needs {self.in_chans} values; got {self.background}")
+        for name in ("embed_dim", "decoder_embed_dim"):
+            dim, heads = getattr(self, name), getattr(self, name.replace("embed_dim", "num_heads"))
+            if dim % heads:
+                raise GMAEError(f"{name} {dim} must be divisible by its number of heads {heads}")
+        if self.embed_dim % 4 or self.decoder_embed_dim % 4:
+            raise GMAEError("embedding widths must be multiples of 4 (2D sin-cos position embedding)")
+
+
+@dataclass
+class TrainConfig:
+    data: str = "deadleaves"  # "deadleaves" | "photos" | path to an image folder
+    steps: int = 1500
+    batch_size: int = 64  # global batch
+    blr: float = 1e-3  # base lr (the GMAE authors' default); lr = blr * batch_size / 256
+    warmup_steps: int = 100
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/pretrain"
+    checkpoint_every: int = 500
+    log_every: int = 1
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.steps < 1:
+            raise GMAEError(f"steps must be at least 1; got {self.steps}")
+        if self.batch_size < 1:
+            raise GMAEError(f"batch size must be at least 1; got {self.batch_size}")
+        if not self.blr > 0:
+            raise GMAEError(f"base learning rate must be positive; got {self.blr}")
+        if self.warmup_steps < 0 or self.checkpoint_every < 1:
+            raise GMAEError("warmup steps must be >= 0 and checkpoint-every >= 1")
+
+
+# MAE's ViT shapes; the decoder is MAE's 512 x 8 for base/large. `tiny` is sized for
+# CPU pre-training (64x64 images, 8x8 patches) and `small` sits in between.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+        decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, num_gaussians=256,
+    ),
+    "small": dict(
+        img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+        decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, num_gaussians=256,
+    ),
+    "base": dict(
+        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, num_gaussians=256,
+    ),
+    "large": dict(
+        img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, num_gaussians=256,
+    ),
+}
+
+
+def model_config(preset: str = "tiny", **overrides) -> ModelConfig:
+    """A preset's ModelConfig with `overrides` (None values are ignored) applied."""
+    if preset not in PRESETS:
+        raise GMAEError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**values)
+
+
+def config_from_dict(cls, values: dict):
+    """Rebuild a config dataclass from a checkpoint's dict, ignoring unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def as_dict(cfg) -> dict:
+    """Plain-Python dict (lists, not tuples) safe for json and weights_only checkpoints."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "model_config", "config_from_dict", "as_dict"]

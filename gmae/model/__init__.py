@@ -1,0 +1,25 @@
+"""Models: the shared ViT encoder, the MAE baseline and GMAE."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .gmae import GMAE, gaussians_from_raw
+from .mae import MAE, Output
+from .vit import ViTEncoder, patchify, random_masking, unpatchify
+
+
+def build_model(cfg: ModelConfig) -> MAE:
+    """GMAE or MAE as `cfg.model` says; both share encoder, decoder trunk and loss."""
+    return {"gmae": GMAE, "mae": MAE}[cfg.model](cfg)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = [
+    "GMAE", "MAE", "Output", "ViTEncoder", "build_model", "count_parameters",
+    "gaussians_from_raw", "patchify", "random_masking", "unpatchify",
+]

@@ -1,0 +1,175 @@
+"""The ViT pieces shared by GMAE and MAE: patchify, masking, blocks, encoder.
+
+Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `cls_token`,
+`pos_embed`, `blocks.N.attn.qkv`, `blocks.N.mlp.fc1`, `norm`, ...) so the encoder
+can be handed to timm-based tools without renaming.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, pixels (p, p, C)."""
+    B, C, H, W = imgs.shape
+    h, w = H // p, W // p
+    x = imgs.reshape(B, C, h, p, w, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, h * w, p * p * C)
+
+
+def unpatchify(x: torch.Tensor, p: int, channels: int = 3) -> torch.Tensor:
+    """(B, N, p*p*C) -> (B, C, H, W); inverse of `patchify` for square grids."""
+    B, N, _ = x.shape
+    h = w = int(round(N**0.5))
+    x = x.reshape(B, h, w, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, h * p, w * p)
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+    """MAE's per-sample random masking by argsort of uniform noise.
+
+    x: (B, N, D). Returns
+      x_visible (B, n, D) with n = int(N * (1 - mask_ratio)),
+      mask (B, N) with 0 = kept, 1 = masked, in the original patch order,
+      ids_restore (B, N) which undoes the shuffle.
+    `noise` (B, N) can be given so that masking is reproducible from a seed.
+    """
+    B, N, D = x.shape
+    n_keep = int(N * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(B, N, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]
+    x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    mask = torch.ones(B, N, device=x.device)
+    mask[:, :n_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x_visible, mask, ids_restore
+
+
+def sincos_pos_embed(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding (MAE), shape (1 + N or N, dim)."""
+    coords = np.arange(grid_size, dtype=np.float64)
+    grid_w, grid_h = np.meshgrid(coords, coords)  # w varies fastest, as in MAE
+
+    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    emb = np.concatenate([one_axis(dim // 2, grid_w), one_axis(dim // 2, grid_h)], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
+    return torch.from_numpy(emb).float()
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm's ViT block without layer-scale)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform linears (and patch conv as a linear), unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, PatchEmbed):
+            nn.init.xavier_uniform_(m.proj.weight.view(m.proj.weight.shape[0], -1))
+            nn.init.zeros_(m.proj.bias)
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+class ViTEncoder(nn.Module):
+    """MAE's encoder: patch embedding + fixed sin-cos positions + cls token + blocks.
+
+    With `mask_ratio > 0` it sees only the visible patches; with 0 it is a plain
+    ViT feature extractor (used by probes and fine-tuning).
+    """
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        n = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # A parameter (as in MAE and timm) so that state dicts match timm's names; never trained.
+        self.pos_embed = nn.Parameter(
+            sincos_pos_embed(embed_dim, int(n**0.5)).unsqueeze(0), requires_grad=False
+        )
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.normal_(self.cls_token, std=0.02)
+        init_weights(self)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None):
+        """imgs (B, C, H, W) -> latent (B, 1 + n, D), mask (B, N), ids_restore (B, N)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (B, N, D)
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, n, D)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + n, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x), mask, ids_restore

@@ -1,0 +1,163 @@
+"""Gaussian splatting: projection of 3D Gaussians and differentiable rasterization.
+
+Public entry points:
+
+* :func:`project_orthographic` — 3D Gaussians (means, scales, quats) to
+  screen-space (means2d, conics, depths).
+* :func:`rasterize` — alpha-composite screen-space Gaussians into images, with
+  a choice of backend. Every backend implements the same contract (see
+  :mod:`gmae.render.reference`, the oracle) and the same signature::
+
+      fn(means2d, conics, colors, opacities, depths, height, width,
+         background=None, max_alpha=0.99) -> (image (B,C,H,W), alpha (B,H,W))
+
+Backends live in :data:`BACKENDS`. ``"torch"`` (the pure-PyTorch reference) is
+always there; optional ones (``"cpu"``, a numba kernel in
+``gmae.render.cpu``) are imported the first time they are asked for, so an
+optional backend that is missing never breaks ``import gmae.render``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from gmae.errors import GMAEError
+from gmae.render.project import project_orthographic, quat_to_rotmat
+from gmae.render.reference import rasterize_torch, validate_inputs
+
+__all__ = [
+    "BACKENDS",
+    "project_orthographic",
+    "quat_to_rotmat",
+    "rasterize",
+    "rasterize_torch",
+    "register_backend",
+    "resolve_backend",
+]
+
+logger = logging.getLogger("gmae.render")
+
+RasterizeFn = Callable[..., "tuple[Tensor, Tensor]"]
+
+#: Registered backends, name -> rasterize function (signature above).
+BACKENDS: dict[str, RasterizeFn] = {"torch": rasterize_torch}
+
+#: Backends imported on first use: name -> (module, function name).
+_OPTIONAL_BACKENDS: dict[str, tuple[str, str]] = {
+    "cpu": ("gmae.render.cpu", "rasterize_cpu"),
+}
+_UNAVAILABLE: set[str] = set()
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def register_backend(name: str, fn: RasterizeFn) -> None:
+    """Add (or replace) a rasterize backend under ``name``."""
+    if name == "auto":
+        raise GMAEError("'auto' is reserved and cannot name a render backend")
+    BACKENDS[name] = fn
+
+
+def _available(name: str) -> bool:
+    """True if backend ``name`` is registered, importing optional ones on demand."""
+    if name in BACKENDS:
+        return True
+    if name not in _OPTIONAL_BACKENDS or name in _UNAVAILABLE:
+        return False
+    module_name, fn_name = _OPTIONAL_BACKENDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # The module itself or a third-party dependency (e.g. numba) is absent:
+        # the backend is simply unavailable. A missing *gmae* module imported
+        # from inside it is a bug and must surface.
+        missing = exc.name or ""
+        if missing != module_name and missing.startswith("gmae"):
+            raise
+        logger.debug("render backend %r unavailable: %s", name, exc)
+        _UNAVAILABLE.add(name)
+        return False
+    BACKENDS.setdefault(name, getattr(module, fn_name))
+    return True
+
+
+def _valid_names() -> list[str]:
+    names = set(BACKENDS) | {n for n in _OPTIONAL_BACKENDS if _available(n)}
+    return ["auto", *sorted(names)]
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """Map a backend request to a registered backend name.
+
+    ``"auto"`` picks ``"gsplat"`` on CUDA if registered, ``"cpu"`` on CPU if
+    available, else ``"torch"``; the choice is logged once (logger
+    ``"gmae.render"``). Unknown names raise :class:`GMAEError`.
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cuda" and _available("gsplat"):
+            name = "gsplat"
+        elif device.type == "cpu" and _available("cpu"):
+            name = "cpu"
+        else:
+            name = "torch"
+        if (name, device.type) not in _LOGGED:
+            _LOGGED.add((name, device.type))
+            logger.info("render backend 'auto' -> %r for %s tensors", name, device.type)
+        return name
+    if isinstance(backend, str) and _available(backend):
+        return backend
+    raise GMAEError(
+        f"unknown or unavailable render backend {backend!r}; valid: {', '.join(_valid_names())}"
+    )
+
+
+def rasterize(
+    means2d: Tensor,
+    conics: Tensor,
+    colors: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    height: int,
+    width: int,
+    background: Tensor | None = None,
+    backend: str = "auto",
+    max_alpha: float = 0.99,
+) -> tuple[Tensor, Tensor]:
+    """Render screen-space Gaussians front to back.
+
+    Args:
+        means2d: (B, K, 2) pixel coordinates, x right, y down, pixel centres
+            at i + 0.5.
+        conics: (B, K, 3) upper triangle (a, b, c) of the inverse 2D
+            covariance: q = a·dx² + 2b·dx·dy + c·dy².
+        colors: (B, K, C) any C ≥ 1.
+        opacities: (B, K) in [0, 1].
+        depths: (B, K), ascending = front to back; ties keep index order.
+        height, width: image size.
+        background: None (no background term), (C,) or (B, C).
+        backend: "auto", "torch", or another name in :data:`BACKENDS`.
+        max_alpha: clamp on each α (0.99 as in 3DGS).
+
+    Returns:
+        image (B, C, H, W) = Σ cᵢαᵢTᵢ + T_final·background and
+        alpha (B, H, W) = 1 - T_final. Differentiable in means2d, conics,
+        colors, opacities and background (not depths).
+    """
+    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha)
+    name = resolve_backend(backend, means2d.device)
+    return BACKENDS[name](
+        means2d,
+        conics,
+        colors,
+        opacities,
+        depths,
+        height=height,
+        width=width,
+        background=background,
+        max_alpha=max_alpha,
+    )

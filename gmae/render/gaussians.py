@@ -1,0 +1,69 @@
+"""A batch of 3D Gaussians and the one call that turns them into an image.
+
+The decoder emits `Gaussians`; training renders all of them, the zero-shot
+readouts render depth-sorted subsets. Both go through `render_gaussians`, which
+is the fixed orthographic camera (`project_orthographic`) followed by the
+rasterizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .project import project_orthographic
+from . import rasterize
+
+
+@dataclass
+class Gaussians:
+    """k Gaussians per image, world units (the image spans x, y in (-1, 1)).
+
+    means      (B, K, 3)  x right, y down, z depth (smaller z = nearer, drawn first)
+    scales     (B, K, 3)  standard deviations along the Gaussian's own axes
+    quats      (B, K, 4)  rotation as a quaternion (w, x, y, z)
+    colors     (B, K, C)  in [0, 1]
+    opacities  (B, K)     in [0, 1]
+    """
+
+    means: torch.Tensor
+    scales: torch.Tensor
+    quats: torch.Tensor
+    colors: torch.Tensor
+    opacities: torch.Tensor
+
+    @property
+    def num(self) -> int:
+        return self.means.shape[1]
+
+    def take(self, index: torch.Tensor) -> "Gaussians":
+        """Select Gaussians per image: index (B, K') of positions along K."""
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            idx = index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
+            return torch.gather(t, 1, idx)
+
+        return Gaussians(**{f.name: gather(getattr(self, f.name)) for f in fields(self)})
+
+    def sorted_by_depth(self) -> "Gaussians":
+        """The same Gaussians ordered front (small z) to back, ties kept in index order."""
+        order = torch.sort(self.means[..., 2], dim=1, stable=True).indices
+        return self.take(order)
+
+    def detach(self) -> "Gaussians":
+        return Gaussians(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
+
+
+def render_gaussians(
+    g: Gaussians,
+    height: int,
+    width: int,
+    background: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project with the fixed orthographic camera and splat: image (B, C, H, W), alpha (B, H, W)."""
+    means2d, conics, depths = project_orthographic(g.means, g.scales, g.quats, height, width)
+    return rasterize(
+        means2d, conics, g.colors, g.opacities, depths,
+        height=height, width=width, background=background, backend=backend,
+    )

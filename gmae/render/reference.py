@@ -1,0 +1,383 @@
+"""Pure-PyTorch reference rasterizer (backend ``"torch"``).
+
+This module is the *oracle*: every fast backend (numba CPU kernel, gsplat) is
+tested against it, and it is the place to read to learn what "rendering" means
+in gmae. It favours clarity over speed, but it is still vectorised and
+memory-bounded, so it can be used for real training at small sizes.
+
+Semantics (3D Gaussian Splatting conventions), per pixel with centre p:
+
+* Gaussians are composited front to back in ascending depth; ties keep the
+  input order (stable sort), so the lower index is in front.
+* d = p - mean, q = dᵀ Σ⁻¹ d = a·dx² + 2b·dx·dy + c·dy² with conic (a, b, c),
+  and αᵢ = min(max_alpha, oᵢ · exp(-q/2)).
+* A contribution with αᵢ < 1/255 is skipped (it leaves T unchanged); every
+  contribution with αᵢ ≥ 1/255 is included.
+* Early stop: if T·(1-αᵢ) < 1e-4, Gaussian i and all later ones are excluded.
+* out = Σ cᵢ αᵢ Tᵢ + T_final · background, alpha = 1 - T_final.
+
+Algorithm (why it is shaped like this): a dense B×K×H×W evaluation is far too
+big at 224² with hundreds of Gaussians, so we do what the CUDA rasterizers do,
+in tensor form:
+
+1. sort each image's Gaussians by depth;
+2. give each Gaussian a conservative screen bounding box of the region where
+   α can reach 1/255 (opacity aware, *not* a fixed 3σ) and cull the rest;
+3. bin Gaussians into 16×16 pixel tiles, keeping depth order inside a tile;
+4. evaluate tiles in chunks of (tiles × M Gaussians × 256 pixels) whose size
+   stays under :data:`CHUNK_ELEMENTS`; under autograd each chunk is
+   checkpointed so the backward pass is memory-bounded too;
+5. scatter the tiles back into (B, C, H, W) and crop the padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from gmae.errors import GMAEError
+
+__all__ = [
+    "ALPHA_MIN",
+    "CHUNK_ELEMENTS",
+    "CULL_MARGIN",
+    "TILE",
+    "T_MIN",
+    "expand_background",
+    "rasterize_torch",
+    "validate_inputs",
+]
+
+#: Side of a square screen tile, in pixels (as in 3DGS / gsplat).
+TILE = 16
+#: Contributions with α below this are skipped (3DGS: 1/255).
+ALPHA_MIN = 1.0 / 255.0
+#: A pixel stops before the Gaussian that would bring T below this.
+T_MIN = 1e-4
+#: Extra pixels added to the exact α ≥ 1/255 bounding box, so that rounding
+#: in the box computation can never cull a contribution that counts.
+CULL_MARGIN = 1.0
+#: Upper bound on the number of elements of one (tiles × M × pixels) working
+#: tensor. A module constant so tests can shrink it; results must not depend
+#: on it. (A single tile whose list alone exceeds it is still processed.)
+#: 2**20 (4 MiB per float32 tensor) measured as fast as larger chunks on CPU
+#: while keeping the peak memory of forward + backward low.
+CHUNK_ELEMENTS = 2**20
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def validate_inputs(
+    means2d: Tensor,
+    conics: Tensor,
+    colors: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    height: int,
+    width: int,
+    background: Tensor | None = None,
+    max_alpha: float = 0.99,
+) -> None:
+    """Check the rasterizer inputs and raise :class:`GMAEError` with a clear message.
+
+    Shapes: means2d (B, K, 2), conics (B, K, 3), colors (B, K, C) with C ≥ 1,
+    opacities (B, K), depths (B, K), background None, (C,) or (B, C).
+    Shared by every backend so they all reject the same inputs the same way.
+    """
+    named = {
+        "means2d": means2d,
+        "conics": conics,
+        "colors": colors,
+        "opacities": opacities,
+        "depths": depths,
+    }
+    if background is not None:
+        named["background"] = background
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise GMAEError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise GMAEError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
+    devices = {t.device for t in named.values()}
+    if len(devices) > 1:
+        raise GMAEError(
+            "all rasterizer inputs must be on one device; got "
+            + ", ".join(f"{n} on {t.device}" for n, t in named.items())
+        )
+
+    if means2d.dim() != 3 or means2d.shape[-1] != 2:
+        raise GMAEError(f"means2d must have shape (B, K, 2); got {_shape(means2d)}")
+    B, K = means2d.shape[:2]
+    if _shape(conics) != (B, K, 3):
+        raise GMAEError(
+            f"conics must have shape (B, K, 3) matching means2d (B, K, 2) = "
+            f"{_shape(means2d)}; got {_shape(conics)}"
+        )
+    if colors.dim() != 3 or colors.shape[:2] != (B, K) or colors.shape[-1] < 1:
+        raise GMAEError(
+            f"colors must have shape (B, K, C) with C >= 1 matching means2d (B, K, 2) = "
+            f"{_shape(means2d)}; got {_shape(colors)}"
+        )
+    for name, t in (("opacities", opacities), ("depths", depths)):
+        if _shape(t) != (B, K):
+            raise GMAEError(
+                f"{name} must have shape (B, K) matching means2d (B, K, 2) = "
+                f"{_shape(means2d)}; got {_shape(t)}"
+            )
+    C = colors.shape[-1]
+    if background is not None and _shape(background) not in {(C,), (B, C)}:
+        raise GMAEError(
+            f"background must be None or have shape (C,) = ({C},) or (B, C) = ({B}, {C}); "
+            f"got {_shape(background)}"
+        )
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise GMAEError(f"{name} must be a positive int; got {v!r}")
+    if not isinstance(max_alpha, (int, float)) or not (0.0 < float(max_alpha) <= 1.0):
+        raise GMAEError(f"max_alpha must be a number in (0, 1]; got {max_alpha!r}")
+
+
+def expand_background(
+    background: Tensor | None, batch: int, channels: int, dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
+    """Return the background as (B, C) (or None when there is no background term)."""
+    if background is None:
+        return None
+    background = background.to(dtype=dtype, device=device)
+    return background.expand(batch, channels) if background.dim() == 1 else background
+
+
+def _tile_ranges(
+    means: Tensor, conics: Tensor, opacities: Tensor, tiles_x: int, tiles_y: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Opacity-aware tile bounding boxes.
+
+    Inputs are flat: means (N, 2), conics (N, 3), opacities (N,).
+    Returns x0, x1, y0, y1 (N,) inclusive tile ranges (clamped to the grid) and
+    ``keep`` (N,) bool: False for culled Gaussians (non-finite, not positive
+    definite, opacity < 1/255, or entirely off-screen).
+    """
+    with torch.no_grad():
+        a, b, c = conics.unbind(-1)
+        det = a * c - b * b
+        keep = (
+            torch.isfinite(means).all(-1)
+            & torch.isfinite(conics).all(-1)
+            & torch.isfinite(opacities)
+            # A degenerate (det ≤ 0) or negative-definite conic has no bounded
+            # footprint; treat it as culled instead of crashing or lighting the
+            # whole screen.
+            & (a > 0)
+            & (det > 0)
+            # α ≤ o, so o < 1/255 can never contribute.
+            & (opacities >= ALPHA_MIN)
+        )
+        one = torch.ones_like(det)
+        det = torch.where(keep, det, one)
+        a = torch.where(keep, a, one)
+        c = torch.where(keep, c, one)
+        # α ≥ 1/255  ⇔  o·exp(-q/2) ≥ 1/255  ⇔  q ≤ t = 2·ln(255·o).
+        o = torch.where(keep, opacities, one)
+        t = (2.0 * torch.log(255.0 * o)).clamp_min(0.0)
+        # The ellipse dᵀΣ⁻¹d ≤ t has half-extents sqrt(t·Σxx), sqrt(t·Σyy) with
+        # Σ = (Σ⁻¹)⁻¹: Σxx = c/det, Σyy = a/det.
+        rx = torch.sqrt(t * c / det) + CULL_MARGIN
+        ry = torch.sqrt(t * a / det) + CULL_MARGIN
+        mx, my = means.unbind(-1)
+        # A pixel centre p in [m - r, m + r] lies in tile floor(p / TILE); clamp
+        # in float first so huge (or inf) radii cannot overflow the int cast.
+        x0 = torch.floor((mx - rx) / TILE).clamp(-1, tiles_x).long()
+        x1 = torch.floor((mx + rx) / TILE).clamp(-1, tiles_x).long()
+        y0 = torch.floor((my - ry) / TILE).clamp(-1, tiles_y).long()
+        y1 = torch.floor((my + ry) / TILE).clamp(-1, tiles_y).long()
+        keep &= (x1 >= 0) & (x0 < tiles_x) & (y1 >= 0) & (y0 < tiles_y)
+        x0, y0 = x0.clamp_min(0), y0.clamp_min(0)
+        x1, y1 = x1.clamp_max(tiles_x - 1), y1.clamp_max(tiles_y - 1)
+    return x0, x1, y0, y1, keep
+
+
+def _bin_into_tiles(
+    x0: Tensor, x1: Tensor, y0: Tensor, y1: Tensor, keep: Tensor, per_image: int, tiles_x: int, tiles_y: int, batch: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Build the per-tile, depth-ordered Gaussian lists.
+
+    The flat Gaussian index g = b·K + rank is already in depth order inside
+    each image, so a *stable* sort of (Gaussian, tile) pairs by global tile id
+    leaves every tile's list in depth order.
+
+    Returns ``gids`` (P,) flat Gaussian indices grouped by tile, and
+    ``starts``/``counts`` (B·T,) giving each tile's slice of ``gids``.
+    """
+    device = x0.device
+    n_tiles = batch * tiles_x * tiles_y
+    span_x = x1 - x0 + 1
+    n = torch.where(keep, span_x * (y1 - y0 + 1), torch.zeros_like(x0))
+    gid = torch.repeat_interleave(torch.arange(n.numel(), device=device), n)
+    # Enumerate each Gaussian's tiles: local index -> (tx, ty) in its box.
+    first = torch.cumsum(n, 0) - n
+    local = torch.arange(gid.numel(), device=device) - first[gid]
+    tx = x0[gid] + local % span_x[gid]
+    ty = y0[gid] + torch.div(local, span_x[gid], rounding_mode="floor")
+    image = torch.div(gid, per_image, rounding_mode="floor")
+    tile = (image * tiles_y + ty) * tiles_x + tx
+    tile, perm = torch.sort(tile, stable=True)
+    gids = gid[perm]
+    counts = torch.bincount(tile, minlength=n_tiles)
+    starts = torch.cumsum(counts, 0) - counts
+    return gids, starts, counts
+
+
+def _composite_chunk(
+    means: Tensor,
+    conics: Tensor,
+    colors: Tensor,
+    opacities: Tensor,
+    gid: Tensor,
+    present: Tensor,
+    px: Tensor,
+    py: Tensor,
+    max_alpha: float,
+) -> tuple[Tensor, Tensor]:
+    """Alpha-composite a chunk of tiles.
+
+    means (N, 2), conics (N, 3), colors (N, C), opacities (N,) are the flat,
+    depth-sorted Gaussians; gid (n, M) the depth-ordered list of each tile
+    (padded), present (n, M) marks real entries; px, py (n, P) pixel centres.
+    Returns color (n, C, P) = Σ cᵢαᵢTᵢ and T_final (n, P).
+    """
+    mean = means[gid]  # (n, M, 2)
+    conic = conics[gid]  # (n, M, 3)
+    dx = px[:, None, :] - mean[..., 0:1]  # (n, M, P)
+    dy = py[:, None, :] - mean[..., 1:2]
+    a, b, c = (conic[..., i : i + 1] for i in range(3))
+    q = a * dx * dx + 2.0 * b * dx * dy + c * dy * dy
+    alpha = (opacities[gid][..., None] * torch.exp(-0.5 * q)).clamp_max(max_alpha)
+    # Skip rule: α < 1/255 leaves T untouched; padding entries never count.
+    # torch.where (not a multiply) so that nothing from masked lanes leaks.
+    counts = present[..., None] & (alpha >= ALPHA_MIN)
+    alpha = torch.where(counts, alpha, torch.zeros_like(alpha))
+    # Early stop: Gaussian i is excluded if T·(1-αᵢ) < 1e-4. The inclusive
+    # transmittance is non-increasing, so the kept set is a prefix of the list
+    # and "exclude i and everything after" is just this elementwise mask.
+    with torch.no_grad():
+        included = torch.cumprod(1.0 - alpha, dim=1) >= T_MIN
+    alpha = torch.where(included, alpha, torch.zeros_like(alpha))
+    # Tᵢ is the transmittance *before* Gaussian i: an exclusive cumprod.
+    t_incl = torch.cumprod(1.0 - alpha, dim=1)
+    t_excl = torch.cat([torch.ones_like(t_incl[:, :1]), t_incl[:, :-1]], dim=1)
+    weights = alpha * t_excl  # (n, M, P)
+    color = torch.einsum("nmp,nmc->ncp", weights, colors[gid])
+    return color, t_incl[:, -1]
+
+
+def rasterize_torch(
+    means2d: Tensor,
+    conics: Tensor,
+    colors: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    height: int,
+    width: int,
+    background: Tensor | None = None,
+    max_alpha: float = 0.99,
+) -> tuple[Tensor, Tensor]:
+    """Reference tile rasterizer in plain PyTorch (differentiable by autograd).
+
+    Args:
+        means2d: (B, K, 2) pixel coordinates, x right, y down, pixel centres
+            at i + 0.5.
+        conics: (B, K, 3) upper triangle (a, b, c) of the inverse 2D covariance.
+        colors: (B, K, C) any C ≥ 1.
+        opacities: (B, K) in [0, 1].
+        depths: (B, K) only used for ordering (not differentiated).
+        height, width: image size in pixels.
+        background: None (no background term), (C,) or (B, C).
+        max_alpha: upper clamp of each α (3DGS 0.99, gsplat 0.999).
+
+    Returns:
+        image (B, C, H, W) and alpha (B, H, W) = 1 - final transmittance.
+    """
+    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha)
+    tensors = [means2d, conics, colors, opacities] + ([background] if background is not None else [])
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    device = means2d.device
+    B, K, C = colors.shape
+    tiles_x, tiles_y = math.ceil(width / TILE), math.ceil(height / TILE)
+    n_tiles = B * tiles_x * tiles_y
+    pixels = TILE * TILE
+    bg = expand_background(background, B, C, dtype, device)
+
+    # 1. Depth order (stable: equal depths keep index order), then flatten so
+    #    that flat index b·K + rank is in front-to-back order within image b.
+    order = torch.argsort(depths.detach(), dim=1, stable=True)  # (B, K)
+
+    def sort_flat(t: Tensor) -> Tensor:
+        t = t.to(dtype)
+        idx = order.view(B, K, *([1] * (t.dim() - 2))).expand_as(t)
+        return torch.gather(t, 1, idx).reshape(B * K, *t.shape[2:])
+
+    means_s, conics_s, colors_s, opac_s = map(sort_flat, (means2d, conics, colors, opacities))
+
+    # 2-3. Cull and bin into tiles.
+    x0, x1, y0, y1, keep = _tile_ranges(means_s, conics_s, opac_s, tiles_x, tiles_y)
+    gids, starts, counts = _bin_into_tiles(x0, x1, y0, y1, keep, K, tiles_x, tiles_y, B)
+
+    # 4. Composite the non-empty tiles, busiest first, so that each chunk is
+    #    padded only to its own (first = largest) list length.
+    tiles = torch.argsort(counts, descending=True, stable=True)
+    tiles = tiles[: int((counts > 0).sum())]
+    counts_sorted = counts[tiles].tolist()
+    lin = torch.arange(pixels, device=device)
+    in_tile_x = (lin % TILE).to(dtype) + 0.5
+    in_tile_y = torch.div(lin, TILE, rounding_mode="floor").to(dtype) + 0.5
+    use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    outputs: list[Tensor] = []
+    i = 0
+    while i < len(counts_sorted):
+        m = counts_sorted[i]
+        n = max(1, CHUNK_ELEMENTS // (m * pixels))
+        chunk = tiles[i : i + n]
+        slot = torch.arange(m, device=device)
+        present = slot < counts[chunk][:, None]  # (n, M)
+        index = (starts[chunk][:, None] + slot).clamp_max(gids.numel() - 1)
+        gid = gids[index]  # padded lanes point at a real Gaussian; masked later
+        within = chunk % (tiles_x * tiles_y)
+        tx = (within % tiles_x).to(dtype)
+        ty = torch.div(within, tiles_x, rounding_mode="floor").to(dtype)
+        px = tx[:, None] * TILE + in_tile_x  # (n, 256)
+        py = ty[:, None] * TILE + in_tile_y
+        args = (means_s, conics_s, colors_s, opac_s, gid, present, px, py, max_alpha)
+        if use_checkpoint:
+            # Save only the inputs; recompute the (n, M, 256) tensors in backward.
+            color, t_final = checkpoint(
+                _composite_chunk, *args, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            color, t_final = _composite_chunk(*args)
+        outputs.append(torch.cat([color, t_final[:, None, :]], dim=1))  # (n, C+1, P)
+        i += n
+
+    # 5. Scatter tiles (channels 0..C-1: colour, channel C: T) into the grid;
+    #    empty tiles keep colour 0 and transmittance 1.
+    grid = torch.cat(
+        [torch.zeros(n_tiles, C, pixels, dtype=dtype, device=device),
+         torch.ones(n_tiles, 1, pixels, dtype=dtype, device=device)],
+        dim=1,
+    )
+    if outputs:
+        grid = grid.index_copy(0, tiles, torch.cat(outputs, dim=0))
+    grid = grid.view(B, tiles_y, tiles_x, C + 1, TILE, TILE)
+    grid = grid.permute(0, 3, 1, 4, 2, 5).reshape(B, C + 1, tiles_y * TILE, tiles_x * TILE)
+    grid = grid[:, :, :height, :width]
+    image, transmittance = grid[:, :C], grid[:, C]
+    if bg is not None:
+        image = image + transmittance[:, None] * bg[:, :, None, None]
+    return image, 1.0 - transmittance

@@ -1,0 +1,127 @@
+"""End-to-end checks of the `gmae` command: every sub-command, resume, safe loading, user errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gmae.checkpoint import list_checkpoints, load_checkpoint
+from gmae.cli import main
+
+# A small, fast run of the tiny preset (32 px, 16 patches, 32 Gaussians).
+FAST = ["--img-size", "32", "--patch-size", "8", "-k", "32", "--batch-size", "4", "--quiet"]
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["pretrain", *FAST, "--steps", "4", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_pretrain_writes_checkpoints_metrics_and_figure(run_dir):
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-0000002.pt", "checkpoint-0000004.pt"]
+    assert [s for s, _ in losses(run_dir)] == [0, 1, 2, 3]
+    assert all(np.isfinite(l) for _, l in losses(run_dir))
+    fig = Image.open(run_dir / "reconstruction.png")
+    assert fig.size[0] > 100 and fig.size[1] > 100
+    # loadable without executing code, and holds everything needed to continue
+    state = torch.load(run_dir / "checkpoint-0000004.pt", weights_only=True)
+    assert state["step"] == 4
+    assert {"model", "optimizer", "rng", "config"} <= set(state)
+    assert state["config"]["model"]["num_gaussians"] == 32 and state["config"]["train"]["steps"] == 4
+
+
+def test_resume_continues_exactly(tmp_path, run_dir):
+    out = tmp_path / "resumed"
+    assert main(["pretrain", *FAST, "--steps", "2", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    # a killed run may leave metric lines past its last checkpoint: they are replaced on resume
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "loss": 123.0}) + "\n{\"step\": 3, \"lo")
+    assert main(["pretrain", *FAST, "--steps", "4", "--checkpoint-every", "2", "--out", str(out), "--resume"]) == 0
+    assert losses(out) == losses(run_dir)  # bitwise-equal losses to the uninterrupted run
+
+
+def test_info(run_dir, capsys):
+    assert main(["info", str(run_dir / "checkpoint-0000004.pt"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == 4 and info["model"]["model"] == "gmae"
+    assert info["parameters"]["total"] == info["parameters"]["encoder"] + info["parameters"]["decoder"] > 0
+    assert main(["info", str(run_dir / "checkpoint-0000004.pt")]) == 0
+    assert "num_gaussians: 32" in capsys.readouterr().out
+
+
+def test_reconstruct_any_image(run_dir, tmp_path):
+    rgb = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(rgb)
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(grey)
+    out = tmp_path / "figs"
+    assert main(["reconstruct", str(rgb), str(grey), "--checkpoint", str(run_dir / "checkpoint-0000004.pt"),
+                 "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["grey_reconstruction.png", "photo_reconstruction.png"]
+
+
+def test_bench_prints_ratio(capsys):
+    assert main(["bench", "--batch-size", "2", "--repeats", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["step_ratio"]
+    assert r["gmae_step_s"] > 0 and r["mae_step_s"] > 0
+    assert r["ratio"] == pytest.approx(r["gmae_step_s"] / r["mae_step_s"])
+
+
+def test_mae_pretrain(tmp_path):
+    assert main(["pretrain", *FAST, "--model", "mae", "--loss", "masked_normpix", "--steps", "2",
+                 "--out", str(tmp_path)]) == 0
+    assert load_checkpoint(tmp_path / "checkpoint-0000002.pt")["config"]["model"]["model"] == "mae"
+
+
+def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "gmae-checkpoint", "payload": Evil()}, path)
+    code = main(["info", str(path)])
+    assert code == 2 and not marker.exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["info", "missing.pt"], "missing.pt does not exist"),
+    (["pretrain", "--mask-ratio", "1.0", "--steps", "1"], "mask ratio"),
+    (["pretrain", "--data", "no/such/folder", "--steps", "1"], "no/such/folder"),
+    (["pretrain", "--img-size", "30", "--steps", "1"], "multiple of the patch size"),
+    (["pretrain", "--render-backend", "nope", "--steps", "1", "-k", "4", "--img-size", "16"], "nope"),
+])
+def test_user_errors_are_one_line(argv, needle, tmp_path, capsys):
+    code = main([*argv, "--out", str(tmp_path)] if argv[0] == "pretrain" else argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_unreadable_image_is_one_line(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    code = main(["reconstruct", str(bad), "--checkpoint", str(run_dir / "checkpoint-0000004.pt"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "bad.jpg" in err and len(err.splitlines()) == 1
+
+
+def test_console_entry_point_and_bad_flag():
+    ok = subprocess.run([sys.executable, "-m", "gmae", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "pretrain" in ok.stdout and "reconstruct" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "gmae", "pretrain", "--steps", "zero"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected a whole number" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+from gmae.config import ModelConfig, model_config
+from gmae.errors import GMAEError
+from gmae.loss import reconstruction_loss
+from gmae.model import GMAE, MAE, build_model, count_parameters, patchify, random_masking, unpatchify
+from gmae.model.gmae import SCALE_UNIT, gaussians_from_raw
+from gmae.model.vit import sincos_pos_embed
+from gmae.train import masking_noise, param_groups
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, num_gaussians=48)
+
+
+def test_patchify_roundtrip_and_layout():
+    imgs = torch.rand(2, 3, 32, 32)
+    p = patchify(imgs, 8)
+    assert p.shape == (2, 16, 8 * 8 * 3)
+    assert torch.equal(unpatchify(p, 8, 3), imgs)
+    # patch 1 is the second patch of the first row; its first pixel is imgs[:, :, 0, 8]
+    assert torch.equal(p[:, 1, :3], imgs[:, :, 0, 8])
+
+
+def test_random_masking_invariants():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 5)
+    noise = torch.rand(4, 16)
+    visible, mask, ids_restore = random_masking(x, 0.75, noise)
+    assert visible.shape == (4, 4, 5)
+    assert torch.all(mask.sum(1) == 12)  # exactly N * ratio masked per image
+    for b in range(4):
+        kept = torch.nonzero(mask[b] == 0).flatten()
+        # the visible tokens are exactly the unmasked patches, ordered by their noise
+        assert torch.equal(visible[b], x[b, kept[torch.argsort(noise[b, kept])]])
+        # the kept patches are the ones with the smallest noise
+        assert set(kept.tolist()) == set(torch.argsort(noise[b])[:4].tolist())
+    # ids_restore undoes the shuffle
+    ids_shuffle = torch.argsort(noise, dim=1)
+    assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), torch.arange(16).expand(4, 16))
+    # same noise -> same mask
+    assert torch.equal(random_masking(x, 0.75, noise)[1], mask)
+
+
+def test_sincos_pos_embed_matches_definition():
+    emb = sincos_pos_embed(8, 3)
+    assert emb.shape == (10, 8)
+    assert torch.all(emb[0] == 0)  # cls position
+    # patch (row 1, col 2) -> index 1 + 1*3 + 2; first half encodes the column (w), second the row (h)
+    e = emb[1 + 1 * 3 + 2]
+    omega = 1.0 / 10000 ** (torch.arange(2, dtype=torch.float64) / 2.0)
+    expect = torch.cat([torch.sin(2 * omega), torch.cos(2 * omega), torch.sin(1 * omega), torch.cos(1 * omega)])
+    assert torch.allclose(e.double(), expect, atol=1e-6)
+
+
+def _block(d):  # qkv, proj, fc1, fc2 (mlp ratio 4) and two LayerNorms
+    return 12 * d * d + 13 * d
+
+
+@pytest.mark.parametrize("preset,expected", [
+    # timm's vit_{small,base,large}_patch16_224 with num_classes=0 (pos_embed included)
+    ("small", 21_665_664), ("base", 85_798_656), ("large", 303_301_632),
+])
+def test_preset_encoder_sizes_match_timm_vits(preset, expected):
+    cfg = model_config(preset)
+    D, p, N = cfg.embed_dim, cfg.patch_size, cfg.num_patches
+    formula = (p * p * 3 * D + D) + D + (N + 1) * D + cfg.depth * _block(D) + 2 * D
+    assert formula == expected
+    if preset != "large":  # building ViT-L takes too long for the suite; the formula covers it
+        model = build_model(cfg)
+        assert count_parameters(model.encoder, trainable_only=False) == expected
+        assert count_parameters(model.encoder) == expected - (N + 1) * D  # fixed sin-cos positions
+
+
+def test_gmae_and_mae_decoder_parameter_counts():
+    cfg = model_config("base")
+    D, d, k, N, p = cfg.embed_dim, cfg.decoder_embed_dim, cfg.num_gaussians, cfg.num_patches, cfg.patch_size
+    trunk = (D * d + d) + d + cfg.decoder_depth * _block(d) + 2 * d  # embed, mask token, blocks, norm
+    gmae = GMAE(cfg)
+    assert count_parameters(gmae) - count_parameters(gmae.encoder) == trunk + k * d + (d * 14 + 14)
+    mae = MAE(model_config("base", model="mae"))
+    assert count_parameters(mae) - count_parameters(mae.encoder) == trunk + (d * p * p * 3 + p * p * 3)
+    assert cfg.decoder_embed_dim == 512 and cfg.decoder_depth == 8  # MAE's decoder for base/large
+
+
+@pytest.mark.parametrize("kind", ["gmae", "mae"])
+def test_forward_shapes(kind):
+    cfg = ModelConfig(model=kind, **SMALL)
+    model = build_model(cfg)
+    imgs = torch.rand(3, 3, 32, 32)
+    out = model(imgs, masking_noise(0, 0, 3, cfg.num_patches))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert out.image.shape == imgs.shape
+    assert out.mask.shape == (3, 16) and torch.all(out.mask.sum(1) == 12)
+    if kind == "gmae":
+        g = out.gaussians
+        assert g.means.shape == (3, 48, 3) and g.scales.shape == (3, 48, 3) and g.quats.shape == (3, 48, 4)
+        assert g.colors.shape == (3, 48, 3) and g.opacities.shape == (3, 48)
+
+
+def test_gaussian_activations():
+    raw = torch.randn(2, 100, 14) * 5
+    g = gaussians_from_raw(raw, max_scale=2.0)
+    assert g.means.abs().max() < 1
+    assert torch.all(g.scales > 0) and torch.all(g.scales < 2.0 * SCALE_UNIT)
+    assert torch.allclose(g.quats.norm(dim=-1), torch.ones(2, 100), atol=1e-6)
+    for t in (g.colors, g.opacities):
+        assert torch.all((t >= 0) & (t <= 1))
+    # c = 1 gives a largest on-screen standard deviation of W/16 pixels (orthographic, image spans 2 units)
+    assert SCALE_UNIT * 1.0 * 224 / 2 == pytest.approx(224 / 16)
+
+
+def test_gmae_queries_are_independent_of_mask_count():
+    # k is free: the same model runs with different mask ratios and always emits k Gaussians
+    cfg = ModelConfig(**SMALL)
+    model = GMAE(cfg)
+    for ratio in (0.0, 0.5, 0.75):
+        assert model(torch.rand(1, 3, 32, 32), mask_ratio=ratio).gaussians.num == 48
+
+
+def test_loss_modes():
+    pred = torch.zeros(1, 2, 4)
+    target = torch.tensor([[[1.0, 1, 1, 1], [0, 0, 0, 2]]])
+    mask = torch.tensor([[1.0, 0.0]])
+    assert reconstruction_loss(pred, target, mask, "masked").item() == pytest.approx(1.0)
+    assert reconstruction_loss(pred, target, mask, "all").item() == pytest.approx((1.0 + 1.0) / 2)
+    # normalised target of a constant patch is 0 -> zero loss on the masked (constant) patch
+    assert reconstruction_loss(pred, target, mask, "masked_normpix").item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_weight_decay_groups():
+    model = GMAE(ModelConfig(**SMALL))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"encoder.cls_token", "mask_token", "query_embed"} <= no_decay_names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert "encoder.pos_embed" not in no_decay_names | {names[id(p)] for p in decay["params"]}  # frozen
+
+
+@pytest.mark.parametrize("value,setting", [
+    (dict(num_gaussians=0), "number of Gaussians"), (dict(mask_ratio=1.0), "mask ratio"),
+    (dict(img_size=30), "multiple of the patch size"), (dict(max_scale=-1), "max scale"),
+    (dict(loss="l1"), "loss"),
+])
+def test_impossible_settings_are_refused(value, setting):
+    with pytest.raises(GMAEError, match=setting):
+        model_config("tiny", **value)
+
+
+@pytest.mark.parametrize("kind", ["gmae", "mae"])
+def test_overfits_one_batch(kind):
+    """Loss on one fixed batch (fixed masks) falls by a large factor in a few dozen steps."""
+    from gmae.data import DeadLeaves
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(model=kind, **SMALL)
+    model = build_model(cfg)
+    source = DeadLeaves(32, seed=0)
+    imgs = torch.stack([source.load(i, None) for i in range(4)])
+    noise = masking_noise(0, 0, 4, cfg.num_patches)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(60):
+        loss = model(imgs, noise).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < losses[0] / 5, losses[::10]
