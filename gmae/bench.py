@@ -1,63 +1,198 @@
-"""Benchmarks that report ratios measured inside one run (machines are shared and noisy).
+"""`gmae bench`: speed figures, each a ratio of two timings taken in the same run.
 
-`step_ratio`: GMAE training-step time over MAE training-step time, same encoder,
-same batch, same masks. The two are timed interleaved (G, M, G, M, ...) so that
-a slow spell of the machine hits both, and medians are compared.
+The machines this runs on are shared and noisy, so absolute times mean little;
+a ratio of two things timed side by side (interleaved, medians) is what is
+reported and what the performance targets are stated in.
+
+  render_speedup     fast backend vs the torch reference (and vs a dense k*H*W
+                     renderer at 128^2), forward + backward, B=8, k=256
+  coverage_growth    fast backend at k=4096 over k=256, Gaussians 1/16 the area
+                     (constant coverage): cost should follow footprint, not k
+  step_ratio_tiny    GMAE over MAE training-step time, `tiny` preset
+  step_ratio_base224 the same at ViT-B/16, 224^2, k=256, batch 8
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from typing import Callable
 
 import torch
 
 from .config import model_config
 from .model import build_model
+from .render import rasterize
+from .render.reference import _composite_chunk
 from .train import masking_noise, param_groups
 
+BENCHMARKS = ("render_speedup", "coverage_growth", "step_ratio_tiny", "step_ratio_base224")
 
-def _train_step(model, optimizer, imgs, noise) -> None:
-    loss = model(imgs, noise).loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1, device: str = "cpu") -> dict:
+    """Median seconds of each function, calling them in turn (a, b, a, b, ...)."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def random_scene(batch: int, k: int, size: int, std: tuple[float, float], seed: int = 0, device: str = "cpu"):
+    """k random anisotropic Gaussians per image with std in `std` pixels: rasterize()'s inputs."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.rand(batch, k, 2, generator=g) * size
+    sd = std[0] + (std[1] - std[0]) * torch.rand(batch, k, 2, generator=g)
+    theta = math.pi * torch.rand(batch, k, generator=g)
+    cos, sin = theta.cos(), theta.sin()
+    vx, vy = sd[..., 0] ** 2, sd[..., 1] ** 2
+    sxx, syy, sxy = cos**2 * vx + sin**2 * vy, sin**2 * vx + cos**2 * vy, cos * sin * (vx - vy)
+    det = sxx * syy - sxy**2
+    conics = torch.stack([syy / det, -sxy / det, sxx / det], -1)
+    colors = torch.rand(batch, k, 3, generator=g)
+    opacities = 0.1 + 0.9 * torch.rand(batch, k, generator=g)
+    depths = torch.rand(batch, k, generator=g)
+    return [t.to(device) for t in (means, conics, colors, opacities, depths)]
+
+
+def rasterize_dense(means2d, conics, colors, opacities, depths, height, width, background=None, max_alpha=0.99):
+    """Every Gaussian evaluated at every pixel (k*H*W work): the naive renderer.
+
+    The reference's tile compositor applied to one "tile" per image that is the
+    whole image, so it has exactly the contract's semantics.
+    """
+    B, K, C = colors.shape
+    order = torch.argsort(depths, dim=1, stable=True) + torch.arange(B)[:, None] * K  # (B, K) flat ids
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    px, py = xs.reshape(1, -1).expand(B, -1), ys.reshape(1, -1).expand(B, -1)
+    color, t_final = _composite_chunk(
+        means2d.reshape(B * K, 2), conics.reshape(B * K, 3), colors.reshape(B * K, C), opacities.reshape(B * K),
+        order, torch.ones(B, K, dtype=torch.bool), px, py, max_alpha,
+    )
+    return color.reshape(B, C, height, width), (1 - t_final).reshape(B, height, width)
+
+
+def _render_step(backend_or_fn, scene, size):
+    """A closure running forward + backward of a fixed weighting of the render."""
+    inputs = [t.clone().requires_grad_(i < 4) for i, t in enumerate(scene)]
+    g = torch.Generator().manual_seed(1)
+    w_img = torch.randn(scene[0].shape[0], 3, size, size, generator=g).to(scene[0].device)
+
+    def step():
+        if callable(backend_or_fn):
+            image, _ = backend_or_fn(*inputs, height=size, width=size)
+        else:
+            image, _ = rasterize(*inputs, height=size, width=size, backend=backend_or_fn)
+        torch.autograd.grad(image, inputs[:4], w_img)
+
+    return step
+
+
+def render_speedup(backend: str = "cpu", sizes=(128, 224), batch: int = 8, k: int = 256,
+                   repeats: int = 5, dense_at: int = 128, device: str = "cpu") -> dict:
+    out = {"backend": backend, "batch": batch, "k": k}
+    for size in sizes:
+        scene = random_scene(batch, k, size, (2.0, 6.0), device=device)
+        fns = {"fast": _render_step(backend, scene, size), "reference": _render_step("torch", scene, size)}
+        if size == dense_at and device == "cpu":
+            fns["dense"] = _render_step(rasterize_dense, scene, size)
+        t = timed_interleaved(fns, repeats, device=device)
+        row = {"fast_s": t["fast"], "reference_s": t["reference"], "vs_reference": t["reference"] / t["fast"]}
+        if "dense" in t:
+            row.update(dense_s=t["dense"], vs_dense=t["dense"] / t["fast"])
+        out[str(size)] = row
+    return out
+
+
+def coverage_growth(backend: str = "cpu", size: int = 224, batch: int = 8, repeats: int = 5, device: str = "cpu") -> dict:
+    """k=4096 Gaussians with 1/4 the std (1/16 the area) vs k=256: same total coverage."""
+    few = random_scene(batch, 256, size, (2.0, 6.0), device=device)
+    many = random_scene(batch, 4096, size, (0.5, 1.5), device=device)
+    t = timed_interleaved({"k256": _render_step(backend, few, size), "k4096": _render_step(backend, many, size)},
+                          repeats, device=device)
+    return {"backend": backend, "size": size, "batch": batch, "k256_s": t["k256"], "k4096_s": t["k4096"],
+            "ratio": t["k4096"] / t["k256"]}
+
+
+# --------------------------------------------------------------------------- training steps
 
 
 def step_ratio(preset: str = "tiny", batch_size: int = 32, repeats: int = 10, warmup: int = 2,
                device: str = "cpu", seed: int = 0, **overrides) -> dict:
-    """Median training-step seconds of GMAE and MAE on one preset and batch, and their ratio."""
-    torch.manual_seed(seed)
-    models, optims = {}, {}
+    """Median training-step seconds of GMAE and MAE on one preset, batch and mask, and their ratio."""
+    steps = {}
     for kind in ("gmae", "mae"):
         cfg = model_config(preset, model=kind, **overrides)
-        torch.manual_seed(seed)  # same encoder initialisation for both
-        models[kind] = build_model(cfg).to(device).train()
-        optims[kind] = torch.optim.AdamW(param_groups(models[kind], 0.05), lr=1e-4, betas=(0.9, 0.95))
-    size, n = cfg.img_size, cfg.num_patches
-    imgs = torch.rand(batch_size, cfg.in_chans, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
-    noise = masking_noise(seed, 0, batch_size, n).to(device)
+        torch.manual_seed(seed)  # the same encoder initialisation for both
+        model = build_model(cfg).to(device).train()
+        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+        imgs = torch.rand(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size,
+                          generator=torch.Generator().manual_seed(seed)).to(device)
+        noise = masking_noise(seed, 0, batch_size, cfg.num_patches).to(device)
 
-    times = {"gmae": [], "mae": []}
-    for i in range(warmup + repeats):
-        for kind in ("gmae", "mae"):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            _train_step(models[kind], optims[kind], imgs, noise)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[kind].append(time.perf_counter() - t0)
-    gmae_s, mae_s = statistics.median(times["gmae"]), statistics.median(times["mae"])
+        def step(model=model, opt=opt, imgs=imgs, noise=noise):
+            loss = model(imgs, noise).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        steps[kind] = step
+    t = timed_interleaved(steps, repeats, warmup, device)
     return {
-        "preset": preset, "batch_size": batch_size, "img_size": size, "num_gaussians": cfg.num_gaussians,
-        "device": device, "repeats": repeats,
-        "gmae_step_s": gmae_s, "mae_step_s": mae_s, "ratio": gmae_s / mae_s,
-        "gmae_imgs_per_s": batch_size / gmae_s, "mae_imgs_per_s": batch_size / mae_s,
+        "preset": preset, "batch_size": batch_size, "img_size": cfg.img_size, "num_gaussians": cfg.num_gaussians,
+        "device": device, "gmae_step_s": t["gmae"], "mae_step_s": t["mae"], "ratio": t["gmae"] / t["mae"],
+        "gmae_imgs_per_s": batch_size / t["gmae"], "mae_imgs_per_s": batch_size / t["mae"],
     }
 
 
-def format_table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+def run(names=BENCHMARKS, device: str = "cpu", repeats: int = 5, batch_size: int = 32) -> dict:
+    """Run the named benchmarks; the fast backend is "cpu" on CPU and "gsplat" on CUDA."""
+    backend = "gsplat" if device.startswith("cuda") else "cpu"
+    results = {}
+    for name in names:
+        if name == "render_speedup":
+            results[name] = render_speedup(backend, repeats=repeats, device=device)
+        elif name == "coverage_growth":
+            results[name] = coverage_growth(backend, repeats=repeats, device=device)
+        elif name == "step_ratio_tiny":
+            results[name] = step_ratio("tiny", batch_size, repeats=max(repeats, 5), device=device)
+        elif name == "step_ratio_base224":
+            results[name] = step_ratio("base", 8, repeats=2, warmup=1, device=device)
+    return results
+
+
+def format_results(results: dict) -> str:
+    """The human-readable table of `run`'s results."""
+    lines = []
+    for name, r in results.items():
+        if name == "render_speedup":
+            for size in (k for k in r if k.isdigit()):
+                row = r[size]
+                text = (f"{r['backend']} {row['fast_s'] * 1e3:.1f} ms vs reference {row['reference_s'] * 1e3:.0f} ms: "
+                        f"{row['vs_reference']:.0f}x")
+                if "vs_dense" in row:
+                    text += f"; vs dense {row['dense_s'] * 1e3:.0f} ms: {row['vs_dense']:.0f}x"
+                lines.append((f"render_speedup {size}px", f"B={r['batch']} k={r['k']} fwd+bwd: {text}"))
+        elif name == "coverage_growth":
+            lines.append((name, f"{r['backend']} k=4096 {r['k4096_s'] * 1e3:.1f} ms / k=256 {r['k256_s'] * 1e3:.1f} ms "
+                                f"at {r['size']}px, constant coverage: {r['ratio']:.2f}x"))
+        elif name.startswith("step_ratio"):
+            lines.append((name, f"GMAE {r['gmae_step_s'] * 1e3:.0f} ms / MAE {r['mae_step_s'] * 1e3:.0f} ms = "
+                                f"{r['ratio']:.3f}  ({r['preset']}, {r['img_size']}px, batch {r['batch_size']}, "
+                                f"k={r['num_gaussians']}, {r['device']}; GMAE {r['gmae_imgs_per_s']:.0f} img/s)"))
+    width = max((len(k) for k, _ in lines), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)

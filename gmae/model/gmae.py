@@ -27,6 +27,13 @@ from .vit import init_weights, patchify
 # one unit of c is 1/8 of a world unit.
 SCALE_UNIT = 1.0 / 8.0
 
+# Initial std of each query's own embedding. Queries carry no position, so this
+# random embedding is their only identity: at MAE's 0.02 every query reads the
+# same attention average and all Gaussians take the image's mean colour (seen
+# in practice); at unit scale, like the sin-cos positions that give MAE's mask
+# tokens their identity, they differ from the start.
+QUERY_INIT_STD = 1.0
+
 
 def gaussians_from_raw(raw: torch.Tensor, max_scale: float) -> Gaussians:
     """raw (B, K, 11 + C) decoder outputs -> activated Gaussians (activations of DESIGN.md)."""
@@ -44,7 +51,7 @@ class GMAE(MAE):
         d = cfg.decoder_embed_dim
         # Each query's own embedding; the shared part is MAE's mask token.
         self.query_embed = nn.Parameter(torch.zeros(1, cfg.num_gaussians, d))
-        nn.init.normal_(self.query_embed, std=0.02)
+        nn.init.normal_(self.query_embed, std=QUERY_INIT_STD)
         self.gaussian_head = nn.Linear(d, 11 + cfg.in_chans)
         init_weights(self.gaussian_head)
         self.register_buffer("background", torch.tensor(cfg.background, dtype=torch.float32), persistent=False)

@@ -50,6 +50,7 @@ BACKENDS: dict[str, RasterizeFn] = {"torch": rasterize_torch}
 #: Backends imported on first use: name -> (module, function name).
 _OPTIONAL_BACKENDS: dict[str, tuple[str, str]] = {
     "cpu": ("gmae.render.cpu", "rasterize_cpu"),
+    "gsplat": ("gmae.render.cuda", "rasterize_gsplat"),
 }
 _UNAVAILABLE: set[str] = set()
 _LOGGED: set[tuple[str, str]] = set()

@@ -47,6 +47,7 @@ __all__ = [
     "TILE",
     "T_MIN",
     "expand_background",
+    "footprint",
     "rasterize_torch",
     "validate_inputs",
 ]
@@ -152,22 +153,20 @@ def expand_background(
     return background.expand(batch, channels) if background.dim() == 1 else background
 
 
-def _tile_ranges(
-    means: Tensor, conics: Tensor, opacities: Tensor, tiles_x: int, tiles_y: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Opacity-aware tile bounding boxes.
+def footprint(conics: Tensor, opacities: Tensor, means: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Opacity-aware screen half-extents of each Gaussian, for culling.
 
-    Inputs are flat: means (N, 2), conics (N, 3), opacities (N,).
-    Returns x0, x1, y0, y1 (N,) inclusive tile ranges (clamped to the grid) and
-    ``keep`` (N,) bool: False for culled Gaussians (non-finite, not positive
-    definite, opacity < 1/255, or entirely off-screen).
+    conics (..., 3), opacities (...), optional means (..., 2). Returns rx, ry
+    (...): half-widths in pixels (CULL_MARGIN included) of the box holding every
+    pixel where α can reach 1/255, and ``keep`` (...) bool, False for Gaussians
+    that can never contribute (non-finite, not positive definite, opacity <
+    1/255). Shared by the backends so that they all cull alike.
     """
     with torch.no_grad():
         a, b, c = conics.unbind(-1)
         det = a * c - b * b
         keep = (
-            torch.isfinite(means).all(-1)
-            & torch.isfinite(conics).all(-1)
+            torch.isfinite(conics).all(-1)
             & torch.isfinite(opacities)
             # A degenerate (det ≤ 0) or negative-definite conic has no bounded
             # footprint; treat it as culled instead of crashing or lighting the
@@ -177,6 +176,8 @@ def _tile_ranges(
             # α ≤ o, so o < 1/255 can never contribute.
             & (opacities >= ALPHA_MIN)
         )
+        if means is not None:
+            keep &= torch.isfinite(means).all(-1)
         one = torch.ones_like(det)
         det = torch.where(keep, det, one)
         a = torch.where(keep, a, one)
@@ -188,6 +189,21 @@ def _tile_ranges(
         # Σ = (Σ⁻¹)⁻¹: Σxx = c/det, Σyy = a/det.
         rx = torch.sqrt(t * c / det) + CULL_MARGIN
         ry = torch.sqrt(t * a / det) + CULL_MARGIN
+    return rx, ry, keep
+
+
+def _tile_ranges(
+    means: Tensor, conics: Tensor, opacities: Tensor, tiles_x: int, tiles_y: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Opacity-aware tile bounding boxes.
+
+    Inputs are flat: means (N, 2), conics (N, 3), opacities (N,).
+    Returns x0, x1, y0, y1 (N,) inclusive tile ranges (clamped to the grid) and
+    ``keep`` (N,) bool: False for culled Gaussians (see :func:`footprint`, or
+    entirely off-screen).
+    """
+    rx, ry, keep = footprint(conics, opacities, means)
+    with torch.no_grad():
         mx, my = means.unbind(-1)
         # A pixel centre p in [m - r, m + r] lies in tile floor(p / TILE); clamp
         # in float first so huge (or inf) radii cannot overflow the int cast.
