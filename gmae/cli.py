@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import LOSSES, MODELS, PRESETS, TrainConfig, as_dict, model_config
+from .config import LOSSES, MODELS, PRESETS, TrainConfig, as_dict, model_config, train_config
 from .errors import GMAEError
 
 
@@ -47,19 +47,21 @@ def add_pretrain(sub) -> None:
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default: tiny)")
     p.add_argument("--model", default=None, choices=MODELS, help="gmae (default) or the mae baseline")
     p.add_argument("--data", default=d.data, help="deadleaves (default), photos, or a folder of images (ImageNet layout or flat)")
-    p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"global batch size (default {d.batch_size})")
-    p.add_argument("--blr", type=float, default=d.blr, help=f"base learning rate; lr = blr * batch / 256 (default {d.blr})")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"linear warmup steps (default {d.warmup_steps})")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps (tiny: 1200)")
+    p.add_argument("--batch-size", type=_positive_int, help="global batch size (tiny: 16)")
+    p.add_argument("--blr", type=float, help="base learning rate; lr = blr * batch / 256 (tiny: 1.6e-2, others 1e-3)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (tiny: 50)")
     p.add_argument("--out", default=d.out, help=f"output folder for checkpoints, metrics and figures (default {d.out})")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out with its saved settings; "
+                        "--steps, --checkpoint-every, --device and --num-workers may be changed")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
+    p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (tiny: 400)")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="data-loading processes (default 0)")
     p.add_argument("--img-size", type=_positive_int, default=None, help="input size (default: the preset's)")
     p.add_argument("--patch-size", type=_positive_int, default=None, help="patch size (default: the preset's)")
-    p.add_argument("--num-gaussians", "-k", type=_positive_int, default=None, help="k Gaussians per image (default 256)")
+    p.add_argument("--num-gaussians", "-k", type=_positive_int, default=None, help="k Gaussians per image (tiny: 128, others 256)")
     p.add_argument("--max-scale", type=float, default=None, help="c, the largest Gaussian scale (default 1.0)")
     p.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
     p.add_argument("--loss", default=None, choices=LOSSES, help="masked (default), all, masked_normpix")
@@ -77,12 +79,14 @@ def cmd_pretrain(args) -> int:
         num_gaussians=args.num_gaussians, max_scale=args.max_scale, mask_ratio=args.mask_ratio,
         loss=args.loss, background=args.background, render_backend=args.render_backend,
     )
-    tcfg = TrainConfig(
-        data=args.data, steps=args.steps, batch_size=args.batch_size, blr=args.blr, warmup_steps=args.warmup_steps,
-        seed=args.seed, device=args.device, out=args.out, checkpoint_every=args.checkpoint_every,
-        num_workers=args.num_workers,
+    tcfg = train_config(
+        args.preset, data=args.data, steps=args.steps, batch_size=args.batch_size, blr=args.blr,
+        warmup_steps=args.warmup_steps, seed=args.seed, device=args.device, out=args.out,
+        checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
     )
-    summary = pretrain(mcfg, tcfg, resume=args.resume, progress=not args.quiet)
+    # On --resume the run's saved settings win, except those given on this command line.
+    given = ("device", "num_workers") + tuple(k for k in ("steps", "checkpoint_every") if getattr(args, k) is not None)
+    summary = pretrain(mcfg, tcfg, resume=args.resume, progress=not args.quiet, changes=given)
     print(f"done: {summary['steps_run']} steps at {summary['steps_per_s']:.2f} steps/s, "
           f"final loss {summary['final_loss']:.4f}")
     print(f"checkpoint: {summary['checkpoint']}\nfigure:     {summary['figure']}")

@@ -81,11 +81,18 @@ def make_state(model, optimizer, step, mcfg, tcfg) -> dict:
     }
 
 
-def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+# What a resumed run may change: its length, where it runs, how often it saves.
+RESUMABLE_CHANGES = ("steps", "device", "checkpoint_every", "num_workers")
+
+
+def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progress: bool = True,
+             changes: tuple[str, ...] = RESUMABLE_CHANGES) -> dict:
     """Pre-train `mcfg` as `tcfg` says; returns a summary dict. Writes into `tcfg.out`:
 
     checkpoint-NNNNNNN.pt (every `checkpoint_every` steps and at the end, newest
     3 kept), metrics.jsonl (one JSON object per step), reconstruction.png.
+    With `resume`, the newest checkpoint's settings are used, except for the
+    `changes` fields (a subset of RESUMABLE_CHANGES), which come from `tcfg`.
     """
     out = Path(tcfg.out)
     state = resolve_resume(out) if resume else None
@@ -94,8 +101,7 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
     if state is not None:
         mcfg, saved = configs_of(state)
         # The user may extend or relocate a run, not change what it trains.
-        tcfg = replace(saved, steps=tcfg.steps, out=tcfg.out, device=tcfg.device,
-                       checkpoint_every=tcfg.checkpoint_every, num_workers=tcfg.num_workers)
+        tcfg = replace(saved, out=tcfg.out, **{k: getattr(tcfg, k) for k in changes if k in RESUMABLE_CHANGES})
     device = torch.device(tcfg.device)
     if mcfg.model == "gmae":
         resolve_backend(mcfg.render_backend, device)  # a bad name fails now, not mid-run

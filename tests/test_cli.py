@@ -77,6 +77,7 @@ def test_bench_prints_ratio(capsys):
     r = json.loads(capsys.readouterr().out)["step_ratio_tiny"]
     assert r["gmae_step_s"] > 0 and r["mae_step_s"] > 0
     assert r["ratio"] == pytest.approx(r["gmae_step_s"] / r["mae_step_s"])
+    assert r["render_s"] > 0 and r["render_share"] == pytest.approx(r["render_s"] / r["gmae_step_s"])
 
 
 def test_mae_pretrain(tmp_path):
@@ -125,3 +126,14 @@ def test_console_entry_point_and_bad_flag():
     assert ok.returncode == 0 and "pretrain" in ok.stdout and "reconstruct" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "gmae", "pretrain", "--steps", "zero"], capture_output=True, text=True)
     assert bad.returncode == 2 and "expected a whole number" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_resume_keeps_saved_settings_unless_given(tmp_path):
+    out = str(tmp_path)
+    assert main(["pretrain", *FAST, "--steps", "2", "--blr", "0.01", "--out", out]) == 0
+    # no --steps: the run is already complete at its own 2 steps (not the preset's 1200)
+    assert main(["pretrain", *FAST, "--out", out, "--resume"]) == 0
+    assert [s for s, _ in losses(out)] == [0, 1]
+    assert main(["pretrain", *FAST, "--out", out, "--resume", "--steps", "3"]) == 0
+    state = load_checkpoint(tmp_path / "checkpoint-0000003.pt")
+    assert state["config"]["train"]["steps"] == 3 and state["config"]["train"]["blr"] == 0.01
