@@ -59,6 +59,18 @@ def add_pretrain(sub) -> None:
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (tiny: 400)")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="data-loading processes (default 0)")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=d.keep_checkpoints,
+                   help=f"newest checkpoints kept (default {d.keep_checkpoints})")
+    p.add_argument("--accum-steps", type=_positive_int, default=d.accum_steps,
+                   help="split each process's batch into this many micro-batches (same result, less memory)")
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (default 0: no clipping)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
+                   help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--max-bad-steps", type=_positive_int, default=d.max_bad_steps,
+                   help=f"non-finite losses in a row (each step skipped) before stopping (default {d.max_bad_steps})")
+    p.add_argument("--on-bad-image", choices=("skip", "error"), default=d.on_bad_image,
+                   help="an unreadable image during training: skip it (logged and counted, default) or stop")
     p.add_argument("--img-size", type=_positive_int, default=None, help="input size (default: the preset's)")
     p.add_argument("--patch-size", type=_positive_int, default=None, help="patch size (default: the preset's)")
     p.add_argument("--num-gaussians", "-k", type=_positive_int, default=None, help="k Gaussians per image (tiny: 128, others 256)")
@@ -82,13 +94,20 @@ def cmd_pretrain(args) -> int:
     tcfg = train_config(
         args.preset, data=args.data, steps=args.steps, batch_size=args.batch_size, blr=args.blr,
         warmup_steps=args.warmup_steps, seed=args.seed, device=args.device, out=args.out,
-        checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
+        checkpoint_every=args.checkpoint_every, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
+        accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
+        max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image,
     )
     # On --resume the run's saved settings win, except those given on this command line.
-    given = ("device", "num_workers") + tuple(k for k in ("steps", "checkpoint_every") if getattr(args, k) is not None)
+    given = ("device", "num_workers", "keep_checkpoints", "max_bad_steps") + tuple(
+        k for k in ("steps", "checkpoint_every") if getattr(args, k) is not None)
     summary = pretrain(mcfg, tcfg, resume=args.resume, progress=not args.quiet, changes=given)
+    if summary["figure"] is None:  # not the main process of a torchrun job
+        return 0
     print(f"done: {summary['steps_run']} steps at {summary['steps_per_s']:.2f} steps/s, "
           f"final loss {summary['final_loss']:.4f}")
+    if summary["skipped_steps"] or summary["bad_images"]:
+        print(f"skipped: {summary['skipped_steps']} steps with a non-finite loss, {summary['bad_images']} unreadable images")
     print(f"checkpoint: {summary['checkpoint']}\nfigure:     {summary['figure']}")
     return 0
 

@@ -89,9 +89,24 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 1
     num_workers: int = 0
+    keep_checkpoints: int = 3  # newest N kept
+    accum_steps: int = 1  # micro-batches per optimizer step (the batch is split, not multiplied)
+    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    compile: bool = False  # torch.compile the model
+    max_bad_steps: int = 10  # consecutive non-finite losses (each step skipped) before giving up
+    on_bad_image: str = "skip"  # unreadable image during training: "skip" (logged, counted) | "error"
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise GMAEError(f"precision must be auto, fp32 or bf16; got {self.precision!r}")
+        if self.on_bad_image not in ("skip", "error"):
+            raise GMAEError(f"on-bad-image must be skip or error; got {self.on_bad_image!r}")
+        if self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            raise GMAEError(f"batch size {self.batch_size} must be a multiple of accum-steps {self.accum_steps}")
+        if self.keep_checkpoints < 1 or self.max_bad_steps < 1 or self.clip_grad < 0:
+            raise GMAEError("keep-checkpoints and max-bad-steps must be >= 1 and clip-grad >= 0")
         if self.steps < 1:
             raise GMAEError(f"steps must be at least 1; got {self.steps}")
         if self.batch_size < 1:

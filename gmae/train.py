@@ -8,6 +8,7 @@ resumed from a checkpoint continues exactly as the uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import checkpoint_path, configs_of, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, as_dict
 from .data import SeededStream, StepBatchSampler, build_dataset
@@ -26,7 +28,6 @@ from .model import build_model
 from .render import resolve_backend
 from .viz import save_reconstruction_figure
 
-KEEP_CHECKPOINTS = 3
 FIGURE_IMAGES = 8
 
 
@@ -82,7 +83,35 @@ def make_state(model, optimizer, step, mcfg, tcfg) -> dict:
 
 
 # What a resumed run may change: its length, where it runs, how often it saves.
-RESUMABLE_CHANGES = ("steps", "device", "checkpoint_every", "num_workers")
+RESUMABLE_CHANGES = ("steps", "device", "checkpoint_every", "num_workers", "keep_checkpoints", "max_bad_steps")
+
+
+def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.Context, amp) -> tuple[float, bool]:
+    """One optimizer step over this process's share of the batch, in `accum_steps` micro-batches.
+
+    Returns the loss averaged over all processes and whether the step was
+    applied: a non-finite loss or gradient norm skips it on every process alike.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    micro = imgs.shape[0] // tcfg.accum_steps
+    loss_sum = torch.zeros((), device=imgs.device)
+    for i in range(tcfg.accum_steps):
+        part = slice(i * micro, (i + 1) * micro)
+        # Let DDP all-reduce the gradients once, on the last micro-batch.
+        last = i == tcfg.accum_steps - 1
+        sync = net.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
+        with sync:
+            with amp:
+                loss = net(imgs[part], noise[part]).loss / tcfg.accum_steps
+            loss.backward()
+        loss_sum += loss.detach().float()
+    loss_value = distributed.mean_across(loss_sum, ctx).item()
+    ok = math.isfinite(loss_value)
+    if ok and tcfg.clip_grad > 0:
+        ok = math.isfinite(torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_grad).item())
+    if ok:
+        optimizer.step()
+    return loss_value, ok
 
 
 def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progress: bool = True,
@@ -90,9 +119,11 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
     """Pre-train `mcfg` as `tcfg` says; returns a summary dict. Writes into `tcfg.out`:
 
     checkpoint-NNNNNNN.pt (every `checkpoint_every` steps and at the end, newest
-    3 kept), metrics.jsonl (one JSON object per step), reconstruction.png.
-    With `resume`, the newest checkpoint's settings are used, except for the
-    `changes` fields (a subset of RESUMABLE_CHANGES), which come from `tcfg`.
+    `keep_checkpoints` kept), metrics.jsonl (one JSON object per step),
+    reconstruction.png. With `resume`, the newest readable checkpoint's settings
+    are used, except for the `changes` fields (from RESUMABLE_CHANGES), which
+    come from `tcfg`. Under torchrun, every process trains on its share of each
+    global batch and only the first one writes files.
     """
     out = Path(tcfg.out)
     state = resolve_resume(out) if resume else None
@@ -102,12 +133,17 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
         mcfg, saved = configs_of(state)
         # The user may extend or relocate a run, not change what it trains.
         tcfg = replace(saved, out=tcfg.out, **{k: getattr(tcfg, k) for k in changes if k in RESUMABLE_CHANGES})
-    device = torch.device(tcfg.device)
+    ctx = distributed.init(tcfg.device)
+    device = ctx.device
+    if tcfg.batch_size % (ctx.world_size * tcfg.accum_steps):
+        raise GMAEError(f"batch size {tcfg.batch_size} must be a multiple of processes x accum-steps "
+                        f"({ctx.world_size} x {tcfg.accum_steps})")
     if mcfg.model == "gmae":
         resolve_backend(mcfg.render_backend, device)  # a bad name fails now, not mid-run
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed)  # the same initial weights in every process
     model = build_model(mcfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=0.0, betas=tcfg.betas)
     start = 0
@@ -116,56 +152,71 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         start = state["step"]
+    net = torch.nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
+    if tcfg.compile:
+        net = torch.compile(net)
+    bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     metrics_path = out / "metrics.jsonl"
-    truncate_metrics(metrics_path, start)
+    if ctx.is_main:
+        truncate_metrics(metrics_path, start)
 
-    source = build_dataset(tcfg.data, mcfg.img_size, seed=tcfg.seed)
+    source = build_dataset(tcfg.data, mcfg.img_size, seed=tcfg.seed, on_bad_image=tcfg.on_bad_image)
     stream = SeededStream(source, tcfg.seed)
     loader = DataLoader(
-        stream, batch_sampler=StepBatchSampler(tcfg.batch_size, start, tcfg.steps - start),
+        stream, batch_sampler=StepBatchSampler(tcfg.batch_size, start, tcfg.steps - start, ctx.rank, ctx.world_size),
         num_workers=tcfg.num_workers, persistent_workers=False,
     )
     model.train()
-    last_loss = float("nan")
-    bar = tqdm(total=tcfg.steps, initial=start, desc=f"pretrain {mcfg.model}", disable=not progress, dynamic_ncols=True)
+    last_loss, bad_in_a_row, skipped = float("nan"), 0, 0
+    bar = tqdm(total=tcfg.steps, initial=start, desc=f"pretrain {mcfg.model}",
+               disable=not (progress and ctx.is_main), dynamic_ncols=True)
     t_start = time.perf_counter()
-    with bar, open(metrics_path, "a") as metrics:
+    with bar, open(metrics_path, "a") if ctx.is_main else contextlib.nullcontext() as metrics:
         for step, imgs in enumerate(loader, start=start):
             t0 = time.perf_counter()
             lr = learning_rate(step, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             imgs = imgs.to(device, non_blocking=True)
-            noise = masking_noise(tcfg.seed, step, imgs.shape[0], mcfg.num_patches).to(device)
-            loss = model(imgs, noise).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            last_loss = loss.item()
+            # The global batch's masks, sliced like the samples (global_batch takes [rank::world]).
+            noise = masking_noise(tcfg.seed, step, tcfg.batch_size, mcfg.num_patches)[ctx.rank :: ctx.world_size]
+            last_loss, applied = train_step(net, optimizer, imgs, noise.to(device), tcfg, ctx, amp)
+            bad_in_a_row = 0 if applied else bad_in_a_row + 1
+            skipped += not applied
+            if bad_in_a_row >= tcfg.max_bad_steps:
+                raise GMAEError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
+                                "lower the learning rate (--blr) or clip gradients (--clip-grad) and --resume")
             dt = time.perf_counter() - t0
-            if not math.isfinite(last_loss):
-                raise GMAEError(f"loss became {last_loss} at step {step}; lower the learning rate (--blr) and resume")
-            if step % tcfg.log_every == 0 or step + 1 == tcfg.steps:
-                metrics.write(json.dumps({"step": step, "loss": last_loss, "lr": lr, "step_time": round(dt, 5),
-                                          "imgs_per_s": round(imgs.shape[0] / dt, 2)}) + "\n")
+            if ctx.is_main and (step % tcfg.log_every == 0 or step + 1 == tcfg.steps):
+                record = {"step": step, "loss": last_loss, "lr": lr, "step_time": round(dt, 5),
+                          "imgs_per_s": round(tcfg.batch_size / dt, 2)}
+                if skipped:
+                    record.update(skipped=not applied, skipped_total=skipped)
+                metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-            if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps:
+            if ctx.is_main and ((step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps):
                 save_checkpoint(make_state(model, optimizer, step + 1, mcfg, tcfg),
-                                checkpoint_path(out, step + 1), keep=KEEP_CHECKPOINTS)
+                                checkpoint_path(out, step + 1), keep=tcfg.keep_checkpoints)
     elapsed = time.perf_counter() - t_start
     steps_done = tcfg.steps - start
-
-    # A fixed set of images (the first of the stream) and masks for the figure.
-    imgs = torch.stack([stream[i] for i in range(FIGURE_IMAGES)]).to(device)
-    noise = masking_noise(tcfg.seed, -1, FIGURE_IMAGES, mcfg.num_patches).to(device)
-    figure = save_reconstruction_figure(model, imgs, out / "reconstruction.png", noise)
-    return {
-        "steps": tcfg.steps, "steps_run": steps_done, "final_loss": last_loss,
+    summary = {
+        "steps": tcfg.steps, "steps_run": steps_done, "final_loss": last_loss, "skipped_steps": skipped,
+        "bad_images": getattr(source, "bad_images", 0),
         "steps_per_s": steps_done / elapsed if elapsed > 0 and steps_done else float("nan"),
-        "figure": str(figure), "checkpoint": str(checkpoint_path(out, tcfg.steps)), "out": str(out),
+        "checkpoint": str(checkpoint_path(out, tcfg.steps)), "out": str(out), "figure": None,
     }
+    if ctx.is_main:
+        # A fixed set of images (the first of the stream) and masks for the figure.
+        imgs = torch.stack([stream[i] for i in range(FIGURE_IMAGES)]).to(device)
+        noise = masking_noise(tcfg.seed, -1, FIGURE_IMAGES, mcfg.num_patches).to(device)
+        with amp:
+            summary["figure"] = str(save_reconstruction_figure(model, imgs, out / "reconstruction.png", noise))
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
+    return summary
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -82,7 +82,9 @@ def _available(name: str) -> bool:
         logger.debug("render backend %r unavailable: %s", name, exc)
         _UNAVAILABLE.add(name)
         return False
-    BACKENDS.setdefault(name, getattr(module, fn_name))
+    # Compiled kernels (numba, CUDA) are opaque to torch.compile: it runs them
+    # as they are instead of trying to trace their Python.
+    BACKENDS.setdefault(name, torch.compiler.disable(getattr(module, fn_name)))
     return True
 
 

@@ -1,0 +1,69 @@
+"""Data-parallel training through PyTorch's own engine, started by `torchrun`.
+
+`torchrun --nproc_per_node=N -m gmae pretrain ...` sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init` reads them (env:// rendezvous)
+and joins the process group: NCCL on CUDA, gloo on CPU. Run as a plain
+command, `init` returns a single-process context and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import GMAEError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and draws the progress bar."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device: str) -> Context:
+    """Join the torchrun process group if there is one; returns this process's context."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    requested = torch.device(device)
+    if world_size == 1:
+        return Context(0, 1, requested)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if requested.type == "cuda":
+        if torch.cuda.device_count() <= local_rank:
+            raise GMAEError(f"rank {rank} needs GPU {local_rank} but {torch.cuda.device_count()} are visible")
+        requested = torch.device("cuda", local_rank)
+        torch.cuda.set_device(requested)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if requested.type == "cuda" else "gloo", init_method="env://")
+    return Context(rank, world_size, requested)
+
+
+def mean_across(value: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The mean of a scalar over all processes (itself when single-process)."""
+    if not ctx.distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / ctx.world_size
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def shutdown(ctx: Context) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
