@@ -59,17 +59,30 @@ def save_checkpoint(state: dict, path: str | Path, keep: int | None = None) -> P
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint with `weights_only=True`; one clear GMAEError if it cannot be."""
     path = Path(path)
+    if path.is_dir():
+        inside = list_checkpoints(path)
+        hint = f", e.g. its newest, {inside[-1]}" if inside else ""
+        raise GMAEError(f"checkpoint {path} is a folder; give the path of a .pt file written by gmae{hint}")
     if not path.is_file():
         raise GMAEError(f"checkpoint {path} does not exist; give the path to a .pt file written by gmae")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # weights_only=True raises this both for a forbidden object and for bytes
+        # that are not a pickle at all; only the first is a refusal.
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found or "Unsupported global" in str(e):
+            what = f" ({found.group(1)})" if found else ""
+            raise GMAEError(
+                f"checkpoint {path} was refused: it holds an object that would run code on load{what} "
+                f"(weights_only=True); only load checkpoints written by gmae"
+            ) from None
+        raise GMAEError(f"checkpoint {path} cannot be read: it is not a PyTorch checkpoint file, or it is damaged") from None
+    except Exception as e:  # truncated (zip without its directory), empty, unreadable
+        detail = " ".join(str(e).split()).split(". ")[0][:120] or "no data"  # its first sentence
         raise GMAEError(
-            f"checkpoint {path} was refused: it holds objects that would run code on load "
-            f"(weights_only=True); only load checkpoints written by gmae ({str(e).splitlines()[0][:120]})"
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {detail}); it may be truncated or damaged"
         ) from None
-    except Exception as e:  # truncated or not a torch file at all
-        raise GMAEError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); it may be truncated") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise GMAEError(f"{path} is not a gmae checkpoint (no '{FORMAT}' marker)")
     return state

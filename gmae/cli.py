@@ -1,4 +1,4 @@
-"""The `gmae` command: pretrain, reconstruct, info, bench.
+"""The `gmae` command: pretrain, reconstruct, info, export, bench.
 
 Each sub-command is one small function; mistakes a user can make are raised as
 GMAEError and printed as one line (exit status 2).
@@ -206,13 +206,38 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's model for sharing (safetensors: no code runs on load)")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", default="safetensors", choices=("safetensors",))
+    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out, fmt=args.format))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (with where to look), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gmae", description="Gaussian Masked Autoencoders")
+    parser = Parser(prog="gmae", description="Gaussian Masked Autoencoders")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_pretrain, add_reconstruct, add_info, add_bench):
+    for add in (add_pretrain, add_reconstruct, add_info, add_export, add_bench):
         add(sub)
     return parser
 

@@ -137,3 +137,14 @@ def test_resume_keeps_saved_settings_unless_given(tmp_path):
     assert main(["pretrain", *FAST, "--out", out, "--resume", "--steps", "3"]) == 0
     state = load_checkpoint(tmp_path / "checkpoint-0000003.pt")
     assert state["config"]["train"]["steps"] == 3 and state["config"]["train"]["blr"] == 0.01
+
+
+def test_export_safetensors(run_dir, tmp_path):
+    from gmae.export import load_exported
+
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(run_dir / "checkpoint-0000004.pt"), "--format", "safetensors", "--out", str(out)]) == 0
+    model, cfg = load_exported(out)
+    state = torch.load(run_dir / "checkpoint-0000004.pt", weights_only=True)["model"]
+    assert cfg.num_gaussians == 32
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

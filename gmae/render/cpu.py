@@ -82,10 +82,13 @@ _prefer_workqueue_threads()
 
 
 @njit(cache=True, fastmath=False)
-def _preprocess(means, conics, colors, opacities, height, width):
+def _preprocess(means, conics, colors, opacities, depths, height, width):
     """Pack, cull and bound every Gaussian.
 
-    means (N, 2), conics (N, 3), colors (N, C), opacities (N,), one float dtype.
+    means (N, 2), conics (N, 3), colors (N, C), opacities (N,), one float dtype;
+    depths (N,) float64 (only checked: a Gaussian with any non-finite
+    parameter, colour or depth included, is culled, so that it is in no tile
+    list and can reach neither the image nor any gradient).
     Returns
       params (N, 6+C) in that dtype: (mx, my, a, b, c, o, colours...), the
         rows the kernels read (one cache line per Gaussian instead of four);
@@ -125,7 +128,14 @@ def _preprocess(means, conics, colors, opacities, height, width):
         if not (det > 0.0 and a > 0.0 and o * 255.0 >= 1.0):
             continue
         if not (math.isfinite(mx) and math.isfinite(my) and math.isfinite(det)
-                and math.isfinite(c) and math.isfinite(o)):
+                and math.isfinite(a) and math.isfinite(b) and math.isfinite(c)
+                and math.isfinite(o) and math.isfinite(depths[i])):
+            continue
+        finite_colors = True
+        for ch in range(n_ch):
+            if not math.isfinite(colors[i, ch]):
+                finite_colors = False
+        if not finite_colors:
             continue
         # alpha >= 1/255  <=>  q <= t = 2 ln(255 o)
         t = 2.0 * math.log(255.0 * o)
@@ -507,12 +517,13 @@ class _RasterizeCPU(torch.autograd.Function):
         tiles_y = -(-height // TILE)
 
         # 1-2: pack, cull, bound; stable depth order; bin into tiles
+        depths64 = _numpy(depths, np.float64)
         params, geo, box = _preprocess(
             _numpy(means2d, dt).reshape(n, 2), _numpy(conics, dt).reshape(n, 3),
             _numpy(colors, dt).reshape(n, n_ch), _numpy(opacities, dt).reshape(n),
-            height, width)
+            depths64.reshape(n), height, width)
         # numpy's stable sort orders ties by index and NaN last, like torch's
-        order = np.argsort(_numpy(depths, np.float64), axis=1, kind="stable")
+        order = np.argsort(depths64, axis=1, kind="stable")
         tile_start, gid = _bin(order, box, tiles_x, tiles_y)
 
         # 3: composite

@@ -56,7 +56,8 @@ def rasterize_gsplat(
     tiles_x, tiles_y = math.ceil(width / TILE), math.ceil(height / TILE)
 
     with torch.no_grad():
-        rx, ry, keep = footprint(conics, opacities, means2d)
+        # culls non-finite colours and depths too, so that they never reach the kernel
+        rx, ry, keep = footprint(conics, opacities, means2d, colors, depths)
         radii = torch.stack([rx, ry], dim=-1).ceil().clamp_max(1e6)
         radii = torch.where(keep[..., None], radii, torch.zeros_like(radii)).int()  # 0 = culled
         order = torch.argsort(depths.detach(), dim=1, stable=True)

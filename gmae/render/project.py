@@ -12,7 +12,7 @@ from torch import Tensor
 
 from gmae.errors import GMAEError
 
-__all__ = ["project_orthographic", "quat_to_rotmat"]
+__all__ = ["MAX_SCALE", "project_orthographic", "quat_to_rotmat"]
 
 
 def quat_to_rotmat(quats: Tensor) -> Tensor:
@@ -26,8 +26,14 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:
     """
     if quats.shape[-1:] != (4,):
         raise GMAEError(f"quats must have shape (..., 4) in (w, x, y, z) order; got {tuple(quats.shape)}")
-    # clamp_min keeps a zero quaternion finite (it then maps to the identity).
-    q = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    # Large quaternions are first brought to at most unit max-norm (the
+    # rotation is scale invariant, so a constant divisor changes neither the
+    # result nor its gradient) so that |q|² cannot overflow; clamp_min keeps a
+    # zero quaternion finite (it then maps to the identity, with zero gradient).
+    big = quats.detach().abs().amax(dim=-1, keepdim=True)
+    big = torch.where(torch.isfinite(big) & (big > 1.0), big, torch.ones_like(big))
+    q = quats / big
+    q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     w, x, y, z = q.unbind(-1)
     rows = [
         1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
@@ -66,6 +72,12 @@ def project_orthographic(
     Returns:
         means2d (B, K, 2), conics (B, K, 3) = upper triangle (a, b, c) of Σ2⁻¹,
         depths (B, K).
+
+    Degenerate inputs never give non-finite outputs or gradients: zero scales
+    and an all-zero quaternion (taken as the identity) project normally;
+    |scales| are clamped at :data:`MAX_SCALE`; a Gaussian with a NaN/inf
+    mean, scale or quaternion (or whose Σ2 overflows) gets means2d = 0,
+    depth = 0 and conic = 0, which every rasterizer culls, and zero gradients.
     """
     if means.dim() != 3 or means.shape[-1] != 3:
         raise GMAEError(f"means must have shape (B, K, 3); got {tuple(means.shape)}")
@@ -79,17 +91,64 @@ def project_orthographic(
             f"quats must have shape (B, K, 4) matching means {tuple(means.shape)}; got {tuple(quats.shape)}"
         )
 
+    # A Gaussian with a non-finite parameter, or whose screen covariance
+    # overflows, gets the finite "culled" marker (conic 0, which no backend
+    # renders: not positive definite). Its inputs are then swapped for harmless
+    # values *before* the arithmetic (torch.where, not a multiply), so that its
+    # gradients are exact zeros instead of 0·inf = NaN. The common case (all
+    # fine) costs one check.
+    means2d, conics, z, det = _project(means, scales, quats, height, width, eps2d)
+    with torch.no_grad():
+        ok = (torch.isfinite(means).all(-1) & torch.isfinite(scales).all(-1) & torch.isfinite(quats).all(-1)
+              & torch.isfinite(means2d).all(-1) & torch.isfinite(z)
+              # finite conics whose gradient (∂conic/∂det = -conic/det) is finite too
+              & torch.isfinite(conics).all(-1) & torch.isfinite(conics / det[..., None]).all(-1))
+    if not bool(ok.all()):
+        keep = ok[..., None]
+        identity = torch.zeros_like(quats)
+        identity[..., 0] = 1.0
+        means2d, conics, z, _ = _project(
+            torch.where(keep, means, torch.zeros_like(means)),
+            torch.where(keep, scales, torch.ones_like(scales)),
+            torch.where(keep, quats, identity),
+            height, width, eps2d,
+        )
+        means2d = torch.where(keep, means2d, torch.zeros_like(means2d))
+        conics = torch.where(keep, conics, torch.zeros_like(conics))
+        z = torch.where(ok, z, torch.zeros_like(z))
+    return means2d, conics, z
+
+
+#: Largest |scale| (world units; the image is 2 units across) used by the
+#: projection. Beyond it a Gaussian is already a uniform layer over any image,
+#: and the clamp keeps its covariance from overflowing (in float32 it would
+#: otherwise turn into inf/NaN and vanish instead of covering the screen).
+MAX_SCALE = 1e4
+
+
+def _project(means: Tensor, scales: Tensor, quats: Tensor, height: int, width: int,
+             eps2d: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The projection arithmetic (see :func:`project_orthographic`); also returns det Σ2."""
     rot = quat_to_rotmat(quats)  # (B, K, 3, 3)
-    # Σ3 = (R·diag(s)) (R·diag(s))ᵀ: scaling the columns of R by s.
-    m = rot * scales[..., None, :]
-    cov3 = m @ m.transpose(-1, -2)
-    # J is diagonal in x, y, so J Σ3 Jᵀ only rescales the top-left 2×2 block.
+    s = scales.clamp(-MAX_SCALE, MAX_SCALE)
+    # With J = diag(W/2, H/2) on x, y, the screen covariance before dilation is
+    # A Aᵀ where the rows of A = J_xy R diag(s) are a1 and a2.
     sx, sy = width / 2.0, height / 2.0
-    cxx = sx * sx * cov3[..., 0, 0] + eps2d
-    cxy = sx * sy * cov3[..., 0, 1]
-    cyy = sy * sy * cov3[..., 1, 1] + eps2d
-    det = cxx * cyy - cxy * cxy
+    a1 = sx * rot[..., 0, :] * s
+    a2 = sy * rot[..., 1, :] * s
+    n1 = (a1 * a1).sum(-1)
+    n2 = (a2 * a2).sum(-1)
+    cxx = n1 + eps2d
+    cxy = (a1 * a2).sum(-1)
+    cyy = n2 + eps2d
+    # det(A Aᵀ + eps·I) = |a1 × a2|² + eps·(|a1|² + |a2|²) + eps² (Lagrange's
+    # identity): a sum of non-negative terms, so no cancellation, and ≥ eps² > 0:
+    # Σ2 is invertible even for zero or needle-thin scales.
+    x1, y1, z1 = a1.unbind(-1)
+    x2, y2, z2 = a2.unbind(-1)
+    cross = torch.stack([y1 * z2 - z1 * y2, z1 * x2 - x1 * z2, x1 * y2 - y1 * x2], dim=-1)
+    det = (cross * cross).sum(-1) + eps2d * (n1 + n2) + eps2d * eps2d
     conics = torch.stack([cyy / det, -cxy / det, cxx / det], dim=-1)
     x, y, z = means.unbind(-1)
     means2d = torch.stack([(x + 1.0) * sx, (y + 1.0) * sy], dim=-1)
-    return means2d, conics, z
+    return means2d, conics, z, det

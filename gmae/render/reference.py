@@ -153,14 +153,22 @@ def expand_background(
     return background.expand(batch, channels) if background.dim() == 1 else background
 
 
-def footprint(conics: Tensor, opacities: Tensor, means: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def footprint(
+    conics: Tensor,
+    opacities: Tensor,
+    means: Tensor | None = None,
+    colors: Tensor | None = None,
+    depths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Opacity-aware screen half-extents of each Gaussian, for culling.
 
-    conics (..., 3), opacities (...), optional means (..., 2). Returns rx, ry
-    (...): half-widths in pixels (CULL_MARGIN included) of the box holding every
-    pixel where α can reach 1/255, and ``keep`` (...) bool, False for Gaussians
-    that can never contribute (non-finite, not positive definite, opacity <
-    1/255). Shared by the backends so that they all cull alike.
+    conics (..., 3), opacities (...), optional means (..., 2), colors (..., C)
+    and depths (...). Returns rx, ry (...): half-widths in pixels (CULL_MARGIN
+    included) of the box holding every pixel where α can reach 1/255, and
+    ``keep`` (...) bool, False for Gaussians that can never contribute (not
+    positive definite, opacity < 1/255) or must not (any non-finite parameter,
+    colour and depth included: a NaN colour or depth would otherwise poison
+    the pixels it covers). Shared by the backends so that they all cull alike.
     """
     with torch.no_grad():
         a, b, c = conics.unbind(-1)
@@ -178,6 +186,10 @@ def footprint(conics: Tensor, opacities: Tensor, means: Tensor | None = None) ->
         )
         if means is not None:
             keep &= torch.isfinite(means).all(-1)
+        if colors is not None:
+            keep &= torch.isfinite(colors).all(-1)
+        if depths is not None:
+            keep &= torch.isfinite(depths)
         one = torch.ones_like(det)
         det = torch.where(keep, det, one)
         a = torch.where(keep, a, one)
@@ -193,16 +205,23 @@ def footprint(conics: Tensor, opacities: Tensor, means: Tensor | None = None) ->
 
 
 def _tile_ranges(
-    means: Tensor, conics: Tensor, opacities: Tensor, tiles_x: int, tiles_y: int
+    means: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    tiles_x: int,
+    tiles_y: int,
+    colors: Tensor | None = None,
+    depths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Opacity-aware tile bounding boxes.
 
-    Inputs are flat: means (N, 2), conics (N, 3), opacities (N,).
+    Inputs are flat: means (N, 2), conics (N, 3), opacities (N,), optional
+    colors (N, C) and depths (N,) (only checked for being finite).
     Returns x0, x1, y0, y1 (N,) inclusive tile ranges (clamped to the grid) and
     ``keep`` (N,) bool: False for culled Gaussians (see :func:`footprint`, or
     entirely off-screen).
     """
-    rx, ry, keep = footprint(conics, opacities, means)
+    rx, ry, keep = footprint(conics, opacities, means, colors, depths)
     with torch.no_grad():
         mx, my = means.unbind(-1)
         # A pixel centre p in [m - r, m + r] lies in tile floor(p / TILE); clamp
@@ -271,11 +290,24 @@ def _composite_chunk(
     dx = px[:, None, :] - mean[..., 0:1]  # (n, M, P)
     dy = py[:, None, :] - mean[..., 1:2]
     a, b, c = (conic[..., i : i + 1] for i in range(3))
-    q = a * dx * dx + 2.0 * b * dx * dy + c * dy * dy
+
+    def quad(dx: Tensor, dy: Tensor) -> Tensor:
+        return a * dx * dx + 2.0 * b * dx * dy + c * dy * dy
+
+    q = quad(dx, dy)
+    # Extreme (finite) conics can overflow q to inf or inf - inf = NaN far from
+    # the mean. Such a lane has α = 0, but its backward would multiply a zero
+    # gradient by the inf intermediates (0·inf = NaN). So where q is not
+    # finite, q is recomputed from dx = dy = 0 and the lane masked below: its
+    # gradient is then an exact zero. (Rare; the common case costs one check.)
+    finite_q = torch.isfinite(q)
+    if not bool(finite_q.all()):
+        zero = torch.zeros_like(dx)
+        q = quad(torch.where(finite_q, dx, zero), torch.where(finite_q, dy, zero))
     alpha = (opacities[gid][..., None] * torch.exp(-0.5 * q)).clamp_max(max_alpha)
     # Skip rule: α < 1/255 leaves T untouched; padding entries never count.
     # torch.where (not a multiply) so that nothing from masked lanes leaks.
-    counts = present[..., None] & (alpha >= ALPHA_MIN)
+    counts = present[..., None] & finite_q & (alpha >= ALPHA_MIN)
     alpha = torch.where(counts, alpha, torch.zeros_like(alpha))
     # Early stop: Gaussian i is excluded if T·(1-αᵢ) < 1e-4. The inclusive
     # transmittance is non-increasing, so the kept set is a prefix of the list
@@ -340,9 +372,12 @@ def rasterize_torch(
         return torch.gather(t, 1, idx).reshape(B * K, *t.shape[2:])
 
     means_s, conics_s, colors_s, opac_s = map(sort_flat, (means2d, conics, colors, opacities))
+    depths_s = torch.gather(depths.detach(), 1, order).reshape(B * K)
 
-    # 2-3. Cull and bin into tiles.
-    x0, x1, y0, y1, keep = _tile_ranges(means_s, conics_s, opac_s, tiles_x, tiles_y)
+    # 2-3. Cull (any non-finite parameter, depth and colour included) and bin
+    #      into tiles. Culled Gaussians are in no tile list, so their values
+    #      (NaN included) are never read and their gradients are exactly zero.
+    x0, x1, y0, y1, keep = _tile_ranges(means_s, conics_s, opac_s, tiles_x, tiles_y, colors_s, depths_s)
     gids, starts, counts = _bin_into_tiles(x0, x1, y0, y1, keep, K, tiles_x, tiles_y, B)
 
     # 4. Composite the non-empty tiles, busiest first, so that each chunk is
