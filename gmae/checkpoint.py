@@ -93,12 +93,42 @@ def configs_of(state: dict) -> tuple[ModelConfig, TrainConfig]:
     return config_from_dict(ModelConfig, cfg["model"]), config_from_dict(TrainConfig, cfg["train"])
 
 
+def training_state(model, optimizer, step: int, model_cfg: dict, train_cfg: dict) -> dict:
+    """Everything a run needs to continue exactly: weights, optimizer, step, RNG, configs."""
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "step": step,
+        "config": {"model": model_cfg, "train": train_cfg},
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+    }
+
+
+def load_latest(out: str | Path, warn=print) -> dict | None:
+    """The newest readable checkpoint in `out` (None if there is none).
+
+    A truncated or corrupt newest checkpoint is reported through `warn` and
+    the next older one is tried, so a crash during a save costs one interval.
+    """
+    for path in reversed(list_checkpoints(out)):
+        try:
+            return load_checkpoint(path)
+        except GMAEError as e:
+            warn(f"warning: {e}; trying an older checkpoint")
+    return None
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     """(model in eval mode, ModelConfig, checkpoint dict) from a checkpoint file."""
     from .model import build_model  # local: models import this module's neighbours
 
     state = load_checkpoint(path, map_location)
     mcfg, _ = configs_of(state)
+    # The renderer is a property of this machine, not of the model: a model
+    # trained with gsplat on a GPU must still render on a laptop.
+    mcfg.render_backend = "auto"
     model = build_model(mcfg)
     model.load_state_dict(state["model"])
     return model.to(map_location).eval(), mcfg, state

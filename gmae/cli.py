@@ -53,13 +53,14 @@ def add_pretrain(sub) -> None:
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (tiny: 50)")
     p.add_argument("--out", default=d.out, help=f"output folder for checkpoints, metrics and figures (default {d.out})")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out with its saved settings; "
-                        "--steps, --checkpoint-every, --device and --num-workers may be changed")
+                   help="continue from the newest checkpoint in --out with its saved settings; of those, "
+                        "--steps, --device, --checkpoint-every, --num-workers, --keep-checkpoints and "
+                        "--max-bad-steps take effect when given")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (tiny: 400)")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="data-loading processes (default 0)")
-    p.add_argument("--keep-checkpoints", type=_positive_int, default=d.keep_checkpoints,
+    p.add_argument("--num-workers", type=int, help="data-loading processes (default 0)")
+    p.add_argument("--keep-checkpoints", type=_positive_int,
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
     p.add_argument("--accum-steps", type=_positive_int, default=d.accum_steps,
                    help="split each process's batch into this many micro-batches (same result, less memory)")
@@ -67,7 +68,7 @@ def add_pretrain(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--max-bad-steps", type=_positive_int, default=d.max_bad_steps,
+    p.add_argument("--max-bad-steps", type=_positive_int,
                    help=f"non-finite losses in a row (each step skipped) before stopping (default {d.max_bad_steps})")
     p.add_argument("--on-bad-image", choices=("skip", "error"), default=d.on_bad_image,
                    help="an unreadable image during training: skip it (logged and counted, default) or stop")
@@ -84,7 +85,7 @@ def add_pretrain(sub) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from .train import pretrain
+    from .train import RESUMABLE_CHANGES, pretrain
 
     mcfg = model_config(
         args.preset, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
@@ -99,8 +100,7 @@ def cmd_pretrain(args) -> int:
         max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image,
     )
     # On --resume the run's saved settings win, except those given on this command line.
-    given = ("device", "num_workers", "keep_checkpoints", "max_bad_steps") + tuple(
-        k for k in ("steps", "checkpoint_every") if getattr(args, k) is not None)
+    given = tuple(k for k in RESUMABLE_CHANGES if getattr(args, k) is not None)
     summary = pretrain(mcfg, tcfg, resume=args.resume, progress=not args.quiet, changes=given)
     if summary["figure"] is None:  # not the main process of a torchrun job
         return 0
@@ -135,14 +135,14 @@ def cmd_reconstruct(args) -> int:
     from .viz import save_reconstruction_figure
 
     model, mcfg, _ = load_model(args.checkpoint, args.device)
-    if args.mask_ratio is not None:
-        model.cfg.mask_ratio = args.mask_ratio
-        model.cfg.validate()
+    if args.mask_ratio is not None and not 0.0 <= args.mask_ratio < 1.0:
+        raise GMAEError(f"mask ratio must be in [0, 1); got {args.mask_ratio}")
     imgs = torch.stack([load_image(path, mcfg.img_size) for path in args.images]).to(args.device)
     out = Path(args.out)
     for i, path in enumerate(args.images):
         noise = masking_noise(args.seed, i, 1, mcfg.num_patches).to(args.device)
-        fig = save_reconstruction_figure(model, imgs[i : i + 1], out / f"{Path(path).stem}_reconstruction.png", noise)
+        fig = save_reconstruction_figure(model, imgs[i : i + 1], out / f"{Path(path).stem}_reconstruction.png", noise,
+                                         mask_ratio=args.mask_ratio)
         print(fig)
     return 0
 

@@ -105,6 +105,8 @@ class TrainConfig:
             raise GMAEError(f"on-bad-image must be skip or error; got {self.on_bad_image!r}")
         if self.accum_steps < 1 or self.batch_size % self.accum_steps:
             raise GMAEError(f"batch size {self.batch_size} must be a multiple of accum-steps {self.accum_steps}")
+        if self.num_workers < 0:
+            raise GMAEError(f"num-workers must be 0 (load in the training process) or more; got {self.num_workers}")
         if self.keep_checkpoints < 1 or self.max_bad_steps < 1 or self.clip_grad < 0:
             raise GMAEError("keep-checkpoints and max-bad-steps must be >= 1 and clip-grad >= 0")
         if self.steps < 1:

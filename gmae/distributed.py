@@ -36,7 +36,12 @@ class Context:
 def init(device: str) -> Context:
     """Join the torchrun process group if there is one; returns this process's context."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    requested = torch.device(device)
+    try:
+        requested = torch.device(device)
+    except RuntimeError:
+        raise GMAEError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if requested.type == "cuda" and not torch.cuda.is_available():
+        raise GMAEError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
     if world_size == 1:
         return Context(0, 1, requested)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import checkpoint_path, configs_of, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, configs_of, list_checkpoints, load_latest, save_checkpoint, training_state
 from .config import ModelConfig, TrainConfig, as_dict
 from .data import SeededStream, StepBatchSampler, build_dataset
 from .errors import GMAEError
@@ -60,28 +60,6 @@ def masking_noise(seed: int, step: int, batch: int, num_patches: int) -> torch.T
     return torch.rand(batch, num_patches, generator=g)
 
 
-def resolve_resume(out: Path) -> dict | None:
-    """The newest readable checkpoint in `out`, falling back to older ones if it is damaged."""
-    for path in reversed(list_checkpoints(out)):
-        try:
-            return load_checkpoint(path)
-        except GMAEError as e:
-            tqdm.write(f"warning: {e}; trying an older checkpoint")
-    return None
-
-
-def make_state(model, optimizer, step, mcfg, tcfg) -> dict:
-    return {
-        "format": "gmae-checkpoint",
-        "version": 1,
-        "step": step,
-        "config": {"model": as_dict(mcfg), "train": as_dict(tcfg)},
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": {"torch": torch.get_rng_state()},
-    }
-
-
 # What a resumed run may change: its length, where it runs, how often it saves.
 RESUMABLE_CHANGES = ("steps", "device", "checkpoint_every", "num_workers", "keep_checkpoints", "max_bad_steps")
 
@@ -106,9 +84,12 @@ def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.
             loss.backward()
         loss_sum += loss.detach().float()
     loss_value = distributed.mean_across(loss_sum, ctx).item()
+    # The gradient norm is always computed (clipping only when asked) so that a
+    # finite loss with an inf/NaN gradient cannot reach the weights either.
     ok = math.isfinite(loss_value)
-    if ok and tcfg.clip_grad > 0:
-        ok = math.isfinite(torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_grad).item())
+    if ok:
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_grad or math.inf)
+        ok = math.isfinite(norm.item())
     if ok:
         optimizer.step()
     return loss_value, ok
@@ -126,13 +107,21 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
     global batch and only the first one writes files.
     """
     out = Path(tcfg.out)
-    state = resolve_resume(out) if resume else None
+    state = load_latest(out, warn=tqdm.write) if resume else None
     if resume and state is None:
         tqdm.write(f"no checkpoint in {out}; starting from scratch")
+    if not resume and list_checkpoints(out):
+        raise GMAEError(f"{out} already holds checkpoints of another run; add --resume to continue it "
+                        "or choose a new --out")
     if state is not None:
         mcfg, saved = configs_of(state)
         # The user may extend or relocate a run, not change what it trains.
         tcfg = replace(saved, out=tcfg.out, **{k: getattr(tcfg, k) for k in changes if k in RESUMABLE_CHANGES})
+        if tcfg.steps < state["step"]:
+            raise GMAEError(f"--steps {tcfg.steps} is below the checkpoint's step {state['step']}; "
+                            "give a larger --steps to extend the run")
+    # The data source first: a wrong --data fails before anything is written.
+    source = build_dataset(tcfg.data, mcfg.img_size, seed=tcfg.seed, on_bad_image=tcfg.on_bad_image)
     ctx = distributed.init(tcfg.device)
     device = ctx.device
     if tcfg.batch_size % (ctx.world_size * tcfg.accum_steps):
@@ -161,7 +150,6 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
     if ctx.is_main:
         truncate_metrics(metrics_path, start)
 
-    source = build_dataset(tcfg.data, mcfg.img_size, seed=tcfg.seed, on_bad_image=tcfg.on_bad_image)
     stream = SeededStream(source, tcfg.seed)
     loader = DataLoader(
         stream, batch_sampler=StepBatchSampler(tcfg.batch_size, start, tcfg.steps - start, ctx.rank, ctx.world_size),
@@ -198,7 +186,7 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             if ctx.is_main and ((step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps):
-                save_checkpoint(make_state(model, optimizer, step + 1, mcfg, tcfg),
+                save_checkpoint(training_state(model, optimizer, step + 1, as_dict(mcfg), as_dict(tcfg)),
                                 checkpoint_path(out, step + 1), keep=tcfg.keep_checkpoints)
     elapsed = time.perf_counter() - t_start
     steps_done = tcfg.steps - start

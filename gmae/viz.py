@@ -45,11 +45,13 @@ def save_image_grid(rows: list[list[np.ndarray]], titles: list[str], path: str |
 
 
 @torch.no_grad()
-def save_reconstruction_figure(model, imgs: torch.Tensor, path: str | Path, noise: torch.Tensor | None = None) -> Path:
+def save_reconstruction_figure(model, imgs: torch.Tensor, path: str | Path, noise: torch.Tensor | None = None,
+                               mask_ratio: float | None = None) -> Path:
     """One row per image: input, masked input (what the encoder saw), reconstruction."""
     was_training = model.training
     model.eval()
-    out = model(imgs, noise)
+    ratio = model.cfg.mask_ratio if mask_ratio is None else mask_ratio
+    out = model(imgs, noise, mask_ratio=ratio)
     model.train(was_training)
     masked = masked_view(imgs, out.mask, model.cfg.patch_size)
     rows = [
@@ -57,4 +59,4 @@ def save_reconstruction_figure(model, imgs: torch.Tensor, path: str | Path, nois
         for i in range(imgs.shape[0])
     ]
     name = "render" if model.cfg.model == "gmae" else "reconstruction"
-    return save_image_grid(rows, ["input", f"masked {model.cfg.mask_ratio:.0%}", name], path)
+    return save_image_grid(rows, ["input", f"masked {ratio:.0%}", name], path)

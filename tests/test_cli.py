@@ -105,6 +105,9 @@ def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
     (["pretrain", "--data", "no/such/folder", "--steps", "1"], "no/such/folder"),
     (["pretrain", "--img-size", "30", "--steps", "1"], "multiple of the patch size"),
     (["pretrain", "--render-backend", "nope", "--steps", "1", "-k", "4", "--img-size", "16"], "nope"),
+    (["pretrain", "--num-workers", "-1", "--steps", "1"], "num-workers"),
+    pytest.param(["pretrain", "--device", "cuda", "--steps", "1"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_user_errors_are_one_line(argv, needle, tmp_path, capsys):
     code = main([*argv, "--out", str(tmp_path)] if argv[0] == "pretrain" else argv)
@@ -148,3 +151,14 @@ def test_export_safetensors(run_dir, tmp_path):
     state = torch.load(run_dir / "checkpoint-0000004.pt", weights_only=True)["model"]
     assert cfg.num_gaussians == 32
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_run_folder_is_not_silently_reused(run_dir, capsys):
+    before = sorted(os.listdir(run_dir))
+    # a fresh run into a folder holding another run's checkpoints is refused (it would prune them)
+    assert main(["pretrain", *FAST, "--steps", "1", "--out", str(run_dir)]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    # resuming to fewer steps than the checkpoint has is refused too
+    assert main(["pretrain", *FAST, "--steps", "2", "--out", str(run_dir), "--resume"]) == 2
+    assert "below the checkpoint's step 4" in capsys.readouterr().err
+    assert sorted(os.listdir(run_dir)) == before

@@ -168,3 +168,11 @@ def test_overfits_one_batch(kind):
         opt.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < losses[0] / 5, losses[::10]
+
+
+def test_gaussians_and_render_stay_float32_under_bf16_autocast():
+    cfg = ModelConfig(**SMALL)
+    model = GMAE(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, cfg.num_patches))
+    assert out.gaussians.means.dtype == torch.float32 and out.image.dtype == torch.float32

@@ -62,6 +62,20 @@ def test_non_finite_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
     assert [r.get("skipped", False) for r in records] == [False, True, False, False]
     assert records[-1]["skipped_total"] == 1
 
+    # a finite loss whose gradient is not finite is skipped too (no --clip-grad needed)
+    calls["n"] = 0
+
+    def bad_gradient(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            out.loss.register_hook(lambda g: g * float("inf"))
+        return out
+
+    monkeypatch.setattr(GMAE, "forward", bad_gradient)
+    summary = run(tmp_path / "grad", steps=2)
+    assert summary["skipped_steps"] == 1 and all(l == l and abs(l) != float("inf") for l in losses(tmp_path / "grad"))
+
     monkeypatch.setattr(GMAE, "forward", lambda self, *a, **k: (lambda o: o._replace(loss=o.loss * float("inf")))(
         original(self, *a, **k)))
     with pytest.raises(GMAEError, match="3 steps in a row"):

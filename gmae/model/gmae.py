@@ -36,7 +36,7 @@ QUERY_INIT_STD = 1.0
 
 
 def gaussians_from_raw(raw: torch.Tensor, max_scale: float) -> Gaussians:
-    """raw (B, K, 11 + C) decoder outputs -> activated Gaussians (activations of DESIGN.md)."""
+    """raw (B, K, 11 + C) decoder outputs -> activated Gaussians (the activations of the authors' code)."""
     position = 2.0 * (torch.sigmoid(raw[..., 0:3]) - 0.5)  # (-1, 1)^3
     scale = max_scale * torch.sigmoid(raw[..., 3:6]) * SCALE_UNIT  # (0, c/8) world units
     rotation = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)  # unit quaternion (w, x, y, z)
@@ -67,13 +67,16 @@ class GMAE(MAE):
         x = torch.cat([x[:, :1, :] + self.decoder_pos_embed[:, :1, :], x[:, 1:, :] + pos], dim=1)
         queries = (self.mask_token + self.query_embed).expand(B, -1, -1)  # (B, k, d)
         x = self.run_decoder(torch.cat([x, queries], dim=1))  # (B, 1 + n + k, d)
-        raw = self.gaussian_head(x[:, n1:, :])  # keep only the k query outputs: (B, k, 11 + C)
+        # Keep only the k query outputs; float32 even under bf16 autocast, where
+        # positions would otherwise snap to steps of up to a pixel.
+        raw = self.gaussian_head(x[:, n1:, :]).float()  # (B, k, 11 + C)
         return gaussians_from_raw(raw, self.cfg.max_scale)
 
     def render(self, gaussians: Gaussians) -> torch.Tensor:
         """(B, C, H, W) render of `gaussians` on the configured background."""
         size = self.cfg.img_size
-        image, _ = render_gaussians(gaussians, size, size, self.background, self.cfg.render_backend)
+        with torch.autocast(gaussians.means.device.type, enabled=False):  # splatting stays in float32
+            image, _ = render_gaussians(gaussians, size, size, self.background, self.cfg.render_backend)
         return image
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None) -> Output:

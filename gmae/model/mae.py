@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..loss import reconstruction_loss
+from ..loss import denormalize_patches, reconstruction_loss
 from .vit import Block, ViTEncoder, init_weights, patchify, sincos_pos_embed, unpatchify
 
 
@@ -71,15 +71,16 @@ class MAE(nn.Module):
         return self.decoder_pred(x[:, 1:, :])  # drop cls
 
     # ------------------------------------------------------------------ forward
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> Output:
-        """imgs (B, C, H, W) in [0, 1]; noise (B, N) optional masking noise."""
-        latent, mask, ids_restore = self.encoder(imgs, self.cfg.mask_ratio, noise)
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None) -> Output:
+        """imgs (B, C, H, W) in [0, 1]; noise (B, N) optional masking noise; mask_ratio overrides the config's."""
+        ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore = self.encoder(imgs, ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)  # (B, N, p*p*C)
         target = patchify(imgs, self.cfg.patch_size)
         loss = reconstruction_loss(pred, target, mask, self.cfg.loss)
         with torch.no_grad():  # back to image space for display
             if self.cfg.loss == "masked_normpix":
-                pred_px = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+                pred_px = denormalize_patches(pred, target)
             else:
                 pred_px = pred
             image = unpatchify(pred_px, self.cfg.patch_size, self.cfg.in_chans)

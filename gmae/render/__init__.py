@@ -13,7 +13,7 @@ Public entry points:
 
 Backends live in :data:`BACKENDS`. ``"torch"`` (the pure-PyTorch reference) is
 always there; optional ones (``"cpu"``, a numba kernel in
-``gmae.render.cpu``) are imported the first time they are asked for, so an
+``gmae.render.cpu``, and ``"gsplat"``, CUDA, in ``gmae.render.cuda``) are imported the first time they are asked for, so an
 optional backend that is missing never breaks ``import gmae.render``.
 """
 

@@ -26,6 +26,7 @@ import torch
 from gsplat import isect_offset_encode, isect_tiles, rasterize_to_pixels
 from torch import Tensor
 
+from ..errors import GMAEError
 from .reference import TILE, expand_background, footprint
 
 GSPLAT_MAX_ALPHA = 0.999
@@ -47,7 +48,7 @@ def rasterize_gsplat(
     """Same contract as `gmae.render.rasterize`; CUDA float32 tensors only."""
     global _warned
     if means2d.device.type != "cuda":
-        raise ValueError("the gsplat backend needs CUDA tensors; use backend='cpu' or 'torch' on the CPU")
+        raise GMAEError("the gsplat backend needs CUDA tensors; use render backend cpu or torch on the CPU")
     if max_alpha != GSPLAT_MAX_ALPHA and not _warned:
         _warned = True
         logger.warning("gsplat clamps alpha at %.3f; max_alpha=%s is ignored by this backend", GSPLAT_MAX_ALPHA, max_alpha)
