@@ -1,7 +1,6 @@
 """Tests for gmae.data: dead-leaves, the seeded stream, image folders, photos."""
 
 import logging
-import math
 import os
 import time
 

@@ -74,7 +74,7 @@ def test_preset_encoder_sizes_match_timm_vits(preset, expected):
 
 def test_gmae_and_mae_decoder_parameter_counts():
     cfg = model_config("base")
-    D, d, k, N, p = cfg.embed_dim, cfg.decoder_embed_dim, cfg.num_gaussians, cfg.num_patches, cfg.patch_size
+    D, d, k, p = cfg.embed_dim, cfg.decoder_embed_dim, cfg.num_gaussians, cfg.patch_size
     trunk = (D * d + d) + d + cfg.decoder_depth * _block(d) + 2 * d  # embed, mask token, blocks, norm
     gmae = GMAE(cfg)
     assert count_parameters(gmae) - count_parameters(gmae.encoder) == trunk + k * d + (d * 14 + 14)

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
 from ..loss import reconstruction_loss
 from ..render.gaussians import Gaussians, render_gaussians
 from .mae import MAE, Output
