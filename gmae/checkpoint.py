@@ -120,15 +120,23 @@ def load_latest(out: str | Path, warn=print) -> dict | None:
     return None
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """(model in eval mode, ModelConfig, checkpoint dict) from a checkpoint file."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", initial: bool = False):
+    """(model in eval mode, ModelConfig, checkpoint dict) from a checkpoint file.
+
+    initial=True gives the same architecture with the weights its run started
+    from (built after seeding with the run's seed, as `gmae pretrain` does):
+    the "before pre-training" baseline of every evaluation.
+    """
     from .model import build_model  # local: models import this module's neighbours
 
     state = load_checkpoint(path, map_location)
-    mcfg, _ = configs_of(state)
+    mcfg, tcfg = configs_of(state)
     # The renderer is a property of this machine, not of the model: a model
     # trained with gsplat on a GPU must still render on a laptop.
     mcfg.render_backend = "auto"
+    if initial:
+        torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
-    model.load_state_dict(state["model"])
+    if not initial:
+        model.load_state_dict(state["model"])
     return model.to(map_location).eval(), mcfg, state

@@ -46,7 +46,7 @@ def add_pretrain(sub) -> None:
     d = TrainConfig()
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default: tiny)")
     p.add_argument("--model", default=None, choices=MODELS, help="gmae (default) or the mae baseline")
-    p.add_argument("--data", default=d.data, help="deadleaves (default), photos, or a folder of images (ImageNet layout or flat)")
+    p.add_argument("--data", default=d.data, help="deadleaves (default), photos, digits (scikit-learn's, train split), or a folder of images (ImageNet layout or flat)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps (tiny: 1200)")
     p.add_argument("--batch-size", type=_positive_int, help="global batch size (tiny: 16)")
     p.add_argument("--blr", type=float, help="base learning rate; lr = blr * batch / 256 (tiny: 1.6e-2, others 1e-3)")
@@ -80,6 +80,9 @@ def add_pretrain(sub) -> None:
     p.add_argument("--loss", default=None, choices=LOSSES, help="masked (default), all, masked_normpix")
     p.add_argument("--background", type=_background, default=None, help="render background: white (default), black, grey or R,G,B")
     p.add_argument("--render-backend", default=None, help="renderer backend: auto (default), torch, cpu, gsplat")
+    p.add_argument("--init-encoder", default=d.init_encoder, metavar="FILE",
+                   help="start the encoder from FILE: a gmae checkpoint or export, or a timm / MAE ViT checkpoint "
+                        "of the same shape (fresh runs only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
 
@@ -97,7 +100,7 @@ def cmd_pretrain(args) -> int:
         warmup_steps=args.warmup_steps, seed=args.seed, device=args.device, out=args.out,
         checkpoint_every=args.checkpoint_every, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
-        max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image,
+        max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image, init_encoder=args.init_encoder,
     )
     # On --resume the run's saved settings win, except those given on this command line.
     given = tuple(k for k in RESUMABLE_CHANGES if getattr(args, k) is not None)
@@ -144,6 +147,132 @@ def cmd_reconstruct(args) -> int:
         fig = save_reconstruction_figure(model, imgs[i : i + 1], out / f"{Path(path).stem}_reconstruction.png", noise,
                                          mask_ratio=args.mask_ratio)
         print(fig)
+    return 0
+
+
+# --------------------------------------------------------------------------- zero-shot readouts
+
+READOUTS = {
+    "layers": "partial renders (first K far-to-near Gaussians) and each depth layer alone",
+    "edges": "edges from depth-layer discontinuities at l = 32, 16, 8, 4 and a soft edge map",
+    "segment": "figure-ground: where the nearest Gaussians cover the image",
+    "gaussians": "scatter of the Gaussians' xy centres, sized and coloured by opacity",
+}
+
+
+def add_readouts(sub) -> None:
+    for name, what in READOUTS.items():
+        p = sub.add_parser(name, help=f"zero-shot {what} (PNG per image)")
+        p.add_argument("images", nargs="+", help="image files (any format Pillow reads); the shorter side is "
+                       "resized to the model's input size and the centre square is cropped")
+        p.add_argument("--checkpoint", required=True, help="a GMAE checkpoint (.pt) written by gmae pretrain")
+        p.add_argument("--out", required=True, help=f"folder for the PNG figures (NAME_{name}.png)")
+        p.add_argument("--mask-ratio", type=float, default=0.0,
+                       help="patches hidden from the encoder (default 0: it sees the whole image)")
+        p.add_argument("--device", default="cpu")
+        if name == "layers":
+            p.add_argument("--layers", type=_positive_int, default=8, help="number of depth layers (default 8)")
+        if name == "edges":
+            p.add_argument("--levels", type=_positive_int, nargs="+", default=[32, 16, 8, 4],
+                           help="numbers of layers l of the binary edge maps (default 32 16 8 4)")
+        if name == "segment":
+            p.add_argument("--near-fraction", type=float, default=0.5,
+                           help="share of the Gaussians, nearest first, that make the figure (default 0.5)")
+        p.set_defaults(func=cmd_readout, readout=name)
+
+
+def cmd_readout(args) -> int:
+    import torch
+
+    from . import viz, zeroshot
+    from .checkpoint import load_model
+    from .data import load_image
+
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise GMAEError(f"mask ratio must be in [0, 1); got {args.mask_ratio}")
+    model, mcfg, _ = load_model(args.checkpoint, args.device)
+    canvas = zeroshot.Canvas.of(model)
+    out = Path(args.out)
+    for path in args.images:
+        img = load_image(path, mcfg.img_size).to(args.device)
+        g = zeroshot.gaussians_of(model, img[None], args.mask_ratio)
+        target = out / f"{Path(path).stem}_{args.readout}.png"
+        if args.readout == "layers":
+            counts, partial = zeroshot.partial_renders(g, canvas)
+            layer_images, _ = zeroshot.layers(g, canvas, min(args.layers, g.num))
+            fig = viz.save_layers_figure(img, counts, partial[0], layer_images[0], target)
+        elif args.readout == "edges":
+            soft, per_level = zeroshot.soft_edges(g, canvas, levels=args.levels)
+            fig = viz.save_edges_figure(img, {k: v[0] for k, v in per_level.items()}, soft[0], target)
+        elif args.readout == "segment":
+            figure, near = zeroshot.figure_ground(g, canvas, args.near_fraction)
+            fig = viz.save_segment_figure(img, figure[0], near[0], target)
+        else:
+            render = zeroshot.render_subsets(g, torch.ones(1, g.num, dtype=torch.bool, device=img.device), canvas)[0]
+            fig = viz.save_gaussians_figure(img, g.means[0], g.opacities[0], render[0, 0], target)
+        print(fig)
+    return 0
+
+
+def add_eval_zeroshot(sub) -> None:
+    p = sub.add_parser("eval-zeroshot", help="score zero-shot edges (ODS/OIS/AP) and figure-ground (IoU) "
+                       "against ground truth, with Sobel/Canny/ellipse baselines")
+    p.add_argument("--checkpoint", required=True, help="a GMAE checkpoint (.pt) written by gmae pretrain")
+    p.add_argument("--data", default="deadleaves",
+                   help="deadleaves (default; generated, exact truth), bsds:ROOT (BSDS500 layout, test split) "
+                   "or masks:ROOT (ROOT/images + same-named binary PNGs in ROOT/masks)")
+    p.add_argument("--num-images", type=_positive_int, default=None,
+                   help="score only the first N images (deadleaves default: 200)")
+    p.add_argument("--random-init", action="store_true",
+                   help="score the checkpoint's architecture at initialisation (its run's seed) instead")
+    p.add_argument("--mask-ratio", type=float, default=0.0, help="patches hidden from the encoder (default 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval_zeroshot)
+
+
+def cmd_eval_zeroshot(args) -> int:
+    from .checkpoint import load_model
+    from .evaluate.zeroshot import evaluate_zeroshot, format_table
+
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise GMAEError(f"mask ratio must be in [0, 1); got {args.mask_ratio}")
+    model, _, _ = load_model(args.checkpoint, args.device, initial=args.random_init)
+    results = evaluate_zeroshot(model, args.data, args.num_images, args.batch_size, args.mask_ratio,
+                                progress=not args.json)
+    results["checkpoint"], results["random_init"] = str(args.checkpoint), args.random_init
+    label = "gmae (init)" if args.random_init else "gmae"
+    print(json.dumps(results) if args.json else format_table(results, label))
+    return 0
+
+
+# --------------------------------------------------------------------------- ablate
+
+
+def add_ablate(sub) -> None:
+    from .ablate import VARIANTS
+
+    p = sub.add_parser("ablate", help="the paper's ablation grid (c, mask ratio, loss, k) and MAE on the tiny "
+                       "preset at equal steps, scored by linear/kNN probes and masked PSNR")
+    p.add_argument("--out", default="runs/ablate", help="folder of the runs and of table.md (default runs/ablate)")
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="NAME",
+                   help=f"variants to run (default all): {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=_positive_int, default=None, help="steps per run (tiny preset: 1200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="deadleaves", help="pre-training data (default deadleaves)")
+    p.add_argument("--probe-data", default="digits", help="probe data (see gmae probe; default digits)")
+    p.add_argument("--no-eval", action="store_true", help="only pre-train")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    p.set_defaults(func=cmd_ablate)
+
+
+def cmd_ablate(args) -> int:
+    from .ablate import format_table, run_ablation
+
+    rows = run_ablation(args.out, args.only, args.steps, args.seed, args.data, args.probe_data,
+                        evaluate=not args.no_eval, progress=not args.json)
+    print(json.dumps(rows) if args.json else format_table(rows))
     return 0
 
 
@@ -210,17 +339,141 @@ def cmd_bench(args) -> int:
 
 
 def add_export(sub) -> None:
+    from .export import FORMATS
+
     p = sub.add_parser("export", help="write a checkpoint's model for sharing (safetensors: no code runs on load)")
     p.add_argument("checkpoint")
-    p.add_argument("--format", default="safetensors", choices=("safetensors",))
-    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    p.add_argument("--format", default="safetensors", choices=list(FORMATS),
+                   help="safetensors (default): the whole gmae model; timm: the encoder only, under timm's "
+                        "VisionTransformer names (.safetensors or .pth)")
+    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors or vit.pth")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
-    from .export import export_checkpoint
+    from .checkpoint import configs_of, load_checkpoint
+    from .export import export_checkpoint, timm_create_call
 
-    print(export_checkpoint(args.checkpoint, args.out, fmt=args.format))
+    out = export_checkpoint(args.checkpoint, args.out, fmt=args.format)
+    print(out)
+    if args.format == "timm":
+        mcfg, _ = configs_of(load_checkpoint(args.checkpoint))
+        print(f"load in timm: {timm_create_call(mcfg, out)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- probe / finetune
+
+LABELLED_DATA_HELP = ("labelled data: digits (default; scikit-learn's 8x8 digits upsampled, stratified 80/20 "
+                      "split, seed 0), cifar10:ROOT, cifar100:ROOT (python-pickle releases; ROOT holds "
+                      "cifar-10-batches-py/ or cifar-100-python/, or is it), folder:ROOT (ROOT/train/CLASS/*.jpg "
+                      "and ROOT/val/CLASS/*.jpg), or a bare ROOT, detected as one of these")
+
+
+def add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="linear and kNN probes of a frozen encoder on labelled images")
+    p.add_argument("--checkpoint", required=True,
+                   help="gmae checkpoint (.pt), gmae safetensors export or timm/MAE ViT weights")
+    p.add_argument("--data", default="digits", help=LABELLED_DATA_HELP)
+    p.add_argument("--pool", default="cls", choices=("cls", "avg"),
+                   help="feature: cls token (default, MAE's linear probe) or mean of patch tokens, after the final norm")
+    p.add_argument("--random-init", action="store_true",
+                   help="probe the checkpoint's architecture with fresh weights drawn with --seed (the baseline)")
+    p.add_argument("--epochs", type=_positive_int, default=100, help="linear-probe epochs on cached features (default 100)")
+    p.add_argument("--k", type=_positive_int, default=20, help="kNN neighbours (default 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default 0.07)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="feature-extraction batch (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="linear-probe (and --random-init) seed")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_probe)
+
+
+def cmd_probe(args) -> int:
+    from .evaluate.probe import load_encoder, probe, random_encoder
+
+    if not args.temperature > 0:
+        raise GMAEError(f"temperature must be positive; got {args.temperature}")
+    encoder, mcfg = load_encoder(args.checkpoint)
+    if args.random_init:
+        encoder = random_encoder(mcfg, args.seed)
+    result = probe(encoder, args.data, batch_size=args.batch_size, device=args.device, pool=args.pool, k=args.k,
+                   T=args.temperature, epochs=args.epochs, seed=args.seed, progress=not args.json)
+    result.update(checkpoint=str(args.checkpoint), data=args.data, random_init=args.random_init)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    label = "random init" if args.random_init else "pre-trained"
+    print(f"{args.checkpoint} ({label}), {args.data}: {result['num_train']} train / {result['num_val']} val images, "
+          f"{result['num_classes']} classes; feature: {result['feature']} ({result['dim']}-d)")
+    print(f"linear_acc  {100 * result['linear_acc']:6.2f}%   (BatchNorm + linear, SGD, {args.epochs} epochs)")
+    print(f"knn_acc     {100 * result['knn_acc']:6.2f}%   (cosine, k={args.k}, T={args.temperature})")
+    return 0
+
+
+def add_finetune(sub) -> None:
+    from .evaluate.finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser("finetune", help="fine-tune a pre-trained encoder as a classifier (MAE's recipe)")
+    p.add_argument("--checkpoint", help="gmae checkpoint (.pt), gmae safetensors export or timm/MAE ViT weights "
+                   "(not needed with --resume)")
+    p.add_argument("--data", default=d.data, help=LABELLED_DATA_HELP)
+    p.add_argument("--out", default=d.out, help=f"folder for checkpoints and metrics.jsonl (default {d.out})")
+    p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"epochs (default {d.epochs})")
+    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
+    p.add_argument("--blr", type=float, default=d.blr, help=f"base lr; lr = blr * batch / 256 (default {d.blr})")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: one epoch)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay})")
+    p.add_argument("--layer-decay", type=float, default=d.layer_decay,
+                   help=f"layer-wise lr decay (default {d.layer_decay}; MAE: 0.65 base, 0.75 large)")
+    p.add_argument("--drop-path", type=float, default=d.drop_path, help=f"stochastic depth rate (default {d.drop_path})")
+    p.add_argument("--smoothing", type=float, default=d.smoothing, help=f"label smoothing (default {d.smoothing})")
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (default 0: no clipping)")
+    p.add_argument("--random-init", action="store_true",
+                   help="fine-tune the checkpoint's architecture from fresh weights (the from-scratch baseline)")
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between val evaluations (default: an epoch)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="steps between checkpoints (default: an epoch)")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=None,
+                   help=f"newest checkpoints kept (default {d.keep_checkpoints})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the newest checkpoint in --out with its saved settings "
+                        "(--device, --num-workers and --keep-checkpoints take effect when given)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--num-workers", type=int, default=None, help="data-loading processes (default 0)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
+                   help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> int:
+    from .evaluate.finetune import RESUMABLE_CHANGES, FinetuneConfig, finetune
+
+    if not args.resume and not args.checkpoint:
+        raise GMAEError("give --checkpoint (the pre-trained model to fine-tune), or --resume to continue a run")
+    d = FinetuneConfig()
+    fcfg = FinetuneConfig(
+        checkpoint=str(args.checkpoint or ""), data=args.data, epochs=args.epochs, steps=args.steps or 0,
+        batch_size=args.batch_size, blr=args.blr,
+        warmup_steps=d.warmup_steps if args.warmup_steps is None else args.warmup_steps,
+        weight_decay=args.weight_decay, layer_decay=args.layer_decay, drop_path=args.drop_path,
+        smoothing=args.smoothing, clip_grad=args.clip_grad, random_init=args.random_init, seed=args.seed,
+        device=args.device or d.device, out=args.out, eval_every=args.eval_every or 0,
+        checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
+        num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
+    )
+    given = tuple(k for k in RESUMABLE_CHANGES if getattr(args, k) is not None)
+    summary = finetune(fcfg, resume=args.resume, progress=not (args.quiet or args.json), changes=given)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"done: {summary['steps_run']} steps; final val top-1 {100 * summary['val_acc']:.2f}% "
+          f"(best {100 * summary['best_val_acc']:.2f}%) on {summary['num_val']} images")
+    print(f"checkpoint: {summary['checkpoint']}\nmetrics:    {summary['out']}/metrics.jsonl")
     return 0
 
 
@@ -237,7 +490,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gmae", description="Gaussian Masked Autoencoders")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_pretrain, add_reconstruct, add_info, add_export, add_bench):
+    for add in (add_pretrain, add_reconstruct, add_readouts, add_eval_zeroshot, add_ablate, add_info, add_export, add_bench,
+                add_probe, add_finetune):
         add(sub)
     return parser
 

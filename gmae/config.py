@@ -96,6 +96,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     max_bad_steps: int = 10  # consecutive non-finite losses (each step skipped) before giving up
     on_bad_image: str = "skip"  # unreadable image during training: "skip" (logged, counted) | "error"
+    init_encoder: str = ""  # fresh runs: encoder weights from this file (gmae.export.load_encoder); "" = random
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)

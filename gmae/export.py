@@ -1,64 +1,132 @@
-"""Export a checkpoint's weights to safetensors, and load such an export back.
+"""Export a checkpoint's weights for sharing, and load encoders back from gmae, timm and MAE files.
 
-An export holds only the model: its full ``state_dict`` (frozen parameters such
-as the sin-cos ``pos_embed`` included) as safetensors tensors, and in the
-safetensors metadata (string -> string)
+``--format safetensors`` (a *gmae export*) holds the whole model: its full
+``state_dict`` (frozen parameters such as the sin-cos ``pos_embed`` included) as
+safetensors tensors, and in the safetensors metadata (string -> string)
 
     {"format": "gmae-export", "version": "1",
      "gmae_model_config": <ModelConfig as JSON>, "step": "<training step>"}
 
 so that :func:`load_exported` rebuilds the model with no pickle, no optimizer
-state and no code execution. The ``gmae export CKPT --format safetensors --out
-FILE`` command is a thin wrapper around :func:`export_checkpoint`.
+state and no code execution.
+
+``--format timm`` holds only the encoder, under timm's ``VisionTransformer``
+parameter names (gmae's encoder already uses them; the ``encoder.`` prefix is
+dropped): ``cls_token``, ``pos_embed`` (1, 1 + N, D, the cls slot first, as in
+timm), ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``,
+``norm.*``. A ``.pth`` file is a plain dict of tensors (``torch.save``; loads with
+``weights_only=True``); a ``.safetensors`` file carries the metadata above with
+``"format": "timm-vit"``. There is no classifier, so create the timm model with
+``num_classes=0`` (or load with ``strict=False``)::
+
+    timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0,
+                      pretrained_cfg_overlay=dict(file="enc.safetensors", mean=(0, 0, 0), std=(1, 1, 1)))
+
+timm names of the presets' encoders: small = ``vit_small_patch16_224``, base =
+``vit_base_patch16_224``, large = ``vit_large_patch16_224``. No timm name has the
+``tiny`` preset's shape (64 px, patch 8, width 192, depth 6, 3 heads;
+``vit_tiny_patch16_224`` is 224 px, patch 16, depth 12): create
+``vit_tiny_patch16_224`` with ``img_size=64, patch_size=8, depth=6`` (timm's
+model functions take such overrides); :func:`timm_create_call` writes the call.
+gmae models take RGB images in [0, 1] *without* ImageNet mean/std
+normalisation, while timm's data config normalises by default: give
+``mean=(0, 0, 0), std=(1, 1, 1)`` as above, or feed the [0, 1] images yourself.
+
+:func:`load_encoder` reads an encoder from any of: a gmae training checkpoint, a
+gmae export, or a timm-named ViT state dict (``.safetensors``, or ``.pt``/``.pth``/
+``.bin`` read with ``torch.load(weights_only=True)``, bare or under ``"model"`` or
+``"state_dict"`` as in MAE's official checkpoints). :func:`init_encoder_weights`
+copies such an encoder into a model (``gmae pretrain --init-encoder FILE``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
 
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import configs_of, load_checkpoint
-from .config import ModelConfig, as_dict, config_from_dict
+from .config import PRESETS, ModelConfig, as_dict, config_from_dict
 from .errors import GMAEError
 
-__all__ = ["EXPORT_FORMAT", "FORMATS", "export_checkpoint", "load_exported", "read_export_metadata"]
+__all__ = ["EXPORT_FORMAT", "FORMATS", "TIMM_FORMAT", "export_checkpoint", "init_encoder_weights", "load_encoder",
+           "load_exported", "read_export_metadata", "timm_create_call", "timm_model_name"]
 
 EXPORT_FORMAT = "gmae-export"
+TIMM_FORMAT = "timm-vit"
 EXPORT_VERSION = "1"
 CONFIG_KEY = "gmae_model_config"
-#: Export formats and the file extension each requires.
-FORMATS = {"safetensors": ".safetensors"}
+#: Export formats and the file extensions each accepts.
+FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+#: Entries of MAE / timm checkpoints that are not the encoder and are dropped on load:
+#: MAE's decoder (``decoder_*``) and ``mask_token``, a classifier (``head.*``) and the
+#: norm after global pooling of MAE fine-tuned models (``fc_norm.*``).
+DROPPED = ("decoder", "mask_token", "head.", "fc_norm.")
+#: gmae presets whose encoder is exactly a standard timm ViT.
+TIMM_NAMES = {"small": "vit_small_patch16_224", "base": "vit_base_patch16_224", "large": "vit_large_patch16_224"}
+ENCODER_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+#: timm's vit_tiny_patch16_224, the base of the timm call for other shapes.
+_TIMM_TINY = {"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_ratio": 4.0,
+              "in_chans": 3}
 
 
-def _check_format(fmt: str) -> str:
+def _check_format(fmt: str) -> tuple[str, ...]:
     if fmt not in FORMATS:
         raise GMAEError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return FORMATS[fmt]
 
 
-def _check_extension(path: Path, ext: str, what: str) -> None:
-    if path.suffix.lower() != ext:
-        raise GMAEError(f"{what} {path} must end in {ext} (got {path.suffix or 'no extension'!r})")
+def _check_extension(path: Path, exts: tuple[str, ...], what: str) -> None:
+    if path.suffix.lower() not in exts:
+        raise GMAEError(f"{what} {path} must end in {' or '.join(exts)} (got {path.suffix or 'no extension'!r})")
+
+
+def timm_model_name(mcfg: ModelConfig) -> str | None:
+    """The timm model whose encoder has exactly `mcfg`'s shape (small/base/large presets), else None."""
+    for preset, name in TIMM_NAMES.items():
+        if (all(getattr(mcfg, k) == PRESETS[preset][k] for k in ENCODER_FIELDS)
+                and mcfg.mlp_ratio == 4.0 and mcfg.in_chans == 3):
+            return name
+    return None
+
+
+def timm_create_call(mcfg: ModelConfig, path: str | Path) -> str:
+    """A ``timm.create_model(...)`` call that loads a timm export of a `mcfg` encoder from `path`."""
+    name = timm_model_name(mcfg)
+    extra = ""
+    if name is None:  # a standard name with the shape given as overrides
+        name = "vit_tiny_patch16_224"
+        keys = (*ENCODER_FIELDS, "mlp_ratio", "in_chans")
+        extra = "".join(f", {k}={getattr(mcfg, k)}" for k in keys if getattr(mcfg, k) != _TIMM_TINY[k])
+    return (f"timm.create_model({name!r}, pretrained=True, num_classes=0{extra}, "
+            f"pretrained_cfg_overlay=dict(file={str(path)!r}, mean=(0, 0, 0), std=(1, 1, 1)))")
+
 
 
 def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: str = "safetensors") -> Path:
-    """Write the model of a gmae checkpoint to `out_path` as `fmt` (only "safetensors"); returns the path.
+    """Write the model of a gmae checkpoint to `out_path` as `fmt`; returns the path.
 
-    Every entry of the model's state_dict is written (frozen ``pos_embed``
-    included), each as its own contiguous copy (safetensors refuses tensors
-    that share memory). The file is written next to `out_path` and renamed
-    into place, so a crash never leaves a half-written export.
+    "safetensors": the whole model (every state_dict entry, frozen ``pos_embed``
+    included). "timm": the encoder only, under timm's names, as ``.safetensors``
+    or ``.pth`` (see the module docstring). Each tensor is its own contiguous
+    copy (safetensors refuses tensors that share memory). The file is written
+    next to `out_path` and renamed into place, so a crash never leaves a
+    half-written export.
     """
     from safetensors.torch import save_file
 
-    ext = _check_format(fmt)
+    exts = _check_format(fmt)
     out_path = Path(out_path)
-    _check_extension(out_path, ext, "export file")
+    _check_extension(out_path, exts, "export file")
     if out_path.is_dir():
-        raise GMAEError(f"export file {out_path} is a directory; give a file name ending in {ext}")
+        raise GMAEError(f"export file {out_path} is a directory; give a file name ending in {' or '.join(exts)}")
     state = load_checkpoint(checkpoint_path)
     mcfg, _ = configs_of(state)
     tensors = {}
@@ -66,8 +134,10 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
         if not isinstance(value, torch.Tensor):
             raise GMAEError(f"checkpoint {checkpoint_path} has a non-tensor model entry {name!r}; it is damaged")
         tensors[name] = value.detach().to("cpu").contiguous().clone()
+    if fmt == "timm":
+        tensors = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
     metadata = {
-        "format": EXPORT_FORMAT,
+        "format": EXPORT_FORMAT if fmt == "safetensors" else TIMM_FORMAT,
         "version": EXPORT_VERSION,
         CONFIG_KEY: json.dumps(as_dict(mcfg)),
         "step": str(int(state["step"])),
@@ -75,33 +145,50 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        if out_path.suffix.lower() == ".pth":
+            torch.save(tensors, tmp)
+        else:
+            save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return out_path
 
 
-def read_export_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a gmae safetensors export; GMAEError if `path` is not one."""
+def _safetensors_metadata(path: Path, what: str) -> dict[str, str]:
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001  not safetensors at all, or truncated
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise GMAEError(f"{what} {path} cannot be read as safetensors ({type(e).__name__}: {first}); "
+                        "it may be truncated") from None
+
+
+def read_export_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a gmae safetensors export; GMAEError if `path` is not one."""
     path = Path(path)
     if not path.exists():
         raise GMAEError(f"export {path} does not exist; give a .safetensors file written by gmae export")
     if not path.is_file():
         raise GMAEError(f"export {path} is not a file; give a .safetensors file written by gmae export")
     _check_extension(path, FORMATS["safetensors"], "export")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as e:  # not safetensors at all, or truncated
-        first = (str(e).splitlines() or [""])[0][:120]
-        raise GMAEError(f"export {path} cannot be read as safetensors ({type(e).__name__}: {first}); "
-                        "it may be truncated") from None
+    metadata = _safetensors_metadata(path, "export")
     if metadata.get("format") != EXPORT_FORMAT or CONFIG_KEY not in metadata:
         raise GMAEError(f"{path} is a safetensors file but not a gmae export (no '{CONFIG_KEY}' metadata)")
     return metadata
+
+
+def _config_of(metadata: dict[str, str], path) -> ModelConfig:
+    try:
+        values = json.loads(metadata[CONFIG_KEY])
+        if not isinstance(values, dict):
+            raise TypeError("not a JSON object")
+        return config_from_dict(ModelConfig, values)
+    except (ValueError, TypeError) as e:
+        raise GMAEError(f"export {path} has an unreadable model config ({e})") from None
 
 
 def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
@@ -110,14 +197,7 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
 
     from .model import build_model  # local: models import this module's neighbours
 
-    metadata = read_export_metadata(path)
-    try:
-        values = json.loads(metadata[CONFIG_KEY])
-        if not isinstance(values, dict):
-            raise ValueError("not a JSON object")
-        mcfg = config_from_dict(ModelConfig, values)
-    except (ValueError, TypeError) as e:
-        raise GMAEError(f"export {path} has an unreadable model config ({e})") from None
+    mcfg = _config_of(read_export_metadata(path), path)
     tensors = load_file(str(path), device="cpu")
     model = build_model(mcfg)
     try:
@@ -126,3 +206,163 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
         detail = " ".join(str(e).split())[:200]
         raise GMAEError(f"export {path} does not match its model config ({detail})") from None
     return model.to(map_location).eval(), mcfg
+
+
+# --------------------------------------------------------------------------- encoders from gmae, timm and MAE files
+
+
+def _torch_load(path: Path):
+    """`torch.load(weights_only=True)` with one-line errors."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
+            raise GMAEError(f"{path} was refused: it holds an object that would run code on load "
+                            "(weights_only=True); give a plain state dict of tensors") from None
+        raise GMAEError(f"{path} cannot be read: it is not a PyTorch file, or it is damaged") from None
+    except Exception as e:  # noqa: BLE001  truncated, empty, unreadable
+        detail = " ".join(str(e).split()).split(". ")[0][:120] or "no data"
+        raise GMAEError(f"{path} cannot be read ({type(e).__name__}: {detail}); it may be truncated") from None
+
+
+def _encoder_entries(sd, path: Path) -> dict[str, torch.Tensor]:
+    """The encoder entries of a timm / MAE / gmae state dict, under timm names (see DROPPED)."""
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise GMAEError(f"{path} does not hold a state dict of tensors (bare, or under 'model' or 'state_dict'); "
+                        "give a timm or MAE ViT checkpoint")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # saved from DistributedDataParallel
+    if any(k.startswith("encoder.") for k in sd):  # a whole gmae model
+        return {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
+    return {k: v for k, v in sd.items() if not k.startswith(DROPPED)}
+
+
+def _infer_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int | None) -> ModelConfig:
+    """The encoder's shape from the tensors' shapes (see :func:`load_encoder`)."""
+    missing = [k for k in ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.mlp.fc1.weight") if k not in sd]
+    if missing:
+        raise GMAEError(f"{path} is not a ViT state dict with timm's names: no {', '.join(missing)}")
+    w, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]
+    if w.ndim != 4 or w.shape[2] != w.shape[3]:
+        raise GMAEError(f"{path}: patch_embed.proj.weight {tuple(w.shape)} is not (D, C, p, p); only square patches load")
+    dim, chans, p = w.shape[0], w.shape[1], w.shape[2]
+    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[1] < 2 or pos.shape[2] != dim:
+        raise GMAEError(f"{path}: pos_embed {tuple(pos.shape)} is not (1, 1 + N, {dim})")
+    grid = math.isqrt(pos.shape[1] - 1)
+    if grid * grid != pos.shape[1] - 1:
+        why = ("has no cls slot (a ViT without a class-token position)" if math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]
+               else "is not a square grid of patches plus a cls slot")
+        raise GMAEError(f"{path}: pos_embed {tuple(pos.shape)} {why}; gmae's encoder needs (1, 1 + n*n, D)")
+    if num_heads is None:
+        if dim % 64:
+            raise GMAEError(f"{path}: width {dim} is not a multiple of 64, so the number of heads cannot be "
+                            "inferred; give num_heads")
+        num_heads = dim // 64  # every standard ViT (timm, MAE) has 64-dimensional heads
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    try:
+        return ModelConfig(img_size=grid * p, patch_size=p, in_chans=chans, embed_dim=dim, depth=depth,
+                           num_heads=num_heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+                           background=(1.0,) * chans)
+    except GMAEError as e:
+        raise GMAEError(f"{path}: {e}") from None
+
+
+def _build_encoder(sd: dict[str, torch.Tensor], mcfg: ModelConfig, path: Path):
+    from .model import ViTEncoder  # local: models import this module's neighbours
+
+    encoder = ViTEncoder(mcfg.img_size, mcfg.patch_size, mcfg.in_chans, mcfg.embed_dim, mcfg.depth,
+                         mcfg.num_heads, mcfg.mlp_ratio)
+    ours = encoder.state_dict()
+    missing, unexpected = [k for k in ours if k not in sd], [k for k in sd if k not in ours]
+    if missing or unexpected:
+        parts = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        hint = ("; an MAE fine-tuned checkpoint keeps its final norm as fc_norm (after pooling): give the "
+                "pre-training checkpoint" if "norm.weight" in missing else
+                "; give a plain ViT (no layer-scale, register tokens or other extras)")
+        raise GMAEError(f"{path} does not hold a gmae/timm ViT encoder: {'; '.join(parts)}{hint}")
+    for k, v in ours.items():
+        if sd[k].shape != v.shape:
+            raise GMAEError(f"{path}: {k} is {tuple(sd[k].shape)} but the encoder it describes needs {tuple(v.shape)}")
+    encoder.load_state_dict(sd, strict=True)
+    return encoder
+
+
+def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
+                 num_heads: int | None = None) -> tuple[torch.nn.Module, ModelConfig]:
+    """(ViTEncoder in eval mode on `map_location`, ModelConfig) read from `path`, which may be
+
+    (a) a gmae training checkpoint (``.pt``) or (b) a gmae safetensors export:
+        the encoder of the model, with the file's own config;
+    (c) a timm-named ViT state dict: a ``.safetensors`` file (a gmae timm export,
+        or timm's/Hugging Face's own), or a ``.pt``/``.pth``/``.bin`` file read with
+        ``torch.load(weights_only=True)``, bare or under ``"model"``/``"state_dict"``
+        (MAE's official checkpoints). Only the encoder's entries are kept:
+        ``decoder*``, ``mask_token``, ``head.*`` and ``fc_norm.*`` are dropped (a
+        fine-tuned MAE with global pooling has ``fc_norm`` instead of ``norm`` and is
+        refused). The architecture is read from the shapes: width D and patch p
+        from ``patch_embed.proj.weight`` (D, C, p, p), depth from the block count,
+        mlp_ratio from ``fc1``, the image size from ``pos_embed`` (1, 1 + n*n, D)
+        as n*p; the number of heads is D // 64 (every standard ViT has
+        64-dimensional heads) unless `num_heads` is given or the file is a gmae
+        export with its config. The ModelConfig's decoder fields are defaults.
+
+    Anything else (a missing key, a non-square grid, a ``pos_embed`` without a
+    cls slot, layer-scale, ...) is a one-line GMAEError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GMAEError(f"encoder file {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a "
+                        ".pt/.pth/.bin or .safetensors file")
+    suffix = path.suffix.lower()
+    mcfg = None
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        metadata = _safetensors_metadata(path, "encoder file")
+        if metadata.get("format") == EXPORT_FORMAT:
+            model, mcfg = load_exported(path)
+            return model.encoder.to(map_location).eval(), mcfg
+        if metadata.get("format") == TIMM_FORMAT and CONFIG_KEY in metadata:
+            mcfg = _config_of(metadata, path)
+        sd = load_file(str(path), device="cpu")
+    elif suffix in TORCH_SUFFIXES:
+        sd = _torch_load(path)
+        if isinstance(sd, dict) and sd.get("format") == CHECKPOINT_FORMAT:
+            mcfg, _ = configs_of(sd)
+            sd = sd["model"]
+        elif isinstance(sd, dict) and isinstance(sd.get("model", sd.get("state_dict")), dict):
+            sd = sd.get("model", sd.get("state_dict"))
+    else:
+        raise GMAEError(f"encoder file {path} must end in .safetensors, {', '.join(TORCH_SUFFIXES)} "
+                        f"(got {suffix or 'no extension'!r})")
+    sd = _encoder_entries(sd, path)
+    if mcfg is None:
+        mcfg = _infer_config(sd, path, num_heads)
+    elif num_heads is not None:
+        mcfg.num_heads = num_heads
+        try:
+            mcfg.validate()
+        except GMAEError as e:
+            raise GMAEError(f"{path}: {e}") from None
+    return _build_encoder(sd, mcfg, path).to(map_location).eval(), mcfg
+
+
+def init_encoder_weights(encoder: torch.nn.Module, path: str | Path) -> None:
+    """Copy the encoder read from `path` (see :func:`load_encoder`) into `encoder`, in place.
+
+    Every parameter must have the same shape in both; otherwise a one-line
+    GMAEError names the first that differs. The global RNG is left untouched.
+    """
+    heads = encoder.blocks[0].attn.num_heads if len(encoder.blocks) else None
+    with torch.random.fork_rng(devices=[]):  # building the loaded encoder draws random initial weights
+        theirs = load_encoder(path, num_heads=heads)[0].state_dict()
+    ours = encoder.state_dict()
+    for name in [*ours, *(k for k in theirs if k not in ours)]:
+        a = tuple(theirs[name].shape) if name in theirs else "absent"
+        b = tuple(ours[name].shape) if name in ours else "absent"
+        if a != b:
+            raise GMAEError(f"init-encoder {path} does not fit this run's encoder: {name} is {a} in the file "
+                            f"but {b} in the run; choose the file's architecture (preset, --img-size, --patch-size)")
+    with torch.no_grad():
+        for name, value in ours.items():
+            value.copy_(theirs[name])

@@ -24,6 +24,7 @@ from .checkpoint import checkpoint_path, configs_of, list_checkpoints, load_late
 from .config import ModelConfig, TrainConfig, as_dict
 from .data import SeededStream, StepBatchSampler, build_dataset
 from .errors import GMAEError
+from .export import init_encoder_weights
 from .model import build_model
 from .render import resolve_backend
 from .viz import save_reconstruction_figure
@@ -141,6 +142,8 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         start = state["step"]
+    elif tcfg.init_encoder:  # a fresh run whose encoder starts from another run's, timm's or MAE's weights
+        init_encoder_weights(model.encoder, tcfg.init_encoder)
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
     if tcfg.compile:
         net = torch.compile(net)

@@ -416,3 +416,17 @@ def test_photos():
     assert p.shuffle is False and len(p) >= 10**9
     # Different photos at consecutive g.
     assert not torch.equal(s[1], s[0])
+
+
+def test_digits_as_pretraining_data_is_the_unlabelled_train_split():
+    import numpy as np
+
+    from gmae.data import build_dataset
+    from gmae.data.labelled import load_digits
+
+    source = build_dataset("digits", 32)
+    train, val, _ = load_digits(32)
+    assert len(source) == len(train) == 1438 and source.shuffle
+    img = source.load(3, np.random.default_rng(0))  # augmented crop of train image 3
+    assert img.shape == (3, 32, 32) and 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    assert torch.equal(source.load(3), train[3][0])  # without an rng: the plain image

@@ -176,3 +176,19 @@ def test_gaussians_and_render_stay_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, cfg.num_patches))
     assert out.gaussians.means.dtype == torch.float32 and out.image.dtype == torch.float32
+
+
+def test_normpix_gmae_shows_its_render_in_image_space():
+    """With the norm-pix loss the render predicts normalised patches; Output.image undoes that (as MAE's does)."""
+    from gmae.loss import denormalize_patches
+
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", img_size=32, depth=1, decoder_depth=1, num_gaussians=16,
+                                     loss="masked_normpix")).eval()
+    imgs = torch.rand(2, 3, 32, 32)
+    out = model(imgs, masking_noise(0, 0, 2, model.cfg.num_patches))
+    render = model.render(out.gaussians)
+    p = model.cfg.patch_size
+    expected = unpatchify(denormalize_patches(patchify(render, p), patchify(imgs, p)), p, 3)
+    torch.testing.assert_close(out.image, expected)
+    assert not torch.allclose(out.image, render, atol=1e-3)

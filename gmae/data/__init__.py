@@ -181,9 +181,9 @@ class StepBatchSampler(Sampler):
 
 
 #: Built-in data names understood by :func:`build_dataset` (besides folder paths).
-DATA_NAMES = ("deadleaves", "photos")
+DATA_NAMES = ("deadleaves", "photos", "digits")
 _ALIASES = {"deadleaves": "deadleaves", "dead-leaves": "deadleaves", "dead_leaves": "deadleaves",
-            "photos": "photos", "skimage": "photos"}
+            "photos": "photos", "skimage": "photos", "digits": "digits"}
 
 
 def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "skip") -> ImageSource:
@@ -214,6 +214,10 @@ def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "ski
         return DeadLeaves(image_size, seed=_check_seed(seed))
     if key == "photos":
         return Photos(image_size)
+    if key == "digits":  # the train split's images, unlabelled (MAE's protocol: pre-train where you probe)
+        from gmae.data.labelled import load_digits
+
+        return load_digits(image_size, augment=True)[0]
     path = os.path.expanduser(name)
     if not os.path.exists(path) and os.sep not in name and "/" not in name and not name.startswith("."):
         raise GMAEError(f"unknown data {name!r}: use one of {', '.join(DATA_NAMES)} "

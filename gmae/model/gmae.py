@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..loss import reconstruction_loss
+from ..loss import denormalize_patches, reconstruction_loss
 from ..render.gaussians import Gaussians, render_gaussians
 from .mae import MAE, Output
-from .vit import init_weights, patchify
+from .vit import init_weights, patchify, unpatchify
 
 # The image spans 2 world units (x, y in (-1, 1)), so a world-unit scale s has an
 # on-screen standard deviation of s * W / 2 pixels. The authors' camera makes
@@ -85,5 +85,8 @@ class GMAE(MAE):
         gaussians = self.forward_decoder(latent, ids_restore)
         image = self.render(gaussians)  # (B, C, H, W)
         p = self.cfg.patch_size
-        loss = reconstruction_loss(patchify(image, p), patchify(imgs, p), mask, self.cfg.loss)
+        pred, target = patchify(image, p), patchify(imgs, p)
+        loss = reconstruction_loss(pred, target, mask, self.cfg.loss)
+        if self.cfg.loss == "masked_normpix":  # the render predicts normalised patches: show it in image space
+            image = unpatchify(denormalize_patches(pred.detach(), target), p, self.cfg.in_chans)
         return Output(loss, image.detach(), mask, gaussians)

@@ -1,0 +1,178 @@
+"""`gmae ablate`: the paper's ablations (c, mask ratio, loss, k) and MAE, at small scale, one command.
+
+Every variant pre-trains the `tiny` preset from the same seed on the same data
+for the same number of steps and batch (equal images seen; larger k costs more
+time, reported per run), changing one setting of the base run (c = 1, r = 0.75,
+masked loss, k = 128). Each run is then scored with
+
+* a linear probe and a kNN probe of its frozen encoder (`gmae.evaluate.probe`,
+  default data: scikit-learn's digits), and
+* masked-region PSNR: the reconstruction (in image space; un-normalised for
+  the norm-pix loss) against the image on the masked
+  patches of held-out dead-leaves images, at one fixed mask ratio (0.75) and
+  the same masks for every run, so runs trained at other ratios are compared
+  on the same task. PSNR = 10 log10(1 / MSE) over all masked pixels of the set.
+
+Runs live in ``OUT/NAME``; a finished run is not trained again, an interrupted
+one resumes, and scores are cached in ``OUT/NAME/scores.json``, so the command
+can be re-run (or extended with new variants) at no cost for what is done.
+The table is written to ``OUT/table.md`` and ``OUT/results.json``; it has one
+more row, the base architecture at its initial weights (what every
+pre-training must beat).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import list_checkpoints, load_checkpoint, load_model
+from .config import model_config, train_config
+from .errors import GMAEError
+
+PSNR_MASK_RATIO = 0.75
+PSNR_IMAGES = 256
+PSNR_SEED = 7  # masking noise of the PSNR images
+
+
+@dataclass
+class Variant:
+    name: str
+    setting: str  # the row label: what differs from the base run
+    overrides: dict = field(default_factory=dict)  # ModelConfig fields
+    paper: tuple[float | None, float | None] = (None, None)  # ImageNet ViT-B/16 fine-tune / linear, from the paper
+
+
+# The paper's figures (ViT-B/16, 400 epochs; DESIGN.md). The paper gives no numbers for k.
+GRID = [
+    Variant("base", "GMAE base: c=1, r=0.75, masked loss, k=128", {}, (83.2, 61.9)),
+    Variant("c0.5", "c = 0.5", {"max_scale": 0.5}, (82.7, 61.1)),
+    Variant("c2", "c = 2", {"max_scale": 2.0}, (83.1, 60.9)),
+    Variant("mask0.70", "r = 0.70", {"mask_ratio": 0.70}, (82.6, 60.2)),
+    Variant("mask0.80", "r = 0.80", {"mask_ratio": 0.80}, (82.4, 61.9)),
+    Variant("loss-all", "loss on all pixels", {"loss": "all"}, (81.8, 57.4)),
+    Variant("loss-normpix", "masked loss, per-patch normalised target", {"loss": "masked_normpix"}, (76.9, 31.7)),
+    Variant("k64", "k = 64", {"num_gaussians": 64}),
+    Variant("k256", "k = 256", {"num_gaussians": 256}),
+    Variant("k512", "k = 512", {"num_gaussians": 512}),
+    Variant("mae", "MAE (pixel decoder), masked loss", {"model": "mae"}, (83.0, None)),
+]
+VARIANTS = {v.name: v for v in GRID}
+
+
+def _finished(out: Path, steps: int) -> Path | None:
+    """The final checkpoint of a run that reached `steps`, else None."""
+    found = list_checkpoints(out)
+    if found and load_checkpoint(found[-1])["step"] >= steps:
+        return found[-1]
+    return None
+
+
+def pretrain_variant(variant: Variant, out: Path, steps: int | None, seed: int, data: str, progress: bool) -> Path:
+    """Train (or finish) one variant; returns its final checkpoint."""
+    from .train import pretrain
+
+    tcfg = train_config("tiny", out=str(out), seed=seed, data=data, steps=steps)
+    done = _finished(out, tcfg.steps)
+    if done is not None:
+        return done
+    pretrain(model_config("tiny", **variant.overrides), tcfg, resume=bool(list_checkpoints(out)), progress=progress)
+    return _finished(out, tcfg.steps)
+
+
+@torch.no_grad()
+def masked_psnr(model, images: int = PSNR_IMAGES, batch_size: int = 32) -> float:
+    """PSNR of the reconstruction on the masked patches of held-out dead-leaves images (see module doc)."""
+    from .data import DeadLeaves
+    from .evaluate.zeroshot import EVAL_SEED
+    from .model.vit import patchify
+
+    cfg = model.cfg
+    source = DeadLeaves(cfg.img_size, seed=EVAL_SEED)
+    generator = torch.Generator().manual_seed(PSNR_SEED)
+    squared, count = 0.0, 0.0
+    for start in range(0, images, batch_size):
+        imgs = torch.stack([source.load(i) for i in range(start, min(images, start + batch_size))])
+        noise = torch.rand(imgs.shape[0], cfg.num_patches, generator=generator)
+        out = model(imgs, noise, mask_ratio=PSNR_MASK_RATIO)
+        err = (patchify(out.image.clamp(0, 1), cfg.patch_size) - patchify(imgs, cfg.patch_size)) ** 2  # (B, N, p*p*C)
+        squared += float((err.mean(-1) * out.mask).sum())
+        count += float(out.mask.sum())
+    return 10.0 * math.log10(1.0 / (squared / count))
+
+
+def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = False) -> dict:
+    """Probe accuracies and masked PSNR of a run's final weights (or, `initial`, of the weights it started from)."""
+    from .evaluate.probe import probe
+
+    model, _, state = load_model(checkpoint, initial=initial)
+    scores = probe(model.encoder, probe_data, seed=seed, progress=False)
+    metrics = [json.loads(line) for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines() if line]
+    return {
+        "linear_acc": scores["linear_acc"], "knn_acc": scores["knn_acc"], "psnr": masked_psnr(model),
+        "final_loss": None if initial or not metrics else metrics[-1]["loss"],
+        "train_minutes": 0.0 if initial else sum(m.get("step_time", 0.0) for m in metrics) / 60.0,
+        "step": 0 if initial else state["step"], "checkpoint": str(checkpoint),
+    }
+
+
+def _cached_scores(run: Path, checkpoint: Path, probe_data: str, seed: int, initial: bool = False) -> dict:
+    cache = run / ("scores-init.json" if initial else "scores.json")
+    key = {"checkpoint": str(checkpoint), "probe_data": probe_data, "seed": seed}
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if cached.get("key") != key:
+        cached = {"key": key, "scores": score_variant(checkpoint, probe_data, seed, initial)}
+        cache.write_text(json.dumps(cached, indent=1))
+    return cached["scores"]
+
+
+def run_ablation(out: str | Path = "runs/ablate", names: list[str] | None = None, steps: int | None = None,
+                 seed: int = 0, data: str = "deadleaves", probe_data: str = "digits", evaluate: bool = True,
+                 progress: bool = True) -> list[dict]:
+    """Pre-train and score each variant (all of GRID by default); returns one row per variant."""
+    unknown = [n for n in names or [] if n not in VARIANTS]
+    if unknown:
+        raise GMAEError(f"unknown ablation variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    out = Path(out)
+    rows = []
+    for variant in [VARIANTS[n] for n in names] if names else GRID:
+        run = out / variant.name
+        start = time.time()
+        checkpoint = pretrain_variant(variant, run, steps, seed, data, progress)
+        row = {"name": variant.name, "setting": variant.setting, "paper_ft": variant.paper[0],
+               "paper_lin": variant.paper[1]}
+        if evaluate:
+            row.update(_cached_scores(run, checkpoint, probe_data, seed))
+        if progress:
+            print(f"{variant.name}: done in {time.time() - start:.0f} s", flush=True)
+        rows.append(row)
+        if evaluate and variant.name == "base":  # the floor every pre-training must beat
+            rows.append({"name": "init", "setting": "base architecture at initialisation (no pre-training)",
+                         "paper_ft": None, "paper_lin": None,
+                         **_cached_scores(run, checkpoint, probe_data, seed, initial=True)})
+    if evaluate:
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+        (out / "table.md").write_text(format_table(rows) + "\n")
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: our figures next to the paper's ImageNet column."""
+    def cell(value, fmt):
+        return "–" if value is None else format(value, fmt)
+
+    lines = ["| variant | linear acc | kNN acc | masked PSNR (dB) | train min | paper ft / lin (ViT-B, IN-1k) |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        paper = f"{cell(r['paper_ft'], '.1f')} / {cell(r['paper_lin'], '.1f')}"
+        lines.append(f"| {r['setting']} | {cell(r.get('linear_acc'), '.3f')} | {cell(r.get('knn_acc'), '.3f')} | "
+                     f"{cell(r.get('psnr'), '.2f')} | {cell(r.get('train_minutes'), '.1f')} | {paper} |")
+    return "\n".join(lines)
+
+
+__all__ = ["GRID", "VARIANTS", "Variant", "format_table", "masked_psnr", "run_ablation"]

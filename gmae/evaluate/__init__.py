@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot readout metrics and representation probes."""

@@ -1,0 +1,275 @@
+"""Zero-shot readouts on hand-made Gaussians whose layers, edges and figure are known."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gmae import zeroshot
+from gmae.config import model_config
+from gmae.errors import GMAEError
+from gmae.model import build_model
+from gmae.render.gaussians import Gaussians, render_gaussians
+
+SIZE = 32
+WHITE = torch.ones(3)
+
+
+def scene(zs=(0.5, -0.5), centres=((0.0, 0.0), (-0.5, -0.5)), sigmas=(0.5, 0.1), opacities=(0.99, 0.9),
+          colors=((1.0, 0.0, 0.0), (0.0, 0.0, 1.0))) -> Gaussians:
+    k = len(zs)
+    means = torch.tensor([[x, y, z] for (x, y), z in zip(centres, zs)]).unsqueeze(0)
+    scales = torch.tensor([[s, s, s] for s in sigmas]).unsqueeze(0)
+    quats = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * k).unsqueeze(0)
+    return Gaussians(means, scales, quats, torch.tensor(colors).unsqueeze(0), torch.tensor(opacities).unsqueeze(0))
+
+
+def random_scene(k=24, batch=2, seed=0) -> Gaussians:
+    g = torch.Generator().manual_seed(seed)
+    return Gaussians(
+        torch.rand(batch, k, 3, generator=g) * 2 - 1,
+        torch.rand(batch, k, 3, generator=g) * 0.2 + 0.02,
+        torch.nn.functional.normalize(torch.randn(batch, k, 4, generator=g), dim=-1),
+        torch.rand(batch, k, 3, generator=g),
+        torch.rand(batch, k, generator=g) * 0.9 + 0.05,
+    )
+
+
+CANVAS = zeroshot.Canvas(SIZE, SIZE, WHITE, "torch")
+
+
+def full_render(g: Gaussians) -> torch.Tensor:
+    return render_gaussians(g, SIZE, SIZE, WHITE, "torch")[0]
+
+
+def test_far_to_near_orders_by_descending_depth_stably():
+    g = scene(zs=(-0.5, 0.5, 0.5), centres=((0, 0), (0.1, 0), (0.2, 0)), sigmas=(0.1,) * 3, opacities=(0.5,) * 3,
+              colors=((1, 0, 0),) * 3)
+    ordered = zeroshot.far_to_near(g)
+    assert ordered.means[0, :, 0].tolist() == pytest.approx([0.1, 0.2, 0.0])  # ties keep index order
+
+
+def test_subset_render_equals_rendering_only_that_subset():
+    g = zeroshot.far_to_near(random_scene())
+    keep = torch.zeros(2, 1, g.num, dtype=torch.bool)
+    keep[0, 0, ::3] = True
+    keep[1, 0, 5:] = True
+    images, _ = zeroshot.render_subsets(g, keep, CANVAS)
+    for b, index in enumerate([torch.arange(0, g.num, 3), torch.arange(5, g.num)]):
+        one = Gaussians(*(t[b : b + 1] for t in (g.means, g.scales, g.quats, g.colors, g.opacities)))
+        expected = full_render(one.take(index.unsqueeze(0)))
+        torch.testing.assert_close(images[b, 0], expected[0], atol=1e-5, rtol=0)
+
+
+def test_partial_renders_and_layers_end_with_the_full_image():
+    g = zeroshot.far_to_near(random_scene(k=40))
+    counts, partial = zeroshot.partial_renders(g, CANVAS, counts=(8, 16, 64))
+    assert counts == [8, 16, 40] and partial.shape == (2, 3, 3, SIZE, SIZE)
+    torch.testing.assert_close(partial[:, -1], full_render(g), atol=1e-5, rtol=0)
+    cumulative, _ = zeroshot.layers(g, CANVAS, 4, cumulative=True)
+    torch.testing.assert_close(cumulative[:, -1], full_render(g), atol=1e-5, rtol=0)
+    # the first partial render is the 8 farthest Gaussians, i.e. the first group of 5 layers of 40
+    alone, _ = zeroshot.layers(g, CANVAS, 5)
+    torch.testing.assert_close(alone[:, 0], partial[:, 0], atol=1e-5, rtol=0)
+
+
+def test_group_ids_are_equal_consecutive_groups():
+    assert zeroshot.group_ids(10, 4).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert torch.bincount(zeroshot.group_ids(256, 32)).tolist() == [8] * 32
+    with pytest.raises(GMAEError, match="number of layers"):
+        zeroshot.group_ids(10, 11)
+
+
+def near_disc(threshold_alpha: float) -> np.ndarray:
+    """Pixels where the near Gaussian of `scene()` has alpha above threshold (analytic)."""
+    sigma2 = (0.1 * SIZE / 2) ** 2 + 0.3  # projected variance incl. the 0.3 px dilation
+    centre = (-0.5 + 1) / 2 * SIZE  # 8 px
+    c = np.arange(SIZE) + 0.5
+    d2 = (c[None, :] - centre) ** 2 + (c[:, None] - centre) ** 2
+    return 0.9 * np.exp(-0.5 * d2 / sigma2) > threshold_alpha
+
+
+def test_layer_index_marks_where_the_near_layer_changes_the_image():
+    g = zeroshot.far_to_near(scene())
+    cumulative, _ = zeroshot.layers(g, CANVAS, 2, cumulative=True)
+    index = zeroshot.layer_index(cumulative, WHITE, threshold=0.1)[0].numpy()
+    # Layer 1 (near, blue) changes red-on-white by > 0.1 wherever its alpha * |colour difference| > 0.1;
+    # blue over red differs by 1 in the red and blue channels, so: alpha > 0.1 (the far one is ~opaque there).
+    np.testing.assert_array_equal(index == 1, near_disc(0.1))
+    far = ~near_disc(0.1)
+    # elsewhere the far red Gaussian decides: it changed white by more than 0.1 near its centre, not in the corners
+    assert (index[far] == 0).any() and (index[far] == -1).any() and set(np.unique(index)) == {-1, 0, 1}
+    edges = zeroshot.edges(g, CANVAS, num_layers=2)[0].numpy()
+    expected = np.zeros_like(edges)
+    expected[:, :-1] |= index[:, :-1] != index[:, 1:]
+    expected[:-1, :] |= index[:-1, :] != index[1:, :]
+    np.testing.assert_array_equal(edges, expected)
+    assert edges.sum() > 10
+
+
+def test_figure_is_where_the_near_half_is_at_least_half_opaque():
+    figure, near = zeroshot.figure_ground(zeroshot.far_to_near(scene()), CANVAS, near_fraction=0.5)
+    np.testing.assert_array_equal(figure[0].numpy(), near_disc(0.5))
+    assert near.shape == (1, 3, SIZE, SIZE)
+    with pytest.raises(GMAEError, match="near fraction"):
+        zeroshot.figure_ground(zeroshot.far_to_near(scene()), CANVAS, near_fraction=1.0)
+
+
+def test_soft_edges_average_the_binary_maps():
+    g = zeroshot.far_to_near(random_scene(k=32))
+    soft, per_level = zeroshot.soft_edges(g, CANVAS, levels=(4, 8), thresholds=(0.1, 0.3))
+    expected = sum(zeroshot.edges(g, CANVAS, level, t).float() for level in (4, 8) for t in (0.1, 0.3)) / 4
+    torch.testing.assert_close(soft, expected)
+    assert set(per_level) == {4, 8} and torch.equal(per_level[8], zeroshot.edges(g, CANVAS, 8, 0.1))
+    assert 0 <= soft.min() and soft.max() <= 1 and soft.max() > 0
+
+
+def test_gaussians_of_a_model_and_refusal_of_mae():
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", img_size=32, num_gaussians=16, depth=1, decoder_depth=1))
+    imgs = torch.rand(2, 3, 32, 32)
+    g = zeroshot.gaussians_of(model, imgs)
+    assert g.means.shape == (2, 16, 3)
+    z = g.means[..., 2]
+    assert (z[:, :-1] >= z[:, 1:]).all()  # far to near
+    mae = build_model(model_config("tiny", model="mae", img_size=32, depth=1, decoder_depth=1))
+    with pytest.raises(GMAEError, match="MAE"):
+        zeroshot.gaussians_of(mae, imgs)
+
+
+def test_ellipse_prior_covers_half_the_image():
+    from gmae.evaluate.zeroshot import ellipse_prior
+
+    for h, w in ((64, 64), (90, 160)):
+        e = ellipse_prior(h, w)
+        assert e.mean() == pytest.approx(0.5, abs=0.02)
+        assert e[h // 2, w // 2] and not e[0, 0]
+    assert math.isclose(ellipse_prior(200, 200, area=0.25).mean(), 0.25, abs_tol=0.01)
+
+
+# --------------------------------------------------------------------------- commands
+
+FAST = ["--img-size", "32", "--patch-size", "8", "-k", "32", "--batch-size", "4", "--quiet", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from gmae.cli import main
+
+    root = tmp_path_factory.mktemp("zeroshot")
+    for model in ("gmae", "mae"):
+        assert main(["pretrain", *FAST, "--model", model, "--out", str(root / model)]) == 0
+    return {m: str(root / m / "checkpoint-0000002.pt") for m in ("gmae", "mae")}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, size in (("wide.jpg", (90, 50)), ("tall.png", (40, 70))):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / name)
+        paths.append(str(root / name))
+    return paths
+
+
+@pytest.mark.parametrize("command", ["layers", "edges", "segment", "gaussians"])
+def test_readout_commands_write_one_figure_per_image(command, checkpoints, photos, tmp_path, capsys):
+    from PIL import Image
+
+    from gmae.cli import main
+
+    assert main([command, *photos, "--checkpoint", checkpoints["gmae"], "--out", str(tmp_path)]) == 0
+    written = capsys.readouterr().out.split()
+    assert [p.rsplit("/", 1)[1] for p in written] == [f"wide_{command}.png", f"tall_{command}.png"]
+    for path in written:
+        width, height = Image.open(path).size
+        assert width > 2 * height > 100  # a row: input first, then the readouts
+
+
+def test_readout_of_an_mae_checkpoint_is_a_one_line_error(checkpoints, photos, tmp_path, capsys):
+    from gmae.cli import main
+
+    assert main(["layers", photos[0], "--checkpoint", checkpoints["mae"], "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "GMAE checkpoint" in err
+
+
+def test_eval_zeroshot_json_on_deadleaves(checkpoints, capsys):
+    import json
+
+    from gmae.cli import main
+
+    args = ["eval-zeroshot", "--checkpoint", checkpoints["gmae"], "--num-images", "3", "--json"]
+    assert main(args) == 0
+    trained = json.loads(capsys.readouterr().out)
+    for key in ("edge_ods", "edge_ois", "edge_ap", "fg_iou"):
+        assert 0.0 <= trained[key] <= 1.0
+    assert set(trained["baselines"]) == {"sobel", "canny", "ellipse"}
+    assert set(trained["baselines"]["ellipse"]) == {"fg_iou"} and "edge_ods" in trained["baselines"]["sobel"]
+    assert trained["num_images"] == 3 and not trained["random_init"]
+    assert main([*args, "--random-init"]) == 0
+    init = json.loads(capsys.readouterr().out)
+    assert init["random_init"] and init["baselines"] == trained["baselines"]  # same images, same truth
+    assert init["edge_ods"] != trained["edge_ods"] or init["fg_iou"] != trained["fg_iou"]
+
+
+def test_deadleaves_truth_is_the_generators():
+    from gmae.data import DeadLeaves
+    from gmae.evaluate.zeroshot import EVAL_SEED, items
+
+    stream, n = items("deadleaves", 48, num_images=2)
+    first = next(iter(stream))
+    sample = DeadLeaves(48, seed=EVAL_SEED).sample(0)
+    assert n == 2 and torch.equal(first.image, sample.image)
+    np.testing.assert_array_equal(first.boundaries[0], sample.boundaries.numpy())
+    leaves = sample.num_objects - 1
+    np.testing.assert_array_equal(first.figure, (sample.objects > leaves / 2).numpy())
+    assert 0 < first.figure.mean() < 1
+    with pytest.raises(GMAEError, match="unknown evaluation data"):
+        items("imagenet", 48)
+
+
+def test_eval_zeroshot_on_bsds_and_mask_layouts_scores_the_centre_square(checkpoints, tmp_path, capsys):
+    """Non-square images: truth and baselines are cropped with the image (a misplaced crop would score ~0)."""
+    import json
+
+    import scipy.io
+    from PIL import Image
+
+    from gmae.cli import main
+    from gmae.evaluate.zeroshot import ellipse_prior
+
+    # BSDS layout: a 200x300 image with one vertical step edge at column 150, annotated by two people.
+    bsds = tmp_path / "bsds"
+    (bsds / "images" / "test").mkdir(parents=True)
+    (bsds / "groundTruth" / "test").mkdir(parents=True)
+    image = np.full((200, 300, 3), 30, np.uint8)
+    image[:, 150:] = 220
+    Image.fromarray(image).save(bsds / "images" / "test" / "1.png")
+    edge = np.zeros((200, 300), np.uint8)
+    edge[:, 149] = 1
+    cell = np.empty((1, 2), dtype=object)
+    for k in range(2):
+        cell[0, k] = {"Segmentation": np.ones((200, 300), np.uint16), "Boundaries": edge}
+    scipy.io.savemat(bsds / "groundTruth" / "test" / "1.mat", {"groundTruth": cell})
+    assert main(["eval-zeroshot", "--checkpoint", checkpoints["gmae"], "--data", f"bsds:{bsds}", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert "fg_iou" not in scores and 0 <= scores["edge_ods"] <= 1
+    assert scores["baselines"]["sobel"]["edge_ods"] > 0.9
+
+    # Mask layout: a 120x200 image whose mask is the centred ellipse of its centre square.
+    masks = tmp_path / "masks"
+    (masks / "images").mkdir(parents=True)
+    (masks / "masks").mkdir()
+    Image.fromarray(np.zeros((120, 200, 3), np.uint8)).save(masks / "images" / "a.jpg")
+    mask = np.zeros((120, 200), bool)
+    mask[:, 40:160] = ellipse_prior(120, 120)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(masks / "masks" / "a.png")
+    assert main(["eval-zeroshot", "--checkpoint", checkpoints["gmae"], "--data", f"masks:{masks}", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert "edge_ods" not in scores and 0 <= scores["fg_iou"] <= 1
+    assert scores["baselines"]["ellipse"]["fg_iou"] == 1.0
