@@ -7,11 +7,12 @@ masked loss, k = 128). Each run is then scored with
 
 * a linear probe and a kNN probe of its frozen encoder (`gmae.evaluate.probe`,
   default data: scikit-learn's digits), and
-* masked-region PSNR: the reconstruction (in image space; un-normalised for
-  the norm-pix loss) against the image on the masked
+* masked-region PSNR: the reconstruction against the image on the masked
   patches of held-out dead-leaves images, at one fixed mask ratio (0.75) and
   the same masks for every run, so runs trained at other ratios are compared
   on the same task. PSNR = 10 log10(1 / MSE) over all masked pixels of the set.
+  Not given for the norm-pix loss: its render is of normalised patches, and
+  mapping it back to pixels takes the hidden patches' own mean and variance.
 
 Runs live in ``OUT/NAME``; a finished run is not trained again, an interrupted
 one resumes, and scores are cached in ``OUT/NAME/scores.json``, so the command
@@ -31,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import list_checkpoints, load_checkpoint, load_model
-from .config import model_config, train_config
+from .checkpoint import configs_of, list_checkpoints, load_checkpoint, load_model
+from .config import as_dict, model_config, train_config
 from .errors import GMAEError
 
 PSNR_MASK_RATIO = 0.75
@@ -73,15 +74,34 @@ def _finished(out: Path, steps: int) -> Path | None:
     return None
 
 
+def _check_same_run(out: Path, mcfg, tcfg) -> None:
+    """Refuse to reuse a run folder that holds a different run (other data, seed, setting or length)."""
+    found = list_checkpoints(out)
+    if not found:
+        return
+    saved_m, saved_t = configs_of(load_checkpoint(found[-1]))
+    saved_m.render_backend = mcfg.render_backend
+    wanted = {"model": as_dict(mcfg), "data": tcfg.data, "seed": tcfg.seed, "steps": tcfg.steps,
+              "batch_size": tcfg.batch_size}
+    have = {"model": as_dict(saved_m), "data": saved_t.data, "seed": saved_t.seed, "steps": saved_t.steps,
+            "batch_size": saved_t.batch_size}
+    differ = [key for key in wanted if wanted[key] != have[key]]
+    if differ:
+        raise GMAEError(f"{out} holds another run (its {', '.join(differ)} differ); "
+                        "give a new --out or delete the folder")
+
+
 def pretrain_variant(variant: Variant, out: Path, steps: int | None, seed: int, data: str, progress: bool) -> Path:
     """Train (or finish) one variant; returns its final checkpoint."""
     from .train import pretrain
 
+    mcfg = model_config("tiny", **variant.overrides)
     tcfg = train_config("tiny", out=str(out), seed=seed, data=data, steps=steps)
+    _check_same_run(out, mcfg, tcfg)
     done = _finished(out, tcfg.steps)
     if done is not None:
         return done
-    pretrain(model_config("tiny", **variant.overrides), tcfg, resume=bool(list_checkpoints(out)), progress=progress)
+    pretrain(mcfg, tcfg, resume=bool(list_checkpoints(out)), progress=progress)
     return _finished(out, tcfg.steps)
 
 
@@ -110,11 +130,14 @@ def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = 
     """Probe accuracies and masked PSNR of a run's final weights (or, `initial`, of the weights it started from)."""
     from .evaluate.probe import probe
 
-    model, _, state = load_model(checkpoint, initial=initial)
+    model, mcfg, state = load_model(checkpoint, initial=initial)
     scores = probe(model.encoder, probe_data, seed=seed, progress=False)
+    # A norm-pix model predicts normalised patches; showing them in image space needs the hidden
+    # patches' own mean and variance, i.e. part of the answer, so its PSNR is not comparable.
+    psnr = None if mcfg.loss == "masked_normpix" else masked_psnr(model)
     metrics = [json.loads(line) for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines() if line]
     return {
-        "linear_acc": scores["linear_acc"], "knn_acc": scores["knn_acc"], "psnr": masked_psnr(model),
+        "linear_acc": scores["linear_acc"], "knn_acc": scores["knn_acc"], "psnr": psnr,
         "final_loss": None if initial or not metrics else metrics[-1]["loss"],
         "train_minutes": 0.0 if initial else sum(m.get("step_time", 0.0) for m in metrics) / 60.0,
         "step": 0 if initial else state["step"], "checkpoint": str(checkpoint),

@@ -135,8 +135,14 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", initi
     # trained with gsplat on a GPU must still render on a laptop.
     mcfg.render_backend = "auto"
     if initial:
-        torch.manual_seed(tcfg.seed)
-    model = build_model(mcfg)
-    if not initial:
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
+            torch.manual_seed(tcfg.seed)
+            model = build_model(mcfg)
+        if tcfg.init_encoder:  # the run's encoder started from a file, as `gmae pretrain --init-encoder`
+            from .export import init_encoder_weights
+
+            init_encoder_weights(model.encoder, tcfg.init_encoder)
+    else:
+        model = build_model(mcfg)
         model.load_state_dict(state["model"])
     return model.to(map_location).eval(), mcfg, state

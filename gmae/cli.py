@@ -383,10 +383,21 @@ def add_probe(sub) -> None:
     p.add_argument("--k", type=_positive_int, default=20, help="kNN neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default 0.07)")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="feature-extraction batch (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="linear-probe (and --random-init) seed")
+    p.add_argument("--seed", type=int, default=0, help="linear-probe seed (and --random-init's for files "
+                   "that are not gmae checkpoints; a checkpoint's initial weights use its run's seed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_probe)
+
+
+def _run_seed(path: str, default: int) -> int:
+    """The seed a gmae checkpoint's run started from (its initial weights); `default` for other files."""
+    from .checkpoint import configs_of, load_checkpoint
+
+    try:
+        return configs_of(load_checkpoint(path))[1].seed
+    except GMAEError:
+        return default
 
 
 def cmd_probe(args) -> int:
@@ -396,7 +407,7 @@ def cmd_probe(args) -> int:
         raise GMAEError(f"temperature must be positive; got {args.temperature}")
     encoder, mcfg = load_encoder(args.checkpoint)
     if args.random_init:
-        encoder = random_encoder(mcfg, args.seed)
+        encoder = random_encoder(mcfg, _run_seed(args.checkpoint, args.seed))
     result = probe(encoder, args.data, batch_size=args.batch_size, device=args.device, pool=args.pool, k=args.k,
                    T=args.temperature, epochs=args.epochs, seed=args.seed, progress=not args.json)
     result.update(checkpoint=str(args.checkpoint), data=args.data, random_init=args.random_init)

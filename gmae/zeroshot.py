@@ -184,9 +184,10 @@ def edges(g: Gaussians, canvas: Canvas, num_layers: int = 16, threshold: float =
 
 
 def soft_edges(g: Gaussians, canvas: Canvas, levels=EDGE_LEVELS, thresholds=EDGE_THRESHOLDS):
-    """(B, H, W) float in [0, 1]: the binary edge maps averaged over levels x thresholds.
+    """-> (soft, per_level): soft (B, H, W) float in [0, 1], the binary edge maps averaged over
+    levels x thresholds (levels above k are left out; if all are, l = k is used).
 
-    Also returns {level: (B, H, W) bool edges at EDGE_THRESHOLD} when that threshold is among
+    per_level is {level: (B, H, W) bool edges at EDGE_THRESHOLD} when that threshold is among
     `thresholds` (the paper's per-level figures), else an empty dict.
     """
     levels = [int(level) for level in levels if level <= g.num] or [g.num]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce docs/zeroshot.md: pre-train the zero-shot model on dead-leaves (CPU, about 1 h on 2 idle cores),
+# Reproduce docs/zeroshot.md: pre-train the zero-shot model on dead-leaves (CPU, about 20 min on 2 idle cores),
 # score it and its initialisation with `gmae eval-zeroshot`, and draw the readouts of skimage photos.
 # Usage: scripts/zeroshot_results.sh [RUN_DIR]   (default runs/zeroshot; an interrupted run resumes)
 set -euo pipefail

@@ -80,5 +80,7 @@ def test_run_ablation_trains_scores_caches_and_tabulates(tmp_path, monkeypatch):
     monkeypatch.setattr(ablate, "score_variant", refuse)
     assert ablate.run_ablation(out, names=["base", "mae"], steps=2, probe_data=probe_data, progress=False) == rows
 
+    with pytest.raises(GMAEError, match=r"holds another run \(its seed differ\)"):
+        ablate.run_ablation(out, names=["base"], steps=2, seed=1, probe_data=probe_data, progress=False)
     with pytest.raises(GMAEError, match="unknown ablation variant 'c3'"):
         ablate.run_ablation(out, names=["c3"])

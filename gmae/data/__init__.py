@@ -190,7 +190,9 @@ def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "ski
     """The image source called ``name``.
 
     ``"deadleaves"``: :class:`DeadLeaves` (image_size, seed); ``"photos"``: the
-    scikit-image photos with random crops (:class:`Photos`); anything else is
+    scikit-image photos with random crops (:class:`Photos`); ``"digits"``: the
+    train split of scikit-learn's digits, unlabelled, with random resized crops
+    (:func:`gmae.data.labelled.load_digits`); anything else is
     the path of an image folder (:class:`ImageFolder`, using ``root/train`` if
     present).  ``seed`` only matters for dead-leaves (which images exist); the
     order and augmentation of every source come from the :class:`SeededStream`.

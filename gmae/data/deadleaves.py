@@ -54,13 +54,18 @@ _MAX_VERTS = 7
 
 
 def occlusion_boundaries(objects: np.ndarray | torch.Tensor):
-    """Boolean map, True where ``objects`` differs from the right or lower neighbour."""
-    is_torch = isinstance(objects, torch.Tensor)
-    obj = objects.numpy() if is_torch else np.asarray(objects)
-    b = np.zeros(obj.shape, dtype=bool)
+    """Boolean map, True where ``objects`` differs from the right or lower neighbour.
+
+    A torch tensor gives a torch tensor on its own device (the zero-shot edges run on GPUs too).
+    """
+    if isinstance(objects, torch.Tensor):
+        obj, b = objects, torch.zeros_like(objects, dtype=torch.bool)
+    else:
+        obj = np.asarray(objects)
+        b = np.zeros(obj.shape, dtype=bool)
     b[..., :, :-1] |= obj[..., :, :-1] != obj[..., :, 1:]
     b[..., :-1, :] |= obj[..., :-1, :] != obj[..., 1:, :]
-    return torch.from_numpy(b) if is_torch else b
+    return b
 
 
 @dataclass
