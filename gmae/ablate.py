@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import configs_of, list_checkpoints, load_checkpoint, load_model
+from .checkpoint import checkpoint_path, configs_of, list_checkpoints, load_latest, load_model
 from .config import as_dict, model_config, train_config
 from .errors import GMAEError
 
@@ -68,18 +68,18 @@ VARIANTS = {v.name: v for v in GRID}
 
 def _finished(out: Path, steps: int) -> Path | None:
     """The final checkpoint of a run that reached `steps`, else None."""
-    found = list_checkpoints(out)
-    if found and load_checkpoint(found[-1])["step"] >= steps:
-        return found[-1]
+    state = load_latest(out, warn=print)  # a damaged newest checkpoint falls back to the one before
+    if state is not None and state["step"] >= steps:
+        return checkpoint_path(out, state["step"])
     return None
 
 
 def _check_same_run(out: Path, mcfg, tcfg) -> None:
     """Refuse to reuse a run folder that holds a different run (other data, seed, setting or length)."""
-    found = list_checkpoints(out)
-    if not found:
+    state = load_latest(out, warn=lambda message: None)  # _finished reports a damaged checkpoint
+    if state is None:
         return
-    saved_m, saved_t = configs_of(load_checkpoint(found[-1]))
+    saved_m, saved_t = configs_of(state)
     saved_m.render_backend = mcfg.render_backend
     wanted = {"model": as_dict(mcfg), "data": tcfg.data, "seed": tcfg.seed, "steps": tcfg.steps,
               "batch_size": tcfg.batch_size}

@@ -84,3 +84,17 @@ def test_run_ablation_trains_scores_caches_and_tabulates(tmp_path, monkeypatch):
         ablate.run_ablation(out, names=["base"], steps=2, seed=1, probe_data=probe_data, progress=False)
     with pytest.raises(GMAEError, match="unknown ablation variant 'c3'"):
         ablate.run_ablation(out, names=["c3"])
+
+
+def test_a_damaged_final_checkpoint_is_trained_again(tmp_path, capsys):
+    from gmae.checkpoint import load_checkpoint
+
+    probe_data = make_labelled_folder(tmp_path / "labelled")
+    out = tmp_path / "ablate"
+    kwargs = dict(names=["k64"], steps=2, probe_data=probe_data, progress=False, evaluate=False)
+    ablate.run_ablation(out, **kwargs)
+    final = out / "k64" / "checkpoint-0000002.pt"
+    final.write_bytes(final.read_bytes()[:100])  # truncated, as by a crash mid-copy
+    ablate.run_ablation(out, **kwargs)
+    assert load_checkpoint(final)["step"] == 2
+    assert "checkpoint-0000002.pt cannot be read" in capsys.readouterr().out
