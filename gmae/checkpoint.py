@@ -56,8 +56,13 @@ def save_checkpoint(state: dict, path: str | Path, keep: int | None = None) -> P
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with `weights_only=True`; one clear GMAEError if it cannot be."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", fmt: str = FORMAT,
+                    kind: str = "gmae") -> dict:
+    """Load a checkpoint with `weights_only=True`; one clear GMAEError if it cannot be.
+
+    `fmt` is the marker the file must carry (pre-training's by default; fine-tuning
+    has its own), `kind` names such files in the messages.
+    """
     path = Path(path)
     if path.is_dir():
         inside = list_checkpoints(path)
@@ -83,8 +88,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise GMAEError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {detail}); it may be truncated or damaged"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise GMAEError(f"{path} is not a gmae checkpoint (no '{FORMAT}' marker)")
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise GMAEError(f"{path} is not a {kind} checkpoint (no '{fmt}' marker)")
     return state
 
 
@@ -106,15 +111,15 @@ def training_state(model, optimizer, step: int, model_cfg: dict, train_cfg: dict
     }
 
 
-def load_latest(out: str | Path, warn=print) -> dict | None:
-    """The newest readable checkpoint in `out` (None if there is none).
+def load_latest(out: str | Path, warn=print, load=load_checkpoint) -> dict | None:
+    """The newest checkpoint in `out` that `load` reads (None if there is none).
 
     A truncated or corrupt newest checkpoint is reported through `warn` and
     the next older one is tried, so a crash during a save costs one interval.
     """
     for path in reversed(list_checkpoints(out)):
         try:
-            return load_checkpoint(path)
+            return load(path)
         except GMAEError as e:
             warn(f"warning: {e}; trying an older checkpoint")
     return None

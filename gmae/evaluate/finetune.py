@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import pickle
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -46,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+from ..checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, load_latest, save_checkpoint
 from ..config import ModelConfig, as_dict, config_from_dict
 from ..data import StepBatchSampler
 from ..errors import GMAEError
@@ -223,21 +222,7 @@ def param_groups_lrd(model: ViTClassifier, weight_decay: float, layer_decay: flo
 
 def load_finetune_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A fine-tuning checkpoint, read with ``weights_only=True``; one-line GMAEError if it cannot be."""
-    path = Path(path)
-    if not path.is_file():
-        raise GMAEError(f"fine-tune checkpoint {path} does not exist; give a .pt file written by gmae finetune")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise GMAEError(f"checkpoint {path} was refused: it holds objects that would run code on load, "
-                        "or it is not a PyTorch checkpoint") from None
-    except Exception as e:  # noqa: BLE001 - truncated zip, empty file, ...: all "cannot be read"
-        detail = " ".join(str(e).split()).split(". ")[0][:120] or "no data"
-        raise GMAEError(f"checkpoint {path} cannot be read ({type(e).__name__}: {detail}); "
-                        "it may be truncated or damaged") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise GMAEError(f"{path} is not a gmae fine-tune checkpoint (no '{FORMAT}' marker)")
-    return state
+    return load_checkpoint(path, map_location, fmt=FORMAT, kind="gmae fine-tune")
 
 
 def load_finetuned(path: str | Path, map_location: str | torch.device = "cpu"):
@@ -247,15 +232,6 @@ def load_finetuned(path: str | Path, map_location: str | torch.device = "cpu"):
     model = build_classifier(mcfg, state["config"]["num_classes"])
     model.load_state_dict(state["model"])
     return model.to(map_location).eval(), mcfg, state
-
-
-def _latest(out: Path, warn) -> dict | None:
-    for path in reversed(list_checkpoints(out)):
-        try:
-            return load_finetune_checkpoint(path)
-        except GMAEError as e:
-            warn(f"warning: {e}; trying an older checkpoint")
-    return None
 
 
 # --------------------------------------------------------------------------- training
@@ -296,7 +272,7 @@ def finetune(fcfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     def warn(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
-    state = _latest(out, warn) if resume else None
+    state = load_latest(out, warn, load=load_finetune_checkpoint) if resume else None
     if resume and state is None:
         warn(f"no fine-tune checkpoint in {out}; starting from scratch")
     if not resume and list_checkpoints(out):
