@@ -32,7 +32,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_path, configs_of, list_checkpoints, load_latest, load_model
+from .checkpoint import (
+    checkpoint_path,
+    configs_of,
+    list_checkpoints,
+    load_latest,
+    load_model,
+)
 from .config import as_dict, model_config, train_config
 from .errors import GMAEError
 
@@ -66,19 +72,8 @@ GRID = [
 VARIANTS = {v.name: v for v in GRID}
 
 
-def _finished(out: Path, steps: int) -> Path | None:
-    """The final checkpoint of a run that reached `steps`, else None."""
-    state = load_latest(out, warn=print)  # a damaged newest checkpoint falls back to the one before
-    if state is not None and state["step"] >= steps:
-        return checkpoint_path(out, state["step"])
-    return None
-
-
-def _check_same_run(out: Path, mcfg, tcfg) -> None:
+def _check_same_run(out: Path, state: dict, mcfg, tcfg) -> None:
     """Refuse to reuse a run folder that holds a different run (other data, seed, setting or length)."""
-    state = load_latest(out, warn=lambda message: None)  # _finished reports a damaged checkpoint
-    if state is None:
-        return
     saved_m, saved_t = configs_of(state)
     saved_m.render_backend = mcfg.render_backend
     wanted = {"model": as_dict(mcfg), "data": tcfg.data, "seed": tcfg.seed, "steps": tcfg.steps,
@@ -97,12 +92,12 @@ def pretrain_variant(variant: Variant, out: Path, steps: int | None, seed: int, 
 
     mcfg = model_config("tiny", **variant.overrides)
     tcfg = train_config("tiny", out=str(out), seed=seed, data=data, steps=steps)
-    _check_same_run(out, mcfg, tcfg)
-    done = _finished(out, tcfg.steps)
-    if done is not None:
-        return done
-    pretrain(mcfg, tcfg, resume=bool(list_checkpoints(out)), progress=progress)
-    return _finished(out, tcfg.steps)
+    state = load_latest(out, warn=print)  # a damaged newest checkpoint falls back to the one before
+    if state is not None:
+        _check_same_run(out, state, mcfg, tcfg)
+        if state["step"] >= tcfg.steps:
+            return checkpoint_path(out, state["step"])
+    return Path(pretrain(mcfg, tcfg, resume=bool(list_checkpoints(out)), progress=progress)["checkpoint"])
 
 
 @torch.no_grad()

@@ -98,8 +98,7 @@ def gaussians_of(model, imgs: torch.Tensor, mask_ratio: float = 0.0, noise: torc
 
 def far_to_near(g: Gaussians) -> Gaussians:
     """The same Gaussians ordered farthest (largest z) first; ties in index order."""
-    order = torch.sort(-g.means[..., 2], dim=1, stable=True).indices
-    return g.take(order)
+    return g.sorted_by_depth(far_first=True)
 
 
 def group_ids(k: int, num_groups: int, device=None) -> torch.Tensor:
@@ -119,14 +118,15 @@ def render_subsets(g: Gaussians, keep: torch.Tensor, canvas: Canvas) -> tuple[to
     S = keep.shape[1]
 
     def repeat(t: torch.Tensor) -> torch.Tensor:  # (B, K, ...) -> (B * S, K, ...)
-        return t.unsqueeze(1).expand(B, S, *t.shape[1:]).reshape(B * S, *t.shape[1:])
+        return t.unsqueeze(1).expand(B, S, *t.shape[1:]).flatten(0, 1)
 
-    flat_keep = keep.reshape(B * S, K).to(g.opacities.dtype)
+    # Every subset holds all K Gaussians; the left-out ones get zero opacity.
+    opacities = (g.opacities.unsqueeze(1) * keep.to(g.opacities.dtype)).flatten(0, 1)  # (B * S, K)
+    means, scales, quats, colors = (repeat(t) for t in (g.means, g.scales, g.quats, g.colors))
     images, alphas = [], []
     for start in range(0, B * S, RENDER_CHUNK):
         rows = slice(start, start + RENDER_CHUNK)
-        sub = Gaussians(repeat(g.means)[rows], repeat(g.scales)[rows], repeat(g.quats)[rows],
-                        repeat(g.colors)[rows], repeat(g.opacities)[rows] * flat_keep[rows])
+        sub = Gaussians(means[rows], scales[rows], quats[rows], colors[rows], opacities[rows])
         image, alpha = render_gaussians(sub, canvas.height, canvas.width, canvas.background, canvas.backend)
         images.append(image)
         alphas.append(alpha)

@@ -167,18 +167,15 @@ class DeadLeaves:
 
     # ------------------------------------------------------------------ API
     def load(self, index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
-        """The image of ``index`` (float32 (3, H, W) in [0, 1]); ``rng`` is ignored."""
-        return self.sample(index).image
+        """The image of ``index`` (float32 (3, H, W) in [0, 1]); ``rng`` is ignored.
+
+        Training's path: only the image, none of :meth:`sample`'s ground truth.
+        """
+        return torch.from_numpy(self._render(index)[2])
 
     def sample(self, index: int) -> DeadLeavesSample:
         """Image ``index`` with its ground truth."""
-        index = int(index)
-        if index < 0:
-            raise IndexError(f"dead-leaves index must be non-negative, got {index}")
-        rng = np.random.default_rng([self.seed, index])
-        p = self._draw_scene(rng)
-        objects = self._paint(p)
-        image = self._shade(objects, p, rng)
+        p, objects, image = self._render(index)
         n = p["n"]
         obj_t = torch.from_numpy(objects)
         return DeadLeavesSample(
@@ -193,6 +190,16 @@ class DeadLeaves:
         )
 
     # ------------------------------------------------------------ internals
+    def _render(self, index: int) -> tuple[dict, np.ndarray, np.ndarray]:
+        """(scene parameters, object-id map, image) of ``index``."""
+        index = int(index)
+        if index < 0:
+            raise IndexError(f"dead-leaves index must be non-negative, got {index}")
+        rng = np.random.default_rng([self.seed, index])
+        p = self._draw_scene(rng)
+        objects = self._paint(p)
+        return p, objects, self._shade(objects, p, rng)
+
     def _draw_scene(self, rng: np.random.Generator) -> dict:
         """All random scene parameters, in units of the longer side (size independent)."""
         n = int(rng.integers(self.min_shapes, self.max_shapes + 1))

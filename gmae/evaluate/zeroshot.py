@@ -101,7 +101,9 @@ def items(data: str, size: int, num_images: int | None = None) -> tuple[Iterator
 
 
 def _grey(image: torch.Tensor) -> np.ndarray:
-    return (image.permute(1, 2, 0).numpy() @ np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)).astype(np.float64)
+    from skimage.color import rgb2gray
+
+    return rgb2gray(image.permute(1, 2, 0).numpy().astype(np.float64))
 
 
 def sobel_edges(image: torch.Tensor) -> np.ndarray:
