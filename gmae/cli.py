@@ -11,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import LOSSES, MODELS, PRESETS, TrainConfig, as_dict, model_config, train_config
+from .config import (
+    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, LOSSES, MODELS, PRESETS, TrainConfig, as_dict, model_config, train_config,
+)
 from .errors import GMAEError
 
 
@@ -80,6 +82,16 @@ def add_pretrain(sub) -> None:
     p.add_argument("--loss", default=None, choices=LOSSES, help="masked (default), all, masked_normpix")
     p.add_argument("--background", type=_background, default=None, help="render background: white (default), black, grey or R,G,B")
     p.add_argument("--render-backend", default=None, help="renderer backend: auto (default), torch, cpu, gsplat")
+    p.add_argument("--camera", default=None, choices=CAMERAS,
+                   help="projection of the Gaussians: orthographic (z only sorts), authors (the GMAE authors' "
+                        "legacy-gsplat camera: z changes on-screen size), pinhole (true perspective)")
+    p.add_argument("--depth-grad", default=None, choices=DEPTH_GRADS,
+                   help="depth-order gradient in the rasterizer: swap (z learns which of two overlapping "
+                        "Gaussians should be in front) or off (3DGS compositing; backends torch and cpu have it)")
+    p.add_argument("--depth-tau", type=float, default=None,
+                   help="temperature of the relaxed depth order, in depth units (default 0.1)")
+    p.add_argument("--depth-param", default=None, choices=DEPTH_PARAMS,
+                   help="z from the head: bounded 2*(sigmoid-0.5) (the authors') or linear (never saturates)")
     p.add_argument("--init-encoder", default=d.init_encoder, metavar="FILE",
                    help="start the encoder from FILE: a gmae checkpoint or export, or a timm / MAE ViT checkpoint "
                         "of the same shape (fresh runs only)")
@@ -93,7 +105,8 @@ def cmd_pretrain(args) -> int:
     mcfg = model_config(
         args.preset, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
         num_gaussians=args.num_gaussians, max_scale=args.max_scale, mask_ratio=args.mask_ratio,
-        loss=args.loss, background=args.background, render_backend=args.render_backend,
+        loss=args.loss, background=args.background, render_backend=args.render_backend, camera=args.camera,
+        depth_grad=args.depth_grad, depth_tau=args.depth_tau, depth_param=args.depth_param,
     )
     tcfg = train_config(
         args.preset, data=args.data, steps=args.steps, batch_size=args.batch_size, blr=args.blr,

@@ -13,6 +13,16 @@ from .errors import GMAEError
 
 MODELS = ("gmae", "mae")
 LOSSES = ("masked", "all", "masked_normpix")
+# The cameras of gmae.render.camera.CAMERAS (named here so that parsing a command
+# line needs no torch; a test keeps the two lists equal).
+CAMERAS = ("orthographic", "authors", "pinhole")
+# How the head's raw depth becomes z: "bounded" 2·(sigmoid − ½) in (−1, 1) (the
+# authors'), "linear" z = raw (never saturates; only the order and, for the
+# perspective cameras, z + 8 matter).
+DEPTH_PARAMS = ("bounded", "linear")
+# Depth learning signal from the rasterizer: "off" (3DGS compositing: depth only
+# sorts) or "swap" (the depth-order gradient of the relaxed swap of neighbours).
+DEPTH_GRADS = ("off", "swap")
 
 
 @dataclass
@@ -38,6 +48,10 @@ class ModelConfig:
     max_scale: float = 1.0  # c: scale = c * sigmoid(s); c = 1 -> largest std ~ W/16 pixels
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # authors' white
     render_backend: str = "auto"
+    camera: str = "orthographic"  # a name in CAMERAS (gmae.render.camera)
+    depth_param: str = "bounded"  # z parametrisation, see DEPTH_PARAMS
+    depth_grad: str = "off"  # see DEPTH_GRADS
+    depth_tau: float = 0.1  # temperature of the relaxed order (depth units) when depth_grad = "swap"
 
     def __post_init__(self) -> None:
         self.background = tuple(float(v) for v in self.background)
@@ -63,6 +77,12 @@ class ModelConfig:
             raise GMAEError(f"number of Gaussians must be at least 1; got {self.num_gaussians}")
         if not self.max_scale > 0:
             raise GMAEError(f"max scale c must be positive; got {self.max_scale}")
+        for name, allowed in (("camera", CAMERAS), ("depth_param", DEPTH_PARAMS), ("depth_grad", DEPTH_GRADS)):
+            if getattr(self, name) not in allowed:
+                raise GMAEError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}; "
+                                f"got {getattr(self, name)!r}")
+        if not self.depth_tau > 0:
+            raise GMAEError(f"depth-tau must be positive; got {self.depth_tau}")
         if len(self.background) != self.in_chans:
             raise GMAEError(f"background needs {self.in_chans} values; got {self.background}")
         for name in ("embed_dim", "decoder_embed_dim"):
@@ -172,10 +192,19 @@ def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
     return _with_preset(TrainConfig, TRAIN_PRESETS, preset, overrides)
 
 
+# What a field meant before it existed: a checkpoint written without it is read
+# with this value (not today's default), so that it builds the model it was.
+LEGACY_VALUES: dict[type, dict] = {
+    ModelConfig: {"camera": "orthographic", "depth_param": "bounded", "depth_grad": "off"},
+}
+
+
 def config_from_dict(cls, values: dict):
-    """Rebuild a config dataclass from a checkpoint's dict, ignoring unknown keys."""
+    """Rebuild a config dataclass from a checkpoint's dict, ignoring unknown keys;
+    fields the dict lacks take their LEGACY_VALUES (else the default)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    known = {**LEGACY_VALUES.get(cls, {}), **values}
+    return cls(**{k: v for k, v in known.items() if k in names})
 
 
 def as_dict(cfg) -> dict:
@@ -183,5 +212,5 @@ def as_dict(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "TRAIN_PRESETS", "model_config", "train_config",
-           "config_from_dict", "as_dict"]
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "DEPTH_PARAMS", "DEPTH_GRADS",
+           "model_config", "train_config", "config_from_dict", "as_dict"]

@@ -25,6 +25,27 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
     return (per_patch * mask).sum() / mask.sum().clamp_min(1)
 
 
+def pixel_curvature(mask: torch.Tensor, mode: str, patch_size: int, channels: int) -> torch.Tensor:
+    """∂²L/∂image² of `reconstruction_loss` for every pixel (the same for each channel): (B, H, W).
+
+    The loss is a weighted sum of squared errors, so its Hessian in the
+    rendered image is diagonal: 2 × the weight of each pixel element (MSE per
+    patch over p·p·C elements, then averaged over the masked patches, or over
+    all of them for "all"). The rasterizer's depth-order gradient needs it to
+    evaluate the exact loss change of a swap (see `gmae.render.rasterize`).
+
+    mask (B, N) 1 = masked patch, as `reconstruction_loss` gets it.
+    """
+    B, N = mask.shape
+    if mode == "all":
+        weight = torch.full_like(mask, 1.0 / (B * N))
+    else:
+        weight = mask / mask.sum().clamp_min(1)
+    per_patch = 2.0 * weight / (patch_size * patch_size * channels)  # (B, N)
+    grid = int(round(N**0.5))
+    return per_patch.view(B, grid, grid).repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+
+
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-patch zero mean, unit variance (MAE's norm_pix target)."""
     mean = patches.mean(dim=-1, keepdim=True)

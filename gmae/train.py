@@ -65,11 +65,12 @@ def masking_noise(seed: int, step: int, batch: int, num_patches: int) -> torch.T
 RESUMABLE_CHANGES = ("steps", "device", "checkpoint_every", "num_workers", "keep_checkpoints", "max_bad_steps")
 
 
-def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.Context, amp) -> tuple[float, bool]:
+def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.Context, amp):
     """One optimizer step over this process's share of the batch, in `accum_steps` micro-batches.
 
-    Returns the loss averaged over all processes and whether the step was
-    applied: a non-finite loss or gradient norm skips it on every process alike.
+    Returns the loss averaged over all processes, whether the step was
+    applied (a non-finite loss or gradient norm skips it on every process
+    alike), and the model's Output of the last micro-batch (for monitoring).
     """
     optimizer.zero_grad(set_to_none=True)
     micro = imgs.shape[0] // tcfg.accum_steps
@@ -81,9 +82,10 @@ def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.
         sync = net.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
         with sync:
             with amp:
-                loss = net(imgs[part], noise[part]).loss / tcfg.accum_steps
-            loss.backward()
-        loss_sum += loss.detach().float()
+                # The model scales its loss (and the curvature its depth-order gradient uses) by 1/K.
+                out = net(imgs[part], noise[part], loss_scale=1.0 / tcfg.accum_steps)
+            out.loss.backward()
+        loss_sum += out.loss.detach().float()
     loss_value = distributed.mean_across(loss_sum, ctx).item()
     # The gradient norm is always computed (clipping only when asked) so that a
     # finite loss with an inf/NaN gradient cannot reach the weights either.
@@ -93,7 +95,7 @@ def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.
         ok = math.isfinite(norm.item())
     if ok:
         optimizer.step()
-    return loss_value, ok
+    return loss_value, ok, out
 
 
 def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progress: bool = True,
@@ -129,7 +131,8 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
         raise GMAEError(f"batch size {tcfg.batch_size} must be a multiple of processes x accum-steps "
                         f"({ctx.world_size} x {tcfg.accum_steps})")
     if mcfg.model == "gmae":
-        resolve_backend(mcfg.render_backend, device)  # a bad name fails now, not mid-run
+        # A bad name, or a backend without the depth-order gradient the model asks for, fails now, not mid-run.
+        resolve_backend(mcfg.render_backend, device, depth_grad=mcfg.depth_grad != "off")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -172,7 +175,7 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
             imgs = imgs.to(device, non_blocking=True)
             # The global batch's masks, sliced like the samples (global_batch takes [rank::world]).
             noise = masking_noise(tcfg.seed, step, tcfg.batch_size, mcfg.num_patches)[ctx.rank :: ctx.world_size]
-            last_loss, applied = train_step(net, optimizer, imgs, noise.to(device), tcfg, ctx, amp)
+            last_loss, applied, output = train_step(net, optimizer, imgs, noise.to(device), tcfg, ctx, amp)
             bad_in_a_row = 0 if applied else bad_in_a_row + 1
             skipped += not applied
             if bad_in_a_row >= tcfg.max_bad_steps:
@@ -182,6 +185,9 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
             if ctx.is_main and (step % tcfg.log_every == 0 or step + 1 == tcfg.steps):
                 record = {"step": step, "loss": last_loss, "lr": lr, "step_time": round(dt, 5),
                           "imgs_per_s": round(tcfg.batch_size / dt, 2)}
+                # GMAE's collapse monitors (scales at their cap, depth spread, opacity), so that a
+                # collapse shows while it happens; computed after the timing, from this step's forward.
+                record.update({k: round(v, 5) for k, v in model.stats(output).items()})
                 if skipped:
                     record.update(skipped=not applied, skipped_total=skipped)
                 metrics.write(json.dumps(record) + "\n")

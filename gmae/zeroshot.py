@@ -51,18 +51,19 @@ RENDER_CHUNK = 64
 
 @dataclass
 class Canvas:
-    """Where Gaussians are rendered: the model's image size, background and backend."""
+    """Where Gaussians are rendered: the model's image size, background, backend and camera."""
 
     height: int
     width: int
     background: torch.Tensor | None = None  # (C,), None = black
     backend: str = "auto"
+    camera: str = "orthographic"  # a name in gmae.render.CAMERAS: the one the model was trained with
 
     @classmethod
     def of(cls, model) -> Canvas:
         require_gmae(model)
         size = model.cfg.img_size
-        return cls(size, size, model.background, model.cfg.render_backend)
+        return cls(size, size, model.background, model.cfg.render_backend, model.cfg.camera)
 
 
 def require_gmae(model) -> None:
@@ -127,7 +128,8 @@ def render_subsets(g: Gaussians, keep: torch.Tensor, canvas: Canvas) -> tuple[to
     for start in range(0, B * S, RENDER_CHUNK):
         rows = slice(start, start + RENDER_CHUNK)
         sub = Gaussians(means[rows], scales[rows], quats[rows], colors[rows], opacities[rows])
-        image, alpha = render_gaussians(sub, canvas.height, canvas.width, canvas.background, canvas.backend)
+        image, alpha = render_gaussians(sub, canvas.height, canvas.width, canvas.background, canvas.backend,
+                                        camera=canvas.camera)
         images.append(image)
         alphas.append(alpha)
     image, alpha = torch.cat(images), torch.cat(alphas)

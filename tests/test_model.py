@@ -3,9 +3,11 @@ import torch
 
 from gmae.config import ModelConfig, model_config
 from gmae.errors import GMAEError
-from gmae.loss import reconstruction_loss
+from gmae.config import CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, config_from_dict
+from gmae.loss import pixel_curvature, reconstruction_loss
 from gmae.model import GMAE, MAE, build_model, count_parameters, patchify, random_masking, unpatchify
-from gmae.model.gmae import SCALE_UNIT, gaussians_from_raw
+from gmae.model.gmae import gaussians_from_raw
+from gmae.render import CAMERAS as RENDER_CAMERAS
 from gmae.model.vit import sincos_pos_embed
 from gmae.train import masking_noise, param_groups
 
@@ -100,14 +102,107 @@ def test_forward_shapes(kind):
 
 def test_gaussian_activations():
     raw = torch.randn(2, 100, 14) * 5
-    g = gaussians_from_raw(raw, max_scale=2.0)
+    unit = RENDER_CAMERAS["orthographic"].scale_unit
+    g = gaussians_from_raw(raw, max_scale=2.0, scale_unit=unit)
     assert g.means.abs().max() < 1
-    assert torch.all(g.scales > 0) and torch.all(g.scales < 2.0 * SCALE_UNIT)
+    assert torch.all(g.scales > 0) and torch.all(g.scales < 2.0 * unit)
     assert torch.allclose(g.quats.norm(dim=-1), torch.ones(2, 100), atol=1e-6)
     for t in (g.colors, g.opacities):
         assert torch.all((t >= 0) & (t <= 1))
     # c = 1 gives a largest on-screen standard deviation of W/16 pixels (orthographic, image spans 2 units)
-    assert SCALE_UNIT * 1.0 * 224 / 2 == pytest.approx(224 / 16)
+    assert unit * 1.0 * 224 / 2 == pytest.approx(224 / 16)
+    # the linear depth is the raw output itself: unbounded, never saturating
+    linear = gaussians_from_raw(raw, max_scale=2.0, scale_unit=unit, depth="linear")
+    assert torch.equal(linear.means[..., 2], raw[..., 2]) and torch.equal(linear.means[..., :2], g.means[..., :2])
+
+
+def test_config_cameras_are_the_render_registry():
+    # config.py names them without importing torch; the two lists must not drift apart
+    assert set(CAMERAS) == set(RENDER_CAMERAS)
+
+
+HEAD_OUTPUTS = {"x": [0], "y": [1], "z": [2], "scale": [3, 4, 5], "rotation": [6, 7, 8, 9],
+                "colour": [10, 11, 12], "opacity": [13]}
+
+
+@pytest.mark.parametrize("camera", CAMERAS)
+@pytest.mark.parametrize("depth_grad", DEPTH_GRADS)
+@pytest.mark.parametrize("depth_param", DEPTH_PARAMS)
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_every_gaussian_output_learns(camera, depth_grad, depth_param, backend):
+    """Every output of the Gaussian head gets a gradient from the loss, except z with the
+    orthographic camera and no depth-order gradient: there depth only sorts, and sorting has no
+    derivative (the defect this test exists to catch, kept visible rather than hidden)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL, camera=camera, depth_grad=depth_grad, depth_param=depth_param, render_backend=backend,
+                      max_scale=4.0)
+    model = GMAE(cfg)
+    from gmae.data import DeadLeaves
+
+    source = DeadLeaves(32, seed=0)
+    imgs = torch.stack([source.load(i, None) for i in range(4)])
+    model(imgs, masking_noise(0, 0, 4, cfg.num_patches)).loss.backward()
+    grad = model.gaussian_head.weight.grad.abs().sum(dim=1)  # (14,) one row per raw output
+    for name, rows in HEAD_OUTPUTS.items():
+        dead = name == "z" and camera == "orthographic" and depth_grad == "off"
+        for r in rows:
+            if dead:
+                assert grad[r] == 0, (name, r)
+            else:
+                assert grad[r] > 0, (name, r)
+
+
+@pytest.mark.parametrize("mode", ["masked", "all", "masked_normpix"])
+def test_pixel_curvature_is_the_loss_hessian(mode):
+    """The loss is separable per pixel element, so its Hessian is diagonal: H·1 is its diagonal."""
+    B, p, C, grid = 2, 4, 3, 3
+    pred = torch.rand(B, C, grid * p, grid * p, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(B, C, grid * p, grid * p, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0, 1, 0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0, 1]], dtype=torch.float64)
+    loss = reconstruction_loss(patchify(pred, p), patchify(target, p), mask, mode)
+    (g,) = torch.autograd.grad(loss, pred, create_graph=True)
+    (diag,) = torch.autograd.grad(g.sum(), pred)
+    h = pixel_curvature(mask, mode, p, C)
+    assert h.shape == (B, grid * p, grid * p)
+    torch.testing.assert_close(h[:, None].expand_as(diag), diag)
+
+
+def test_loss_scale_scales_loss_and_depth_gradient_alike():
+    """Gradient accumulation passes loss_scale = 1/K: every gradient, the depth-order one included, scales by it."""
+    cfg = ModelConfig(**SMALL, depth_grad="swap", max_scale=4.0)
+    torch.manual_seed(0)
+    model = GMAE(cfg)
+    imgs, noise = torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, cfg.num_patches)
+    grads = []
+    for scale in (1.0, 0.25):
+        model.zero_grad()
+        model(imgs, noise, loss_scale=scale).loss.backward()
+        grads.append(model.gaussian_head.weight.grad.clone())
+    torch.testing.assert_close(grads[1], 0.25 * grads[0])
+
+
+def test_checkpoint_configs_without_the_new_fields_keep_their_old_meaning():
+    """A checkpoint written before the camera existed is orthographic with a bounded depth and no
+    depth-order gradient, whatever today's defaults are."""
+    old = {k: v for k, v in ModelConfig().__dict__.items() if k not in ("camera", "depth_param", "depth_grad", "depth_tau")}
+    cfg = config_from_dict(ModelConfig, old)
+    assert (cfg.camera, cfg.depth_param, cfg.depth_grad) == ("orthographic", "bounded", "off")
+    assert config_from_dict(ModelConfig, {**old, "camera": "authors"}).camera == "authors"
+
+
+def test_collapse_statistics():
+    from gmae.model.gmae import gaussian_stats
+    from gmae.render.gaussians import Gaussians
+
+    unit = RENDER_CAMERAS["orthographic"].scale_unit
+    scales = torch.tensor([[[1.0, 0.5, 0.995], [0.1, 0.2, 0.3]]]) * unit  # c = 1: 2 of 6 at >= 99% of c
+    means = torch.tensor([[[0.0, 0.0, -1.0], [0.0, 0.0, 0.995]]])
+    g = Gaussians(means, scales, torch.ones(1, 2, 4), torch.rand(1, 2, 3), torch.tensor([[0.2, 0.6]]))
+    stats = gaussian_stats(g, max_scale=1.0, scale_unit=unit)
+    assert stats["scale_at_cap"] == pytest.approx(2 / 6)
+    assert stats["depth_spread"] == pytest.approx(torch.tensor([-1.0, 0.995]).std().item())
+    assert stats["depth_at_limit"] == pytest.approx(1.0)
+    assert stats["opacity_mean"] == pytest.approx(0.4)
 
 
 def test_gmae_queries_are_independent_of_mask_count():
@@ -141,6 +236,8 @@ def test_weight_decay_groups():
 @pytest.mark.parametrize("value,setting", [
     (dict(num_gaussians=0), "number of Gaussians"), (dict(mask_ratio=1.0), "mask ratio"),
     (dict(img_size=30), "multiple of the patch size"), (dict(max_scale=-1), "max scale"),
+    (dict(camera="fisheye"), "camera must be one of"), (dict(depth_grad="maybe"), "depth-grad must be one of"),
+    (dict(depth_tau=0.0), "depth-tau must be positive"),
     (dict(loss="l1"), "loss"),
 ])
 def test_impossible_settings_are_refused(value, setting):

@@ -5,8 +5,12 @@ Differences from MAE (`gmae.model.mae`), all in the decoder:
     k query tokens], each query = the shared mask token + its own embedding;
   * the k query outputs go through a linear head to 14 numbers each
     (position 3, scale 3, rotation 4, colour 3, opacity 1), see `gaussians_from_raw`;
-  * the Gaussians are rendered with a fixed orthographic camera and the loss is
-    MSE between the render and the image on the masked patches' pixels.
+  * the Gaussians are rendered with a fixed camera (`ModelConfig.camera`, see
+    `gmae.render.camera`) and the loss is MSE between the render and the image
+    on the masked patches' pixels;
+  * optionally (`ModelConfig.depth_grad = "swap"`), the rasterizer gives the
+    depths the depth-order gradient, for which the render needs the loss's
+    per-pixel curvature (`gmae.loss.pixel_curvature`).
 """
 
 from __future__ import annotations
@@ -15,16 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..loss import denormalize_patches, reconstruction_loss
+from ..loss import denormalize_patches, pixel_curvature, reconstruction_loss
+from ..render.camera import get_camera
 from ..render.gaussians import Gaussians, render_gaussians
 from .mae import MAE, Output
 from .vit import init_weights, patchify, unpatchify
-
-# The image spans 2 world units (x, y in (-1, 1)), so a world-unit scale s has an
-# on-screen standard deviation of s * W / 2 pixels. The authors' camera makes
-# c = 1 correspond to a largest standard deviation of about W / 16 pixels, so
-# one unit of c is 1/8 of a world unit.
-SCALE_UNIT = 1.0 / 8.0
 
 # Initial std of each query's own embedding. Queries carry no position, so this
 # random embedding is their only identity: at MAE's 0.02 every query reads the
@@ -34,10 +33,18 @@ SCALE_UNIT = 1.0 / 8.0
 QUERY_INIT_STD = 1.0
 
 
-def gaussians_from_raw(raw: torch.Tensor, max_scale: float) -> Gaussians:
-    """raw (B, K, 11 + C) decoder outputs -> activated Gaussians (the activations of the authors' code)."""
+def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, depth: str = "bounded") -> Gaussians:
+    """raw (B, K, 11 + C) decoder outputs -> activated Gaussians (the activations of the authors' code).
+
+    scale_unit: world units per unit of c, the camera's (`Camera.scale_unit`:
+    c = 1 gives a largest on-screen std of about W/16 pixels on every camera).
+    depth: "bounded" z = 2·(sigmoid − ½) like x and y (the authors'), or
+    "linear" z = raw (never saturates).
+    """
     position = 2.0 * (torch.sigmoid(raw[..., 0:3]) - 0.5)  # (-1, 1)^3
-    scale = max_scale * torch.sigmoid(raw[..., 3:6]) * SCALE_UNIT  # (0, c/8) world units
+    if depth == "linear":
+        position = torch.cat([position[..., :2], raw[..., 2:3]], dim=-1)
+    scale = max_scale * torch.sigmoid(raw[..., 3:6]) * scale_unit  # (0, c) scale units
     rotation = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)  # unit quaternion (w, x, y, z)
     color = torch.sigmoid(raw[..., 10:-1])  # [0, 1], like the target image
     opacity = torch.sigmoid(raw[..., -1])
@@ -47,6 +54,7 @@ def gaussians_from_raw(raw: torch.Tensor, max_scale: float) -> Gaussians:
 class GMAE(MAE):
     def build_head(self) -> None:
         cfg = self.cfg
+        self.camera = get_camera(cfg.camera)
         d = cfg.decoder_embed_dim
         # Each query's own embedding; the shared part is MAE's mask token.
         self.query_embed = nn.Parameter(torch.zeros(1, cfg.num_gaussians, d))
@@ -69,24 +77,66 @@ class GMAE(MAE):
         # Keep only the k query outputs; float32 even under bf16 autocast, where
         # positions would otherwise snap to steps of up to a pixel.
         raw = self.gaussian_head(x[:, n1:, :]).float()  # (B, k, 11 + C)
-        return gaussians_from_raw(raw, self.cfg.max_scale)
+        return gaussians_from_raw(raw, self.cfg.max_scale, self.camera.scale_unit, self.cfg.depth_param)
 
-    def render(self, gaussians: Gaussians) -> torch.Tensor:
-        """(B, C, H, W) render of `gaussians` on the configured background."""
+    @property
+    def depth_tau(self) -> float:
+        """The rasterizer's depth-order temperature while training (0: no depth-order gradient)."""
+        return self.cfg.depth_tau if self.cfg.depth_grad == "swap" else 0.0
+
+    def render(self, gaussians: Gaussians, loss_curvature: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) render of `gaussians` on the configured background.
+
+        loss_curvature (B, H, W): given while training with the depth-order
+        gradient (see `gmae.loss.pixel_curvature`); None renders without it.
+        """
         size = self.cfg.img_size
+        tau = self.depth_tau if loss_curvature is not None and torch.is_grad_enabled() else 0.0
         with torch.autocast(gaussians.means.device.type, enabled=False):  # splatting stays in float32
-            image, _ = render_gaussians(gaussians, size, size, self.background, self.cfg.render_backend)
+            image, _ = render_gaussians(gaussians, size, size, self.background, self.cfg.render_backend,
+                                        camera=self.cfg.camera, depth_tau=tau,
+                                        loss_curvature=loss_curvature if tau > 0 else None)
         return image
 
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None) -> Output:
-        """imgs (B, C, H, W) in [0, 1]; noise (B, N) optional masking noise."""
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None,
+                loss_scale: float = 1.0) -> Output:
+        """imgs (B, C, H, W) in [0, 1]; noise (B, N) optional masking noise.
+
+        loss_scale multiplies the loss (gradient accumulation passes 1/K), and
+        with it the curvature the depth-order gradient uses, so the two stay consistent.
+        """
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.encoder(imgs, ratio, noise)
         gaussians = self.forward_decoder(latent, ids_restore)
-        image = self.render(gaussians)  # (B, C, H, W)
         p = self.cfg.patch_size
+        curvature = None
+        if self.depth_tau > 0:  # the loss's curvature per pixel, known before rendering (it only needs the mask)
+            curvature = pixel_curvature(mask, self.cfg.loss, p, self.cfg.in_chans) * loss_scale
+        image = self.render(gaussians, curvature)  # (B, C, H, W)
         pred, target = patchify(image, p), patchify(imgs, p)
-        loss = reconstruction_loss(pred, target, mask, self.cfg.loss)
+        loss = reconstruction_loss(pred, target, mask, self.cfg.loss) * loss_scale
         if self.cfg.loss == "masked_normpix":  # the render predicts normalised patches: show it in image space
             image = unpatchify(denormalize_patches(pred.detach(), target), p, self.cfg.in_chans)
         return Output(loss, image.detach(), mask, gaussians)
+
+    def stats(self, out: Output) -> dict[str, float]:
+        """Collapse monitors of a forward pass's Gaussians (see `gaussian_stats`)."""
+        return gaussian_stats(out.gaussians, self.cfg.max_scale, self.camera.scale_unit)
+
+
+@torch.no_grad()
+def gaussian_stats(g: Gaussians, max_scale: float, scale_unit: float) -> dict[str, float]:
+    """Collapse monitors of a batch of Gaussians (logged by `gmae pretrain` in metrics.jsonl).
+
+    scale_at_cap: fraction of scale entries at >= 99% of their largest value c;
+    depth_spread: std of z over each image's Gaussians, averaged over images;
+    depth_at_limit: fraction of z within 1% of the bounded range's ends (|z| >= 0.99);
+    opacity_mean: mean opacity.
+    """
+    z = g.means[..., 2].float()
+    return {
+        "scale_at_cap": (g.scales >= 0.99 * max_scale * scale_unit).float().mean().item(),
+        "depth_spread": z.std(dim=1).mean().item() if z.shape[1] > 1 else 0.0,
+        "depth_at_limit": (z.abs() >= 0.99).float().mean().item(),
+        "opacity_mean": g.opacities.float().mean().item(),
+    }

@@ -71,13 +71,15 @@ class MAE(nn.Module):
         return self.decoder_pred(x[:, 1:, :])  # drop cls
 
     # ------------------------------------------------------------------ forward
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None) -> Output:
-        """imgs (B, C, H, W) in [0, 1]; noise (B, N) optional masking noise; mask_ratio overrides the config's."""
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None,
+                loss_scale: float = 1.0) -> Output:
+        """imgs (B, C, H, W) in [0, 1]; noise (B, N) optional masking noise; mask_ratio overrides the config's;
+        loss_scale multiplies the loss (gradient accumulation passes 1/K)."""
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.encoder(imgs, ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)  # (B, N, p*p*C)
         target = patchify(imgs, self.cfg.patch_size)
-        loss = reconstruction_loss(pred, target, mask, self.cfg.loss)
+        loss = reconstruction_loss(pred, target, mask, self.cfg.loss) * loss_scale
         with torch.no_grad():  # back to image space for display
             if self.cfg.loss == "masked_normpix":
                 pred_px = denormalize_patches(pred, target)
@@ -85,6 +87,10 @@ class MAE(nn.Module):
                 pred_px = pred
             image = unpatchify(pred_px, self.cfg.patch_size, self.cfg.in_chans)
         return Output(loss, image, mask)
+
+    def stats(self, out: Output) -> dict[str, float]:
+        """Monitors logged beside the loss (GMAE: its Gaussians' collapse statistics; MAE: none)."""
+        return {}
 
 
 __all__ = ["MAE", "Output"]

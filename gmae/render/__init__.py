@@ -2,14 +2,20 @@
 
 Public entry points:
 
-* :func:`project_orthographic` — 3D Gaussians (means, scales, quats) to
-  screen-space (means2d, conics, depths).
+* :func:`project` (and :data:`CAMERAS`) — 3D Gaussians (means, scales, quats)
+  to screen-space (means2d, conics, depths) with a camera chosen by name
+  (``orthographic``, ``authors``, ``pinhole``; see :mod:`gmae.render.camera`).
 * :func:`rasterize` — alpha-composite screen-space Gaussians into images, with
   a choice of backend. Every backend implements the same contract (see
   :mod:`gmae.render.reference`, the oracle) and the same signature::
 
       fn(means2d, conics, colors, opacities, depths, height, width,
-         background=None, max_alpha=0.99) -> (image (B,C,H,W), alpha (B,H,W))
+         background=None, max_alpha=0.99, depth_tau=0.0, loss_curvature=None)
+         -> (image (B,C,H,W), alpha (B,H,W))
+
+  ``depth_tau > 0`` asks for the depth-order gradient (see
+  :func:`gmae.render.reference.depth_pair_gradient`); the backends in
+  :data:`DEPTH_GRAD_BACKENDS` have it, the others refuse it.
 
 Backends live in :data:`BACKENDS`. ``"torch"`` (the pure-PyTorch reference) is
 always there; optional ones (``"cpu"``, a numba kernel in
@@ -27,12 +33,23 @@ import torch
 from torch import Tensor
 
 from gmae.errors import GMAEError
-from gmae.render.project import project_orthographic, quat_to_rotmat
+from gmae.render.camera import (
+    CAMERAS, Camera, get_camera, project, project_authors, project_orthographic, project_pinhole, quat_to_rotmat,
+    register_camera,
+)
 from gmae.render.reference import rasterize_torch, validate_inputs
 
 __all__ = [
     "BACKENDS",
+    "CAMERAS",
+    "Camera",
+    "DEPTH_GRAD_BACKENDS",
+    "get_camera",
+    "project",
+    "project_authors",
     "project_orthographic",
+    "project_pinhole",
+    "register_camera",
     "quat_to_rotmat",
     "rasterize",
     "rasterize_torch",
@@ -53,14 +70,21 @@ _OPTIONAL_BACKENDS: dict[str, tuple[str, str]] = {
     "gsplat": ("gmae.render.cuda", "rasterize_gsplat"),
 }
 _UNAVAILABLE: set[str] = set()
-_LOGGED: set[tuple[str, str]] = set()
+_LOGGED: set[tuple[str, str, bool]] = set()
+
+#: Backends that implement the depth-order gradient (``depth_tau > 0``).
+DEPTH_GRAD_BACKENDS: set[str] = {"torch", "cpu"}
 
 
-def register_backend(name: str, fn: RasterizeFn) -> None:
-    """Add (or replace) a rasterize backend under ``name``."""
+def register_backend(name: str, fn: RasterizeFn, depth_grad: bool = False) -> None:
+    """Add (or replace) a rasterize backend under ``name``; ``depth_grad``: it implements ``depth_tau > 0``."""
     if name == "auto":
         raise GMAEError("'auto' is reserved and cannot name a render backend")
     BACKENDS[name] = fn
+    if depth_grad:
+        DEPTH_GRAD_BACKENDS.add(name)
+    else:
+        DEPTH_GRAD_BACKENDS.discard(name)
 
 
 def _available(name: str) -> bool:
@@ -93,26 +117,34 @@ def _valid_names() -> list[str]:
     return ["auto", *sorted(names)]
 
 
-def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+def resolve_backend(backend: str, device: torch.device | str = "cpu", depth_grad: bool = False) -> str:
     """Map a backend request to a registered backend name.
 
     ``"auto"`` picks ``"gsplat"`` on CUDA if registered, ``"cpu"`` on CPU if
-    available, else ``"torch"``; the choice is logged once (logger
-    ``"gmae.render"``). Unknown names raise :class:`GMAEError`.
+    available, else ``"torch"``; with ``depth_grad`` only backends in
+    :data:`DEPTH_GRAD_BACKENDS` qualify (so on CUDA it is ``"torch"``, and the
+    log line says what was passed over). The choice is logged once (logger
+    ``"gmae.render"``). Unknown names, and a backend without the depth-order
+    gradient when it is asked for, raise :class:`GMAEError`.
     """
     device = torch.device(device)
     if backend == "auto":
-        if device.type == "cuda" and _available("gsplat"):
+        if device.type == "cuda" and _available("gsplat") and not depth_grad:
             name = "gsplat"
         elif device.type == "cpu" and _available("cpu"):
             name = "cpu"
         else:
             name = "torch"
-        if (name, device.type) not in _LOGGED:
-            _LOGGED.add((name, device.type))
-            logger.info("render backend 'auto' -> %r for %s tensors", name, device.type)
+        if (name, device.type, depth_grad) not in _LOGGED:
+            _LOGGED.add((name, device.type, depth_grad))
+            passed_over = (" (gsplat has no depth-order gradient)"
+                           if depth_grad and device.type == "cuda" and _available("gsplat") else "")
+            logger.info("render backend 'auto' -> %r for %s tensors%s", name, device.type, passed_over)
         return name
     if isinstance(backend, str) and _available(backend):
+        if depth_grad and backend not in DEPTH_GRAD_BACKENDS:
+            raise GMAEError(f"render backend {backend!r} has no depth-order gradient; use one of "
+                            f"{', '.join(sorted(DEPTH_GRAD_BACKENDS))} (or auto), or turn the depth gradient off")
         return backend
     raise GMAEError(
         f"unknown or unavailable render backend {backend!r}; valid: {', '.join(_valid_names())}"
@@ -130,6 +162,8 @@ def rasterize(
     background: Tensor | None = None,
     backend: str = "auto",
     max_alpha: float = 0.99,
+    depth_tau: float = 0.0,
+    loss_curvature: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Render screen-space Gaussians front to back.
 
@@ -145,14 +179,23 @@ def rasterize(
         background: None (no background term), (C,) or (B, C).
         backend: "auto", "torch", or another name in :data:`BACKENDS`.
         max_alpha: clamp on each α (0.99 as in 3DGS).
+        depth_tau: 0 (default): depths only order the Gaussians and get no
+            gradient, as in 3DGS. > 0: depths get the depth-order gradient
+            (for each pixel's consecutive contributors, the gradient of the
+            loss change their swap would cause, with the order relaxed as
+            σ(Δz/depth_tau); see :func:`gmae.render.reference.depth_pair_gradient`).
+            The forward pass is unchanged.
+        loss_curvature: (B, H, W), ∂²L/∂image² per pixel (the same for every
+            channel; 2·w for a loss Σ w·(image − target)²); needed with depth_tau > 0.
 
     Returns:
         image (B, C, H, W) = Σ cᵢαᵢTᵢ + T_final·background and
         alpha (B, H, W) = 1 - T_final. Differentiable in means2d, conics,
-        colors, opacities and background (not depths).
+        colors, opacities and background, and in depths when depth_tau > 0.
     """
-    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha)
-    name = resolve_backend(backend, means2d.device)
+    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha,
+                    depth_tau, loss_curvature)
+    name = resolve_backend(backend, means2d.device, depth_grad=depth_tau > 0)
     return BACKENDS[name](
         means2d,
         conics,
@@ -163,4 +206,5 @@ def rasterize(
         width=width,
         background=background,
         max_alpha=max_alpha,
+        **({"depth_tau": depth_tau, "loss_curvature": loss_curvature} if depth_tau > 0 else {}),
     )

@@ -339,19 +339,29 @@ def _forward_kernel(params, geo, box, gid, tile_start, consts, xs, ys, bg,
 
 @njit(parallel=True, cache=True, fastmath=False)
 def _backward_kernel(params, geo, box, gid, tile_start, consts, xs, ys, bg,
-                     tiles_x, tiles_y, trans, count, grad_image, grad_alpha, buf):
+                     tiles_x, tiles_y, trans, count, grad_image, grad_alpha, buf,
+                     depths, curvature, tau):
     """Per-intersection gradients, one (image, tile) pair per task.
 
     grad_image (B, C, H, W), grad_alpha (B, H, W) in dtype. Writes buf
-    (n_isect, 6+C) float64 (zero-initialised), laid out like params:
-    d/d(mx, my, a, b, c, o, colours). Each row is written by the single task
-    owning its tile, so no atomics and a fixed summation order.
+    (n_isect, 6+C+1) float64 (zero-initialised), laid out like params and
+    then the depth: d/d(mx, my, a, b, c, o, colours, depth). Each row is
+    written by the single task owning its tile, so no atomics and a fixed
+    summation order.
 
     Going back to front from the last contributor, with R the colour
     "behind" Gaussian i (R starts at the background) and T_i = T_{i+1}/(1-a_i):
       dout/dalpha_i   = T_i (c_i - R),   R <- a_i c_i + (1 - a_i) R
       dalpha_out/da_i = T_final / (1 - a_i)
     and alpha_i = o G, G = exp(-q/2): d/do = G, d/dq = -alpha/2 (unless clamped).
+
+    With tau > 0 (depths (N,) float64, curvature (B, H, W) the loss's second
+    derivative per pixel), the depth-order gradient of the torch oracle
+    (`gmae.render.reference.depth_pair_gradient`): the walk meets each pixel's
+    contributors back to front, so the previous one met at a pixel is the
+    next contributor j behind the current i; for that pair
+    dC = T_i a_i a_j (c_j - c_i), dL = g.dC + h |dC|^2 / 2, p = sigmoid((z_j - z_i)/tau)
+    and z_i += p (1 - p) dL / tau, z_j -= the same (j's row is in this tile's list).
     """
     half = consts[0]
     alpha_min = consts[1]
@@ -359,6 +369,7 @@ def _backward_kernel(params, geo, box, gid, tile_start, consts, xs, ys, bg,
     one = consts[4]
     zero = one - one
     n_ch = params.shape[1] - N_GEOM
+    z_col = N_GEOM + n_ch
     height = ys.shape[0]
     width = xs.shape[0]
     n_tiles = tiles_x * tiles_y
@@ -370,6 +381,8 @@ def _backward_kernel(params, geo, box, gid, tile_start, consts, xs, ys, bg,
         g_out = np.zeros((n_ch, TILE * TILE), params.dtype)  # dL/dout
         g_a_t = np.zeros(TILE * TILE, params.dtype)  # dL/dalpha_out * T_final
         cnt = np.zeros(TILE * TILE, np.int32)
+        pair_j = np.full(TILE * TILE, -1, np.int32)  # list slot of the contributor behind, -1: none yet
+        pair_a = np.zeros(TILE * TILE, params.dtype)  # its alpha
         n_last = 0
         for y in range(y0, y1):
             for x in range(x0, x1):
@@ -400,6 +413,7 @@ def _backward_kernel(params, geo, box, gid, tile_start, consts, xs, ys, bg,
             g_b = 0.0
             g_c = 0.0
             g_o = 0.0
+            g_z = 0.0
             g_col[:] = 0.0
             for y in range(max(y0, box[g, 2]), min(y1 - 1, box[g, 3]) + 1):
                 lo, hi = _row_span(geo, g, y + 0.5, max(x0, box[g, 0]), min(x1 - 1, box[g, 1]))
@@ -418,6 +432,25 @@ def _backward_kernel(params, geo, box, gid, tile_start, consts, xs, ys, bg,
                     one_m = one - alpha
                     t = t_run[p] / one_m  # T before this Gaussian
                     t_run[p] = t
+                    if tau > 0.0:
+                        if pair_j[p] >= 0:
+                            j_row = start + pair_j[p]
+                            gj = gid[j_row]
+                            w_pair = t * alpha * pair_a[p]
+                            d_lin = 0.0
+                            d_sq = 0.0
+                            for ch in range(n_ch):
+                                dc = w_pair * (params[gj, N_GEOM + ch] - params[g, N_GEOM + ch])
+                                d_lin += g_out[ch, p] * dc
+                                d_sq += dc * dc
+                            change = d_lin + 0.5 * curvature[b, y, x] * d_sq
+                            u = min(max((depths[gj] - depths[g]) / tau, -60.0), 60.0)
+                            pz = 1.0 / (1.0 + math.exp(-u))
+                            s_pair = pz * (1.0 - pz) / tau * change
+                            g_z += s_pair
+                            buf[j_row, z_col] -= s_pair
+                        pair_j[p] = jj
+                        pair_a[p] = alpha
                     d_alpha = zero
                     for ch in range(n_ch):
                         go = g_out[ch, p]
@@ -444,14 +477,16 @@ def _backward_kernel(params, geo, box, gid, tile_start, consts, xs, ys, bg,
             buf[j, P_O] = g_o
             for ch in range(n_ch):
                 buf[j, N_GEOM + ch] = g_col[ch]
+            buf[j, z_col] += g_z  # += : pairs nearer in the list add to this row later
 
 
 @njit(cache=True, fastmath=False)
 def _reduce_grads(buf, gid, n_gauss, n_ch, dtype_like):
     """Sum per-intersection rows into per-Gaussian gradients.
 
-    buf (n_isect, 6+C) float64, gid (n_isect,). Returns d_means (N, 2),
-    d_conics (N, 3), d_colors (N, C), d_opacities (N,) in dtype_like's dtype.
+    buf (n_isect, 6+C+1) float64, gid (n_isect,). Returns d_means (N, 2),
+    d_conics (N, 3), d_colors (N, C), d_opacities (N,), d_depths (N,) in
+    dtype_like's dtype.
     Serial on purpose: the fixed list order makes the sums bitwise
     reproducible, and this O(n_isect) pass is cheap next to the kernels.
     """
@@ -465,7 +500,9 @@ def _reduce_grads(buf, gid, n_gauss, n_ch, dtype_like):
     d_conics = np.empty((n_gauss, 3), dt)
     d_colors = np.empty((n_gauss, n_ch), dt)
     d_opac = np.empty(n_gauss, dt)
+    d_depth = np.empty(n_gauss, dt)
     for g in range(n_gauss):
+        d_depth[g] = acc[g, N_GEOM + n_ch]
         d_means[g, 0] = acc[g, P_MX]
         d_means[g, 1] = acc[g, P_MY]
         d_conics[g, 0] = acc[g, P_A]
@@ -474,7 +511,7 @@ def _reduce_grads(buf, gid, n_gauss, n_ch, dtype_like):
         d_opac[g] = acc[g, P_O]
         for ch in range(n_ch):
             d_colors[g, ch] = acc[g, N_GEOM + ch]
-    return d_means, d_conics, d_colors, d_opac
+    return d_means, d_conics, d_colors, d_opac, d_depth
 
 
 # --------------------------------------------------------------------------
@@ -509,7 +546,7 @@ def _dtypes(*tensors) -> tuple[torch.dtype, type]:
 class _RasterizeCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, depths, background,
-                height, width, max_alpha):
+                height, width, max_alpha, depth_tau, loss_curvature):
         n_img, k, n_ch = colors.shape
         n = n_img * k
         out_dtype, dt = _dtypes(means2d, conics, colors, opacities, background)
@@ -545,6 +582,10 @@ class _RasterizeCPU(torch.autograd.Function):
 
         ctx.kernel_args = (params, geo, box, gid, tile_start, consts, xs, ys, bg,
                            tiles_x, tiles_y, trans, count)
+        # the depth-order gradient's extra inputs (unused when depth_tau is 0)
+        ctx.depth_tau = depth_tau
+        ctx.depth_args = ((depths64.reshape(n), _numpy(loss_curvature, dt)) if depth_tau > 0
+                          else (np.zeros(1), np.zeros((1, 1, 1), dt)))
         ctx.shared_bg = background is not None and background.dim() == 1
         ctx.in_dtypes = [t.dtype if t is not None else None
                          for t in (means2d, conics, colors, opacities, depths, background)]
@@ -560,18 +601,21 @@ class _RasterizeCPU(torch.autograd.Function):
         n_img, n_ch = bg.shape
         dt = params.dtype.type
         g_img = _numpy(grad_image, dt)
-        grads = [None] * 9
+        grads = [None] * 11
+        tau = ctx.depth_tau if ctx.needs_input_grad[4] else 0.0
 
-        if any(ctx.needs_input_grad[:4]):
-            buf = np.zeros((gid.shape[0], params.shape[1]), np.float64)
-            _backward_kernel(*args, g_img, _numpy(grad_alpha, dt), buf)
-            d_means, d_conics, d_colors, d_opac = _reduce_grads(
+        if any(ctx.needs_input_grad[:4]) or tau > 0:
+            buf = np.zeros((gid.shape[0], params.shape[1] + 1), np.float64)
+            _backward_kernel(*args, g_img, _numpy(grad_alpha, dt), buf, *ctx.depth_args, float(tau))
+            d_means, d_conics, d_colors, d_opac, d_depth = _reduce_grads(
                 buf, gid, params.shape[0], n_ch, params)
             k = params.shape[0] // n_img
             grads[:4] = [torch.from_numpy(d_means).view(n_img, k, 2),
                          torch.from_numpy(d_conics).view(n_img, k, 3),
                          torch.from_numpy(d_colors).view(n_img, k, n_ch),
                          torch.from_numpy(d_opac).view(n_img, k)]
+            if tau > 0:
+                grads[4] = torch.from_numpy(d_depth).view(n_img, k)
         if ctx.needs_input_grad[5]:
             # d out / d bg = T_final, summed over pixels (and images if shared)
             g_bg = np.einsum("bhw,bchw->bc", trans, g_img, dtype=np.float64)
@@ -579,12 +623,12 @@ class _RasterizeCPU(torch.autograd.Function):
         device = grad_image.device
         return tuple(
             g.to(device, dtype) if g is not None else None
-            for g, dtype in zip(grads, ctx.in_dtypes + [None] * 3)
+            for g, dtype in zip(grads, ctx.in_dtypes + [None] * 5)
         )
 
 
 def rasterize_cpu(means2d, conics, colors, opacities, depths, *, height, width,
-                  background=None, max_alpha=0.99):
+                  background=None, max_alpha=0.99, depth_tau=0.0, loss_curvature=None):
     """Tiled, differentiable CPU splatting of 2D Gaussians (3DGS conventions).
 
     means2d (B, K, 2) pixel coordinates, x right, y down, pixel centres at i + 0.5;
@@ -593,9 +637,10 @@ def rasterize_cpu(means2d, conics, colors, opacities, depths, *, height, width,
     ties in index order; background None, (C,) or (B, C).
     Returns image (B, C, H, W) and alpha (B, H, W) = 1 - final transmittance.
     Differentiable in means2d, conics, colors, opacities and background; the
-    depths only order the Gaussians (no gradient).
+    depths only order the Gaussians, and get the depth-order gradient when
+    depth_tau > 0 (with loss_curvature (B, H, W); see `gmae.render.rasterize`).
     """
     validate_inputs(means2d, conics, colors, opacities, depths, height, width,
-                    background, max_alpha)
+                    background, max_alpha, depth_tau, loss_curvature)
     return _RasterizeCPU.apply(means2d, conics, colors, opacities, depths, background,
-                               height, width, float(max_alpha))
+                               height, width, float(max_alpha), float(depth_tau), loss_curvature)

@@ -44,9 +44,14 @@ def rasterize_gsplat(
     width: int,
     background: Tensor | None = None,
     max_alpha: float = 0.99,
+    depth_tau: float = 0.0,
+    loss_curvature: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as `gmae.render.rasterize`; CUDA float32 tensors only."""
+    """Same contract as `gmae.render.rasterize`; CUDA float32 tensors only; no depth-order gradient."""
     global _warned
+    if depth_tau > 0:
+        raise GMAEError("the gsplat backend has no depth-order gradient (depth_tau > 0); use render backend "
+                        "torch on CUDA (or cpu on the CPU), or turn the depth gradient off")
     if means2d.device.type != "cuda":
         raise GMAEError("the gsplat backend needs CUDA tensors; use render backend cpu or torch on the CPU")
     if max_alpha != GSPLAT_MAX_ALPHA and not _warned:

@@ -2,7 +2,7 @@
 
 The decoder emits `Gaussians`; training renders all of them, the zero-shot
 readouts render depth-sorted subsets. Both go through `render_gaussians`, which
-is the fixed orthographic camera (`project_orthographic`) followed by the
+is the model's camera (`gmae.render.camera.project`) followed by the
 rasterizer.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .project import project_orthographic
+from .camera import project
 from . import rasterize
 
 
@@ -62,10 +62,18 @@ def render_gaussians(
     width: int,
     background: torch.Tensor | None = None,
     backend: str = "auto",
+    camera: str = "orthographic",
+    depth_tau: float = 0.0,
+    loss_curvature: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Project with the fixed orthographic camera and splat: image (B, C, H, W), alpha (B, H, W)."""
-    means2d, conics, depths = project_orthographic(g.means, g.scales, g.quats, height, width)
+    """Project with `camera` and splat: image (B, C, H, W), alpha (B, H, W).
+
+    depth_tau > 0 turns on the rasterizer's depth-order gradient (see
+    :func:`gmae.render.rasterize`), which needs `loss_curvature`.
+    """
+    means2d, conics, depths = project(camera, g.means, g.scales, g.quats, height, width)
     return rasterize(
         means2d, conics, g.colors, g.opacities, depths,
         height=height, width=width, background=background, backend=backend,
+        depth_tau=depth_tau, loss_curvature=loss_curvature,
     )

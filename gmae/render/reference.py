@@ -45,6 +45,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "CULL_MARGIN",
     "TILE",
+    "depth_pair_gradient",
     "T_MIN",
     "expand_background",
     "footprint",
@@ -83,11 +84,14 @@ def validate_inputs(
     width: int,
     background: Tensor | None = None,
     max_alpha: float = 0.99,
+    depth_tau: float = 0.0,
+    loss_curvature: Tensor | None = None,
 ) -> None:
     """Check the rasterizer inputs and raise :class:`GMAEError` with a clear message.
 
     Shapes: means2d (B, K, 2), conics (B, K, 3), colors (B, K, C) with C ≥ 1,
-    opacities (B, K), depths (B, K), background None, (C,) or (B, C).
+    opacities (B, K), depths (B, K), background None, (C,) or (B, C);
+    with depth_tau > 0, loss_curvature (B, H, W).
     Shared by every backend so they all reject the same inputs the same way.
     """
     named = {
@@ -141,6 +145,19 @@ def validate_inputs(
             raise GMAEError(f"{name} must be a positive int; got {v!r}")
     if not isinstance(max_alpha, (int, float)) or not (0.0 < float(max_alpha) <= 1.0):
         raise GMAEError(f"max_alpha must be a number in (0, 1]; got {max_alpha!r}")
+    if isinstance(depth_tau, bool) or not isinstance(depth_tau, (int, float)) or not float(depth_tau) >= 0.0:
+        raise GMAEError(f"depth_tau must be a number >= 0 (0 = no depth-order gradient); got {depth_tau!r}")
+    if depth_tau > 0:
+        if loss_curvature is None:
+            raise GMAEError("the depth-order gradient (depth_tau > 0) needs loss_curvature (B, H, W), the loss's "
+                            "second derivative per pixel and channel (2 x the pixel's weight for an MSE)")
+        if not isinstance(loss_curvature, Tensor) or not loss_curvature.is_floating_point():
+            raise GMAEError("loss_curvature must be a floating-point torch.Tensor")
+        if _shape(loss_curvature) != (B, height, width):
+            raise GMAEError(f"loss_curvature must have shape (B, H, W) = ({B}, {height}, {width}); "
+                            f"got {_shape(loss_curvature)}")
+        if loss_curvature.device != means2d.device:
+            raise GMAEError(f"loss_curvature is on {loss_curvature.device}, the Gaussians on {means2d.device}")
 
 
 def expand_background(
@@ -267,10 +284,9 @@ def _bin_into_tiles(
     return gids, starts, counts
 
 
-def _composite_chunk(
+def _contributions(
     means: Tensor,
     conics: Tensor,
-    colors: Tensor,
     opacities: Tensor,
     gid: Tensor,
     present: Tensor,
@@ -278,12 +294,14 @@ def _composite_chunk(
     py: Tensor,
     max_alpha: float,
 ) -> tuple[Tensor, Tensor]:
-    """Alpha-composite a chunk of tiles.
+    """The contract's α of every tile-list entry at every pixel of a chunk of tiles.
 
-    means (N, 2), conics (N, 3), colors (N, C), opacities (N,) are the flat,
-    depth-sorted Gaussians; gid (n, M) the depth-ordered list of each tile
-    (padded), present (n, M) marks real entries; px, py (n, P) pixel centres.
-    Returns color (n, C, P) = Σ cᵢαᵢTᵢ and T_final (n, P).
+    means (N, 2), conics (N, 3), opacities (N,) are the flat, depth-sorted
+    Gaussians; gid (n, M) the depth-ordered list of each tile (padded), present
+    (n, M) marks real entries; px, py (n, P) pixel centres.
+    Returns alpha (n, M, P), zero wherever an entry does not contribute
+    (skipped, padding, or cut by the early stop), and the inclusive
+    transmittance T after each entry (n, M, P).
     """
     mean = means[gid]  # (n, M, 2)
     conic = conics[gid]  # (n, M, 3)
@@ -315,12 +333,107 @@ def _composite_chunk(
     with torch.no_grad():
         included = torch.cumprod(1.0 - alpha, dim=1) >= T_MIN
     alpha = torch.where(included, alpha, torch.zeros_like(alpha))
-    # Tᵢ is the transmittance *before* Gaussian i: an exclusive cumprod.
-    t_incl = torch.cumprod(1.0 - alpha, dim=1)
-    t_excl = torch.cat([torch.ones_like(t_incl[:, :1]), t_incl[:, :-1]], dim=1)
-    weights = alpha * t_excl  # (n, M, P)
+    return alpha, torch.cumprod(1.0 - alpha, dim=1)
+
+
+def _exclusive(t_incl: Tensor) -> Tensor:
+    """Tᵢ, the transmittance *before* entry i, from the inclusive one (an exclusive cumprod)."""
+    return torch.cat([torch.ones_like(t_incl[:, :1]), t_incl[:, :-1]], dim=1)
+
+
+def _composite_chunk(
+    means: Tensor,
+    conics: Tensor,
+    colors: Tensor,
+    opacities: Tensor,
+    gid: Tensor,
+    present: Tensor,
+    px: Tensor,
+    py: Tensor,
+    max_alpha: float,
+) -> tuple[Tensor, Tensor]:
+    """Alpha-composite a chunk of tiles (inputs as :func:`_contributions`, colors (N, C)).
+
+    Returns color (n, C, P) = Σ cᵢαᵢTᵢ and T_final (n, P).
+    """
+    alpha, t_incl = _contributions(means, conics, opacities, gid, present, px, py, max_alpha)
+    weights = alpha * _exclusive(t_incl)  # (n, M, P)
     color = torch.einsum("nmp,nmc->ncp", weights, colors[gid])
     return color, t_incl[:, -1]
+
+
+def depth_pair_gradient(
+    alpha: Tensor, t_before: Tensor, colors: Tensor, depths: Tensor, grad: Tensor, curvature: Tensor, tau: float
+) -> Tensor:
+    """The depth-order gradient of one pixel list per (tile, pixel): the oracle of every backend's.
+
+    For each pixel and each two consecutive contributors i (in front) and j,
+    swapping them would change the pixel by ΔC = Tᵢ αᵢ αⱼ (cⱼ − cᵢ) (T after
+    both is unchanged, so nothing else moves). Their order is relaxed as
+    p = σ((zⱼ − zᵢ)/τ), and z receives the gradient of the exact relaxed loss
+    change (1 − p)·[L(C + ΔC) − L(C)] with everything but p held fixed; for a
+    loss quadratic in the pixel, L(C + ΔC) − L(C) = g·ΔC + ½ h |ΔC|² with
+    g = ∂L/∂C and h = ∂²L/∂C² (the |ΔC|² term is what keeps a pair from
+    hedging: the plain straight-through gradient of C + (1 − p)ΔC drops it).
+
+    Args (n lists of M entries in front-to-back order, P pixels each):
+        alpha: (n, M, P) contract α, zero where an entry does not contribute.
+        t_before: (n, M, P) transmittance before each entry.
+        colors: (n, M, C); depths: (n, M).
+        grad: (n, C, P) ∂L/∂image; curvature: (n, P) ∂²L/∂image² (same for every channel).
+        tau: the relaxation's temperature, in depth units.
+
+    Returns:
+        (n, M) ∂/∂z of Σ over pairs of (1 − p)·[L(C + ΔC) − L(C)], per entry:
+        +σ'·δL for the front member of a pair and −σ'·δL for the one behind.
+    """
+    n, M, P = alpha.shape
+    C = colors.shape[-1]
+    contrib = alpha > 0
+    slot = torch.arange(M, device=alpha.device).view(1, M, 1).expand(n, M, P)
+    # j(i) = the next contributor behind entry i at the same pixel (M if none):
+    # the first contributor at or after m, shifted by one.
+    first_from = torch.where(contrib, slot, torch.full_like(slot, M)).flip(1).cummin(1).values.flip(1)
+    nxt = torch.cat([first_from[:, 1:], torch.full_like(first_from[:, :1], M)], dim=1)
+    pair = contrib & (nxt < M)
+    j = nxt.clamp_max(M - 1)
+    col = colors.unsqueeze(-1).expand(n, M, C, P)
+    delta = (t_before * alpha * alpha.gather(1, j)).unsqueeze(2) * (col.gather(1, j.unsqueeze(2).expand(n, M, C, P)) - col)
+    change = (grad.unsqueeze(1) * delta).sum(2) + 0.5 * curvature.unsqueeze(1) * (delta * delta).sum(2)  # (n, M, P)
+    z = depths.unsqueeze(-1).expand(n, M, P)
+    p = torch.sigmoid((z.gather(1, j) - z) / tau)
+    s = torch.where(pair, p * (1.0 - p) / tau * change, torch.zeros_like(change))
+    return s.sum(-1) - torch.zeros_like(s).scatter_add_(1, j, s).sum(-1)
+
+
+class _DepthOrderGradient(torch.autograd.Function):
+    """Identity on the image; in the backward, the depths receive ``pass_fn(grad_image)``.
+
+    The rendered image does not depend on depth except through the (non
+    differentiable) order, so the depth-order gradient is a separate pass that
+    only needs ∂L/∂image: it is attached to the image here, not mixed into the
+    compositing's autograd graph.
+    """
+
+    @staticmethod
+    def forward(ctx, image, depths, pass_fn):
+        ctx.pass_fn = pass_fn
+        ctx.depth_dtype = depths.dtype
+        return image.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_image):
+        grad_depths = ctx.pass_fn(grad_image).to(ctx.depth_dtype) if ctx.needs_input_grad[1] else None
+        return grad_image, grad_depths, None
+
+
+def _to_tiles(x: Tensor, tiles_x: int, tiles_y: int) -> Tensor:
+    """(B, C, H, W) -> (B·T, C, TILE²) in the tile order of the compositor (padding with zeros)."""
+    B, C, H, W = x.shape
+    x = torch.nn.functional.pad(x, (0, tiles_x * TILE - W, 0, tiles_y * TILE - H))
+    x = x.view(B, C, tiles_y, TILE, tiles_x, TILE).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B * tiles_y * tiles_x, C, TILE * TILE)
 
 
 def rasterize_torch(
@@ -333,6 +446,8 @@ def rasterize_torch(
     width: int,
     background: Tensor | None = None,
     max_alpha: float = 0.99,
+    depth_tau: float = 0.0,
+    loss_curvature: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference tile rasterizer in plain PyTorch (differentiable by autograd).
 
@@ -342,15 +457,21 @@ def rasterize_torch(
         conics: (B, K, 3) upper triangle (a, b, c) of the inverse 2D covariance.
         colors: (B, K, C) any C ≥ 1.
         opacities: (B, K) in [0, 1].
-        depths: (B, K) only used for ordering (not differentiated).
+        depths: (B, K) ordering; differentiated only through the depth-order
+            gradient (depth_tau > 0).
         height, width: image size in pixels.
         background: None (no background term), (C,) or (B, C).
         max_alpha: upper clamp of each α (3DGS 0.99, gsplat 0.999).
+        depth_tau: > 0 gives the depths the depth-order gradient of
+            :func:`depth_pair_gradient` with this temperature; 0 (default):
+            depths get no gradient, as in 3DGS.
+        loss_curvature: (B, H, W) ∂²L/∂image² per pixel (needed when depth_tau > 0).
 
     Returns:
         image (B, C, H, W) and alpha (B, H, W) = 1 - final transmittance.
     """
-    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha)
+    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha,
+                    depth_tau, loss_curvature)
     tensors = [means2d, conics, colors, opacities] + ([background] if background is not None else [])
     dtype = tensors[0].dtype
     for t in tensors[1:]:
@@ -388,23 +509,27 @@ def rasterize_torch(
     lin = torch.arange(pixels, device=device)
     in_tile_x = (lin % TILE).to(dtype) + 0.5
     in_tile_y = torch.div(lin, TILE, rounding_mode="floor").to(dtype) + 0.5
-    use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
+    def chunks():
+        """(tile ids, gid, present, px, py) of each chunk of tiles (see `_contributions`)."""
+        i = 0
+        while i < len(counts_sorted):
+            m = counts_sorted[i]
+            n = max(1, CHUNK_ELEMENTS // (m * pixels))
+            chunk = tiles[i : i + n]
+            slot = torch.arange(m, device=device)
+            present = slot < counts[chunk][:, None]  # (n, M)
+            index = (starts[chunk][:, None] + slot).clamp_max(gids.numel() - 1)
+            within = chunk % (tiles_x * tiles_y)
+            tx = (within % tiles_x).to(dtype)
+            ty = torch.div(within, tiles_x, rounding_mode="floor").to(dtype)
+            # padded lanes point at a real Gaussian (gids[index]); `present` masks them
+            yield chunk, gids[index], present, tx[:, None] * TILE + in_tile_x, ty[:, None] * TILE + in_tile_y
+            i += n
+
+    use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     outputs: list[Tensor] = []
-    i = 0
-    while i < len(counts_sorted):
-        m = counts_sorted[i]
-        n = max(1, CHUNK_ELEMENTS // (m * pixels))
-        chunk = tiles[i : i + n]
-        slot = torch.arange(m, device=device)
-        present = slot < counts[chunk][:, None]  # (n, M)
-        index = (starts[chunk][:, None] + slot).clamp_max(gids.numel() - 1)
-        gid = gids[index]  # padded lanes point at a real Gaussian; masked later
-        within = chunk % (tiles_x * tiles_y)
-        tx = (within % tiles_x).to(dtype)
-        ty = torch.div(within, tiles_x, rounding_mode="floor").to(dtype)
-        px = tx[:, None] * TILE + in_tile_x  # (n, 256)
-        py = ty[:, None] * TILE + in_tile_y
+    for _, gid, present, px, py in chunks():
         args = (means_s, conics_s, colors_s, opac_s, gid, present, px, py, max_alpha)
         if use_checkpoint:
             # Save only the inputs; recompute the (n, M, 256) tensors in backward.
@@ -414,7 +539,6 @@ def rasterize_torch(
         else:
             color, t_final = _composite_chunk(*args)
         outputs.append(torch.cat([color, t_final[:, None, :]], dim=1))  # (n, C+1, P)
-        i += n
 
     # 5. Scatter tiles (channels 0..C-1: colour, channel C: T) into the grid;
     #    empty tiles keep colour 0 and transmittance 1.
@@ -431,4 +555,22 @@ def rasterize_torch(
     image, transmittance = grid[:, :C], grid[:, C]
     if bg is not None:
         image = image + transmittance[:, None] * bg[:, :, None, None]
+
+    if depth_tau > 0 and torch.is_grad_enabled() and depths.requires_grad:
+        values = [t.detach() for t in (means_s, conics_s, colors_s, opac_s)]
+        curvature = _to_tiles(loss_curvature.detach().to(dtype)[:, None], tiles_x, tiles_y)[:, 0]
+
+        def depth_pass(grad_image: Tensor) -> Tensor:
+            """∂/∂depths (B, K) of the relaxed swap loss, chunk by chunk (see `depth_pair_gradient`)."""
+            g = _to_tiles(grad_image.to(dtype), tiles_x, tiles_y)
+            flat = torch.zeros(B * K, dtype=dtype, device=device)
+            with torch.no_grad():
+                for chunk, gid, present, px, py in chunks():
+                    alpha, t_incl = _contributions(values[0], values[1], values[3], gid, present, px, py, max_alpha)
+                    dz = depth_pair_gradient(alpha, _exclusive(t_incl), values[2][gid], depths_s.to(dtype)[gid],
+                                             g[chunk], curvature[chunk], float(depth_tau))
+                    flat.index_add_(0, gid.reshape(-1), dz.reshape(-1))
+            return torch.zeros(B, K, dtype=dtype, device=device).scatter_(1, order, flat.view(B, K))
+
+        image = _DepthOrderGradient.apply(image, depths, depth_pass)
     return image, 1.0 - transmittance
