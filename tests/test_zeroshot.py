@@ -206,14 +206,18 @@ def test_eval_zeroshot_json_on_deadleaves(checkpoints, capsys):
     args = ["eval-zeroshot", "--checkpoint", checkpoints["gmae"], "--num-images", "3", "--json"]
     assert main(args) == 0
     trained = json.loads(capsys.readouterr().out)
-    for key in ("edge_ods", "edge_ois", "edge_ap", "fg_iou"):
+    for key in ("edge_ods", "edge_ois", "edge_ap", "fg_iou", "depth_pair_acc"):
         assert 0.0 <= trained[key] <= 1.0
-    assert set(trained["baselines"]) == {"sobel", "canny", "ellipse"}
+    assert -1.0 <= trained["depth_rank_spearman"] <= 1.0 and trained["depth_pairs"] > 0
+    assert set(trained["baselines"]) == {"sobel", "canny", "ellipse", "border prior"}
     assert set(trained["baselines"]["ellipse"]) == {"fg_iou"} and "edge_ods" in trained["baselines"]["sobel"]
+    assert set(trained["baselines"]["border prior"]) == {"depth_rank_spearman", "depth_pair_acc"}
     assert trained["num_images"] == 3 and not trained["random_init"]
     assert main([*args, "--random-init"]) == 0
     init = json.loads(capsys.readouterr().out)
-    assert init["random_init"] and init["baselines"] == trained["baselines"]  # same images, same truth
+    # same images, same truth: the image baselines are equal (the border prior scores each model's own Gaussians)
+    same = ("sobel", "canny", "ellipse")
+    assert init["random_init"] and {k: init["baselines"][k] for k in same} == {k: trained["baselines"][k] for k in same}
     assert init["edge_ods"] != trained["edge_ods"] or init["fg_iou"] != trained["fg_iou"]
 
 
@@ -229,6 +233,8 @@ def test_deadleaves_truth_is_the_generators():
     leaves = sample.num_objects - 1
     np.testing.assert_array_equal(first.figure, (sample.objects > leaves / 2).numpy())
     assert 0 < first.figure.mean() < 1
+    np.testing.assert_array_equal(first.depth.objects, sample.objects.numpy())
+    np.testing.assert_array_equal(first.depth.overlaps, sample.overlaps.numpy())
     with pytest.raises(GMAEError, match="unknown evaluation data"):
         items("imagenet", 48)
 

@@ -22,6 +22,9 @@ Ground truth conventions (see :class:`DeadLeavesSample`):
 * ``boundaries[y, x]``: ``objects[y, x]`` differs from its right or lower
   neighbour (occlusion boundaries; texture edges such as stripes are not
   boundaries).
+* ``overlaps[i, j]``: the *whole* shapes of objects i and j (visible or not)
+  share a pixel centre, so one occludes the other where they meet: the nearer
+  (larger id) is in front. The background overlaps every leaf on the image.
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ class DeadLeavesSample:
         textures: int64 (n+1,), index into :data:`TEXTURES` per object.
         colors: float32 (n+1, 3), base colour per object; a ``"flat"`` object is
             exactly this colour at every pixel it owns.
+        overlaps: bool (n+1, n+1), True where the two objects' whole shapes
+            (hidden parts included) share a pixel centre (diagonal: the object
+            covers a pixel centre at all).
     """
 
     image: torch.Tensor
@@ -94,6 +100,7 @@ class DeadLeavesSample:
     shapes: torch.Tensor
     textures: torch.Tensor
     colors: torch.Tensor
+    overlaps: torch.Tensor
 
     def masks(self) -> torch.Tensor:
         """bool (num_objects, H, W): the visible support of each object."""
@@ -175,7 +182,7 @@ class DeadLeaves:
 
     def sample(self, index: int) -> DeadLeavesSample:
         """Image ``index`` with its ground truth."""
-        p, objects, image = self._render(index)
+        p, objects, image, shapes = self._render(index, whole_shapes=True)
         n = p["n"]
         obj_t = torch.from_numpy(objects)
         return DeadLeavesSample(
@@ -187,18 +194,22 @@ class DeadLeaves:
             shapes=torch.from_numpy(p["kind"]),
             textures=torch.from_numpy(p["texture"]),
             colors=torch.from_numpy(p["c0"].astype(np.float32)),
+            overlaps=torch.from_numpy((shapes @ shapes.T) > 0),
         )
 
     # ------------------------------------------------------------ internals
-    def _render(self, index: int) -> tuple[dict, np.ndarray, np.ndarray]:
-        """(scene parameters, object-id map, image) of ``index``."""
+    def _render(self, index: int, whole_shapes: bool = False):
+        """(scene parameters, object-id map, image) of ``index``; with ``whole_shapes`` also
+        the (n+1, H*W) float32 0/1 masks of every object's whole shape."""
         index = int(index)
         if index < 0:
             raise IndexError(f"dead-leaves index must be non-negative, got {index}")
         rng = np.random.default_rng([self.seed, index])
         p = self._draw_scene(rng)
-        objects = self._paint(p)
-        return p, objects, self._shade(objects, p, rng)
+        shapes = np.zeros((p["n"] + 1, self.height * self.width), np.float32) if whole_shapes else None
+        objects = self._paint(p, shapes)
+        image = self._shade(objects, p, rng)
+        return (p, objects, image, shapes) if whole_shapes else (p, objects, image)
 
     def _draw_scene(self, rng: np.random.Generator) -> dict:
         """All random scene parameters, in units of the longer side (size independent)."""
@@ -247,11 +258,16 @@ class DeadLeaves:
             phase=phase, noise_amp=np.where(texture == 3, noise_amp, 0.0),
         )
 
-    def _paint(self, p: dict) -> np.ndarray:
-        """Object-id map: paint leaves 1..n back to front over the background 0."""
+    def _paint(self, p: dict, shapes: np.ndarray | None = None) -> np.ndarray:
+        """Object-id map: paint leaves 1..n back to front over the background 0.
+
+        shapes (n+1, H*W), if given, receives each object's whole shape (1 where it covers a pixel centre).
+        """
         H, W, s = self.height, self.width, self._scale
         objects = np.zeros((H, W), dtype=np.int64)
         n = p["n"]
+        if shapes is not None:
+            shapes[0] = 1.0  # the background plane covers everything
         if n == 0:
             return objects
         kind, r, cx, cy, bound = p["kind"][1:], p["r"], p["cx"][1:], p["cy"][1:], p["bound"][1:]
@@ -292,6 +308,8 @@ class DeadLeaves:
                 mask = ((edge_a[q, :m, None, None] * dy + edge_b[q, :m, None, None] * dx)
                         >= edge_c[q, :m, None, None]).all(axis=0)
             objects[b0:b1, a0:a1][mask] = q + 1
+            if shapes is not None:
+                shapes[q + 1].reshape(H, W)[b0:b1, a0:a1] = mask
         return objects
 
     def _shade(self, objects: np.ndarray, p: dict, rng: np.random.Generator) -> np.ndarray:

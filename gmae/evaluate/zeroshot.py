@@ -8,6 +8,9 @@ Data (``--data``):
   truth: the pixels whose visible object is one of the nearer half of the
   leaves (draw-order id > n / 2 of n leaves) -- the generator's analogue of the
   readout's "nearest half of the Gaussians".
+  Depth truth: which leaf is visible where, and which leaves' whole shapes
+  overlap, for the depth metrics of `gmae.evaluate.depth` (the Gaussians'
+  depth order against the occlusion order, beside a border-distance prior).
 * ``bsds:ROOT``: BSDS500 (edges; every annotator), ``masks:ROOT``: images with
   binary figure masks (figure-ground).
 
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from .. import zeroshot
 from ..errors import GMAEError
 from .boundaries import evaluate_boundaries, mean_iou
+from .depth import DepthTruth, depth_metrics
 
 EVAL_SEED = 2024  # dead-leaves images for evaluation; training's default seed is 0
 DEFAULT_DEADLEAVES_IMAGES = 200
@@ -51,6 +55,7 @@ class Item:
     image: torch.Tensor  # (3, S, S) in [0, 1]
     boundaries: list[np.ndarray] | None  # one (S, S) bool map per annotator
     figure: np.ndarray | None  # (S, S) bool
+    depth: DepthTruth | None = None  # occlusion truth at (S, S) (dead-leaves only)
 
 
 def _centre_square(image: torch.Tensor, *maps: np.ndarray):
@@ -74,7 +79,8 @@ def items(data: str, size: int, num_images: int | None = None) -> tuple[Iterator
             for i in range(n):
                 s = source.sample(i)
                 leaves = s.num_objects - 1
-                yield Item(f"deadleaves-{i}", s.image, [s.boundaries.numpy()], (s.objects > leaves / 2).numpy())
+                yield Item(f"deadleaves-{i}", s.image, [s.boundaries.numpy()], (s.objects > leaves / 2).numpy(),
+                           DepthTruth(s.objects.numpy(), s.overlaps.numpy()))
 
         return generate(), n
     if kind in ("bsds", "masks") and root:
@@ -132,7 +138,8 @@ def ellipse_prior(height: int, width: int, area: float = ELLIPSE_AREA) -> np.nda
 
 @torch.no_grad()
 def _model_readouts(model, squares: list[torch.Tensor], mask_ratio: float):
-    """Soft edges and figure masks of the model, each resized back to its square's size."""
+    """Soft edges and figure masks of the model, each resized back to its square's size, and the
+    Gaussians' (means (K, 3), opacities (K,)) as numpy (their x, y span any square alike)."""
     size = model.cfg.img_size
     device = next(model.parameters()).device
     batch = torch.stack([
@@ -148,24 +155,30 @@ def _model_readouts(model, squares: list[torch.Tensor], mask_ratio: float):
         side = s.shape[-1]
         e = F.interpolate(soft[i][None, None].float().cpu(), size=(side, side), mode="bilinear", align_corners=False)
         m = F.interpolate(figure[i][None, None].float().cpu(), size=(side, side), mode="nearest")
-        out.append((e[0, 0].clamp(0, 1).numpy(), m[0, 0].numpy() > 0.5))
+        out.append((e[0, 0].clamp(0, 1).numpy(), m[0, 0].numpy() > 0.5,
+                    (g.means[i].float().cpu().numpy(), g.opacities[i].float().cpu().numpy())))
     return out
 
 
 def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = None, batch_size: int = 16,
                       mask_ratio: float = 0.0, thresholds: int = 99, progress: bool = True) -> dict:
-    """Edge ODS/OIS/AP and figure IoU of `model` and of the baselines on `data` (see the module docstring)."""
+    """Edge ODS/OIS/AP, figure IoU and (dead-leaves) the depth metrics of `model` and of the baselines
+    on `data` (see the module docstring)."""
     from tqdm import tqdm
 
     stream, n = items(data, model.cfg.img_size, num_images)
     preds = {"gmae": [], "sobel": [], "canny": []}
     figures = {"gmae": [], "ellipse": []}
     edge_truth, figure_truth = [], []
+    gaussians, depth_truth = [], []
     pending: list[Item] = []
 
     def flush():
         readouts = _model_readouts(model, [it.image for it in pending], mask_ratio)
-        for it, (soft, figure) in zip(pending, readouts):
+        for it, (soft, figure, g) in zip(pending, readouts):
+            if it.depth is not None:
+                depth_truth.append(it.depth)
+                gaussians.append(g)
             if it.boundaries is not None:
                 edge_truth.append(it.boundaries)
                 preds["gmae"].append(soft)
@@ -185,7 +198,7 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
         flush()
 
     results: dict = {"data": data, "num_images": n, "mask_ratio": mask_ratio}
-    methods: dict[str, dict] = {"gmae": {}, "sobel": {}, "canny": {}, "ellipse": {}}
+    methods: dict[str, dict] = {"gmae": {}, "sobel": {}, "canny": {}, "ellipse": {}}  # + "border prior" (depth)
     if edge_truth:
         for name, maps in preds.items():
             scores = evaluate_boundaries(maps, edge_truth, thresholds=thresholds, progress=progress)
@@ -193,15 +206,20 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
     if figure_truth:
         for name, masks in figures.items():
             methods[name]["fg_iou"] = mean_iou(masks, figure_truth)
+    if depth_truth:
+        depth = depth_metrics(gaussians, depth_truth)
+        methods["border prior"] = depth.pop("border_prior")
+        methods["gmae"].update(depth)
     results.update(methods.pop("gmae"))
     results["baselines"] = {name: scores for name, scores in methods.items() if scores}
     return results
 
 
 def format_table(results: dict, label: str = "gmae") -> str:
-    """A small text table: one row per method, ODS / OIS / AP / figure IoU."""
+    """A small text table: one row per method, ODS / OIS / AP / figure IoU / depth Spearman / depth pair accuracy."""
     rows = [(label, results)] + list(results["baselines"].items())
-    cols = [("edge_ods", "edge ODS"), ("edge_ois", "edge OIS"), ("edge_ap", "edge AP"), ("fg_iou", "figure IoU")]
+    cols = [("edge_ods", "edge ODS"), ("edge_ois", "edge OIS"), ("edge_ap", "edge AP"), ("fg_iou", "figure IoU"),
+            ("depth_rank_spearman", "depth rho"), ("depth_pair_acc", "depth pairs")]
     cols = [c for c in cols if any(c[0] in r for _, r in rows)]
     width = max(len(name) for name, _ in rows) + 2
     lines = [f"{results['data']}, {results['num_images']} images",
