@@ -132,7 +132,12 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
                         f"({ctx.world_size} x {tcfg.accum_steps})")
     if mcfg.model == "gmae":
         # A bad name, or a backend without the depth-order gradient the model asks for, fails now, not mid-run.
-        resolve_backend(mcfg.render_backend, device, depth_grad=mcfg.depth_grad != "off")
+        depth_grad = mcfg.depth_grad != "off"
+        backend = resolve_backend(mcfg.render_backend, device, depth_grad=depth_grad)
+        fastest = resolve_backend(mcfg.render_backend, device)
+        if ctx.is_main and backend != fastest:  # 'auto' passed over a backend without the depth-order gradient
+            tqdm.write(f"render backend: {backend}, because {fastest} has no depth-order gradient "
+                       f"(--depth-grad {mcfg.depth_grad})")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
 

@@ -43,6 +43,41 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_accumulation_matches_the_full_batch_with_the_depth_order_gradient(tmp_path):
+    """The depth-order gradient's curvature is scaled like the loss, so accumulation still matches."""
+    def run_depth(out, accum):
+        return pretrain(model_config("tiny", **FAST_MODEL, depth_grad="swap", max_scale=4.0),
+                        train_config("tiny", steps=3, batch_size=4, out=str(out), warmup_steps=1, accum_steps=accum),
+                        progress=False)
+
+    run_depth(tmp_path / "full", 1)
+    run_depth(tmp_path / "accum", 2)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "accum")), torch.tensor(losses(tmp_path / "full")),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_carry_the_collapse_monitors(tmp_path):
+    run(tmp_path / "gmae", steps=2)
+    with open(tmp_path / "gmae" / "metrics.jsonl") as f:
+        record = json.loads(f.readline())
+    for key in ("scale_at_cap", "depth_spread", "depth_at_limit", "opacity_mean"):
+        assert key in record
+    assert 0 <= record["scale_at_cap"] <= 1 and 0 < record["opacity_mean"] < 1 and record["depth_spread"] > 0
+
+
+def test_auto_backend_falls_back_to_one_with_the_depth_gradient_and_says_so(tmp_path, monkeypatch, capsys):
+    import gmae.render as render
+
+    monkeypatch.setattr(render, "DEPTH_GRAD_BACKENDS", {"torch"})  # as if the fast kernel lacked it
+    pretrain(model_config("tiny", **FAST_MODEL, depth_grad="swap"),
+             train_config("tiny", steps=1, batch_size=2, out=str(tmp_path / "a"), warmup_steps=1), progress=False)
+    out = capsys.readouterr()
+    assert "render backend: torch, because cpu has no depth-order gradient" in out.out + out.err
+    with pytest.raises(GMAEError, match="render backend 'cpu' has no depth-order gradient"):
+        pretrain(model_config("tiny", **FAST_MODEL, depth_grad="swap", render_backend="cpu"),
+                 train_config("tiny", steps=1, batch_size=2, out=str(tmp_path / "b"), warmup_steps=1), progress=False)
+
+
 def test_non_finite_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
     from gmae.model.gmae import GMAE
 

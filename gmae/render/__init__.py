@@ -129,17 +129,14 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu", depth_grad
     """
     device = torch.device(device)
     if backend == "auto":
-        if device.type == "cuda" and _available("gsplat") and not depth_grad:
-            name = "gsplat"
-        elif device.type == "cpu" and _available("cpu"):
-            name = "cpu"
-        else:
-            name = "torch"
+        # fastest first; "torch" runs everywhere and has everything
+        preferred = {"cuda": ("gsplat",), "cpu": ("cpu",)}.get(device.type, ())
+        name = next((n for n in preferred if _available(n) and (not depth_grad or n in DEPTH_GRAD_BACKENDS)),
+                    "torch")
         if (name, device.type, depth_grad) not in _LOGGED:
             _LOGGED.add((name, device.type, depth_grad))
-            passed_over = (" (gsplat has no depth-order gradient)"
-                           if depth_grad and device.type == "cuda" and _available("gsplat") else "")
-            logger.info("render backend 'auto' -> %r for %s tensors%s", name, device.type, passed_over)
+            logger.info("render backend 'auto' -> %r for %s tensors%s", name, device.type,
+                        " (with the depth-order gradient)" if depth_grad else "")
         return name
     if isinstance(backend, str) and _available(backend):
         if depth_grad and backend not in DEPTH_GRAD_BACKENDS:

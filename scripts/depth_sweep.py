@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""The depth experiment of docs/depth.md: train named configurations on dead-leaves and score them.
+
+For each NAME given (see ``CONFIGS``; ``--list`` prints them) this runs, with the
+``gmae`` command of this environment:
+
+    gmae pretrain --out RUNS/NAME --quiet FLAGS...            (resumed if interrupted)
+    gmae eval-zeroshot --checkpoint CKPT --json [--num-images N]
+    gmae eval-zeroshot --checkpoint CKPT --random-init --json [--num-images N]
+
+and writes RUNS/NAME/eval-trained.json and eval-init.json. Every command is
+appended to RUNS/commands.txt as it was run. ``--table`` prints the markdown
+table of every finished run (trained, then at initialisation), with the final
+loss (mean of the last 50 logged steps), the collapse monitors at the end and
+the training speed (median step time; only comparable between runs made on an
+otherwise idle machine).
+
+    python scripts/depth_sweep.py ortho-off authors-off ortho-swap     # run these
+    python scripts/depth_sweep.py --table                              # the table so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+# name -> gmae pretrain flags. All on dead-leaves, tiny encoder/decoder (the preset), seed 0.
+P64 = []  # the tiny preset: 64 px, patch 8, k = 128, 1200 steps of batch 16
+P128 = ["--img-size", "128", "--patch-size", "16", "-k", "256"]
+CONFIGS: dict[str, list[str]] = {
+    # the three cameras / mechanisms at the tiny preset (c = 1)
+    "ortho-off": [*P64, "--camera", "orthographic", "--depth-grad", "off"],
+    "authors-off": [*P64, "--camera", "authors", "--depth-grad", "off"],
+    "ortho-swap": [*P64, "--camera", "orthographic", "--depth-grad", "swap"],
+    "authors-swap": [*P64, "--camera", "authors", "--depth-grad", "swap"],
+    # larger Gaussians allowed
+    "ortho-off-c4": [*P64, "--camera", "orthographic", "--depth-grad", "off", "--max-scale", "4"],
+    "ortho-swap-c2": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--max-scale", "2"],
+    "ortho-swap-c4": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--max-scale", "4"],
+    "authors-swap-c4": [*P64, "--camera", "authors", "--depth-grad", "swap", "--max-scale", "4"],
+    "authors-off-c4": [*P64, "--camera", "authors", "--depth-grad", "off", "--max-scale", "4"],
+    # sharper renders: loss on all pixels, fewer masked patches
+    "ortho-swap-c4-all25": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--max-scale", "4",
+                            "--loss", "all", "--mask-ratio", "0.25"],
+    "ortho-swap-all25": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--loss", "all",
+                         "--mask-ratio", "0.25"],
+    # non-saturating depth
+    "ortho-swap-c4-lin": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--max-scale", "4",
+                          "--depth-param", "linear"],
+    "ortho-swap-c4-tau03": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--max-scale", "4",
+                            "--depth-tau", "0.3"],
+}
+
+
+def run(cmd: list[str], log: Path, stdout=None) -> None:
+    with open(log, "a") as f:
+        f.write(shlex.join(cmd) + (f" > {stdout}" if stdout else "") + "\n")
+    if stdout:
+        with open(stdout, "w") as out:
+            subprocess.run(cmd, check=True, stdout=out)
+    else:
+        subprocess.run(cmd, check=True)
+
+
+def final_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(run_dir.glob("checkpoint-*.pt"))
+    return found[-1] if found else None
+
+
+def train_and_score(name: str, runs: Path, gmae: str, num_images: int | None) -> None:
+    run_dir = runs / name
+    log = runs / "commands.txt"
+    flags = CONFIGS[name]
+    metrics = run_dir / "metrics.jsonl"
+    done = run_dir / "eval-init.json"
+    if done.exists():
+        print(f"{name}: already scored")
+        return
+    if final_checkpoint(run_dir) is None or not (run_dir / "reconstruction.png").exists():
+        resume = ["--resume"] if final_checkpoint(run_dir) else []
+        run([gmae, "pretrain", "--out", str(run_dir), "--quiet", *resume, *flags], log)
+    ckpt = final_checkpoint(run_dir)
+    extra = ["--num-images", str(num_images)] if num_images else []
+    run([gmae, "eval-zeroshot", "--checkpoint", str(ckpt), "--json", *extra], log, run_dir / "eval-trained.json")
+    run([gmae, "eval-zeroshot", "--checkpoint", str(ckpt), "--random-init", "--json", *extra], log, done)
+    assert metrics.exists()
+
+
+def summary(run_dir: Path) -> dict | None:
+    try:
+        trained = json.loads((run_dir / "eval-trained.json").read_text())
+        init = json.loads((run_dir / "eval-init.json").read_text())
+    except (OSError, ValueError):
+        return None
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = lines[-50:]
+    return {
+        "trained": trained, "init": init,
+        "loss": statistics.mean(r["loss"] for r in last),
+        "step_s": statistics.median(r["step_time"] for r in lines[10:]) if len(lines) > 10 else float("nan"),
+        "monitors": {k: lines[-1].get(k) for k in ("scale_at_cap", "depth_spread", "depth_at_limit", "opacity_mean")},
+    }
+
+
+def fmt(x, digits=3) -> str:
+    return "–" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def table(runs: Path) -> str:
+    head = ("| run | loss | ODS | OIS | AP | fig. IoU | depth ρ | pair acc | prior ρ / pair | scale@cap | "
+            "depth spread | steps/s |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in list(CONFIGS) + sorted(p.name for p in runs.iterdir() if p.is_dir() and p.name not in CONFIGS):
+        s = summary(runs / name)
+        if s is None:
+            continue
+        for label, r in (("", s["trained"]), (" (init)", s["init"])):
+            prior = r["baselines"].get("border prior", {})
+            m = s["monitors"] if not label else {}
+            rows.append(
+                f"| {name}{label} | {fmt(s['loss'], 4) if not label else ''} | {fmt(r.get('edge_ods'))} | "
+                f"{fmt(r.get('edge_ois'))} | {fmt(r.get('edge_ap'))} | {fmt(r.get('fg_iou'))} | "
+                f"{fmt(r.get('depth_rank_spearman'))} | {fmt(r.get('depth_pair_acc'))} | "
+                f"{fmt(prior.get('depth_rank_spearman'))} / {fmt(prior.get('depth_pair_acc'))} | "
+                f"{fmt(m.get('scale_at_cap'), 2) if m else ''} | {fmt(m.get('depth_spread'), 2) if m else ''} | "
+                f"{fmt(1 / s['step_s'], 1) if not label else ''} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("names", nargs="*", help="configurations to run, in order")
+    p.add_argument("--runs", default="runs/depth", help="folder of the runs (default runs/depth)")
+    p.add_argument("--gmae", default="gmae", help="the gmae command (default: gmae on PATH)")
+    p.add_argument("--num-images", type=int, default=None, help="evaluation images (default: eval-zeroshot's 200)")
+    p.add_argument("--table", action="store_true", help="print the table of finished runs")
+    p.add_argument("--list", action="store_true", help="list the configurations")
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    if args.list:
+        for name, flags in CONFIGS.items():
+            print(f"{name}: {shlex.join(flags)}")
+    for name in args.names:
+        if name not in CONFIGS:
+            p.error(f"unknown configuration {name!r} (see --list)")
+        train_and_score(name, runs, args.gmae, args.num_images)
+    if args.table or not args.names:
+        print(table(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
