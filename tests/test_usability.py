@@ -388,7 +388,8 @@ def test_tensorboard_missing_is_one_line_before_any_work(tmp_path, monkeypatch, 
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
     assert main(["pretrain", *FAST, "--steps", "1", "--out", str(tmp_path / "run"), "--tensorboard"]) == 2
     one_line_error(capsys, "pip install 'gmae[tensorboard]'")
     assert not (tmp_path / "run").exists()
