@@ -30,15 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from tqdm.auto import tqdm
 
-from .checkpoint import (
-    checkpoint_path,
-    configs_of,
-    list_checkpoints,
-    load_latest,
-    load_model,
-)
+# No torch at import: the command line reads VARIANTS to build `gmae ablate --help`.
 from .config import as_dict, model_config, train_config
 from .errors import GMAEError
 
@@ -74,6 +68,8 @@ VARIANTS = {v.name: v for v in GRID}
 
 def _check_same_run(out: Path, state: dict, mcfg, tcfg) -> None:
     """Refuse to reuse a run folder that holds a different run (other data, seed, setting or length)."""
+    from .checkpoint import configs_of
+
     saved_m, saved_t = configs_of(state)
     saved_m.render_backend = mcfg.render_backend
     wanted = {"model": as_dict(mcfg), "data": tcfg.data, "seed": tcfg.seed, "steps": tcfg.steps,
@@ -88,6 +84,7 @@ def _check_same_run(out: Path, state: dict, mcfg, tcfg) -> None:
 
 def pretrain_variant(variant: Variant, out: Path, steps: int | None, seed: int, data: str, progress: bool) -> Path:
     """Train (or finish) one variant; returns its final checkpoint."""
+    from .checkpoint import checkpoint_path, load_latest
     from .train import pretrain
 
     mcfg = model_config("tiny", **variant.overrides)
@@ -97,12 +94,13 @@ def pretrain_variant(variant: Variant, out: Path, steps: int | None, seed: int, 
         _check_same_run(out, state, mcfg, tcfg)
         if state["step"] >= tcfg.steps:
             return checkpoint_path(out, state["step"])
-    return Path(pretrain(mcfg, tcfg, resume=bool(list_checkpoints(out)), progress=progress)["checkpoint"])
+    return Path(pretrain(mcfg, tcfg, resume="auto", progress=progress)["checkpoint"])
 
 
-@torch.no_grad()
 def masked_psnr(model, images: int = PSNR_IMAGES, batch_size: int = 32) -> float:
     """PSNR of the reconstruction on the masked patches of held-out dead-leaves images (see module doc)."""
+    import torch
+
     from .data import DeadLeaves
     from .evaluate.zeroshot import EVAL_SEED
     from .model.vit import patchify
@@ -111,22 +109,26 @@ def masked_psnr(model, images: int = PSNR_IMAGES, batch_size: int = 32) -> float
     source = DeadLeaves(cfg.img_size, seed=EVAL_SEED)
     generator = torch.Generator().manual_seed(PSNR_SEED)
     squared, count = 0.0, 0.0
-    for start in range(0, images, batch_size):
-        imgs = torch.stack([source.load(i) for i in range(start, min(images, start + batch_size))])
-        noise = torch.rand(imgs.shape[0], cfg.num_patches, generator=generator)
-        out = model(imgs, noise, mask_ratio=PSNR_MASK_RATIO)
-        err = (patchify(out.image.clamp(0, 1), cfg.patch_size) - patchify(imgs, cfg.patch_size)) ** 2  # (B, N, p*p*C)
-        squared += float((err.mean(-1) * out.mask).sum())
-        count += float(out.mask.sum())
+    with torch.no_grad():
+        for start in range(0, images, batch_size):
+            imgs = torch.stack([source.load(i) for i in range(start, min(images, start + batch_size))])
+            noise = torch.rand(imgs.shape[0], cfg.num_patches, generator=generator)
+            out = model(imgs, noise, mask_ratio=PSNR_MASK_RATIO)
+            # (B, N, p*p*C)
+            err = (patchify(out.image.clamp(0, 1), cfg.patch_size) - patchify(imgs, cfg.patch_size)) ** 2
+            squared += float((err.mean(-1) * out.mask).sum())
+            count += float(out.mask.sum())
     return 10.0 * math.log10(1.0 / (squared / count))
 
 
-def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = False) -> dict:
+def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = False,
+                  progress: bool = False) -> dict:
     """Probe accuracies and masked PSNR of a run's final weights (or, `initial`, of the weights it started from)."""
+    from .checkpoint import load_model
     from .evaluate.probe import probe
 
     model, mcfg, state = load_model(checkpoint, initial=initial)
-    scores = probe(model.encoder, probe_data, seed=seed, progress=False)
+    scores = probe(model.encoder, probe_data, seed=seed, progress=progress)
     # A norm-pix model predicts normalised patches; showing them in image space needs the hidden
     # patches' own mean and variance, i.e. part of the answer, so its PSNR is not comparable.
     psnr = None if mcfg.loss == "masked_normpix" else masked_psnr(model)
@@ -139,12 +141,13 @@ def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = 
     }
 
 
-def _cached_scores(run: Path, checkpoint: Path, probe_data: str, seed: int, initial: bool = False) -> dict:
+def _cached_scores(run: Path, checkpoint: Path, probe_data: str, seed: int, initial: bool = False,
+                   progress: bool = False) -> dict:
     cache = run / ("scores-init.json" if initial else "scores.json")
     key = {"checkpoint": str(checkpoint), "probe_data": probe_data, "seed": seed}
     cached = json.loads(cache.read_text()) if cache.is_file() else {}
     if cached.get("key") != key:
-        cached = {"key": key, "scores": score_variant(checkpoint, probe_data, seed, initial)}
+        cached = {"key": key, "scores": score_variant(checkpoint, probe_data, seed, initial, progress)}
         cache.write_text(json.dumps(cached, indent=1))
     return cached["scores"]
 
@@ -158,21 +161,27 @@ def run_ablation(out: str | Path = "runs/ablate", names: list[str] | None = None
         raise GMAEError(f"unknown ablation variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     out = Path(out)
     rows = []
-    for variant in [VARIANTS[n] for n in names] if names else GRID:
+    variants = [VARIANTS[n] for n in names] if names else GRID
+    # One bar over the runs; each run's training and feature extraction draw their own below it.
+    bar = tqdm(variants, desc="ablate", unit="run", disable=not progress, dynamic_ncols=True)
+    for variant in bar:
         run = out / variant.name
         start = time.time()
+        bar.set_postfix_str(f"{variant.name}: pre-training")
         checkpoint = pretrain_variant(variant, run, steps, seed, data, progress)
         row = {"name": variant.name, "setting": variant.setting, "paper_ft": variant.paper[0],
                "paper_lin": variant.paper[1]}
         if evaluate:
-            row.update(_cached_scores(run, checkpoint, probe_data, seed))
+            bar.set_postfix_str(f"{variant.name}: probes and PSNR")
+            row.update(_cached_scores(run, checkpoint, probe_data, seed, progress=progress))
         if progress:
-            print(f"{variant.name}: done in {time.time() - start:.0f} s", flush=True)
+            bar.write(f"{variant.name}: done in {time.time() - start:.0f} s")
         rows.append(row)
         if evaluate and variant.name == "base":  # the floor every pre-training must beat
+            bar.set_postfix_str("base at initialisation: probes and PSNR")
             rows.append({"name": "init", "setting": "base architecture at initialisation (no pre-training)",
                          "paper_ft": None, "paper_lin": None,
-                         **_cached_scores(run, checkpoint, probe_data, seed, initial=True)})
+                         **_cached_scores(run, checkpoint, probe_data, seed, initial=True, progress=progress)})
     if evaluate:
         (out / "results.json").write_text(json.dumps(rows, indent=1))
         (out / "table.md").write_text(format_table(rows) + "\n")

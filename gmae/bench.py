@@ -21,13 +21,13 @@ from typing import Callable
 
 import torch
 
+from .choices import BENCHMARKS
 from .config import model_config
 from .model import build_model
 from .render import rasterize
 from .render.reference import _composite_chunk
 from .train import masking_noise, param_groups
 
-BENCHMARKS = ("render_speedup", "coverage_growth", "step_ratio_tiny", "step_ratio_base224")
 
 
 def _sync(device: str) -> None:

@@ -1,7 +1,10 @@
-"""The `gmae` command: pretrain, reconstruct, info, export, bench.
+"""The `gmae` command: pretrain, reconstruct, the readouts, evaluations, plot, info, export, bench.
 
 Each sub-command is one small function; mistakes a user can make are raised as
-GMAEError and printed as one line (exit status 2).
+GMAEError and printed as one line (exit status 2). Building the parser and
+checking the arguments and paths import no torch (this module and what it
+imports at the top are torch-free), so `gmae --help` and usage errors answer
+at once; each command imports what it runs only after its checks.
 """
 
 from __future__ import annotations
@@ -11,10 +14,17 @@ import json
 import sys
 from pathlib import Path
 
+from .choices import BENCHMARKS, EXPORT_FORMATS
 from .config import (
-    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, LOSSES, MODELS, PRESETS, TrainConfig, as_dict, model_config, train_config,
+    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, LOSSES, MODELS, PRESETS, FinetuneConfig, TrainConfig, as_dict, model_config,
+    train_config,
 )
 from .errors import GMAEError
+from .files import check_exists, check_output_file, check_output_folder, image_files
+
+CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
+RESUME_HELP = ("continue the newest checkpoint in --out (an error if there is none); --resume=auto: "
+               "continue if there is one, else start")
 
 
 def _positive_int(text: str) -> int:
@@ -40,6 +50,23 @@ def _background(text: str) -> tuple[float, ...]:
     return values
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _check_mask_ratio(ratio: float | None) -> None:
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise GMAEError(f"mask ratio must be in [0, 1); got {ratio}")
+
+
+def _check_checkpoint(path: str) -> None:
+    check_exists(path, "checkpoint", f"give {CHECKPOINT_HELP}")
+
+
+def _add_resume(p, help_text: str) -> None:
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"], help=help_text)
+
+
 # --------------------------------------------------------------------------- pretrain
 
 
@@ -54,10 +81,8 @@ def add_pretrain(sub) -> None:
     p.add_argument("--blr", type=float, help="base learning rate; lr = blr * batch / 256 (tiny: 1.6e-2, others 1e-3)")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (tiny: 50)")
     p.add_argument("--out", default=d.out, help=f"output folder for checkpoints, metrics and figures (default {d.out})")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out with its saved settings; of those, "
-                        "--steps, --device, --checkpoint-every, --num-workers, --keep-checkpoints and "
-                        "--max-bad-steps take effect when given")
+    _add_resume(p, RESUME_HELP + ", with its saved settings; of those, --steps, --device, --checkpoint-every, "
+                "--num-workers, --keep-checkpoints and --max-bad-steps take effect when given")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (tiny: 400)")
@@ -95,13 +120,13 @@ def add_pretrain(sub) -> None:
     p.add_argument("--init-encoder", default=d.init_encoder, metavar="FILE",
                    help="start the encoder from FILE: a gmae checkpoint or export, or a timm / MAE ViT checkpoint "
                         "of the same shape (fresh runs only)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log the metrics for TensorBoard in --out/tensorboard (pip install 'gmae[tensorboard]')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
 
 
 def cmd_pretrain(args) -> int:
-    from .train import RESUMABLE_CHANGES, pretrain
-
     mcfg = model_config(
         args.preset, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
         num_gaussians=args.num_gaussians, max_scale=args.max_scale, mask_ratio=args.mask_ratio,
@@ -115,15 +140,26 @@ def cmd_pretrain(args) -> int:
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
         max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image, init_encoder=args.init_encoder,
     )
+    check_output_folder(tcfg.out)
+    if args.tensorboard:
+        from .board import check_available
+
+        check_available()
+    if args.init_encoder:
+        check_exists(args.init_encoder, "--init-encoder", "give a gmae checkpoint or export, or a timm / MAE ViT file")
+    from .train import RESUMABLE_CHANGES, pretrain  # torch: only once the arguments are known to be good
+
     # On --resume the run's saved settings win, except those given on this command line.
     given = tuple(k for k in RESUMABLE_CHANGES if getattr(args, k) is not None)
-    summary = pretrain(mcfg, tcfg, resume=args.resume, progress=not args.quiet, changes=given)
+    summary = pretrain(mcfg, tcfg, resume=args.resume, progress=not args.quiet, changes=given,
+                       tensorboard=args.tensorboard)
     if summary["figure"] is None:  # not the main process of a torchrun job
         return 0
     print(f"done: {summary['steps_run']} steps at {summary['steps_per_s']:.2f} steps/s, "
           f"final loss {summary['final_loss']:.4f}")
     if summary["skipped_steps"] or summary["bad_images"]:
-        print(f"skipped: {summary['skipped_steps']} steps with a non-finite loss, {summary['bad_images']} unreadable images")
+        print(f"skipped: {_count(summary['skipped_steps'], 'step')} with a non-finite loss, "
+              f"{_count(summary['bad_images'], 'unreadable image')}")
     print(f"checkpoint: {summary['checkpoint']}\nfigure:     {summary['figure']}")
     return 0
 
@@ -133,8 +169,8 @@ def cmd_pretrain(args) -> int:
 
 def add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", help="masked input and reconstruction of images, side by side")
-    p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by gmae pretrain")
+    p.add_argument("images", nargs="+", help="image files (any format Pillow reads) or folders of them")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="folder for the PNG figures")
     p.add_argument("--mask-ratio", type=float, default=None, help="override the model's mask ratio")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
@@ -142,7 +178,17 @@ def add_reconstruct(sub) -> None:
     p.set_defaults(func=cmd_reconstruct)
 
 
+def _image_command_inputs(args) -> list[str]:
+    """The checks of a command that reads images and writes figures, before anything heavy is imported."""
+    _check_mask_ratio(args.mask_ratio)
+    _check_checkpoint(args.checkpoint)
+    images = image_files(args.images)
+    check_output_folder(args.out)
+    return images
+
+
 def cmd_reconstruct(args) -> int:
+    images = _image_command_inputs(args)
     import torch
 
     from .checkpoint import load_model
@@ -151,11 +197,9 @@ def cmd_reconstruct(args) -> int:
     from .viz import save_reconstruction_figure
 
     model, mcfg, _ = load_model(args.checkpoint, args.device)
-    if args.mask_ratio is not None and not 0.0 <= args.mask_ratio < 1.0:
-        raise GMAEError(f"mask ratio must be in [0, 1); got {args.mask_ratio}")
-    imgs = torch.stack([load_image(path, mcfg.img_size) for path in args.images]).to(args.device)
+    imgs = torch.stack([load_image(path, mcfg.img_size) for path in images]).to(args.device)
     out = Path(args.out)
-    for i, path in enumerate(args.images):
+    for i, path in enumerate(images):
         noise = masking_noise(args.seed, i, 1, mcfg.num_patches).to(args.device)
         fig = save_reconstruction_figure(model, imgs[i : i + 1], out / f"{Path(path).stem}_reconstruction.png", noise,
                                          mask_ratio=args.mask_ratio)
@@ -176,9 +220,9 @@ READOUTS = {
 def add_readouts(sub) -> None:
     for name, what in READOUTS.items():
         p = sub.add_parser(name, help=f"zero-shot {what} (PNG per image)")
-        p.add_argument("images", nargs="+", help="image files (any format Pillow reads); the shorter side is "
-                       "resized to the model's input size and the centre square is cropped")
-        p.add_argument("--checkpoint", required=True, help="a GMAE checkpoint (.pt) written by gmae pretrain")
+        p.add_argument("images", nargs="+", help="image files (any format Pillow reads) or folders of them; the "
+                       "shorter side is resized to the model's input size and the centre square is cropped")
+        p.add_argument("--checkpoint", required=True, help=f"GMAE model: {CHECKPOINT_HELP}")
         p.add_argument("--out", required=True, help=f"folder for the PNG figures (NAME_{name}.png)")
         p.add_argument("--mask-ratio", type=float, default=0.0,
                        help="patches hidden from the encoder (default 0: it sees the whole image)")
@@ -195,18 +239,17 @@ def add_readouts(sub) -> None:
 
 
 def cmd_readout(args) -> int:
+    images = _image_command_inputs(args)
     import torch
 
     from . import viz, zeroshot
     from .checkpoint import load_model
     from .data import load_image
 
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise GMAEError(f"mask ratio must be in [0, 1); got {args.mask_ratio}")
     model, mcfg, _ = load_model(args.checkpoint, args.device)
     canvas = zeroshot.Canvas.of(model)
     out = Path(args.out)
-    for path in args.images:
+    for path in images:
         img = load_image(path, mcfg.img_size).to(args.device)
         g = zeroshot.gaussians_of(model, img[None], args.mask_ratio)
         target = out / f"{Path(path).stem}_{args.readout}.png"
@@ -222,7 +265,7 @@ def cmd_readout(args) -> int:
             fig = viz.save_segment_figure(img, figure[0], near[0], target)
         else:
             render = zeroshot.render_subsets(g, torch.ones(1, g.num, dtype=torch.bool, device=img.device), canvas)[0]
-            fig = viz.save_gaussians_figure(img, g.means[0], g.opacities[0], render[0, 0], target)
+            fig = viz.save_gaussians_figure(img, g.means[0], g.opacities[0], render[0, 0], target, g.colors[0])
         print(fig)
     return 0
 
@@ -230,7 +273,7 @@ def cmd_readout(args) -> int:
 def add_eval_zeroshot(sub) -> None:
     p = sub.add_parser("eval-zeroshot", help="score zero-shot edges (ODS/OIS/AP) and figure-ground (IoU) "
                        "against ground truth, with Sobel/Canny/ellipse baselines")
-    p.add_argument("--checkpoint", required=True, help="a GMAE checkpoint (.pt) written by gmae pretrain")
+    p.add_argument("--checkpoint", required=True, help=f"GMAE model: {CHECKPOINT_HELP}")
     p.add_argument("--data", default="deadleaves",
                    help="deadleaves (default; generated, exact truth), bsds:ROOT (BSDS500 layout, test split) "
                    "or masks:ROOT (ROOT/images + same-named binary PNGs in ROOT/masks)")
@@ -246,11 +289,11 @@ def add_eval_zeroshot(sub) -> None:
 
 
 def cmd_eval_zeroshot(args) -> int:
+    _check_mask_ratio(args.mask_ratio)
+    _check_checkpoint(args.checkpoint)
     from .checkpoint import load_model
     from .evaluate.zeroshot import evaluate_zeroshot, format_table
 
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise GMAEError(f"mask ratio must be in [0, 1); got {args.mask_ratio}")
     model, _, _ = load_model(args.checkpoint, args.device, initial=args.random_init)
     results = evaluate_zeroshot(model, args.data, args.num_images, args.batch_size, args.mask_ratio,
                                 progress=not args.json)
@@ -281,6 +324,7 @@ def add_ablate(sub) -> None:
 
 
 def cmd_ablate(args) -> int:
+    check_output_folder(args.out)
     from .ablate import format_table, run_ablation
 
     rows = run_ablation(args.out, args.only, args.steps, args.seed, args.data, args.probe_data,
@@ -294,12 +338,13 @@ def cmd_ablate(args) -> int:
 
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="config, step and parameter counts of a checkpoint")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
 
 def cmd_info(args) -> int:
+    _check_checkpoint(args.checkpoint)
     from .checkpoint import configs_of, load_model
     from .model import count_parameters
 
@@ -310,7 +355,7 @@ def cmd_info(args) -> int:
     info = {
         "checkpoint": str(args.checkpoint), "step": state["step"],
         "parameters": {"encoder": encoder, "decoder": total - encoder, "total": total},
-        "model": as_dict(mcfg), "train": as_dict(tcfg),
+        "model": as_dict(mcfg), "train": None if tcfg is None else as_dict(tcfg),
     }
     if args.json:
         print(json.dumps(info))
@@ -318,6 +363,9 @@ def cmd_info(args) -> int:
     print(f"{info['checkpoint']}: {mcfg.model} at step {info['step']}")
     print(f"parameters: encoder {encoder:,}  decoder {total - encoder:,}  total {total:,}")
     for section in ("model", "train"):
+        if info[section] is None:
+            print(f"{section}: not stored (an export holds the model only)")
+            continue
         print(f"{section}:")
         for key, value in info[section].items():
             print(f"  {key}: {value}")
@@ -328,8 +376,6 @@ def cmd_info(args) -> int:
 
 
 def add_bench(sub) -> None:
-    from .bench import BENCHMARKS
-
     p = sub.add_parser("bench", help="speed ratios measured in one run (renderer speed-ups, GMAE/MAE step time)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
                    help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
@@ -352,11 +398,9 @@ def cmd_bench(args) -> int:
 
 
 def add_export(sub) -> None:
-    from .export import FORMATS
-
     p = sub.add_parser("export", help="write a checkpoint's model for sharing (safetensors: no code runs on load)")
-    p.add_argument("checkpoint")
-    p.add_argument("--format", default="safetensors", choices=list(FORMATS),
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--format", default="safetensors", choices=list(EXPORT_FORMATS),
                    help="safetensors (default): the whole gmae model; timm: the encoder only, under timm's "
                         "VisionTransformer names (.safetensors or .pth)")
     p.add_argument("--out", required=True, help="output file, e.g. model.safetensors or vit.pth")
@@ -364,13 +408,15 @@ def add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import configs_of, load_checkpoint
+    _check_checkpoint(args.checkpoint)
+    check_output_file(args.out)
+    from .checkpoint import configs_of, load_state
     from .export import export_checkpoint, timm_create_call
 
     out = export_checkpoint(args.checkpoint, args.out, fmt=args.format)
     print(out)
     if args.format == "timm":
-        mcfg, _ = configs_of(load_checkpoint(args.checkpoint))
+        mcfg, _ = configs_of(load_state(args.checkpoint))
         print(f"load in timm: {timm_create_call(mcfg, out)}")
     return 0
 
@@ -385,13 +431,15 @@ LABELLED_DATA_HELP = ("labelled data: digits (default; scikit-learn's 8x8 digits
 
 def add_probe(sub) -> None:
     p = sub.add_parser("probe", help="linear and kNN probes of a frozen encoder on labelled images")
-    p.add_argument("--checkpoint", required=True,
-                   help="gmae checkpoint (.pt), gmae safetensors export or timm/MAE ViT weights")
+    p.add_argument("--checkpoint", required=True, help=f"{CHECKPOINT_HELP}, or timm/MAE ViT weights")
     p.add_argument("--data", default="digits", help=LABELLED_DATA_HELP)
     p.add_argument("--pool", default="cls", choices=("cls", "avg"),
                    help="feature: cls token (default, MAE's linear probe) or mean of patch tokens, after the final norm")
-    p.add_argument("--random-init", action="store_true",
-                   help="probe the checkpoint's architecture with fresh weights drawn with --seed (the baseline)")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--random-init", action="store_true",
+                      help="probe the checkpoint's architecture with fresh weights drawn with --seed (the baseline)")
+    init.add_argument("--baseline", action="store_true",
+                      help="probe the trained weights and the random-init baseline, and print both side by side")
     p.add_argument("--epochs", type=_positive_int, default=100, help="linear-probe epochs on cached features (default 100)")
     p.add_argument("--k", type=_positive_int, default=20, help="kNN neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default 0.07)")
@@ -405,43 +453,54 @@ def add_probe(sub) -> None:
 
 def _run_seed(path: str, default: int) -> int:
     """The seed a gmae checkpoint's run started from (its initial weights); `default` for other files."""
-    from .checkpoint import configs_of, load_checkpoint
+    from .checkpoint import configs_of, load_state
 
     try:
-        return configs_of(load_checkpoint(path))[1].seed
+        tcfg = configs_of(load_state(path))[1]
     except GMAEError:
         return default
+    return default if tcfg is None else tcfg.seed
 
 
 def cmd_probe(args) -> int:
-    from .evaluate.probe import load_encoder, probe, random_encoder
-
     if not args.temperature > 0:
         raise GMAEError(f"temperature must be positive; got {args.temperature}")
+    _check_checkpoint(args.checkpoint)
+    from .data.labelled import build_labelled
+    from .evaluate.probe import load_encoder, probe, random_encoder
+
     encoder, mcfg = load_encoder(args.checkpoint)
-    if args.random_init:
-        encoder = random_encoder(mcfg, _run_seed(args.checkpoint, args.seed))
-    result = probe(encoder, args.data, batch_size=args.batch_size, device=args.device, pool=args.pool, k=args.k,
-                   T=args.temperature, epochs=args.epochs, seed=args.seed, progress=not args.json)
+    data = build_labelled(args.data, mcfg.img_size)  # built once when the baseline is probed too
+    encoders = {"pre-trained": encoder}
+    if args.random_init or args.baseline:
+        baseline = random_encoder(mcfg, _run_seed(args.checkpoint, args.seed))
+        encoders = {"random init": baseline} if args.random_init else {**encoders, "random init": baseline}
+    results = {label: probe(enc, data, batch_size=args.batch_size, device=args.device, pool=args.pool, k=args.k,
+                            T=args.temperature, epochs=args.epochs, seed=args.seed, progress=not args.json)
+               for label, enc in encoders.items()}
+    result = next(iter(results.values()))
     result.update(checkpoint=str(args.checkpoint), data=args.data, random_init=args.random_init)
+    if args.baseline:
+        result["baseline"] = {key: results["random init"][key] for key in ("linear_acc", "knn_acc")}
     if args.json:
         print(json.dumps(result))
         return 0
-    label = "random init" if args.random_init else "pre-trained"
-    print(f"{args.checkpoint} ({label}), {args.data}: {result['num_train']} train / {result['num_val']} val images, "
-          f"{result['num_classes']} classes; feature: {result['feature']} ({result['dim']}-d)")
-    print(f"linear_acc  {100 * result['linear_acc']:6.2f}%   (BatchNorm + linear, SGD, {args.epochs} epochs)")
-    print(f"knn_acc     {100 * result['knn_acc']:6.2f}%   (cosine, k={args.k}, T={args.temperature})")
+    print(f"{args.checkpoint} ({' vs '.join(results)}), {args.data}: {result['num_train']} train / "
+          f"{result['num_val']} val images, {result['num_classes']} classes; feature: {result['feature']} "
+          f"({result['dim']}-d)")
+    if args.baseline:
+        print(" " * 10 + "".join(f"{label:>14}" for label in results))
+    for key, how in (("linear_acc", f"BatchNorm + linear, SGD, {args.epochs} epochs"),
+                     ("knn_acc", f"cosine, k={args.k}, T={args.temperature}")):
+        cells = "".join(f"{100 * r[key]:13.2f}%" for r in results.values())
+        print(f"{key:<10}{cells}   ({how})")
     return 0
 
 
 def add_finetune(sub) -> None:
-    from .evaluate.finetune import FinetuneConfig
-
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune a pre-trained encoder as a classifier (MAE's recipe)")
-    p.add_argument("--checkpoint", help="gmae checkpoint (.pt), gmae safetensors export or timm/MAE ViT weights "
-                   "(not needed with --resume)")
+    p.add_argument("--checkpoint", help=f"{CHECKPOINT_HELP}, or timm/MAE ViT weights (not needed with --resume)")
     p.add_argument("--data", default=d.data, help=LABELLED_DATA_HELP)
     p.add_argument("--out", default=d.out, help=f"folder for checkpoints and metrics.jsonl (default {d.out})")
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"epochs (default {d.epochs})")
@@ -461,9 +520,8 @@ def add_finetune(sub) -> None:
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="steps between checkpoints (default: an epoch)")
     p.add_argument("--keep-checkpoints", type=_positive_int, default=None,
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the newest checkpoint in --out with its saved settings "
-                        "(--device, --num-workers and --keep-checkpoints take effect when given)")
+    _add_resume(p, RESUME_HELP + ", with its saved settings (--device, --num-workers and --keep-checkpoints "
+                "take effect when given)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--num-workers", type=int, default=None, help="data-loading processes (default 0)")
@@ -475,8 +533,6 @@ def add_finetune(sub) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from .evaluate.finetune import RESUMABLE_CHANGES, FinetuneConfig, finetune
-
     if not args.resume and not args.checkpoint:
         raise GMAEError("give --checkpoint (the pre-trained model to fine-tune), or --resume to continue a run")
     d = FinetuneConfig()
@@ -490,6 +546,11 @@ def cmd_finetune(args) -> int:
         checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
         num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
     )
+    if args.checkpoint:
+        _check_checkpoint(args.checkpoint)
+    check_output_folder(fcfg.out)
+    from .evaluate.finetune import RESUMABLE_CHANGES, finetune
+
     given = tuple(k for k in RESUMABLE_CHANGES if getattr(args, k) is not None)
     summary = finetune(fcfg, resume=args.resume, progress=not (args.quiet or args.json), changes=given)
     if args.json:
@@ -498,6 +559,28 @@ def cmd_finetune(args) -> int:
     print(f"done: {summary['steps_run']} steps; final val top-1 {100 * summary['val_acc']:.2f}% "
           f"(best {100 * summary['best_val_acc']:.2f}%) on {summary['num_val']} images")
     print(f"checkpoint: {summary['checkpoint']}\nmetrics:    {summary['out']}/metrics.jsonl")
+    return 0
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="training curves (loss, lr and every other logged metric) of one or more runs, "
+                       "on shared axes")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders of gmae pretrain or finetune "
+                   "(or their metrics.jsonl files)")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--smooth", type=_positive_int, default=None,
+                   help="moving-average window of the loss, in logged steps (default: 1/50 of the longest run)")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args) -> int:
+    check_output_file(args.out)
+    from .plot import plot_runs  # matplotlib, no torch
+
+    print(plot_runs(args.runs, args.out, smooth=args.smooth))
     return 0
 
 
@@ -515,20 +598,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gmae", description="Gaussian Masked Autoencoders")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_pretrain, add_reconstruct, add_readouts, add_eval_zeroshot, add_ablate, add_info, add_export, add_bench,
-                add_probe, add_finetune):
+                add_probe, add_finetune, add_plot):
         add(sub)
+    parser.commands = sub.choices  # {name: its parser}, so that its own errors name it
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments of one command; a flag that command does not know is reported by that command."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _interrupted(args) -> str:
+    """What a Ctrl-C leaves behind, said for the command that was running."""
+    if args.command in ("pretrain", "finetune"):
+        from .files import list_checkpoints
+
+        kept = list_checkpoints(args.out)
+        if kept:
+            return f"interrupted; {args.out} keeps its checkpoints up to {kept[-1].name}: add --resume to continue"
+        return f"interrupted before the first checkpoint, so {args.out} holds nothing to resume; run again to start over"
+    if args.command == "ablate":
+        return "interrupted; finished runs, scores and checkpoints are kept: run the same command again to continue"
+    return "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except GMAEError as e:
         print(f"gmae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gmae {args.command}: interrupted (checkpoints written so far are kept; --resume continues)", file=sys.stderr)
+        print(f"gmae {args.command}: {_interrupted(args)}", file=sys.stderr)
         return 130
 
 

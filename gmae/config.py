@@ -1,13 +1,15 @@
-"""Model and training settings: two dataclasses and the named presets.
+"""Model and training settings: the dataclasses and the named presets.
 
 `ModelConfig` is everything needed to rebuild a model (it is stored in every
-checkpoint); `TrainConfig` is everything about one pre-training run.
+checkpoint); `TrainConfig` is everything about one pre-training run,
+`FinetuneConfig` about one fine-tuning run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 from .errors import GMAEError
 
@@ -212,5 +214,61 @@ def as_dict(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "DEPTH_PARAMS", "DEPTH_GRADS",
-           "model_config", "train_config", "config_from_dict", "as_dict"]
+# Fine-tuning's settings live here, beside pre-training's, so that `gmae finetune --help` needs no torch.
+@dataclass
+class FinetuneConfig:
+    checkpoint: str = ""  # the pre-trained model fine-tuned (a record; resume does not need it)
+    data: str = "digits"  # a gmae.data.labelled spec
+    epochs: int = 5
+    steps: int = 0  # optimizer steps; 0: epochs x ceil(train size / batch)
+    batch_size: int = 32
+    blr: float = 8e-3  # lr = blr * batch / 256 = 1e-3 at batch 32 (MAE base: blr 5e-4 at batch 1024)
+    min_lr: float = 1e-6
+    warmup_steps: int = -1  # -1: one epoch
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    smoothing: float = 0.1
+    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
+    random_init: bool = False  # fine-tune the architecture from fresh weights (the baseline)
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/finetune"
+    eval_every: int = 0  # steps between val evaluations; 0: once per epoch (and always at the end)
+    checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch (and always at the end)
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        checks = [
+            (self.epochs >= 1 and self.steps >= 0, f"epochs must be >= 1 and steps >= 0; got {self.epochs}, {self.steps}"),
+            (self.batch_size >= 1, f"batch size must be at least 1; got {self.batch_size}"),
+            (self.blr > 0 and self.min_lr >= 0, f"base lr must be positive and min lr >= 0; got {self.blr}, {self.min_lr}"),
+            (0 < self.layer_decay <= 1, f"layer decay must be in (0, 1]; got {self.layer_decay}"),
+            (0 <= self.drop_path < 1, f"drop path must be in [0, 1); got {self.drop_path}"),
+            (0 <= self.smoothing < 1, f"label smoothing must be in [0, 1); got {self.smoothing}"),
+            (self.weight_decay >= 0 and self.clip_grad >= 0, "weight decay and clip-grad must be >= 0"),
+            (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval-every and checkpoint-every must be >= 0"),
+            (self.keep_checkpoints >= 1 and self.num_workers >= 0, "keep-checkpoints must be >= 1, num-workers >= 0"),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16; got {self.precision!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GMAEError(message)
+
+    def resolved(self, num_train: int) -> FinetuneConfig:
+        """A copy with steps, warmup, eval and checkpoint intervals made concrete for ``num_train`` images."""
+        per_epoch = max(1, math.ceil(num_train / self.batch_size))
+        steps = self.steps or self.epochs * per_epoch
+        return replace(
+            self, steps=steps,
+            warmup_steps=min(per_epoch if self.warmup_steps < 0 else self.warmup_steps, steps - 1),
+            eval_every=self.eval_every or per_epoch, checkpoint_every=self.checkpoint_every or per_epoch,
+        )
+
+
+__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "DEPTH_PARAMS",
+           "DEPTH_GRADS", "model_config", "train_config", "config_from_dict", "as_dict"]

@@ -33,6 +33,11 @@ class Context:
         return self.world_size > 1
 
 
+def rank_from_env() -> int:
+    """This process's rank under torchrun (0 when run as a plain command), before `init`."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def init(device: str) -> Context:
     """Join the torchrun process group if there is one; returns this process's context."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

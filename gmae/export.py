@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import re
 from pathlib import Path
@@ -51,19 +50,19 @@ from pathlib import Path
 import torch
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import configs_of, load_checkpoint
+from .checkpoint import configs_of, load_state, write_atomically
+from .choices import EXPORT_FORMATS
 from .config import PRESETS, ModelConfig, as_dict, config_from_dict
 from .errors import GMAEError
 
-__all__ = ["EXPORT_FORMAT", "FORMATS", "TIMM_FORMAT", "export_checkpoint", "init_encoder_weights", "load_encoder",
-           "load_exported", "read_export_metadata", "timm_create_call", "timm_model_name"]
+__all__ = ["EXPORT_FORMAT", "FORMATS", "TIMM_FORMAT", "export_checkpoint", "export_state", "init_encoder_weights",
+           "load_encoder", "load_exported", "read_export_metadata", "timm_create_call", "timm_model_name"]
 
 EXPORT_FORMAT = "gmae-export"
 TIMM_FORMAT = "timm-vit"
 EXPORT_VERSION = "1"
 CONFIG_KEY = "gmae_model_config"
-#: Export formats and the file extensions each accepts.
-FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}
+FORMATS = EXPORT_FORMATS  # format -> the file extensions it accepts
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 #: Entries of MAE / timm checkpoints that are not the encoder and are dropped on load:
 #: MAE's decoder (``decoder_*``) and ``mask_token``, a classifier (``head.*``) and the
@@ -120,14 +119,14 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
     next to `out_path` and renamed into place, so a crash never leaves a
     half-written export.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     exts = _check_format(fmt)
     out_path = Path(out_path)
     _check_extension(out_path, exts, "export file")
     if out_path.is_dir():
         raise GMAEError(f"export file {out_path} is a directory; give a file name ending in {' or '.join(exts)}")
-    state = load_checkpoint(checkpoint_path)
+    state = load_state(checkpoint_path)
     mcfg, _ = configs_of(state)
     tensors = {}
     for name, value in state["model"].items():
@@ -142,17 +141,10 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
         CONFIG_KEY: json.dumps(as_dict(mcfg)),
         "step": str(int(state["step"])),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    try:
-        if out_path.suffix.lower() == ".pth":
-            torch.save(tensors, tmp)
-        else:
-            save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    if out_path.suffix.lower() == ".pth":
+        return write_atomically(out_path, lambda f: torch.save(tensors, f))
+    # Bytes written through `open` (safetensors' own save_file makes its files 0600, whatever the umask).
+    return write_atomically(out_path, lambda f: f.write(save(tensors, metadata=metadata)))
 
 
 def _safetensors_metadata(path: Path, what: str) -> dict[str, str]:
@@ -191,17 +183,31 @@ def _config_of(metadata: dict[str, str], path) -> ModelConfig:
         raise GMAEError(f"export {path} has an unreadable model config ({e})") from None
 
 
-def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
-    """(model in eval mode, ModelConfig) rebuilt from a gmae safetensors export."""
+def export_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A gmae safetensors export as a checkpoint dict (:mod:`gmae.checkpoint`): format, step, the
+    model config (no training config: ``"train": None``) and the model's tensors; no optimizer."""
     from safetensors.torch import load_file
 
+    metadata = read_export_metadata(path)
+    mcfg = _config_of(metadata, path)
+    try:
+        step = int(metadata.get("step", "0"))
+    except ValueError:
+        step = 0
+    return {"format": CHECKPOINT_FORMAT, "version": 1, "step": step,
+            "config": {"model": as_dict(mcfg), "train": None},
+            "model": load_file(str(path), device=str(torch.device(map_location))), "optimizer": None}
+
+
+def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
+    """(model in eval mode, ModelConfig) rebuilt from a gmae safetensors export."""
     from .model import build_model  # local: models import this module's neighbours
 
-    mcfg = _config_of(read_export_metadata(path), path)
-    tensors = load_file(str(path), device="cpu")
+    state = export_state(path)
+    mcfg, _ = configs_of(state)
     model = build_model(mcfg)
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(state["model"], strict=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:200]
         raise GMAEError(f"export {path} does not match its model config ({detail})") from None
@@ -291,7 +297,8 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
                  num_heads: int | None = None) -> tuple[torch.nn.Module, ModelConfig]:
     """(ViTEncoder in eval mode on `map_location`, ModelConfig) read from `path`, which may be
 
-    (a) a gmae training checkpoint (``.pt``) or (b) a gmae safetensors export:
+    (a) a gmae training checkpoint (``.pt``) or a run folder (its newest readable
+        checkpoint), or (b) a gmae safetensors export:
         the encoder of the model, with the file's own config;
     (c) a timm-named ViT state dict: a ``.safetensors`` file (a gmae timm export,
         or timm's/Hugging Face's own), or a ``.pt``/``.pth``/``.bin`` file read with
@@ -310,12 +317,15 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
     cls slot, layer-scale, ...) is a one-line GMAEError naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise GMAEError(f"encoder file {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a "
-                        ".pt/.pth/.bin or .safetensors file")
+    if not path.exists():
+        raise GMAEError(f"encoder file {path} does not exist; give a .pt/.pth/.bin or .safetensors file, "
+                        "or a run folder of gmae pretrain")
     suffix = path.suffix.lower()
     mcfg = None
-    if suffix == ".safetensors":
+    if path.is_dir():  # a run folder: its newest readable checkpoint
+        state = load_state(path)
+        mcfg, sd = configs_of(state)[0], state["model"]
+    elif suffix == ".safetensors":
         from safetensors.torch import load_file
 
         metadata = _safetensors_metadata(path, "encoder file")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,13 +19,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed
-from .checkpoint import checkpoint_path, configs_of, list_checkpoints, load_latest, save_checkpoint, training_state
+from .board import Board, check_available
+from .checkpoint import checkpoint_path, configs_of, resume_from, save_checkpoint, training_state
 from .config import ModelConfig, TrainConfig, as_dict
 from .data import SeededStream, StepBatchSampler, build_dataset
 from .errors import GMAEError
 from .export import init_encoder_weights
+from .files import check_output_folder, prepare_metrics, run_lock
 from .model import build_model
 from .render import resolve_backend
 from .viz import save_reconstruction_figure
@@ -98,24 +102,39 @@ def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.
     return loss_value, ok, out
 
 
-def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progress: bool = True,
-             changes: tuple[str, ...] = RESUMABLE_CHANGES) -> dict:
+def say(message: str) -> None:
+    """A line for the user on stderr, above the progress bar rather than inside it."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str = False, progress: bool = True,
+             changes: tuple[str, ...] = RESUMABLE_CHANGES, tensorboard: bool = False) -> dict:
     """Pre-train `mcfg` as `tcfg` says; returns a summary dict. Writes into `tcfg.out`:
 
     checkpoint-NNNNNNN.pt (every `checkpoint_every` steps and at the end, newest
     `keep_checkpoints` kept), metrics.jsonl (one JSON object per step),
-    reconstruction.png. With `resume`, the newest readable checkpoint's settings
-    are used, except for the `changes` fields (from RESUMABLE_CHANGES), which
-    come from `tcfg`. Under torchrun, every process trains on its share of each
-    global batch and only the first one writes files.
+    reconstruction.png, and with `tensorboard` the same metrics as TensorBoard
+    events in tensorboard/. With `resume` (True, or "auto": only if `tcfg.out`
+    holds a checkpoint), the newest readable checkpoint's settings are used,
+    except for the `changes` fields (from RESUMABLE_CHANGES), which come from
+    `tcfg`. Under torchrun, every process trains on its share of each global
+    batch and only the first one writes files. The first holds the folder's
+    lock while it runs, so a second run into the same folder is refused.
     """
+    out = check_output_folder(tcfg.out)
+    if tensorboard:
+        check_available()
+    if distributed.rank_from_env() != 0:
+        return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard)
+    with run_lock(out):
+        return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard)
+
+
+def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress: bool,
+              changes: tuple[str, ...], tensorboard: bool) -> dict:
     out = Path(tcfg.out)
-    state = load_latest(out, warn=tqdm.write) if resume else None
-    if resume and state is None:
-        tqdm.write(f"no checkpoint in {out}; starting from scratch")
-    if not resume and list_checkpoints(out):
-        raise GMAEError(f"{out} already holds checkpoints of another run; add --resume to continue it "
-                        "or choose a new --out")
+    found = resume_from(out, resume, warn=say)
+    state = None if found is None else found[1]
     if state is not None:
         mcfg, saved = configs_of(state)
         # The user may extend or relocate a run, not change what it trains.
@@ -159,7 +178,9 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     metrics_path = out / "metrics.jsonl"
     if ctx.is_main:
-        truncate_metrics(metrics_path, start)
+        if state is not None:
+            say(f"resumed from {found[0].name} (step {start})")
+        prepare_metrics(metrics_path, start, warn=say)
 
     stream = SeededStream(source, tcfg.seed)
     loader = DataLoader(
@@ -171,7 +192,10 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
     bar = tqdm(total=tcfg.steps, initial=start, desc=f"pretrain {mcfg.model}",
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
     t_start = time.perf_counter()
-    with bar, open(metrics_path, "a") if ctx.is_main else contextlib.nullcontext() as metrics:
+    # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it.
+    with (bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(),
+          open(metrics_path, "a") if ctx.is_main else contextlib.nullcontext() as metrics,
+          Board(out / "tensorboard", start) if tensorboard and ctx.is_main else contextlib.nullcontext() as board):
         for step, imgs in enumerate(loader, start=start):
             t0 = time.perf_counter()
             lr = learning_rate(step, tcfg)
@@ -197,6 +221,8 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
                     record.update(skipped=not applied, skipped_total=skipped)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                if board is not None:
+                    board.log(record)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             if ctx.is_main and ((step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps):
@@ -219,17 +245,3 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool = False, progres
     distributed.barrier(ctx)
     distributed.shutdown(ctx)
     return summary
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines at or after `step` (left by a run that died after its last checkpoint)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] < step:
-                kept.append(line)
-        except (ValueError, KeyError):
-            continue  # a torn last line from a killed run
-    path.write_text("".join(k + "\n" for k in kept))

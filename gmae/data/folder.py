@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from gmae.errors import GMAEError
+from gmae.files import IMG_EXTENSIONS
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -36,9 +37,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("gmae.data")
-
-#: Accepted image file extensions (compared case-insensitively).
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 DEFAULT_SCALE = (0.2, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)

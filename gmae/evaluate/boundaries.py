@@ -239,7 +239,7 @@ def _image_job(args) -> np.ndarray:
 
 def evaluate_boundaries(preds: Sequence[np.ndarray], gts: Sequence[Sequence[np.ndarray]], thresholds=99,
                         max_dist: float = MAX_DIST, interpolate: bool = False, progress: bool = False,
-                        workers: int = 1) -> dict:
+                        workers: int = 1, desc: str = "boundaries") -> dict:
     """The BSDS500 boundary benchmark of soft edge maps (see the module docstring).
 
     Args:
@@ -250,7 +250,7 @@ def evaluate_boundaries(preds: Sequence[np.ndarray], gts: Sequence[Sequence[np.n
             or an array of thresholds (sorted here).
         max_dist: matching tolerance as a fraction of the image diagonal.
         interpolate: ODS as BSDS's ``maxF`` (interpolated between thresholds).
-        progress: show a tqdm bar over images.
+        progress: show a tqdm bar over images, labelled `desc`.
         workers: > 1: evaluate images in that many processes (a continuous
             map costs ~99 x (thin + one matching per annotator), ~0.1 s each).
 
@@ -274,7 +274,7 @@ def evaluate_boundaries(preds: Sequence[np.ndarray], gts: Sequence[Sequence[np.n
             results = pool.map(_image_job, jobs)
         else:
             results = map(_image_job, jobs)
-        for counts in tqdm(results, total=len(preds), desc="boundaries", disable=not progress):
+        for counts in tqdm(results, total=len(preds), desc=desc, disable=not progress):
             total += counts
             f = _fmeasure(_ratio(counts[:, 0], counts[:, 1]), _ratio(counts[:, 2], counts[:, 3]))
             best += counts[int(np.argmax(f))]

@@ -34,9 +34,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,73 +43,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, load_latest, save_checkpoint
-from ..config import ModelConfig, as_dict, config_from_dict
+from ..checkpoint import checkpoint_path, load_checkpoint, resume_from, save_checkpoint
+from ..config import FinetuneConfig, ModelConfig, as_dict, config_from_dict
 from ..data import StepBatchSampler
 from ..errors import GMAEError
+from ..files import check_output_folder, prepare_metrics, run_lock
 from ..model.vit import ViTEncoder
-from ..train import learning_rate, truncate_metrics
+from ..train import learning_rate, say
 
 FORMAT = "gmae-finetune"
 
 # What --resume may change: where it runs and how it loads data; the rest is the saved run's.
 RESUMABLE_CHANGES = ("device", "num_workers", "keep_checkpoints")
-
-
-@dataclass
-class FinetuneConfig:
-    checkpoint: str = ""  # the pre-trained model fine-tuned (a record; resume does not need it)
-    data: str = "digits"  # a gmae.data.labelled spec
-    epochs: int = 5
-    steps: int = 0  # optimizer steps; 0: epochs x ceil(train size / batch)
-    batch_size: int = 32
-    blr: float = 8e-3  # lr = blr * batch / 256 = 1e-3 at batch 32 (MAE base: blr 5e-4 at batch 1024)
-    min_lr: float = 1e-6
-    warmup_steps: int = -1  # -1: one epoch
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    smoothing: float = 0.1
-    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
-    random_init: bool = False  # fine-tune the architecture from fresh weights (the baseline)
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "runs/finetune"
-    eval_every: int = 0  # steps between val evaluations; 0: once per epoch (and always at the end)
-    checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch (and always at the end)
-    keep_checkpoints: int = 2
-    num_workers: int = 0
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
-        checks = [
-            (self.epochs >= 1 and self.steps >= 0, f"epochs must be >= 1 and steps >= 0; got {self.epochs}, {self.steps}"),
-            (self.batch_size >= 1, f"batch size must be at least 1; got {self.batch_size}"),
-            (self.blr > 0 and self.min_lr >= 0, f"base lr must be positive and min lr >= 0; got {self.blr}, {self.min_lr}"),
-            (0 < self.layer_decay <= 1, f"layer decay must be in (0, 1]; got {self.layer_decay}"),
-            (0 <= self.drop_path < 1, f"drop path must be in [0, 1); got {self.drop_path}"),
-            (0 <= self.smoothing < 1, f"label smoothing must be in [0, 1); got {self.smoothing}"),
-            (self.weight_decay >= 0 and self.clip_grad >= 0, "weight decay and clip-grad must be >= 0"),
-            (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval-every and checkpoint-every must be >= 0"),
-            (self.keep_checkpoints >= 1 and self.num_workers >= 0, "keep-checkpoints must be >= 1, num-workers >= 0"),
-            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16; got {self.precision!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise GMAEError(message)
-
-    def resolved(self, num_train: int) -> FinetuneConfig:
-        """A copy with steps, warmup, eval and checkpoint intervals made concrete for ``num_train`` images."""
-        per_epoch = max(1, math.ceil(num_train / self.batch_size))
-        steps = self.steps or self.epochs * per_epoch
-        return replace(
-            self, steps=steps,
-            warmup_steps=min(per_epoch if self.warmup_steps < 0 else self.warmup_steps, steps - 1),
-            eval_every=self.eval_every or per_epoch, checkpoint_every=self.checkpoint_every or per_epoch,
-        )
 
 
 # --------------------------------------------------------------------------- model
@@ -253,30 +199,31 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: 
     return correct / max(1, total)
 
 
-def finetune(fcfg: FinetuneConfig, resume: bool = False, progress: bool = True,
+def finetune(fcfg: FinetuneConfig, resume: bool | str = False, progress: bool = True,
              encoder: ViTEncoder | None = None, mcfg: ModelConfig | None = None,
              changes: tuple[str, ...] = RESUMABLE_CHANGES) -> dict:
     """Fine-tune as ``fcfg`` says; returns a summary dict with ``val_acc`` (final top-1 in [0, 1]).
 
     The model is ``encoder`` (with its ``mcfg``) if given, else loaded from
     ``fcfg.checkpoint`` (a fresh one of that architecture with
-    ``random_init``). With ``resume``, the newest readable checkpoint in
-    ``fcfg.out`` is continued with its saved settings, except the ``changes``
-    fields (from RESUMABLE_CHANGES), taken from ``fcfg``.
+    ``random_init``). With ``resume`` (True, or "auto": only if there is a
+    checkpoint), the newest readable checkpoint in ``fcfg.out`` is continued
+    with its saved settings, except the ``changes`` fields (from
+    RESUMABLE_CHANGES), taken from ``fcfg``. The folder is locked while the
+    run writes it.
     """
+    with run_lock(check_output_folder(fcfg.out)):
+        return _finetune(fcfg, resume, progress, encoder, mcfg, changes)
+
+
+def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder: ViTEncoder | None,
+              mcfg: ModelConfig | None, changes: tuple[str, ...]) -> dict:
     from ..data.labelled import LabelledStream, build_labelled
     from .probe import load_encoder
 
     out = Path(fcfg.out)
-
-    def warn(message: str) -> None:
-        tqdm.write(message, file=sys.stderr)
-
-    state = load_latest(out, warn, load=load_finetune_checkpoint) if resume else None
-    if resume and state is None:
-        warn(f"no fine-tune checkpoint in {out}; starting from scratch")
-    if not resume and list_checkpoints(out):
-        raise GMAEError(f"{out} already holds checkpoints of another run; add --resume to continue it or choose a new --out")
+    found = resume_from(out, resume, say, load=load_finetune_checkpoint)
+    state = None if found is None else found[1]
     if state is not None:
         saved = state["config"]
         mcfg = config_from_dict(ModelConfig, saved["model"])
@@ -313,7 +260,9 @@ def finetune(fcfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     bf16 = fcfg.precision == "bf16" or (fcfg.precision == "auto" and device.type == "cuda")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     metrics_path = out / "metrics.jsonl"
-    truncate_metrics(metrics_path, start)
+    if state is not None:
+        say(f"resumed from {found[0].name} (step {start})")
+    prepare_metrics(metrics_path, start, warn=say)
 
     stream = LabelledStream(train_ds, fcfg.seed)
     loader = DataLoader(stream, batch_sampler=StepBatchSampler(fcfg.batch_size, start, fcfg.steps - start),
@@ -324,7 +273,9 @@ def finetune(fcfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     model.train()
     loss_value, val_acc = float("nan"), state.get("val_acc") if state else None
     bar = tqdm(total=fcfg.steps, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
-    with bar, open(metrics_path, "a") as metrics:
+    # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it.
+    redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
+    with bar, redirect, open(metrics_path, "a") as metrics:
         for step, (imgs, labels) in enumerate(loader, start=start):
             t0 = time.perf_counter()
             lr = learning_rate(step, fcfg)

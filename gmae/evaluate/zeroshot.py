@@ -173,6 +173,9 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
     gaussians, depth_truth = [], []
     pending: list[Item] = []
 
+    # The bar counts images whose readouts are done (a batch at a time), not images read.
+    bar = tqdm(total=n, desc="zero-shot readouts", unit="img", disable=not progress, leave=False)
+
     def flush():
         readouts = _model_readouts(model, [it.image for it in pending], mask_ratio)
         for it, (soft, figure, g) in zip(pending, readouts):
@@ -188,20 +191,23 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
                 figure_truth.append(it.figure)
                 figures["gmae"].append(figure)
                 figures["ellipse"].append(ellipse_prior(*it.figure.shape))
+        bar.update(len(pending))
         pending.clear()
 
-    for it in tqdm(stream, total=n, desc="zero-shot readouts", disable=not progress, leave=False):
-        pending.append(it)
-        if len(pending) == batch_size:
+    with bar:
+        for it in stream:
+            pending.append(it)
+            if len(pending) == batch_size:
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
 
     results: dict = {"data": data, "num_images": n, "mask_ratio": mask_ratio}
     methods: dict[str, dict] = {"gmae": {}, "sobel": {}, "canny": {}, "ellipse": {}}  # + "border prior" (depth)
     if edge_truth:
         for name, maps in preds.items():
-            scores = evaluate_boundaries(maps, edge_truth, thresholds=thresholds, progress=progress)
+            scores = evaluate_boundaries(maps, edge_truth, thresholds=thresholds, progress=progress,
+                                         desc=f"edges of {name} vs truth")
             methods[name].update(edge_ods=scores["ods"], edge_ois=scores["ois"], edge_ap=scores["ap"])
     if figure_truth:
         for name, masks in figures.items():

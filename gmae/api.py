@@ -1,0 +1,111 @@
+"""The Python API: ``gmae.load(path)`` gives a pre-trained model with its readouts as methods.
+
+    import gmae
+
+    model = gmae.load("runs/pretrain")          # a run folder, a checkpoint-*.pt or a .safetensors export
+    images = model.images("photo.jpg")          # (B, 3, S, S) in [0, 1] at the model's input size S
+    layers = model.layers(images, 8)            # (B, 8, 3, S, S): each depth layer alone, far to near
+    edges = model.edges(images)                 # (B, S, S) soft edge map in [0, 1]
+    figure = model.figure_ground(images)        # (B, S, S) bool figure mask
+
+Every method takes images as a tensor (B, 3, S, S) or (3, S, S) in [0, 1], or
+as paths (files or folders) read like the command line reads them. The
+readouts are those of :mod:`gmae.zeroshot` (GMAE models only); ``module`` is
+the ``torch.nn.Module`` itself, for anything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import zeroshot
+from .checkpoint import load_model
+from .config import ModelConfig
+from .errors import GMAEError
+from .files import image_files
+from .render.gaussians import Gaussians
+
+ImagesLike = torch.Tensor | str | Path | list
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
+    """The model of a run folder (its newest readable checkpoint), a gmae checkpoint or a gmae export."""
+    module, config, state = load_model(path, device)
+    return Model(module, config, int(state["step"]))
+
+
+class Model:
+    """A pre-trained GMAE (or MAE) in eval mode, with the readouts as methods (see the module docstring)."""
+
+    def __init__(self, module: torch.nn.Module, config: ModelConfig, step: int = 0):
+        self.module, self.config, self.step = module.eval(), config, step
+
+    def __repr__(self) -> str:
+        c = self.config
+        k = f", k={c.num_gaussians}" if c.model == "gmae" else ""
+        return f"gmae.Model({c.model}, {c.img_size}px, patch {c.patch_size}, width {c.embed_dim}{k}, step {self.step})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def images(self, images: ImagesLike) -> torch.Tensor:
+        """(B, 3, S, S) on the model's device: a tensor as given, paths (files or folders) read and
+        centre-cropped to the model's input size S."""
+        if isinstance(images, torch.Tensor):
+            batch = images[None] if images.dim() == 3 else images
+            size = self.config.img_size
+            if batch.dim() != 4 or tuple(batch.shape[1:]) != (self.config.in_chans, size, size):
+                raise GMAEError(f"images must be ({self.config.in_chans}, {size}, {size}) or a batch of them, in "
+                                f"[0, 1]; got {tuple(images.shape)} (model.images(paths) reads and resizes files)")
+            return batch.to(self.device)
+        from .data import load_image
+
+        paths = [images] if isinstance(images, (str, Path)) else list(images)
+        files = image_files([str(p) for p in paths])
+        return torch.stack([load_image(f, self.config.img_size) for f in files]).to(self.device)
+
+    @torch.no_grad()
+    def reconstruct(self, images: ImagesLike, mask_ratio: float | None = None, seed: int = 0):
+        """The model's output on masked images: ``.image`` (B, 3, S, S) the reconstruction, ``.mask``
+        (B, N) 1 where a patch was hidden, ``.loss``; the mask is drawn with `seed`."""
+        from .train import masking_noise
+
+        batch = self.images(images)
+        noise = masking_noise(seed, 0, batch.shape[0], self.config.num_patches).to(self.device)
+        return self.module(batch, noise, mask_ratio=self.config.mask_ratio if mask_ratio is None else mask_ratio)
+
+    @torch.no_grad()
+    def features(self, images: ImagesLike, pool: str = "cls") -> torch.Tensor:
+        """(B, D) encoder features of whole images: the cls token after the final norm (or "avg")."""
+        from .evaluate.probe import encode
+
+        return encode(self.module.encoder, self.images(images), pool)
+
+    def gaussians(self, images: ImagesLike, mask_ratio: float = 0.0) -> Gaussians:
+        """The k Gaussians of each image, far to near (:func:`gmae.zeroshot.gaussians_of`)."""
+        return zeroshot.gaussians_of(self.module, self.images(images), mask_ratio)
+
+    def _canvas(self) -> zeroshot.Canvas:
+        return zeroshot.Canvas.of(self.module)
+
+    def partial_renders(self, images: ImagesLike, counts=zeroshot.PARTIAL_COUNTS) -> tuple[list[int], torch.Tensor]:
+        """(the K used, (B, len(K), 3, S, S)): renders of the first K far-to-near Gaussians, then all."""
+        return zeroshot.partial_renders(self.gaussians(images), self._canvas(), counts)
+
+    def layers(self, images: ImagesLike, num_layers: int = 8) -> torch.Tensor:
+        """(B, l, 3, S, S): each of `num_layers` depth layers rendered alone, the farthest first."""
+        return zeroshot.layers(self.gaussians(images), self._canvas(), num_layers)[0]
+
+    def edges(self, images: ImagesLike, levels=zeroshot.EDGE_LEVELS) -> torch.Tensor:
+        """(B, S, S) soft edge map in [0, 1]: binary depth-layer edges averaged over levels and thresholds."""
+        return zeroshot.soft_edges(self.gaussians(images), self._canvas(), levels=levels)[0]
+
+    def figure_ground(self, images: ImagesLike, near_fraction: float = 0.5) -> torch.Tensor:
+        """(B, S, S) bool: where the nearest `near_fraction` of the Gaussians cover the image."""
+        return zeroshot.figure_ground(self.gaussians(images), self._canvas(), near_fraction)[0]
+
+
+__all__ = ["Model", "load"]
