@@ -72,6 +72,29 @@ def disc_in_front(gs, size: int, camera: str) -> tuple[float, int]:
     return (right / total if total else float("nan")), total
 
 
+def touching_pair_acc(gs, truths, size: int, camera: str) -> tuple[float, int]:
+    """Like depth_pair_acc, but only over pairs whose screen footprints touch (either one's
+    Gaussian exp(-q/2) at the other's centre > 0.1): the pairs the image can order at all."""
+    from gmae.render import project
+
+    means2d, conics, depths = project(camera, gs.means, gs.scales, gs.quats, size, size)
+    right, total = 0.0, 0
+    for b, truth in enumerate(truths):
+        px, py = means2d[b, :, 0], means2d[b, :, 1]
+        ok = (gs.opacities[b] > 0.3) & (px >= 0) & (px < size) & (py >= 0) & (py < size)
+        obj = torch.from_numpy(truth.objects)[py.clamp(0, size - 1).long(), px.clamp(0, size - 1).long()]
+        d = means2d[b][:, None, :] - means2d[b][None, :, :]
+        a, c2, c = conics[b][None, :, 0], conics[b][None, :, 1], conics[b][None, :, 2]
+        g_at = torch.exp(-0.5 * (a * d[..., 0] ** 2 + 2 * c2 * d[..., 0] * d[..., 1] + c * d[..., 1] ** 2))
+        touch = (g_at > 0.1) | (g_at.T > 0.1)
+        overl = torch.from_numpy(truth.overlaps)[obj[:, None], obj[None, :]]
+        pairs = ok[:, None] & ok[None, :] & touch & overl & (obj[:, None] > obj[None, :])  # i on the nearer object
+        z = depths[b]
+        right += float(((z[:, None] < z[None, :]) & pairs).sum() + 0.5 * ((z[:, None] == z[None, :]) & pairs).sum())
+        total += int(pairs.sum())
+    return (right / total if total else float("nan")), total
+
+
 def deadleaves_scene(size: int, index: int):
     s = DeadLeaves(size, seed=0).sample(index)
     return s.image, DepthTruth(s.objects.numpy(), s.overlaps.numpy())
@@ -117,7 +140,9 @@ def fit(args, seeds: list[int]) -> dict:
                                [t for _, t in scenes])
         stats = gaussian_stats(gs, args.max_scale, camera.scale_unit)
         front = disc_in_front(gs, size, args.camera) if args.scene == "disc" else (float("nan"), 0)
+        touching = touching_pair_acc(gs, [t for _, t in scenes], size, args.camera)
     return {
+        "touching_pair_acc": touching[0], "touching_pairs": touching[1],
         "red_in_front": front[0], "red_blue_pairs": front[1],
         "loss": loss.item(),
         "pair_acc": pooled["depth_pair_acc"], "spearman": pooled["depth_rank_spearman"],
@@ -157,7 +182,8 @@ def main(argv=None) -> int:
         print(json.dumps({**setting, **result}))
     else:
         print(" ".join(f"{k}={v}" for k, v in setting.items()))
-        print(f"  loss {result['loss']:.4f}  red_in_front {result['red_in_front']:.3f} ({result['red_blue_pairs']} pairs)"
+        print(f"  loss {result['loss']:.4f}  touching {result['touching_pair_acc']:.3f} ({result['touching_pairs']})"
+              f"  red_in_front {result['red_in_front']:.3f} ({result['red_blue_pairs']} pairs)"
               f"  pair_acc {result['pair_acc']:.3f} (prior {result['prior_pair_acc']:.3f})"
               f"  spearman {result['spearman']:.3f} (prior {result['prior_spearman']:.3f})"
               f"  seeds right {result['seeds_right']}/{result['seeds']}  per seed {result['per_seed_pair_acc']}"
