@@ -112,8 +112,8 @@ def fmt(x, digits=3) -> str:
 
 
 def table(runs: Path) -> str:
-    head = ("| run | loss | ODS | OIS | AP | fig. IoU | depth ρ | pair acc | prior ρ / pair | scale@cap | "
-            "depth spread | steps/s |")
+    head = ("| run | loss | ODS | OIS | AP | fig. IoU | depth ρ | pair acc | touching | prior ρ / pair / touching | "
+            "scale@cap | depth spread | steps/s |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in list(CONFIGS) + sorted(p.name for p in runs.iterdir() if p.is_dir() and p.name not in CONFIGS):
         s = summary(runs / name)
@@ -126,7 +126,8 @@ def table(runs: Path) -> str:
                 f"| {name}{label} | {fmt(s['loss'], 4) if not label else ''} | {fmt(r.get('edge_ods'))} | "
                 f"{fmt(r.get('edge_ois'))} | {fmt(r.get('edge_ap'))} | {fmt(r.get('fg_iou'))} | "
                 f"{fmt(r.get('depth_rank_spearman'))} | {fmt(r.get('depth_pair_acc'))} | "
-                f"{fmt(prior.get('depth_rank_spearman'))} / {fmt(prior.get('depth_pair_acc'))} | "
+                f"{fmt(r.get('depth_pair_acc_touching'))} | {fmt(prior.get('depth_rank_spearman'))} / "
+                f"{fmt(prior.get('depth_pair_acc'))} / {fmt(prior.get('depth_pair_acc_touching'))} | "
                 f"{fmt(m.get('scale_at_cap'), 2) if m else ''} | {fmt(m.get('depth_spread'), 2) if m else ''} | "
                 f"{fmt(1 / s['step_s'], 1) if not label else ''} |")
     return "\n".join(rows)

@@ -35,7 +35,7 @@ from gmae.evaluate.depth import DepthTruth, depth_metrics
 from gmae.loss import pixel_curvature
 from gmae.model.gmae import gaussian_stats, gaussians_from_raw
 from gmae.model.vit import patchify
-from gmae.render import get_camera
+from gmae.render import get_camera, project
 from gmae.render.gaussians import render_gaussians
 
 
@@ -53,8 +53,6 @@ def disc_scene(size: int, radius: float):
 def disc_in_front(gs, size: int, camera: str) -> tuple[float, int]:
     """Disc scene, Gaussians told apart by colour: over (red, blue) pairs of opacity > 0.3 that overlap
     (either one's alpha at the other's centre > 0.1), the fraction with the red one nearer; and the count."""
-    from gmae.render import project
-
     means2d, conics, depths = project(camera, gs.means, gs.scales, gs.quats, size, size)
     right, total = 0.0, 0
     for b in range(gs.means.shape[0]):
@@ -66,29 +64,6 @@ def disc_in_front(gs, size: int, camera: str) -> tuple[float, int]:
                                                                  + c * d[..., 1] ** 2))  # j's alpha at centre i
         overlap = (alpha_at > 0.1) | (alpha_at.T > 0.1)
         pairs = red[:, None] & blue[None, :] & overlap
-        z = depths[b]
-        right += float(((z[:, None] < z[None, :]) & pairs).sum() + 0.5 * ((z[:, None] == z[None, :]) & pairs).sum())
-        total += int(pairs.sum())
-    return (right / total if total else float("nan")), total
-
-
-def touching_pair_acc(gs, truths, size: int, camera: str) -> tuple[float, int]:
-    """Like depth_pair_acc, but only over pairs whose screen footprints touch (either one's
-    Gaussian exp(-q/2) at the other's centre > 0.1): the pairs the image can order at all."""
-    from gmae.render import project
-
-    means2d, conics, depths = project(camera, gs.means, gs.scales, gs.quats, size, size)
-    right, total = 0.0, 0
-    for b, truth in enumerate(truths):
-        px, py = means2d[b, :, 0], means2d[b, :, 1]
-        ok = (gs.opacities[b] > 0.3) & (px >= 0) & (px < size) & (py >= 0) & (py < size)
-        obj = torch.from_numpy(truth.objects)[py.clamp(0, size - 1).long(), px.clamp(0, size - 1).long()]
-        d = means2d[b][:, None, :] - means2d[b][None, :, :]
-        a, c2, c = conics[b][None, :, 0], conics[b][None, :, 1], conics[b][None, :, 2]
-        g_at = torch.exp(-0.5 * (a * d[..., 0] ** 2 + 2 * c2 * d[..., 0] * d[..., 1] + c * d[..., 1] ** 2))
-        touch = (g_at > 0.1) | (g_at.T > 0.1)
-        overl = torch.from_numpy(truth.overlaps)[obj[:, None], obj[None, :]]
-        pairs = ok[:, None] & ok[None, :] & touch & overl & (obj[:, None] > obj[None, :])  # i on the nearer object
         z = depths[b]
         right += float(((z[:, None] < z[None, :]) & pairs).sum() + 0.5 * ((z[:, None] == z[None, :]) & pairs).sum())
         total += int(pairs.sum())
@@ -134,15 +109,15 @@ def fit(args, seeds: list[int]) -> dict:
         gs = gaussians_from_raw(raw, args.max_scale, camera.scale_unit, args.depth_param)
         if args.fixed_std:
             gs.scales = torch.full_like(gs.scales, world)
-        per_seed = [depth_metrics([(gs.means[i].numpy(), gs.opacities[i].numpy())], [scenes[i][1]])
-                    for i in range(B)]
-        pooled = depth_metrics([(gs.means[i].numpy(), gs.opacities[i].numpy()) for i in range(B)],
-                               [t for _, t in scenes])
+        means2d, conics, _ = project(args.camera, gs.means, gs.scales, gs.quats, size, size)
+        found = [(gs.means[i].numpy(), gs.opacities[i].numpy(), (means2d[i] / size).numpy(),
+                  (conics[i] * size**2).numpy()) for i in range(B)]
+        per_seed = [depth_metrics([found[i]], [scenes[i][1]]) for i in range(B)]
+        pooled = depth_metrics(found, [t for _, t in scenes])
         stats = gaussian_stats(gs, args.max_scale, camera.scale_unit)
         front = disc_in_front(gs, size, args.camera) if args.scene == "disc" else (float("nan"), 0)
-        touching = touching_pair_acc(gs, [t for _, t in scenes], size, args.camera)
     return {
-        "touching_pair_acc": touching[0], "touching_pairs": touching[1],
+        "touching_pair_acc": pooled["depth_pair_acc_touching"], "touching_pairs": pooled["depth_pairs_touching"],
         "red_in_front": front[0], "red_blue_pairs": front[1],
         "loss": loss.item(),
         "pair_acc": pooled["depth_pair_acc"], "spearman": pooled["depth_rank_spearman"],

@@ -98,8 +98,29 @@ def test_faint_and_off_image_gaussians_are_not_scored():
     off[:, 0] = 1.05
     both = depth_metrics([(np.concatenate([means, extra, off]), np.concatenate([opac, faint, opac]))], [truth])
     assert both == clean
-    depth, obj, _ = scored_gaussians(np.concatenate([means, off]), np.concatenate([opac, opac]), truth)
+    depth, obj, _, _ = scored_gaussians(np.concatenate([means, off]), np.concatenate([opac, opac]), truth)
     assert len(depth) == len(ids) and (obj == ids).all()
+
+
+def test_touching_pairs_are_those_whose_footprints_meet():
+    truth = two_leaves()
+    means, ids = centres_on(truth)
+    means[:, 2] = -ids
+    means[ids == 0, 2] = -5.0  # background Gaussians wrongly in front of everything
+    opac = np.ones(len(ids))
+    means2d = (means[:, :2] + 1) / 2  # image-width units
+    tiny = np.tile([1e6, 0.0, 1e6], (len(ids), 1))  # point-like: no two footprints meet
+    huge = np.tile([1e-6, 0.0, 1e-6], (len(ids), 1))  # every footprint meets every other
+    apart = depth_metrics([(means, opac, means2d, tiny)], [truth])
+    assert apart["depth_pairs_touching"] == 0 and np.isnan(apart["depth_pair_acc_touching"])
+    together = depth_metrics([(means, opac, means2d, huge)], [truth])
+    assert together["depth_pairs_touching"] == together["depth_pairs"]
+    assert together["depth_pair_acc_touching"] == together["depth_pair_acc"] == pytest.approx(1 / 4)
+    # leaves 1 and 2 spread over everything, the background and leaf 3 are points: the touching pairs
+    # are (1, 2) (right) and (0, 1), (0, 2) (wrong: the background is in front); (0, 3) never meet
+    some = depth_metrics([(means, opac, means2d, np.where(np.isin(ids, [1, 2])[:, None], huge, tiny))], [truth])
+    assert some["depth_pairs_touching"] == 3 * 16 and some["depth_pair_acc_touching"] == pytest.approx(1 / 3)
+    assert "depth_pair_acc_touching" not in depth_metrics([(means, opac)], [truth])
 
 
 def test_border_prior_is_scored_beside_the_model():

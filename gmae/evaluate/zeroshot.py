@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .. import zeroshot
 from ..errors import GMAEError
 from .boundaries import evaluate_boundaries, mean_iou
+from ..render.camera import project
 from .depth import DepthTruth, depth_metrics
 
 EVAL_SEED = 2024  # dead-leaves images for evaluation; training's default seed is 0
@@ -139,7 +140,8 @@ def ellipse_prior(height: int, width: int, area: float = ELLIPSE_AREA) -> np.nda
 @torch.no_grad()
 def _model_readouts(model, squares: list[torch.Tensor], mask_ratio: float):
     """Soft edges and figure masks of the model, each resized back to its square's size, and the
-    Gaussians' (means (K, 3), opacities (K,)) as numpy (their x, y span any square alike)."""
+    Gaussians' (means (K, 3), opacities (K,), screen means (K, 2) and conics (K, 3) in units of the
+    image width) as numpy: in those units they fit any square alike."""
     size = model.cfg.img_size
     device = next(model.parameters()).device
     batch = torch.stack([
@@ -150,13 +152,15 @@ def _model_readouts(model, squares: list[torch.Tensor], mask_ratio: float):
     g = zeroshot.gaussians_of(model, batch, mask_ratio)
     soft, _ = zeroshot.soft_edges(g, canvas)
     figure, _ = zeroshot.figure_ground(g, canvas)
+    means2d, conics, _ = project(canvas.camera, g.means, g.scales, g.quats, size, size)
     out = []
     for i, s in enumerate(squares):
         side = s.shape[-1]
         e = F.interpolate(soft[i][None, None].float().cpu(), size=(side, side), mode="bilinear", align_corners=False)
         m = F.interpolate(figure[i][None, None].float().cpu(), size=(side, side), mode="nearest")
         out.append((e[0, 0].clamp(0, 1).numpy(), m[0, 0].numpy() > 0.5,
-                    (g.means[i].float().cpu().numpy(), g.opacities[i].float().cpu().numpy())))
+                    (g.means[i].float().cpu().numpy(), g.opacities[i].float().cpu().numpy(),
+                     (means2d[i] / size).float().cpu().numpy(), (conics[i] * size**2).float().cpu().numpy())))
     return out
 
 
@@ -225,7 +229,8 @@ def format_table(results: dict, label: str = "gmae") -> str:
     """A small text table: one row per method, ODS / OIS / AP / figure IoU / depth Spearman / depth pair accuracy."""
     rows = [(label, results)] + list(results["baselines"].items())
     cols = [("edge_ods", "edge ODS"), ("edge_ois", "edge OIS"), ("edge_ap", "edge AP"), ("fg_iou", "figure IoU"),
-            ("depth_rank_spearman", "depth rho"), ("depth_pair_acc", "depth pairs")]
+            ("depth_rank_spearman", "depth rho"), ("depth_pair_acc", "depth pairs"),
+            ("depth_pair_acc_touching", "touching")]
     cols = [c for c in cols if any(c[0] in r for _, r in rows)]
     width = max(len(name) for name, _ in rows) + 2
     lines = [f"{results['data']}, {results['num_images']} images",
