@@ -47,6 +47,10 @@ CONFIGS: dict[str, list[str]] = {
     # sharper renders: loss on all pixels, fewer masked patches
     "ortho-swap-c4-all25": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--max-scale", "4",
                             "--loss", "all", "--mask-ratio", "0.25"],
+    "ortho-off-c4-all25": [*P64, "--camera", "orthographic", "--depth-grad", "off", "--max-scale", "4",
+                           "--loss", "all", "--mask-ratio", "0.25"],
+    "authors-swap-c4-all25": [*P64, "--camera", "authors", "--depth-grad", "swap", "--max-scale", "4",
+                              "--loss", "all", "--mask-ratio", "0.25"],
     "ortho-swap-all25": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--loss", "all",
                          "--mask-ratio", "0.25"],
     # non-saturating depth

@@ -70,14 +70,15 @@ def disc_in_front(gs, size: int, camera: str) -> tuple[float, int]:
     return (right / total if total else float("nan")), total
 
 
-def deadleaves_scene(size: int, index: int):
-    s = DeadLeaves(size, seed=0).sample(index)
+def deadleaves_scene(size: int, index: int, leaves: tuple[int, int] = (8, 40)):
+    s = DeadLeaves(size, seed=0, min_shapes=leaves[0], max_shapes=leaves[1]).sample(index)
     return s.image, DepthTruth(s.objects.numpy(), s.overlaps.numpy())
 
 
 def fit(args, seeds: list[int]) -> dict:
     size = args.size
-    scenes = [disc_scene(size, args.radius) if args.scene == "disc" else deadleaves_scene(size, s) for s in seeds]
+    scenes = [disc_scene(size, args.radius) if args.scene == "disc" else deadleaves_scene(size, s, args.leaves)
+              for s in seeds]
     target = torch.stack([im for im, _ in scenes])  # (B, 3, S, S)
     B = len(seeds)
     g = torch.Generator().manual_seed(args.init_seed)
@@ -135,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--radius", type=float, default=0.25, help="disc radius as a fraction of the size")
     p.add_argument("-k", type=int, default=8, help="Gaussians per image")
+    p.add_argument("--leaves", type=int, nargs=2, default=(8, 40), metavar=("MIN", "MAX"),
+                   help="dead-leaves scene: leaves per image (default 8 40, the training data's)")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=0.05)

@@ -116,6 +116,17 @@ def test_gaussian_activations():
     assert torch.equal(linear.means[..., 2], raw[..., 2]) and torch.equal(linear.means[..., :2], g.means[..., :2])
 
 
+@pytest.mark.parametrize("c", [0.5, 1.0, 4.0])
+def test_gaussians_start_at_the_size_of_c1_whatever_c(c):
+    """A larger c raises the ceiling of the scale, not where it starts (large starts blur into the mean)."""
+    torch.manual_seed(0)
+    model = GMAE(ModelConfig(**SMALL, max_scale=c))
+    out = model(torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, model.cfg.num_patches))
+    unit = RENDER_CAMERAS["orthographic"].scale_unit
+    start = out.gaussians.scales.median().item() / unit  # the sigmoid's output times c, at the start
+    assert start == pytest.approx(min(0.5 * c, 0.5), rel=0.3)
+
+
 def test_config_cameras_are_the_render_registry():
     # config.py names them without importing torch; the two lists must not drift apart
     assert set(CAMERAS) == set(RENDER_CAMERAS)

@@ -15,6 +15,8 @@ Differences from MAE (`gmae.model.mae`), all in the decoder:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -61,6 +63,13 @@ class GMAE(MAE):
         nn.init.normal_(self.query_embed, std=QUERY_INIT_STD)
         self.gaussian_head = nn.Linear(d, 11 + cfg.in_chans)
         init_weights(self.gaussian_head)
+        # Every Gaussian starts at the size c = 1 starts at (sigmoid 1/2, half its largest std) whatever c is:
+        # a larger c raises the ceiling, not the start. Started at half of c = 4, the Gaussians blend into the
+        # image's mean colour and training never leaves it (seen: 1200 steps of flat renders; the paper notes
+        # that large scales at the start make the optimisation harder). c <= 1 is unchanged.
+        start = min(0.5, 0.5 / cfg.max_scale)
+        with torch.no_grad():
+            self.gaussian_head.bias[3:6] = math.log(start / (1.0 - start))
         self.register_buffer("background", torch.tensor(cfg.background, dtype=torch.float32), persistent=False)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> Gaussians:
