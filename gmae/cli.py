@@ -111,10 +111,13 @@ def add_pretrain(sub) -> None:
                    help="projection of the Gaussians: orthographic (z only sorts), authors (the GMAE authors' "
                         "legacy-gsplat camera: z changes on-screen size), pinhole (true perspective)")
     p.add_argument("--depth-grad", default=None, choices=DEPTH_GRADS,
-                   help="depth-order gradient in the rasterizer: swap (z learns which of two overlapping "
-                        "Gaussians should be in front) or off (3DGS compositing; backends torch and cpu have it)")
+                   help="how depth learns: off (3DGS compositing; depth only sorts), swap (the same compositing "
+                        "plus the rasterizer's depth-order gradient: z learns which of two overlapping Gaussians "
+                        "should be in front; backends torch and cpu) or weighted (order-free weighted compositing "
+                        "with depth weights exp(-z/tau); backend torch; the readouts render the same way)")
     p.add_argument("--depth-tau", type=float, default=None,
-                   help="temperature of the relaxed depth order, in depth units (default 0.1)")
+                   help="temperature, in depth units, of the swap relaxation or of the weighted compositing "
+                        "(default 0.1)")
     p.add_argument("--depth-param", default=None, choices=DEPTH_PARAMS,
                    help="z from the head: bounded 2*(sigmoid-0.5) (the authors') or linear (never saturates)")
     p.add_argument("--init-encoder", default=d.init_encoder, metavar="FILE",

@@ -23,8 +23,10 @@ CAMERAS = ("orthographic", "authors", "pinhole")
 # perspective cameras, z + 8 matter).
 DEPTH_PARAMS = ("bounded", "linear")
 # Depth learning signal from the rasterizer: "off" (3DGS compositing: depth only
-# sorts) or "swap" (the depth-order gradient of the relaxed swap of neighbours).
-DEPTH_GRADS = ("off", "swap")
+# sorts), "swap" (the same compositing, plus the depth-order gradient of the
+# relaxed swap of neighbours) or "weighted" (order-free weighted compositing whose
+# depth weights exp(-z/tau) are differentiable; the readouts render the same way).
+DEPTH_GRADS = ("off", "swap", "weighted")
 
 
 @dataclass
@@ -53,7 +55,7 @@ class ModelConfig:
     camera: str = "orthographic"  # a name in CAMERAS (gmae.render.camera)
     depth_param: str = "bounded"  # z parametrisation, see DEPTH_PARAMS
     depth_grad: str = "off"  # see DEPTH_GRADS
-    depth_tau: float = 0.1  # temperature of the relaxed order (depth units) when depth_grad = "swap"
+    depth_tau: float = 0.1  # temperature (depth units) of the swap relaxation or of the weighted compositing
 
     def __post_init__(self) -> None:
         self.background = tuple(float(v) for v in self.background)

@@ -151,12 +151,12 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
                         f"({ctx.world_size} x {tcfg.accum_steps})")
     if mcfg.model == "gmae":
         # A bad name, or a backend without the depth-order gradient the model asks for, fails now, not mid-run.
-        depth_grad = mcfg.depth_grad != "off"
-        backend = resolve_backend(mcfg.render_backend, device, depth_grad=depth_grad)
+        needs = dict(depth_grad=mcfg.depth_grad == "swap", weighted=mcfg.depth_grad == "weighted")
+        backend = resolve_backend(mcfg.render_backend, device, **needs)
         fastest = resolve_backend(mcfg.render_backend, device)
-        if ctx.is_main and backend != fastest:  # 'auto' passed over a backend without the depth-order gradient
-            tqdm.write(f"render backend: {backend}, because {fastest} has no depth-order gradient "
-                       f"(--depth-grad {mcfg.depth_grad})")
+        if ctx.is_main and backend != fastest:  # 'auto' passed over a backend without what the model needs
+            what = "depth-order gradient" if needs["depth_grad"] else "weighted compositing"
+            tqdm.write(f"render backend: {backend}, because {fastest} has no {what} (--depth-grad {mcfg.depth_grad})")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
 

@@ -58,12 +58,16 @@ class Canvas:
     background: torch.Tensor | None = None  # (C,), None = black
     backend: str = "auto"
     camera: str = "orthographic"  # a name in gmae.render.CAMERAS: the one the model was trained with
+    compositing: str = "sorted"  # and how it composited ("weighted": with depth weights of temperature depth_tau)
+    depth_tau: float = 0.0
 
     @classmethod
     def of(cls, model) -> Canvas:
         require_gmae(model)
         size = model.cfg.img_size
-        return cls(size, size, model.background, model.cfg.render_backend, model.cfg.camera)
+        weighted = model.compositing == "weighted"
+        return cls(size, size, model.background, model.cfg.render_backend, model.cfg.camera, model.compositing,
+                   model.cfg.depth_tau if weighted else 0.0)
 
 
 def require_gmae(model) -> None:
@@ -129,7 +133,8 @@ def render_subsets(g: Gaussians, keep: torch.Tensor, canvas: Canvas) -> tuple[to
         rows = slice(start, start + RENDER_CHUNK)
         sub = Gaussians(means[rows], scales[rows], quats[rows], colors[rows], opacities[rows])
         image, alpha = render_gaussians(sub, canvas.height, canvas.width, canvas.background, canvas.backend,
-                                        camera=canvas.camera)
+                                        camera=canvas.camera, compositing=canvas.compositing,
+                                        depth_tau=canvas.depth_tau)
         images.append(image)
         alphas.append(alpha)
     image, alpha = torch.cat(images), torch.cat(alphas)

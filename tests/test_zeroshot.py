@@ -138,6 +138,25 @@ def test_gaussians_of_a_model_and_refusal_of_mae():
         zeroshot.gaussians_of(mae, imgs)
 
 
+@pytest.mark.parametrize("camera,depth_grad", [("authors", "off"), ("orthographic", "weighted")])
+def test_readouts_render_as_the_model_was_trained(camera, depth_grad):
+    """The canvas carries the model's camera and compositing: all Gaussians rendered = the model's render."""
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", img_size=32, num_gaussians=16, depth=1, decoder_depth=1,
+                                     camera=camera, depth_grad=depth_grad, depth_tau=0.2))
+    imgs = torch.rand(2, 3, 32, 32)
+    g = zeroshot.gaussians_of(model, imgs)
+    canvas = zeroshot.Canvas.of(model)
+    assert canvas.camera == camera and canvas.compositing == model.compositing
+    everything = zeroshot.render_subsets(g, torch.ones(1, 16, dtype=torch.bool), canvas)[0][:, 0]
+    with torch.no_grad():
+        torch.testing.assert_close(everything, model.render(g), atol=1e-5, rtol=0)
+    if depth_grad == "weighted":  # and differs from what sorted compositing would draw
+        sorted_canvas = zeroshot.Canvas(32, 32, model.background, "torch", camera)
+        assert not torch.allclose(zeroshot.render_subsets(g, torch.ones(1, 16, dtype=torch.bool), sorted_canvas)[0][:, 0],
+                                  everything, atol=1e-3)
+
+
 def test_ellipse_prior_covers_half_the_image():
     from gmae.evaluate.zeroshot import ellipse_prior
 

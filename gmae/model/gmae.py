@@ -89,6 +89,11 @@ class GMAE(MAE):
         return gaussians_from_raw(raw, self.cfg.max_scale, self.camera.scale_unit, self.cfg.depth_param)
 
     @property
+    def compositing(self) -> str:
+        """How the rasterizer combines the Gaussians: "weighted" for depth_grad "weighted", else "sorted"."""
+        return "weighted" if self.cfg.depth_grad == "weighted" else "sorted"
+
+    @property
     def depth_tau(self) -> float:
         """The rasterizer's depth-order temperature while training (0: no depth-order gradient)."""
         return self.cfg.depth_tau if self.cfg.depth_grad == "swap" else 0.0
@@ -100,11 +105,15 @@ class GMAE(MAE):
         gradient (see `gmae.loss.pixel_curvature`); None renders without it.
         """
         size = self.cfg.img_size
-        tau = self.depth_tau if loss_curvature is not None and torch.is_grad_enabled() else 0.0
+        if self.compositing == "weighted":  # the weights' temperature is part of the forward
+            tau = self.cfg.depth_tau
+        else:
+            tau = self.depth_tau if loss_curvature is not None and torch.is_grad_enabled() else 0.0
         with torch.autocast(gaussians.means.device.type, enabled=False):  # splatting stays in float32
             image, _ = render_gaussians(gaussians, size, size, self.background, self.cfg.render_backend,
                                         camera=self.cfg.camera, depth_tau=tau,
-                                        loss_curvature=loss_curvature if tau > 0 else None)
+                                        loss_curvature=loss_curvature if tau > 0 and self.compositing == "sorted"
+                                        else None, compositing=self.compositing)
         return image
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None,

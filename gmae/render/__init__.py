@@ -44,6 +44,7 @@ __all__ = [
     "CAMERAS",
     "Camera",
     "DEPTH_GRAD_BACKENDS",
+    "WEIGHTED_BACKENDS",
     "get_camera",
     "project",
     "project_authors",
@@ -72,19 +73,20 @@ _OPTIONAL_BACKENDS: dict[str, tuple[str, str]] = {
 _UNAVAILABLE: set[str] = set()
 _LOGGED: set[tuple[str, str, bool]] = set()
 
-#: Backends that implement the depth-order gradient (``depth_tau > 0``).
+#: Backends that implement the depth-order gradient (sorted compositing with ``depth_tau > 0``).
 DEPTH_GRAD_BACKENDS: set[str] = {"torch", "cpu"}
+#: Backends that implement ``compositing="weighted"``.
+WEIGHTED_BACKENDS: set[str] = {"torch"}
 
 
-def register_backend(name: str, fn: RasterizeFn, depth_grad: bool = False) -> None:
-    """Add (or replace) a rasterize backend under ``name``; ``depth_grad``: it implements ``depth_tau > 0``."""
+def register_backend(name: str, fn: RasterizeFn, depth_grad: bool = False, weighted: bool = False) -> None:
+    """Add (or replace) a rasterize backend under ``name``; ``depth_grad``: it implements ``depth_tau > 0``;
+    ``weighted``: it implements ``compositing="weighted"``."""
     if name == "auto":
         raise GMAEError("'auto' is reserved and cannot name a render backend")
     BACKENDS[name] = fn
-    if depth_grad:
-        DEPTH_GRAD_BACKENDS.add(name)
-    else:
-        DEPTH_GRAD_BACKENDS.discard(name)
+    for has, table in ((depth_grad, DEPTH_GRAD_BACKENDS), (weighted, WEIGHTED_BACKENDS)):
+        (table.add if has else table.discard)(name)
 
 
 def _available(name: str) -> bool:
@@ -117,31 +119,38 @@ def _valid_names() -> list[str]:
     return ["auto", *sorted(names)]
 
 
-def resolve_backend(backend: str, device: torch.device | str = "cpu", depth_grad: bool = False) -> str:
+def resolve_backend(backend: str, device: torch.device | str = "cpu", depth_grad: bool = False,
+                    weighted: bool = False) -> str:
     """Map a backend request to a registered backend name.
 
     ``"auto"`` picks ``"gsplat"`` on CUDA if registered, ``"cpu"`` on CPU if
-    available, else ``"torch"``; with ``depth_grad`` only backends in
-    :data:`DEPTH_GRAD_BACKENDS` qualify (so on CUDA it is ``"torch"``, and the
-    log line says what was passed over). The choice is logged once (logger
-    ``"gmae.render"``). Unknown names, and a backend without the depth-order
-    gradient when it is asked for, raise :class:`GMAEError`.
+    available, else ``"torch"``; with ``depth_grad`` (the depth-order
+    gradient) or ``weighted`` (weighted compositing) only backends that have
+    it qualify (:data:`DEPTH_GRAD_BACKENDS`, :data:`WEIGHTED_BACKENDS`;
+    ``"torch"`` has everything). The choice is logged once (logger
+    ``"gmae.render"``). Unknown names, and a named backend without what is
+    asked for, raise :class:`GMAEError`.
     """
     device = torch.device(device)
+
+    def has(name: str) -> bool:
+        return (not depth_grad or name in DEPTH_GRAD_BACKENDS) and (not weighted or name in WEIGHTED_BACKENDS)
+
     if backend == "auto":
         # fastest first; "torch" runs everywhere and has everything
         preferred = {"cuda": ("gsplat",), "cpu": ("cpu",)}.get(device.type, ())
-        name = next((n for n in preferred if _available(n) and (not depth_grad or n in DEPTH_GRAD_BACKENDS)),
-                    "torch")
-        if (name, device.type, depth_grad) not in _LOGGED:
-            _LOGGED.add((name, device.type, depth_grad))
-            logger.info("render backend 'auto' -> %r for %s tensors%s", name, device.type,
-                        " (with the depth-order gradient)" if depth_grad else "")
+        name = next((n for n in preferred if _available(n) and has(n)), "torch")
+        key = (name, device.type, depth_grad, weighted)
+        if key not in _LOGGED:
+            _LOGGED.add(key)
+            logger.info("render backend 'auto' -> %r for %s tensors", name, device.type)
         return name
     if isinstance(backend, str) and _available(backend):
-        if depth_grad and backend not in DEPTH_GRAD_BACKENDS:
-            raise GMAEError(f"render backend {backend!r} has no depth-order gradient; use one of "
-                            f"{', '.join(sorted(DEPTH_GRAD_BACKENDS))} (or auto), or turn the depth gradient off")
+        if not has(backend):
+            what, table = (("no depth-order gradient", DEPTH_GRAD_BACKENDS) if depth_grad and backend not in
+                           DEPTH_GRAD_BACKENDS else ("no weighted compositing", WEIGHTED_BACKENDS))
+            raise GMAEError(f"render backend {backend!r} has {what}; use one of {', '.join(sorted(table))} "
+                            f"(or auto)")
         return backend
     raise GMAEError(
         f"unknown or unavailable render backend {backend!r}; valid: {', '.join(_valid_names())}"
@@ -161,6 +170,7 @@ def rasterize(
     max_alpha: float = 0.99,
     depth_tau: float = 0.0,
     loss_curvature: Tensor | None = None,
+    compositing: str = "sorted",
 ) -> tuple[Tensor, Tensor]:
     """Render screen-space Gaussians front to back.
 
@@ -184,6 +194,11 @@ def rasterize(
             The forward pass is unchanged.
         loss_curvature: (B, H, W), ∂²L/∂image² per pixel (the same for every
             channel; 2·w for a loss Σ w·(image − target)²); needed with depth_tau > 0.
+        compositing: "sorted" (default; 3DGS alpha compositing in depth order,
+            the contract above) or "weighted" (order-free weighted blending:
+            colour = Σcᵢαᵢwᵢ/Σαᵢwᵢ · (1 − Π(1−αᵢ)) with wᵢ = exp(−zᵢ/depth_tau),
+            the depths differentiable through the weights; backends in
+            :data:`WEIGHTED_BACKENDS`; see :func:`gmae.render.reference._weighted_chunk`).
 
     Returns:
         image (B, C, H, W) = Σ cᵢαᵢTᵢ + T_final·background and
@@ -191,8 +206,9 @@ def rasterize(
         colors, opacities and background, and in depths when depth_tau > 0.
     """
     validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha,
-                    depth_tau, loss_curvature)
-    name = resolve_backend(backend, means2d.device, depth_grad=depth_tau > 0)
+                    depth_tau, loss_curvature, compositing)
+    weighted = compositing == "weighted"
+    name = resolve_backend(backend, means2d.device, depth_grad=depth_tau > 0 and not weighted, weighted=weighted)
     return BACKENDS[name](
         means2d,
         conics,
@@ -203,5 +219,7 @@ def rasterize(
         width=width,
         background=background,
         max_alpha=max_alpha,
+        # only backends that have them get the extra arguments (see the registries above)
         **({"depth_tau": depth_tau, "loss_curvature": loss_curvature} if depth_tau > 0 else {}),
+        **({"compositing": compositing} if weighted else {}),
     )

@@ -65,15 +65,17 @@ def render_gaussians(
     camera: str = "orthographic",
     depth_tau: float = 0.0,
     loss_curvature: torch.Tensor | None = None,
+    compositing: str = "sorted",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Project with `camera` and splat: image (B, C, H, W), alpha (B, H, W).
 
-    depth_tau > 0 turns on the rasterizer's depth-order gradient (see
-    :func:`gmae.render.rasterize`), which needs `loss_curvature`.
+    With sorted compositing, depth_tau > 0 turns on the rasterizer's
+    depth-order gradient, which needs `loss_curvature`; weighted compositing
+    uses depth_tau as its weights' temperature (see :func:`gmae.render.rasterize`).
     """
     means2d, conics, depths = project(camera, g.means, g.scales, g.quats, height, width)
     return rasterize(
         means2d, conics, g.colors, g.opacities, depths,
         height=height, width=width, background=background, backend=backend,
-        depth_tau=depth_tau, loss_curvature=loss_curvature,
+        depth_tau=depth_tau, loss_curvature=loss_curvature, compositing=compositing,
     )

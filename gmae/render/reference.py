@@ -43,6 +43,7 @@ from gmae.errors import GMAEError
 __all__ = [
     "ALPHA_MIN",
     "CHUNK_ELEMENTS",
+    "COMPOSITING",
     "CULL_MARGIN",
     "TILE",
     "depth_pair_gradient",
@@ -53,6 +54,9 @@ __all__ = [
     "validate_inputs",
 ]
 
+#: How contributions are combined: "sorted" (3DGS front-to-back alpha compositing, the contract) or
+#: "weighted" (order-free weighted blending with depth weights, see `_weighted_chunk`).
+COMPOSITING = ("sorted", "weighted")
 #: Side of a square screen tile, in pixels (as in 3DGS / gsplat).
 TILE = 16
 #: Contributions with α below this are skipped (3DGS: 1/255).
@@ -86,12 +90,13 @@ def validate_inputs(
     max_alpha: float = 0.99,
     depth_tau: float = 0.0,
     loss_curvature: Tensor | None = None,
+    compositing: str = "sorted",
 ) -> None:
     """Check the rasterizer inputs and raise :class:`GMAEError` with a clear message.
 
     Shapes: means2d (B, K, 2), conics (B, K, 3), colors (B, K, C) with C ≥ 1,
     opacities (B, K), depths (B, K), background None, (C,) or (B, C);
-    with depth_tau > 0, loss_curvature (B, H, W).
+    with sorted compositing and depth_tau > 0, loss_curvature (B, H, W).
     Shared by every backend so they all reject the same inputs the same way.
     """
     named = {
@@ -147,7 +152,11 @@ def validate_inputs(
         raise GMAEError(f"max_alpha must be a number in (0, 1]; got {max_alpha!r}")
     if isinstance(depth_tau, bool) or not isinstance(depth_tau, (int, float)) or not float(depth_tau) >= 0.0:
         raise GMAEError(f"depth_tau must be a number >= 0 (0 = no depth-order gradient); got {depth_tau!r}")
-    if depth_tau > 0:
+    if compositing not in COMPOSITING:
+        raise GMAEError(f"compositing must be one of {', '.join(COMPOSITING)}; got {compositing!r}")
+    if compositing == "weighted" and not depth_tau > 0:
+        raise GMAEError("weighted compositing needs depth_tau > 0, the temperature of its depth weights exp(-z/tau)")
+    if compositing == "sorted" and depth_tau > 0:
         if loss_curvature is None:
             raise GMAEError("the depth-order gradient (depth_tau > 0) needs loss_curvature (B, H, W), the loss's "
                             "second derivative per pixel and channel (2 x the pixel's weight for an MSE)")
@@ -293,6 +302,7 @@ def _contributions(
     px: Tensor,
     py: Tensor,
     max_alpha: float,
+    early_stop: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The contract's α of every tile-list entry at every pixel of a chunk of tiles.
 
@@ -300,8 +310,8 @@ def _contributions(
     Gaussians; gid (n, M) the depth-ordered list of each tile (padded), present
     (n, M) marks real entries; px, py (n, P) pixel centres.
     Returns alpha (n, M, P), zero wherever an entry does not contribute
-    (skipped, padding, or cut by the early stop), and the inclusive
-    transmittance T after each entry (n, M, P).
+    (skipped, padding, or cut by the early stop, which the order-free weighted
+    compositing has not), and the inclusive transmittance T after each entry (n, M, P).
     """
     mean = means[gid]  # (n, M, 2)
     conic = conics[gid]  # (n, M, 3)
@@ -330,9 +340,10 @@ def _contributions(
     # Early stop: Gaussian i is excluded if T·(1-αᵢ) < 1e-4. The inclusive
     # transmittance is non-increasing, so the kept set is a prefix of the list
     # and "exclude i and everything after" is just this elementwise mask.
-    with torch.no_grad():
-        included = torch.cumprod(1.0 - alpha, dim=1) >= T_MIN
-    alpha = torch.where(included, alpha, torch.zeros_like(alpha))
+    if early_stop:
+        with torch.no_grad():
+            included = torch.cumprod(1.0 - alpha, dim=1) >= T_MIN
+        alpha = torch.where(included, alpha, torch.zeros_like(alpha))
     return alpha, torch.cumprod(1.0 - alpha, dim=1)
 
 
@@ -359,6 +370,48 @@ def _composite_chunk(
     alpha, t_incl = _contributions(means, conics, opacities, gid, present, px, py, max_alpha)
     weights = alpha * _exclusive(t_incl)  # (n, M, P)
     color = torch.einsum("nmp,nmc->ncp", weights, colors[gid])
+    return color, t_incl[:, -1]
+
+
+def _weighted_chunk(
+    means: Tensor,
+    conics: Tensor,
+    colors: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    gid: Tensor,
+    present: Tensor,
+    px: Tensor,
+    py: Tensor,
+    max_alpha: float,
+    tau: float,
+) -> tuple[Tensor, Tensor]:
+    """Order-free weighted compositing of a chunk of tiles (``compositing="weighted"``).
+
+    Weighted blended order-independent transparency (McGuire & Bavoil 2013; the
+    sort-free Gaussian splatting of Hou et al. 2024 is of this family): with the
+    contract's αᵢ (no early stop: there is no order) and weights
+    wᵢ = exp(−zᵢ/τ), nearer = heavier,
+        colour = (Σ cᵢ αᵢ wᵢ / Σ αᵢ wᵢ) · (1 − Π(1 − αᵢ)),  T_final = Π(1 − αᵢ),
+    so the coverage (and the alpha output) is exactly that of sorted
+    compositing, the background stays behind everything, and the colour is a
+    depth-weighted average in which the depths are differentiable. τ → 0 lets
+    the nearest Gaussian at a pixel take its colour.
+
+    Inputs as :func:`_composite_chunk`, plus depths (N,). Returns color (n, C, P), T_final (n, P).
+    """
+    alpha, t_incl = _contributions(means, conics, opacities, gid, present, px, py, max_alpha, early_stop=False)
+    logw = (-depths[gid] / tau).unsqueeze(-1).expand_as(alpha)  # (n, M, P)
+    contributes = alpha > 0
+    # per-pixel shift by the nearest contributor, so that exp() neither overflows nor underflows
+    shift = torch.where(contributes, logw, torch.full_like(logw, -math.inf)).amax(dim=1, keepdim=True).detach()
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    weights = alpha * torch.exp(torch.where(contributes, logw - shift, torch.zeros_like(logw)))  # (n, M, P)
+    total = weights.sum(dim=1)  # (n, P)
+    coverage = 1.0 - t_incl[:, -1]
+    scale = torch.where(total > 0, coverage / torch.where(total > 0, total, torch.ones_like(total)),
+                        torch.zeros_like(total))
+    color = torch.einsum("nmp,nmc->ncp", weights, colors[gid]) * scale[:, None, :]
     return color, t_incl[:, -1]
 
 
@@ -448,6 +501,7 @@ def rasterize_torch(
     max_alpha: float = 0.99,
     depth_tau: float = 0.0,
     loss_curvature: Tensor | None = None,
+    compositing: str = "sorted",
 ) -> tuple[Tensor, Tensor]:
     """Reference tile rasterizer in plain PyTorch (differentiable by autograd).
 
@@ -466,13 +520,18 @@ def rasterize_torch(
             :func:`depth_pair_gradient` with this temperature; 0 (default):
             depths get no gradient, as in 3DGS.
         loss_curvature: (B, H, W) ∂²L/∂image² per pixel (needed when depth_tau > 0).
+        compositing: "sorted" (the contract) or "weighted" (order-free, see
+            :func:`_weighted_chunk`; depth_tau is then its weights' temperature,
+            and the depths are differentiable through the weights).
 
     Returns:
         image (B, C, H, W) and alpha (B, H, W) = 1 - final transmittance.
     """
     validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha,
-                    depth_tau, loss_curvature)
+                    depth_tau, loss_curvature, compositing)
+    weighted = compositing == "weighted"
     tensors = [means2d, conics, colors, opacities] + ([background] if background is not None else [])
+    tensors += [depths] if weighted else []
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -530,14 +589,18 @@ def rasterize_torch(
     use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     outputs: list[Tensor] = []
     for _, gid, present, px, py in chunks():
-        args = (means_s, conics_s, colors_s, opac_s, gid, present, px, py, max_alpha)
+        if weighted:  # the depths enter the weights, differentiably
+            composite = _weighted_chunk
+            args = (means_s, conics_s, colors_s, opac_s, sort_flat(depths), gid, present, px, py, max_alpha,
+                    float(depth_tau))
+        else:
+            composite = _composite_chunk
+            args = (means_s, conics_s, colors_s, opac_s, gid, present, px, py, max_alpha)
         if use_checkpoint:
             # Save only the inputs; recompute the (n, M, 256) tensors in backward.
-            color, t_final = checkpoint(
-                _composite_chunk, *args, use_reentrant=False, preserve_rng_state=False
-            )
+            color, t_final = checkpoint(composite, *args, use_reentrant=False, preserve_rng_state=False)
         else:
-            color, t_final = _composite_chunk(*args)
+            color, t_final = composite(*args)
         outputs.append(torch.cat([color, t_final[:, None, :]], dim=1))  # (n, C+1, P)
 
     # 5. Scatter tiles (channels 0..C-1: colour, channel C: T) into the grid;
@@ -556,7 +619,7 @@ def rasterize_torch(
     if bg is not None:
         image = image + transmittance[:, None] * bg[:, :, None, None]
 
-    if depth_tau > 0 and torch.is_grad_enabled() and depths.requires_grad:
+    if not weighted and depth_tau > 0 and torch.is_grad_enabled() and depths.requires_grad:
         values = [t.detach() for t in (means_s, conics_s, colors_s, opac_s)]
         curvature = _to_tiles(loss_curvature.detach().to(dtype)[:, None], tiles_x, tiles_y)[:, 0]
 
