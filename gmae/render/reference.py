@@ -588,10 +588,11 @@ def rasterize_torch(
 
     use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     outputs: list[Tensor] = []
+    depth_values = sort_flat(depths) if weighted else None  # weighted: the depths enter the weights, differentiably
     for _, gid, present, px, py in chunks():
-        if weighted:  # the depths enter the weights, differentiably
+        if weighted:
             composite = _weighted_chunk
-            args = (means_s, conics_s, colors_s, opac_s, sort_flat(depths), gid, present, px, py, max_alpha,
+            args = (means_s, conics_s, colors_s, opac_s, depth_values, gid, present, px, py, max_alpha,
                     float(depth_tau))
         else:
             composite = _composite_chunk
