@@ -103,6 +103,9 @@ def add_pretrain(sub) -> None:
     p.add_argument("--patch-size", type=_positive_int, default=None, help="patch size (default: the preset's)")
     p.add_argument("--num-gaussians", "-k", type=_positive_int, default=None, help="k Gaussians per image (tiny: 128, others 256)")
     p.add_argument("--max-scale", type=float, default=None, help="c, the largest Gaussian scale (default 1.0)")
+    p.add_argument("--max-opacity", type=float, default=None,
+                   help="opacity = MAX * sigmoid (default 1, the authors'); above 1 a Gaussian saturates at alpha "
+                        "0.99 over a core and has a sharp rim (a flat-topped blob)")
     p.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
     p.add_argument("--loss", default=None, choices=LOSSES, help="masked (default), all, masked_normpix")
     p.add_argument("--background", type=_background, default=None, help="render background: white (default), black, grey or R,G,B")
@@ -132,7 +135,8 @@ def add_pretrain(sub) -> None:
 def cmd_pretrain(args) -> int:
     mcfg = model_config(
         args.preset, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
-        num_gaussians=args.num_gaussians, max_scale=args.max_scale, mask_ratio=args.mask_ratio,
+        num_gaussians=args.num_gaussians, max_scale=args.max_scale, max_opacity=args.max_opacity,
+        mask_ratio=args.mask_ratio,
         loss=args.loss, background=args.background, render_backend=args.render_backend, camera=args.camera,
         depth_grad=args.depth_grad, depth_tau=args.depth_tau, depth_param=args.depth_param,
     )

@@ -50,6 +50,7 @@ class ModelConfig:
     # GMAE only
     num_gaussians: int = 256  # k, independent of the number of masked patches
     max_scale: float = 1.0  # c: scale = c * sigmoid(s); c = 1 -> largest std ~ W/16 pixels
+    max_opacity: float = 1.0  # opacity = max_opacity * sigmoid; > 1: flat-topped Gaussians with sharp rims
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # authors' white
     render_backend: str = "auto"
     camera: str = "orthographic"  # a name in CAMERAS (gmae.render.camera)
@@ -81,6 +82,8 @@ class ModelConfig:
             raise GMAEError(f"number of Gaussians must be at least 1; got {self.num_gaussians}")
         if not self.max_scale > 0:
             raise GMAEError(f"max scale c must be positive; got {self.max_scale}")
+        if not self.max_opacity >= 1.0:
+            raise GMAEError(f"max opacity must be at least 1 (1: opacity = sigmoid, the authors'); got {self.max_opacity}")
         for name, allowed in (("camera", CAMERAS), ("depth_param", DEPTH_PARAMS), ("depth_grad", DEPTH_GRADS)):
             if getattr(self, name) not in allowed:
                 raise GMAEError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}; "

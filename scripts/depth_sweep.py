@@ -62,6 +62,11 @@ CONFIGS: dict[str, list[str]] = {
                              "--mask-ratio", "0.25", "--depth-param", "linear"],
     "ortho-swap-all25-tau03": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--loss", "all",
                                "--mask-ratio", "0.25", "--depth-tau", "0.3"],
+    # flat-topped Gaussians: opacity up to 50 (alpha saturates over a core, thin rims)
+    "ortho-swap-c4-all25-o50": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--max-scale", "4",
+                                "--loss", "all", "--mask-ratio", "0.25", "--max-opacity", "50"],
+    "ortho-off-c4-all25-o50": [*P64, "--camera", "orthographic", "--depth-grad", "off", "--max-scale", "4",
+                               "--loss", "all", "--mask-ratio", "0.25", "--max-opacity", "50"],
     # the other mechanism: order-free weighted compositing (torch backend)
     "ortho-weighted": [*P64, "--camera", "orthographic", "--depth-grad", "weighted"],
     "ortho-weighted-all25": [*P64, "--camera", "orthographic", "--depth-grad", "weighted", "--loss", "all",

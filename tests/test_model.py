@@ -116,6 +116,17 @@ def test_gaussian_activations():
     assert torch.equal(linear.means[..., 2], raw[..., 2]) and torch.equal(linear.means[..., :2], g.means[..., :2])
 
 
+def test_max_opacity_scales_the_sigmoid_and_starts_at_one_half():
+    raw = torch.randn(2, 50, 14) * 4
+    unit = RENDER_CAMERAS["orthographic"].scale_unit
+    g = gaussians_from_raw(raw, 1.0, unit, max_opacity=40.0)
+    torch.testing.assert_close(g.opacities, 40.0 * torch.sigmoid(raw[..., -1]))
+    torch.manual_seed(0)
+    model = GMAE(ModelConfig(**SMALL, max_opacity=40.0))
+    out = model(torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, model.cfg.num_patches))
+    assert out.gaussians.opacities.median().item() == pytest.approx(0.5, rel=0.3)
+
+
 @pytest.mark.parametrize("c", [0.5, 1.0, 4.0])
 def test_gaussians_start_at_the_size_of_c1_whatever_c(c):
     """A larger c raises the ceiling of the scale, not where it starts (large starts blur into the mean)."""
@@ -250,7 +261,7 @@ def test_weight_decay_groups():
     (dict(num_gaussians=0), "number of Gaussians"), (dict(mask_ratio=1.0), "mask ratio"),
     (dict(img_size=30), "multiple of the patch size"), (dict(max_scale=-1), "max scale"),
     (dict(camera="fisheye"), "camera must be one of"), (dict(depth_grad="maybe"), "depth-grad must be one of"),
-    (dict(depth_tau=0.0), "depth-tau must be positive"),
+    (dict(depth_tau=0.0), "depth-tau must be positive"), (dict(max_opacity=0.5), "max opacity"),
     (dict(loss="l1"), "loss"),
 ])
 def test_impossible_settings_are_refused(value, setting):

@@ -35,13 +35,17 @@ from .vit import init_weights, patchify, unpatchify
 QUERY_INIT_STD = 1.0
 
 
-def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, depth: str = "bounded") -> Gaussians:
+def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, depth: str = "bounded",
+                       max_opacity: float = 1.0) -> Gaussians:
     """raw (B, K, 11 + C) decoder outputs -> activated Gaussians (the activations of the authors' code).
 
     scale_unit: world units per unit of c, the camera's (`Camera.scale_unit`:
     c = 1 gives a largest on-screen std of about W/16 pixels on every camera).
     depth: "bounded" z = 2·(sigmoid − ½) like x and y (the authors'), or
     "linear" z = raw (never saturates).
+    max_opacity: opacity = max_opacity·sigmoid. Above 1 a Gaussian's α =
+    min(0.99, o·G) saturates over a core and falls off in a rim that is thin
+    next to its size (a flat-topped blob with a sharp edge; 1 = the authors').
     """
     position = 2.0 * (torch.sigmoid(raw[..., 0:3]) - 0.5)  # (-1, 1)^3
     if depth == "linear":
@@ -49,7 +53,7 @@ def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, d
     scale = max_scale * torch.sigmoid(raw[..., 3:6]) * scale_unit  # (0, c) scale units
     rotation = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)  # unit quaternion (w, x, y, z)
     color = torch.sigmoid(raw[..., 10:-1])  # [0, 1], like the target image
-    opacity = torch.sigmoid(raw[..., -1])
+    opacity = max_opacity * torch.sigmoid(raw[..., -1])
     return Gaussians(position, scale, rotation, color, opacity)
 
 
@@ -68,8 +72,11 @@ class GMAE(MAE):
         # image's mean colour and training never leaves it (seen: 1200 steps of flat renders; the paper notes
         # that large scales at the start make the optimisation harder). c <= 1 is unchanged.
         start = min(0.5, 0.5 / cfg.max_scale)
+        # Likewise every opacity starts at 1/2 whatever max_opacity is.
+        opacity_start = 0.5 / cfg.max_opacity
         with torch.no_grad():
             self.gaussian_head.bias[3:6] = math.log(start / (1.0 - start))
+            self.gaussian_head.bias[-1] = math.log(opacity_start / (1.0 - opacity_start))
         self.register_buffer("background", torch.tensor(cfg.background, dtype=torch.float32), persistent=False)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> Gaussians:
@@ -86,7 +93,8 @@ class GMAE(MAE):
         # Keep only the k query outputs; float32 even under bf16 autocast, where
         # positions would otherwise snap to steps of up to a pixel.
         raw = self.gaussian_head(x[:, n1:, :]).float()  # (B, k, 11 + C)
-        return gaussians_from_raw(raw, self.cfg.max_scale, self.camera.scale_unit, self.cfg.depth_param)
+        return gaussians_from_raw(raw, self.cfg.max_scale, self.camera.scale_unit, self.cfg.depth_param,
+                                  self.cfg.max_opacity)
 
     @property
     def compositing(self) -> str:
