@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import threads
 from .config import LOSSES, MODELS, PRESETS, TrainConfig, as_dict, model_config, train_config
 from .errors import GMAEError
 
@@ -498,18 +499,31 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# The commands that compute with torch (and so take --threads); info and export only read and write files.
+COMPUTING = ("pretrain", "reconstruct", *READOUTS, "eval-zeroshot", "ablate", "bench", "probe", "finetune")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gmae", description="Gaussian Masked Autoencoders")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_pretrain, add_reconstruct, add_readouts, add_eval_zeroshot, add_ablate, add_info, add_export, add_bench,
                 add_probe, add_finetune):
         add(sub)
+    for name in COMPUTING:
+        sub.choices[name].add_argument(
+            "--threads", type=int, default=None, metavar="N",
+            help="CPU threads of this process (default: OMP_NUM_THREADS if set, else usable cores / processes "
+                 "on this machine under torchrun)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before build_parser, which imports torch: OpenMP reads its wait policy once, when torch loads it.
+    threads.prepare_environment()
     args = build_parser().parse_args(argv)
     try:
+        if args.command in COMPUTING:
+            threads.configure(args.threads)
         return args.func(args)
     except GMAEError as e:
         print(f"gmae {args.command}: error: {e}", file=sys.stderr)

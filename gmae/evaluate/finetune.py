@@ -50,6 +50,7 @@ from ..config import ModelConfig, as_dict, config_from_dict
 from ..data import StepBatchSampler
 from ..errors import GMAEError
 from ..model.vit import ViTEncoder
+from ..threads import worker_init
 from ..train import learning_rate, truncate_metrics
 
 FORMAT = "gmae-finetune"
@@ -317,7 +318,7 @@ def finetune(fcfg: FinetuneConfig, resume: bool = False, progress: bool = True,
 
     stream = LabelledStream(train_ds, fcfg.seed)
     loader = DataLoader(stream, batch_sampler=StepBatchSampler(fcfg.batch_size, start, fcfg.steps - start),
-                        num_workers=fcfg.num_workers)
+                        num_workers=fcfg.num_workers, worker_init_fn=worker_init)
     classes = list(getattr(train_ds, "classes", range(num_classes)))
     run_config = {"model": as_dict(mcfg), "finetune": as_dict(fcfg), "num_classes": int(num_classes),
                   "classes": [str(c) for c in classes]}
