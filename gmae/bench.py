@@ -196,6 +196,11 @@ def _gaussian_render_step(model, imgs, noise):
 # --------------------------------------------------------------------------- processes sharing cores
 
 
+def _load() -> float | None:
+    """The 1-minute load average (runnable processes) before a benchmark, where the system has one."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def _shared_cpus(n: int = 2) -> list[int] | None:
     """The first n CPUs this process may use, for pinning the benchmark's processes; None where unsupported."""
     if not hasattr(os, "sched_getaffinity"):
@@ -269,7 +274,8 @@ def contention(seconds: float = 8.0, batch_size: int | None = None, timeout: flo
     """
     cpus = _shared_cpus(2)
     base = {"cpus": cpus, "batch_size": batch_size, "seconds": seconds}
-    out = {"cpus": cpus, "seconds": seconds}
+    # Other work on the machine changes every figure here: say how much there was.
+    out = {"cpus": cpus, "seconds": seconds, "load_before": _load()}
     for label, defaults in (("gmae", True), ("without_defaults", False)):
         spec = {**base, "defaults": defaults}
         solo = run_workers([spec], timeout=timeout)[0]
@@ -286,9 +292,11 @@ def contention_ddp(steps: int = 30, batch_size: int | None = None, timeout: floa
     """torchrun with 2 gloo processes on 2 CPUs over 1 process on them, at the same global batch."""
     cpus = _shared_cpus(2)
     spec = {"cpus": cpus, "batch_size": batch_size, "steps": steps, "defaults": True}
+    load = _load()
     one = run_workers([spec], timeout=timeout)[0]
     two = run_workers([spec], torchrun=2, timeout=timeout)[0]
-    return {"cpus": cpus, "steps": steps, "batch_size": one["batch_size"], "one_steps_per_s": one["steps_per_s"],
+    return {"cpus": cpus, "steps": steps, "load_before": load, "batch_size": one["batch_size"],
+            "one_steps_per_s": one["steps_per_s"],
             "ddp_steps_per_s": two["steps_per_s"], "ratio": two["steps_per_s"] / one["steps_per_s"],
             "one_threads": one["threads"], "ddp_threads": two["threads"], "world_size": two["world_size"]}
 
@@ -340,12 +348,12 @@ def format_results(results: dict) -> str:
                               f"2 processes on {_cpus_text(r['cpus'])}: each at {_fractions_text(row['fractions'])} "
                               f"of solo ({row['solo_steps_per_s']:.2f} steps/s), together {row['machine_total']:.2f}; "
                               f"fair share 0.5, target >= 0.40  ({row['threads']} threads each, "
-                              f"OMP_WAIT_POLICY {row['wait_policy']}, batch {row['batch_size']})"))
+                              f"OMP_WAIT_POLICY {row['wait_policy']}, batch {row['batch_size']}{_load_text(r)})"))
         elif name == "contention_ddp":
             lines.append((name, f"torchrun 2 processes (gloo, {r['ddp_threads']} thread each) {r['ddp_steps_per_s']:.2f} "
                                 f"steps/s / 1 process ({r['one_threads']} threads) {r['one_steps_per_s']:.2f} steps/s "
                                 f"= {r['ratio']:.2f} on {_cpus_text(r['cpus'])}, global batch {r['batch_size']}; "
-                                f"target >= 0.8"))
+                                f"target >= 0.8{_load_text(r, '  (', ')')}"))
     width = max((len(k) for k, _ in lines), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
 
@@ -356,3 +364,7 @@ def _cpus_text(cpus) -> str:
 
 def _fractions_text(fractions) -> str:
     return " and ".join(f"{f:.2f}" for f in fractions)
+
+
+def _load_text(r: dict, before: str = "; ", after: str = "") -> str:
+    return "" if r.get("load_before") is None else f"{before}load {r['load_before']:.1f} before{after}"
