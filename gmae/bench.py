@@ -196,9 +196,24 @@ def _gaussian_render_step(model, imgs, noise):
 # --------------------------------------------------------------------------- processes sharing cores
 
 
-def _load() -> float | None:
-    """The 1-minute load average (runnable processes) before a benchmark, where the system has one."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+def busy_cores(seconds: float = 1.0, stat: str = "/proc/stat") -> float | None:
+    """Cores' worth of CPU time other processes used over `seconds` while this one sleeps (None off Linux).
+
+    Taken right before a measurement, unlike the load average, which still
+    counts the benchmark's own processes of the minute before.
+    """
+    def sample():
+        with open(stat) as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values[:8]), values[3] + values[4]  # total and idle + iowait (guest time is already in user)
+
+    try:
+        (total0, idle0), _ = sample(), time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    return (elapsed - (idle1 - idle0)) / elapsed * (os.cpu_count() or 1) if elapsed > 0 else None
 
 
 def _shared_cpus(n: int = 2) -> list[int] | None:
@@ -275,7 +290,7 @@ def contention(seconds: float = 8.0, batch_size: int | None = None, timeout: flo
     cpus = _shared_cpus(2)
     base = {"cpus": cpus, "batch_size": batch_size, "seconds": seconds}
     # Other work on the machine changes every figure here: say how much there was.
-    out = {"cpus": cpus, "seconds": seconds, "load_before": _load()}
+    out = {"cpus": cpus, "seconds": seconds, "busy_before": busy_cores()}
     for label, defaults in (("gmae", True), ("without_defaults", False)):
         spec = {**base, "defaults": defaults}
         solo = run_workers([spec], timeout=timeout)[0]
@@ -292,10 +307,10 @@ def contention_ddp(steps: int = 30, batch_size: int | None = None, timeout: floa
     """torchrun with 2 gloo processes on 2 CPUs over 1 process on them, at the same global batch."""
     cpus = _shared_cpus(2)
     spec = {"cpus": cpus, "batch_size": batch_size, "steps": steps, "defaults": True}
-    load = _load()
+    busy = busy_cores()
     one = run_workers([spec], timeout=timeout)[0]
     two = run_workers([spec], torchrun=2, timeout=timeout)[0]
-    return {"cpus": cpus, "steps": steps, "load_before": load, "batch_size": one["batch_size"],
+    return {"cpus": cpus, "steps": steps, "busy_before": busy, "batch_size": one["batch_size"],
             "one_steps_per_s": one["steps_per_s"],
             "ddp_steps_per_s": two["steps_per_s"], "ratio": two["steps_per_s"] / one["steps_per_s"],
             "one_threads": one["threads"], "ddp_threads": two["threads"], "world_size": two["world_size"]}
@@ -367,4 +382,8 @@ def _fractions_text(fractions) -> str:
 
 
 def _load_text(r: dict, before: str = "; ", after: str = "") -> str:
-    return "" if r.get("load_before") is None else f"{before}load {r['load_before']:.1f} before{after}"
+    busy = r.get("busy_before")
+    if busy is None:
+        return ""
+    warning = ": other work shares the cores; not comparable with an idle machine" if busy >= 0.2 else ""
+    return f"{before}{busy:.1f} cores busy before{warning}{after}"

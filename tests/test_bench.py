@@ -56,9 +56,23 @@ def test_contention_table():
     row = {"solo_steps_per_s": 5.0, "pair_steps_per_s": [2.2, 2.4], "fractions": [0.44, 0.48], "min_fraction": 0.44,
            "machine_total": 0.92, "threads": 2, "wait_policy": "PASSIVE", "batch_size": 16}
     table = bench.format_results({
-        "contention": {"cpus": [0, 1], "seconds": 8, "load_before": 2.5, "gmae": row, "without_defaults": {**row, "fractions": [0.1, 0.12]}},
-        "contention_ddp": {"cpus": [0, 1], "steps": 30, "batch_size": 16, "one_steps_per_s": 5.0,
+        "contention": {"cpus": [0, 1], "seconds": 8, "busy_before": 1.5, "gmae": row, "without_defaults": {**row, "fractions": [0.1, 0.12]}},
+        "contention_ddp": {"cpus": [0, 1], "steps": 30, "busy_before": 0.0, "batch_size": 16, "one_steps_per_s": 5.0,
                            "ddp_steps_per_s": 4.5, "ratio": 0.9, "one_threads": 2, "ddp_threads": 1, "world_size": 2},
     })
     assert "each at 0.44 and 0.48 of solo" in table and "each at 0.10 and 0.12 of solo" in table
-    assert "= 0.90 on 2 cores" in table and "load 2.5 before" in table
+    assert "= 0.90 on 2 cores" in table and "1.5 cores busy before: other work" in table
+
+
+def test_busy_cores_reads_proc_stat(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    lines = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n", "cpu  250 0 150 1000 0 0 0 0 0 0\n"])  # 200 busy of 400
+
+    def fake_sleep(_):
+        stat.write_text(next(lines))
+
+    stat.write_text(next(lines))
+    monkeypatch.setattr(bench.time, "sleep", fake_sleep)
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    assert bench.busy_cores(0.0, str(stat)) == 1.0  # half of 2 cores
+    assert bench.busy_cores(0.0, str(tmp_path / "missing")) is None
