@@ -10,19 +10,33 @@ reported and what the performance targets are stated in.
                      (constant coverage): cost should follow footprint, not k
   step_ratio_tiny    GMAE over MAE training-step time, `tiny` preset
   step_ratio_base224 the same at ViT-B/16, 224^2, k=256, batch 8
+  contention         the default tiny pre-training step, in separate processes
+                     pinned to the same 2 cores: alone, then two at once; each
+                     one's throughput as a fraction of solo (fair share 0.5),
+                     with gmae's thread defaults and without them
+  contention_ddp     torchrun (gloo), 2 processes on those 2 cores, over 1
+                     process at the same global batch
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import threads
 from .choices import BENCHMARKS
 from .config import model_config
+from .errors import GMAEError
 from .model import build_model
 from .render import rasterize
 from .render.reference import _composite_chunk
@@ -178,6 +192,129 @@ def _gaussian_render_step(model, imgs, noise):
     return step
 
 
+# --------------------------------------------------------------------------- processes sharing cores
+
+
+def busy_cores(seconds: float = 1.0, stat: str = "/proc/stat") -> float | None:
+    """Cores' worth of CPU time other processes used over `seconds` while this one sleeps (None off Linux).
+
+    Taken right before a measurement, unlike the load average, which still
+    counts the benchmark's own processes of the minute before.
+    """
+    def sample():
+        with open(stat) as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values[:8]), values[3] + values[4]  # total and idle + iowait (guest time is already in user)
+
+    try:
+        (total0, idle0), _ = sample(), time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    return (elapsed - (idle1 - idle0)) / elapsed * (os.cpu_count() or 1) if elapsed > 0 else None
+
+
+def _shared_cpus(n: int = 2) -> list[int] | None:
+    """The first n CPUs this process may use, for pinning the benchmark's processes; None where unsupported."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return sorted(os.sched_getaffinity(0))[:n]
+
+
+def _worker_env() -> dict[str, str]:
+    """This process's environment without what gmae added to it, and gmae importable from anywhere."""
+    env = threads.child_environment()
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.pop("LOCAL_WORLD_SIZE", None)
+    return env
+
+
+def run_workers(specs: list[dict], torchrun: int = 0, timeout: float = 300.0) -> list[dict]:
+    """Start one `gmae.bench_worker` per spec (or one torchrun job of `torchrun` processes), time them together.
+
+    Workers with a time window start timing at the same moment: each writes a
+    ready file after its warm-up steps, and all start when the go file appears.
+    Returns each worker's JSON result (rank 0's for torchrun).
+    """
+    python = [sys.executable]
+    if torchrun:
+        import importlib.util
+
+        if not torch.distributed.is_available() or importlib.util.find_spec("torch.distributed.run") is None:
+            raise GMAEError("contention_ddp needs torchrun (torch.distributed), which this PyTorch build lacks")
+        python += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"]
+    deadline = time.monotonic() + timeout
+    with tempfile.TemporaryDirectory(prefix="gmae-bench-") as tmp:
+        go = os.path.join(tmp, "go")
+        procs = []
+        try:
+            for i, spec in enumerate(specs):
+                if "seconds" in spec:
+                    spec = {**spec, "ready": os.path.join(tmp, f"ready{i}"), "go": go}
+                procs.append(subprocess.Popen([*python, "-m", "gmae.bench_worker", json.dumps(spec)], env=_worker_env(),
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            ready = [os.path.join(tmp, f"ready{i}") for i, spec in enumerate(specs) if "seconds" in spec]
+            while not all(os.path.exists(r) for r in ready):
+                if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                    break  # reported below
+                time.sleep(0.02)
+            Path(go).touch()
+            results = []
+            for p in procs:
+                out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                if p.returncode != 0 or not out.strip():
+                    last = (err.strip().splitlines() or ["no output"])[-1]
+                    raise GMAEError(f"a benchmark process failed (exit {p.returncode}): {last}")
+                results.append(json.loads(out.strip().splitlines()[-1]))
+            return results
+        except subprocess.TimeoutExpired:
+            raise GMAEError(f"benchmark processes did not finish within {timeout:.0f} s") from None
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def contention(seconds: float = 8.0, batch_size: int | None = None, timeout: float = 300.0) -> dict:
+    """Throughput of the default tiny pre-training step alone and beside a second identical process.
+
+    Both processes are pinned to the same 2 CPUs (all cores of the machine this
+    project is developed on), so the figure means the same on bigger machines.
+    Measured with gmae's thread defaults (what `gmae pretrain` does) and
+    without them (torch's and numba's own, the behaviour before them).
+    """
+    cpus = _shared_cpus(2)
+    base = {"cpus": cpus, "batch_size": batch_size, "seconds": seconds}
+    # Other work on the machine changes every figure here: say how much there was.
+    out = {"cpus": cpus, "seconds": seconds, "busy_before": busy_cores()}
+    for label, defaults in (("gmae", True), ("without_defaults", False)):
+        spec = {**base, "defaults": defaults}
+        solo = run_workers([spec], timeout=timeout)[0]
+        pair = run_workers([spec, spec], timeout=timeout)
+        fractions = [r["steps_per_s"] / solo["steps_per_s"] for r in pair]
+        out[label] = {"solo_steps_per_s": solo["steps_per_s"], "pair_steps_per_s": [r["steps_per_s"] for r in pair],
+                      "fractions": fractions, "min_fraction": min(fractions), "machine_total": sum(fractions),
+                      "threads": solo["threads"], "wait_policy": solo["wait_policy"] or "unset",
+                      "batch_size": solo["batch_size"]}
+    return out
+
+
+def contention_ddp(steps: int = 30, batch_size: int | None = None, timeout: float = 300.0) -> dict:
+    """torchrun with 2 gloo processes on 2 CPUs over 1 process on them, at the same global batch."""
+    cpus = _shared_cpus(2)
+    spec = {"cpus": cpus, "batch_size": batch_size, "steps": steps, "defaults": True}
+    busy = busy_cores()
+    one = run_workers([spec], timeout=timeout)[0]
+    two = run_workers([spec], torchrun=2, timeout=timeout)[0]
+    return {"cpus": cpus, "steps": steps, "busy_before": busy, "batch_size": one["batch_size"],
+            "one_steps_per_s": one["steps_per_s"],
+            "ddp_steps_per_s": two["steps_per_s"], "ratio": two["steps_per_s"] / one["steps_per_s"],
+            "one_threads": one["threads"], "ddp_threads": two["threads"], "world_size": two["world_size"]}
+
+
 def run(names=BENCHMARKS, device: str = "cpu", repeats: int = 5, batch_size: int = 32) -> dict:
     """Run the named benchmarks; the fast backend is "cpu" on CPU and "gsplat" on CUDA."""
     backend = "gsplat" if device.startswith("cuda") else "cpu"
@@ -191,6 +328,10 @@ def run(names=BENCHMARKS, device: str = "cpu", repeats: int = 5, batch_size: int
             results[name] = step_ratio("tiny", batch_size, repeats=max(repeats, 5), device=device)
         elif name == "step_ratio_base224":
             results[name] = step_ratio("base", 8, repeats=2, warmup=1, device=device)
+        elif name == "contention":
+            results[name] = contention()
+        elif name == "contention_ddp":
+            results[name] = contention_ddp()
     return results
 
 
@@ -214,5 +355,34 @@ def format_results(results: dict) -> str:
                                 f"{r['ratio']:.3f}; rendering {r['render_share']:.1%} of the GMAE step  "
                                 f"({r['preset']}, {r['img_size']}px, batch {r['batch_size']}, k={r['num_gaussians']}, "
                                 f"{r['device']}; GMAE {r['gmae_imgs_per_s']:.0f} img/s)"))
+        elif name == "contention":
+            for label in ("gmae", "without_defaults"):
+                row = r[label]
+                lines.append((f"{name} {'defaults' if label == 'gmae' else 'none'}",
+                              f"2 processes on {_cpus_text(r['cpus'])}: each at {_fractions_text(row['fractions'])} "
+                              f"of solo ({row['solo_steps_per_s']:.2f} steps/s), together {row['machine_total']:.2f}; "
+                              f"fair share 0.5, target >= 0.40  ({row['threads']} threads each, "
+                              f"OMP_WAIT_POLICY {row['wait_policy']}, batch {row['batch_size']}{_load_text(r)})"))
+        elif name == "contention_ddp":
+            lines.append((name, f"torchrun 2 processes (gloo, {r['ddp_threads']} thread each) {r['ddp_steps_per_s']:.2f} "
+                                f"steps/s / 1 process ({r['one_threads']} threads) {r['one_steps_per_s']:.2f} steps/s "
+                                f"= {r['ratio']:.2f} on {_cpus_text(r['cpus'])}, global batch {r['batch_size']}; "
+                                f"target >= 0.8{_load_text(r, '  (', ')')}"))
     width = max((len(k) for k, _ in lines), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
+
+
+def _cpus_text(cpus) -> str:
+    return f"{len(cpus)} cores" if cpus else "all cores"
+
+
+def _fractions_text(fractions) -> str:
+    return " and ".join(f"{f:.2f}" for f in fractions)
+
+
+def _load_text(r: dict, before: str = "; ", after: str = "") -> str:
+    busy = r.get("busy_before")
+    if busy is None:
+        return ""
+    warning = ": other work shares the cores; not comparable with an idle machine" if busy >= 0.2 else ""
+    return f"{before}{busy:.1f} cores busy before{warning}{after}"

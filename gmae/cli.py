@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import threads
 from .choices import BENCHMARKS, EXPORT_FORMATS
 from .config import (
     CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, LOSSES, MODELS, PRESETS, FinetuneConfig, TrainConfig, as_dict, model_config,
@@ -601,6 +602,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# The commands that compute with torch (and so take --threads); info and export only read and write files.
+COMPUTING = ("pretrain", "reconstruct", *READOUTS, "eval-zeroshot", "ablate", "bench", "probe", "finetune")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gmae", description="Gaussian Masked Autoencoders")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -608,6 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
                 add_probe, add_finetune, add_plot):
         add(sub)
     parser.commands = sub.choices  # {name: its parser}, so that its own errors name it
+    for name in COMPUTING:
+        sub.choices[name].add_argument(
+            "--threads", type=int, default=None, metavar="N",
+            help="CPU threads of this process (default: OMP_NUM_THREADS if set, else usable cores / processes "
+                 "on this machine under torchrun)")
     return parser
 
 
@@ -635,8 +645,12 @@ def _interrupted(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
+    threads.prepare_environment()
     args = parse_args(argv)
     try:
+        if args.command in COMPUTING:
+            threads.configure(args.threads)
         return args.func(args)
     except GMAEError as e:
         print(f"gmae {args.command}: error: {e}", file=sys.stderr)

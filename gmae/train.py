@@ -31,6 +31,7 @@ from .export import init_encoder_weights
 from .files import check_output_folder, prepare_metrics, run_lock
 from .model import build_model
 from .render import resolve_backend
+from .threads import worker_init
 from .viz import save_reconstruction_figure
 
 FIGURE_IMAGES = 8
@@ -185,7 +186,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     stream = SeededStream(source, tcfg.seed)
     loader = DataLoader(
         stream, batch_sampler=StepBatchSampler(tcfg.batch_size, start, tcfg.steps - start, ctx.rank, ctx.world_size),
-        num_workers=tcfg.num_workers, persistent_workers=False,
+        num_workers=tcfg.num_workers, persistent_workers=False, worker_init_fn=worker_init,
     )
     model.train()
     last_loss, bad_in_a_row, skipped = float("nan"), 0, 0

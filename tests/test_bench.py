@@ -1,6 +1,11 @@
+import os
+
+import pytest
 import torch
 
+from gmae import bench
 from gmae.bench import coverage_growth, format_results, random_scene, rasterize_dense, render_speedup
+from gmae.errors import GMAEError
 from gmae.render import rasterize
 
 
@@ -20,3 +25,54 @@ def test_render_benchmarks_report_ratios():
     assert c["ratio"] == c["k4096_s"] / c["k256_s"]
     table = format_results({"render_speedup": r, "coverage_growth": c})
     assert "render_speedup 32px" in table and "coverage_growth" in table
+
+
+# --------------------------------------------------------------------------- the benchmark's processes
+
+
+def test_bench_worker_runs_and_reports(tmp_path):
+    spec = {"cpus": bench._shared_cpus(2), "batch_size": 2, "seconds": 0.0, "warmup": 0, "threads": 1}
+    (result,) = bench.run_workers([spec], timeout=240)
+    assert result["steps"] >= 2 and result["threads"] == 1 and result["world_size"] == 1
+    assert result["wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_bench_worker_failure_is_one_clear_error():
+    with pytest.raises(GMAEError, match="a benchmark process failed .*Invalid argument"):
+        bench.run_workers([{"cpus": [10**6], "steps": 1}], timeout=120)
+
+
+def test_missing_torchrun_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch.distributed.run" else real(name, *a))
+    with pytest.raises(GMAEError, match="needs torchrun"):
+        bench.run_workers([{"steps": 1}], torchrun=2)
+
+
+def test_contention_table():
+    row = {"solo_steps_per_s": 5.0, "pair_steps_per_s": [2.2, 2.4], "fractions": [0.44, 0.48], "min_fraction": 0.44,
+           "machine_total": 0.92, "threads": 2, "wait_policy": "PASSIVE", "batch_size": 16}
+    table = bench.format_results({
+        "contention": {"cpus": [0, 1], "seconds": 8, "busy_before": 1.5, "gmae": row, "without_defaults": {**row, "fractions": [0.1, 0.12]}},
+        "contention_ddp": {"cpus": [0, 1], "steps": 30, "busy_before": 0.0, "batch_size": 16, "one_steps_per_s": 5.0,
+                           "ddp_steps_per_s": 4.5, "ratio": 0.9, "one_threads": 2, "ddp_threads": 1, "world_size": 2},
+    })
+    assert "each at 0.44 and 0.48 of solo" in table and "each at 0.10 and 0.12 of solo" in table
+    assert "= 0.90 on 2 cores" in table and "1.5 cores busy before: other work" in table
+
+
+def test_busy_cores_reads_proc_stat(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    lines = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n", "cpu  250 0 150 1000 0 0 0 0 0 0\n"])  # 200 busy of 400
+
+    def fake_sleep(_):
+        stat.write_text(next(lines))
+
+    stat.write_text(next(lines))
+    monkeypatch.setattr(bench.time, "sleep", fake_sleep)
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    assert bench.busy_cores(0.0, str(stat)) == 1.0  # half of 2 cores
+    assert bench.busy_cores(0.0, str(tmp_path / "missing")) is None

@@ -51,6 +51,7 @@ from ..data import StepBatchSampler
 from ..errors import GMAEError
 from ..files import check_output_folder, prepare_metrics, run_lock
 from ..model.vit import ViTEncoder
+from ..threads import worker_init
 from ..train import learning_rate, say
 
 FORMAT = "gmae-finetune"
@@ -266,7 +267,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
 
     stream = LabelledStream(train_ds, fcfg.seed)
     loader = DataLoader(stream, batch_sampler=StepBatchSampler(fcfg.batch_size, start, fcfg.steps - start),
-                        num_workers=fcfg.num_workers)
+                        num_workers=fcfg.num_workers, worker_init_fn=worker_init)
     classes = list(getattr(train_ds, "classes", range(num_classes)))
     run_config = {"model": as_dict(mcfg), "finetune": as_dict(fcfg), "num_classes": int(num_classes),
                   "classes": [str(c) for c in classes]}

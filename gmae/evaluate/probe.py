@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..config import ModelConfig
 from ..errors import GMAEError
 from ..model.vit import ViTEncoder
+from ..threads import worker_init
 
 POOLS = ("cls", "avg")
 
@@ -85,7 +86,8 @@ def extract_features(encoder: ViTEncoder, dataset: Dataset, batch_size: int = 25
         raise GMAEError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
     was_training = encoder.training
     encoder.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=worker_init)
     feats, labels = [], []
     for imgs, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         feats.append(encode(encoder, imgs.to(device, non_blocking=True), pool).float().cpu())

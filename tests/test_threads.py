@@ -1,0 +1,204 @@
+"""Thread defaults: the decision rule, the environment set before torch, the --threads flag, DataLoader workers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gmae import threads
+from gmae.cli import COMPUTING, build_parser, main
+from gmae.errors import GMAEError
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+@pytest.mark.parametrize("cores,procs,env,requested,expected", [
+    (2, 1, {}, None, 2),  # alone: every usable core
+    (2, 2, {}, None, 1),  # torchrun --nproc-per-node=2 on 2 cores
+    (16, 3, {}, None, 5),  # rounded down: never more threads than cores
+    (2, 4, {}, None, 1),  # more processes than cores: still one each
+    (8, 1, {"OMP_NUM_THREADS": "3"}, None, 3),  # the user's variable wins over the core count
+    (8, 1, {"OMP_NUM_THREADS": "4,2"}, None, 4),  # libgomp's nested form: the outer level
+    (8, 2, {"OMP_NUM_THREADS": "nonsense"}, None, 4),  # not a number: ignored
+    (8, 2, {"OMP_NUM_THREADS": "0"}, None, 4),
+    (8, 1, {"OMP_NUM_THREADS": "3"}, 6, 6),  # the flag wins over everything
+    (1, 1, {}, 4, 4),  # and may ask for more threads than cores
+])
+def test_decide(cores, procs, env, requested, expected):
+    assert threads.decide(cores, procs, env, requested).threads == expected
+
+
+def test_decide_says_why():
+    assert threads.decide(4, 2, {}).reason == "4 usable cores / 2 local processes"
+    assert threads.decide(4, 1, {"OMP_NUM_THREADS": "3"}).reason == "OMP_NUM_THREADS=3"
+    assert threads.decide(4, 1, {"OMP_NUM_THREADS": "3"}, 2).reason == "--threads"
+
+
+def test_zero_threads_is_a_user_error():
+    with pytest.raises(GMAEError, match="--threads must be at least 1; got 0"):
+        threads.decide(2, 1, {}, 0)
+
+
+def test_local_processes_from_torchrun():
+    assert threads.local_processes({}) == 1
+    assert threads.local_processes({"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert threads.local_processes({"LOCAL_WORLD_SIZE": "x"}) == 1
+
+
+def test_usable_cores_follow_affinity():
+    if hasattr(os, "sched_getaffinity"):
+        assert threads.usable_cores() == len(os.sched_getaffinity(0))
+    assert threads.usable_cores() >= 1
+
+
+def test_passive_wait_policy_only_where_unset():
+    assert threads.environment_defaults({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert threads.environment_defaults({"OMP_WAIT_POLICY": "active"}) == {}
+
+
+# --------------------------------------------------------------------------- the CLI sets it before torch
+
+_BEFORE_TORCH = """
+import os, sys
+import gmae.cli as cli
+assert "torch" not in sys.modules
+build = cli.build_parser
+def spy():  # build_parser is where torch is first imported
+    print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)
+    return build()
+cli.build_parser = spy
+try:
+    cli.main(["info", "--help"])
+except SystemExit:
+    pass
+"""
+
+
+@pytest.mark.parametrize("user,seen", [(None, "PASSIVE"), ("active", "active")])
+def test_cli_sets_wait_policy_before_torch_never_over_the_user(user, seen):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    done = subprocess.run([sys.executable, "-c", _BEFORE_TORCH], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == f"{seen} False"
+
+
+# --------------------------------------------------------------------------- configure and --threads
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A process in which no thread default has been applied yet; torch's and numba's counts restored after."""
+    monkeypatch.setattr(threads, "_APPLIED", None)
+    monkeypatch.setattr(threads, "_ADDED", set())
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "unset-by-fixture")
+    monkeypatch.delenv("NUMBA_NUM_THREADS")  # recorded, so restored after the test
+    before = torch.get_num_threads()
+    numba = sys.modules.get("numba")
+    numba_before = numba.get_num_threads() if numba else None
+    yield
+    torch.set_num_threads(before)
+    if numba:
+        numba.set_num_threads(numba_before)
+
+
+def test_configure_sets_torch_and_numba_and_logs_once(fresh, monkeypatch, caplog):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    caplog.set_level("INFO", logger="gmae.threads")
+    decision = threads.configure(None)
+    assert decision.threads == max(1, threads.usable_cores()) and torch.get_num_threads() == decision.threads
+    torch.set_num_threads(1)  # the caller's own choice since ...
+    threads.configure(None)  # ... is not reset by a second default
+    assert torch.get_num_threads() == 1
+    threads.configure(3)  # an explicit number always applies
+    assert torch.get_num_threads() == 3
+    if "numba" in sys.modules:
+        assert sys.modules["numba"].get_num_threads() == min(3, sys.modules["numba"].config.NUMBA_NUM_THREADS)
+    else:
+        assert os.environ["NUMBA_NUM_THREADS"] == "3"  # the pool numba starts with, once imported
+    lines = [r.getMessage() for r in caplog.records if r.name == "gmae.threads"]
+    assert len(lines) == 1 and "threads per process" in lines[0], lines
+
+
+def test_every_computing_command_takes_threads():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():
+        flags = {s for a in parser._actions for s in a.option_strings}
+        assert ("--threads" in flags) == (name in COMPUTING), name
+    assert {"pretrain", "reconstruct", "layers", "edges", "segment", "gaussians", "eval-zeroshot", "ablate", "bench",
+            "probe", "finetune"} == set(COMPUTING)
+
+
+def test_threads_flag_reaches_configure(fresh, monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(threads, "configure", lambda n: seen.append(n))
+    assert main(["probe", "--checkpoint", str(tmp_path / "none.pt"), "--threads", "3"]) == 2  # fails after configuring
+    assert main(["probe", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert main(["info", str(tmp_path / "none.pt")]) == 2  # info computes nothing: no thread setup
+    assert seen == [3, None]
+
+
+def test_pretrain_runs_with_threads_flag(fresh, tmp_path):
+    args = ["pretrain", "--img-size", "32", "--patch-size", "8", "-k", "8", "--batch-size", "2", "--steps", "1",
+            "--quiet", "--out", str(tmp_path), "--threads", "1"]
+    assert main(args) == 0
+    assert torch.get_num_threads() == 1
+
+
+def test_zero_threads_is_one_line(capsys, tmp_path):
+    assert main(["pretrain", "--threads", "0", "--steps", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "gmae pretrain: error: --threads must be at least 1; got 0"
+
+
+# --------------------------------------------------------------------------- DataLoader workers
+
+
+class PoolSizes(Dataset):
+    """Reports, from inside a DataLoader worker, the thread count of every pool it can use."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        sizes = {"torch": torch.get_num_threads()}
+        if "numba" in sys.modules:
+            sizes["numba"] = sys.modules["numba"].get_num_threads()
+        try:
+            from threadpoolctl import threadpool_info
+
+            sizes.update((f"{p['internal_api']}:{p['filepath']}", p["num_threads"]) for p in threadpool_info())
+        except ImportError:
+            pass
+        return json.dumps(sizes)
+
+
+def test_dataloader_workers_get_one_thread_each():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the parent's pools are bigger than one
+    try:
+        import numba
+
+        numba.get_num_threads()  # numba loaded (and its pool started) in the parent, as after a render
+        loader = DataLoader(PoolSizes(), batch_size=None, num_workers=1, worker_init_fn=threads.worker_init)
+        sizes = json.loads(next(iter(loader)))
+    finally:
+        torch.set_num_threads(before)
+    assert sizes["torch"] == 1 and sizes["numba"] == 1
+    assert all(n == 1 for n in sizes.values()), sizes  # numpy's BLAS and OpenMP too, where threadpoolctl sees them
+
+
+def test_training_loaders_use_the_worker_init():
+    import inspect
+
+    from gmae.evaluate import finetune, probe
+    from gmae import train
+
+    for module in (train, finetune, probe):
+        assert "worker_init_fn=worker_init" in inspect.getsource(module), module.__name__
