@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .choices import BENCHMARKS, EXPORT_FORMATS
 from .config import (
-    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, LOSSES, MODELS, PRESETS, FinetuneConfig, TrainConfig, as_dict, model_config,
-    train_config,
+    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, LOSSES, MODELS, POSITION_PARAMS, PRESETS, FinetuneConfig, TrainConfig, as_dict,
+    model_config, train_config,
 )
 from .errors import GMAEError
 from .files import check_exists, check_output_file, check_output_folder, image_files
@@ -101,7 +101,14 @@ def add_pretrain(sub) -> None:
                    help="an unreadable image during training: skip it (logged and counted, default) or stop")
     p.add_argument("--img-size", type=_positive_int, default=None, help="input size (default: the preset's)")
     p.add_argument("--patch-size", type=_positive_int, default=None, help="patch size (default: the preset's)")
-    p.add_argument("--num-gaussians", "-k", type=_positive_int, default=None, help="k Gaussians per image (tiny: 128, others 256)")
+    p.add_argument("--num-gaussians", "-k", type=_positive_int, default=None,
+                   help="k Gaussians per image, whatever --gaussians-per-query (tiny: 128, others 256)")
+    p.add_argument("--gaussians-per-query", type=_positive_int, default=None,
+                   help="m Gaussians emitted by each query token: the decoder runs k / m query tokens, so m must "
+                        "divide k (default 1; e.g. -k 4096 --gaussians-per-query 16: 256 tokens, 4096 Gaussians)")
+    p.add_argument("--position-param", default=None, choices=POSITION_PARAMS,
+                   help="with m > 1, where a token's m Gaussians sit: absolute (each its own position, "
+                        "default) or anchored (x, y offsets around a per-token anchor)")
     p.add_argument("--max-scale", type=float, default=None, help="c, the largest Gaussian scale (default 1.0)")
     p.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
     p.add_argument("--loss", default=None, choices=LOSSES, help="masked (default), all, masked_normpix")
@@ -129,8 +136,9 @@ def add_pretrain(sub) -> None:
 def cmd_pretrain(args) -> int:
     mcfg = model_config(
         args.preset, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
-        num_gaussians=args.num_gaussians, max_scale=args.max_scale, mask_ratio=args.mask_ratio,
-        loss=args.loss, background=args.background, render_backend=args.render_backend, camera=args.camera,
+        num_gaussians=args.num_gaussians, gaussians_per_query=args.gaussians_per_query,
+        position_param=args.position_param, max_scale=args.max_scale, mask_ratio=args.mask_ratio, loss=args.loss,
+        background=args.background, render_backend=args.render_backend, camera=args.camera,
         depth_grad=args.depth_grad, depth_tau=args.depth_tau, depth_param=args.depth_param,
     )
     tcfg = train_config(

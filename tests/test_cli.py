@@ -162,3 +162,17 @@ def test_run_folder_is_not_silently_reused(run_dir, capsys):
     assert main(["pretrain", *FAST, "--steps", "2", "--out", str(run_dir), "--resume"]) == 2
     assert "below the checkpoint's step 4" in capsys.readouterr().err
     assert sorted(os.listdir(run_dir)) == before
+
+
+def test_gaussians_per_query_reaches_the_checkpoint_and_bad_values_are_one_line(tmp_path, capsys):
+    out = tmp_path / "m4"
+    assert main(["pretrain", *FAST, "--gaussians-per-query", "4", "--position-param", "anchored", "--steps", "1",
+                 "--out", str(out)]) == 0
+    state = load_checkpoint(out / "checkpoint-0000001.pt")
+    model_cfg = state["config"]["model"]
+    assert (model_cfg["num_gaussians"], model_cfg["gaussians_per_query"], model_cfg["position_param"]) == (32, 4, "anchored")
+    assert state["model"]["query_embed"].shape[1] == 8  # k / m query tokens
+    assert main(["pretrain", *FAST, "--gaussians-per-query", "5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "gaussians-per-query 5 must be at least 1 and divide the number of Gaussians k = 32" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
