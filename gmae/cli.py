@@ -107,8 +107,8 @@ def add_pretrain(sub) -> None:
                    help="m Gaussians emitted by each query token: the decoder runs k / m query tokens, so m must "
                         "divide k (default 1; e.g. -k 4096 --gaussians-per-query 16: 256 tokens, 4096 Gaussians)")
     p.add_argument("--position-param", default=None, choices=POSITION_PARAMS,
-                   help="with m > 1, where a token's m Gaussians sit: absolute (each its own position, "
-                        "default) or anchored (x, y offsets around a per-token anchor)")
+                   help="with m > 1, where a token's m Gaussians sit: anchored (default; x, y offsets of at most "
+                        "2/sqrt(k/m) around a per-token anchor; trains better) or absolute (each its own position)")
     p.add_argument("--max-scale", type=float, default=None, help="c, the largest Gaussian scale (default 1.0)")
     p.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
     p.add_argument("--loss", default=None, choices=LOSSES, help="masked (default), all, masked_normpix")

@@ -27,7 +27,9 @@ DEPTH_PARAMS = ("bounded", "linear")
 DEPTH_GRADS = ("off", "swap")
 # Where the m Gaussians of one query token sit (`gaussians_per_query` > 1): "absolute", each
 # position its own, exactly as one Gaussian per token; "anchored", x and y an offset of at most
-# ANCHOR_SPREAD around a per-token anchor (z stays each Gaussian's own). See gmae.model.gmae.
+# `anchor_spread` around a per-token anchor (z stays each Gaussian's own; see gmae.model.gmae).
+# Anchored trained better at equal steps (docs/gaussians_per_query.md), so it is the default; with
+# m = 1 both are the same model, today's.
 POSITION_PARAMS = ("absolute", "anchored")
 
 
@@ -53,7 +55,7 @@ class ModelConfig:
     num_gaussians: int = 256  # k, independent of the number of masked patches
     # m: Gaussians each query token emits; the decoder runs k / m query tokens (m must divide k)
     gaussians_per_query: int = 1
-    position_param: str = "absolute"  # with m > 1: see POSITION_PARAMS
+    position_param: str = "anchored"  # with m > 1: see POSITION_PARAMS
     max_scale: float = 1.0  # c: scale = c * sigmoid(s); c = 1 -> largest std ~ W/16 pixels
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # authors' white
     render_backend: str = "auto"

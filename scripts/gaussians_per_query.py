@@ -4,8 +4,9 @@ Two commands (run from the repository root; each writes into --out and prints a 
 
   positions  absolute vs anchored positions at equal steps: tiny runs of each layout for each
              position parametrisation and seed, all launched at once (meant for one GPU), stopped
-             at --deadline seconds; every run is then scored at the newest step all runs reached
-             (masked PSNR on held-out dead-leaves, `gmae.ablate.masked_psnr`).
+             at --deadline seconds (a second call continues them: `gmae pretrain --resume`); each
+             layout's runs are then scored at the newest step all of them reached (masked PSNR on
+             held-out dead-leaves, `gmae.ablate.masked_psnr`).
   quality    k = 256 x 1, 64 x 4, 256 x 4 and 256 x 16 at equal wall time, one run at a time:
              first one interleaved benchmark of their training steps, then each run gets the steps
              that fit the wall time `--base-steps` steps of 256 x 1 take; scored by masked PSNR,
@@ -65,7 +66,7 @@ def positions(args) -> None:
         for position in ("absolute", "anchored"):
             for seed in args.seeds:
                 name = f"{label}-{position}-s{seed}"
-                command = pretrain_command(out / name, k, m, position, seed, args.steps, extra)
+                command = pretrain_command(out / name, k, m, position, seed, args.steps, [*extra, "--resume=auto"])
                 print(" ".join(command[2:]), flush=True)
                 with open(out / f"{name}.log", "w") as log:
                     runs[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -76,14 +77,16 @@ def positions(args) -> None:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait()
-    step = min(newest_step(out / name) for name in runs)
-    print(f"stopped after {time.time() - start:.0f} s; scoring every run at step {step}", flush=True)
+    print(f"stopped after {time.time() - start:.0f} s", flush=True)
     rows = []
-    for name in runs:
-        label, position, seed = name.rsplit("-", 2)
-        rows.append({"layout": label, "position": position, "seed": int(seed[1:]), "step": step,
-                     "psnr": psnr_at(out / name, step, args.device)})
-        print(json.dumps(rows[-1]), flush=True)
+    for label, _, _ in POSITION_LAYOUTS:  # each layout at the newest step all of its runs reached
+        names = [name for name in runs if name.startswith(f"{label}-")]
+        step = min(newest_step(out / name) for name in names)
+        for name in names:
+            _, position, seed = name.rsplit("-", 2)
+            rows.append({"layout": label, "position": position, "seed": int(seed[1:]), "step": step,
+                         "psnr": psnr_at(out / name, step, args.device)})
+            print(json.dumps(rows[-1]), flush=True)
     (out / "positions.json").write_text(json.dumps(rows, indent=1))
     print("| layout | position | seed | step | masked PSNR (dB) |\n|---|---|---:|---:|---:|")
     for r in rows:
@@ -185,7 +188,7 @@ def main() -> None:
     p.set_defaults(func=positions)
     q = sub.add_parser("quality", help="the four layouts at equal wall time, scored")
     q.add_argument("--out", default="runs/gaussians_per_query")
-    q.add_argument("--position", default="absolute", help="position parametrisation of the m > 1 runs")
+    q.add_argument("--position", default="anchored", help="position parametrisation of the m > 1 runs")
     q.add_argument("--base-steps", type=int, default=1200, help="steps of 256 x 1; the others get its wall time")
     q.add_argument("--repeats", type=int, default=5)
     q.set_defaults(func=quality)

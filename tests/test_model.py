@@ -172,9 +172,11 @@ def test_checkpoint_without_gaussians_per_query_loads_unchanged(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     save_checkpoint(training_state(model, opt, 3, old_config, {}), tmp_path / "checkpoint-0000003.pt")
     loaded, mcfg, _ = load_model(tmp_path / "checkpoint-0000003.pt")
-    assert (mcfg.gaussians_per_query, mcfg.position_param) == (1, "absolute")
-    assert {k: v for k, v in asdict(mcfg).items() if k != "render_backend"} == \
-        {k: v for k, v in asdict(cfg).items() if k != "render_backend"}
+    # (absolute: what positions meant before; today's default is anchored, the same model at m = 1)
+    assert (mcfg.gaussians_per_query, mcfg.position_param) == (1, "absolute") and cfg.position_param == "anchored"
+    assert {k: v for k, v in asdict(mcfg).items() if k not in ("render_backend", "position_param")} == \
+        {k: v for k, v in asdict(cfg).items() if k not in ("render_backend", "position_param")}
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
     imgs, noise = torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, cfg.num_patches)
     with torch.no_grad():
         a, b = model(imgs, noise), loaded(imgs, noise)
