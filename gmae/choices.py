@@ -6,7 +6,7 @@ usage error answer without loading torch.
 """
 
 #: `gmae bench` benchmarks, in the order they run.
-BENCHMARKS = ("render_speedup", "coverage_growth", "step_ratio_tiny", "step_ratio_base224")
+BENCHMARKS = ("render_speedup", "coverage_growth", "step_ratio_tiny", "step_ratio_base224", "many_gaussians")
 
 #: `gmae export` formats and the file extensions each accepts.
 EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}

@@ -387,7 +387,8 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="speed ratios measured in one run (renderer speed-ups, GMAE/MAE step time)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
                    help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="batch of step_ratio_tiny (default 32)")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="batch of step_ratio_tiny and of many_gaussians' tiny row (default 32)")
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats per figure (median)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the fast backend is then gsplat)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

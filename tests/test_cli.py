@@ -75,9 +75,13 @@ def test_reconstruct_any_image(run_dir, tmp_path):
 def test_bench_prints_ratio(capsys):
     assert main(["bench", "--only", "step_ratio_tiny", "--batch-size", "2", "--repeats", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)["step_ratio_tiny"]
-    assert r["gmae_step_s"] > 0 and r["mae_step_s"] > 0
-    assert r["ratio"] == pytest.approx(r["gmae_step_s"] / r["mae_step_s"])
-    assert r["render_s"] > 0 and r["render_share"] == pytest.approx(r["render_s"] / r["gmae_step_s"])
+    assert r["mae_step_s"] > 0
+    # k = 256 Gaussians at the paper's shape (256 tokens) and with fewer tokens (64 x 4)
+    assert [(row["queries"], row["gaussians_per_query"], row["num_gaussians"]) for row in r["layouts"]] == \
+        [(256, 1, 256), (64, 4, 256)]
+    for row in r["layouts"]:
+        assert row["gmae_step_s"] > 0 and row["ratio"] == pytest.approx(row["gmae_step_s"] / r["mae_step_s"])
+        assert row["render_s"] > 0 and row["render_share"] == pytest.approx(row["render_s"] / row["gmae_step_s"])
 
 
 def test_mae_pretrain(tmp_path):
