@@ -106,7 +106,8 @@ def masked_psnr(model, images: int = PSNR_IMAGES, batch_size: int = 32) -> float
     from .model.vit import patchify
 
     cfg = model.cfg
-    device = next(model.parameters()).device  # images and masks are made on the CPU, the same on any device
+    # images and masks are made on the CPU, the same on any device, then moved to the model's
+    device = next(model.parameters(), torch.empty(0)).device
     source = DeadLeaves(cfg.img_size, seed=EVAL_SEED)
     generator = torch.Generator().manual_seed(PSNR_SEED)
     squared, count = 0.0, 0.0

@@ -214,9 +214,10 @@ def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
 
 # What a field meant before it existed: a checkpoint written without it is read
 # with this value (not today's default), so that it builds the model it was.
+# position_param needs none: a checkpoint without it has m = 1, where both settings are the same model,
+# and taking today's default keeps its config equal to a new m = 1 run's (`gmae ablate` compares them).
 LEGACY_VALUES: dict[type, dict] = {
-    ModelConfig: {"camera": "orthographic", "depth_param": "bounded", "depth_grad": "off",
-                  "gaussians_per_query": 1, "position_param": "absolute"},
+    ModelConfig: {"camera": "orthographic", "depth_param": "bounded", "depth_grad": "off", "gaussians_per_query": 1},
 }
 
 

@@ -172,10 +172,10 @@ def test_checkpoint_without_gaussians_per_query_loads_unchanged(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     save_checkpoint(training_state(model, opt, 3, old_config, {}), tmp_path / "checkpoint-0000003.pt")
     loaded, mcfg, _ = load_model(tmp_path / "checkpoint-0000003.pt")
-    # (absolute: what positions meant before; today's default is anchored, the same model at m = 1)
-    assert (mcfg.gaussians_per_query, mcfg.position_param) == (1, "absolute") and cfg.position_param == "anchored"
-    assert {k: v for k, v in asdict(mcfg).items() if k not in ("render_backend", "position_param")} == \
-        {k: v for k, v in asdict(cfg).items() if k not in ("render_backend", "position_param")}
+    # the same config as a new m = 1 run's (position_param: both settings are the same model at m = 1)
+    assert mcfg.gaussians_per_query == 1
+    assert {k: v for k, v in asdict(mcfg).items() if k != "render_backend"} == \
+        {k: v for k, v in asdict(cfg).items() if k != "render_backend"}
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
     imgs, noise = torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, cfg.num_patches)
     with torch.no_grad():
@@ -289,7 +289,7 @@ def test_checkpoint_configs_without_the_new_fields_keep_their_old_meaning():
     old = {k: v for k, v in ModelConfig().__dict__.items() if k not in new}
     cfg = config_from_dict(ModelConfig, old)
     assert (cfg.camera, cfg.depth_param, cfg.depth_grad) == ("orthographic", "bounded", "off")
-    assert (cfg.gaussians_per_query, cfg.position_param) == (1, "absolute")
+    assert cfg.gaussians_per_query == 1
     assert config_from_dict(ModelConfig, {**old, "camera": "authors"}).camera == "authors"
 
 
