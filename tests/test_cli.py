@@ -176,6 +176,9 @@ def test_gaussians_per_query_reaches_the_checkpoint_and_bad_values_are_one_line(
     model_cfg = state["config"]["model"]
     assert (model_cfg["num_gaussians"], model_cfg["gaussians_per_query"], model_cfg["position_param"]) == (32, 4, "anchored")
     assert state["model"]["query_embed"].shape[1] == 8  # k / m query tokens
+    import gmae
+
+    assert "k=32 (8 queries x 4)" in repr(gmae.load(out))
     assert main(["pretrain", *FAST, "--gaussians-per-query", "5", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert "gaussians-per-query 5 must be at least 1 and divide the number of Gaussians k = 32" in err
