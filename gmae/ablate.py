@@ -106,6 +106,8 @@ def masked_psnr(model, images: int = PSNR_IMAGES, batch_size: int = 32) -> float
     from .model.vit import patchify
 
     cfg = model.cfg
+    # images and masks are made on the CPU, the same on any device, then moved to the model's
+    device = next(model.parameters(), torch.empty(0)).device
     source = DeadLeaves(cfg.img_size, seed=EVAL_SEED)
     generator = torch.Generator().manual_seed(PSNR_SEED)
     squared, count = 0.0, 0.0
@@ -113,6 +115,7 @@ def masked_psnr(model, images: int = PSNR_IMAGES, batch_size: int = 32) -> float
         for start in range(0, images, batch_size):
             imgs = torch.stack([source.load(i) for i in range(start, min(images, start + batch_size))])
             noise = torch.rand(imgs.shape[0], cfg.num_patches, generator=generator)
+            imgs, noise = imgs.to(device), noise.to(device)
             out = model(imgs, noise, mask_ratio=PSNR_MASK_RATIO)
             # (B, N, p*p*C)
             err = (patchify(out.image.clamp(0, 1), cfg.patch_size) - patchify(imgs, cfg.patch_size)) ** 2

@@ -45,6 +45,8 @@ class Model:
     def __repr__(self) -> str:
         c = self.config
         k = f", k={c.num_gaussians}" if c.model == "gmae" else ""
+        if c.model == "gmae" and c.gaussians_per_query > 1:
+            k += f" ({c.num_queries} queries x {c.gaussians_per_query})"
         return f"gmae.Model({c.model}, {c.img_size}px, patch {c.patch_size}, width {c.embed_dim}{k}, step {self.step})"
 
     @property

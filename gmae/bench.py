@@ -8,8 +8,12 @@ reported and what the performance targets are stated in.
                      renderer at 128^2), forward + backward, B=8, k=256
   coverage_growth    fast backend at k=4096 over k=256, Gaussians 1/16 the area
                      (constant coverage): cost should follow footprint, not k
-  step_ratio_tiny    GMAE over MAE training-step time, `tiny` preset
-  step_ratio_base224 the same at ViT-B/16, 224^2, k=256, batch 8
+  step_ratio_tiny    GMAE over MAE training-step time, `tiny` preset, k = 256 Gaussians both
+                     as 256 query tokens x 1 (the paper's shape) and as 64 tokens x 4
+  step_ratio_base224 the same at ViT-B/16, 224^2, batch 8
+  many_gaussians     GMAE training step at k = 4096 as 256 tokens x 16 over k = 256 as
+                     256 x 1, `tiny` and `base` (the decoder is the same; only the head and
+                     the rendering grow)
   contention         the default tiny pre-training step, in separate processes
                      pinned to the same 2 cores: alone, then two at once; each
                      one's throughput as a fraction of solo (fair share 0.5),
@@ -145,35 +149,70 @@ def coverage_growth(backend: str = "cpu", size: int = 224, batch: int = 8, repea
 # --------------------------------------------------------------------------- training steps
 
 
+# The layouts of k = 256 Gaussians step_ratio_* time: (query tokens, Gaussians per token).
+STEP_RATIO_LAYOUTS = ((256, 1), (64, 4))
+
+
+def _training_step(cfg, batch_size: int, device: str, seed: int):
+    """A closure running one optimizer step of a fresh model of `cfg` on a fixed batch and mask, and the model."""
+    torch.manual_seed(seed)  # the same encoder initialisation for every model
+    model = build_model(cfg).to(device).train()
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    imgs = torch.rand(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size,
+                      generator=torch.Generator().manual_seed(seed)).to(device)
+    noise = masking_noise(seed, 0, batch_size, cfg.num_patches).to(device)
+
+    def step():
+        loss = model(imgs, noise).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, model, imgs, noise
+
+
+def _layout(queries: int, per_query: int) -> str:
+    return f"{queries}x{per_query}"
+
+
 def step_ratio(preset: str = "tiny", batch_size: int = 32, repeats: int = 10, warmup: int = 2,
-               device: str = "cpu", seed: int = 0, **overrides) -> dict:
-    """Median training-step seconds of GMAE and MAE on one preset, batch and mask, and their ratio."""
+               device: str = "cpu", seed: int = 0, layouts=STEP_RATIO_LAYOUTS, **overrides) -> dict:
+    """Median training-step seconds of GMAE (each layout of q tokens x m Gaussians) and MAE on one preset,
+    batch and mask, and their ratios; all timed in one interleaved loop."""
     steps = {}
-    for kind in ("gmae", "mae"):
-        cfg = model_config(preset, model=kind, **overrides)
-        torch.manual_seed(seed)  # the same encoder initialisation for both
-        model = build_model(cfg).to(device).train()
-        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-        imgs = torch.rand(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size,
-                          generator=torch.Generator().manual_seed(seed)).to(device)
-        noise = masking_noise(seed, 0, batch_size, cfg.num_patches).to(device)
-
-        def step(model=model, opt=opt, imgs=imgs, noise=noise):
-            loss = model(imgs, noise).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        steps[kind] = step
-        if kind == "gmae":  # the renderer alone, forward + backward, on this model's Gaussians
-            steps["render"] = _gaussian_render_step(model, imgs, noise)
+    cfg = model_config(preset, model="mae", **overrides)
+    steps["mae"] = _training_step(cfg, batch_size, device, seed)[0]
+    for q, m in layouts:
+        cfg = model_config(preset, num_gaussians=q * m, gaussians_per_query=m, **overrides)
+        steps[_layout(q, m)], model, imgs, noise = _training_step(cfg, batch_size, device, seed)
+        # the renderer alone, forward + backward, on this model's Gaussians
+        steps[f"render {_layout(q, m)}"] = _gaussian_render_step(model, imgs, noise)
     t = timed_interleaved(steps, repeats, warmup, device)
-    return {
-        "preset": preset, "batch_size": batch_size, "img_size": cfg.img_size, "num_gaussians": cfg.num_gaussians,
-        "device": device, "gmae_step_s": t["gmae"], "mae_step_s": t["mae"], "ratio": t["gmae"] / t["mae"],
-        "gmae_imgs_per_s": batch_size / t["gmae"], "mae_imgs_per_s": batch_size / t["mae"],
-        "render_s": t["render"], "render_share": t["render"] / t["gmae"],
-    }
+    rows = []
+    for q, m in layouts:
+        gmae_s, render_s = t[_layout(q, m)], t[f"render {_layout(q, m)}"]
+        rows.append({"queries": q, "gaussians_per_query": m, "num_gaussians": q * m, "gmae_step_s": gmae_s,
+                     "ratio": gmae_s / t["mae"], "gmae_imgs_per_s": batch_size / gmae_s, "render_s": render_s,
+                     "render_share": render_s / gmae_s})
+    return {"preset": preset, "batch_size": batch_size, "img_size": cfg.img_size, "device": device,
+            "mae_step_s": t["mae"], "mae_imgs_per_s": batch_size / t["mae"], "layouts": rows}
+
+
+def many_gaussians(preset: str = "tiny", batch_size: int = 32, repeats: int = 5, warmup: int = 1,
+                   device: str = "cpu", seed: int = 0, queries: int = 256, per_query: int = 16) -> dict:
+    """GMAE training step at k = queries x per_query Gaussians over the step at k = queries x 1: the decoder
+    runs the same tokens, so the ratio is the price of the extra Gaussians (head, projection, rendering)."""
+    steps = {}
+    for m in (1, per_query):
+        cfg = model_config(preset, num_gaussians=queries * m, gaussians_per_query=m)
+        steps[m], model, imgs, noise = _training_step(cfg, batch_size, device, seed)
+        steps[f"render {m}"] = _gaussian_render_step(model, imgs, noise)
+    t = timed_interleaved(steps, repeats, warmup, device)
+    few, many = t[1], t[per_query]
+    return {"preset": preset, "batch_size": batch_size, "img_size": cfg.img_size, "device": device,
+            "queries": queries, "gaussians_per_query": per_query, "k_few": queries, "k_many": queries * per_query,
+            "few_step_s": few, "many_step_s": many, "ratio": many / few,
+            "few_render_share": t["render 1"] / few, "many_render_share": t[f"render {per_query}"] / many}
 
 
 def _gaussian_render_step(model, imgs, noise):
@@ -332,6 +371,10 @@ def run(names=BENCHMARKS, device: str = "cpu", repeats: int = 5, batch_size: int
             results[name] = contention()
         elif name == "contention_ddp":
             results[name] = contention_ddp()
+        elif name == "many_gaussians":
+            # base: batch 4 and 2 repeats keep it to about a minute on 2 CPU cores
+            results[name] = {"tiny": many_gaussians("tiny", batch_size, repeats=max(repeats, 5), device=device),
+                             "base": many_gaussians("base", 4, repeats=2, warmup=1, device=device)}
     return results
 
 
@@ -351,10 +394,13 @@ def format_results(results: dict) -> str:
             lines.append((name, f"{r['backend']} k=4096 {r['k4096_s'] * 1e3:.1f} ms / k=256 {r['k256_s'] * 1e3:.1f} ms "
                                 f"at {r['size']}px, constant coverage: {r['ratio']:.2f}x"))
         elif name.startswith("step_ratio"):
-            lines.append((name, f"GMAE {r['gmae_step_s'] * 1e3:.0f} ms / MAE {r['mae_step_s'] * 1e3:.0f} ms = "
-                                f"{r['ratio']:.3f}; rendering {r['render_share']:.1%} of the GMAE step  "
-                                f"({r['preset']}, {r['img_size']}px, batch {r['batch_size']}, k={r['num_gaussians']}, "
-                                f"{r['device']}; GMAE {r['gmae_imgs_per_s']:.0f} img/s)"))
+            for row in r["layouts"]:  # the token count beside each ratio: it, not k, drives the decoder's cost
+                lines.append((f"{name} {row['queries']}x{row['gaussians_per_query']}",
+                              f"GMAE k={row['num_gaussians']} as {row['queries']} tokens x {row['gaussians_per_query']} "
+                              f"{row['gmae_step_s'] * 1e3:.0f} ms / MAE {r['mae_step_s'] * 1e3:.0f} ms = "
+                              f"{row['ratio']:.3f}; rendering {row['render_share']:.1%} of the GMAE step  "
+                              f"({r['preset']}, {r['img_size']}px, batch {r['batch_size']}, {r['device']}; "
+                              f"GMAE {row['gmae_imgs_per_s']:.0f} img/s)"))
         elif name == "contention":
             for label in ("gmae", "without_defaults"):
                 row = r[label]
@@ -368,6 +414,14 @@ def format_results(results: dict) -> str:
                                 f"steps/s / 1 process ({r['one_threads']} threads) {r['one_steps_per_s']:.2f} steps/s "
                                 f"= {r['ratio']:.2f} on {_cpus_text(r['cpus'])}, global batch {r['batch_size']}; "
                                 f"target >= 0.8{_load_text(r, '  (', ')')}"))
+        elif name == "many_gaussians":
+            for preset, row in r.items():
+                q, m = row["queries"], row["gaussians_per_query"]
+                lines.append((f"{name} {preset}",
+                              f"k={row['k_many']} as {q} tokens x {m} {row['many_step_s'] * 1e3:.0f} ms / "
+                              f"k={row['k_few']} as {q} x 1 {row['few_step_s'] * 1e3:.0f} ms = {row['ratio']:.3f}; "
+                              f"rendering {row['many_render_share']:.0%} / {row['few_render_share']:.0%} of the steps  "
+                              f"({preset}, {row['img_size']}px, batch {row['batch_size']}, {row['device']})"))
     width = max((len(k) for k, _ in lines), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
 

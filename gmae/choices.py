@@ -6,8 +6,8 @@ usage error answer without loading torch.
 """
 
 #: `gmae bench` benchmarks, in the order they run.
-BENCHMARKS = ("render_speedup", "coverage_growth", "step_ratio_tiny", "step_ratio_base224", "contention",
-              "contention_ddp")
+BENCHMARKS = ("render_speedup", "coverage_growth", "step_ratio_tiny", "step_ratio_base224", "many_gaussians",
+              "contention", "contention_ddp")
 
 #: `gmae export` formats and the file extensions each accepts.
 EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}

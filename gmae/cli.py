@@ -17,8 +17,8 @@ from pathlib import Path
 from . import threads
 from .choices import BENCHMARKS, EXPORT_FORMATS
 from .config import (
-    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, LOSSES, MODELS, PRESETS, FinetuneConfig, TrainConfig, as_dict, model_config,
-    train_config,
+    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, LOSSES, MODELS, POSITION_PARAMS, PRESETS, FinetuneConfig, TrainConfig, as_dict,
+    model_config, train_config,
 )
 from .errors import GMAEError
 from .files import check_exists, check_output_file, check_output_folder, image_files
@@ -102,7 +102,14 @@ def add_pretrain(sub) -> None:
                    help="an unreadable image during training: skip it (logged and counted, default) or stop")
     p.add_argument("--img-size", type=_positive_int, default=None, help="input size (default: the preset's)")
     p.add_argument("--patch-size", type=_positive_int, default=None, help="patch size (default: the preset's)")
-    p.add_argument("--num-gaussians", "-k", type=_positive_int, default=None, help="k Gaussians per image (tiny: 128, others 256)")
+    p.add_argument("--num-gaussians", "-k", type=_positive_int, default=None,
+                   help="k Gaussians per image, whatever --gaussians-per-query (tiny: 128, others 256)")
+    p.add_argument("--gaussians-per-query", type=_positive_int, default=None,
+                   help="m Gaussians emitted by each query token: the decoder runs k / m query tokens, so m must "
+                        "divide k (default 1; e.g. -k 4096 --gaussians-per-query 16: 256 tokens, 4096 Gaussians)")
+    p.add_argument("--position-param", default=None, choices=POSITION_PARAMS,
+                   help="with m > 1, where a token's m Gaussians sit: anchored (default; x, y offsets of at most "
+                        "2/sqrt(k/m) around a per-token anchor; trains better) or absolute (each its own position)")
     p.add_argument("--max-scale", type=float, default=None, help="c, the largest Gaussian scale (default 1.0)")
     p.add_argument("--max-opacity", type=float, default=None,
                    help="opacity = MAX * sigmoid (default 1, the authors'); above 1 a Gaussian saturates at alpha "
@@ -136,9 +143,10 @@ def add_pretrain(sub) -> None:
 def cmd_pretrain(args) -> int:
     mcfg = model_config(
         args.preset, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
-        num_gaussians=args.num_gaussians, max_scale=args.max_scale, max_opacity=args.max_opacity,
-        mask_ratio=args.mask_ratio,
-        loss=args.loss, background=args.background, render_backend=args.render_backend, camera=args.camera,
+        num_gaussians=args.num_gaussians, gaussians_per_query=args.gaussians_per_query,
+        position_param=args.position_param, max_scale=args.max_scale, max_opacity=args.max_opacity,
+        mask_ratio=args.mask_ratio, loss=args.loss, background=args.background, render_backend=args.render_backend,
+        camera=args.camera,
         depth_grad=args.depth_grad, depth_tau=args.depth_tau, depth_param=args.depth_param,
     )
     tcfg = train_config(
@@ -387,7 +395,8 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="speed ratios measured in one run (renderer speed-ups, GMAE/MAE step time)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
                    help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="batch of step_ratio_tiny (default 32)")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="batch of step_ratio_tiny and of many_gaussians' tiny row (default 32)")
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats per figure (median)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the fast backend is then gsplat)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

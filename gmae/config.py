@@ -27,6 +27,12 @@ DEPTH_PARAMS = ("bounded", "linear")
 # relaxed swap of neighbours) or "weighted" (order-free weighted compositing whose
 # depth weights exp(-z/tau) are differentiable; the readouts render the same way).
 DEPTH_GRADS = ("off", "swap", "weighted")
+# Where the m Gaussians of one query token sit (`gaussians_per_query` > 1): "absolute", each
+# position its own, exactly as one Gaussian per token; "anchored", x and y an offset of at most
+# `anchor_spread` around a per-token anchor (z stays each Gaussian's own; see gmae.model.gmae).
+# Anchored trained better at equal steps (docs/gaussians_per_query.md), so it is the default; with
+# m = 1 both are the same model, today's.
+POSITION_PARAMS = ("absolute", "anchored")
 
 
 @dataclass
@@ -49,6 +55,9 @@ class ModelConfig:
     loss: str = "masked"  # "masked" | "all" | "masked_normpix"
     # GMAE only
     num_gaussians: int = 256  # k, independent of the number of masked patches
+    # m: Gaussians each query token emits; the decoder runs k / m query tokens (m must divide k)
+    gaussians_per_query: int = 1
+    position_param: str = "anchored"  # with m > 1: see POSITION_PARAMS
     max_scale: float = 1.0  # c: scale = c * sigmoid(s); c = 1 -> largest std ~ W/16 pixels
     max_opacity: float = 1.0  # opacity = max_opacity * sigmoid; > 1: flat-topped Gaussians with sharp rims
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # authors' white
@@ -66,6 +75,11 @@ class ModelConfig:
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
 
+    @property
+    def num_queries(self) -> int:
+        """q, the decoder's query tokens: k Gaussians = q tokens x m Gaussians each."""
+        return self.num_gaussians // self.gaussians_per_query
+
     def validate(self) -> None:
         """Raise GMAEError naming the first impossible setting."""
         if self.model not in MODELS:
@@ -80,11 +94,15 @@ class ModelConfig:
             raise GMAEError(f"mask ratio must be in [0, 1) so that some patches stay visible; got {self.mask_ratio}")
         if self.num_gaussians < 1:
             raise GMAEError(f"number of Gaussians must be at least 1; got {self.num_gaussians}")
+        if self.gaussians_per_query < 1 or self.num_gaussians % self.gaussians_per_query:
+            raise GMAEError(f"gaussians-per-query {self.gaussians_per_query} must be at least 1 and divide the number "
+                            f"of Gaussians k = {self.num_gaussians} (k Gaussians = k / m query tokens x m each)")
         if not self.max_scale > 0:
             raise GMAEError(f"max scale c must be positive; got {self.max_scale}")
         if not self.max_opacity >= 1.0:
             raise GMAEError(f"max opacity must be at least 1 (1: opacity = sigmoid, the authors'); got {self.max_opacity}")
-        for name, allowed in (("camera", CAMERAS), ("depth_param", DEPTH_PARAMS), ("depth_grad", DEPTH_GRADS)):
+        for name, allowed in (("camera", CAMERAS), ("depth_param", DEPTH_PARAMS), ("depth_grad", DEPTH_GRADS),
+                              ("position_param", POSITION_PARAMS)):
             if getattr(self, name) not in allowed:
                 raise GMAEError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}; "
                                 f"got {getattr(self, name)!r}")
@@ -201,8 +219,10 @@ def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
 
 # What a field meant before it existed: a checkpoint written without it is read
 # with this value (not today's default), so that it builds the model it was.
+# position_param needs none: a checkpoint without it has m = 1, where both settings are the same model,
+# and taking today's default keeps its config equal to a new m = 1 run's (`gmae ablate` compares them).
 LEGACY_VALUES: dict[type, dict] = {
-    ModelConfig: {"camera": "orthographic", "depth_param": "bounded", "depth_grad": "off"},
+    ModelConfig: {"camera": "orthographic", "depth_param": "bounded", "depth_grad": "off", "gaussians_per_query": 1},
 }
 
 
@@ -276,4 +296,4 @@ class FinetuneConfig:
 
 
 __all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "DEPTH_PARAMS",
-           "DEPTH_GRADS", "model_config", "train_config", "config_from_dict", "as_dict"]
+           "DEPTH_GRADS", "POSITION_PARAMS", "model_config", "train_config", "config_from_dict", "as_dict"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gmae import bench
-from gmae.bench import coverage_growth, format_results, random_scene, rasterize_dense, render_speedup
+from gmae.bench import coverage_growth, format_results, many_gaussians, random_scene, rasterize_dense, render_speedup
 from gmae.errors import GMAEError
 from gmae.render import rasterize
 
@@ -76,3 +76,15 @@ def test_busy_cores_reads_proc_stat(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
     assert bench.busy_cores(0.0, str(stat)) == 1.0  # half of 2 cores
     assert bench.busy_cores(0.0, str(tmp_path / "missing")) is None
+
+
+def test_many_gaussians_and_step_ratio_rows_name_their_token_counts():
+    r = many_gaussians("tiny", batch_size=1, repeats=1, warmup=0, queries=4, per_query=4)
+    assert (r["k_few"], r["k_many"]) == (4, 16) and r["ratio"] == r["many_step_s"] / r["few_step_s"]
+    assert 0 < r["few_render_share"] and 0 < r["many_render_share"]
+    step = {"preset": "tiny", "img_size": 64, "batch_size": 2, "device": "cpu", "mae_step_s": 0.1, "layouts": [
+        {"queries": q, "gaussians_per_query": m, "num_gaussians": 256, "gmae_step_s": 0.2, "ratio": 2.0,
+         "gmae_imgs_per_s": 10.0, "render_s": 0.02, "render_share": 0.1} for q, m in ((256, 1), (64, 4))]}
+    table = format_results({"step_ratio_tiny": step, "many_gaussians": {"tiny": r}}).splitlines()
+    assert "k=256 as 256 tokens x 1" in table[0] and "k=256 as 64 tokens x 4" in table[1]
+    assert table[2].startswith("many_gaussians tiny") and "k=16 as 4 tokens x 4" in table[2] and "k=4 as 4 x 1" in table[2]

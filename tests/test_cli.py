@@ -75,9 +75,13 @@ def test_reconstruct_any_image(run_dir, tmp_path):
 def test_bench_prints_ratio(capsys):
     assert main(["bench", "--only", "step_ratio_tiny", "--batch-size", "2", "--repeats", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)["step_ratio_tiny"]
-    assert r["gmae_step_s"] > 0 and r["mae_step_s"] > 0
-    assert r["ratio"] == pytest.approx(r["gmae_step_s"] / r["mae_step_s"])
-    assert r["render_s"] > 0 and r["render_share"] == pytest.approx(r["render_s"] / r["gmae_step_s"])
+    assert r["mae_step_s"] > 0
+    # k = 256 Gaussians at the paper's shape (256 tokens) and with fewer tokens (64 x 4)
+    assert [(row["queries"], row["gaussians_per_query"], row["num_gaussians"]) for row in r["layouts"]] == \
+        [(256, 1, 256), (64, 4, 256)]
+    for row in r["layouts"]:
+        assert row["gmae_step_s"] > 0 and row["ratio"] == pytest.approx(row["gmae_step_s"] / r["mae_step_s"])
+        assert row["render_s"] > 0 and row["render_share"] == pytest.approx(row["render_s"] / row["gmae_step_s"])
 
 
 def test_mae_pretrain(tmp_path):
@@ -162,3 +166,20 @@ def test_run_folder_is_not_silently_reused(run_dir, capsys):
     assert main(["pretrain", *FAST, "--steps", "2", "--out", str(run_dir), "--resume"]) == 2
     assert "below the checkpoint's step 4" in capsys.readouterr().err
     assert sorted(os.listdir(run_dir)) == before
+
+
+def test_gaussians_per_query_reaches_the_checkpoint_and_bad_values_are_one_line(tmp_path, capsys):
+    out = tmp_path / "m4"
+    assert main(["pretrain", *FAST, "--gaussians-per-query", "4", "--position-param", "anchored", "--steps", "1",
+                 "--out", str(out)]) == 0
+    state = load_checkpoint(out / "checkpoint-0000001.pt")
+    model_cfg = state["config"]["model"]
+    assert (model_cfg["num_gaussians"], model_cfg["gaussians_per_query"], model_cfg["position_param"]) == (32, 4, "anchored")
+    assert state["model"]["query_embed"].shape[1] == 8  # k / m query tokens
+    import gmae
+
+    assert "k=32 (8 queries x 4)" in repr(gmae.load(out))
+    assert main(["pretrain", *FAST, "--gaussians-per-query", "5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "gaussians-per-query 5 must be at least 1 and divide the number of Gaussians k = 32" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -3,7 +3,7 @@ import torch
 
 from gmae.config import ModelConfig, model_config
 from gmae.errors import GMAEError
-from gmae.config import CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, config_from_dict
+from gmae.config import CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, POSITION_PARAMS, config_from_dict
 from gmae.loss import pixel_curvature, reconstruction_loss
 from gmae.model import GMAE, MAE, build_model, count_parameters, patchify, random_masking, unpatchify
 from gmae.model.gmae import gaussians_from_raw
@@ -83,6 +83,11 @@ def test_gmae_and_mae_decoder_parameter_counts():
     mae = MAE(model_config("base", model="mae"))
     assert count_parameters(mae) - count_parameters(mae.encoder) == trunk + (d * p * p * 3 + p * p * 3)
     assert cfg.decoder_embed_dim == 512 and cfg.decoder_depth == 8  # MAE's decoder for base/large
+    # m Gaussians per token: k / m query embeddings, m blocks of 14 head outputs (+ the anchor's 2)
+    for m, position, anchor in ((16, "absolute", 0), (16, "anchored", 2), (1, "anchored", 0)):
+        many = GMAE(model_config("base", depth=1, num_gaussians=4096, gaussians_per_query=m, position_param=position))
+        head = m * 14 + anchor
+        assert count_parameters(many) - count_parameters(many.encoder) == trunk + 4096 // m * d + (d * head + head)
 
 
 @pytest.mark.parametrize("kind", ["gmae", "mae"])
@@ -98,6 +103,85 @@ def test_forward_shapes(kind):
         g = out.gaussians
         assert g.means.shape == (3, 48, 3) and g.scales.shape == (3, 48, 3) and g.quats.shape == (3, 48, 4)
         assert g.colors.shape == (3, 48, 3) and g.opacities.shape == (3, 48)
+
+
+@pytest.mark.parametrize("position", POSITION_PARAMS)
+def test_several_gaussians_per_query_shapes(position):
+    """k = 48 Gaussians as 12 query tokens x 4: the decoder runs 12 queries, the render gets 48 Gaussians."""
+    cfg = ModelConfig(**{**SMALL, "gaussians_per_query": 4, "position_param": position})
+    model = GMAE(cfg)
+    assert cfg.num_queries == 12 and model.query_embed.shape == (1, 12, 32)
+    assert model.gaussian_head.out_features == 4 * 14 + (2 if position == "anchored" else 0)
+    out = model(torch.rand(3, 3, 32, 32), masking_noise(0, 0, 3, cfg.num_patches))
+    g = out.gaussians
+    assert g.num == 48 and g.means.shape == (3, 48, 3) and g.scales.shape == (3, 48, 3) and g.quats.shape == (3, 48, 4)
+    assert g.colors.shape == (3, 48, 3) and g.opacities.shape == (3, 48) and out.image.shape == (3, 3, 32, 32)
+    # every block starts at c = 1's size, like a one-Gaussian head (the scale bias of each of the m blocks)
+    bias = model.gaussian_head.bias[: 4 * 14].view(4, 14)
+    assert torch.equal(bias[:, 3:6], torch.full((4, 3), bias[0, 3].item())) and bias[0, 3] == 0.0
+    # ... and each block's weights are drawn like a one-Gaussian head's (xavier over d -> 14, not d -> 56)
+    bound = (6.0 / (32 + 14)) ** 0.5
+    weight = model.gaussian_head.weight
+    assert weight.abs().max() <= bound and weight.abs().max() > 0.9 * bound
+
+
+def test_anchored_gaussians_stay_around_their_tokens_anchor():
+    from gmae.model.gmae import anchor_spread
+
+    cfg = ModelConfig(**{**SMALL, "gaussians_per_query": 4, "position_param": "anchored"})
+    model = GMAE(cfg)
+    raw = torch.randn(2, 12, 4 * 14 + 2) * 4  # saturating outputs: the bound must hold at the extremes
+    g = model.gaussians_from_tokens(raw)
+    anchor = 2 * (torch.sigmoid(raw[..., -2:]) - 0.5)  # (2, 12, 2)
+    offset = g.means[..., :2].view(2, 12, 4, 2) - anchor[:, :, None, :]
+    assert offset.abs().max() <= anchor_spread(12) + 1e-6 and anchor_spread(12) == pytest.approx(2 / 12**0.5)
+    assert offset.abs().max() > 0.9 * anchor_spread(12)
+    # z and everything but x, y are each Gaussian's own, as with absolute positions
+    absolute = gaussians_from_raw(raw[..., :-2].reshape(2, 48, 14), cfg.max_scale, model.camera.scale_unit)
+    assert torch.equal(g.means[..., 2], absolute.means[..., 2]) and torch.equal(g.colors, absolute.colors)
+    assert torch.equal(g.scales, absolute.scales) and torch.equal(g.opacities, absolute.opacities)
+
+
+def test_one_gaussian_per_query_is_the_model_it_always_was():
+    """m = 1 (the default, and what checkpoints without the field mean) keeps the parameter names and
+    shapes of before, and its Gaussians are `gaussians_from_raw` of the head's 14 outputs, bit for bit,
+    whatever the position setting."""
+    for position in POSITION_PARAMS:
+        model = GMAE(ModelConfig(**SMALL, position_param=position))
+        head = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(("encoder.", "decoder"))}
+        assert head == {"mask_token": (1, 1, 32), "query_embed": (1, 48, 32), "gaussian_head.weight": (14, 32),
+                        "gaussian_head.bias": (14,)}
+        raw = torch.randn(2, 48, 14) * 3
+        expected = gaussians_from_raw(raw, 1.0, model.camera.scale_unit, "bounded")
+        got = model.gaussians_from_tokens(raw)
+        for name in ("means", "scales", "quats", "colors", "opacities"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+def test_checkpoint_without_gaussians_per_query_loads_unchanged(tmp_path):
+    """A checkpoint written before the field existed loads as m = 1 and gives the outputs it gave."""
+    from dataclasses import asdict
+
+    from gmae.checkpoint import load_model, save_checkpoint, training_state
+    from gmae.config import as_dict
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL, render_backend="torch")
+    model = GMAE(cfg).eval()
+    old_config = {k: v for k, v in as_dict(cfg).items() if k not in ("gaussians_per_query", "position_param")}
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(training_state(model, opt, 3, old_config, {}), tmp_path / "checkpoint-0000003.pt")
+    loaded, mcfg, _ = load_model(tmp_path / "checkpoint-0000003.pt")
+    # the same config as a new m = 1 run's (position_param: both settings are the same model at m = 1)
+    assert mcfg.gaussians_per_query == 1
+    assert {k: v for k, v in asdict(mcfg).items() if k != "render_backend"} == \
+        {k: v for k, v in asdict(cfg).items() if k != "render_backend"}
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    imgs, noise = torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, cfg.num_patches)
+    with torch.no_grad():
+        a, b = model(imgs, noise), loaded(imgs, noise)
+    assert torch.equal(a.gaussians.means, b.gaussians.means) and torch.equal(a.gaussians.colors, b.gaussians.colors)
+    assert torch.equal(a.loss, b.loss)
 
 
 def test_gaussian_activations():
@@ -151,29 +235,35 @@ HEAD_OUTPUTS = {"x": [0], "y": [1], "z": [2], "scale": [3, 4, 5], "rotation": [6
 @pytest.mark.parametrize("depth_grad", DEPTH_GRADS)
 @pytest.mark.parametrize("depth_param", DEPTH_PARAMS)
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_every_gaussian_output_learns(camera, depth_grad, depth_param, backend):
-    """Every output of the Gaussian head gets a gradient from the loss, except z with the
-    orthographic camera and no depth-order gradient: there depth only sorts, and sorting has no
-    derivative (the defect this test exists to catch, kept visible rather than hidden)."""
+@pytest.mark.parametrize("per_query,position", [(1, "absolute"), (4, "absolute"), (4, "anchored")])
+def test_every_gaussian_output_learns(camera, depth_grad, depth_param, backend, per_query, position):
+    """Every output of the Gaussian head, for every one of a token's m Gaussians (and the anchor
+    when anchored), gets a gradient from the loss, except z with the orthographic camera and no
+    depth-order gradient: there depth only sorts, and sorting has no derivative (the defect this
+    test exists to catch, kept visible rather than hidden)."""
     if depth_grad == "weighted" and backend == "cpu":
         pytest.skip("the cpu kernel has no weighted compositing (refused, tested in test_weighted.py)")
     torch.manual_seed(0)
     cfg = ModelConfig(**SMALL, camera=camera, depth_grad=depth_grad, depth_param=depth_param, render_backend=backend,
-                      max_scale=4.0)
+                      max_scale=4.0, gaussians_per_query=per_query, position_param=position)
     model = GMAE(cfg)
     from gmae.data import DeadLeaves
 
     source = DeadLeaves(32, seed=0)
     imgs = torch.stack([source.load(i, None) for i in range(4)])
     model(imgs, masking_noise(0, 0, 4, cfg.num_patches)).loss.backward()
-    grad = model.gaussian_head.weight.grad.abs().sum(dim=1)  # (14,) one row per raw output
-    for name, rows in HEAD_OUTPUTS.items():
-        dead = name == "z" and camera == "orthographic" and depth_grad == "off"
-        for r in rows:
-            if dead:
-                assert grad[r] == 0, (name, r)
-            else:
-                assert grad[r] > 0, (name, r)
+    grad = model.gaussian_head.weight.grad.abs().sum(dim=1)  # one row per raw output
+    assert grad.shape == (per_query * 14 + (2 if position == "anchored" else 0),)
+    for j in range(per_query):  # Gaussian j of every token: rows j * 14 ... j * 14 + 13
+        for name, rows in HEAD_OUTPUTS.items():
+            dead = name == "z" and camera == "orthographic" and depth_grad == "off"
+            for r in rows:
+                if dead:
+                    assert grad[j * 14 + r] == 0, (j, name, r)
+                else:
+                    assert grad[j * 14 + r] > 0, (j, name, r)
+    if position == "anchored":  # the anchor's x and y
+        assert grad[per_query * 14] > 0 and grad[per_query * 14 + 1] > 0
 
 
 @pytest.mark.parametrize("mode", ["masked", "all", "masked_normpix"])
@@ -208,9 +298,11 @@ def test_loss_scale_scales_loss_and_depth_gradient_alike():
 def test_checkpoint_configs_without_the_new_fields_keep_their_old_meaning():
     """A checkpoint written before the camera existed is orthographic with a bounded depth and no
     depth-order gradient, whatever today's defaults are."""
-    old = {k: v for k, v in ModelConfig().__dict__.items() if k not in ("camera", "depth_param", "depth_grad", "depth_tau")}
+    new = ("camera", "depth_param", "depth_grad", "depth_tau", "gaussians_per_query", "position_param")
+    old = {k: v for k, v in ModelConfig().__dict__.items() if k not in new}
     cfg = config_from_dict(ModelConfig, old)
     assert (cfg.camera, cfg.depth_param, cfg.depth_grad) == ("orthographic", "bounded", "off")
+    assert cfg.gaussians_per_query == 1
     assert config_from_dict(ModelConfig, {**old, "camera": "authors"}).camera == "authors"
 
 
@@ -262,6 +354,9 @@ def test_weight_decay_groups():
     (dict(img_size=30), "multiple of the patch size"), (dict(max_scale=-1), "max scale"),
     (dict(camera="fisheye"), "camera must be one of"), (dict(depth_grad="maybe"), "depth-grad must be one of"),
     (dict(depth_tau=0.0), "depth-tau must be positive"), (dict(max_opacity=0.5), "max opacity"),
+    (dict(num_gaussians=100, gaussians_per_query=16), "gaussians-per-query 16 must .* divide .* k = 100"),
+    (dict(gaussians_per_query=0), "gaussians-per-query 0 must be at least 1"),
+    (dict(position_param="grid"), "position-param must be one of"),
     (dict(loss="l1"), "loss"),
 ])
 def test_impossible_settings_are_refused(value, setting):
@@ -269,13 +364,18 @@ def test_impossible_settings_are_refused(value, setting):
         model_config("tiny", **value)
 
 
-@pytest.mark.parametrize("kind", ["gmae", "mae"])
-def test_overfits_one_batch(kind):
+@pytest.mark.parametrize("kind,layout", [
+    ("gmae", {}), ("mae", {}),
+    # 48 Gaussians as 12 tokens x 4, and 192 as 12 x 16 (4x the Gaussians for the same decoder)
+    ("gmae", {"gaussians_per_query": 4}), ("gmae", {"gaussians_per_query": 4, "position_param": "anchored"}),
+    ("gmae", {"num_gaussians": 192, "gaussians_per_query": 16, "position_param": "anchored"}),
+])
+def test_overfits_one_batch(kind, layout):
     """Loss on one fixed batch (fixed masks) falls by a large factor in a few dozen steps."""
     from gmae.data import DeadLeaves
 
     torch.manual_seed(0)
-    cfg = ModelConfig(model=kind, **SMALL)
+    cfg = ModelConfig(model=kind, **{**SMALL, **layout})
     model = build_model(cfg)
     source = DeadLeaves(32, seed=0)
     imgs = torch.stack([source.load(i, None) for i in range(4)])

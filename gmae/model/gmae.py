@@ -3,8 +3,11 @@
 Differences from MAE (`gmae.model.mae`), all in the decoder:
   * no mask tokens for masked patches: the decoder sees [cls, visible tokens,
     k query tokens], each query = the shared mask token + its own embedding;
-  * the k query outputs go through a linear head to 14 numbers each
+  * the query outputs go through a linear head to 14 numbers per Gaussian
     (position 3, scale 3, rotation 4, colour 3, opacity 1), see `gaussians_from_raw`;
+    each of the q = k / m query tokens emits m Gaussians (`ModelConfig.gaussians_per_query`,
+    default 1), whose positions are their own ("absolute") or offsets around a
+    per-token anchor ("anchored"), see `GMAE.gaussians_from_tokens`;
   * the Gaussians are rendered with a fixed camera (`ModelConfig.camera`, see
     `gmae.render.camera`) and the loss is MSE between the render and the image
     on the masked patches' pixels;
@@ -35,6 +38,16 @@ from .vit import init_weights, patchify, unpatchify
 QUERY_INIT_STD = 1.0
 
 
+def anchor_spread(num_queries: int) -> float:
+    """Largest |x| or |y| offset (world units) of an anchored Gaussian from its token's anchor.
+
+    The image spans 2 x 2 units, so q tokens have a cell of side 2 / sqrt(q) each
+    if they tile it; offsets of up to that side (a box twice the cell's side) let
+    neighbouring groups overlap, as anchors need not sit on a grid.
+    """
+    return 2.0 / math.sqrt(num_queries)
+
+
 def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, depth: str = "bounded",
                        max_opacity: float = 1.0) -> Gaussians:
     """raw (B, K, 11 + C) decoder outputs -> activated Gaussians (the activations of the authors' code).
@@ -61,12 +74,20 @@ class GMAE(MAE):
     def build_head(self) -> None:
         cfg = self.cfg
         self.camera = get_camera(cfg.camera)
-        d = cfg.decoder_embed_dim
+        d, m, per = cfg.decoder_embed_dim, cfg.gaussians_per_query, 11 + cfg.in_chans
         # Each query's own embedding; the shared part is MAE's mask token.
-        self.query_embed = nn.Parameter(torch.zeros(1, cfg.num_gaussians, d))
+        self.query_embed = nn.Parameter(torch.zeros(1, cfg.num_queries, d))
         nn.init.normal_(self.query_embed, std=QUERY_INIT_STD)
-        self.gaussian_head = nn.Linear(d, 11 + cfg.in_chans)
+        # m Gaussians per token (Gaussian j of token t is Gaussian t * m + j), then, when anchored, the
+        # token's anchor (x, y).
+        self.gaussian_head = nn.Linear(d, m * per + 2 * self.anchored)
         init_weights(self.gaussian_head)
+        if m > 1:  # (m = 1 keeps exactly today's initialisation, random stream included)
+            # Each block of the head drawn as if it were its own one-Gaussian head (xavier over d -> 14):
+            # xavier over the m-times wider output would shrink the weights, and with them the spread of
+            # the starting positions and colours, as m grows.
+            bound = math.sqrt(6.0 / (d + per))
+            nn.init.uniform_(self.gaussian_head.weight, -bound, bound)
         # Every Gaussian starts at the size c = 1 starts at (sigmoid 1/2, half its largest std) whatever c is:
         # a larger c raises the ceiling, not the start. Started at half of c = 4, the Gaussians blend into the
         # image's mean colour and training never leaves it (seen: 1200 steps of flat renders; the paper notes
@@ -75,9 +96,37 @@ class GMAE(MAE):
         # Likewise every opacity starts at 1/2 whatever max_opacity is.
         opacity_start = 0.5 / cfg.max_opacity
         with torch.no_grad():
-            self.gaussian_head.bias[3:6] = math.log(start / (1.0 - start))
-            self.gaussian_head.bias[-1] = math.log(opacity_start / (1.0 - opacity_start))
+            blocks = self.gaussian_head.bias[: m * per].view(m, per)
+            blocks[:, 3:6] = math.log(start / (1.0 - start))
+            blocks[:, -1] = math.log(opacity_start / (1.0 - opacity_start))
         self.register_buffer("background", torch.tensor(cfg.background, dtype=torch.float32), persistent=False)
+
+    @property
+    def anchored(self) -> bool:
+        """Whether positions are offsets around a per-token anchor (only with m > 1: one Gaussian is its anchor)."""
+        return self.cfg.position_param == "anchored" and self.cfg.gaussians_per_query > 1
+
+    def gaussians_from_tokens(self, raw: torch.Tensor) -> Gaussians:
+        """raw (B, q, m * (11 + C) [+ 2]) head outputs -> the k = q * m Gaussians of each image.
+
+        Absolute: every Gaussian is `gaussians_from_raw` of its own 11 + C numbers, as with one
+        Gaussian per token. Anchored: the token's last two numbers give its anchor, in (-1, 1)^2
+        like an absolute position, and each Gaussian's x, y numbers an offset of at most
+        `anchor_spread(q)` around it (tanh), so a token's Gaussians stay a local group; z,
+        like everything else, stays each Gaussian's own (a group straddling an occlusion
+        boundary needs both depths).
+        """
+        cfg = self.cfg
+        B, q, _ = raw.shape
+        m, per = cfg.gaussians_per_query, 11 + cfg.in_chans
+        own = raw[..., : m * per].reshape(B, q * m, per)
+        g = gaussians_from_raw(own, cfg.max_scale, self.camera.scale_unit, cfg.depth_param, cfg.max_opacity)
+        if self.anchored:
+            anchor = 2.0 * (torch.sigmoid(raw[..., m * per:]) - 0.5)  # (B, q, 2)
+            offset = anchor_spread(q) * torch.tanh(own[..., 0:2].reshape(B, q, m, 2))
+            xy = (anchor.unsqueeze(2) + offset).reshape(B, q * m, 2)
+            g.means = torch.cat([xy, g.means[..., 2:]], dim=-1)
+        return g
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> Gaussians:
         """latent (B, 1 + n, D) -> k Gaussians per image."""
@@ -88,13 +137,12 @@ class GMAE(MAE):
         ids_keep = torch.argsort(ids_restore, dim=1)[:, : n1 - 1]
         pos = torch.gather(self.decoder_pos_embed[:, 1:, :].expand(B, -1, -1), 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
         x = torch.cat([x[:, :1, :] + self.decoder_pos_embed[:, :1, :], x[:, 1:, :] + pos], dim=1)
-        queries = (self.mask_token + self.query_embed).expand(B, -1, -1)  # (B, k, d)
-        x = self.run_decoder(torch.cat([x, queries], dim=1))  # (B, 1 + n + k, d)
-        # Keep only the k query outputs; float32 even under bf16 autocast, where
+        queries = (self.mask_token + self.query_embed).expand(B, -1, -1)  # (B, q, d)
+        x = self.run_decoder(torch.cat([x, queries], dim=1))  # (B, 1 + n + q, d)
+        # Keep only the q query outputs; float32 even under bf16 autocast, where
         # positions would otherwise snap to steps of up to a pixel.
-        raw = self.gaussian_head(x[:, n1:, :]).float()  # (B, k, 11 + C)
-        return gaussians_from_raw(raw, self.cfg.max_scale, self.camera.scale_unit, self.cfg.depth_param,
-                                  self.cfg.max_opacity)
+        raw = self.gaussian_head(x[:, n1:, :]).float()  # (B, q, m * (11 + C) [+ 2])
+        return self.gaussians_from_tokens(raw)
 
     @property
     def compositing(self) -> str:
