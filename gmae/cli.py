@@ -114,6 +114,9 @@ def add_pretrain(sub) -> None:
     p.add_argument("--max-opacity", type=float, default=None,
                    help="opacity = MAX * sigmoid (default 1, the authors'); above 1 a Gaussian saturates at alpha "
                         "0.99 over a core and has a sharp rim (a flat-topped blob)")
+    p.add_argument("--opacity-reg", type=float, default=None,
+                   help="add this x mean opacity (relative to --max-opacity) to the loss: an economy prior for "
+                        "fewer, larger Gaussians (default 0)")
     p.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
     p.add_argument("--loss", default=None, choices=LOSSES, help="masked (default), all, masked_normpix")
     p.add_argument("--background", type=_background, default=None, help="render background: white (default), black, grey or R,G,B")
@@ -145,6 +148,7 @@ def cmd_pretrain(args) -> int:
         args.preset, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
         num_gaussians=args.num_gaussians, gaussians_per_query=args.gaussians_per_query,
         position_param=args.position_param, max_scale=args.max_scale, max_opacity=args.max_opacity,
+        opacity_reg=args.opacity_reg,
         mask_ratio=args.mask_ratio, loss=args.loss, background=args.background, render_backend=args.render_backend,
         camera=args.camera,
         depth_grad=args.depth_grad, depth_tau=args.depth_tau, depth_param=args.depth_param,

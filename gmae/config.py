@@ -60,6 +60,7 @@ class ModelConfig:
     position_param: str = "anchored"  # with m > 1: see POSITION_PARAMS
     max_scale: float = 1.0  # c: scale = c * sigmoid(s); c = 1 -> largest std ~ W/16 pixels
     max_opacity: float = 1.0  # opacity = max_opacity * sigmoid; > 1: flat-topped Gaussians with sharp rims
+    opacity_reg: float = 0.0  # loss += opacity_reg * mean opacity / max_opacity: fewer, larger Gaussians
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # authors' white
     render_backend: str = "auto"
     camera: str = "orthographic"  # a name in CAMERAS (gmae.render.camera)
@@ -99,6 +100,8 @@ class ModelConfig:
                             f"of Gaussians k = {self.num_gaussians} (k Gaussians = k / m query tokens x m each)")
         if not self.max_scale > 0:
             raise GMAEError(f"max scale c must be positive; got {self.max_scale}")
+        if not self.opacity_reg >= 0.0:
+            raise GMAEError(f"opacity-reg must be >= 0; got {self.opacity_reg}")
         if not self.max_opacity >= 1.0:
             raise GMAEError(f"max opacity must be at least 1 (1: opacity = sigmoid, the authors'); got {self.max_opacity}")
         for name, allowed in (("camera", CAMERAS), ("depth_param", DEPTH_PARAMS), ("depth_grad", DEPTH_GRADS),

@@ -67,6 +67,16 @@ CONFIGS: dict[str, list[str]] = {
                                 "--loss", "all", "--mask-ratio", "0.25", "--max-opacity", "50"],
     "ortho-off-c4-all25-o50": [*P64, "--camera", "orthographic", "--depth-grad", "off", "--max-scale", "4",
                                "--loss", "all", "--mask-ratio", "0.25", "--max-opacity", "50"],
+    # economy: every opaque Gaussian costs (fewer, larger, amodal Gaussians)
+    "ortho-swap-c4-all25-o50-sparse": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--max-scale", "4",
+                                       "--loss", "all", "--mask-ratio", "0.25", "--max-opacity", "50",
+                                       "--opacity-reg", "0.01"],
+    "ortho-swap-c4-all25-sparse": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--max-scale", "4",
+                                   "--loss", "all", "--mask-ratio", "0.25", "--opacity-reg", "0.01"],
+    # 128 px (16 px patches, k = 256), 2000 steps
+    "ortho-swap-c4-all25-128": [*P128, "--steps", "2000", "--camera", "orthographic", "--depth-grad", "swap",
+                                "--max-scale", "4", "--loss", "all", "--mask-ratio", "0.25"],
+    "authors-off-128": [*P128, "--steps", "2000", "--camera", "authors", "--depth-grad", "off"],
     # the other mechanism: order-free weighted compositing (torch backend)
     "ortho-weighted": [*P64, "--camera", "orthographic", "--depth-grad", "weighted"],
     "ortho-weighted-all25": [*P64, "--camera", "orthographic", "--depth-grad", "weighted", "--loss", "all",

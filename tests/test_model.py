@@ -211,6 +211,18 @@ def test_max_opacity_scales_the_sigmoid_and_starts_at_one_half():
     assert out.gaussians.opacities.median().item() == pytest.approx(0.5, rel=0.3)
 
 
+def test_opacity_reg_adds_the_mean_opacity_and_pulls_it_down():
+    torch.manual_seed(0)
+    imgs, noise = torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, 16)
+    plain = GMAE(ModelConfig(**SMALL, max_opacity=4.0))
+    reg = GMAE(ModelConfig(**SMALL, max_opacity=4.0, opacity_reg=0.5))
+    reg.load_state_dict(plain.state_dict())
+    a, b = plain(imgs, noise), reg(imgs, noise)
+    torch.testing.assert_close(b.loss, a.loss + 0.5 * a.gaussians.opacities.mean() / 4.0)
+    b.loss.backward()
+    assert reg.gaussian_head.bias.grad[-1] > 0  # descent lowers the opacities
+
+
 @pytest.mark.parametrize("c", [0.5, 1.0, 4.0])
 def test_gaussians_start_at_the_size_of_c1_whatever_c(c):
     """A larger c raises the ceiling of the scale, not where it starts (large starts blur into the mean)."""

@@ -188,7 +188,10 @@ class GMAE(MAE):
             curvature = pixel_curvature(mask, self.cfg.loss, p, self.cfg.in_chans) * loss_scale
         image = self.render(gaussians, curvature)  # (B, C, H, W)
         pred, target = patchify(image, p), patchify(imgs, p)
-        loss = reconstruction_loss(pred, target, mask, self.cfg.loss) * loss_scale
+        loss = reconstruction_loss(pred, target, mask, self.cfg.loss)
+        if self.cfg.opacity_reg > 0:  # economy: every opaque Gaussian costs, so fewer and larger ones explain the image
+            loss = loss + self.cfg.opacity_reg * gaussians.opacities.mean() / self.cfg.max_opacity
+        loss = loss * loss_scale
         if self.cfg.loss == "masked_normpix":  # the render predicts normalised patches: show it in image space
             image = unpatchify(denormalize_patches(pred.detach(), target), p, self.cfg.in_chans)
         return Output(loss, image.detach(), mask, gaussians)
