@@ -63,7 +63,7 @@ class ModelConfig:
     opacity_reg: float = 0.0  # loss += opacity_reg * mean opacity / max_opacity: fewer, larger Gaussians
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # authors' white
     render_backend: str = "auto"
-    camera: str = "orthographic"  # a name in CAMERAS (gmae.render.camera)
+    camera: str = "authors"  # a name in CAMERAS (gmae.render.camera); best-measuring in docs/depth.md
     depth_param: str = "bounded"  # z parametrisation, see DEPTH_PARAMS
     depth_grad: str = "off"  # see DEPTH_GRADS
     depth_tau: float = 0.1  # temperature (depth units) of the swap relaxation or of the weighted compositing

@@ -229,7 +229,7 @@ def test_gaussians_start_at_the_size_of_c1_whatever_c(c):
     torch.manual_seed(0)
     model = GMAE(ModelConfig(**SMALL, max_scale=c))
     out = model(torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, model.cfg.num_patches))
-    unit = RENDER_CAMERAS["orthographic"].scale_unit
+    unit = model.camera.scale_unit
     start = out.gaussians.scales.median().item() / unit  # the sigmoid's output times c, at the start
     assert start == pytest.approx(min(0.5 * c, 0.5), rel=0.3)
 
