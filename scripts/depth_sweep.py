@@ -17,6 +17,7 @@ otherwise idle machine).
 
     python scripts/depth_sweep.py ortho-off authors-off ortho-swap     # run these
     python scripts/depth_sweep.py --table                              # the table so far
+    python scripts/depth_sweep.py --timing ortho-off ortho-swap ...    # training-step cost, side by side
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ CONFIGS: dict[str, list[str]] = {
     "ortho-swap-c4-all25-sparse": [*P64, "--camera", "orthographic", "--depth-grad", "swap", "--max-scale", "4",
                                    "--loss", "all", "--mask-ratio", "0.25", "--opacity-reg", "0.01"],
     # 128 px (16 px patches, k = 256), 2000 steps
-    "ortho-swap-c4-all25-128": [*P128, "--steps", "2000", "--camera", "orthographic", "--depth-grad", "swap",
-                                "--max-scale", "4", "--loss", "all", "--mask-ratio", "0.25"],
+    "ortho-swap-all25-128": [*P128, "--steps", "2000", "--camera", "orthographic", "--depth-grad", "swap",
+                             "--loss", "all", "--mask-ratio", "0.25"],
     "authors-off-128": [*P128, "--steps", "2000", "--camera", "authors", "--depth-grad", "off"],
     # the other mechanism: order-free weighted compositing (torch backend)
     "ortho-weighted": [*P64, "--camera", "orthographic", "--depth-grad", "weighted"],
@@ -165,6 +166,41 @@ def table(runs: Path) -> str:
     return "\n".join(rows)
 
 
+def timing(names: list[str], repeats: int = 15) -> str:
+    """Median training-step time of each configuration, timed interleaved in this process, over the first's."""
+    import time
+
+    import torch
+
+    from gmae.cli import build_parser
+    from gmae.config import model_config
+    from gmae.data import DeadLeaves
+    from gmae.model import build_model
+    from gmae.train import masking_noise
+
+    parser = build_parser()
+    models, batches = {}, {}
+    for name in names:
+        args = parser.parse_args(["pretrain", *CONFIGS[name]])
+        cfg = model_config(args.preset, **{k: getattr(args, k) for k in (
+            "img_size", "patch_size", "num_gaussians", "max_scale", "max_opacity", "opacity_reg", "mask_ratio",
+            "loss", "camera", "depth_grad", "depth_tau", "depth_param")})
+        torch.manual_seed(0)
+        models[name] = build_model(cfg)
+        source = DeadLeaves(cfg.img_size, seed=0)
+        batches[name] = (torch.stack([source.load(i) for i in range(16)]), masking_noise(0, 0, 16, cfg.num_patches))
+    times = {name: [] for name in names}
+    for i in range(repeats + 2):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(*batches[name]).loss.backward()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times[names[0]])
+    return "\n".join(f"{name:32s} {statistics.median(t) * 1e3:7.1f} ms/step  {statistics.median(t) / base:5.2f}x"
+                     for name, t in times.items())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="configurations to run, in order")
@@ -173,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=None, help="evaluation images (default: eval-zeroshot's 200)")
     p.add_argument("--table", action="store_true", help="print the table of finished runs")
     p.add_argument("--list", action="store_true", help="list the configurations")
+    p.add_argument("--timing", action="store_true",
+                   help="instead of running NAMEs, time their training steps side by side (batch 16, forward + backward)")
     args = p.parse_args(argv)
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -182,6 +220,10 @@ def main(argv=None) -> int:
     for name in args.names:
         if name not in CONFIGS:
             p.error(f"unknown configuration {name!r} (see --list)")
+    if args.timing:
+        print(timing(args.names))
+        return 0
+    for name in args.names:
         train_and_score(name, runs, args.gmae, args.num_images)
     if args.table or not args.names:
         print(table(runs))
