@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gmae.errors import GMAEError
-from gmae.files import IMG_EXTENSIONS
+from ..errors import GMAEError
+from ..files import IMG_EXTENSIONS
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -42,7 +42,8 @@ DEFAULT_SCALE = (0.2, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-def _as_hw(image_size) -> tuple[int, int]:
+def as_hw(image_size) -> tuple[int, int]:
+    """(height, width) of an image size given as an int (square) or (H, W)."""
     if isinstance(image_size, (tuple, list)):
         if len(image_size) != 2:
             raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
@@ -161,7 +162,7 @@ def random_resized_crop(
     """Crop a random box (see :func:`random_resized_crop_params`) and resize it
     to ``size`` (int or (H, W)) with bicubic interpolation (antialiased when
     shrinking, as PIL/torchvision do)."""
-    out_h, out_w = _as_hw(size)
+    out_h, out_w = as_hw(size)
     top, left, h, w = random_resized_crop_params(img.height, img.width, rng, scale, ratio)
     # Crop, then resize (as torchvision does): resize(box=...) would let the
     # bicubic filter read pixels outside the box and differ at the crop's edges.
@@ -183,7 +184,7 @@ def mae_augment(img: Image.Image, size, rng: np.random.Generator,
 def resize_center_crop(img: Image.Image, size, crop_pct: float = 0.875) -> torch.Tensor:
     """Evaluation transform (MAE's probes): resize the shorter side to
     ``size / crop_pct`` (bicubic) then centre-crop ``size``.  No randomness."""
-    out_h, out_w = _as_hw(size)
+    out_h, out_w = as_hw(size)
     short = int(round(max(out_h, out_w) / crop_pct))
     w, h = img.size
     if w <= h:
@@ -260,7 +261,7 @@ class ImageFolder:
                 raise GMAEError(f"image folder {root!r} has no {split!r} sub-folder: check the path or the split")
             root = sub
         self.root = root
-        self.image_size = _as_hw(image_size)
+        self.image_size = as_hw(image_size)
         self.augment = bool(augment)
         self.on_bad_image = on_bad_image
         self.scale, self.ratio = tuple(scale), tuple(ratio)
@@ -359,7 +360,7 @@ class Photos:
     def __init__(self, image_size, names: Sequence[str] = PHOTO_NAMES,
                  scale: Sequence[float] = DEFAULT_SCALE,
                  ratio: Sequence[float] = DEFAULT_RATIO):
-        self.image_size = _as_hw(image_size)
+        self.image_size = as_hw(image_size)
         self.names = tuple(names)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self._photos: list[Image.Image] | None = None

@@ -46,14 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from gmae.data import SeededStream
-from gmae.data.folder import (
+from ..errors import GMAEError
+from .folder import (
     DEFAULT_RATIO,
     IMG_EXTENSIONS,
     ImageFolder,
     random_resized_crop_params,
 )
-from gmae.errors import GMAEError
+from .stream import SeededStream
 
 __all__ = [
     "LABELLED_KINDS",
