@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from . import zeroshot
-from .checkpoint import load_model
 from .config import ModelConfig
 from .errors import GMAEError
 from .files import image_files
 from .render.gaussians import Gaussians
+from .runs import load_model
 
 ImagesLike = torch.Tensor | str | Path | list
 
@@ -73,7 +73,7 @@ class Model:
     def reconstruct(self, images: ImagesLike, mask_ratio: float | None = None, seed: int = 0):
         """The model's output on masked images: ``.image`` (B, 3, S, S) the reconstruction, ``.mask``
         (B, N) 1 where a patch was hidden, ``.loss``; the mask is drawn with `seed`."""
-        from .train import masking_noise
+        from .model import masking_noise
 
         batch = self.images(images)
         noise = masking_noise(seed, 0, batch.shape[0], self.config.num_patches).to(self.device)

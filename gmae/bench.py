@@ -41,10 +41,9 @@ from . import threads
 from .choices import BENCHMARKS
 from .config import model_config
 from .errors import GMAEError
-from .model import build_model
+from .model import build_model, masking_noise, param_groups
 from .render import rasterize
 from .render.reference import rasterize_dense
-from .train import masking_noise, param_groups
 
 
 

@@ -167,10 +167,10 @@ def cmd_pretrain(args) -> int:
         check_available()
     if args.init_encoder:
         check_exists(args.init_encoder, "--init-encoder", "give a gmae checkpoint or export, or a timm / MAE ViT file")
-    from .train import RESUMABLE_CHANGES, pretrain  # torch: only once the arguments are known to be good
+    from .train import PRETRAIN_RESUMABLE, pretrain  # torch: only once the arguments are known to be good
 
     # On --resume the run's saved settings win, except those given on this command line.
-    given = tuple(k for k in RESUMABLE_CHANGES if getattr(args, k) is not None)
+    given = tuple(k for k in PRETRAIN_RESUMABLE if getattr(args, k) is not None)
     summary = pretrain(mcfg, tcfg, resume=args.resume, progress=not args.quiet, changes=given,
                        tensorboard=args.tensorboard)
     if summary["figure"] is None:  # not the main process of a torchrun job
@@ -211,9 +211,9 @@ def cmd_reconstruct(args) -> int:
     images = _image_command_inputs(args)
     import torch
 
-    from .checkpoint import load_model
     from .data import load_image
-    from .train import masking_noise
+    from .model import masking_noise
+    from .runs import load_model
     from .viz import save_reconstruction_figure
 
     model, mcfg, _ = load_model(args.checkpoint, args.device)
@@ -311,8 +311,8 @@ def add_eval_zeroshot(sub) -> None:
 def cmd_eval_zeroshot(args) -> int:
     _check_mask_ratio(args.mask_ratio)
     _check_checkpoint(args.checkpoint)
-    from .checkpoint import load_model
     from .evaluate.zeroshot import evaluate_zeroshot, format_table
+    from .runs import load_model
 
     model, _, _ = load_model(args.checkpoint, args.device, initial=args.random_init)
     results = evaluate_zeroshot(model, args.data, args.num_images, args.batch_size, args.mask_ratio,
@@ -365,8 +365,9 @@ def add_info(sub) -> None:
 
 def cmd_info(args) -> int:
     _check_checkpoint(args.checkpoint)
-    from .checkpoint import configs_of, load_model
+    from .checkpoint import configs_of
     from .model import count_parameters
+    from .runs import load_model
 
     model, mcfg, state = load_model(args.checkpoint)
     _, tcfg = configs_of(state)
@@ -431,8 +432,8 @@ def add_export(sub) -> None:
 def cmd_export(args) -> int:
     _check_checkpoint(args.checkpoint)
     check_output_file(args.out)
-    from .checkpoint import configs_of, load_state
-    from .export import export_checkpoint, timm_create_call
+    from .checkpoint import configs_of
+    from .export import export_checkpoint, load_state, timm_create_call
 
     out = export_checkpoint(args.checkpoint, args.out, fmt=args.format)
     print(out)
@@ -474,7 +475,8 @@ def add_probe(sub) -> None:
 
 def _run_seed(path: str, default: int) -> int:
     """The seed a gmae checkpoint's run started from (its initial weights); `default` for other files."""
-    from .checkpoint import configs_of, load_state
+    from .checkpoint import configs_of
+    from .export import load_state
 
     try:
         tcfg = configs_of(load_state(path))[1]
@@ -488,7 +490,8 @@ def cmd_probe(args) -> int:
         raise GMAEError(f"temperature must be positive; got {args.temperature}")
     _check_checkpoint(args.checkpoint)
     from .data.labelled import build_labelled
-    from .evaluate.probe import load_encoder, probe, random_encoder
+    from .evaluate.probe import probe, random_encoder
+    from .export import load_encoder
 
     encoder, mcfg = load_encoder(args.checkpoint)
     data = build_labelled(args.data, mcfg.img_size)  # built once when the baseline is probed too
@@ -570,9 +573,9 @@ def cmd_finetune(args) -> int:
     if args.checkpoint:
         _check_checkpoint(args.checkpoint)
     check_output_folder(fcfg.out)
-    from .evaluate.finetune import RESUMABLE_CHANGES, finetune
+    from .evaluate.finetune import FINETUNE_RESUMABLE, finetune
 
-    given = tuple(k for k in RESUMABLE_CHANGES if getattr(args, k) is not None)
+    given = tuple(k for k in FINETUNE_RESUMABLE if getattr(args, k) is not None)
     summary = finetune(fcfg, resume=args.resume, progress=not (args.quiet or args.json), changes=given)
     if args.json:
         print(json.dumps(summary))

@@ -400,7 +400,7 @@ def test_tensorboard_missing_is_one_line_before_any_work(tmp_path, monkeypatch, 
 
 def test_eval_zeroshot_and_ablate_show_progress(run, tmp_path, capsys):
     from gmae import ablate
-    from gmae.checkpoint import load_model
+    from gmae.runs import load_model
     from gmae.evaluate.zeroshot import evaluate_zeroshot
 
     evaluate_zeroshot(load_model(run)[0], "deadleaves", num_images=2, batch_size=2, progress=True)
