@@ -34,7 +34,7 @@ from gmae.render import project
 from gmae.render.contract import TILE
 from gmae.render.reference import _bin_into_tiles, _contributions, _exclusive, _tile_ranges, _to_tiles
 from gmae.runs import load_model
-from gmae.zeroshot import Canvas, gaussians_of, render_subsets
+from gmae.readouts.core import Canvas, gaussians_of, render_subsets
 
 
 def pair_votes(means2d, conics, colors, opacities, depths, target, background):
