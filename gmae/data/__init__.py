@@ -12,9 +12,10 @@ at any step (``global_batch(step, batch_size)``), and several processes can take
 disjoint slices of each global batch (``rank``/``world_size``).
 
 :func:`build_dataset` names the sources; the modules hold them: ``deadleaves``
-(the generator with its ground truth), ``folder`` (decoding, augmentation, image
-folders and photos), ``labelled`` (classification sets for the probes and
-fine-tuning), ``benchmarks`` (BSDS500 and mask folders for the readouts' scores).
+(the generator with its ground truth), ``images`` (decoding and MAE's
+augmentation), ``folder`` (image folders and the scikit-image photos),
+``labelled`` (classification sets for the probes and fine-tuning),
+``benchmarks`` (BSDS500 and mask folders for the readouts' scores).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import os
 
 from ..errors import GMAEError
 from .deadleaves import DeadLeaves, DeadLeavesSample, masks, occlusion_boundaries
-from .folder import (
+from .folder import ImageFolder, Photos
+from .images import (
     IMG_EXTENSIONS,
-    ImageFolder,
-    Photos,
     load_image,
     mae_augment,
     random_resized_crop,

@@ -29,7 +29,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from .folder import IMG_EXTENSIONS, open_image, pil_to_tensor, to_rgb
+from .images import IMG_EXTENSIONS, open_image, pil_to_tensor, to_rgb
 from ..errors import GMAEError
 
 __all__ = ["BSDS500", "BSDS_SPLITS", "MaskFolder"]

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .folder import as_hw
+from .images import as_hw
 
 __all__ = [
     "DeadLeaves",
