@@ -1,4 +1,5 @@
-"""The `gmae` command: pretrain, reconstruct, the readouts, evaluations, plot, info, export, bench.
+"""The `gmae` command: pretrain, reconstruct, the readouts (layers, edges, segment, gaussians: one command per
+readout registered in gmae.readouts), eval-zeroshot, ablate, info, export, bench, probe, finetune, plot.
 
 Each sub-command is one small function; mistakes a user can make are raised as
 GMAEError and printed as one line (exit status 2). Building the parser and
