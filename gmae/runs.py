@@ -93,6 +93,7 @@ class MetricsLog:
 
 
 def metric_lines(path: str | Path) -> list[str]:
+    """The lines of a run's metrics.jsonl ([] when there is none)."""
     path = Path(path)
     return path.read_text().splitlines() if path.is_file() else []
 
