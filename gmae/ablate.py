@@ -84,7 +84,8 @@ def _check_same_run(out: Path, state: dict, mcfg, tcfg) -> None:
 
 def pretrain_variant(variant: Variant, out: Path, steps: int | None, seed: int, data: str, progress: bool) -> Path:
     """Train (or finish) one variant; returns its final checkpoint."""
-    from .checkpoint import checkpoint_path, load_latest
+    from .checkpoint import load_latest
+    from .files import checkpoint_path
     from .train import pretrain
 
     mcfg = model_config("tiny", **variant.overrides)
@@ -127,7 +128,7 @@ def masked_psnr(model, images: int = PSNR_IMAGES, batch_size: int = 32) -> float
 def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = False,
                   progress: bool = False) -> dict:
     """Probe accuracies and masked PSNR of a run's final weights (or, `initial`, of the weights it started from)."""
-    from .checkpoint import load_model
+    from .runs import load_model
     from .evaluate.probe import probe
 
     model, mcfg, state = load_model(checkpoint, initial=initial)

@@ -10,7 +10,7 @@
 
 Every method takes images as a tensor (B, 3, S, S) or (3, S, S) in [0, 1], or
 as paths (files or folders) read like the command line reads them. The
-readouts are those of :mod:`gmae.zeroshot` (GMAE models only); ``module`` is
+readouts are those of :mod:`gmae.readouts` (GMAE models only); ``module`` is
 the ``torch.nn.Module`` itself, for anything else.
 """
 
@@ -20,12 +20,15 @@ from pathlib import Path
 
 import torch
 
-from . import zeroshot
-from .checkpoint import load_model
 from .config import ModelConfig
 from .errors import GMAEError
 from .files import image_files
+from .readouts.core import Canvas, gaussians_of
+from .readouts.edges import EDGE_LEVELS, soft_edges
+from .readouts.layers import PARTIAL_COUNTS, layers, partial_renders
+from .readouts.segment import figure_ground
 from .render.gaussians import Gaussians
+from .runs import load_model
 
 ImagesLike = torch.Tensor | str | Path | list
 
@@ -73,7 +76,7 @@ class Model:
     def reconstruct(self, images: ImagesLike, mask_ratio: float | None = None, seed: int = 0):
         """The model's output on masked images: ``.image`` (B, 3, S, S) the reconstruction, ``.mask``
         (B, N) 1 where a patch was hidden, ``.loss``; the mask is drawn with `seed`."""
-        from .train import masking_noise
+        from .model import masking_noise
 
         batch = self.images(images)
         noise = masking_noise(seed, 0, batch.shape[0], self.config.num_patches).to(self.device)
@@ -87,27 +90,27 @@ class Model:
         return encode(self.module.encoder, self.images(images), pool)
 
     def gaussians(self, images: ImagesLike, mask_ratio: float = 0.0) -> Gaussians:
-        """The k Gaussians of each image, far to near (:func:`gmae.zeroshot.gaussians_of`)."""
-        return zeroshot.gaussians_of(self.module, self.images(images), mask_ratio)
+        """The k Gaussians of each image, far to near (:func:`gmae.readouts.core.gaussians_of`)."""
+        return gaussians_of(self.module, self.images(images), mask_ratio)
 
-    def _canvas(self) -> zeroshot.Canvas:
-        return zeroshot.Canvas.of(self.module)
+    def _canvas(self) -> Canvas:
+        return Canvas.of(self.module)
 
-    def partial_renders(self, images: ImagesLike, counts=zeroshot.PARTIAL_COUNTS) -> tuple[list[int], torch.Tensor]:
+    def partial_renders(self, images: ImagesLike, counts=PARTIAL_COUNTS) -> tuple[list[int], torch.Tensor]:
         """(the K used, (B, len(K), 3, S, S)): renders of the first K far-to-near Gaussians, then all."""
-        return zeroshot.partial_renders(self.gaussians(images), self._canvas(), counts)
+        return partial_renders(self.gaussians(images), self._canvas(), counts)
 
     def layers(self, images: ImagesLike, num_layers: int = 8) -> torch.Tensor:
         """(B, l, 3, S, S): each of `num_layers` depth layers rendered alone, the farthest first."""
-        return zeroshot.layers(self.gaussians(images), self._canvas(), num_layers)[0]
+        return layers(self.gaussians(images), self._canvas(), num_layers)[0]
 
-    def edges(self, images: ImagesLike, levels=zeroshot.EDGE_LEVELS) -> torch.Tensor:
+    def edges(self, images: ImagesLike, levels=EDGE_LEVELS) -> torch.Tensor:
         """(B, S, S) soft edge map in [0, 1]: binary depth-layer edges averaged over levels and thresholds."""
-        return zeroshot.soft_edges(self.gaussians(images), self._canvas(), levels=levels)[0]
+        return soft_edges(self.gaussians(images), self._canvas(), levels=levels)[0]
 
     def figure_ground(self, images: ImagesLike, near_fraction: float = 0.5) -> torch.Tensor:
         """(B, S, S) bool: where the nearest `near_fraction` of the Gaussians cover the image."""
-        return zeroshot.figure_ground(self.gaussians(images), self._canvas(), near_fraction)[0]
+        return figure_ground(self.gaussians(images), self._canvas(), near_fraction)[0]
 
 
 __all__ = ["Model", "load"]

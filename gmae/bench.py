@@ -41,10 +41,9 @@ from . import threads
 from .choices import BENCHMARKS
 from .config import model_config
 from .errors import GMAEError
-from .model import build_model
+from .model import build_model, masking_noise, param_groups
 from .render import rasterize
-from .render.reference import _composite_chunk
-from .train import masking_noise, param_groups
+from .render.reference import rasterize_dense
 
 
 
@@ -85,23 +84,6 @@ def random_scene(batch: int, k: int, size: int, std: tuple[float, float], seed: 
     opacities = 0.1 + 0.9 * torch.rand(batch, k, generator=g)
     depths = torch.rand(batch, k, generator=g)
     return [t.to(device) for t in (means, conics, colors, opacities, depths)]
-
-
-def rasterize_dense(means2d, conics, colors, opacities, depths, height, width, background=None, max_alpha=0.99):
-    """Every Gaussian evaluated at every pixel (k*H*W work): the naive renderer.
-
-    The reference's tile compositor applied to one "tile" per image that is the
-    whole image, so it has exactly the contract's semantics.
-    """
-    B, K, C = colors.shape
-    order = torch.argsort(depths, dim=1, stable=True) + torch.arange(B)[:, None] * K  # (B, K) flat ids
-    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
-    px, py = xs.reshape(1, -1).expand(B, -1), ys.reshape(1, -1).expand(B, -1)
-    color, t_final = _composite_chunk(
-        means2d.reshape(B * K, 2), conics.reshape(B * K, 3), colors.reshape(B * K, C), opacities.reshape(B * K),
-        order, torch.ones(B, K, dtype=torch.bool), px, py, max_alpha,
-    )
-    return color.reshape(B, C, height, width), (1 - t_final).reshape(B, height, width)
 
 
 def _render_step(backend_or_fn, scene, size):

@@ -36,8 +36,9 @@ def main(spec: dict) -> dict:
     from . import distributed
     from .config import model_config, train_config
     from .data import SeededStream, StepBatchSampler, build_dataset
-    from .model import build_model
-    from .train import learning_rate, masking_noise, param_groups, train_step
+    from .model import build_model, masking_noise, param_groups
+    from .runs import learning_rate
+    from .train import train_step
 
     if spec.get("defaults", True):
         threads.configure(spec.get("threads"))

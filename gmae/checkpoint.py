@@ -5,6 +5,9 @@ A checkpoint is a dict
      "config": {"model": {...}, "train": {...}},
      "model": state_dict, "optimizer": state_dict | None, "rng": {"torch": ByteTensor}}
 so `torch.load(path, weights_only=True)` reads it and nothing in it can run code.
+Also here: the newest readable checkpoint of a run folder (:func:`find_latest`).
+Reading any model file (a checkpoint, an export or a run folder) is
+:func:`gmae.export.load_state`; building a model from one, :func:`gmae.runs.load_model`.
 """
 
 from __future__ import annotations
@@ -12,14 +15,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig, TrainConfig, config_from_dict
 from .errors import GMAEError
-from .files import checkpoint_path, list_checkpoints, metric_lines  # noqa: F401  (checkpoint_path: for importers)
+from .files import list_checkpoints
 
 FORMAT = "gmae-checkpoint"
 
@@ -133,91 +135,3 @@ def load_latest(out: str | Path, warn=print, load=load_checkpoint) -> dict | Non
     """The state of :func:`find_latest` (None if there is none)."""
     found = find_latest(out, warn, load)
     return None if found is None else found[1]
-
-
-def resume_from(out: str | Path, resume: bool | str, warn=print, load=load_checkpoint) -> tuple[Path, dict] | None:
-    """(path, state) of the checkpoint a run into `out` continues, or None for a fresh start.
-
-    resume False: a fresh run, refused if `out` holds checkpoints (it would
-    prune them). True: the newest readable checkpoint, and a GMAEError if
-    there is none -- resuming with nothing to resume from is a mistake, not a
-    reason to start over. "auto": that checkpoint if there is one, else a
-    fresh start (said through `warn` when checkpoints exist but none reads).
-    Nothing in `out` is touched here.
-    """
-    existing = list_checkpoints(out)
-    if not resume:
-        if existing:
-            raise GMAEError(f"{out} already holds checkpoints of another run; add --resume to continue it "
-                            "or choose a new --out")
-        return None
-    found = find_latest(out, warn, load)
-    if found is None and resume == "auto":
-        if existing:
-            warn(f"none of the {len(existing)} checkpoints in {out} can be read; starting afresh")
-        return None
-    if found is None:
-        if existing:
-            raise GMAEError(f"--resume: none of the {len(existing)} checkpoints in {out} can be read; "
-                            "move them away to start a new run there")
-        lines = len(metric_lines(Path(out) / "metrics.jsonl"))
-        why = (f" (its metrics.jsonl has {lines} lines of a run stopped before its first checkpoint)" if lines
-               else "" if Path(out).is_dir() else " (the folder does not exist)")
-        raise GMAEError(f"--resume: there is no checkpoint in {out} to continue{why}; run without --resume to "
-                        "start a new run there, or with --resume=auto to continue only when there is one")
-    return found
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def load_state(path: str | Path, map_location: str | torch.device = "cpu", warn=_warn) -> dict:
-    """A checkpoint dict read from a gmae checkpoint, a gmae safetensors export or a run folder.
-
-    A run folder gives its newest readable checkpoint. An export gives the
-    model and its config, with step and no training config (``"train": None``)
-    or optimizer; it is read without pickle.
-    """
-    path = Path(path)
-    if path.is_dir():
-        found = find_latest(path, warn, lambda p: load_checkpoint(p, map_location))
-        if found is None:
-            what = "none of its checkpoints can be read" if list_checkpoints(path) else "it holds no checkpoint"
-            raise GMAEError(f"checkpoint {path} is a folder and {what}; give a run folder of gmae pretrain, "
-                            "a checkpoint-*.pt file or a .safetensors export")
-        return found[1]
-    if path.suffix.lower() == ".safetensors":
-        from .export import export_state  # local: export imports this module
-
-        return export_state(path, map_location)
-    return load_checkpoint(path, map_location)
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", initial: bool = False):
-    """(model in eval mode, ModelConfig, checkpoint dict) from a checkpoint, an export or a run folder.
-
-    initial=True gives the same architecture with the weights its run started
-    from (built after seeding with the run's seed, as `gmae pretrain` does):
-    the "before pre-training" baseline of every evaluation.
-    """
-    from .model import build_model  # local: models import this module's neighbours
-
-    state = load_state(path, map_location)
-    mcfg, tcfg = configs_of(state)
-    tcfg = tcfg or TrainConfig()  # an export: a run's defaults (seed 0, no init-encoder) for `initial`
-    # The renderer is a property of this machine, not of the model: a model
-    # trained with gsplat on a GPU must still render on a laptop.
-    mcfg.render_backend = "auto"
-    if initial:
-        with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
-            torch.manual_seed(tcfg.seed)
-            model = build_model(mcfg)
-        if tcfg.init_encoder:  # the run's encoder started from a file, as `gmae pretrain --init-encoder`
-            from .export import init_encoder_weights
-
-            init_encoder_weights(model.encoder, tcfg.init_encoder)
-    else:
-        model = build_model(mcfg)
-        model.load_state_dict(state["model"])
-    return model.to(map_location).eval(), mcfg, state

@@ -1,4 +1,5 @@
-"""The `gmae` command: pretrain, reconstruct, the readouts, evaluations, plot, info, export, bench.
+"""The `gmae` command: pretrain, reconstruct, the readouts (layers, edges, segment, gaussians: one command per
+readout registered in gmae.readouts), eval-zeroshot, ablate, info, export, bench, probe, finetune, plot.
 
 Each sub-command is one small function; mistakes a user can make are raised as
 GMAEError and printed as one line (exit status 2). Building the parser and
@@ -15,27 +16,18 @@ import sys
 from pathlib import Path
 
 from . import threads
-from .choices import BENCHMARKS, EXPORT_FORMATS
+from .choices import BENCHMARKS, EXPORT_FORMATS, positive_int
 from .config import (
     CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, LOSSES, MODELS, POSITION_PARAMS, PRESETS, FinetuneConfig, TrainConfig, as_dict,
     model_config, train_config,
 )
 from .errors import GMAEError
 from .files import check_exists, check_output_file, check_output_folder, image_files
+from .readouts import READOUTS
 
 CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
 RESUME_HELP = ("continue the newest checkpoint in --out (an error if there is none); --resume=auto: "
                "continue if there is one, else start")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _background(text: str) -> tuple[float, ...]:
@@ -77,8 +69,8 @@ def add_pretrain(sub) -> None:
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default: tiny)")
     p.add_argument("--model", default=None, choices=MODELS, help="gmae (default) or the mae baseline")
     p.add_argument("--data", default=d.data, help="deadleaves (default), photos, digits (scikit-learn's, train split), or a folder of images (ImageNet layout or flat)")
-    p.add_argument("--steps", type=_positive_int, help="optimizer steps (tiny: 1200)")
-    p.add_argument("--batch-size", type=_positive_int, help="global batch size (tiny: 16)")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps (tiny: 1200)")
+    p.add_argument("--batch-size", type=positive_int, help="global batch size (tiny: 16)")
     p.add_argument("--blr", type=float, help="base learning rate; lr = blr * batch / 256 (tiny: 1.6e-2, others 1e-3)")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (tiny: 50)")
     p.add_argument("--out", default=d.out, help=f"output folder for checkpoints, metrics and figures (default {d.out})")
@@ -86,25 +78,25 @@ def add_pretrain(sub) -> None:
                 "--num-workers, --keep-checkpoints and --max-bad-steps take effect when given")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (tiny: 400)")
+    p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (tiny: 400)")
     p.add_argument("--num-workers", type=int, help="data-loading processes (default 0)")
-    p.add_argument("--keep-checkpoints", type=_positive_int,
+    p.add_argument("--keep-checkpoints", type=positive_int,
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
-    p.add_argument("--accum-steps", type=_positive_int, default=d.accum_steps,
+    p.add_argument("--accum-steps", type=positive_int, default=d.accum_steps,
                    help="split each process's batch into this many micro-batches (same result, less memory)")
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (default 0: no clipping)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--max-bad-steps", type=_positive_int,
+    p.add_argument("--max-bad-steps", type=positive_int,
                    help=f"non-finite losses in a row (each step skipped) before stopping (default {d.max_bad_steps})")
     p.add_argument("--on-bad-image", choices=("skip", "error"), default=d.on_bad_image,
                    help="an unreadable image during training: skip it (logged and counted, default) or stop")
-    p.add_argument("--img-size", type=_positive_int, default=None, help="input size (default: the preset's)")
-    p.add_argument("--patch-size", type=_positive_int, default=None, help="patch size (default: the preset's)")
-    p.add_argument("--num-gaussians", "-k", type=_positive_int, default=None,
+    p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the preset's)")
+    p.add_argument("--patch-size", type=positive_int, default=None, help="patch size (default: the preset's)")
+    p.add_argument("--num-gaussians", "-k", type=positive_int, default=None,
                    help="k Gaussians per image, whatever --gaussians-per-query (tiny: 128, others 256)")
-    p.add_argument("--gaussians-per-query", type=_positive_int, default=None,
+    p.add_argument("--gaussians-per-query", type=positive_int, default=None,
                    help="m Gaussians emitted by each query token: the decoder runs k / m query tokens, so m must "
                         "divide k (default 1; e.g. -k 4096 --gaussians-per-query 16: 256 tokens, 4096 Gaussians)")
     p.add_argument("--position-param", default=None, choices=POSITION_PARAMS,
@@ -167,10 +159,10 @@ def cmd_pretrain(args) -> int:
         check_available()
     if args.init_encoder:
         check_exists(args.init_encoder, "--init-encoder", "give a gmae checkpoint or export, or a timm / MAE ViT file")
-    from .train import RESUMABLE_CHANGES, pretrain  # torch: only once the arguments are known to be good
+    from .train import PRETRAIN_RESUMABLE, pretrain  # torch: only once the arguments are known to be good
 
     # On --resume the run's saved settings win, except those given on this command line.
-    given = tuple(k for k in RESUMABLE_CHANGES if getattr(args, k) is not None)
+    given = tuple(k for k in PRETRAIN_RESUMABLE if getattr(args, k) is not None)
     summary = pretrain(mcfg, tcfg, resume=args.resume, progress=not args.quiet, changes=given,
                        tensorboard=args.tensorboard)
     if summary["figure"] is None:  # not the main process of a torchrun job
@@ -211,9 +203,9 @@ def cmd_reconstruct(args) -> int:
     images = _image_command_inputs(args)
     import torch
 
-    from .checkpoint import load_model
     from .data import load_image
-    from .train import masking_noise
+    from .model import masking_noise
+    from .runs import load_model
     from .viz import save_reconstruction_figure
 
     model, mcfg, _ = load_model(args.checkpoint, args.device)
@@ -229,64 +221,36 @@ def cmd_reconstruct(args) -> int:
 
 # --------------------------------------------------------------------------- zero-shot readouts
 
-READOUTS = {
-    "layers": "partial renders (first K far-to-near Gaussians) and each depth layer alone",
-    "edges": "edges from depth-layer discontinuities at l = 32, 16, 8, 4 and a soft edge map",
-    "segment": "figure-ground: where the nearest Gaussians cover the image",
-    "gaussians": "scatter of the Gaussians' xy centres, sized and coloured by opacity",
-}
-
-
 def add_readouts(sub) -> None:
-    for name, what in READOUTS.items():
-        p = sub.add_parser(name, help=f"zero-shot {what} (PNG per image)")
+    """One command per registered readout (gmae.readouts: names, help and flags are read without torch)."""
+    for readout in READOUTS.values():
+        p = sub.add_parser(readout.name, help=f"zero-shot {readout.summary} (PNG per image)")
         p.add_argument("images", nargs="+", help="image files (any format Pillow reads) or folders of them; the "
                        "shorter side is resized to the model's input size and the centre square is cropped")
         p.add_argument("--checkpoint", required=True, help=f"GMAE model: {CHECKPOINT_HELP}")
-        p.add_argument("--out", required=True, help=f"folder for the PNG figures (NAME_{name}.png)")
+        p.add_argument("--out", required=True, help=f"folder for the PNG figures (NAME_{readout.name}.png)")
         p.add_argument("--mask-ratio", type=float, default=0.0,
                        help="patches hidden from the encoder (default 0: it sees the whole image)")
         p.add_argument("--device", default="cpu")
-        if name == "layers":
-            p.add_argument("--layers", type=_positive_int, default=8, help="number of depth layers (default 8)")
-        if name == "edges":
-            p.add_argument("--levels", type=_positive_int, nargs="+", default=[32, 16, 8, 4],
-                           help="numbers of layers l of the binary edge maps (default 32 16 8 4)")
-        if name == "segment":
-            p.add_argument("--near-fraction", type=float, default=0.5,
-                           help="share of the Gaussians, nearest first, that make the figure (default 0.5)")
-        p.set_defaults(func=cmd_readout, readout=name)
+        for flag in readout.flags:
+            p.add_argument(*flag.names, **flag.options)
+        p.set_defaults(func=cmd_readout, readout=readout.name)
 
 
 def cmd_readout(args) -> int:
     images = _image_command_inputs(args)
-    import torch
-
-    from . import viz, zeroshot
-    from .checkpoint import load_model
     from .data import load_image
+    from .readouts.core import Canvas, gaussians_of
+    from .runs import load_model
 
+    readout = READOUTS[args.readout]
     model, mcfg, _ = load_model(args.checkpoint, args.device)
-    canvas = zeroshot.Canvas.of(model)
+    canvas = Canvas.of(model)
     out = Path(args.out)
     for path in images:
         img = load_image(path, mcfg.img_size).to(args.device)
-        g = zeroshot.gaussians_of(model, img[None], args.mask_ratio)
-        target = out / f"{Path(path).stem}_{args.readout}.png"
-        if args.readout == "layers":
-            counts, partial = zeroshot.partial_renders(g, canvas)
-            layer_images, _ = zeroshot.layers(g, canvas, min(args.layers, g.num))
-            fig = viz.save_layers_figure(img, counts, partial[0], layer_images[0], target)
-        elif args.readout == "edges":
-            soft, per_level = zeroshot.soft_edges(g, canvas, levels=args.levels)
-            fig = viz.save_edges_figure(img, {k: v[0] for k, v in per_level.items()}, soft[0], target)
-        elif args.readout == "segment":
-            figure, near = zeroshot.figure_ground(g, canvas, args.near_fraction)
-            fig = viz.save_segment_figure(img, figure[0], near[0], target)
-        else:
-            render = zeroshot.render_subsets(g, torch.ones(1, g.num, dtype=torch.bool, device=img.device), canvas)[0]
-            fig = viz.save_gaussians_figure(img, g.means[0], g.opacities[0], render[0, 0], target, g.colors[0])
-        print(fig)
+        g = gaussians_of(model, img[None], args.mask_ratio)
+        print(readout.save(img, readout.compute(g, canvas, args), out / f"{Path(path).stem}_{readout.name}.png"))
     return 0
 
 
@@ -297,12 +261,12 @@ def add_eval_zeroshot(sub) -> None:
     p.add_argument("--data", default="deadleaves",
                    help="deadleaves (default; generated, exact truth), bsds:ROOT (BSDS500 layout, test split) "
                    "or masks:ROOT (ROOT/images + same-named binary PNGs in ROOT/masks)")
-    p.add_argument("--num-images", type=_positive_int, default=None,
+    p.add_argument("--num-images", type=positive_int, default=None,
                    help="score only the first N images (deadleaves default: 200)")
     p.add_argument("--random-init", action="store_true",
                    help="score the checkpoint's architecture at initialisation (its run's seed) instead")
     p.add_argument("--mask-ratio", type=float, default=0.0, help="patches hidden from the encoder (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval_zeroshot)
@@ -311,15 +275,15 @@ def add_eval_zeroshot(sub) -> None:
 def cmd_eval_zeroshot(args) -> int:
     _check_mask_ratio(args.mask_ratio)
     _check_checkpoint(args.checkpoint)
-    from .checkpoint import load_model
-    from .evaluate.zeroshot import evaluate_zeroshot, format_table
+    from .evaluate.zeroshot import evaluate_zeroshot, format_scores
+    from .runs import load_model
 
     model, _, _ = load_model(args.checkpoint, args.device, initial=args.random_init)
     results = evaluate_zeroshot(model, args.data, args.num_images, args.batch_size, args.mask_ratio,
                                 progress=not args.json)
     results["checkpoint"], results["random_init"] = str(args.checkpoint), args.random_init
     label = "gmae (init)" if args.random_init else "gmae"
-    print(json.dumps(results) if args.json else format_table(results, label))
+    print(json.dumps(results) if args.json else format_scores(results, label))
     return 0
 
 
@@ -334,7 +298,7 @@ def add_ablate(sub) -> None:
     p.add_argument("--out", default="runs/ablate", help="folder of the runs and of table.md (default runs/ablate)")
     p.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="NAME",
                    help=f"variants to run (default all): {', '.join(VARIANTS)}")
-    p.add_argument("--steps", type=_positive_int, default=None, help="steps per run (tiny preset: 1200)")
+    p.add_argument("--steps", type=positive_int, default=None, help="steps per run (tiny preset: 1200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="deadleaves", help="pre-training data (default deadleaves)")
     p.add_argument("--probe-data", default="digits", help="probe data (see gmae probe; default digits)")
@@ -365,8 +329,9 @@ def add_info(sub) -> None:
 
 def cmd_info(args) -> int:
     _check_checkpoint(args.checkpoint)
-    from .checkpoint import configs_of, load_model
+    from .checkpoint import configs_of
     from .model import count_parameters
+    from .runs import load_model
 
     model, mcfg, state = load_model(args.checkpoint)
     _, tcfg = configs_of(state)
@@ -399,9 +364,9 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="speed ratios measured in one run (renderer speed-ups, GMAE/MAE step time)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
                    help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
-    p.add_argument("--batch-size", type=_positive_int, default=32,
+    p.add_argument("--batch-size", type=positive_int, default=32,
                    help="batch of step_ratio_tiny and of many_gaussians' tiny row (default 32)")
-    p.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats per figure (median)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per figure (median)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the fast backend is then gsplat)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
@@ -431,8 +396,8 @@ def add_export(sub) -> None:
 def cmd_export(args) -> int:
     _check_checkpoint(args.checkpoint)
     check_output_file(args.out)
-    from .checkpoint import configs_of, load_state
-    from .export import export_checkpoint, timm_create_call
+    from .checkpoint import configs_of
+    from .export import export_checkpoint, load_state, timm_create_call
 
     out = export_checkpoint(args.checkpoint, args.out, fmt=args.format)
     print(out)
@@ -461,10 +426,10 @@ def add_probe(sub) -> None:
                       help="probe the checkpoint's architecture with fresh weights drawn with --seed (the baseline)")
     init.add_argument("--baseline", action="store_true",
                       help="probe the trained weights and the random-init baseline, and print both side by side")
-    p.add_argument("--epochs", type=_positive_int, default=100, help="linear-probe epochs on cached features (default 100)")
-    p.add_argument("--k", type=_positive_int, default=20, help="kNN neighbours (default 20)")
+    p.add_argument("--epochs", type=positive_int, default=100, help="linear-probe epochs on cached features (default 100)")
+    p.add_argument("--k", type=positive_int, default=20, help="kNN neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default 0.07)")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="feature-extraction batch (default 128)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="feature-extraction batch (default 128)")
     p.add_argument("--seed", type=int, default=0, help="linear-probe seed (and --random-init's for files "
                    "that are not gmae checkpoints; a checkpoint's initial weights use its run's seed)")
     p.add_argument("--device", default="cpu")
@@ -474,7 +439,8 @@ def add_probe(sub) -> None:
 
 def _run_seed(path: str, default: int) -> int:
     """The seed a gmae checkpoint's run started from (its initial weights); `default` for other files."""
-    from .checkpoint import configs_of, load_state
+    from .checkpoint import configs_of
+    from .export import load_state
 
     try:
         tcfg = configs_of(load_state(path))[1]
@@ -488,7 +454,8 @@ def cmd_probe(args) -> int:
         raise GMAEError(f"temperature must be positive; got {args.temperature}")
     _check_checkpoint(args.checkpoint)
     from .data.labelled import build_labelled
-    from .evaluate.probe import load_encoder, probe, random_encoder
+    from .evaluate.probe import probe, random_encoder
+    from .export import load_encoder
 
     encoder, mcfg = load_encoder(args.checkpoint)
     data = build_labelled(args.data, mcfg.img_size)  # built once when the baseline is probed too
@@ -524,9 +491,9 @@ def add_finetune(sub) -> None:
     p.add_argument("--checkpoint", help=f"{CHECKPOINT_HELP}, or timm/MAE ViT weights (not needed with --resume)")
     p.add_argument("--data", default=d.data, help=LABELLED_DATA_HELP)
     p.add_argument("--out", default=d.out, help=f"folder for checkpoints and metrics.jsonl (default {d.out})")
-    p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"epochs (default {d.epochs})")
-    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"epochs (default {d.epochs})")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
     p.add_argument("--blr", type=float, default=d.blr, help=f"base lr; lr = blr * batch / 256 (default {d.blr})")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: one epoch)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay})")
@@ -537,9 +504,9 @@ def add_finetune(sub) -> None:
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (default 0: no clipping)")
     p.add_argument("--random-init", action="store_true",
                    help="fine-tune the checkpoint's architecture from fresh weights (the from-scratch baseline)")
-    p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between val evaluations (default: an epoch)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="steps between checkpoints (default: an epoch)")
-    p.add_argument("--keep-checkpoints", type=_positive_int, default=None,
+    p.add_argument("--eval-every", type=positive_int, default=None, help="steps between val evaluations (default: an epoch)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default: an epoch)")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=None,
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
     _add_resume(p, RESUME_HELP + ", with its saved settings (--device, --num-workers and --keep-checkpoints "
                 "take effect when given)")
@@ -570,9 +537,9 @@ def cmd_finetune(args) -> int:
     if args.checkpoint:
         _check_checkpoint(args.checkpoint)
     check_output_folder(fcfg.out)
-    from .evaluate.finetune import RESUMABLE_CHANGES, finetune
+    from .evaluate.finetune import FINETUNE_RESUMABLE, finetune
 
-    given = tuple(k for k in RESUMABLE_CHANGES if getattr(args, k) is not None)
+    given = tuple(k for k in FINETUNE_RESUMABLE if getattr(args, k) is not None)
     summary = finetune(fcfg, resume=args.resume, progress=not (args.quiet or args.json), changes=given)
     if args.json:
         print(json.dumps(summary))
@@ -592,7 +559,7 @@ def add_plot(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders of gmae pretrain or finetune "
                    "(or their metrics.jsonl files)")
     p.add_argument("--out", required=True, help="the PNG file to write")
-    p.add_argument("--smooth", type=_positive_int, default=None,
+    p.add_argument("--smooth", type=positive_int, default=None,
                    help="moving-average window of the loss, in logged steps (default: 1/50 of the longest run)")
     p.set_defaults(func=cmd_plot)
 

@@ -1,4 +1,8 @@
-"""Export a checkpoint's weights for sharing, and load encoders back from gmae, timm and MAE files.
+"""Model files in and out: exports for sharing, any gmae model file read as a checkpoint dict, and
+encoders read from gmae, timm and MAE files.
+
+:func:`load_state` reads what every command that takes a model accepts: a gmae
+checkpoint, a gmae export or a run folder (its newest readable checkpoint).
 
 ``--format safetensors`` (a *gmae export*) holds the whole model: its full
 ``state_dict`` (frozen parameters such as the sin-cos ``pos_embed`` included) as
@@ -45,18 +49,22 @@ import json
 import math
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import configs_of, load_state, write_atomically
+from .checkpoint import configs_of, find_latest, load_checkpoint, write_atomically
 from .choices import EXPORT_FORMATS
 from .config import PRESETS, ModelConfig, as_dict, config_from_dict
 from .errors import GMAEError
+from .files import list_checkpoints
+from .model import ViTEncoder, build_model
 
 __all__ = ["EXPORT_FORMAT", "FORMATS", "TIMM_FORMAT", "export_checkpoint", "export_state", "init_encoder_weights",
-           "load_encoder", "load_exported", "read_export_metadata", "timm_create_call", "timm_model_name"]
+           "load_encoder", "load_exported", "load_state", "read_export_metadata", "timm_create_call",
+           "timm_model_name"]
 
 EXPORT_FORMAT = "gmae-export"
 TIMM_FORMAT = "timm-vit"
@@ -201,8 +209,6 @@ def export_state(path: str | Path, map_location: str | torch.device = "cpu") -> 
 
 def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
     """(model in eval mode, ModelConfig) rebuilt from a gmae safetensors export."""
-    from .model import build_model  # local: models import this module's neighbours
-
     state = export_state(path)
     mcfg, _ = configs_of(state)
     model = build_model(mcfg)
@@ -212,6 +218,30 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
         detail = " ".join(str(e).split())[:200]
         raise GMAEError(f"export {path} does not match its model config ({detail})") from None
     return model.to(map_location).eval(), mcfg
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu", warn=_warn) -> dict:
+    """A checkpoint dict read from a gmae checkpoint, a gmae safetensors export or a run folder.
+
+    A run folder gives its newest readable checkpoint. An export gives the
+    model and its config, with step and no training config (``"train": None``)
+    or optimizer; it is read without pickle.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = find_latest(path, warn, lambda p: load_checkpoint(p, map_location))
+        if found is None:
+            what = "none of its checkpoints can be read" if list_checkpoints(path) else "it holds no checkpoint"
+            raise GMAEError(f"checkpoint {path} is a folder and {what}; give a run folder of gmae pretrain, "
+                            "a checkpoint-*.pt file or a .safetensors export")
+        return found[1]
+    if path.suffix.lower() == ".safetensors":
+        return export_state(path, map_location)
+    return load_checkpoint(path, map_location)
 
 
 # --------------------------------------------------------------------------- encoders from gmae, timm and MAE files
@@ -273,8 +303,6 @@ def _infer_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int | None
 
 
 def _build_encoder(sd: dict[str, torch.Tensor], mcfg: ModelConfig, path: Path):
-    from .model import ViTEncoder  # local: models import this module's neighbours
-
     encoder = ViTEncoder(mcfg.img_size, mcfg.patch_size, mcfg.in_chans, mcfg.embed_dim, mcfg.depth,
                          mcfg.num_heads, mcfg.mlp_ratio)
     ours = encoder.state_dict()

@@ -5,20 +5,19 @@ exists, the output folder can be written -- before it imports torch, so a typo
 is answered at once and not after the seconds torch takes to load (or the
 minutes a run takes to reach its first write).
 
-Also here: the run-folder lock, which keeps a second process from writing the
-same run, and what happens to ``metrics.jsonl`` when a run starts or resumes.
+Also here: the names of a run's checkpoints, and the run-folder lock, which
+keeps a second process from writing the same run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import socket
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from .errors import GMAEError
 
@@ -203,59 +202,3 @@ def _read_holder(fd: int) -> str:
     except OSError:
         text = ""
     return text or "holder unknown"
-
-
-# --------------------------------------------------------------------------- metrics.jsonl
-
-
-def metric_lines(path: str | Path) -> list[str]:
-    path = Path(path)
-    return path.read_text().splitlines() if path.is_file() else []
-
-
-def prepare_metrics(path: str | Path, start: int, warn: Callable[[str], None]) -> None:
-    """Make `path` (a run's metrics.jsonl) hold exactly the steps before `start`, where the run (re)starts.
-
-    Resuming (start > 0): a run killed after its last checkpoint left lines of
-    steps that checkpoint does not cover; they are dropped, and `warn` says how
-    many (the resumed run writes those steps again, with the same values).
-    A fresh start (start = 0) in a folder whose metrics.jsonl holds the lines
-    of an earlier run that wrote no checkpoint: that file is kept, renamed
-    to metrics.old-N.jsonl, never erased.
-    """
-    path = Path(path)
-    lines = [line for line in metric_lines(path) if line.strip()]
-    if not lines:
-        return
-    if start == 0:
-        n = 1
-        while (aside := path.with_name(f"{path.stem}.old-{n}{path.suffix}")).exists():
-            n += 1
-        os.replace(path, aside)
-        warn(f"{path} held {_lines(len(lines))} of an earlier run that wrote no checkpoint; "
-             f"kept as {aside.name}, starting afresh")
-        return
-    kept, dropped = [], []
-    for line in lines:
-        try:
-            step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            dropped.append(None)  # a torn last line from a killed run
-            continue
-        if step < start:
-            kept.append(line)
-        else:
-            dropped.append(step)
-    if not dropped:
-        return
-    steps = [s for s in dropped if s is not None]
-    span = f" (steps {min(steps)}-{max(steps)})" if steps else ""
-    warn(f"dropped {_lines(len(dropped))} of {path.name}{span} written after the checkpoint; "
-         "this run writes those steps again")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
-
-
-def _lines(n: int) -> str:
-    return "1 line" if n == 1 else f"{n} lines"

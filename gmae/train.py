@@ -9,11 +9,8 @@ resumed from a checkpoint continues exactly as the uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,51 +20,23 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import distributed
 from .board import Board, check_available
-from .checkpoint import checkpoint_path, configs_of, resume_from, save_checkpoint, training_state
+from .checkpoint import configs_of, save_checkpoint, training_state
 from .config import ModelConfig, TrainConfig, as_dict
 from .data import SeededStream, StepBatchSampler, build_dataset
 from .errors import GMAEError
 from .export import init_encoder_weights
-from .files import check_output_folder, prepare_metrics, run_lock
-from .model import build_model
+from .files import check_output_folder, checkpoint_path, run_lock
+from .model import build_model, masking_noise, param_groups
 from .render import resolve_backend
+from .runs import MetricsLog, autocast, learning_rate, prepare_metrics, resume_from, resumed_config, say
 from .threads import worker_init
 from .viz import save_reconstruction_figure
 
 FIGURE_IMAGES = 8
 
 
-def learning_rate(step: int, tcfg: TrainConfig) -> float:
-    """MAE's schedule: lr = blr * batch / 256, linear warmup, then half-cycle cosine to min_lr."""
-    peak = tcfg.blr * tcfg.batch_size / 256
-    if step < tcfg.warmup_steps:
-        return peak * (step + 1) / tcfg.warmup_steps
-    progress = (step - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps)
-    return tcfg.min_lr + (peak - tcfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases, or the cls/mask/query tokens."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_token = name.endswith(("cls_token", "mask_token", "query_embed", "pos_embed"))
-        (no_decay if p.ndim <= 1 or is_token else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def masking_noise(seed: int, step: int, batch: int, num_patches: int) -> torch.Tensor:
-    """The masking noise of one step, (B, N), a pure function of (seed, step)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.rand(batch, num_patches, generator=g)
-
-
 # What a resumed run may change: its length, where it runs, how often it saves.
-RESUMABLE_CHANGES = ("steps", "device", "checkpoint_every", "num_workers", "keep_checkpoints", "max_bad_steps")
+PRETRAIN_RESUMABLE = ("steps", "device", "checkpoint_every", "num_workers", "keep_checkpoints", "max_bad_steps")
 
 
 def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.Context, amp):
@@ -103,13 +72,8 @@ def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.
     return loss_value, ok, out
 
 
-def say(message: str) -> None:
-    """A line for the user on stderr, above the progress bar rather than inside it."""
-    tqdm.write(message, file=sys.stderr)
-
-
 def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str = False, progress: bool = True,
-             changes: tuple[str, ...] = RESUMABLE_CHANGES, tensorboard: bool = False) -> dict:
+             changes: tuple[str, ...] = PRETRAIN_RESUMABLE, tensorboard: bool = False) -> dict:
     """Pre-train `mcfg` as `tcfg` says; returns a summary dict. Writes into `tcfg.out`:
 
     checkpoint-NNNNNNN.pt (every `checkpoint_every` steps and at the end, newest
@@ -117,7 +81,7 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str = False, p
     reconstruction.png, and with `tensorboard` the same metrics as TensorBoard
     events in tensorboard/. With `resume` (True, or "auto": only if `tcfg.out`
     holds a checkpoint), the newest readable checkpoint's settings are used,
-    except for the `changes` fields (from RESUMABLE_CHANGES), which come from
+    except for the `changes` fields (from PRETRAIN_RESUMABLE), which come from
     `tcfg`. Under torchrun, every process trains on its share of each global
     batch and only the first one writes files. The first holds the folder's
     lock while it runs, so a second run into the same folder is refused.
@@ -139,7 +103,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     if state is not None:
         mcfg, saved = configs_of(state)
         # The user may extend or relocate a run, not change what it trains.
-        tcfg = replace(saved, out=tcfg.out, **{k: getattr(tcfg, k) for k in changes if k in RESUMABLE_CHANGES})
+        tcfg = resumed_config(saved, tcfg, changes, PRETRAIN_RESUMABLE)
         if tcfg.steps < state["step"]:
             raise GMAEError(f"--steps {tcfg.steps} is below the checkpoint's step {state['step']}; "
                             "give a larger --steps to extend the run")
@@ -175,8 +139,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
     if tcfg.compile:
         net = torch.compile(net)
-    bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    amp = autocast(tcfg.precision, device)
     metrics_path = out / "metrics.jsonl"
     if ctx.is_main:
         if state is not None:
@@ -195,7 +158,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     t_start = time.perf_counter()
     # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it.
     with (bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(),
-          open(metrics_path, "a") if ctx.is_main else contextlib.nullcontext() as metrics,
+          MetricsLog(metrics_path) if ctx.is_main else contextlib.nullcontext() as metrics,
           Board(out / "tensorboard", start) if tensorboard and ctx.is_main else contextlib.nullcontext() as board):
         for step, imgs in enumerate(loader, start=start):
             t0 = time.perf_counter()
@@ -220,8 +183,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
                 record.update({k: round(v, 5) for k, v in model.stats(output).items()})
                 if skipped:
                     record.update(skipped=not applied, skipped_total=skipped)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                metrics.write(record)
                 if board is not None:
                     board.log(record)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)

@@ -27,13 +27,14 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from gmae.checkpoint import load_model
 from gmae.data import DeadLeaves
 from gmae.evaluate.depth import MIN_OPACITY, touching
 from gmae.evaluate.zeroshot import EVAL_SEED
 from gmae.render import project
-from gmae.render.reference import TILE, _bin_into_tiles, _contributions, _exclusive, _tile_ranges, _to_tiles
-from gmae.zeroshot import Canvas, gaussians_of, render_subsets
+from gmae.render.contract import TILE
+from gmae.render.reference import _bin_into_tiles, _contributions, _exclusive, _tile_ranges, _to_tiles
+from gmae.runs import load_model
+from gmae.readouts.core import Canvas, gaussians_of, render_subsets
 
 
 def pair_votes(means2d, conics, colors, opacities, depths, target, background):

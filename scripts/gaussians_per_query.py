@@ -39,7 +39,7 @@ def pretrain_command(out: Path, k: int, m: int, position: str, seed: int, steps:
 
 
 def newest_step(run: Path) -> int:
-    from gmae.checkpoint import list_checkpoints
+    from gmae.files import list_checkpoints
 
     found = list_checkpoints(run)
     return int(found[-1].stem.split("-")[1]) if found else 0
@@ -47,7 +47,7 @@ def newest_step(run: Path) -> int:
 
 def psnr_at(run: Path, step: int, device: str) -> float:
     from gmae.ablate import masked_psnr
-    from gmae.checkpoint import load_model
+    from gmae.runs import load_model
 
     model, _, _ = load_model(run / f"checkpoint-{step:07d}.pt", device)
     return masked_psnr(model)
@@ -103,8 +103,7 @@ def step_times(batch_size: int, repeats: int, position: str) -> dict[str, float]
     from gmae.bench import timed_interleaved
     from gmae.config import model_config
     from gmae.data import DeadLeaves
-    from gmae.model import build_model
-    from gmae.train import masking_noise, param_groups
+    from gmae.model import build_model, masking_noise, param_groups
 
     source = DeadLeaves(64, seed=0)
     imgs = torch.stack([source.load(i) for i in range(batch_size)])

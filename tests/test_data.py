@@ -21,7 +21,7 @@ from gmae.data import (
     random_resized_crop_params,
 )
 from gmae.data.deadleaves import SHAPES, TEXTURES
-from gmae.data.folder import mae_augment, pil_to_tensor, random_resized_crop, resize_center_crop, to_rgb
+from gmae.data.images import mae_augment, pil_to_tensor, random_resized_crop, resize_center_crop, to_rgb
 from gmae.errors import GMAEError
 
 

@@ -10,7 +10,7 @@ import torch
 
 from gmae.errors import GMAEError
 from gmae.render import DEPTH_GRAD_BACKENDS, rasterize, resolve_backend
-from gmae.render.reference import ALPHA_MIN, T_MIN
+from gmae.render.contract import ALPHA_MIN, T_MIN
 
 F64 = torch.float64
 BACKGROUND = torch.tensor([1.0, 1.0, 1.0], dtype=F64)

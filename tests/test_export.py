@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gmae.checkpoint import load_model, save_checkpoint
+from gmae.checkpoint import save_checkpoint
 from gmae.cli import main
 from gmae.config import as_dict, model_config, train_config
 from gmae.errors import GMAEError
@@ -20,6 +20,7 @@ from gmae.export import (
     load_exported,
 )
 from gmae.model import build_model
+from gmae.runs import load_model
 
 
 def make_checkpoint(path, model="gmae", step=7, shared=False, **overrides):

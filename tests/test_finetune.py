@@ -10,15 +10,14 @@ from gmae.cli import main
 from gmae.config import TrainConfig, as_dict, model_config
 from gmae.errors import GMAEError
 from gmae.evaluate.finetune import (
-    DropPath,
     FinetuneConfig,
-    build_classifier,
     evaluate,
     finetune,
     load_finetuned,
-    param_groups_lrd,
 )
-from gmae.evaluate.probe import load_encoder
+from gmae.export import load_encoder
+from gmae.model import param_groups as param_groups_lrd
+from gmae.model.classifier import DropPath, build_classifier
 from conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ from gmae.model import GMAE, MAE, build_model, count_parameters, patchify, rando
 from gmae.model.gmae import gaussians_from_raw
 from gmae.render import CAMERAS as RENDER_CAMERAS
 from gmae.model.vit import sincos_pos_embed
-from gmae.train import masking_noise, param_groups
+from gmae.model import masking_noise, param_groups
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, num_gaussians=48)
@@ -162,7 +162,8 @@ def test_checkpoint_without_gaussians_per_query_loads_unchanged(tmp_path):
     """A checkpoint written before the field existed loads as m = 1 and gives the outputs it gave."""
     from dataclasses import asdict
 
-    from gmae.checkpoint import load_model, save_checkpoint, training_state
+    from gmae.checkpoint import save_checkpoint, training_state
+    from gmae.runs import load_model
     from gmae.config import as_dict
 
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ import torch
 
 from gmae.config import model_config, train_config
 from gmae.errors import GMAEError
-from gmae.train import learning_rate, pretrain
+from gmae.runs import learning_rate
+from gmae.train import pretrain
 
 FAST_MODEL = dict(img_size=32, patch_size=8, num_gaussians=32)
 

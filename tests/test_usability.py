@@ -324,22 +324,25 @@ def test_load_gives_a_model_with_the_readouts(run, photos):
 
 
 def test_readout_figures_say_what_they_show():
-    from gmae import viz
+    from gmae.readouts.edges import edges_figure
+    from gmae.readouts.gaussians import gaussians_figure
+    from gmae.readouts.layers import layers_figure
+    from gmae.readouts.segment import segment_figure
 
     img = torch.rand(3, 16, 16)
-    fig = viz.layers_figure(img, [4, 8], torch.rand(2, 3, 16, 16), torch.rand(4, 3, 16, 16))
+    fig = layers_figure(img, [4, 8], torch.rand(2, 3, 16, 16), torch.rand(4, 3, 16, 16))
     titles = [ax.get_title() for ax in fig.axes]
     assert len(fig.axes) == 1 + 2 + 4 and titles.count("input") == 1  # no empty panel, one input
     assert titles[1:3] == ["farthest 4", "all 8"] and titles[3] == "layer 1 (far)" and titles[-1] == "layer 4 (near)"
-    edges = viz.edges_figure(img, {32: torch.zeros(16, 16, dtype=torch.bool)}, torch.zeros(16, 16))
+    edges = edges_figure(img, {32: torch.zeros(16, 16, dtype=torch.bool)}, torch.zeros(16, 16))
     assert [ax.get_title() for ax in edges.axes] == ["input", "32 layers", "soft: mean of all"]
-    segment = viz.segment_figure(img, torch.ones(16, 16, dtype=torch.bool), img)
+    segment = segment_figure(img, torch.ones(16, 16, dtype=torch.bool), img)
     legend = [t.get_text() for t in segment.legends[0].get_texts()]
     assert legend == ["figure (tinted)", "ground (dimmed)"] and "100% of the image" in segment.axes[2].get_title()
     means = torch.rand(10, 3) * 2 - 1
-    flat = viz.gaussians_figure(img, means, torch.full((10,), 0.99), img, colors=torch.rand(10, 3))
+    flat = gaussians_figure(img, means, torch.full((10,), 0.99), img, colors=torch.rand(10, 3))
     assert len(flat.axes) == 3 and "all opacities" in flat.axes[1].get_xlabel()  # no colour bar that shows nothing
-    spread = viz.gaussians_figure(img, means, torch.linspace(0, 1, 10), img)
+    spread = gaussians_figure(img, means, torch.linspace(0, 1, 10), img)
     assert len(spread.axes) == 4 and spread.axes[3].get_ylabel().startswith("opacity")
 
 
@@ -400,7 +403,7 @@ def test_tensorboard_missing_is_one_line_before_any_work(tmp_path, monkeypatch, 
 
 def test_eval_zeroshot_and_ablate_show_progress(run, tmp_path, capsys):
     from gmae import ablate
-    from gmae.checkpoint import load_model
+    from gmae.runs import load_model
     from gmae.evaluate.zeroshot import evaluate_zeroshot
 
     evaluate_zeroshot(load_model(run)[0], "deadleaves", num_images=2, batch_size=2, progress=True)

@@ -10,7 +10,7 @@ import torch
 
 from gmae.errors import GMAEError
 from gmae.render import rasterize, resolve_backend
-from gmae.render.reference import ALPHA_MIN
+from gmae.render.contract import ALPHA_MIN
 
 from test_depth_grad import scene
 

@@ -158,7 +158,7 @@ def test_readouts_render_as_the_model_was_trained(camera, depth_grad):
 
 
 def test_ellipse_prior_covers_half_the_image():
-    from gmae.evaluate.zeroshot import ellipse_prior
+    from gmae.readouts.segment import ellipse_prior
 
     for h, w in ((64, 64), (90, 160)):
         e = ellipse_prior(h, w)
@@ -267,7 +267,7 @@ def test_eval_zeroshot_on_bsds_and_mask_layouts_scores_the_centre_square(checkpo
     from PIL import Image
 
     from gmae.cli import main
-    from gmae.evaluate.zeroshot import ellipse_prior
+    from gmae.readouts.segment import ellipse_prior
 
     # BSDS layout: a 200x300 image with one vertical step edge at column 150, annotated by two people.
     bsds = tmp_path / "bsds"

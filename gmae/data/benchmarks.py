@@ -29,8 +29,8 @@ import scipy.io
 import torch
 from PIL import Image
 
-from gmae.data.folder import IMG_EXTENSIONS, open_image, pil_to_tensor, to_rgb
-from gmae.errors import GMAEError
+from .images import IMG_EXTENSIONS, open_image, pil_to_tensor, to_rgb
+from ..errors import GMAEError
 
 __all__ = ["BSDS500", "BSDS_SPLITS", "MaskFolder"]
 

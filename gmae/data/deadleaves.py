@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gmae.data.folder import _as_hw
+from .images import as_hw
 
 __all__ = [
     "DeadLeaves",
@@ -147,7 +147,7 @@ class DeadLeaves:
         max_radius: float = 0.5,
         size_power: float = 2.0,
     ):
-        self.height, self.width = _as_hw(image_size)
+        self.height, self.width = as_hw(image_size)
         seed = int(seed)
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")

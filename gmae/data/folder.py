@@ -1,17 +1,10 @@
-"""Real images: an ImageFolder reader, the photos bundled in scikit-image, and
-MAE's training augmentation implemented with PIL + numpy (no torchvision).
-
-The augmentation follows torchvision's ``RandomResizedCrop(size, scale=(0.2, 1),
-ratio=(3/4, 4/3), interpolation=BICUBIC)`` + ``RandomHorizontalFlip()`` exactly
-(same algorithm: 10 tries, then a centre-crop fallback clamped to the ratio
-range), except that the randomness comes from the ``numpy.random.Generator``
-passed in, never from global state.
+"""Real images as training sources: an ImageFolder reader and the photos bundled in scikit-image,
+both with MAE's augmentation (:mod:`gmae.data.images`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Sequence
 
@@ -19,181 +12,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gmae.errors import GMAEError
-from gmae.files import IMG_EXTENSIONS
+from ..errors import GMAEError
+from ..files import IMG_EXTENSIONS
+from .images import DEFAULT_RATIO, DEFAULT_SCALE, as_hw, mae_augment, open_image, resize_center_crop
 
 __all__ = [
     "IMG_EXTENSIONS",
     "ImageFolder",
     "Photos",
     "PHOTO_NAMES",
-    "open_image",
-    "to_rgb",
-    "pil_to_tensor",
-    "random_resized_crop_params",
-    "random_resized_crop",
-    "mae_augment",
-    "resize_center_crop",
 ]
 
 logger = logging.getLogger("gmae.data")
-
-DEFAULT_SCALE = (0.2, 1.0)
-DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-
-def _as_hw(image_size) -> tuple[int, int]:
-    if isinstance(image_size, (tuple, list)):
-        if len(image_size) != 2:
-            raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
-        h, w = int(image_size[0]), int(image_size[1])
-    else:
-        h = w = int(image_size)
-    if h < 1 or w < 1:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
-    return h, w
-
-
-# --------------------------------------------------------------------- images
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL image to 8-bit RGB, scaling high bit depths properly.
-
-    ``Image.convert("RGB")`` clips 16-bit ('I;16', 'I') and float ('F') images
-    at 255 instead of rescaling them, so those are rescaled here first:
-    'I;16*' by 1/257 (65535 -> 255); 'I' the same if any value exceeds 255
-    (16-bit data decoded as 32-bit), else as-is; 'F' as [0, 1] if its maximum
-    is <= 1, as [0, 255] if <= 255, else as 16-bit.  Palette images with
-    transparency go through RGBA (avoids PIL's warning); alpha is dropped, as
-    torchvision's loader does.
-    """
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if mode == "F":
-            finite = a[np.isfinite(a)]
-            top = float(finite.max()) if finite.size else 0.0
-            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-            a = a * 255.0 if top <= 1.0 else (a if top <= 255.0 else a / 257.0)
-        elif mode.startswith("I;16") or (a.size and a.max() > 255):
-            a = a / 257.0
-        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(a).convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
-def open_image(path: str) -> Image.Image:
-    """Open and fully decode an image file as 8-bit RGB (raises on bad files)."""
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(img)
-
-
-def load_image(path, size, crop_pct: float = 1.0) -> torch.Tensor:
-    """A user's image file for inference: (3, size, size) float in [0, 1].
-
-    Any format Pillow reads; the shorter side is resized to size / crop_pct and
-    the centre is cropped (crop_pct = 1: the largest centred square). Raises
-    GMAEError naming the file if it is missing or cannot be decoded.
-    """
-    if not os.path.isfile(path):
-        raise GMAEError(f"image {path} does not exist")
-    try:
-        img = open_image(path)
-    except Exception as e:  # PIL raises many types for bad files
-        raise GMAEError(f"image {path} cannot be read ({type(e).__name__}); give a file Pillow can open") from None
-    return resize_center_crop(img, size, crop_pct)
-
-
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """8-bit RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
-    a = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float().div_(255.0)
-
-
-# --------------------------------------------------------------- augmentation
-def random_resized_crop_params(
-    height: int,
-    width: int,
-    rng: np.random.Generator,
-    scale: Sequence[float] = DEFAULT_SCALE,
-    ratio: Sequence[float] = DEFAULT_RATIO,
-) -> tuple[int, int, int, int]:
-    """The crop box ``(top, left, h, w)`` of torchvision's RandomResizedCrop.
-
-    Up to 10 tries: area fraction uniform in ``scale``, aspect ratio (w/h)
-    log-uniform in ``ratio``; the first box that fits is placed uniformly.  If
-    none fits, a centre crop of the whole image clamped to the ratio range.
-    """
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def random_resized_crop(
-    img: Image.Image,
-    size,
-    rng: np.random.Generator,
-    scale: Sequence[float] = DEFAULT_SCALE,
-    ratio: Sequence[float] = DEFAULT_RATIO,
-) -> Image.Image:
-    """Crop a random box (see :func:`random_resized_crop_params`) and resize it
-    to ``size`` (int or (H, W)) with bicubic interpolation (antialiased when
-    shrinking, as PIL/torchvision do)."""
-    out_h, out_w = _as_hw(size)
-    top, left, h, w = random_resized_crop_params(img.height, img.width, rng, scale, ratio)
-    # Crop, then resize (as torchvision does): resize(box=...) would let the
-    # bicubic filter read pixels outside the box and differ at the crop's edges.
-    return img.crop((left, top, left + w, top + h)).resize((out_w, out_h), Image.BICUBIC)
-
-
-def mae_augment(img: Image.Image, size, rng: np.random.Generator,
-                scale: Sequence[float] = DEFAULT_SCALE,
-                ratio: Sequence[float] = DEFAULT_RATIO) -> torch.Tensor:
-    """MAE pre-training augmentation: RandomResizedCrop (bicubic) + horizontal
-    flip with probability 1/2.  Returns float32 (3, H, W) in [0, 1], not
-    normalised (the model's target)."""
-    out = random_resized_crop(img, size, rng, scale, ratio)
-    if rng.random() < 0.5:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return pil_to_tensor(out)
-
-
-def resize_center_crop(img: Image.Image, size, crop_pct: float = 0.875) -> torch.Tensor:
-    """Evaluation transform (MAE's probes): resize the shorter side to
-    ``size / crop_pct`` (bicubic) then centre-crop ``size``.  No randomness."""
-    out_h, out_w = _as_hw(size)
-    short = int(round(max(out_h, out_w) / crop_pct))
-    w, h = img.size
-    if w <= h:
-        new_w, new_h = short, max(1, int(short * h / w))
-    else:
-        new_h, new_w = short, max(1, int(short * w / h))
-    img = img.resize((new_w, new_h), Image.BICUBIC)
-    top = int(round((new_h - out_h) / 2.0))
-    left = int(round((new_w - out_w) / 2.0))
-    return pil_to_tensor(img.crop((left, top, left + out_w, top + out_h)))
 
 
 # -------------------------------------------------------------------- sources
@@ -260,7 +90,7 @@ class ImageFolder:
                 raise GMAEError(f"image folder {root!r} has no {split!r} sub-folder: check the path or the split")
             root = sub
         self.root = root
-        self.image_size = _as_hw(image_size)
+        self.image_size = as_hw(image_size)
         self.augment = bool(augment)
         self.on_bad_image = on_bad_image
         self.scale, self.ratio = tuple(scale), tuple(ratio)
@@ -359,7 +189,7 @@ class Photos:
     def __init__(self, image_size, names: Sequence[str] = PHOTO_NAMES,
                  scale: Sequence[float] = DEFAULT_SCALE,
                  ratio: Sequence[float] = DEFAULT_RATIO):
-        self.image_size = _as_hw(image_size)
+        self.image_size = as_hw(image_size)
         self.names = tuple(names)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self._photos: list[Image.Image] | None = None

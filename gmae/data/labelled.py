@@ -46,14 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from gmae.data import SeededStream
-from gmae.data.folder import (
-    DEFAULT_RATIO,
-    IMG_EXTENSIONS,
-    ImageFolder,
-    random_resized_crop_params,
-)
-from gmae.errors import GMAEError
+from ..errors import GMAEError
+from .folder import ImageFolder
+from .images import DEFAULT_RATIO, IMG_EXTENSIONS, random_resized_crop_params
+from .stream import SeededStream
 
 __all__ = [
     "LABELLED_KINDS",
@@ -100,7 +96,7 @@ class ArrayImages(Dataset):
     [0, len(classes)).  The evaluation transform resizes the whole image to
     ``img_size`` (these images are small and square: nothing is cropped away);
     with ``augment`` and an rng, torchvision's RandomResizedCrop box (the
-    same :func:`~gmae.data.folder.random_resized_crop_params`) is cropped, resized
+    same :func:`~gmae.data.images.random_resized_crop_params`) is cropped, resized
     and mirrored with probability 1/2 if ``hflip``.
     """
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +37,6 @@ from ..model.vit import ViTEncoder
 from ..threads import worker_init
 
 POOLS = ("cls", "avg")
-
-
-def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[ViTEncoder, ModelConfig]:
-    """(encoder in eval mode, its ModelConfig) from a gmae checkpoint, gmae export or timm/MAE ViT file."""
-    from ..export import load_encoder as load
-
-    encoder, mcfg = load(path, map_location=map_location)
-    return encoder.eval(), mcfg
 
 
 def random_encoder(mcfg: ModelConfig, seed: int = 0) -> ViTEncoder:

@@ -1,13 +1,14 @@
-"""Models: the shared ViT encoder, the MAE baseline and GMAE."""
+"""Models: the shared ViT encoder, the MAE baseline, GMAE, the fine-tuning classifier, and their parameter groups."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
 from ..config import ModelConfig
+from .classifier import ViTClassifier, build_classifier
 from .gmae import GMAE, gaussians_from_raw
 from .mae import MAE, Output
-from .vit import ViTEncoder, patchify, random_masking, unpatchify
+from .vit import ViTEncoder, masking_noise, param_groups, patchify, random_masking, unpatchify
 
 
 def build_model(cfg: ModelConfig) -> MAE:
@@ -20,6 +21,6 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
 
 
 __all__ = [
-    "GMAE", "MAE", "Output", "ViTEncoder", "build_model", "count_parameters",
-    "gaussians_from_raw", "patchify", "random_masking", "unpatchify",
+    "GMAE", "MAE", "Output", "ViTClassifier", "ViTEncoder", "build_classifier", "build_model", "count_parameters",
+    "gaussians_from_raw", "masking_noise", "param_groups", "patchify", "random_masking", "unpatchify",
 ]

@@ -1,4 +1,5 @@
-"""The ViT pieces shared by GMAE and MAE: patchify, masking, blocks, encoder.
+"""The ViT pieces shared by GMAE, MAE and the fine-tuning classifier: patchify, masking, blocks,
+encoder, and the optimizer's parameter groups (weight decay, layer-wise lr decay).
 
 Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `cls_token`,
 `pos_embed`, `blocks.N.attn.qkv`, `blocks.N.mlp.fc1`, `norm`, ...) so the encoder
@@ -53,6 +54,12 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     mask[:, :n_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return x_visible, mask, ids_restore
+
+
+def masking_noise(seed: int, step: int, batch: int, num_patches: int) -> torch.Tensor:
+    """The masking noise of one step, (B, N), a pure function of (seed, step): `random_masking`'s `noise`."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.rand(batch, num_patches, generator=g)
 
 
 def sincos_pos_embed(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
@@ -173,3 +180,49 @@ class ViTEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x), mask, ids_restore
+
+
+# --------------------------------------------------------------------------- optimizer parameter groups
+
+#: Parameters never weight-decayed besides the 1-d ones (norms, biases): the tokens and positions.
+NO_WEIGHT_DECAY = ("cls_token", "mask_token", "query_embed", "pos_embed")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """MAE's layer index of a ViT parameter (timm names): 0 embeddings, i + 1 block i, depth + 1 everything after."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """AdamW parameter groups of `model`'s trainable parameters (the role of nanoGPT's configure_optimizers).
+
+    Weight decay on matrices only: not on norms, biases, or the cls/mask/query
+    tokens (:data:`NO_WEIGHT_DECAY`). Without `layer_decay` (pre-training):
+    two groups, [decay, no decay]. With it (MAE's ``param_groups_lrd``, for a
+    ViT whose parameters have timm's names at the top, such as the fine-tuning
+    classifier): one group per (layer, decay), in layer order, each with its
+    ``layer_id`` (:func:`layer_id`) and ``lr_scale`` = layer_decay^(depth + 1 - layer):
+    the head at the full lr, the deepest block at x decay, the embeddings at
+    x decay^(depth + 1).
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    no_decay = {name for name, p in trainable if p.ndim <= 1 or name.endswith(NO_WEIGHT_DECAY)}
+    if layer_decay is None:
+        return [
+            {"params": [p for name, p in trainable if name not in no_decay], "weight_decay": weight_decay},
+            {"params": [p for name, p in trainable if name in no_decay], "weight_decay": 0.0},
+        ]
+    depth = len(model.blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in trainable:
+        lid = layer_id(name, depth)
+        group = groups.setdefault((lid, name in no_decay), {
+            "params": [], "weight_decay": 0.0 if name in no_decay else weight_decay,
+            "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid,
+        })
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]

@@ -6,12 +6,10 @@ Public entry points:
   to screen-space (means2d, conics, depths) with a camera chosen by name
   (``orthographic``, ``authors``, ``pinhole``; see :mod:`gmae.render.camera`).
 * :func:`rasterize` — alpha-composite screen-space Gaussians into images, with
-  a choice of backend. Every backend implements the same contract (see
-  :mod:`gmae.render.reference`, the oracle) and the same signature::
-
-      fn(means2d, conics, colors, opacities, depths, height, width,
-         background=None, max_alpha=0.99, depth_tau=0.0, loss_curvature=None)
-         -> (image (B,C,H,W), alpha (B,H,W))
+  a choice of backend. Every backend implements the same contract
+  (:mod:`gmae.render.contract`: the compositing rules, culling and input
+  checks, and the backend signature :class:`RasterizeBackend`); the torch
+  backend (:mod:`gmae.render.reference`) is the oracle the others are tested against.
 
   ``depth_tau > 0`` asks for the depth-order gradient (see
   :func:`gmae.render.reference.depth_pair_gradient`); the backends in
@@ -27,23 +25,24 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from gmae.errors import GMAEError
-from gmae.render.camera import (
+from ..errors import GMAEError
+from .camera import (
     CAMERAS, Camera, get_camera, project, project_authors, project_orthographic, project_pinhole, quat_to_rotmat,
     register_camera,
 )
-from gmae.render.reference import rasterize_torch, validate_inputs
+from .contract import RasterizeBackend, validate_inputs
+from .reference import rasterize_torch
 
 __all__ = [
     "BACKENDS",
     "CAMERAS",
     "Camera",
     "DEPTH_GRAD_BACKENDS",
+    "RasterizeBackend",
     "WEIGHTED_BACKENDS",
     "get_camera",
     "project",
@@ -60,10 +59,8 @@ __all__ = [
 
 logger = logging.getLogger("gmae.render")
 
-RasterizeFn = Callable[..., "tuple[Tensor, Tensor]"]
-
-#: Registered backends, name -> rasterize function (signature above).
-BACKENDS: dict[str, RasterizeFn] = {"torch": rasterize_torch}
+#: Registered backends, name -> rasterize function (:class:`RasterizeBackend`).
+BACKENDS: dict[str, RasterizeBackend] = {"torch": rasterize_torch}
 
 #: Backends imported on first use: name -> (module, function name).
 _OPTIONAL_BACKENDS: dict[str, tuple[str, str]] = {
@@ -79,7 +76,7 @@ DEPTH_GRAD_BACKENDS: set[str] = {"torch", "cpu"}
 WEIGHTED_BACKENDS: set[str] = {"torch"}
 
 
-def register_backend(name: str, fn: RasterizeFn, depth_grad: bool = False, weighted: bool = False) -> None:
+def register_backend(name: str, fn: RasterizeBackend, depth_grad: bool = False, weighted: bool = False) -> None:
     """Add (or replace) a rasterize backend under ``name``; ``depth_grad``: it implements ``depth_tau > 0``;
     ``weighted``: it implements ``compositing="weighted"``."""
     if name == "auto":

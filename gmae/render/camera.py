@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from gmae.errors import GMAEError
+from ..errors import GMAEError
 
 __all__ = [
     "CAMERAS",

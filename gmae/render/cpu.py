@@ -20,7 +20,7 @@ The structure follows the 3DGS / gsplat rasterizer:
    `_reduce_grads` sums them per Gaussian in a fixed order: no races, and the
    result is bitwise reproducible run to run.
 
-Semantics are those of the rendering contract (see `gmae.render.reference`):
+Semantics are those of the rendering contract (see `gmae.render.contract`):
 alpha_i = min(max_alpha, o_i exp(-q_i/2)); alpha_i < 1/255 is skipped; a pixel
 stops before the Gaussian that would bring its transmittance below 1e-4.
 """
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-# The contract's constants (tile side, 1/255 skip, 1e-4 early stop) live with the oracle.
-from gmae.render.reference import ALPHA_MIN, T_MIN, TILE, validate_inputs
+# The contract's constants (tile side, 1/255 skip, 1e-4 early stop) and input checks, shared by every backend.
+from .contract import ALPHA_MIN, T_MIN, TILE, validate_inputs
 
 __all__ = ["rasterize_cpu"]
 

@@ -27,26 +27,16 @@ from gsplat import isect_offset_encode, isect_tiles, rasterize_to_pixels
 from torch import Tensor
 
 from ..errors import GMAEError
-from .reference import TILE, expand_background, footprint
+from .contract import TILE, expand_background, footprint
 
 GSPLAT_MAX_ALPHA = 0.999
 logger = logging.getLogger("gmae.render")
 _warned = False
 
 
-def rasterize_gsplat(
-    means2d: Tensor,
-    conics: Tensor,
-    colors: Tensor,
-    opacities: Tensor,
-    depths: Tensor,
-    height: int,
-    width: int,
-    background: Tensor | None = None,
-    max_alpha: float = 0.99,
-    depth_tau: float = 0.0,
-    loss_curvature: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def rasterize_gsplat(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor, height: int,
+                     width: int, background: Tensor | None = None, max_alpha: float = 0.99, depth_tau: float = 0.0,
+                     loss_curvature: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as `gmae.render.rasterize`; CUDA float32 tensors only; no depth-order gradient."""
     global _warned
     if depth_tau > 0:

@@ -1,20 +1,14 @@
 """Pure-PyTorch reference rasterizer (backend ``"torch"``).
 
 This module is the *oracle*: every fast backend (numba CPU kernel, gsplat) is
-tested against it, and it is the place to read to learn what "rendering" means
-in gmae. It favours clarity over speed, but it is still vectorised and
-memory-bounded, so it can be used for real training at small sizes.
-
-Semantics (3D Gaussian Splatting conventions), per pixel with centre p:
-
-* Gaussians are composited front to back in ascending depth; ties keep the
-  input order (stable sort), so the lower index is in front.
-* d = p - mean, q = dᵀ Σ⁻¹ d = a·dx² + 2b·dx·dy + c·dy² with conic (a, b, c),
-  and αᵢ = min(max_alpha, oᵢ · exp(-q/2)).
-* A contribution with αᵢ < 1/255 is skipped (it leaves T unchanged); every
-  contribution with αᵢ ≥ 1/255 is included.
-* Early stop: if T·(1-αᵢ) < 1e-4, Gaussian i and all later ones are excluded.
-* out = Σ cᵢ αᵢ Tᵢ + T_final · background, alpha = 1 - T_final.
+tested against it, and, with the contract it implements
+(:mod:`gmae.render.contract`: the compositing rules, culling, input checks), it
+is the place to read to learn what "rendering" means in gmae. It favours
+clarity over speed, but it is still vectorised and memory-bounded, so it can be
+used for real training at small sizes. It also holds the torch implementations
+of the depth-order gradient (:func:`depth_pair_gradient`) and of the order-free
+weighted compositing (:func:`_weighted_chunk`), and :func:`rasterize_dense`,
+the naive every-Gaussian-at-every-pixel renderer that `gmae bench` compares with.
 
 Algorithm (why it is shaped like this): a dense B×K×H×W evaluation is far too
 big at 224² with hundreds of Gaussians, so we do what the CUDA rasterizers do,
@@ -38,196 +32,21 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from gmae.errors import GMAEError
+from .contract import ALPHA_MIN, T_MIN, TILE, expand_background, footprint, validate_inputs
 
 __all__ = [
-    "ALPHA_MIN",
     "CHUNK_ELEMENTS",
-    "COMPOSITING",
-    "CULL_MARGIN",
-    "TILE",
     "depth_pair_gradient",
-    "T_MIN",
-    "expand_background",
-    "footprint",
+    "rasterize_dense",
     "rasterize_torch",
-    "validate_inputs",
 ]
 
-#: How contributions are combined: "sorted" (3DGS front-to-back alpha compositing, the contract) or
-#: "weighted" (order-free weighted blending with depth weights, see `_weighted_chunk`).
-COMPOSITING = ("sorted", "weighted")
-#: Side of a square screen tile, in pixels (as in 3DGS / gsplat).
-TILE = 16
-#: Contributions with α below this are skipped (3DGS: 1/255).
-ALPHA_MIN = 1.0 / 255.0
-#: A pixel stops before the Gaussian that would bring T below this.
-T_MIN = 1e-4
-#: Extra pixels added to the exact α ≥ 1/255 bounding box, so that rounding
-#: in the box computation can never cull a contribution that counts.
-CULL_MARGIN = 1.0
 #: Upper bound on the number of elements of one (tiles × M × pixels) working
 #: tensor. A module constant so tests can shrink it; results must not depend
 #: on it. (A single tile whose list alone exceeds it is still processed.)
 #: 2**20 (4 MiB per float32 tensor) measured as fast as larger chunks on CPU
 #: while keeping the peak memory of forward + backward low.
 CHUNK_ELEMENTS = 2**20
-
-
-def _shape(t: Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
-def validate_inputs(
-    means2d: Tensor,
-    conics: Tensor,
-    colors: Tensor,
-    opacities: Tensor,
-    depths: Tensor,
-    height: int,
-    width: int,
-    background: Tensor | None = None,
-    max_alpha: float = 0.99,
-    depth_tau: float = 0.0,
-    loss_curvature: Tensor | None = None,
-    compositing: str = "sorted",
-) -> None:
-    """Check the rasterizer inputs and raise :class:`GMAEError` with a clear message.
-
-    Shapes: means2d (B, K, 2), conics (B, K, 3), colors (B, K, C) with C ≥ 1,
-    opacities (B, K), depths (B, K), background None, (C,) or (B, C);
-    with sorted compositing and depth_tau > 0, loss_curvature (B, H, W).
-    Shared by every backend so they all reject the same inputs the same way.
-    """
-    named = {
-        "means2d": means2d,
-        "conics": conics,
-        "colors": colors,
-        "opacities": opacities,
-        "depths": depths,
-    }
-    if background is not None:
-        named["background"] = background
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise GMAEError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise GMAEError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
-    devices = {t.device for t in named.values()}
-    if len(devices) > 1:
-        raise GMAEError(
-            "all rasterizer inputs must be on one device; got "
-            + ", ".join(f"{n} on {t.device}" for n, t in named.items())
-        )
-
-    if means2d.dim() != 3 or means2d.shape[-1] != 2:
-        raise GMAEError(f"means2d must have shape (B, K, 2); got {_shape(means2d)}")
-    B, K = means2d.shape[:2]
-    if _shape(conics) != (B, K, 3):
-        raise GMAEError(
-            f"conics must have shape (B, K, 3) matching means2d (B, K, 2) = "
-            f"{_shape(means2d)}; got {_shape(conics)}"
-        )
-    if colors.dim() != 3 or colors.shape[:2] != (B, K) or colors.shape[-1] < 1:
-        raise GMAEError(
-            f"colors must have shape (B, K, C) with C >= 1 matching means2d (B, K, 2) = "
-            f"{_shape(means2d)}; got {_shape(colors)}"
-        )
-    for name, t in (("opacities", opacities), ("depths", depths)):
-        if _shape(t) != (B, K):
-            raise GMAEError(
-                f"{name} must have shape (B, K) matching means2d (B, K, 2) = "
-                f"{_shape(means2d)}; got {_shape(t)}"
-            )
-    C = colors.shape[-1]
-    if background is not None and _shape(background) not in {(C,), (B, C)}:
-        raise GMAEError(
-            f"background must be None or have shape (C,) = ({C},) or (B, C) = ({B}, {C}); "
-            f"got {_shape(background)}"
-        )
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise GMAEError(f"{name} must be a positive int; got {v!r}")
-    if not isinstance(max_alpha, (int, float)) or not (0.0 < float(max_alpha) <= 1.0):
-        raise GMAEError(f"max_alpha must be a number in (0, 1]; got {max_alpha!r}")
-    if isinstance(depth_tau, bool) or not isinstance(depth_tau, (int, float)) or not float(depth_tau) >= 0.0:
-        raise GMAEError(f"depth_tau must be a number >= 0 (0 = no depth-order gradient); got {depth_tau!r}")
-    if compositing not in COMPOSITING:
-        raise GMAEError(f"compositing must be one of {', '.join(COMPOSITING)}; got {compositing!r}")
-    if compositing == "weighted" and not depth_tau > 0:
-        raise GMAEError("weighted compositing needs depth_tau > 0, the temperature of its depth weights exp(-z/tau)")
-    if compositing == "sorted" and depth_tau > 0:
-        if loss_curvature is None:
-            raise GMAEError("the depth-order gradient (depth_tau > 0) needs loss_curvature (B, H, W), the loss's "
-                            "second derivative per pixel and channel (2 x the pixel's weight for an MSE)")
-        if not isinstance(loss_curvature, Tensor) or not loss_curvature.is_floating_point():
-            raise GMAEError("loss_curvature must be a floating-point torch.Tensor")
-        if _shape(loss_curvature) != (B, height, width):
-            raise GMAEError(f"loss_curvature must have shape (B, H, W) = ({B}, {height}, {width}); "
-                            f"got {_shape(loss_curvature)}")
-        if loss_curvature.device != means2d.device:
-            raise GMAEError(f"loss_curvature is on {loss_curvature.device}, the Gaussians on {means2d.device}")
-
-
-def expand_background(
-    background: Tensor | None, batch: int, channels: int, dtype: torch.dtype, device: torch.device
-) -> Tensor | None:
-    """Return the background as (B, C) (or None when there is no background term)."""
-    if background is None:
-        return None
-    background = background.to(dtype=dtype, device=device)
-    return background.expand(batch, channels) if background.dim() == 1 else background
-
-
-def footprint(
-    conics: Tensor,
-    opacities: Tensor,
-    means: Tensor | None = None,
-    colors: Tensor | None = None,
-    depths: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Opacity-aware screen half-extents of each Gaussian, for culling.
-
-    conics (..., 3), opacities (...), optional means (..., 2), colors (..., C)
-    and depths (...). Returns rx, ry (...): half-widths in pixels (CULL_MARGIN
-    included) of the box holding every pixel where α can reach 1/255, and
-    ``keep`` (...) bool, False for Gaussians that can never contribute (not
-    positive definite, opacity < 1/255) or must not (any non-finite parameter,
-    colour and depth included: a NaN colour or depth would otherwise poison
-    the pixels it covers). Shared by the backends so that they all cull alike.
-    """
-    with torch.no_grad():
-        a, b, c = conics.unbind(-1)
-        det = a * c - b * b
-        keep = (
-            torch.isfinite(conics).all(-1)
-            & torch.isfinite(opacities)
-            # A degenerate (det ≤ 0) or negative-definite conic has no bounded
-            # footprint; treat it as culled instead of crashing or lighting the
-            # whole screen.
-            & (a > 0)
-            & (det > 0)
-            # α ≤ o, so o < 1/255 can never contribute.
-            & (opacities >= ALPHA_MIN)
-        )
-        if means is not None:
-            keep &= torch.isfinite(means).all(-1)
-        if colors is not None:
-            keep &= torch.isfinite(colors).all(-1)
-        if depths is not None:
-            keep &= torch.isfinite(depths)
-        one = torch.ones_like(det)
-        det = torch.where(keep, det, one)
-        a = torch.where(keep, a, one)
-        c = torch.where(keep, c, one)
-        # α ≥ 1/255  ⇔  o·exp(-q/2) ≥ 1/255  ⇔  q ≤ t = 2·ln(255·o).
-        o = torch.where(keep, opacities, one)
-        t = (2.0 * torch.log(255.0 * o)).clamp_min(0.0)
-        # The ellipse dᵀΣ⁻¹d ≤ t has half-extents sqrt(t·Σxx), sqrt(t·Σyy) with
-        # Σ = (Σ⁻¹)⁻¹: Σxx = c/det, Σyy = a/det.
-        rx = torch.sqrt(t * c / det) + CULL_MARGIN
-        ry = torch.sqrt(t * a / det) + CULL_MARGIN
-    return rx, ry, keep
 
 
 def _tile_ranges(
@@ -413,6 +232,25 @@ def _weighted_chunk(
                         torch.zeros_like(total))
     color = torch.einsum("nmp,nmc->ncp", weights, colors[gid]) * scale[:, None, :]
     return color, t_incl[:, -1]
+
+
+def rasterize_dense(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor, height: int,
+                    width: int, background: Tensor | None = None, max_alpha: float = 0.99) -> tuple[Tensor, Tensor]:
+    """Every Gaussian evaluated at every pixel (k*H*W work): the naive renderer `gmae bench` compares with.
+
+    The tile compositor applied to one "tile" per image that is the whole
+    image, so it has exactly the contract's semantics (``background`` is
+    accepted for the common signature and not drawn).
+    """
+    B, K, C = colors.shape
+    order = torch.argsort(depths, dim=1, stable=True) + torch.arange(B)[:, None] * K  # (B, K) flat ids
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    px, py = xs.reshape(1, -1).expand(B, -1), ys.reshape(1, -1).expand(B, -1)
+    color, t_final = _composite_chunk(
+        means2d.reshape(B * K, 2), conics.reshape(B * K, 3), colors.reshape(B * K, C), opacities.reshape(B * K),
+        order, torch.ones(B, K, dtype=torch.bool), px, py, max_alpha,
+    )
+    return color.reshape(B, C, height, width), (1 - t_final).reshape(B, height, width)
 
 
 def depth_pair_gradient(

@@ -1,0 +1,95 @@
+"""MAE's fine-tuning classifier: a (pre-trained) ViT encoder, global pooling, ``fc_norm`` and a linear head.
+
+The recipe (MAE, ``main_finetune.py``): the encoder's patch embedding,
+positions, cls token and blocks, then the mean of the patch tokens,
+``fc_norm`` (a fresh LayerNorm, replacing the encoder's final norm) and a
+linear ``head`` (weights ~ N(0, 2e-5)); parameter names are timm's, so
+:func:`gmae.model.vit.param_groups` gives it MAE's layer-wise lr decay.
+Stochastic depth ("drop path") in every block, rate rising linearly from 0
+to ``drop_path`` with depth. The encoder's ``Block`` has none, so
+:class:`ViTClassifier` runs each block's two residual branches itself and
+passes them through :class:`DropPath`: no wrapper modules, so the state
+dict keeps the encoder's (and timm's) names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .vit import ViTEncoder
+
+__all__ = ["DropPath", "ViTClassifier", "build_classifier"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch for whole samples with probability ``p``.
+
+    Training: (B, ...) -> branch x mask / (1 - p), mask ~ Bernoulli(1 - p) per
+    sample (the expected value is unchanged). Eval, or p = 0: identity.
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3f}"
+
+
+class ViTClassifier(nn.Module):
+    """MAE's global-pool fine-tuning ViT built from a (pre-trained) :class:`ViTEncoder`.
+
+    Takes over the encoder's modules (not copies). imgs (B, C, H, W) in [0, 1]
+    -> logits (B, num_classes).
+    """
+
+    def __init__(self, encoder: ViTEncoder, num_classes: int, drop_path: float = 0.1):
+        super().__init__()
+        self.patch_embed = encoder.patch_embed
+        self.cls_token = encoder.cls_token
+        self.pos_embed = encoder.pos_embed
+        self.blocks = encoder.blocks
+        dim = self.cls_token.shape[-1]
+        depth = len(self.blocks)
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # 0 ... drop_path
+        self.drop_paths = nn.ModuleList(DropPath(r) for r in rates)  # no parameters: not in the state dict
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs (B, C, H, W) -> pooled, normalised features (B, D)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (B, N, D)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
+        for block, drop in zip(self.blocks, self.drop_paths):
+            # gmae.model.vit.Block's forward with drop path on both residual branches.
+            x = x + drop(block.attn(block.norm1(x)))
+            x = x + drop(block.mlp(block.norm2(x)))
+        return self.fc_norm(x[:, 1:, :].mean(dim=1))  # (B, D)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(imgs))  # (B, num_classes)
+
+
+def build_classifier(mcfg: ModelConfig, num_classes: int, drop_path: float = 0.1,
+                     encoder: ViTEncoder | None = None) -> ViTClassifier:
+    """A classifier for ``mcfg``'s encoder: ``encoder`` if given, else freshly initialised."""
+    if encoder is None:
+        encoder = ViTEncoder(mcfg.img_size, mcfg.patch_size, mcfg.in_chans, mcfg.embed_dim, mcfg.depth,
+                             mcfg.num_heads, mcfg.mlp_ratio)
+    return ViTClassifier(encoder, num_classes, drop_path)
