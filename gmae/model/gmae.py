@@ -167,9 +167,8 @@ class GMAE(MAE):
             tau = self.depth_tau if loss_curvature is not None and torch.is_grad_enabled() else 0.0
         with torch.autocast(gaussians.means.device.type, enabled=False):  # splatting stays in float32
             image, _ = render_gaussians(gaussians, size, size, self.background, self.cfg.render_backend,
-                                        camera=self.cfg.camera, depth_tau=tau,
-                                        loss_curvature=loss_curvature if tau > 0 and self.compositing == "sorted"
-                                        else None, compositing=self.compositing)
+                                        camera=self.cfg.camera, depth_tau=tau, loss_curvature=loss_curvature,
+                                        compositing=self.compositing)
         return image
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None,

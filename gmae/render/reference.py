@@ -459,7 +459,8 @@ def rasterize_torch(
         image = image + transmittance[:, None] * bg[:, :, None, None]
 
     if not weighted and depth_tau > 0 and torch.is_grad_enabled() and depths.requires_grad:
-        values = [t.detach() for t in (means_s, conics_s, colors_s, opac_s)]
+        means_d, conics_d, colors_d, opac_d = (t.detach() for t in (means_s, conics_s, colors_s, opac_s))
+        depths_d = depths_s.to(dtype)
         curvature = _to_tiles(loss_curvature.detach().to(dtype)[:, None], tiles_x, tiles_y)[:, 0]
 
         def depth_pass(grad_image: Tensor) -> Tensor:
@@ -468,8 +469,8 @@ def rasterize_torch(
             flat = torch.zeros(B * K, dtype=dtype, device=device)
             with torch.no_grad():
                 for chunk, gid, present, px, py in chunks():
-                    alpha, t_incl = _contributions(values[0], values[1], values[3], gid, present, px, py, max_alpha)
-                    dz = depth_pair_gradient(alpha, _exclusive(t_incl), values[2][gid], depths_s.to(dtype)[gid],
+                    alpha, t_incl = _contributions(means_d, conics_d, opac_d, gid, present, px, py, max_alpha)
+                    dz = depth_pair_gradient(alpha, _exclusive(t_incl), colors_d[gid], depths_d[gid],
                                              g[chunk], curvature[chunk], float(depth_tau))
                     flat.index_add_(0, gid.reshape(-1), dz.reshape(-1))
             return torch.zeros(B, K, dtype=dtype, device=device).scatter_(1, order, flat.view(B, K))
