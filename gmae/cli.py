@@ -125,7 +125,9 @@ def add_pretrain(sub) -> None:
                    help="temperature, in depth units, of the swap relaxation or of the weighted compositing "
                         "(default 0.1)")
     p.add_argument("--depth-param", default=None, choices=DEPTH_PARAMS,
-                   help="z from the head: bounded 2*(sigmoid-0.5) (the authors') or linear (never saturates)")
+                   help="z from the head: bounded 2*(sigmoid-0.5) (the authors'), centred (the same of the raw "
+                        "depth minus the image's mean: no common drift onto a limit) or linear (never saturates; "
+                        "--camera orthographic only)")
     p.add_argument("--init-encoder", default=d.init_encoder, metavar="FILE",
                    help="start the encoder from FILE: a gmae checkpoint or export, or a timm / MAE ViT checkpoint "
                         "of the same shape (fresh runs only)")

@@ -18,10 +18,16 @@ LOSSES = ("masked", "all", "masked_normpix")
 # The cameras of gmae.render.camera.CAMERAS (named here so that parsing a command
 # line needs no torch; a test keeps the two lists equal).
 CAMERAS = ("orthographic", "authors", "pinhole")
+# The cameras whose z changes a Gaussian's on-screen size (`Camera.depth_through_projection`; a test keeps
+# the two equal). With them z must stay bounded: see ModelConfig.validate.
+SIZE_FROM_DEPTH_CAMERAS = ("authors", "pinhole")
 # How the head's raw depth becomes z: "bounded" 2·(sigmoid − ½) in (−1, 1) (the
-# authors'), "linear" z = raw (never saturates; only the order and, for the
-# perspective cameras, z + 8 matter).
-DEPTH_PARAMS = ("bounded", "linear")
+# authors'), "linear" z = raw (never saturates; only the order matters, so only
+# with the orthographic camera: see ModelConfig.validate), or "centred" 2·(sigmoid(raw
+# − the image's mean raw) − ½): bounded like the authors', but only depths relative to
+# the image's other Gaussians are learned, so no common drift can push them all onto a
+# limit together (docs/depth.md, "the regime map").
+DEPTH_PARAMS = ("bounded", "linear", "centred")
 # Depth learning signal from the rasterizer: "off" (3DGS compositing: depth only
 # sorts), "swap" (the same compositing, plus the depth-order gradient of the
 # relaxed swap of neighbours) or "weighted" (order-free weighted compositing whose
@@ -109,6 +115,13 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise GMAEError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}; "
                                 f"got {getattr(self, name)!r}")
+        if self.depth_param == "linear" and self.camera in SIZE_FROM_DEPTH_CAMERAS:
+            # Measured (docs/depth.md, "the regime map"): z is then an unbounded size knob (size ~ 8 / (z + 8)), the
+            # Gaussians that want to be larger run z towards the camera plane at -8 and training diverges (loss
+            # 0.047 at step 100, 0.32 at the end, worse than the 0.23 at initialisation).
+            raise GMAEError(f"depth-param linear needs --camera orthographic: with the {self.camera} camera z sets "
+                            "on-screen size, and unbounded z runs into the camera plane (training diverges); "
+                            "use --depth-param bounded")
         if not self.depth_tau > 0:
             raise GMAEError(f"depth-tau must be positive; got {self.depth_tau}")
         if len(self.background) != self.in_chans:
@@ -298,5 +311,5 @@ class FinetuneConfig:
         )
 
 
-__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "DEPTH_PARAMS",
+__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS", "DEPTH_PARAMS",
            "DEPTH_GRADS", "POSITION_PARAMS", "model_config", "train_config", "config_from_dict", "as_dict"]

@@ -3,7 +3,7 @@ import torch
 
 from gmae.config import ModelConfig, model_config
 from gmae.errors import GMAEError
-from gmae.config import CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, POSITION_PARAMS, config_from_dict
+from gmae.config import CAMERAS, DEPTH_GRADS, SIZE_FROM_DEPTH_CAMERAS, DEPTH_PARAMS, POSITION_PARAMS, config_from_dict
 from gmae.loss import pixel_curvature, reconstruction_loss
 from gmae.model import GMAE, MAE, build_model, count_parameters, patchify, random_masking, unpatchify
 from gmae.model.gmae import gaussians_from_raw
@@ -201,6 +201,26 @@ def test_gaussian_activations():
     assert torch.equal(linear.means[..., 2], raw[..., 2]) and torch.equal(linear.means[..., :2], g.means[..., :2])
 
 
+def test_centred_depth_learns_only_relative_depth():
+    """centred z = 2(sigmoid(raw - the image's mean raw) - 1/2): a shift common to an image's Gaussians changes nothing."""
+    raw = torch.randn(3, 40, 14) * 3
+    unit = RENDER_CAMERAS["authors"].scale_unit
+    g = gaussians_from_raw(raw, 1.0, unit, depth="centred")
+    r = raw[..., 2]
+    expected = 2.0 * (torch.sigmoid(r - r.mean(dim=1, keepdim=True)) - 0.5)  # per image, not over the batch
+    torch.testing.assert_close(g.means[..., 2], expected)
+    shifted = raw.clone()
+    shifted[..., 2] += torch.tensor([50.0, -7.0, 3.0])[:, None]  # one common shift per image
+    torch.testing.assert_close(gaussians_from_raw(shifted, 1.0, unit, depth="centred").means, g.means)
+    bounded = gaussians_from_raw(shifted, 1.0, unit, depth="bounded")
+    assert bounded.means[0, :, 2].min() > 0.99  # where the authors' z has all run onto its limit
+    # the common mode gets no gradient: the raw depths' gradient sums to zero over each image
+    raw.requires_grad_(True)
+    z = gaussians_from_raw(raw, 1.0, unit, depth="centred").means[..., 2]
+    (z * torch.randn_like(z)).sum().backward()
+    torch.testing.assert_close(raw.grad[..., 2].sum(dim=1), torch.zeros(3), atol=1e-6, rtol=0)
+
+
 def test_max_opacity_scales_the_sigmoid_and_starts_at_one_half():
     raw = torch.randn(2, 50, 14) * 4
     unit = RENDER_CAMERAS["orthographic"].scale_unit
@@ -235,9 +255,31 @@ def test_gaussians_start_at_the_size_of_c1_whatever_c(c):
     assert start == pytest.approx(min(0.5 * c, 0.5), rel=0.3)
 
 
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_many_gaussians_per_token_start_at_their_share_of_the_size(m):
+    """m Gaussians per token each start at 1/sqrt(m) of one token's size (std): the starting coverage, sum of the
+    areas, does not grow with m (it made rendering 41% of the tiny step at m = 16)."""
+    torch.manual_seed(0)
+    model = GMAE(ModelConfig(**{**SMALL, "num_gaussians": 16 * m}, gaussians_per_query=m))
+    out = model(torch.rand(2, 3, 32, 32), masking_noise(0, 0, 2, model.cfg.num_patches))
+    start = out.gaussians.scales.median().item() / model.camera.scale_unit
+    assert start == pytest.approx(0.5 / m ** 0.5, rel=0.3)
+
+
 def test_config_cameras_are_the_render_registry():
     # config.py names them without importing torch; the two lists must not drift apart
     assert set(CAMERAS) == set(RENDER_CAMERAS)
+    assert set(SIZE_FROM_DEPTH_CAMERAS) == {n for n, c in RENDER_CAMERAS.items() if c.depth_through_projection}
+
+
+@pytest.mark.parametrize("camera", CAMERAS)
+def test_linear_depth_needs_orthographic(camera):
+    """Unbounded z is refused where z sets on-screen size (it diverged: docs/depth.md), accepted where it only sorts."""
+    if camera in SIZE_FROM_DEPTH_CAMERAS:
+        with pytest.raises(GMAEError, match="depth-param linear needs --camera orthographic"):
+            ModelConfig(camera=camera, depth_param="linear")
+    else:
+        assert ModelConfig(camera=camera, depth_param="linear").depth_param == "linear"
 
 
 HEAD_OUTPUTS = {"x": [0], "y": [1], "z": [2], "scale": [3, 4, 5], "rotation": [6, 7, 8, 9],
@@ -256,6 +298,8 @@ def test_every_gaussian_output_learns(camera, depth_grad, depth_param, backend, 
     test exists to catch, kept visible rather than hidden)."""
     if depth_grad == "weighted" and backend == "cpu":
         pytest.skip("the cpu kernel has no weighted compositing (refused, tested in test_weighted.py)")
+    if depth_param == "linear" and camera in SIZE_FROM_DEPTH_CAMERAS:
+        pytest.skip("unbounded z with a size-from-depth camera is refused (test_linear_depth_needs_orthographic)")
     torch.manual_seed(0)
     cfg = ModelConfig(**SMALL, camera=camera, depth_grad=depth_grad, depth_param=depth_param, render_backend=backend,
                       max_scale=4.0, gaussians_per_query=per_query, position_param=position)

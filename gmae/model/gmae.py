@@ -54,8 +54,9 @@ def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, d
 
     scale_unit: world units per unit of c, the camera's (`Camera.scale_unit`:
     c = 1 gives a largest on-screen std of about W/16 pixels on every camera).
-    depth: "bounded" z = 2·(sigmoid − ½) like x and y (the authors'), or
-    "linear" z = raw (never saturates).
+    depth: "bounded" z = 2·(sigmoid − ½) like x and y (the authors'),
+    "linear" z = raw (never saturates), or "centred" the bounded z of the raw
+    depth minus its mean over the image's K Gaussians.
     max_opacity: opacity = max_opacity·sigmoid. Above 1 a Gaussian's α =
     min(0.99, o·G) saturates over a core and falls off in a rim that is thin
     next to its size (a flat-topped blob with a sharp edge; 1 = the authors').
@@ -63,6 +64,14 @@ def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, d
     position = 2.0 * (torch.sigmoid(raw[..., 0:3]) - 0.5)  # (-1, 1)^3
     if depth == "linear":
         position = torch.cat([position[..., :2], raw[..., 2:3]], dim=-1)
+    elif depth == "centred":
+        # Why: the head's z is one linear read-out of the decoder, and under Adam a small but consistent
+        # push on it (every Gaussian wanting to be larger, which under the authors' camera z also grants)
+        # moves all K depths together onto the sigmoid's limit, where they tie and pass no gradient (the
+        # collapse of docs/depth.md). Subtracting the image's mean removes exactly that common mode:
+        # only the order and relative sizes, which are all the readouts use, are learned.
+        z = raw[..., 2:3]
+        position = torch.cat([position[..., :2], 2.0 * (torch.sigmoid(z - z.mean(dim=-2, keepdim=True)) - 0.5)], -1)
     scale = max_scale * torch.sigmoid(raw[..., 3:6]) * scale_unit  # (0, c) scale units
     rotation = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)  # unit quaternion (w, x, y, z)
     color = torch.sigmoid(raw[..., 10:-1])  # [0, 1], like the target image
@@ -93,6 +102,10 @@ class GMAE(MAE):
         # image's mean colour and training never leaves it (seen: 1200 steps of flat renders; the paper notes
         # that large scales at the start make the optimisation harder). c <= 1 is unchanged.
         start = min(0.5, 0.5 / cfg.max_scale)
+        # And a token's m Gaussians share what one Gaussian of a one-per-token head would cover: each starts at
+        # 1/sqrt(m) of that size (std), so the starting coverage, and with it the render's cost, does not grow
+        # with m (at m = 16 full-size Gaussians made rendering 41% of the tiny step: docs/gaussians_per_query.md).
+        start = start / math.sqrt(m)
         # Likewise every opacity starts at 1/2 whatever max_opacity is.
         opacity_start = 0.5 / cfg.max_opacity
         with torch.no_grad():
