@@ -14,6 +14,10 @@ reported and what the performance targets are stated in.
   many_gaussians     GMAE training step at k = 4096 as 256 tokens x 16 over k = 256 as
                      256 x 1, `tiny` and `base` (the decoder is the same; only the head and
                      the rendering grow)
+  default_step       the tiny preset's training step over the previous default's
+                     (`PREVIOUS_TINY_DEFAULT`), each model first trained for a few
+                     hundred steps on dead-leaves so that its Gaussians have grown
+                     to their trained sizes (the render's cost follows them)
   contention         the default tiny pre-training step, in separate processes
                      pinned to the same 2 cores: alone, then two at once; each
                      one's throughput as a fraction of solo (fair share 0.5),
@@ -197,6 +201,50 @@ def many_gaussians(preset: str = "tiny", batch_size: int = 32, repeats: int = 5,
             "few_render_share": t["render 1"] / few, "many_render_share": t[f"render {per_query}"] / many}
 
 
+# The tiny preset's default before the regime map (docs/depth.md): the authors' bounded z. default_step
+# times today's default against it.
+PREVIOUS_TINY_DEFAULT = dict(depth_param="bounded", max_scale=1.0)
+
+
+def default_step(batch_size: int = 16, warm_steps: int = 300, repeats: int = 10, device: str = "cpu",
+                 seed: int = 0, previous: dict = PREVIOUS_TINY_DEFAULT) -> dict:
+    """Training-step time of the tiny preset's default over the previous default's (`previous` overrides).
+
+    A fresh model's Gaussians all start at the same size whatever c, but the render's cost follows their
+    footprint, which training changes (larger c, larger Gaussians): so each model is first trained for
+    warm_steps on dead-leaves batches (the preset's lr), then both are timed interleaved on one batch.
+    """
+    from .config import train_config
+    from .data import DeadLeaves
+
+    tcfg = train_config("tiny")
+    source = DeadLeaves(model_config("tiny").img_size, seed=seed)
+    steps, configs = {}, {"default": model_config("tiny"), "previous": model_config("tiny", **previous)}
+    for name, cfg in configs.items():
+        torch.manual_seed(seed)
+        model = build_model(cfg).to(device).train()
+        opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.blr * batch_size / 256,
+                                betas=tcfg.betas)
+
+        def step(model=model, opt=opt, imgs=None, noise=None):
+            loss = model(imgs, noise).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for i in range(warm_steps):
+            imgs = torch.stack([source.load(i * batch_size + j) for j in range(batch_size)]).to(device)
+            step(imgs=imgs, noise=masking_noise(seed, i, batch_size, cfg.num_patches).to(device))
+        imgs = torch.stack([source.load(10**6 + j) for j in range(batch_size)]).to(device)
+        noise = masking_noise(seed, 10**6, batch_size, cfg.num_patches).to(device)
+        steps[name] = lambda step=step, imgs=imgs, noise=noise: step(imgs=imgs, noise=noise)
+    t = timed_interleaved(steps, repeats, 1, device)
+    changed = {k: (getattr(configs["previous"], k), getattr(configs["default"], k)) for k in previous
+               if getattr(configs["previous"], k) != getattr(configs["default"], k)}
+    return {"batch_size": batch_size, "warm_steps": warm_steps, "device": device, "default_step_s": t["default"],
+            "previous_step_s": t["previous"], "ratio": t["default"] / t["previous"], "changed": changed}
+
+
 def _gaussian_render_step(model, imgs, noise):
     """Projection + rasterization forward and backward on the model's own Gaussians."""
     from .render.gaussians import Gaussians
@@ -349,6 +397,8 @@ def run(names=BENCHMARKS, device: str = "cpu", repeats: int = 5, batch_size: int
             results[name] = step_ratio("tiny", batch_size, repeats=max(repeats, 5), device=device)
         elif name == "step_ratio_base224":
             results[name] = step_ratio("base", 8, repeats=2, warmup=1, device=device)
+        elif name == "default_step":
+            results[name] = default_step(device=device)
         elif name == "contention":
             results[name] = contention()
         elif name == "contention_ddp":
@@ -383,6 +433,12 @@ def format_results(results: dict) -> str:
                               f"{row['ratio']:.3f}; rendering {row['render_share']:.1%} of the GMAE step  "
                               f"({r['preset']}, {r['img_size']}px, batch {r['batch_size']}, {r['device']}; "
                               f"GMAE {row['gmae_imgs_per_s']:.0f} img/s)"))
+        elif name == "default_step":
+            changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in r["changed"].items()) or "nothing"
+            lines.append((name, f"tiny default {r['default_step_s'] * 1e3:.0f} ms / previous default "
+                                f"{r['previous_step_s'] * 1e3:.0f} ms = {r['ratio']:.3f}; target <= 1.3  (changed: "
+                                f"{changed}; each after {r['warm_steps']} training steps, batch {r['batch_size']}, "
+                                f"{r['device']})"))
         elif name == "contention":
             for label in ("gmae", "without_defaults"):
                 row = r[label]

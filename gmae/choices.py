@@ -9,7 +9,7 @@ import argparse
 
 #: `gmae bench` benchmarks, in the order they run.
 BENCHMARKS = ("render_speedup", "coverage_growth", "step_ratio_tiny", "step_ratio_base224", "many_gaussians",
-              "contention", "contention_ddp")
+              "default_step", "contention", "contention_ddp")
 
 #: `gmae export` formats and the file extensions each accepts.
 EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}

@@ -98,7 +98,7 @@ def train_and_score(name: str, runs: Path, gmae: str, psnr_images: int) -> None:
     from gmae.ablate import masked_psnr
     from gmae.runs import load_model
 
-    model = load_model(final_checkpoint(run_dir))
+    model = load_model(final_checkpoint(run_dir))[0]
     summary = trajectory_summary(read_metrics(run_dir))
     summary["psnr"] = masked_psnr(model, images=psnr_images)
     summary["flags"] = CONFIGS[name]

@@ -27,6 +27,17 @@ def test_render_benchmarks_report_ratios():
     assert "render_speedup 32px" in table and "coverage_growth" in table
 
 
+def test_default_step_times_the_default_against_the_previous_one():
+    from gmae.config import model_config
+
+    c = model_config("tiny").max_scale
+    r = bench.default_step(batch_size=2, warm_steps=1, repeats=1, previous=dict(max_scale=c + 1.0, loss="masked"))
+    assert r["ratio"] == r["default_step_s"] / r["previous_step_s"]
+    assert r["changed"] == {"max_scale": (c + 1.0, c)}  # loss is the same in both: not a change
+    line = format_results({"default_step": r})
+    assert line.startswith("default_step") and f"max_scale {c + 1.0} -> {c}" in line and f"{r['ratio']:.3f}" in line
+
+
 # --------------------------------------------------------------------------- the benchmark's processes
 
 
