@@ -198,3 +198,4 @@ def test_pretrain_and_eval_zeroshot_on_sprites(tmp_path, capsys):
     assert main(args) == 0
     table = capsys.readouterr().out
     assert table.startswith("sprites, 6 images") and "depth OOA" in table and "reverse size prior" in table
+    assert f"depth OOA: {scores['depth_ooa_pairs']} object pairs scored" in table

@@ -191,6 +191,10 @@ def format_scores(results: dict, label: str = "gmae") -> str:
              "method".ljust(width) + "".join(title.rjust(12) for _, title in cols)]
     for name, r in rows:
         lines.append(name.ljust(width) + "".join((f"{r[key]:.3f}" if key in r else "-").rjust(12) for key, _ in cols))
+    if "depth_ooa_coverage" in results:
+        lines.append(f"depth OOA: {results['depth_ooa_pairs']} object pairs scored, "
+                     f"{results['depth_ooa_pairs_skipped']} skipped (an object without a scored Gaussian), "
+                     f"coverage {results['depth_ooa_coverage']:.3f} of the weight")
     return "\n".join(lines)
 
 
