@@ -204,9 +204,14 @@ class DeadLeaves:
 
     def sample(self, index: int) -> DeadLeavesSample:
         """Image ``index`` with its ground truth."""
+        from threadpoolctl import threadpool_limits  # comes with scikit-learn
+
         p, objects, image, shapes = self._render(index, whole_shapes=True)
         n = p["n"]
         obj_t = torch.from_numpy(objects)
+        # Thin products (n << H*W): one BLAS thread is faster than several fighting for a busy machine's cores.
+        with threadpool_limits(1, user_api="blas"):
+            overlaps, weights = (shapes @ shapes.T) > 0, self._order_weights(p, shapes)
         return DeadLeavesSample(
             image=torch.from_numpy(image),
             objects=obj_t,
@@ -216,8 +221,8 @@ class DeadLeaves:
             shapes=torch.from_numpy(p["kind"]),
             textures=torch.from_numpy(p["texture"]),
             colors=torch.from_numpy(p["c0"].astype(np.float32)),
-            overlaps=torch.from_numpy((shapes @ shapes.T) > 0),
-            order_weights=torch.from_numpy(self._order_weights(p, shapes)),
+            overlaps=torch.from_numpy(overlaps),
+            order_weights=torch.from_numpy(weights),
             figure=torch.from_numpy(self.figure(objects, n + 1)),
         )
 
@@ -400,8 +405,9 @@ def order_weights(inside: np.ndarray, colour: np.ndarray) -> np.ndarray:
     if colour.ndim == 2:
         colour = np.broadcast_to(colour[:, None, :], (*inside.shape, 3))
     colour = colour * inside[..., None]  # 0 outside each shape
-    sq = (colour**2).sum(-1)  # |colour_i|^2 at each pixel of shape i
-    cross = sum(colour[..., c] @ colour[..., c].T for c in range(3))
-    w = sq @ inside.T + inside @ sq.T - 2.0 * cross
+    sq = np.einsum("ipc,ipc->ip", colour, colour)  # |colour_i|^2 at each pixel of shape i
+    flat = colour.reshape(len(colour), -1)  # (m, P * 3)
+    part = sq @ inside.T  # sum over the overlap of |colour_i|^2
+    w = part + part.T - 2.0 * (flat @ flat.T)
     np.fill_diagonal(w, 0.0)
     return np.maximum(w, 0.0)  # rounding below zero
