@@ -4,7 +4,7 @@ The readouts and how each is scored (its truth, its baselines, its metrics)
 are records of :mod:`gmae.readouts`; this module supplies the scored images
 and their truth, runs the model over them in batches, and gathers the scores:
 edges (BSDS ODS/OIS/AP, beside Sobel and Canny), figure-ground (IoU, beside a
-centred ellipse) and, on dead-leaves, the depth order (beside a border prior).
+centred ellipse) and, on generated data (dead-leaves, sprites), the depth order (beside border and size priors).
 
 Data (``--data``):
 

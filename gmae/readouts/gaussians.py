@@ -95,6 +95,10 @@ def _predict(g: Gaussians, canvas: Canvas, sides: list[int]) -> list[tuple]:
             for i in range(len(sides))]
 
 
+#: The depth metrics' priors (keys of `gmae.evaluate.depth.depth_metrics`) -> their rows in eval-zeroshot.
+PRIOR_ROWS = {"border_prior": "border prior", "size_prior": "size prior", "size_prior_reversed": "reverse size prior"}
+
+
 def _score(predictions: dict[str, list], truths: list, **_) -> dict:
     from ..evaluate.depth import depth_metrics
 
@@ -102,9 +106,6 @@ def _score(predictions: dict[str, list], truths: list, **_) -> dict:
     priors = {row: depth.pop(key) for key, row in PRIOR_ROWS.items()}
     return {"gmae": depth, **priors}
 
-
-#: The depth metrics' priors (keys of `gmae.evaluate.depth.depth_metrics`) -> their rows in eval-zeroshot.
-PRIOR_ROWS = {"border_prior": "border prior", "size_prior": "size prior", "size_prior_reversed": "reverse size prior"}
 
 
 READOUT = Readout(
