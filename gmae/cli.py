@@ -68,7 +68,7 @@ def add_pretrain(sub) -> None:
     d = TrainConfig()
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default: tiny)")
     p.add_argument("--model", default=None, choices=MODELS, help="gmae (default) or the mae baseline")
-    p.add_argument("--data", default=d.data, help="deadleaves (default), photos, digits (scikit-learn's, train split), or a folder of images (ImageNet layout or flat)")
+    p.add_argument("--data", default=d.data, help="deadleaves (default), sprites (1-4 plain shapes), photos, digits (scikit-learn's, train split), or a folder of images (ImageNet layout or flat)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps (tiny: 1200)")
     p.add_argument("--batch-size", type=positive_int, help="global batch size (tiny: 16)")
     p.add_argument("--blr", type=float, help="base learning rate; lr = blr * batch / 256 (tiny: 1.6e-2, others 1e-3)")
@@ -261,10 +261,11 @@ def add_eval_zeroshot(sub) -> None:
                        "against ground truth, with Sobel/Canny/ellipse baselines")
     p.add_argument("--checkpoint", required=True, help=f"GMAE model: {CHECKPOINT_HELP}")
     p.add_argument("--data", default="deadleaves",
-                   help="deadleaves (default; generated, exact truth), bsds:ROOT (BSDS500 layout, test split) "
+                   help="deadleaves (default; generated, exact truth), sprites (1-4 plain shapes, exact truth), "
+                   "bsds:ROOT (BSDS500 layout, test split) "
                    "or masks:ROOT (ROOT/images + same-named binary PNGs in ROOT/masks)")
     p.add_argument("--num-images", type=positive_int, default=None,
-                   help="score only the first N images (deadleaves default: 200)")
+                   help="score only the first N images (deadleaves, sprites default: 200)")
     p.add_argument("--random-init", action="store_true",
                    help="score the checkpoint's architecture at initialisation (its run's seed) instead")
     p.add_argument("--mask-ratio", type=float, default=0.0, help="patches hidden from the encoder (default 0)")

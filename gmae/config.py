@@ -136,7 +136,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = "deadleaves"  # "deadleaves" | "photos" | path to an image folder
+    data: str = "deadleaves"  # "deadleaves" | "sprites" | "photos" | "digits" | path to an image folder
     steps: int = 1000
     batch_size: int = 64  # global batch
     blr: float = 1e-3  # base lr (the GMAE authors' default); lr = blr * batch_size / 256

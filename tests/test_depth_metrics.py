@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from gmae.evaluate.depth import DepthTruth, depth_metrics, pair_counts, rank_spearman, scored_gaussians
+from gmae.evaluate.depth import (
+    DepthTruth,
+    depth_metrics,
+    object_depths,
+    pair_counts,
+    rank_spearman,
+    scored_gaussians,
+    weighted_median,
+)
 
 S = 20
 
@@ -153,3 +161,176 @@ def test_deadleaves_overlaps_are_the_whole_shapes():
     assert any(whole[i].sum() > (sample.objects == i).sum() for i in range(1, n))
     # and training's load() is unchanged by the extra truth
     assert torch.equal(source.load(0), sample.image)
+
+
+# --------------------------------------------------------------------------- object ordering accuracy (OOA)
+RED, GREEN, MAGENTA, BLUE = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.0, 0.0, 1.0)
+
+
+def painted(boxes, colors):
+    """A plain-coloured scene painted in order over a white background: `boxes` (rows, cols) slices of each
+    object's whole shape. Its DepthTruth with OOA weights from the whole shapes and colours."""
+    from gmae.data import order_weights
+
+    whole = np.zeros((len(boxes) + 1, S, S), bool)
+    whole[0] = True
+    objects = np.zeros((S, S), int)
+    for i, box in enumerate(boxes, 1):
+        whole[i][box] = True
+        objects[box] = i
+    flat = whole.reshape(len(whole), -1)
+    overlaps = (flat.astype(int) @ flat.T.astype(int)) > 0
+    weights = order_weights(flat, np.array([(1.0, 1.0, 1.0), *colors]))
+    return DepthTruth(objects, overlaps, weights)
+
+
+def four_sprites(c4=MAGENTA):
+    """1: rows 2-11 x cols 2-11 red; 2 on top: rows 6-15 x cols 6-15 green (overlap with 1: 6 x 6 = 36 px,
+    |red - green|^2 = 2, so w12 = 72); 3: rows 12-17 x cols 0-4, overlapping no object; 4 on top:
+    rows 0-3 x cols 8-19 (overlap with 1: 2 x 4 = 8 px, |red - magenta|^2 = 1, so w14 = 8)."""
+    boxes = [np.s_[2:12, 2:12], np.s_[6:16, 6:16], np.s_[12:18, 0:5], np.s_[0:4, 8:20]]
+    return painted(boxes, [RED, GREEN, BLUE, c4])
+
+
+def ooa_of(truth, object_z, per_object=4, opacity=1.0):
+    """depth_metrics of Gaussians on every visible object, each object's at the depth object_z[id]."""
+    means, ids = centres_on(truth, per_object=per_object)
+    means[:, 2] = np.asarray(object_z, float)[ids]
+    return depth_metrics([(means, np.full(len(ids), opacity))], [truth])
+
+
+def test_ooa_weights_are_overlap_area_times_squared_colour_difference():
+    w = four_sprites().weights
+    assert w[1, 2] == w[2, 1] == pytest.approx(36 * 2) and w[1, 4] == pytest.approx(8 * 1)
+    assert w[2, 4] == w[1, 3] == w[2, 3] == w[3, 4] == 0.0 and (np.diag(w) == 0).all()
+    assert w[0, 3] == pytest.approx(30 * (0 + 1 + 1))  # object 3 (blue) on white: 30 px, |(1,1,0)|^2
+    # per-pixel colours: one object half red, half green; the other plain red
+    inside = np.ones((2, 4), bool)
+    colour = np.array([[RED, RED, GREEN, GREEN], [RED] * 4])
+    assert order_weights_of(inside, colour)[0, 1] == pytest.approx(2 * 2)
+
+
+def order_weights_of(inside, colour):
+    from gmae.data import order_weights
+
+    return order_weights(inside, colour)
+
+
+def test_ooa_perfect_reversed_and_tied():
+    truth = four_sprites()
+    perfect = ooa_of(truth, [9.0, 4.0, 3.0, 2.0, 1.0])  # later drawn = smaller depth
+    assert perfect["depth_ooa"] == 1.0
+    # the pairs with weight: (1, 2) and (1, 4); object 3 overlaps none, the background is not an object here
+    assert perfect["depth_ooa_pairs"] == 2 and perfect["depth_ooa_pairs_skipped"] == 0
+    assert perfect["depth_ooa_coverage"] == 1.0
+    assert ooa_of(truth, [0.0, 1.0, 2.0, 3.0, 4.0])["depth_ooa"] == 0.0
+    assert ooa_of(truth, [0.5] * 5)["depth_ooa"] == 0.5
+
+
+def test_ooa_weights_one_right_one_wrong_pair():
+    truth = four_sprites()
+    # (1, 2) right, (1, 4) wrong: 72 / (72 + 8)
+    assert ooa_of(truth, [9.0, 2.0, 1.0, 0.0, 3.0])["depth_ooa"] == pytest.approx(72 / 80)
+    # (1, 2) wrong, (1, 4) right: 8 / 80
+    assert ooa_of(truth, [9.0, 1.0, 2.0, 0.0, 0.5])["depth_ooa"] == pytest.approx(8 / 80)
+    # (1, 2) tied, (1, 4) right: (36 + 8) / 80
+    assert ooa_of(truth, [9.0, 1.0, 1.0, 0.0, 0.5])["depth_ooa"] == pytest.approx(44 / 80)
+
+
+def test_ooa_pair_of_equal_colours_weighs_nothing():
+    truth = four_sprites(c4=RED)  # 4 is red like 1: their order cannot show
+    assert truth.weights[1, 4] == 0.0
+    right, wrong = ooa_of(truth, [9.0, 2.0, 1.0, 0.0, 0.5]), ooa_of(truth, [9.0, 2.0, 1.0, 0.0, 3.0])
+    assert right["depth_ooa"] == wrong["depth_ooa"] == 1.0 and wrong["depth_ooa_pairs"] == 1
+
+
+def test_ooa_ignores_objects_that_do_not_overlap():
+    truth = four_sprites()
+    # object 3 overlaps only the background: from behind everything (even the background) to in front of all
+    base = ooa_of(truth, [9.0, 2.0, 1.0, 10.0, 3.0])
+    moved = ooa_of(truth, [9.0, 2.0, 1.0, -5.0, 3.0])
+    assert base["depth_ooa"] == moved["depth_ooa"] == pytest.approx(72 / 80)
+    assert base["depth_ooa_pairs"] == moved["depth_ooa_pairs"] == 2
+    # and the pair metric does count (0, 3): it changes there
+    assert base["depth_pair_acc"] != moved["depth_pair_acc"]
+
+
+def test_ooa_skips_objects_without_gaussians_and_reports_coverage():
+    truth = four_sprites()
+    means, ids = centres_on(truth)
+    means[:, 2] = np.array([9.0, 2.0, 1.0, 0.0, 3.0])[ids]  # (1, 4) would be wrong
+    opac = np.where(ids == 4, 0.1, 1.0)  # ... but 4's Gaussians are too faint to be scored
+    m = depth_metrics([(means, opac)], [truth])
+    assert m["depth_ooa"] == 1.0 and m["depth_ooa_pairs"] == 1 and m["depth_ooa_pairs_skipped"] == 1
+    assert m["depth_ooa_coverage"] == pytest.approx(72 / 80)
+
+
+def test_object_depth_is_the_opacity_weighted_median():
+    assert weighted_median(np.array([0.0, 0.0, 10.0]), np.ones(3)) == 0.0
+    assert weighted_median(np.array([3.0, 1.0]), np.ones(2)) == 2.0  # even count: the midpoint
+    assert weighted_median(np.array([0.0, 0.0, 10.0]), np.array([0.4, 0.4, 1.0])) == 10.0
+    depth, obj = np.array([1.0, 2.0, 3.0, 7.0]), np.array([2, 2, 2, 0])
+    assert object_depths(depth, obj, np.ones(4), 3).tolist()[::2] == [7.0, 2.0]
+    assert np.isnan(object_depths(depth, obj, np.ones(4), 3)[1])
+    # one Gaussian of object 2 far behind: the median keeps 2 in front of 1 (a mean would not)
+    truth = four_sprites()
+    means, ids = centres_on(truth)
+    means[:, 2] = np.array([9.0, 2.0, 1.0, 0.0, 0.5])[ids]
+    stray = np.flatnonzero(ids == 2)[0]
+    means[stray, 2] = 50.0
+    opac = np.ones(len(ids))
+    assert depth_metrics([(means, opac)], [truth])["depth_ooa"] == 1.0
+    opac[ids == 2] = 0.31
+    opac[stray] = 1.0  # now it outweighs the other three of object 2 (1.0 > 3 x 0.31): 2 is behind 1
+    assert depth_metrics([(means, opac)], [truth])["depth_ooa"] == pytest.approx(8 / 80)
+
+
+def test_size_priors_on_a_scene_whose_larger_object_is_nearer():
+    # 1: 6 x 6 red, far; 2: 12 x 12 green, near, hiding 3 x 3 of 1: visible areas 27 < 144 (< 229 background)
+    truth = painted([np.s_[2:8, 2:8], np.s_[5:17, 5:17]], [RED, GREEN])
+    means, ids = centres_on(truth)
+    means[:, 2] = ids  # the model: reversed everywhere
+    m = depth_metrics([(means, np.ones(len(ids)))], [truth])
+    size, reverse = m["size_prior"], m["size_prior_reversed"]
+    assert m["depth_ooa"] == 0.0
+    assert size["depth_ooa"] == 1.0 and reverse["depth_ooa"] == 0.0
+    # pairs (0, 1), (0, 2), (1, 2), 16 Gaussian pairs each: "larger nearer" puts the background in front
+    assert size["depth_pair_acc"] == pytest.approx(1 / 3) and reverse["depth_pair_acc"] == pytest.approx(2 / 3)
+    assert size["depth_rank_spearman"] == pytest.approx(-reverse["depth_rank_spearman"])
+    assert "depth_ooa" in m["border_prior"]
+
+
+def test_no_ooa_without_weights():
+    truth = two_leaves()
+    means, ids = centres_on(truth)
+    m = depth_metrics([(means, np.ones(len(ids)))], [truth])
+    assert "depth_ooa" not in m and "depth_ooa" not in m["size_prior"] and "depth_pair_acc" in m["size_prior"]
+
+
+def test_deadleaves_order_weights_use_each_leafs_own_texture_where_the_shapes_overlap():
+    """order_weights[i, j] = sum over the pixels of both whole shapes of |appearance_i - appearance_j|^2, where an
+    object's appearance is what the generator paints there (without the zero-mean noise)."""
+    from gmae.data import DeadLeaves
+    from gmae.data.deadleaves import TEXTURES
+
+    source = DeadLeaves(40, seed=3)
+    sample = source.sample(1)
+    p, _, _, shapes = source._render(1, whole_shapes=True)
+    n, hw = sample.num_objects, 40 * 40
+    looks = np.stack([source._appearance(p, np.full(hw, i), np.arange(hw)) for i in range(n)]).astype(np.float64)
+    whole = shapes > 0
+    expected = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            both = whole[i] & whole[j]
+            expected[i, j] = 0.0 if i == j else ((looks[i, both] - looks[j, both]) ** 2).sum()
+    np.testing.assert_allclose(sample.order_weights.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert ((expected > 0) <= sample.overlaps.numpy()).all()
+    # the appearance is the painted image wherever the object is visible (textures other than noise)
+    image = sample.image.permute(1, 2, 0).reshape(hw, 3).numpy()
+    visible = sample.objects.reshape(hw).numpy()
+    textured = [i for i in range(n) if TEXTURES[int(sample.textures[i])] in ("gradient", "stripes")]
+    assert textured, "this scene has textured leaves"
+    for i in range(n):
+        if TEXTURES[int(sample.textures[i])] != "noise" and (visible == i).any():
+            np.testing.assert_allclose(looks[i, visible == i], image[visible == i], atol=1e-6)

@@ -228,10 +228,19 @@ def test_eval_zeroshot_json_on_deadleaves(checkpoints, capsys):
     for key in ("edge_ods", "edge_ois", "edge_ap", "fg_iou", "depth_pair_acc", "depth_pair_acc_touching"):
         assert 0.0 <= trained[key] <= 1.0
     assert -1.0 <= trained["depth_rank_spearman"] <= 1.0 and trained["depth_pairs"] > 0
-    assert set(trained["baselines"]) == {"sobel", "canny", "ellipse", "border prior"}
+    assert set(trained["baselines"]) == {"sobel", "canny", "ellipse", "border prior", "size prior",
+                                         "reverse size prior"}
     assert set(trained["baselines"]["ellipse"]) == {"fg_iou"} and "edge_ods" in trained["baselines"]["sobel"]
-    assert set(trained["baselines"]["border prior"]) == {"depth_rank_spearman", "depth_pair_acc",
-                                                         "depth_pair_acc_touching"}
+    for prior in ("border prior", "size prior", "reverse size prior"):
+        assert set(trained["baselines"][prior]) == {"depth_rank_spearman", "depth_pair_acc",
+                                                    "depth_pair_acc_touching", "depth_ooa"}
+    # OOA and its coverage; a prior and its reverse order every scored pair oppositely (no ties: areas differ)
+    assert trained["depth_ooa_pairs"] + trained["depth_ooa_pairs_skipped"] > 0
+    assert 0.0 <= trained["depth_ooa_coverage"] <= 1.0
+    size, reverse = trained["baselines"]["size prior"], trained["baselines"]["reverse size prior"]
+    if trained["depth_ooa_pairs"]:
+        assert 0.0 <= trained["depth_ooa"] <= 1.0
+        assert size["depth_ooa"] + reverse["depth_ooa"] == pytest.approx(1.0)
     assert trained["num_images"] == 3 and not trained["random_init"]
     assert main([*args, "--random-init"]) == 0
     init = json.loads(capsys.readouterr().out)

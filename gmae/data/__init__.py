@@ -12,7 +12,8 @@ at any step (``global_batch(step, batch_size)``), and several processes can take
 disjoint slices of each global batch (``rank``/``world_size``).
 
 :func:`build_dataset` names the sources; the modules hold them: ``deadleaves``
-(the generator with its ground truth), ``images`` (decoding and MAE's
+(the generator with its ground truth), ``sprites`` (a few plain shapes over
+a plain background, the same generator and truth), ``images`` (decoding and MAE's
 augmentation), ``folder`` (image folders and the scikit-image photos),
 ``labelled`` (classification sets for the probes and fine-tuning),
 ``benchmarks`` (BSDS500 and mask folders for the readouts' scores).
@@ -23,8 +24,9 @@ from __future__ import annotations
 import os
 
 from ..errors import GMAEError
-from .deadleaves import DeadLeaves, DeadLeavesSample, masks, occlusion_boundaries
+from .deadleaves import DeadLeaves, DeadLeavesSample, masks, occlusion_boundaries, order_weights
 from .folder import ImageFolder, Photos
+from .sprites import Sprites
 from .images import (
     IMG_EXTENSIONS,
     load_image,
@@ -46,6 +48,8 @@ __all__ = [
     "DeadLeavesSample",
     "masks",
     "occlusion_boundaries",
+    "order_weights",
+    "Sprites",
     "ImageFolder",
     "Photos",
     "IMG_EXTENSIONS",
@@ -58,20 +62,21 @@ __all__ = [
 
 
 #: Built-in data names understood by :func:`build_dataset` (besides folder paths).
-DATA_NAMES = ("deadleaves", "photos", "digits")
+DATA_NAMES = ("deadleaves", "sprites", "photos", "digits")
 _ALIASES = {"deadleaves": "deadleaves", "dead-leaves": "deadleaves", "dead_leaves": "deadleaves",
-            "photos": "photos", "skimage": "photos", "digits": "digits"}
+            "sprites": "sprites", "photos": "photos", "skimage": "photos", "digits": "digits"}
 
 
 def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "skip") -> ImageSource:
     """The image source called ``name``.
 
-    ``"deadleaves"``: :class:`DeadLeaves` (image_size, seed); ``"photos"``: the
+    ``"deadleaves"``: :class:`DeadLeaves` (image_size, seed); ``"sprites"``:
+    :class:`Sprites` (image_size, seed), 1-4 plain shapes; ``"photos"``: the
     scikit-image photos with random crops (:class:`Photos`); ``"digits"``: the
     train split of scikit-learn's digits, unlabelled, with random resized crops
     (:func:`gmae.data.labelled.load_digits`); anything else is
     the path of an image folder (:class:`ImageFolder`, using ``root/train`` if
-    present).  ``seed`` only matters for dead-leaves (which images exist); the
+    present).  ``seed`` only matters for the generated sources (which images exist); the
     order and augmentation of every source come from the :class:`SeededStream`.
     Raises :class:`GMAEError` for a missing or empty folder or an unknown name.
     """
@@ -91,6 +96,8 @@ def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "ski
     key = _ALIASES.get(name.strip().lower())
     if key == "deadleaves":
         return DeadLeaves(image_size, seed=check_seed(seed))
+    if key == "sprites":
+        return Sprites(image_size, seed=check_seed(seed))
     if key == "photos":
         return Photos(image_size)
     if key == "digits":  # the train split's images, unlabelled (MAE's protocol: pre-train where you probe)

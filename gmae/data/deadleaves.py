@@ -42,6 +42,7 @@ __all__ = [
     "DeadLeavesSample",
     "masks",
     "occlusion_boundaries",
+    "order_weights",
     "SHAPES",
     "TEXTURES",
 ]
@@ -90,6 +91,17 @@ class DeadLeavesSample:
         overlaps: bool (n+1, n+1), True where the two objects' whole shapes
             (hidden parts included) share a pixel centre (diagonal: the object
             covers a pixel centre at all).
+        order_weights: float64 (n+1, n+1), how much the pair's order shows in
+            the image: the sum, over the pixel centres both whole shapes cover,
+            of the squared difference of the colours the two objects would have
+            there (their textures without the per-pixel noise, which is zero
+            mean and hides nothing); 0 where they do not overlap and on the
+            diagonal. The weights of object ordering accuracy
+            (:mod:`gmae.evaluate.depth`).
+        figure: bool (H, W), the source's figure truth: for dead-leaves the
+            pixels whose visible object is one of the nearer half of the leaves
+            (id > n / 2), the analogue of the readout's "nearest half of the
+            Gaussians"; for sprites, every shape (see :meth:`DeadLeaves.figure`).
     """
 
     image: torch.Tensor
@@ -101,6 +113,8 @@ class DeadLeavesSample:
     textures: torch.Tensor
     colors: torch.Tensor
     overlaps: torch.Tensor
+    order_weights: torch.Tensor | None = None
+    figure: torch.Tensor | None = None
 
     def masks(self) -> torch.Tensor:
         """bool (num_objects, H, W): the visible support of each object."""
@@ -136,6 +150,10 @@ class DeadLeaves:
 
     shuffle = False  # virtual length: a SeededStream uses index = g, no permutation
     length = 10**9
+    #: Names of the shape codes this source draws (index 0: the background plane).
+    shape_names = SHAPES
+    #: Appended to (seed, index) in the generator's entropy: a subclass's images are not another's.
+    _rng_tag: tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -180,11 +198,20 @@ class DeadLeaves:
         """
         return torch.from_numpy(self._render(index)[2])
 
+    def figure(self, objects: np.ndarray, num_objects: int) -> np.ndarray:
+        """The figure truth of an object-id map: the nearer half of the leaves (id > n / 2 of n leaves)."""
+        return objects > (num_objects - 1) / 2
+
     def sample(self, index: int) -> DeadLeavesSample:
         """Image ``index`` with its ground truth."""
+        from threadpoolctl import threadpool_limits  # comes with scikit-learn
+
         p, objects, image, shapes = self._render(index, whole_shapes=True)
         n = p["n"]
         obj_t = torch.from_numpy(objects)
+        # Thin products (n << H*W): one BLAS thread is faster than several fighting for a busy machine's cores.
+        with threadpool_limits(1, user_api="blas"):
+            overlaps, weights = (shapes @ shapes.T) > 0, self._order_weights(p, shapes)
         return DeadLeavesSample(
             image=torch.from_numpy(image),
             objects=obj_t,
@@ -194,7 +221,9 @@ class DeadLeaves:
             shapes=torch.from_numpy(p["kind"]),
             textures=torch.from_numpy(p["texture"]),
             colors=torch.from_numpy(p["c0"].astype(np.float32)),
-            overlaps=torch.from_numpy((shapes @ shapes.T) > 0),
+            overlaps=torch.from_numpy(overlaps),
+            order_weights=torch.from_numpy(weights),
+            figure=torch.from_numpy(self.figure(objects, n + 1)),
         )
 
     # ------------------------------------------------------------ internals
@@ -204,7 +233,7 @@ class DeadLeaves:
         index = int(index)
         if index < 0:
             raise IndexError(f"dead-leaves index must be non-negative, got {index}")
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, index, *self._rng_tag])
         p = self._draw_scene(rng)
         shapes = np.zeros((p["n"] + 1, self.height * self.width), np.float32) if whole_shapes else None
         objects = self._paint(p, shapes)
@@ -295,16 +324,21 @@ class DeadLeaves:
                    cos_t.tolist(), sin_t.tolist(), nv.tolist(),
                    j0.tolist(), j1.tolist(), i0.tolist(), i1.tolist())
         xs_all, ys_all = self._xs, self._ys
+        names = self.shape_names
         for q, (kd, x, y, rq, aq, c, sn, m, a0, a1, b0, b1) in enumerate(rows):
             if a0 >= a1 or b0 >= b1:
                 continue
             dx = (xs_all[a0:a1] - x)[None, :]
             dy = (ys_all[b0:b1] - y)[:, None]
-            if kd == 1:  # disc
+            name = names[kd]
+            if name == "disc":
                 mask = dx * dx + dy * dy <= rq * rq
-            elif kd == 2:  # rotated rectangle, half sides r and aspect * r
+            elif name in ("rectangle", "square"):  # rotated, half sides r and aspect * r
                 mask = (np.abs(dx * c + dy * sn) <= rq) & (np.abs(dy * c - dx * sn) <= rq * aq)
-            else:  # convex polygon
+            elif name == "ellipse":  # rotated, semi-axes r and aspect * r
+                u, v = dx * c + dy * sn, (dy * c - dx * sn) / aq
+                mask = u * u + v * v <= rq * rq
+            else:  # convex polygon (a triangle is one with 3 vertices)
                 mask = ((edge_a[q, :m, None, None] * dy + edge_b[q, :m, None, None] * dx)
                         >= edge_c[q, :m, None, None]).all(axis=0)
             objects[b0:b1, a0:a1][mask] = q + 1
@@ -321,21 +355,59 @@ class DeadLeaves:
         """
         H, W = objects.shape
         obj = objects.ravel()
-        c0 = p["c0"].astype(np.float32)
-        img = c0[obj]  # (H*W, 3)
+        img = self._appearance(p, obj, np.arange(H * W))  # (H*W, 3)
         pix_tex = p["texture"].astype(np.int8)[obj]
-        sel = np.flatnonzero((pix_tex == 1) | (pix_tex == 2))  # gradient or stripes
-        if sel.size:
-            o = obj[sel]
-            proj = ((self._xs[sel % W] - p["cx"][o]) * p["tex_dx"][o]
-                    + (self._ys[sel // W] - p["cy"][o]) * p["tex_dy"][o])
-            t = np.where(pix_tex[sel] == 1,
-                         np.clip(0.5 + proj / (2.0 * p["bound"][o]), 0.0, 1.0),
-                         0.5 + 0.5 * np.sin(2 * math.pi * p["freq"][o] * proj + p["phase"][o]))
-            img[sel] += (t[:, None] * (p["c1"] - p["c0"])[o]).astype(np.float32)
         sel = np.flatnonzero(pix_tex == 3)
         if sel.size:  # drawn last: the only size-dependent randomness
             noise = rng.standard_normal(sel.size) * p["noise_amp"][obj[sel]]
             img[sel] += noise.astype(np.float32)[:, None]
         np.clip(img, 0.0, 1.0, out=img)
         return np.ascontiguousarray(img.reshape(H, W, 3).transpose(2, 0, 1))
+
+    def _appearance(self, p: dict, obj: np.ndarray, pix: np.ndarray) -> np.ndarray:
+        """float32 (P, 3): the colour object ``obj[i]`` has at flat pixel ``pix[i]``, without the noise texture.
+
+        c0 + t * (c1 - c0), with t = 0 (flat, noise), a clipped linear ramp across
+        the object (gradient) or a sinusoid (stripes).
+        """
+        W = self.width
+        img = p["c0"].astype(np.float32)[obj]
+        tex = p["texture"].astype(np.int8)[obj]
+        sel = np.flatnonzero((tex == 1) | (tex == 2))  # gradient or stripes
+        if sel.size:
+            o, at = obj[sel], pix[sel]
+            proj = ((self._xs[at % W] - p["cx"][o]) * p["tex_dx"][o]
+                    + (self._ys[at // W] - p["cy"][o]) * p["tex_dy"][o])
+            t = np.where(tex[sel] == 1,
+                         np.clip(0.5 + proj / (2.0 * p["bound"][o]), 0.0, 1.0),
+                         0.5 + 0.5 * np.sin(2 * math.pi * p["freq"][o] * proj + p["phase"][o]))
+            img[sel] += (t[:, None] * (p["c1"] - p["c0"])[o]).astype(np.float32)
+        return img
+
+    def _order_weights(self, p: dict, shapes: np.ndarray) -> np.ndarray:
+        """:func:`order_weights` of the whole shapes (n+1, H*W), coloured by :meth:`_appearance`."""
+        obj, pix = np.nonzero(shapes)
+        colour = np.zeros((*shapes.shape, 3))
+        colour[obj, pix] = self._appearance(p, obj, pix)
+        return order_weights(shapes, colour)
+
+
+def order_weights(inside: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """float64 (m, m): w[i, j] = sum over the pixels both whole shapes cover of |colour_i - colour_j|^2.
+
+    How much the order of objects i and j shows in the image (object ordering
+    accuracy's weights). inside (m, P) bool or 0/1: each object's whole shape
+    over P pixels; colour (m, P, 3) or (m, 3): the colour each object has at
+    each pixel (only read inside its shape), or its one plain colour.
+    """
+    inside = np.asarray(inside, np.float64)
+    colour = np.asarray(colour, np.float64)
+    if colour.ndim == 2:
+        colour = np.broadcast_to(colour[:, None, :], (*inside.shape, 3))
+    colour = colour * inside[..., None]  # 0 outside each shape
+    sq = np.einsum("ipc,ipc->ip", colour, colour)  # |colour_i|^2 at each pixel of shape i
+    flat = colour.reshape(len(colour), -1)  # (m, P * 3)
+    part = sq @ inside.T  # sum over the overlap of |colour_i|^2
+    w = part + part.T - 2.0 * (flat @ flat.T)
+    np.fill_diagonal(w, 0.0)
+    return np.maximum(w, 0.0)  # rounding below zero

@@ -4,7 +4,7 @@ The readouts and how each is scored (its truth, its baselines, its metrics)
 are records of :mod:`gmae.readouts`; this module supplies the scored images
 and their truth, runs the model over them in batches, and gathers the scores:
 edges (BSDS ODS/OIS/AP, beside Sobel and Canny), figure-ground (IoU, beside a
-centred ellipse) and, on dead-leaves, the depth order (beside a border prior).
+centred ellipse) and, on generated data (dead-leaves, sprites), the depth order (beside border and size priors).
 
 Data (``--data``):
 
@@ -16,7 +16,9 @@ Data (``--data``):
   readout's "nearest half of the Gaussians".
   Depth truth: which leaf is visible where, and which leaves' whole shapes
   overlap, for the depth metrics of `gmae.evaluate.depth` (the Gaussians'
-  depth order against the occlusion order, beside a border-distance prior).
+  depth order against the occlusion order, beside border-distance and size priors).
+* ``sprites``: 1-4 plain shapes over a plain background (:class:`gmae.data.Sprites`),
+  the same truth from the same seed; figure truth: every shape.
 * ``bsds:ROOT``: BSDS500 (edges; every annotator), ``masks:ROOT``: images with
   binary figure masks (figure-ground).
 
@@ -41,8 +43,10 @@ from ..readouts import READOUTS
 from ..readouts.core import Canvas, gaussians_of
 from .depth import DepthTruth
 
-EVAL_SEED = 2024  # dead-leaves images for evaluation; training's default seed is 0
+EVAL_SEED = 2024  # generated (dead-leaves, sprites) images for evaluation; training's default seed is 0
 DEFAULT_DEADLEAVES_IMAGES = 200
+#: The generated evaluation sources: ``--data`` name -> class name in :mod:`gmae.data`.
+GENERATED = {"deadleaves": "DeadLeaves", "dead-leaves": "DeadLeaves", "sprites": "Sprites"}
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Item:
     image: torch.Tensor  # (3, S, S) in [0, 1]
     boundaries: list[np.ndarray] | None  # one (S, S) bool map per annotator
     figure: np.ndarray | None  # (S, S) bool
-    depth: DepthTruth | None = None  # occlusion truth at (S, S) (dead-leaves only)
+    depth: DepthTruth | None = None  # occlusion truth at (S, S) (generated data only)
 
 
 def _centre_square(image: torch.Tensor, *maps: np.ndarray):
@@ -68,18 +72,18 @@ def _centre_square(image: torch.Tensor, *maps: np.ndarray):
 def items(data: str, size: int, num_images: int | None = None) -> tuple[Iterator[Item], int]:
     """(the items of `data`, how many there are)."""
     kind, _, root = data.partition(":")
-    if kind in ("deadleaves", "dead-leaves"):
-        from ..data import DeadLeaves
+    if kind in GENERATED and not root:
+        from .. import data as sources
 
         n = num_images or DEFAULT_DEADLEAVES_IMAGES
-        source = DeadLeaves(size, seed=EVAL_SEED)
+        source = getattr(sources, GENERATED[kind])(size, seed=EVAL_SEED)
+        name = kind.replace("-", "")
 
         def generate():
             for i in range(n):
                 s = source.sample(i)
-                leaves = s.num_objects - 1
-                yield Item(f"deadleaves-{i}", s.image, [s.boundaries.numpy()], (s.objects > leaves / 2).numpy(),
-                           DepthTruth(s.objects.numpy(), s.overlaps.numpy()))
+                yield Item(f"{name}-{i}", s.image, [s.boundaries.numpy()], s.figure.numpy(),
+                           DepthTruth(s.objects.numpy(), s.overlaps.numpy(), s.order_weights.numpy()))
 
         return generate(), n
     if kind in ("bsds", "masks") and root:
@@ -99,7 +103,7 @@ def items(data: str, size: int, num_images: int | None = None) -> tuple[Iterator
                     yield Item(name, image, None, mask)
 
         return read(), n
-    raise GMAEError(f"unknown evaluation data {data!r}: use deadleaves, bsds:ROOT (BSDS500) or masks:ROOT")
+    raise GMAEError(f"unknown evaluation data {data!r}: use deadleaves, sprites, bsds:ROOT (BSDS500) or masks:ROOT")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -125,7 +129,7 @@ def _model_gaussians(model, squares: list[torch.Tensor], mask_ratio: float):
 def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = None, batch_size: int = 16,
                       mask_ratio: float = 0.0, thresholds: int = 99, progress: bool = True) -> dict:
     """The scores of every scored readout of `model` and of its baselines on `data` (see the module
-    docstring): edge ODS/OIS/AP, figure IoU and (dead-leaves) the depth metrics."""
+    docstring): edge ODS/OIS/AP, figure IoU and (generated data) the depth metrics."""
     from tqdm import tqdm
 
     stream, n = items(data, model.cfg.img_size, num_images)
@@ -187,6 +191,10 @@ def format_scores(results: dict, label: str = "gmae") -> str:
              "method".ljust(width) + "".join(title.rjust(12) for _, title in cols)]
     for name, r in rows:
         lines.append(name.ljust(width) + "".join((f"{r[key]:.3f}" if key in r else "-").rjust(12) for key, _ in cols))
+    if "depth_ooa_coverage" in results:
+        lines.append(f"depth OOA: {results['depth_ooa_pairs']} object pairs scored, "
+                     f"{results['depth_ooa_pairs_skipped']} skipped (an object without a scored Gaussian), "
+                     f"coverage {results['depth_ooa_coverage']:.3f} of the weight")
     return "\n".join(lines)
 
 

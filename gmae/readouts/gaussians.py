@@ -1,9 +1,11 @@
 """Readout `gaussians`: the Gaussians themselves -- their xy centres, sized and coloured by opacity, and their render.
 
-Scored by `gmae eval-zeroshot` on dead-leaves by the depth metrics
-(:mod:`gmae.evaluate.depth`): does each Gaussian's depth follow the occlusion
-order of the leaf it sits on? Beside them, the same metrics for a
-border-distance prior computed on the same Gaussians.
+Scored by `gmae eval-zeroshot` on generated data (dead-leaves, sprites) by the
+depth metrics (:mod:`gmae.evaluate.depth`): does each Gaussian's depth follow
+the occlusion order of the object it sits on, and do the objects' depths
+(object ordering accuracy, OOA)? Beside them, the same metrics for priors
+computed on the same Gaussians: border distance, and visible size (larger
+nearer, and reversed).
 """
 
 from __future__ import annotations
@@ -93,12 +95,17 @@ def _predict(g: Gaussians, canvas: Canvas, sides: list[int]) -> list[tuple]:
             for i in range(len(sides))]
 
 
+#: The depth metrics' priors (keys of `gmae.evaluate.depth.depth_metrics`) -> their rows in eval-zeroshot.
+PRIOR_ROWS = {"border_prior": "border prior", "size_prior": "size prior", "size_prior_reversed": "reverse size prior"}
+
+
 def _score(predictions: dict[str, list], truths: list, **_) -> dict:
     from ..evaluate.depth import depth_metrics
 
     depth = depth_metrics(predictions["gmae"], truths)
-    border = depth.pop("border_prior")
-    return {"gmae": depth, "border prior": border}
+    priors = {row: depth.pop(key) for key, row in PRIOR_ROWS.items()}
+    return {"gmae": depth, **priors}
+
 
 
 READOUT = Readout(
@@ -111,6 +118,6 @@ READOUT = Readout(
         predict=_predict,
         score=_score,
         columns=(("depth_rank_spearman", "depth rho"), ("depth_pair_acc", "depth pairs"),
-                 ("depth_pair_acc_touching", "touching")),
+                 ("depth_pair_acc_touching", "touching"), ("depth_ooa", "depth OOA")),
     ),
 )
