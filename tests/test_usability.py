@@ -435,3 +435,48 @@ def test_probe_baseline_prints_random_init_beside_the_trained_weights(run, tmp_p
     assert main(args[:-1] + ["--baseline"]) == 0
     table = capsys.readouterr().out
     assert "pre-trained" in table and "random init" in table and table.count("%") == 4
+
+
+# --------------------------------------------------------------------------- issue 21: --resume refuses what it would ignore
+
+
+def test_resume_refuses_flags_that_contradict_the_checkpoint(run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    given = ["-k", "64", "--blr", "1e-3", "--mask-ratio", "0.5", "--preset", "small", "--seed", "0"]
+    assert main(["pretrain", *FAST, "--steps", "3", "--out", str(out), "--resume", *given]) == 2
+    err = one_line_error(capsys, "--num-gaussians/-k (saved 32, given 64)", "--blr (saved 0.016, given 0.001)",
+                         "--mask-ratio (saved 0.75, given 0.5)", "--preset (saved tiny, given small)")
+    assert "--seed" not in err and "--steps" not in err  # the saved value given again; a flag a resume may change
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # What a resume may change, and the saved settings given again, are fine; so is --resume=auto on a new folder.
+    assert main(["pretrain", *FAST, "--out", str(out), "--resume", "--steps", "3", "--checkpoint-every", "1",
+                 "--num-workers", "0", "--seed", "0", "--preset", "tiny"]) == 0
+    assert steps_of(out) == [0, 1, 2]
+    assert main(["pretrain", *FAST, "--steps", "1", "--out", str(tmp_path / "new"), "--resume=auto", "--blr", "1e-3"]) == 0
+
+
+def test_finetune_resume_refuses_flags_that_contradict_the_checkpoint(run, tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = ["finetune", "--checkpoint", str(run), "--data", "digits", "--batch-size", "8", "--quiet", "--out", str(out)]
+    assert main([*args, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(out), "--resume", "--steps", "2", "--blr", "0.1", "--batch-size", "16",
+                 "--layer-decay", "0.75"]) == 2
+    err = one_line_error(capsys, "--blr (saved 0.008, given 0.1)", "--batch-size (saved 8, given 16)")
+    assert "--layer-decay" not in err and "--steps" not in err
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-0000001.pt"]
+    assert main([*args, "--resume", "--steps", "2"]) == 0  # the same settings given again; --steps extends the run
+    assert steps_of(out) == [0, 1]
+
+
+def test_resume_help_lists_the_flags_a_resume_may_change(capsys):
+    for command in ("pretrain", "finetune"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        allowed = text[text.index("a resume may change"):][:300]
+        assert all(flag in allowed for flag in ("--steps", "--checkpoint-every", "--num-workers", "--threads",
+                                                "--quiet")), text
+
