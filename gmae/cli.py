@@ -580,7 +580,8 @@ def add_plot(sub) -> None:
                        "on shared axes")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders of gmae pretrain or finetune "
                    "(or their metrics.jsonl files)")
-    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--out", required=True, help="the image file to write: FILE.png (or .pdf, .svg, ...); a name "
+                   "without an extension gets .png (the name written is printed)")
     p.add_argument("--smooth", type=positive_int, default=None,
                    help="moving-average window of the loss, in logged steps (default: 1/50 of the longest run)")
     p.set_defaults(func=cmd_plot)
@@ -588,9 +589,10 @@ def add_plot(sub) -> None:
 
 def cmd_plot(args) -> int:
     check_output_file(args.out)
-    from .plot import plot_runs  # matplotlib, no torch
+    from .plot import figure_path, plot_runs  # matplotlib, no torch
 
-    print(plot_runs(args.runs, args.out, smooth=args.smooth))
+    out = check_output_file(figure_path(args.out))  # the file written, which is the name printed
+    print(plot_runs(args.runs, out, smooth=args.smooth))
     return 0
 
 

@@ -480,3 +480,20 @@ def test_resume_help_lists_the_flags_a_resume_may_change(capsys):
         assert all(flag in allowed for flag in ("--steps", "--checkpoint-every", "--num-workers", "--threads",
                                                 "--quiet")), text
 
+
+# --------------------------------------------------------------------------- issue 21: gmae plot writes what it prints
+
+
+def test_plot_prints_the_file_it_writes(tmp_path, capsys):
+    run = write_metrics(tmp_path / "run", [0.3, 0.2, 0.1])
+    older = tmp_path / "curves.png"
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves")]) == 0  # no extension: .png is added
+    printed = Path(capsys.readouterr().out.strip())
+    assert printed == older and Image.open(printed).format == "PNG" and not (tmp_path / "curves").exists()
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves.pdf")]) == 0  # a format matplotlib knows
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.pdf")
+    assert (tmp_path / "curves.pdf").read_bytes().startswith(b"%PDF")
+    before = sorted(os.listdir(tmp_path))
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves.v2")]) == 2  # one it does not: refused
+    one_line_error(capsys, "curves.v2", ".png")
+    assert sorted(os.listdir(tmp_path)) == before
