@@ -497,3 +497,17 @@ def test_plot_prints_the_file_it_writes(tmp_path, capsys):
     assert main(["plot", str(run), "--out", str(tmp_path / "curves.v2")]) == 2  # one it does not: refused
     one_line_error(capsys, "curves.v2", ".png")
     assert sorted(os.listdir(tmp_path)) == before
+
+
+# --------------------------------------------------------------------------- issue 21: eval-zeroshot
+
+
+def test_eval_zeroshot_of_an_mae_checkpoint_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    mae = tmp_path / "mae"
+    assert main(["pretrain", *FAST, "--model", "mae", "--steps", "1", "--out", str(mae)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("gmae.evaluate.zeroshot.items", lambda *a, **k: pytest.fail("read the data of an MAE"))
+    assert main(["eval-zeroshot", "--checkpoint", str(mae), "--num-images", "2"]) == 2
+    err = one_line_error(capsys, "need a GMAE checkpoint")
+    assert "0/2" not in err and "%|" not in err  # no progress bar was started
+

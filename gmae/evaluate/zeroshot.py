@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import GMAEError
 from ..readouts import READOUTS
-from ..readouts.core import Canvas, gaussians_of
+from ..readouts.core import Canvas, gaussians_of, require_gmae
 from .depth import DepthTruth
 
 EVAL_SEED = 2024  # dead-leaves images for evaluation; training's default seed is 0
@@ -128,6 +128,7 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
     docstring): edge ODS/OIS/AP, figure IoU and (dead-leaves) the depth metrics."""
     from tqdm import tqdm
 
+    require_gmae(model)  # an MAE has no Gaussians: say so before any image is read or bar shown
     stream, n = items(data, model.cfg.img_size, num_images)
     scored = scored_readouts()
     # per readout: its predictions {method: [one per image]} and truths, for the images that have its truth
