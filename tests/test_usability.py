@@ -511,3 +511,21 @@ def test_eval_zeroshot_of_an_mae_checkpoint_fails_before_any_work(tmp_path, monk
     err = one_line_error(capsys, "need a GMAE checkpoint")
     assert "0/2" not in err and "%|" not in err  # no progress bar was started
 
+
+def test_eval_zeroshot_scores_the_trivial_baselines(run, capsys):
+    from gmae.evaluate.zeroshot import items
+
+    assert main(["eval-zeroshot", "--checkpoint", str(run), "--num-images", "2", "--json"]) == 0
+    baselines = json.loads(capsys.readouterr().out)["baselines"]
+    assert {"sobel", "canny", "ellipse", "border prior"} <= set(baselines)  # the existing keys stay
+    # everything is figure: its IoU is the share of figure pixels in the truth
+    figure_share = np.mean([item.figure.mean() for item in items("deadleaves", 32, 2)[0]])
+    assert baselines["all figure"] == {"fg_iou": pytest.approx(figure_share)}
+    # an all-zero edge map, scored by the same BSDS scorer
+    assert baselines["no edges"] == {"edge_ods": 0.0, "edge_ois": 0.0, "edge_ap": 0.0}
+    # a depth order drawn at random: the expected scores
+    assert baselines["random order"] == {"depth_rank_spearman": 0.0, "depth_pair_acc": 0.5,
+                                         "depth_pair_acc_touching": 0.5}
+    assert main(["eval-zeroshot", "--checkpoint", str(run), "--num-images", "2"]) == 0
+    rows = {line.split("  ")[0] for line in capsys.readouterr().out.splitlines()}
+    assert {"all figure", "no edges", "random order"} <= rows

@@ -39,6 +39,9 @@ from scipy.stats import spearmanr
 
 MIN_OPACITY = 0.3
 TOUCH = 0.1
+#: Chance: the expected scores of a depth order drawn at random (Spearman 0; each pair ordered right with
+#: probability 1/2). Every depth score is read against it.
+RANDOM_ORDER = {"depth_rank_spearman": 0.0, "depth_pair_acc": 0.5, "depth_pair_acc_touching": 0.5}
 
 
 @dataclass
@@ -143,5 +146,5 @@ def depth_metrics(gaussians: list[tuple], truths: list[DepthTruth]) -> dict:
     return result
 
 
-__all__ = ["MIN_OPACITY", "TOUCH", "DepthTruth", "depth_metrics", "pair_counts", "rank_spearman", "scored_gaussians",
+__all__ = ["MIN_OPACITY", "RANDOM_ORDER", "TOUCH", "DepthTruth", "depth_metrics", "pair_counts", "rank_spearman", "scored_gaussians",
            "touching"]

@@ -3,7 +3,8 @@
 Scored by `gmae eval-zeroshot` on dead-leaves by the depth metrics
 (:mod:`gmae.evaluate.depth`): does each Gaussian's depth follow the occlusion
 order of the leaf it sits on? Beside them, the same metrics for a
-border-distance prior computed on the same Gaussians.
+border-distance prior computed on the same Gaussians, and chance: the expected
+scores of a depth order drawn at random (:data:`gmae.evaluate.depth.RANDOM_ORDER`).
 """
 
 from __future__ import annotations
@@ -94,11 +95,12 @@ def _predict(g: Gaussians, canvas: Canvas, sides: list[int]) -> list[tuple]:
 
 
 def _score(predictions: dict[str, list], truths: list, **_) -> dict:
-    from ..evaluate.depth import depth_metrics
+    from ..evaluate.depth import RANDOM_ORDER, depth_metrics
 
     depth = depth_metrics(predictions["gmae"], truths)
     border = depth.pop("border_prior")
-    return {"gmae": depth, "border prior": border}
+    chance = {key: value for key, value in RANDOM_ORDER.items() if key in depth}
+    return {"gmae": depth, "border prior": border, "random order": chance}
 
 
 READOUT = Readout(
