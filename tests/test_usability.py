@@ -276,24 +276,72 @@ def test_export_and_checkpoint_files_get_the_same_mode(run, tmp_path):
     assert set(modes.values()) == {0o644}, modes
 
 
-# --------------------------------------------------------------------------- 10. the README runs
+# --------------------------------------------------------------------------- 10. the README and docs/ run
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 
 
-def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
-    blocks = python_blocks((ROOT / "README.md").read_text())
-    runnable = [b for b in blocks if "import timm" not in b]  # timm is not a dependency
-    assert any("gmae.load" in b for b in runnable) and any("rasterize(" in b for b in runnable)
+def test_documentation_python_examples_run(tmp_path, monkeypatch, capsys):
+    """Every Python block of README.md and docs/*.md runs (those that import timm, not a dependency, excepted)."""
+    blocks = [(page.relative_to(ROOT), block) for page in DOCS for block in python_blocks(page.read_text())]
+    runnable = [(page, b) for page, b in blocks if "import timm" not in b]
+    assert any("gmae.load" in b for _, b in runnable) and any("rasterize(" in b for _, b in runnable)
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", *FAST, "--steps", "1", "--out", "runs/pretrain"]) == 0
     Image.new("RGB", (50, 40), (200, 30, 30)).save("photo.jpg")
-    for block in runnable:
+    for page, block in runnable:
         namespace: dict = {}
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102  our own documentation
-    assert tuple(namespace["image"].shape) == (1, 3, 32, 32)  # the last block: rendering
+        exec(compile(block, str(page), "exec"), namespace)  # noqa: S102  our own documentation
+        if "rasterize(" in block:
+            assert tuple(namespace["image"].shape) == (1, 3, 32, 32)
+
+
+def test_readme_gives_the_test_command_ci_runs():
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert "pytest" in command and command in (ROOT / "README.md").read_text().splitlines()
+
+
+def bash_commands(markdown: str) -> list[str]:
+    """The commands of the bash blocks, with continuation lines joined and comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [line.split("#")[0].strip() for line in joined.splitlines() if line.split("#")[0].strip()]
+    return commands
+
+
+def test_imagenet_commands_agree_and_follow_maes_recipe():
+    """Every ImageNet command of README.md and docs/ parses, and all run MAE's recipe: effective batch 4096, blr
+    1.5e-4, 40 warm-up epochs, 400 epochs (1,281,167 images / 4096 = 312.8 steps an epoch)."""
+    from gmae.cli import parse_args
+
+    found = {}
+    for page in DOCS:
+        for command in bash_commands(page.read_text()):
+            if "/data/imagenet" in command:
+                words = command.split()
+                args = parse_args(words[words.index("gmae") + 1:])
+                found[f"{page.name}: {command}"] = (args.preset, args.batch_size, args.blr, args.warmup_steps, args.steps)
+    assert len(found) >= 3, found  # one GPU, one machine of 8, two machines
+    epoch = 1_281_167 / 4096
+    assert set(found.values()) == {("base", 4096, 1.5e-4, 12500, 125000)}, found
+    assert round(40 * epoch, -2) == 12500 and round(400 * epoch, -3) == 125000
+
+
+def test_quick_start_timing_is_a_range_from_a_named_machine():
+    """The quick start's time and speed are ranges, from the machine they were measured on, and say that the
+    first step compiles; docs/performance.md gives the same range and the command that prints the speed."""
+    readme = (ROOT / "README.md").read_text()
+    quick = readme[readme.index("## Quick start"):readme.index("\n## ", readme.index("## Quick start") + 1)]
+    for text in (quick, (ROOT / "docs" / "performance.md").read_text()):
+        assert "3.86–6.8 steps/s" in text and "3–5 minutes" in text and "2-core CPU machine" in text, text
+        assert "compil" in text
+    assert "6.8 steps/s" not in readme.replace("3.86–6.8 steps/s", "")  # no single speed left over
+    assert "done: 1200 steps at" in (ROOT / "docs" / "performance.md").read_text()
 
 
 # --------------------------------------------------------------------------- the Python API
