@@ -314,6 +314,24 @@ def bash_commands(markdown: str) -> list[str]:
     return commands
 
 
+def test_documented_commands_parse():
+    """Every concrete `gmae` command of README.md and docs/ (not the synopses with [options] or IMAGE...) is one
+    that gmae's parser accepts."""
+    from gmae.cli import parse_args
+
+    checked = 0
+    for page in DOCS:
+        for command in bash_commands(page.read_text()):
+            words = command.split()
+            if "gmae" not in words and not words[0].endswith("/gmae") or any(c in command for c in "[{|") \
+                    or "..." in command:
+                continue
+            start = words.index("gmae") + 1 if "gmae" in words else 1
+            parse_args(words[start:])
+            checked += 1
+    assert checked >= 20
+
+
 def test_imagenet_commands_agree_and_follow_maes_recipe():
     """Every ImageNet command of README.md and docs/ parses, and all run MAE's recipe: effective batch 4096, blr
     1.5e-4, 40 warm-up epochs, 400 epochs (1,281,167 images / 4096 = 312.8 steps an epoch)."""
