@@ -86,8 +86,8 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str = False, p
     except for the `changes` fields (from PRETRAIN_RESUMABLE), which come from
     `tcfg`; `given` ({setting: flag}, the flags a command line typed) makes a
     resume refuse a typed setting that differs from the saved one (GMAEError
-    naming each), rather than ignore it. Under torchrun, every process trains on its share of each global
-    batch and only the first one writes files. The first holds the folder's
+    naming each), rather than ignore it. Under torchrun, every process trains
+    on its share of each global batch and only the first one writes files. The first holds the folder's
     lock while it runs, so a second run into the same folder is refused.
     """
     out = check_output_folder(tcfg.out)
