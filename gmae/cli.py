@@ -18,16 +18,17 @@ from pathlib import Path
 from . import threads
 from .choices import BENCHMARKS, EXPORT_FORMATS, positive_int
 from .config import (
-    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, LOSSES, MODELS, POSITION_PARAMS, PRESETS, FinetuneConfig, TrainConfig, as_dict,
-    model_config, train_config,
+    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, FINETUNE_RESUMABLE, LOSSES, MODELS, POSITION_PARAMS, PRESETS,
+    PRETRAIN_RESUMABLE, FinetuneConfig, TrainConfig, as_dict, model_config, train_config,
 )
 from .errors import GMAEError
 from .files import check_exists, check_output_file, check_output_folder, image_files
 from .readouts import READOUTS
 
 CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
-RESUME_HELP = ("continue the newest checkpoint in --out (an error if there is none); --resume=auto: "
-               "continue if there is one, else start")
+RESUME_HELP = ("continue the newest checkpoint in --out (an error if there is none; --resume=auto: "
+               "continue if there is one, else start) with its saved settings. A flag given with --resume that "
+               "contradicts them is refused, except those a resume may change: {}")
 
 
 def _background(text: str) -> tuple[float, ...]:
@@ -56,8 +57,30 @@ def _check_checkpoint(path: str) -> None:
     check_exists(path, "checkpoint", f"give {CHECKPOINT_HELP}")
 
 
-def _add_resume(p, help_text: str) -> None:
-    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"], help=help_text)
+def _add_resume(p, resumable: tuple[str, ...], *logging: str) -> None:
+    """--resume, whose help lists the flags a resume may change: the `resumable` settings, --threads,
+    --out and the `logging` flags."""
+    flags = [f"--{name.replace('_', '-')}" for name in resumable] + ["--threads", *logging, "--out"]
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                   help=RESUME_HELP.format(", ".join(flags)))
+
+
+def _typed_options(parser: argparse.ArgumentParser, argv: list[str] | None, command: str) -> dict[str, str]:
+    """{dest: flag} of the options of `command` that `argv` gives explicitly (argparse's defaults are not).
+
+    The command line is parsed again with every default of that command suppressed, so only what was
+    typed lands in the namespace; a flag is named by its option strings (``--num-gaussians/-k``).
+    """
+    actions = [a for a in parser.commands[command]._actions if a.option_strings]
+    defaults = [a.default for a in actions]
+    for action in actions:
+        action.default = argparse.SUPPRESS
+    try:
+        typed = vars(parser.parse_known_args(argv)[0])
+    finally:
+        for action, default in zip(actions, defaults):
+            action.default = default
+    return {a.dest: "/".join(a.option_strings) for a in actions if a.dest in typed}
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -74,8 +97,7 @@ def add_pretrain(sub) -> None:
     p.add_argument("--blr", type=float, help="base learning rate; lr = blr * batch / 256 (tiny: 1.6e-2, others 1e-3)")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (tiny: 50)")
     p.add_argument("--out", default=d.out, help=f"output folder for checkpoints, metrics and figures (default {d.out})")
-    _add_resume(p, RESUME_HELP + ", with its saved settings; of those, --steps, --device, --checkpoint-every, "
-                "--num-workers, --keep-checkpoints and --max-bad-steps take effect when given")
+    _add_resume(p, PRETRAIN_RESUMABLE, "--quiet", "--tensorboard")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (tiny: 400)")
@@ -161,12 +183,13 @@ def cmd_pretrain(args) -> int:
         check_available()
     if args.init_encoder:
         check_exists(args.init_encoder, "--init-encoder", "give a gmae checkpoint or export, or a timm / MAE ViT file")
-    from .train import PRETRAIN_RESUMABLE, pretrain  # torch: only once the arguments are known to be good
+    from .train import pretrain  # torch: only once the arguments are known to be good
 
-    # On --resume the run's saved settings win, except those given on this command line.
-    given = tuple(k for k in PRETRAIN_RESUMABLE if getattr(args, k) is not None)
-    summary = pretrain(mcfg, tcfg, resume=args.resume, progress=not args.quiet, changes=given,
-                       tensorboard=args.tensorboard)
+    # On --resume the run's saved settings win: those a resume may change are taken from this command
+    # line when typed here, and any other typed flag that contradicts them is refused.
+    summary = pretrain(mcfg, tcfg, resume=args.resume, progress=not args.quiet,
+                       changes=tuple(k for k in PRETRAIN_RESUMABLE if k in args.typed),
+                       tensorboard=args.tensorboard, given=args.typed)
     if summary["figure"] is None:  # not the main process of a torchrun job
         return 0
     print(f"done: {summary['steps_run']} steps at {summary['steps_per_s']:.2f} steps/s, "
@@ -511,8 +534,7 @@ def add_finetune(sub) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default: an epoch)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=None,
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
-    _add_resume(p, RESUME_HELP + ", with its saved settings (--device, --num-workers and --keep-checkpoints "
-                "take effect when given)")
+    _add_resume(p, FINETUNE_RESUMABLE, "--quiet", "--json")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--num-workers", type=int, default=None, help="data-loading processes (default 0)")
@@ -540,10 +562,10 @@ def cmd_finetune(args) -> int:
     if args.checkpoint:
         _check_checkpoint(args.checkpoint)
     check_output_folder(fcfg.out)
-    from .evaluate.finetune import FINETUNE_RESUMABLE, finetune
+    from .evaluate.finetune import finetune
 
-    given = tuple(k for k in FINETUNE_RESUMABLE if getattr(args, k) is not None)
-    summary = finetune(fcfg, resume=args.resume, progress=not (args.quiet or args.json), changes=given)
+    summary = finetune(fcfg, resume=args.resume, progress=not (args.quiet or args.json),
+                       changes=tuple(k for k in FINETUNE_RESUMABLE if k in args.typed), given=args.typed)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -561,7 +583,8 @@ def add_plot(sub) -> None:
                        "on shared axes")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders of gmae pretrain or finetune "
                    "(or their metrics.jsonl files)")
-    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--out", required=True, help="the image file to write: FILE.png (or .pdf, .svg, ...); a name "
+                   "without an extension gets .png (the name written is printed)")
     p.add_argument("--smooth", type=positive_int, default=None,
                    help="moving-average window of the loss, in logged steps (default: 1/50 of the longest run)")
     p.set_defaults(func=cmd_plot)
@@ -569,9 +592,10 @@ def add_plot(sub) -> None:
 
 def cmd_plot(args) -> int:
     check_output_file(args.out)
-    from .plot import plot_runs  # matplotlib, no torch
+    from .plot import figure_path, plot_runs  # matplotlib, no torch
 
-    print(plot_runs(args.runs, args.out, smooth=args.smooth))
+    out = check_output_file(figure_path(args.out))  # the file written, which is the name printed
+    print(plot_runs(args.runs, out, smooth=args.smooth))
     return 0
 
 
@@ -610,6 +634,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.typed = _typed_options(parser, argv, args.command)  # what --resume compares with the saved settings
     return args
 
 

@@ -205,6 +205,23 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# What a resumed run may change (its length, where it runs, how it loads data, how often it saves or evaluates);
+# every other setting is the checkpoint's, and a command line that contradicts it is refused.
+PRETRAIN_RESUMABLE = ("steps", "device", "checkpoint_every", "num_workers", "keep_checkpoints", "max_bad_steps")
+FINETUNE_RESUMABLE = ("steps", "device", "num_workers", "keep_checkpoints", "checkpoint_every", "eval_every")
+
+# The fields only --preset sets: they name a checkpoint's preset (`preset_of`).
+PRESET_SHAPE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+
+
+def preset_of(mcfg: ModelConfig) -> str:
+    """The name of the preset whose encoder and decoder shapes `mcfg` has ("custom" if none)."""
+    for name, values in PRESETS.items():
+        if all(getattr(mcfg, key) == values[key] for key in PRESET_SHAPE):
+            return name
+    return "custom"
+
+
 # Training defaults a preset recommends (anything else: TrainConfig's defaults).
 # `tiny` is tuned to learn recognisable renders of dead-leaves in ~4 minutes on
 # 2 CPU cores: small batches, many steps, and a base lr giving lr = 1e-3. MAE's
@@ -311,5 +328,6 @@ class FinetuneConfig:
         )
 
 
-__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS", "DEPTH_PARAMS",
-           "DEPTH_GRADS", "POSITION_PARAMS", "model_config", "train_config", "config_from_dict", "as_dict"]
+__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
+           "DEPTH_PARAMS", "DEPTH_GRADS", "POSITION_PARAMS", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
+           "train_config", "config_from_dict", "as_dict", "preset_of"]

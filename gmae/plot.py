@@ -106,13 +106,31 @@ def curves_figure(runs: list[str | Path], smooth: int | None = None) -> Figure:
     return fig
 
 
-def plot_runs(runs: list[str | Path], out: str | Path, smooth: int | None = None) -> Path:
-    """:func:`curves_figure` of `runs` written to the PNG `out`; returns its path."""
+def figure_path(out: str | Path) -> Path:
+    """The file a figure asked for as `out` is written to: `out` itself when its extension names a format
+    matplotlib writes (.png, .pdf, .svg, ...), `out` + ".png" when it has none. Any other extension is a
+    GMAEError: matplotlib would otherwise write `out` + ".png" under a name nobody was told."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     out = Path(out)
+    kind = out.suffix.lower().lstrip(".")
+    if not kind:
+        return out.with_name(out.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if kind not in formats:
+        raise GMAEError(f"--out {out}: .{kind} is not an image format matplotlib writes; give a name ending in "
+                        f".png (or one of .{', .'.join(sorted(formats))})")
+    return out
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, smooth: int | None = None) -> Path:
+    """:func:`curves_figure` of `runs` written to `out` (see :func:`figure_path`: .png is added when `out`
+    has no extension); returns the path written."""
+    out = figure_path(out)
     fig = curves_figure(runs, smooth)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out
 
 
-__all__ = ["curves_figure", "moving_average", "plot_runs", "read_metrics", "run_labels"]
+__all__ = ["curves_figure", "figure_path", "moving_average", "plot_runs", "read_metrics", "run_labels"]

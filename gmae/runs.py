@@ -4,8 +4,9 @@
 * ``metrics.jsonl``: :func:`prepare_metrics` (what a run keeps when it starts or
   resumes) and :class:`MetricsLog` (one JSON object per line, each flushed);
 * the resume policy: :func:`resume_from` (which checkpoint a run into a folder
-  continues, or a fresh start) and :func:`resumed_config` (the saved settings,
-  except those a resume may change);
+  continues, or a fresh start), :func:`refuse_changes` (a flag typed on the
+  command line that contradicts the saved settings is an error, not ignored)
+  and :func:`resumed_config` (the saved settings, except those a resume may change);
 * checkpoint discovery: checkpoints are named by :func:`gmae.files.checkpoint_path`
   and listed by :func:`gmae.files.list_checkpoints`; the newest readable one is
   :func:`gmae.checkpoint.find_latest`, and any model file is read by
@@ -40,7 +41,7 @@ from .files import list_checkpoints
 from .model import build_model
 
 __all__ = ["MetricsLog", "autocast", "learning_rate", "load_model", "metric_lines", "prepare_metrics",
-           "resume_from", "resumed_config", "say"]
+           "refuse_changes", "resume_from", "resumed_config", "say"]
 
 
 def say(message: str) -> None:
@@ -180,6 +181,26 @@ def resume_from(out: str | Path, resume: bool | str, warn=print, load=load_check
         raise GMAEError(f"--resume: there is no checkpoint in {out} to continue{why}; run without --resume to "
                         "start a new run there, or with --resume=auto to continue only when there is one")
     return found
+
+
+def refuse_changes(given: dict[str, str], resumable: tuple[str, ...], now: dict, saved: dict) -> None:
+    """Refuse a resume whose command line contradicts the checkpoint it continues.
+
+    given: {setting: flag} of the flags the user typed; now and saved: {setting: value} of the command
+    line's and the checkpoint's settings. A typed flag that a resume may not change (not in
+    `resumable`, not ``out``) and whose value differs from the saved one is named, with both values,
+    in one GMAEError; nothing is refused when they agree.
+    """
+    conflicts = [f"{flag} (saved {_shown(saved.get(key))}, given {_shown(now[key])})" for key, flag in given.items()
+                 if key in now and key not in resumable and key != "out" and now[key] != saved.get(key)]
+    if conflicts:
+        raise GMAEError(f"--resume continues the checkpoint's settings, and the command line contradicts them: "
+                        f"{', '.join(conflicts)}; drop {'this flag' if len(conflicts) == 1 else 'these flags'} "
+                        "to continue, or give a new --out to start another run")
+
+
+def _shown(value) -> str:
+    return "none" if value is None else str(value)
 
 
 def resumed_config(saved, given, changes: tuple[str, ...], resumable: tuple[str, ...]):

@@ -21,22 +21,23 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import distributed
 from .board import Board, check_available
 from .checkpoint import configs_of, save_checkpoint, training_state
-from .config import ModelConfig, TrainConfig, as_dict
+from .config import PRETRAIN_RESUMABLE, ModelConfig, TrainConfig, as_dict, preset_of
 from .data import SeededStream, StepBatchSampler, build_dataset
 from .errors import GMAEError
 from .export import init_encoder_weights
 from .files import check_output_folder, checkpoint_path, run_lock
 from .model import build_model, masking_noise, param_groups
 from .render import resolve_backend
-from .runs import MetricsLog, autocast, learning_rate, prepare_metrics, resume_from, resumed_config, say
+from .runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from .threads import worker_init
 from .viz import save_reconstruction_figure
 
 FIGURE_IMAGES = 8
 
 
-# What a resumed run may change: its length, where it runs, how often it saves.
-PRETRAIN_RESUMABLE = ("steps", "device", "checkpoint_every", "num_workers", "keep_checkpoints", "max_bad_steps")
+def settings(mcfg: ModelConfig, tcfg: TrainConfig) -> dict:
+    """A run's settings by name, as a resume compares them with the command line's: both configs and the preset."""
+    return {**as_dict(mcfg), **as_dict(tcfg), "preset": preset_of(mcfg)}
 
 
 def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.Context, amp):
@@ -73,7 +74,8 @@ def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.
 
 
 def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str = False, progress: bool = True,
-             changes: tuple[str, ...] = PRETRAIN_RESUMABLE, tensorboard: bool = False) -> dict:
+             changes: tuple[str, ...] = PRETRAIN_RESUMABLE, tensorboard: bool = False,
+             given: dict[str, str] | None = None) -> dict:
     """Pre-train `mcfg` as `tcfg` says; returns a summary dict. Writes into `tcfg.out`:
 
     checkpoint-NNNNNNN.pt (every `checkpoint_every` steps and at the end, newest
@@ -82,28 +84,31 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str = False, p
     events in tensorboard/. With `resume` (True, or "auto": only if `tcfg.out`
     holds a checkpoint), the newest readable checkpoint's settings are used,
     except for the `changes` fields (from PRETRAIN_RESUMABLE), which come from
-    `tcfg`. Under torchrun, every process trains on its share of each global
-    batch and only the first one writes files. The first holds the folder's
+    `tcfg`; `given` ({setting: flag}, the flags a command line typed) makes a
+    resume refuse a typed setting that differs from the saved one (GMAEError
+    naming each), rather than ignore it. Under torchrun, every process trains
+    on its share of each global batch and only the first one writes files. The first holds the folder's
     lock while it runs, so a second run into the same folder is refused.
     """
     out = check_output_folder(tcfg.out)
     if tensorboard:
         check_available()
     if distributed.rank_from_env() != 0:
-        return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard)
+        return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard, given or {})
     with run_lock(out):
-        return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard)
+        return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard, given or {})
 
 
 def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress: bool,
-              changes: tuple[str, ...], tensorboard: bool) -> dict:
+              changes: tuple[str, ...], tensorboard: bool, given: dict[str, str]) -> dict:
     out = Path(tcfg.out)
     found = resume_from(out, resume, warn=say)
     state = None if found is None else found[1]
     if state is not None:
-        mcfg, saved = configs_of(state)
-        # The user may extend or relocate a run, not change what it trains.
-        tcfg = resumed_config(saved, tcfg, changes, PRETRAIN_RESUMABLE)
+        saved_model, saved = configs_of(state)
+        # The user may extend or relocate a run, not change what it trains: a flag that would is refused.
+        refuse_changes(given, PRETRAIN_RESUMABLE, settings(mcfg, tcfg), settings(saved_model, saved))
+        mcfg, tcfg = saved_model, resumed_config(saved, tcfg, changes, PRETRAIN_RESUMABLE)
         if tcfg.steps < state["step"]:
             raise GMAEError(f"--steps {tcfg.steps} is below the checkpoint's step {state['step']}; "
                             "give a larger --steps to extend the run")

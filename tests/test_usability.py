@@ -276,24 +276,90 @@ def test_export_and_checkpoint_files_get_the_same_mode(run, tmp_path):
     assert set(modes.values()) == {0o644}, modes
 
 
-# --------------------------------------------------------------------------- 10. the README runs
+# --------------------------------------------------------------------------- 10. the README and docs/ run
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 
 
-def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
-    blocks = python_blocks((ROOT / "README.md").read_text())
-    runnable = [b for b in blocks if "import timm" not in b]  # timm is not a dependency
-    assert any("gmae.load" in b for b in runnable) and any("rasterize(" in b for b in runnable)
+def test_documentation_python_examples_run(tmp_path, monkeypatch, capsys):
+    """Every Python block of README.md and docs/*.md runs (those that import timm, not a dependency, excepted)."""
+    blocks = [(page.relative_to(ROOT), block) for page in DOCS for block in python_blocks(page.read_text())]
+    runnable = [(page, b) for page, b in blocks if "import timm" not in b]
+    assert any("gmae.load" in b for _, b in runnable) and any("rasterize(" in b for _, b in runnable)
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", *FAST, "--steps", "1", "--out", "runs/pretrain"]) == 0
     Image.new("RGB", (50, 40), (200, 30, 30)).save("photo.jpg")
-    for block in runnable:
+    for page, block in runnable:
         namespace: dict = {}
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102  our own documentation
-    assert tuple(namespace["image"].shape) == (1, 3, 32, 32)  # the last block: rendering
+        exec(compile(block, str(page), "exec"), namespace)  # noqa: S102  our own documentation
+        if "rasterize(" in block:
+            assert tuple(namespace["image"].shape) == (1, 3, 32, 32)
+
+
+def test_readme_gives_the_test_command_ci_runs():
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert "pytest" in command and command in (ROOT / "README.md").read_text().splitlines()
+
+
+def bash_commands(markdown: str) -> list[str]:
+    """The commands of the bash blocks, with continuation lines joined and comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [line.split("#")[0].strip() for line in joined.splitlines() if line.split("#")[0].strip()]
+    return commands
+
+
+def test_documented_commands_parse():
+    """Every concrete `gmae` command of README.md and docs/ (not the synopses with [options] or IMAGE...) is one
+    that gmae's parser accepts."""
+    from gmae.cli import parse_args
+
+    checked = 0
+    for page in DOCS:
+        for command in bash_commands(page.read_text()):
+            words = command.split()
+            if "gmae" not in words and not words[0].endswith("/gmae") or any(c in command for c in "[{|") \
+                    or "..." in command:
+                continue
+            start = words.index("gmae") + 1 if "gmae" in words else 1
+            parse_args(words[start:])
+            checked += 1
+    assert checked >= 20
+
+
+def test_imagenet_commands_agree_and_follow_maes_recipe():
+    """Every ImageNet command of README.md and docs/ parses, and all run MAE's recipe: effective batch 4096, blr
+    1.5e-4, 40 warm-up epochs, 400 epochs (1,281,167 images / 4096 = 312.8 steps an epoch)."""
+    from gmae.cli import parse_args
+
+    found = {}
+    for page in DOCS:
+        for command in bash_commands(page.read_text()):
+            if "/data/imagenet" in command:
+                words = command.split()
+                args = parse_args(words[words.index("gmae") + 1:])
+                found[f"{page.name}: {command}"] = (args.preset, args.batch_size, args.blr, args.warmup_steps, args.steps)
+    assert len(found) >= 3, found  # one GPU, one machine of 8, two machines
+    epoch = 1_281_167 / 4096
+    assert set(found.values()) == {("base", 4096, 1.5e-4, 12500, 125000)}, found
+    assert round(40 * epoch, -2) == 12500 and round(400 * epoch, -3) == 125000
+
+
+def test_quick_start_timing_is_a_range_from_a_named_machine():
+    """The quick start's time and speed are ranges, from the machine they were measured on, and say that the
+    first step compiles; docs/performance.md gives the same range and the command that prints the speed."""
+    readme = (ROOT / "README.md").read_text()
+    quick = readme[readme.index("## Quick start"):readme.index("\n## ", readme.index("## Quick start") + 1)]
+    for text in (quick, (ROOT / "docs" / "performance.md").read_text()):
+        assert "3.86–6.8 steps/s" in text and "3–5 minutes" in text and "2-core CPU machine" in text, text
+        assert "compil" in text
+    assert "6.8 steps/s" not in readme.replace("3.86–6.8 steps/s", "")  # no single speed left over
+    assert "done: 1200 steps at" in (ROOT / "docs" / "performance.md").read_text()
 
 
 # --------------------------------------------------------------------------- the Python API
@@ -435,3 +501,97 @@ def test_probe_baseline_prints_random_init_beside_the_trained_weights(run, tmp_p
     assert main(args[:-1] + ["--baseline"]) == 0
     table = capsys.readouterr().out
     assert "pre-trained" in table and "random init" in table and table.count("%") == 4
+
+
+# --------------------------------------------------------------------------- issue 21: --resume refuses what it would ignore
+
+
+def test_resume_refuses_flags_that_contradict_the_checkpoint(run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    given = ["-k", "64", "--blr", "1e-3", "--mask-ratio", "0.5", "--preset", "small", "--seed", "0"]
+    assert main(["pretrain", *FAST, "--steps", "3", "--out", str(out), "--resume", *given]) == 2
+    err = one_line_error(capsys, "--num-gaussians/-k (saved 32, given 64)", "--blr (saved 0.016, given 0.001)",
+                         "--mask-ratio (saved 0.75, given 0.5)", "--preset (saved tiny, given small)")
+    assert "--seed" not in err and "--steps" not in err  # the saved value given again; a flag a resume may change
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # What a resume may change, and the saved settings given again, are fine; so is --resume=auto on a new folder.
+    assert main(["pretrain", *FAST, "--out", str(out), "--resume", "--steps", "3", "--checkpoint-every", "1",
+                 "--num-workers", "0", "--seed", "0", "--preset", "tiny"]) == 0
+    assert steps_of(out) == [0, 1, 2]
+    assert main(["pretrain", *FAST, "--steps", "1", "--out", str(tmp_path / "new"), "--resume=auto", "--blr", "1e-3"]) == 0
+
+
+def test_finetune_resume_refuses_flags_that_contradict_the_checkpoint(run, tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = ["finetune", "--checkpoint", str(run), "--data", "digits", "--batch-size", "8", "--quiet", "--out", str(out)]
+    assert main([*args, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(out), "--resume", "--steps", "2", "--blr", "0.1", "--batch-size", "16",
+                 "--layer-decay", "0.75"]) == 2
+    err = one_line_error(capsys, "--blr (saved 0.008, given 0.1)", "--batch-size (saved 8, given 16)")
+    assert "--layer-decay" not in err and "--steps" not in err
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-0000001.pt"]
+    assert main([*args, "--resume", "--steps", "2"]) == 0  # the same settings given again; --steps extends the run
+    assert steps_of(out) == [0, 1]
+
+
+def test_resume_help_lists_the_flags_a_resume_may_change(capsys):
+    for command in ("pretrain", "finetune"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        allowed = text[text.index("a resume may change"):][:300]
+        assert all(flag in allowed for flag in ("--steps", "--checkpoint-every", "--num-workers", "--threads",
+                                                "--quiet")), text
+
+
+# --------------------------------------------------------------------------- issue 21: gmae plot writes what it prints
+
+
+def test_plot_prints_the_file_it_writes(tmp_path, capsys):
+    run = write_metrics(tmp_path / "run", [0.3, 0.2, 0.1])
+    older = tmp_path / "curves.png"
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves")]) == 0  # no extension: .png is added
+    printed = Path(capsys.readouterr().out.strip())
+    assert printed == older and Image.open(printed).format == "PNG" and not (tmp_path / "curves").exists()
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves.pdf")]) == 0  # a format matplotlib knows
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.pdf")
+    assert (tmp_path / "curves.pdf").read_bytes().startswith(b"%PDF")
+    before = sorted(os.listdir(tmp_path))
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves.v2")]) == 2  # one it does not: refused
+    one_line_error(capsys, "curves.v2", ".png")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+# --------------------------------------------------------------------------- issue 21: eval-zeroshot
+
+
+def test_eval_zeroshot_of_an_mae_checkpoint_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    mae = tmp_path / "mae"
+    assert main(["pretrain", *FAST, "--model", "mae", "--steps", "1", "--out", str(mae)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("gmae.evaluate.zeroshot.items", lambda *a, **k: pytest.fail("read the data of an MAE"))
+    assert main(["eval-zeroshot", "--checkpoint", str(mae), "--num-images", "2"]) == 2
+    err = one_line_error(capsys, "need a GMAE checkpoint")
+    assert "0/2" not in err and "%|" not in err  # no progress bar was started
+
+
+def test_eval_zeroshot_scores_the_trivial_baselines(run, capsys):
+    from gmae.evaluate.zeroshot import items
+
+    assert main(["eval-zeroshot", "--checkpoint", str(run), "--num-images", "2", "--json"]) == 0
+    baselines = json.loads(capsys.readouterr().out)["baselines"]
+    assert {"sobel", "canny", "ellipse", "border prior"} <= set(baselines)  # the existing keys stay
+    # everything is figure: its IoU is the share of figure pixels in the truth
+    figure_share = np.mean([item.figure.mean() for item in items("deadleaves", 32, 2)[0]])
+    assert baselines["all figure"] == {"fg_iou": pytest.approx(figure_share)}
+    # an all-zero edge map, scored by the same BSDS scorer
+    assert baselines["no edges"] == {"edge_ods": 0.0, "edge_ois": 0.0, "edge_ap": 0.0}
+    # a depth order drawn at random: the expected scores
+    assert baselines["random order"] == {"depth_rank_spearman": 0.0, "depth_pair_acc": 0.5,
+                                         "depth_pair_acc_touching": 0.5}
+    assert main(["eval-zeroshot", "--checkpoint", str(run), "--num-images", "2"]) == 0
+    rows = {line.split("  ")[0] for line in capsys.readouterr().out.splitlines()}
+    assert {"all figure", "no edges", "random order"} <= rows

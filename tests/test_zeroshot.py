@@ -228,8 +228,8 @@ def test_eval_zeroshot_json_on_deadleaves(checkpoints, capsys):
     for key in ("edge_ods", "edge_ois", "edge_ap", "fg_iou", "depth_pair_acc", "depth_pair_acc_touching"):
         assert 0.0 <= trained[key] <= 1.0
     assert -1.0 <= trained["depth_rank_spearman"] <= 1.0 and trained["depth_pairs"] > 0
-    assert set(trained["baselines"]) == {"sobel", "canny", "ellipse", "border prior", "size prior",
-                                         "reverse size prior"}
+    assert set(trained["baselines"]) == {"sobel", "canny", "no edges", "ellipse", "all figure", "border prior",
+                                         "size prior", "reverse size prior", "random order"}
     assert set(trained["baselines"]["ellipse"]) == {"fg_iou"} and "edge_ods" in trained["baselines"]["sobel"]
     for prior in ("border prior", "size prior", "reverse size prior"):
         assert set(trained["baselines"][prior]) == {"depth_rank_spearman", "depth_pair_acc",

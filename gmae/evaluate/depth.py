@@ -65,6 +65,9 @@ from scipy.stats import spearmanr
 
 MIN_OPACITY = 0.3
 TOUCH = 0.1
+#: Chance: the expected scores of a depth order drawn at random (Spearman 0; each pair ordered right with
+#: probability 1/2). Every depth score is read against it.
+RANDOM_ORDER = {"depth_rank_spearman": 0.0, "depth_pair_acc": 0.5, "depth_pair_acc_touching": 0.5, "depth_ooa": 0.5}
 
 
 @dataclass
@@ -234,5 +237,5 @@ def depth_metrics(gaussians: list[tuple], truths: list[DepthTruth]) -> dict:
     return result
 
 
-__all__ = ["MIN_OPACITY", "PRIORS", "TOUCH", "DepthTruth", "depth_metrics", "object_depths", "ooa_counts",
-           "pair_counts", "rank_spearman", "scored_gaussians", "touching", "weighted_median"]
+__all__ = ["MIN_OPACITY", "PRIORS", "RANDOM_ORDER", "TOUCH", "DepthTruth", "depth_metrics", "object_depths",
+           "ooa_counts", "pair_counts", "rank_spearman", "scored_gaussians", "touching", "weighted_median"]

@@ -40,19 +40,16 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import FinetuneConfig, ModelConfig, as_dict, config_from_dict
+from ..config import FINETUNE_RESUMABLE, FinetuneConfig, ModelConfig, as_dict, config_from_dict
 from ..data import StepBatchSampler
 from ..errors import GMAEError
 from ..export import load_encoder
 from ..files import check_output_folder, checkpoint_path, run_lock
 from ..model import ViTEncoder, build_classifier, param_groups
-from ..runs import MetricsLog, autocast, learning_rate, prepare_metrics, resume_from, resumed_config, say
+from ..runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from ..threads import worker_init
 
 FORMAT = "gmae-finetune"
-
-# What --resume may change: where it runs and how it loads data; the rest is the saved run's.
-FINETUNE_RESUMABLE = ("device", "num_workers", "keep_checkpoints")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -93,7 +90,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: 
 
 def finetune(fcfg: FinetuneConfig, resume: bool | str = False, progress: bool = True,
              encoder: ViTEncoder | None = None, mcfg: ModelConfig | None = None,
-             changes: tuple[str, ...] = FINETUNE_RESUMABLE) -> dict:
+             changes: tuple[str, ...] = FINETUNE_RESUMABLE, given: dict[str, str] | None = None) -> dict:
     """Fine-tune as ``fcfg`` says; returns a summary dict with ``val_acc`` (final top-1 in [0, 1]).
 
     The model is ``encoder`` (with its ``mcfg``) if given, else loaded from
@@ -101,15 +98,17 @@ def finetune(fcfg: FinetuneConfig, resume: bool | str = False, progress: bool = 
     ``random_init``). With ``resume`` (True, or "auto": only if there is a
     checkpoint), the newest readable checkpoint in ``fcfg.out`` is continued
     with its saved settings, except the ``changes`` fields (from
-    FINETUNE_RESUMABLE), taken from ``fcfg``. The folder is locked while the
+    FINETUNE_RESUMABLE), taken from ``fcfg``; ``given`` ({setting: flag}, the
+    flags a command line typed) makes it refuse a typed setting that differs
+    from the saved one, rather than ignore it. The folder is locked while the
     run writes it.
     """
     with run_lock(check_output_folder(fcfg.out)):
-        return _finetune(fcfg, resume, progress, encoder, mcfg, changes)
+        return _finetune(fcfg, resume, progress, encoder, mcfg, changes, given or {})
 
 
 def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder: ViTEncoder | None,
-              mcfg: ModelConfig | None, changes: tuple[str, ...]) -> dict:
+              mcfg: ModelConfig | None, changes: tuple[str, ...], given: dict[str, str]) -> dict:
     from ..data.labelled import LabelledStream, build_labelled
 
     out = Path(fcfg.out)
@@ -118,7 +117,14 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     if state is not None:
         saved = state["config"]
         mcfg = config_from_dict(ModelConfig, saved["model"])
-        fcfg = resumed_config(config_from_dict(FinetuneConfig, saved["finetune"]), fcfg, changes, FINETUNE_RESUMABLE)
+        saved_run = config_from_dict(FinetuneConfig, saved["finetune"])
+        refuse_changes(given, FINETUNE_RESUMABLE, as_dict(fcfg), as_dict(saved_run))
+        # steps, eval_every and checkpoint_every of 0 mean "not set" (resolved per epoch): the saved values stay
+        changes = tuple(k for k in changes if getattr(fcfg, k) or k not in ("steps", "eval_every", "checkpoint_every"))
+        fcfg = resumed_config(saved_run, fcfg, changes, FINETUNE_RESUMABLE)
+        if fcfg.steps and fcfg.steps < state["step"]:
+            raise GMAEError(f"--steps {fcfg.steps} is below the checkpoint's step {state['step']}; "
+                            "give a larger --steps to extend the run")
     elif encoder is None:
         if not fcfg.checkpoint:
             raise GMAEError("fine-tuning needs a pre-trained model: give --checkpoint")

@@ -5,6 +5,9 @@ are records of :mod:`gmae.readouts`; this module supplies the scored images
 and their truth, runs the model over them in batches, and gathers the scores:
 edges (BSDS ODS/OIS/AP, beside Sobel and Canny), figure-ground (IoU, beside a
 centred ellipse) and, on generated data (dead-leaves, sprites), the depth order (beside border and size priors).
+Each also has a trivial floor, scored alike: an all-zero edge map ("no
+edges"), everything figure ("all figure") and a random depth order ("random
+order": Spearman 0, pair accuracy and OOA 0.5).
 
 Data (``--data``):
 
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import GMAEError
 from ..readouts import READOUTS
-from ..readouts.core import Canvas, gaussians_of
+from ..readouts.core import Canvas, gaussians_of, require_gmae
 from .depth import DepthTruth
 
 EVAL_SEED = 2024  # generated (dead-leaves, sprites) images for evaluation; training's default seed is 0
@@ -132,6 +135,7 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
     docstring): edge ODS/OIS/AP, figure IoU and (generated data) the depth metrics."""
     from tqdm import tqdm
 
+    require_gmae(model)  # an MAE has no Gaussians: say so before any image is read or bar shown
     stream, n = items(data, model.cfg.img_size, num_images)
     scored = scored_readouts()
     # per readout: its predictions {method: [one per image]} and truths, for the images that have its truth

@@ -15,7 +15,8 @@ Scored by `gmae eval-zeroshot` with the BSDS500 protocol (ODS, OIS, AP;
 :mod:`gmae.evaluate.boundaries`) against occlusion boundaries, beside Sobel
 (gradient magnitude in [0, 1], one global threshold sweep) and Canny
 (scikit-image, default hysteresis; the soft map is the mean of the maps at
-sigma 1, 2, 3, 4) computed on the same images.
+sigma 1, 2, 3, 4) computed on the same images, and an all-zero map (:func:`no_edges`, the
+floor: an edge score at or below it finds nothing).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from .core import Canvas
 
 __all__ = ["EDGE_LEVELS", "EDGE_THRESHOLD", "EDGE_THRESHOLDS", "READOUT", "canny_edges", "edges", "edges_figure",
-           "layer_index", "sobel_edges", "soft_edges"]
+           "layer_index", "no_edges", "sobel_edges", "soft_edges"]
 
 EDGE_LEVELS = (32, 16, 8, 4)  # the paper's l@32 ... l@4
 EDGE_THRESHOLDS = (0.05, 0.1, 0.2)
@@ -137,6 +138,13 @@ def canny_edges(image: torch.Tensor) -> np.ndarray:
     return np.mean([canny(grey, sigma=s) for s in CANNY_SIGMAS], axis=0)
 
 
+def no_edges(shape: tuple[int, int]) -> np.ndarray:
+    """An all-zero edge map: the trivial baseline, scored by the same protocol as every other map."""
+    import numpy as np
+
+    return np.zeros(shape)
+
+
 # --------------------------------------------------------------------------- the record
 
 
@@ -182,7 +190,8 @@ READOUT = Readout(
         truth="boundaries",
         predict=_predict,
         score=_score,
-        baselines={"sobel": lambda item: sobel_edges(item.image), "canny": lambda item: canny_edges(item.image)},
+        baselines={"sobel": lambda item: sobel_edges(item.image), "canny": lambda item: canny_edges(item.image),
+                   "no edges": lambda item: no_edges(item.boundaries[0].shape)},
         columns=(("edge_ods", "edge ODS"), ("edge_ois", "edge OIS"), ("edge_ap", "edge AP")),
     ),
 )

@@ -5,7 +5,9 @@ depth metrics (:mod:`gmae.evaluate.depth`): does each Gaussian's depth follow
 the occlusion order of the object it sits on, and do the objects' depths
 (object ordering accuracy, OOA)? Beside them, the same metrics for priors
 computed on the same Gaussians: border distance, and visible size (larger
-nearer, and reversed).
+nearer, and reversed), and chance: the
+expected scores of a depth order drawn at random
+(:data:`gmae.evaluate.depth.RANDOM_ORDER`).
 """
 
 from __future__ import annotations
@@ -100,11 +102,12 @@ PRIOR_ROWS = {"border_prior": "border prior", "size_prior": "size prior", "size_
 
 
 def _score(predictions: dict[str, list], truths: list, **_) -> dict:
-    from ..evaluate.depth import depth_metrics
+    from ..evaluate.depth import RANDOM_ORDER, depth_metrics
 
     depth = depth_metrics(predictions["gmae"], truths)
     priors = {row: depth.pop(key) for key, row in PRIOR_ROWS.items()}
-    return {"gmae": depth, **priors}
+    chance = {key: value for key, value in RANDOM_ORDER.items() if key in depth}
+    return {"gmae": depth, **priors, "random order": chance}
 
 
 

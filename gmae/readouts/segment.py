@@ -7,7 +7,8 @@ the far layers through. The one parameter is ``near_fraction``.
 
 Scored by `gmae eval-zeroshot` as the mean IoU with the figure masks
 (:func:`gmae.evaluate.boundaries.mean_iou`), beside a centred ellipse with the
-image's aspect covering half of it (:func:`ellipse_prior`).
+image's aspect covering half of it (:func:`ellipse_prior`), and the trivial
+"everything is figure" mask (its IoU is the share of figure pixels in the truth).
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ READOUT = Readout(
         truth="figure",
         predict=_predict,
         score=_score,
-        baselines={"ellipse": lambda item: ellipse_prior(*item.figure.shape)},
+        baselines={"ellipse": lambda item: ellipse_prior(*item.figure.shape),
+                   "all figure": lambda item: item.figure | True},  # every pixel figure
         columns=(("fg_iou", "figure IoU"),),
     ),
 )
