@@ -15,7 +15,8 @@ from gmae.model.mae import Output
 
 
 def test_grid_changes_one_setting_of_the_base_run_each():
-    base = model_config("tiny")
+    base = model_config("tiny", **ablate.PAPER_BASE)
+    assert base.max_scale == 1.0 and base.depth_param == "bounded"  # the paper's c = 1, the authors' z
     assert ablate.GRID[0].name == "base" and ablate.GRID[0].overrides == {}
     changed = {}
     for v in ablate.GRID[1:]:
