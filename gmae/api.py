@@ -4,7 +4,7 @@
 
     model = gmae.load("runs/pretrain")          # a run folder, a checkpoint-*.pt or a .safetensors export
     images = model.images("photo.jpg")          # (B, 3, S, S) in [0, 1] at the model's input size S
-    layers = model.layers(images, 8)            # (B, 8, 3, S, S): each depth layer alone, far to near
+    layers = model.layers(images, 8)            # (B, 8, 3, S, S): each depth layer alone, near to far
     edges = model.edges(images)                 # (B, S, S) soft edge map in [0, 1]
     figure = model.figure_ground(images)        # (B, S, S) bool figure mask
 
@@ -97,11 +97,11 @@ class Model:
         return Canvas.of(self.module)
 
     def partial_renders(self, images: ImagesLike, counts=PARTIAL_COUNTS) -> tuple[list[int], torch.Tensor]:
-        """(the K used, (B, len(K), 3, S, S)): renders of the first K far-to-near Gaussians, then all."""
+        """(the K used, (B, len(K), 3, S, S)): renders of the K nearest Gaussians, then all."""
         return partial_renders(self.gaussians(images), self._canvas(), counts)
 
     def layers(self, images: ImagesLike, num_layers: int = 8) -> torch.Tensor:
-        """(B, l, 3, S, S): each of `num_layers` depth layers rendered alone, the farthest first."""
+        """(B, l, 3, S, S): each of `num_layers` depth layers rendered alone, the nearest first."""
         return layers(self.gaussians(images), self._canvas(), num_layers)[0]
 
     def edges(self, images: ImagesLike, levels=EDGE_LEVELS) -> torch.Tensor:

@@ -112,7 +112,7 @@ def scored_readouts() -> list:
 
 @torch.no_grad()
 def _model_gaussians(model, squares: list[torch.Tensor], mask_ratio: float):
-    """The squares resized to the model's input, and the model's Gaussians of them (far to near) and canvas."""
+    """The squares resized to the model's input, and the model's Gaussians of them (near to far) and canvas."""
     size = model.cfg.img_size
     device = next(model.parameters()).device
     batch = torch.stack([
