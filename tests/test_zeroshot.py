@@ -338,3 +338,148 @@ def test_eval_zeroshot_on_bsds_and_mask_layouts_scores_the_centre_square(checkpo
     scores = json.loads(capsys.readouterr().out)
     assert "edge_ods" not in scores and 0 <= scores["fg_iou"] <= 1
     assert scores["baselines"]["ellipse"]["fg_iou"] == 1.0
+
+
+# --------------------------------------------------------------------------- the collapse guard
+
+def test_depth_collapse_figures_and_verdict():
+    from gmae.readouts.core import COLLAPSE_AT_LIMIT, COLLAPSE_SPREAD
+
+    bounded = model_config("tiny", img_size=32, num_gaussians=12)
+    linear = model_config("tiny", img_size=32, num_gaussians=12, depth_param="linear")
+    g = layered_scene(12)  # z spread over -0.9 ... 0.9, none at a limit
+    healthy = zeroshot.depth_collapse(g, bounded)
+    assert healthy["depth_at_limit"] == 0.0 and healthy["depth_spread"] > 0.5 and not healthy["collapsed"]
+    assert healthy["num_images"] == 1 and zeroshot.collapse_message(healthy) is None
+    g.means[..., 2] = -1.0  # every z at the near limit: the sort orders nothing
+    collapsed = zeroshot.depth_collapse([g, g], bounded)
+    assert collapsed["depth_at_limit"] == 1.0 and collapsed["depth_spread"] == 0.0 and collapsed["collapsed"]
+    assert collapsed["num_images"] == 2
+    message = zeroshot.collapse_message(collapsed)
+    assert message.startswith("depth collapsed: 100% of z at a limit, spread 0 (on 2 images)")
+    assert "query-token order, not depth" in message and "\n" not in message
+    # half at a limit is not yet collapsed; more than half is
+    g.means[0, :6, 2] = torch.linspace(-0.5, 0.5, 6)
+    assert zeroshot.depth_collapse(g, bounded)["depth_at_limit"] == 0.5 == COLLAPSE_AT_LIMIT
+    assert not zeroshot.depth_collapse(g, bounded)["collapsed"]
+    # linear z is unbounded: |z| >= 0.99 is no limit, only the spread counts
+    g.means[..., 2] = torch.linspace(2.0, 5.0, 12)
+    assert zeroshot.depth_collapse(g, linear) == {**zeroshot.depth_collapse(g, linear), "depth_at_limit": 0.0,
+                                                  "collapsed": False}
+    assert zeroshot.depth_collapse(g, bounded)["collapsed"]
+    g.means[..., 2] = 3.0 + torch.linspace(0, COLLAPSE_SPREAD, 12)  # std below the threshold
+    assert zeroshot.depth_collapse(g, linear)["collapsed"]
+
+
+@pytest.fixture(scope="module")
+def collapsed_checkpoint(checkpoints, tmp_path_factory):
+    """The gmae checkpoint with its head's z bias at -30 and z weights 0: every z = -1, the near limit."""
+    from gmae.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoints["gmae"])
+    state["model"]["gaussian_head.bias"][2] = -30.0
+    state["model"]["gaussian_head.weight"][2] = 0.0
+    return str(save_checkpoint(state, tmp_path_factory.mktemp("collapsed") / "checkpoint-0000002.pt"))
+
+
+def collapse_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("depth collapsed")]
+
+
+def test_readout_commands_say_when_the_depths_have_collapsed(checkpoints, collapsed_checkpoint, photos, tmp_path,
+                                                             capsys):
+    from gmae.cli import main
+
+    for command in ("layers", "segment"):
+        assert main([command, *photos, "--checkpoint", collapsed_checkpoint, "--out", str(tmp_path)]) == 0
+        out, err = capsys.readouterr()
+        assert len(out.split()) == 2  # the figures are still written
+        assert collapse_lines(err) == ["depth collapsed: 100% of z at a limit, spread 0 (on 2 images) -- the depth "
+                                       "order of these readouts is the query-token order, not depth"]
+        assert main([command, *photos, "--checkpoint", checkpoints["gmae"], "--out", str(tmp_path)]) == 0
+        assert collapse_lines(capsys.readouterr().err) == []
+
+
+def test_eval_zeroshot_json_carries_the_collapse_figures(checkpoints, collapsed_checkpoint, capsys):
+    import json
+
+    from gmae.cli import main
+
+    args = ["eval-zeroshot", "--num-images", "2", "--json", "--checkpoint"]
+    assert main([*args, collapsed_checkpoint]) == 0
+    out, err = capsys.readouterr()
+    collapse = json.loads(out)["collapse"]
+    assert collapse["collapsed"] is True and collapse["depth_at_limit"] == pytest.approx(1.0)
+    assert collapse["depth_spread"] == pytest.approx(0.0, abs=1e-6) and collapse["num_images"] == 2
+    assert 0.0 <= collapse["scale_at_cap"] <= 1.0
+    assert len(collapse_lines(err)) == 1 and "on 2 images" in collapse_lines(err)[0]
+    # its random-init row (the same architecture at the run's initial weights) and the healthy model are not
+    for extra, checkpoint in ((["--random-init"], collapsed_checkpoint), ([], checkpoints["gmae"])):
+        assert main([*args, checkpoint, *extra]) == 0
+        out, err = capsys.readouterr()
+        collapse = json.loads(out)["collapse"]
+        assert collapse["collapsed"] is False and collapse["depth_at_limit"] < 0.1 and collapse["depth_spread"] > 0.1
+        assert collapse_lines(err) == []
+    from gmae.evaluate.zeroshot import format_scores
+
+    table = format_scores(json.loads(out))
+    assert table.splitlines()[-1].startswith("gmae depth: 0% of z at a limit, spread ")
+    assert table.endswith("(not collapsed)")
+
+
+def test_info_shows_the_collapse_figures(checkpoints, collapsed_checkpoint, capsys):
+    import json
+
+    from gmae.cli import main
+
+    assert main(["info", collapsed_checkpoint, "--json"]) == 0
+    collapse = json.loads(capsys.readouterr().out)["collapse"]
+    assert collapse["collapsed"] is True and collapse["depth_at_limit"] == 1.0 and collapse["num_images"] == 8
+    assert collapse["source"] == "8 held-out deadleaves images (seed 2024)"
+    assert main(["info", collapsed_checkpoint]) == 0
+    text = capsys.readouterr().out
+    assert "depth: 100% of z at a limit, spread 0, " in text and "(collapsed: the depth order is the query-token " \
+        "order)" in text and "measured on 8 held-out deadleaves images (seed 2024)" in text
+    assert main(["info", checkpoints["gmae"], "--json"]) == 0
+    healthy = json.loads(capsys.readouterr().out)["collapse"]
+    assert healthy["collapsed"] is False and healthy["depth_spread"] > 0.1
+
+
+def test_info_falls_back_to_the_logged_monitors(checkpoints, tmp_path, capsys):
+    """A run whose data cannot be read here: the last monitors of its metrics.jsonl, said so."""
+    import json
+
+    from gmae.checkpoint import load_checkpoint, save_checkpoint
+    from gmae.cli import main
+
+    state = load_checkpoint(checkpoints["gmae"])
+    state["config"]["train"]["data"] = str(tmp_path / "gone")
+    save_checkpoint(state, tmp_path / "checkpoint-0000002.pt")
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 0.2, "scale_at_cap": 0.97, "depth_spread": 0.006, "depth_at_limit": 0.88})
+        + '\n{"step": 2, "lo')
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    collapse = json.loads(capsys.readouterr().out)["collapse"]
+    assert collapse["collapsed"] is True and collapse["depth_at_limit"] == 0.88 and collapse["scale_at_cap"] == 0.97
+    assert collapse["source"].startswith(f"the last monitors logged in {tmp_path / 'metrics.jsonl'} (step 1")
+
+
+def test_the_api_warns_when_the_depths_have_collapsed(checkpoints, collapsed_checkpoint):
+    import warnings
+
+    import gmae
+    from gmae.errors import DepthCollapseWarning
+
+    images = torch.rand(2, 3, 32, 32)
+    model = gmae.load(collapsed_checkpoint)
+    for readout in (model.layers, model.edges, model.figure_ground, model.gaussians):
+        with pytest.warns(DepthCollapseWarning, match="100% of z at a limit.*query-token order") as caught:
+            readout(images)
+        assert len(caught) == 1 and caught[0].filename == __file__  # reported where the readout was called
+    figures = model.depth_collapse(images)
+    assert figures["collapsed"] and figures["depth_at_limit"] == 1.0 and figures["num_images"] == 2
+    healthy = gmae.load(checkpoints["gmae"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        healthy.layers(images)
+    assert not healthy.depth_collapse(images)["collapsed"]

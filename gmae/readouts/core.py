@@ -31,7 +31,7 @@ from ..errors import GMAEError
 from ..render.gaussians import Gaussians, render_gaussians
 
 __all__ = ["COLLAPSE_AT_LIMIT", "COLLAPSE_SPREAD", "RENDER_CHUNK", "Canvas", "collapse_message", "depth_collapse",
-           "from_far_end", "gaussians_of", "group_ids", "near_to_far", "render_subsets", "require_gmae"]
+           "from_far_end", "gaussians_of", "group_ids", "judge_collapse", "near_to_far", "render_subsets", "require_gmae"]
 
 # Images rendered per rasterize call: bounds memory at B * subsets * C * H * W floats.
 RENDER_CHUNK = 64
@@ -177,10 +177,20 @@ def depth_collapse(gaussians: Gaussians | list[Gaussians], cfg) -> dict:
     g = Gaussians(*(torch.cat([getattr(b, name) for b in batches]) for name in
                     ("means", "scales", "quats", "colors", "opacities")))
     stats = gaussian_stats(g, cfg.max_scale, get_camera(cfg.camera).scale_unit)
-    at_limit = 0.0 if cfg.depth_param == "linear" else stats["depth_at_limit"]
-    spread = stats["depth_spread"]
-    return {"depth_at_limit": at_limit, "depth_spread": spread, "scale_at_cap": stats["scale_at_cap"],
-            "num_images": g.means.shape[0], "collapsed": bool(at_limit > COLLAPSE_AT_LIMIT or spread < COLLAPSE_SPREAD)}
+    return {**judge_collapse(stats, cfg), "num_images": g.means.shape[0]}
+
+
+def judge_collapse(monitors: dict, cfg) -> dict:
+    """The verdict of :func:`depth_collapse` on collapse monitors (as :func:`gmae.model.gmae.gaussian_stats`
+    computes and `gmae pretrain` logs them) of a model with ModelConfig cfg.
+
+    -> {"depth_at_limit", "depth_spread", "scale_at_cap", "collapsed"}; depth_at_limit is 0 for
+    ``depth_param "linear"`` (unbounded z has no limit).
+    """
+    at_limit = 0.0 if cfg.depth_param == "linear" else float(monitors["depth_at_limit"])
+    spread = float(monitors["depth_spread"])
+    return {"depth_at_limit": at_limit, "depth_spread": spread, "scale_at_cap": float(monitors["scale_at_cap"]),
+            "collapsed": bool(at_limit > COLLAPSE_AT_LIMIT or spread < COLLAPSE_SPREAD)}
 
 
 def collapse_message(collapse: dict) -> str | None:
