@@ -131,8 +131,8 @@ def test_every_computing_command_takes_threads():
     for name, parser in sub.choices.items():
         flags = {s for a in parser._actions for s in a.option_strings}
         assert ("--threads" in flags) == (name in COMPUTING), name
-    assert {"pretrain", "reconstruct", "layers", "edges", "segment", "gaussians", "eval-zeroshot", "ablate", "info", "bench",
-            "probe", "finetune"} == set(COMPUTING)
+    assert {"pretrain", "reconstruct", "layers", "edges", "segment", "gaussians", "eval-zeroshot", "ablate", "info",
+            "bench", "probe", "finetune"} == set(COMPUTING)
 
 
 def test_threads_flag_reaches_configure(fresh, monkeypatch, tmp_path):

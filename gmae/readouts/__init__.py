@@ -2,8 +2,9 @@
 
 Nothing here is trained. A GMAE decoder gives k Gaussians per image; sorting
 them by depth and rendering subsets is all the paper does (its Figs. 4-7).
-:mod:`gmae.readouts.core` gives the Gaussians near to far (the authors' order)
-and renders subsets of them, and checks whether their depths have collapsed; each readout is one module holding one :class:`Readout` record
+:mod:`gmae.readouts.core` gives the Gaussians near to far (the authors' order),
+renders subsets of them and checks whether their depths have collapsed; each
+readout is one module holding one :class:`Readout` record
 (:mod:`gmae.readouts.record`): its name, what it computes from the Gaussians,
 its figure, its command's flags, and optionally how it is scored against
 ground truth.

@@ -31,7 +31,8 @@ from ..errors import GMAEError
 from ..render.gaussians import Gaussians, render_gaussians
 
 __all__ = ["COLLAPSE_AT_LIMIT", "COLLAPSE_SPREAD", "RENDER_CHUNK", "Canvas", "collapse_message", "depth_collapse",
-           "from_far_end", "gaussians_of", "group_ids", "judge_collapse", "near_to_far", "render_subsets", "require_gmae"]
+           "from_far_end", "gaussians_of", "group_ids", "judge_collapse", "near_to_far", "render_subsets",
+           "require_gmae"]
 
 # Images rendered per rasterize call: bounds memory at B * subsets * C * H * W floats.
 RENDER_CHUNK = 64
@@ -197,7 +198,7 @@ def collapse_message(collapse: dict) -> str | None:
     """The one line the readouts print when `collapse` (:func:`depth_collapse`) says collapsed; None when healthy."""
     if not collapse["collapsed"]:
         return None
-    n = collapse["num_images"]
-    return (f"depth collapsed: {collapse['depth_at_limit']:.0%} of z at a limit, spread {collapse['depth_spread']:.3g} "
-            f"(on {n} image{'' if n == 1 else 's'}) -- the depth order of these readouts is the query-token order, "
-            "not depth")
+    n = collapse.get("num_images")
+    on = "" if n is None else f" (on {n} image{'' if n == 1 else 's'})"
+    return (f"depth collapsed: {collapse['depth_at_limit']:.0%} of z at a limit, spread {collapse['depth_spread']:.3g}"
+            f"{on} -- the depth order of these readouts is the query-token order, not depth")
