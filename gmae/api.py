@@ -4,26 +4,34 @@
 
     model = gmae.load("runs/pretrain")          # a run folder, a checkpoint-*.pt or a .safetensors export
     images = model.images("photo.jpg")          # (B, 3, S, S) in [0, 1] at the model's input size S
-    layers = model.layers(images, 8)            # (B, 8, 3, S, S): each depth layer alone, far to near
+    layers = model.layers(images, 8)            # (B, 8, 3, S, S): each depth layer alone, near to far
     edges = model.edges(images)                 # (B, S, S) soft edge map in [0, 1]
     figure = model.figure_ground(images)        # (B, S, S) bool figure mask
+    model.depth_collapse(images)                # {"depth_at_limit", "depth_spread", ..., "collapsed"}
 
 Every method takes images as a tensor (B, 3, S, S) or (3, S, S) in [0, 1], or
 as paths (files or folders) read like the command line reads them. The
 readouts are those of :mod:`gmae.readouts` (GMAE models only); ``module`` is
 the ``torch.nn.Module`` itself, for anything else.
+
+The collapse guard: every readout (and ``gaussians``) checks the depths of the
+Gaussians it read (:func:`gmae.readouts.core.depth_collapse`) and, where they
+have collapsed, warns once per call with a :class:`gmae.errors.DepthCollapseWarning`
+saying that their order is the query-token order, not depth;
+``depth_collapse(images)`` returns the figures.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
-from .errors import GMAEError
+from .errors import DepthCollapseWarning, GMAEError
 from .files import image_files
-from .readouts.core import Canvas, gaussians_of
+from .readouts.core import Canvas, collapse_message, depth_collapse, gaussians_of
 from .readouts.edges import EDGE_LEVELS, soft_edges
 from .readouts.layers import PARTIAL_COUNTS, layers, partial_renders
 from .readouts.segment import figure_ground
@@ -90,27 +98,41 @@ class Model:
         return encode(self.module.encoder, self.images(images), pool)
 
     def gaussians(self, images: ImagesLike, mask_ratio: float = 0.0) -> Gaussians:
-        """The k Gaussians of each image, far to near (:func:`gmae.readouts.core.gaussians_of`)."""
-        return gaussians_of(self.module, self.images(images), mask_ratio)
+        """The k Gaussians of each image, near to far (:func:`gmae.readouts.core.gaussians_of`); warns
+        (DepthCollapseWarning) when their depths have collapsed."""
+        return self._read(images, mask_ratio)
+
+    def _read(self, images: ImagesLike, mask_ratio: float = 0.0) -> Gaussians:
+        """The Gaussians every readout starts from, checked by the collapse guard."""
+        g = gaussians_of(self.module, self.images(images), mask_ratio)
+        message = collapse_message(depth_collapse(g, self.config))
+        if message:  # stacklevel 3: the caller of the readout method
+            warnings.warn(message, DepthCollapseWarning, stacklevel=3)
+        return g
+
+    def depth_collapse(self, images: ImagesLike, mask_ratio: float = 0.0) -> dict:
+        """Whether the depths of these images' Gaussians have collapsed: {"depth_at_limit", "depth_spread",
+        "scale_at_cap", "num_images", "collapsed"} (:func:`gmae.readouts.core.depth_collapse`)."""
+        return depth_collapse(gaussians_of(self.module, self.images(images), mask_ratio), self.config)
 
     def _canvas(self) -> Canvas:
         return Canvas.of(self.module)
 
     def partial_renders(self, images: ImagesLike, counts=PARTIAL_COUNTS) -> tuple[list[int], torch.Tensor]:
-        """(the K used, (B, len(K), 3, S, S)): renders of the first K far-to-near Gaussians, then all."""
-        return partial_renders(self.gaussians(images), self._canvas(), counts)
+        """(the K used, (B, len(K), 3, S, S)): renders of the K nearest Gaussians, then all."""
+        return partial_renders(self._read(images), self._canvas(), counts)
 
     def layers(self, images: ImagesLike, num_layers: int = 8) -> torch.Tensor:
-        """(B, l, 3, S, S): each of `num_layers` depth layers rendered alone, the farthest first."""
-        return layers(self.gaussians(images), self._canvas(), num_layers)[0]
+        """(B, l, 3, S, S): each of `num_layers` depth layers rendered alone, the nearest first."""
+        return layers(self._read(images), self._canvas(), num_layers)[0]
 
     def edges(self, images: ImagesLike, levels=EDGE_LEVELS) -> torch.Tensor:
         """(B, S, S) soft edge map in [0, 1]: binary depth-layer edges averaged over levels and thresholds."""
-        return soft_edges(self.gaussians(images), self._canvas(), levels=levels)[0]
+        return soft_edges(self._read(images), self._canvas(), levels=levels)[0]
 
     def figure_ground(self, images: ImagesLike, near_fraction: float = 0.5) -> torch.Tensor:
         """(B, S, S) bool: where the nearest `near_fraction` of the Gaussians cover the image."""
-        return figure_ground(self.gaussians(images), self._canvas(), near_fraction)[0]
+        return figure_ground(self._read(images), self._canvas(), near_fraction)[0]
 
 
 __all__ = ["Model", "load"]

@@ -262,20 +262,34 @@ def add_readouts(sub) -> None:
         p.set_defaults(func=cmd_readout, readout=readout.name)
 
 
+def _report_collapse(collapse: dict | None) -> None:
+    """The collapse guard of the readout commands and eval-zeroshot: one line on stderr (above any progress
+    bar) when the depths of the Gaussians read have collapsed (gmae.readouts.core.depth_collapse)."""
+    from .readouts.core import collapse_message
+    from .runs import say
+
+    message = collapse_message(collapse) if collapse else None
+    if message:
+        say(message)
+
+
 def cmd_readout(args) -> int:
     images = _image_command_inputs(args)
     from .data import load_image
-    from .readouts.core import Canvas, gaussians_of
+    from .readouts.core import Canvas, depth_collapse, gaussians_of
     from .runs import load_model
 
     readout = READOUTS[args.readout]
     model, mcfg, _ = load_model(args.checkpoint, args.device)
     canvas = Canvas.of(model)
     out = Path(args.out)
+    read = []
     for path in images:
         img = load_image(path, mcfg.img_size).to(args.device)
         g = gaussians_of(model, img[None], args.mask_ratio)
+        read.append(g)
         print(readout.save(img, readout.compute(g, canvas, args), out / f"{Path(path).stem}_{readout.name}.png"))
+    _report_collapse(depth_collapse(read, mcfg))
     return 0
 
 
@@ -308,6 +322,7 @@ def cmd_eval_zeroshot(args) -> int:
     results = evaluate_zeroshot(model, args.data, args.num_images, args.batch_size, args.mask_ratio,
                                 progress=not args.json)
     results["checkpoint"], results["random_init"] = str(args.checkpoint), args.random_init
+    _report_collapse(results["collapse"])
     label = "gmae (init)" if args.random_init else "gmae"
     print(json.dumps(results) if args.json else format_scores(results, label))
     return 0
@@ -347,7 +362,8 @@ def cmd_ablate(args) -> int:
 
 
 def add_info(sub) -> None:
-    p = sub.add_parser("info", help="config, step and parameter counts of a checkpoint")
+    p = sub.add_parser("info", help="config, step and parameter counts of a checkpoint, and whether its depths have "
+                       "collapsed (measured on a few held-out images of its run's data)")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
@@ -363,16 +379,25 @@ def cmd_info(args) -> int:
     _, tcfg = configs_of(state)
     encoder = count_parameters(model.encoder)
     total = count_parameters(model)
+    collapse = None
+    if mcfg.model == "gmae":
+        from .evaluate.zeroshot import checkpoint_collapse
+
+        collapse = checkpoint_collapse(model, tcfg, args.checkpoint)
     info = {
         "checkpoint": str(args.checkpoint), "step": state["step"],
         "parameters": {"encoder": encoder, "decoder": total - encoder, "total": total},
-        "model": as_dict(mcfg), "train": None if tcfg is None else as_dict(tcfg),
+        "collapse": collapse, "model": as_dict(mcfg), "train": None if tcfg is None else as_dict(tcfg),
     }
     if args.json:
         print(json.dumps(info))
         return 0
     print(f"{info['checkpoint']}: {mcfg.model} at step {info['step']}")
     print(f"parameters: encoder {encoder:,}  decoder {total - encoder:,}  total {total:,}")
+    if collapse is not None:
+        from .evaluate.zeroshot import collapse_figures
+
+        print(f"depth: {collapse_figures(collapse)}\n  measured on {collapse['source']}")
     for section in ("model", "train"):
         if info[section] is None:
             print(f"{section}: not stored (an export holds the model only)")
@@ -609,8 +634,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# The commands that compute with torch (and so take --threads); info and export only read and write files.
-COMPUTING = ("pretrain", "reconstruct", *READOUTS, "eval-zeroshot", "ablate", "bench", "probe", "finetune")
+# The commands that compute with torch (and so take --threads; info runs its model on a few images); export only
+# reads and writes files.
+COMPUTING = ("pretrain", "reconstruct", *READOUTS, "eval-zeroshot", "ablate", "info", "bench", "probe", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from gmae.render import project_orthographic, rasterize
@@ -46,12 +45,3 @@ def test_render_gaussians_is_projection_then_rasterize():
     # depth order matters: rendering the sorted set gives the same image
     image_sorted, _ = render_gaussians(g.sorted_by_depth(), 20, 24, bg, backend="torch")
     assert torch.allclose(image, image_sorted, atol=1e-6)
-
-
-def test_sorted_by_depth_far_first_is_descending_and_stable():
-    g = random_gaussians()
-    g.means[0, :, 2] = torch.tensor([0.5, -0.2, 0.5, 0.1, -0.2, 0.9])
-    s = g.sorted_by_depth(far_first=True)
-    assert s.means[0, :, 2].tolist() == pytest.approx([0.9, 0.5, 0.5, 0.1, -0.2, -0.2])
-    # ties keep index order: the two 0.5 Gaussians (indices 0 and 2) stay in that order
-    assert torch.equal(s.colors[0, 1], g.colors[0, 0]) and torch.equal(s.colors[0, 2], g.colors[0, 2])

@@ -131,8 +131,8 @@ def test_every_computing_command_takes_threads():
     for name, parser in sub.choices.items():
         flags = {s for a in parser._actions for s in a.option_strings}
         assert ("--threads" in flags) == (name in COMPUTING), name
-    assert {"pretrain", "reconstruct", "layers", "edges", "segment", "gaussians", "eval-zeroshot", "ablate", "bench",
-            "probe", "finetune"} == set(COMPUTING)
+    assert {"pretrain", "reconstruct", "layers", "edges", "segment", "gaussians", "eval-zeroshot", "ablate", "info",
+            "bench", "probe", "finetune"} == set(COMPUTING)
 
 
 def test_threads_flag_reaches_configure(fresh, monkeypatch, tmp_path):
@@ -140,8 +140,9 @@ def test_threads_flag_reaches_configure(fresh, monkeypatch, tmp_path):
     monkeypatch.setattr(threads, "configure", lambda n: seen.append(n))
     assert main(["probe", "--checkpoint", str(tmp_path / "none.pt"), "--threads", "3"]) == 2  # fails after configuring
     assert main(["probe", "--checkpoint", str(tmp_path / "none.pt")]) == 2
-    assert main(["info", str(tmp_path / "none.pt")]) == 2  # info computes nothing: no thread setup
-    assert seen == [3, None]
+    assert main(["export", str(tmp_path / "none.pt"), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert main(["info", str(tmp_path / "none.pt"), "--threads", "2"]) == 2  # info runs its model on a few images
+    assert seen == [3, None, 2]  # export computes nothing: no thread setup
 
 
 def test_pretrain_runs_with_threads_flag(fresh, tmp_path):

@@ -399,7 +399,8 @@ def test_readout_figures_say_what_they_show():
     fig = layers_figure(img, [4, 8], torch.rand(2, 3, 16, 16), torch.rand(4, 3, 16, 16))
     titles = [ax.get_title() for ax in fig.axes]
     assert len(fig.axes) == 1 + 2 + 4 and titles.count("input") == 1  # no empty panel, one input
-    assert titles[1:3] == ["farthest 4", "all 8"] and titles[3] == "layer 1 (far)" and titles[-1] == "layer 4 (near)"
+    assert titles[1:3] == ["K = 4 nearest", "all 8"] and titles[3] == "layer 1 (nearest)"
+    assert titles[-1] == "layer 4 (farthest)" and "nearest" in fig.subfigs[0]._suptitle.get_text()
     edges = edges_figure(img, {32: torch.zeros(16, 16, dtype=torch.bool)}, torch.zeros(16, 16))
     assert [ax.get_title() for ax in edges.axes] == ["input", "32 layers", "soft: mean of all"]
     segment = segment_figure(img, torch.ones(16, 16, dtype=torch.bool), img)

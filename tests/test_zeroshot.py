@@ -43,15 +43,54 @@ def full_render(g: Gaussians) -> torch.Tensor:
     return render_gaussians(g, SIZE, SIZE, WHITE, "torch")[0]
 
 
-def test_far_to_near_orders_by_descending_depth_stably():
-    g = scene(zs=(-0.5, 0.5, 0.5), centres=((0, 0), (0.1, 0), (0.2, 0)), sigmas=(0.1,) * 3, opacities=(0.5,) * 3,
-              colors=((1, 0, 0),) * 3)
-    ordered = zeroshot.far_to_near(g)
-    assert ordered.means[0, :, 0].tolist() == pytest.approx([0.1, 0.2, 0.0])  # ties keep index order
+def test_near_to_far_orders_by_ascending_depth_stably():
+    g = scene(zs=(0.5, -0.5, 0.5, -0.5), centres=((0, 0), (0.1, 0), (0.2, 0), (0.3, 0)), sigmas=(0.1,) * 4,
+              opacities=(0.5,) * 4, colors=((1, 0, 0),) * 4)
+    ordered = zeroshot.near_to_far(g)
+    # smaller z = nearer; ties keep index (query-token) order, the renderer's compositing order
+    assert ordered.means[0, :, 0].tolist() == pytest.approx([0.1, 0.3, 0.0, 0.2])
+    assert zeroshot.from_far_end(ordered).means[0, :, 0].tolist() == pytest.approx([0.2, 0.0, 0.3, 0.1])
+
+
+def layered_scene(k=12) -> Gaussians:
+    """k overlapping Gaussians of distinct colours whose depths are a known shuffle of -0.9 ... 0.9 (index order
+    is not depth order), so that the near and the far ends render differently."""
+    g = torch.Generator().manual_seed(3)
+    depth = torch.linspace(-0.9, 0.9, k)[torch.randperm(k, generator=g)]
+    xy = (torch.rand(k, 2, generator=g) - 0.5) * 0.8
+    means = torch.cat([xy, depth[:, None]], dim=1)[None]
+    scales = (torch.rand(1, k, 3, generator=g) * 0.25 + 0.1)
+    quats = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(1, k, 4)
+    return Gaussians(means, scales, quats, torch.rand(1, k, 3, generator=g), torch.full((1, k), 0.8))
+
+
+def nearest(g: Gaussians, start: int, stop: int) -> torch.Tensor:
+    """Render of the Gaussians ranked start..stop-1 by depth (0 = smallest z), chosen from z directly."""
+    rank = torch.argsort(g.means[0, :, 2])
+    return full_render(g.take(rank[start:stop].unsqueeze(0)))
+
+
+def test_partial_renders_layers_and_cumulative_views_start_from_the_nearest():
+    """The authors' order (limit_gaussian_z: z ascending, the first K): partial render K = the K nearest,
+    layer 1 = the nearest group, cumulative view i = the i nearest groups."""
+    g = layered_scene(12)
+    ordered = zeroshot.near_to_far(g)
+    counts, partial = zeroshot.partial_renders(ordered, CANVAS, counts=(3, 6))
+    assert counts == [3, 6, 12]
+    for i, K in enumerate(counts):
+        torch.testing.assert_close(partial[:, i], nearest(g, 0, K), atol=1e-5, rtol=0)
+    # the check can tell the ends apart: the 3 farthest render differently
+    assert (partial[:, 0] - nearest(g, 9, 12)).abs().max() > 0.1
+    alone, _ = zeroshot.layers(ordered, CANVAS, 4)
+    cumulative, _ = zeroshot.layers(ordered, CANVAS, 4, cumulative=True)
+    for i in range(4):
+        torch.testing.assert_close(alone[:, i], nearest(g, 3 * i, 3 * i + 3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cumulative[:, i], nearest(g, 0, 3 * i + 3), atol=1e-5, rtol=0)
+    assert (alone[:, 0] - alone[:, -1]).abs().max() > 0.1
 
 
 def test_subset_render_equals_rendering_only_that_subset():
-    g = zeroshot.far_to_near(random_scene())
+    g = zeroshot.near_to_far(random_scene())
     keep = torch.zeros(2, 1, g.num, dtype=torch.bool)
     keep[0, 0, ::3] = True
     keep[1, 0, 5:] = True
@@ -63,13 +102,13 @@ def test_subset_render_equals_rendering_only_that_subset():
 
 
 def test_partial_renders_and_layers_end_with_the_full_image():
-    g = zeroshot.far_to_near(random_scene(k=40))
+    g = zeroshot.near_to_far(random_scene(k=40))
     counts, partial = zeroshot.partial_renders(g, CANVAS, counts=(8, 16, 64))
     assert counts == [8, 16, 40] and partial.shape == (2, 3, 3, SIZE, SIZE)
     torch.testing.assert_close(partial[:, -1], full_render(g), atol=1e-5, rtol=0)
     cumulative, _ = zeroshot.layers(g, CANVAS, 4, cumulative=True)
     torch.testing.assert_close(cumulative[:, -1], full_render(g), atol=1e-5, rtol=0)
-    # the first partial render is the 8 farthest Gaussians, i.e. the first group of 5 layers of 40
+    # the first partial render is the 8 nearest Gaussians, i.e. the first group of 5 layers of 40
     alone, _ = zeroshot.layers(g, CANVAS, 5)
     torch.testing.assert_close(alone[:, 0], partial[:, 0], atol=1e-5, rtol=0)
 
@@ -91,8 +130,8 @@ def near_disc(threshold_alpha: float) -> np.ndarray:
 
 
 def test_layer_index_marks_where_the_near_layer_changes_the_image():
-    g = zeroshot.far_to_near(scene())
-    cumulative, _ = zeroshot.layers(g, CANVAS, 2, cumulative=True)
+    g = zeroshot.near_to_far(scene())
+    cumulative, _ = zeroshot.layers(zeroshot.from_far_end(g), CANVAS, 2, cumulative=True)  # as edges add them
     index = zeroshot.layer_index(cumulative, WHITE, threshold=0.1)[0].numpy()
     # Layer 1 (near, blue) changes red-on-white by > 0.1 wherever its alpha * |colour difference| > 0.1;
     # blue over red differs by 1 in the red and blue channels, so: alpha > 0.1 (the far one is ~opaque there).
@@ -109,15 +148,15 @@ def test_layer_index_marks_where_the_near_layer_changes_the_image():
 
 
 def test_figure_is_where_the_near_half_is_at_least_half_opaque():
-    figure, near = zeroshot.figure_ground(zeroshot.far_to_near(scene()), CANVAS, near_fraction=0.5)
+    figure, near = zeroshot.figure_ground(zeroshot.near_to_far(scene()), CANVAS, near_fraction=0.5)
     np.testing.assert_array_equal(figure[0].numpy(), near_disc(0.5))
     assert near.shape == (1, 3, SIZE, SIZE)
     with pytest.raises(GMAEError, match="near fraction"):
-        zeroshot.figure_ground(zeroshot.far_to_near(scene()), CANVAS, near_fraction=1.0)
+        zeroshot.figure_ground(zeroshot.near_to_far(scene()), CANVAS, near_fraction=1.0)
 
 
 def test_soft_edges_average_the_binary_maps():
-    g = zeroshot.far_to_near(random_scene(k=32))
+    g = zeroshot.near_to_far(random_scene(k=32))
     soft, per_level = zeroshot.soft_edges(g, CANVAS, levels=(4, 8), thresholds=(0.1, 0.3))
     expected = sum(zeroshot.edges(g, CANVAS, level, t).float() for level in (4, 8) for t in (0.1, 0.3)) / 4
     torch.testing.assert_close(soft, expected)
@@ -132,7 +171,7 @@ def test_gaussians_of_a_model_and_refusal_of_mae():
     g = zeroshot.gaussians_of(model, imgs)
     assert g.means.shape == (2, 16, 3)
     z = g.means[..., 2]
-    assert (z[:, :-1] >= z[:, 1:]).all()  # far to near
+    assert (z[:, :-1] <= z[:, 1:]).all()  # near to far
     mae = build_model(model_config("tiny", model="mae", img_size=32, depth=1, decoder_depth=1))
     with pytest.raises(GMAEError, match="MAE"):
         zeroshot.gaussians_of(mae, imgs)
@@ -308,3 +347,148 @@ def test_eval_zeroshot_on_bsds_and_mask_layouts_scores_the_centre_square(checkpo
     scores = json.loads(capsys.readouterr().out)
     assert "edge_ods" not in scores and 0 <= scores["fg_iou"] <= 1
     assert scores["baselines"]["ellipse"]["fg_iou"] == 1.0
+
+
+# --------------------------------------------------------------------------- the collapse guard
+
+def test_depth_collapse_figures_and_verdict():
+    from gmae.readouts.core import COLLAPSE_AT_LIMIT, COLLAPSE_SPREAD
+
+    bounded = model_config("tiny", img_size=32, num_gaussians=12)
+    linear = model_config("tiny", img_size=32, num_gaussians=12, depth_param="linear")
+    g = layered_scene(12)  # z spread over -0.9 ... 0.9, none at a limit
+    healthy = zeroshot.depth_collapse(g, bounded)
+    assert healthy["depth_at_limit"] == 0.0 and healthy["depth_spread"] > 0.5 and not healthy["collapsed"]
+    assert healthy["num_images"] == 1 and zeroshot.collapse_message(healthy) is None
+    g.means[..., 2] = -1.0  # every z at the near limit: the sort orders nothing
+    collapsed = zeroshot.depth_collapse([g, g], bounded)
+    assert collapsed["depth_at_limit"] == 1.0 and collapsed["depth_spread"] == 0.0 and collapsed["collapsed"]
+    assert collapsed["num_images"] == 2
+    message = zeroshot.collapse_message(collapsed)
+    assert message.startswith("depth collapsed: 100% of z at a limit, spread 0 (on 2 images)")
+    assert "query-token order, not depth" in message and "\n" not in message
+    # half at a limit is not yet collapsed; more than half is
+    g.means[0, :6, 2] = torch.linspace(-0.5, 0.5, 6)
+    assert zeroshot.depth_collapse(g, bounded)["depth_at_limit"] == 0.5 == COLLAPSE_AT_LIMIT
+    assert not zeroshot.depth_collapse(g, bounded)["collapsed"]
+    # linear z is unbounded: |z| >= 0.99 is no limit, only the spread counts
+    g.means[..., 2] = torch.linspace(2.0, 5.0, 12)
+    assert zeroshot.depth_collapse(g, linear) == {**zeroshot.depth_collapse(g, linear), "depth_at_limit": 0.0,
+                                                  "collapsed": False}
+    assert zeroshot.depth_collapse(g, bounded)["collapsed"]
+    g.means[..., 2] = 3.0 + torch.linspace(0, COLLAPSE_SPREAD, 12)  # std below the threshold
+    assert zeroshot.depth_collapse(g, linear)["collapsed"]
+
+
+@pytest.fixture(scope="module")
+def collapsed_checkpoint(checkpoints, tmp_path_factory):
+    """The gmae checkpoint with its head's z bias at -30 and z weights 0: every z = -1, the near limit."""
+    from gmae.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoints["gmae"])
+    state["model"]["gaussian_head.bias"][2] = -30.0
+    state["model"]["gaussian_head.weight"][2] = 0.0
+    return str(save_checkpoint(state, tmp_path_factory.mktemp("collapsed") / "checkpoint-0000002.pt"))
+
+
+def collapse_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("depth collapsed")]
+
+
+def test_readout_commands_say_when_the_depths_have_collapsed(checkpoints, collapsed_checkpoint, photos, tmp_path,
+                                                             capsys):
+    from gmae.cli import main
+
+    for command in ("layers", "segment"):
+        assert main([command, *photos, "--checkpoint", collapsed_checkpoint, "--out", str(tmp_path)]) == 0
+        out, err = capsys.readouterr()
+        assert len(out.split()) == 2  # the figures are still written
+        assert collapse_lines(err) == ["depth collapsed: 100% of z at a limit, spread 0 (on 2 images) -- the depth "
+                                       "order of these readouts is the query-token order, not depth"]
+        assert main([command, *photos, "--checkpoint", checkpoints["gmae"], "--out", str(tmp_path)]) == 0
+        assert collapse_lines(capsys.readouterr().err) == []
+
+
+def test_eval_zeroshot_json_carries_the_collapse_figures(checkpoints, collapsed_checkpoint, capsys):
+    import json
+
+    from gmae.cli import main
+
+    args = ["eval-zeroshot", "--num-images", "2", "--json", "--checkpoint"]
+    assert main([*args, collapsed_checkpoint]) == 0
+    out, err = capsys.readouterr()
+    collapse = json.loads(out)["collapse"]
+    assert collapse["collapsed"] is True and collapse["depth_at_limit"] == pytest.approx(1.0)
+    assert collapse["depth_spread"] == pytest.approx(0.0, abs=1e-6) and collapse["num_images"] == 2
+    assert 0.0 <= collapse["scale_at_cap"] <= 1.0
+    assert len(collapse_lines(err)) == 1 and "on 2 images" in collapse_lines(err)[0]
+    # its random-init row (the same architecture at the run's initial weights) and the healthy model are not
+    for extra, checkpoint in ((["--random-init"], collapsed_checkpoint), ([], checkpoints["gmae"])):
+        assert main([*args, checkpoint, *extra]) == 0
+        out, err = capsys.readouterr()
+        collapse = json.loads(out)["collapse"]
+        assert collapse["collapsed"] is False and collapse["depth_at_limit"] < 0.1 and collapse["depth_spread"] > 0.1
+        assert collapse_lines(err) == []
+    from gmae.evaluate.zeroshot import format_scores
+
+    table = format_scores(json.loads(out))
+    assert table.splitlines()[-1].startswith("gmae depth: 0% of z at a limit, spread ")
+    assert table.endswith("(not collapsed)")
+
+
+def test_info_shows_the_collapse_figures(checkpoints, collapsed_checkpoint, capsys):
+    import json
+
+    from gmae.cli import main
+
+    assert main(["info", collapsed_checkpoint, "--json"]) == 0
+    collapse = json.loads(capsys.readouterr().out)["collapse"]
+    assert collapse["collapsed"] is True and collapse["depth_at_limit"] == 1.0 and collapse["num_images"] == 8
+    assert collapse["source"] == "8 held-out deadleaves images (seed 2024)"
+    assert main(["info", collapsed_checkpoint]) == 0
+    text = capsys.readouterr().out
+    assert "depth: 100% of z at a limit, spread 0, " in text and "(collapsed: the depth order is the query-token " \
+        "order)" in text and "measured on 8 held-out deadleaves images (seed 2024)" in text
+    assert main(["info", checkpoints["gmae"], "--json"]) == 0
+    healthy = json.loads(capsys.readouterr().out)["collapse"]
+    assert healthy["collapsed"] is False and healthy["depth_spread"] > 0.1
+
+
+def test_info_falls_back_to_the_logged_monitors(checkpoints, tmp_path, capsys):
+    """A run whose data cannot be read here: the last monitors of its metrics.jsonl, said so."""
+    import json
+
+    from gmae.checkpoint import load_checkpoint, save_checkpoint
+    from gmae.cli import main
+
+    state = load_checkpoint(checkpoints["gmae"])
+    state["config"]["train"]["data"] = str(tmp_path / "gone")
+    save_checkpoint(state, tmp_path / "checkpoint-0000002.pt")
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 0.2, "scale_at_cap": 0.97, "depth_spread": 0.006, "depth_at_limit": 0.88})
+        + '\n{"step": 2, "lo')
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    collapse = json.loads(capsys.readouterr().out)["collapse"]
+    assert collapse["collapsed"] is True and collapse["depth_at_limit"] == 0.88 and collapse["scale_at_cap"] == 0.97
+    assert collapse["source"].startswith(f"the last monitors logged in {tmp_path / 'metrics.jsonl'} (step 1")
+
+
+def test_the_api_warns_when_the_depths_have_collapsed(checkpoints, collapsed_checkpoint):
+    import warnings
+
+    import gmae
+    from gmae.errors import DepthCollapseWarning
+
+    images = torch.rand(2, 3, 32, 32)
+    model = gmae.load(collapsed_checkpoint)
+    for readout in (model.layers, model.edges, model.figure_ground, model.gaussians):
+        with pytest.warns(DepthCollapseWarning, match="100% of z at a limit.*query-token order") as caught:
+            readout(images)
+        assert len(caught) == 1 and caught[0].filename == __file__  # reported where the readout was called
+    figures = model.depth_collapse(images)
+    assert figures["collapsed"] and figures["depth_at_limit"] == 1.0 and figures["num_images"] == 2
+    healthy = gmae.load(checkpoints["gmae"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        healthy.layers(images)
+    assert not healthy.depth_collapse(images)["collapsed"]

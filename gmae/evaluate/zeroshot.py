@@ -30,11 +30,19 @@ scored; the model sees it resized to its input size, and each readout's
 prediction is resized back to the square (the soft edge map bilinearly, the
 figure mask nearest), so predictions and baselines are scored at the ground
 truth's resolution with the standard tolerance (0.0075 of the diagonal).
+
+Beside the scores, ``collapse``: whether the model's depths on the scored
+images have collapsed (:func:`gmae.readouts.core.depth_collapse`), in which
+case every depth-ordered score measures the query-token order, not depth.
+:func:`depth_check` computes the same figures on a few held-out images of a
+run's data source (`gmae info`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -43,7 +51,7 @@ import torch.nn.functional as F
 
 from ..errors import GMAEError
 from ..readouts import READOUTS
-from ..readouts.core import Canvas, gaussians_of, require_gmae
+from ..readouts.core import Canvas, depth_collapse, gaussians_of, judge_collapse, require_gmae
 from .depth import DepthTruth
 
 EVAL_SEED = 2024  # generated (dead-leaves, sprites) images for evaluation; training's default seed is 0
@@ -119,7 +127,7 @@ def scored_readouts() -> list:
 
 @torch.no_grad()
 def _model_gaussians(model, squares: list[torch.Tensor], mask_ratio: float):
-    """The squares resized to the model's input, and the model's Gaussians of them (far to near) and canvas."""
+    """The squares resized to the model's input, and the model's Gaussians of them (near to far) and canvas."""
     size = model.cfg.img_size
     device = next(model.parameters()).device
     batch = torch.stack([
@@ -132,7 +140,8 @@ def _model_gaussians(model, squares: list[torch.Tensor], mask_ratio: float):
 def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = None, batch_size: int = 16,
                       mask_ratio: float = 0.0, thresholds: int = 99, progress: bool = True) -> dict:
     """The scores of every scored readout of `model` and of its baselines on `data` (see the module
-    docstring): edge ODS/OIS/AP, figure IoU and (generated data) the depth metrics."""
+    docstring): edge ODS/OIS/AP, figure IoU and (generated data) the depth metrics; and under "collapse" the
+    depth-collapse figures of the model's Gaussians on these images (:func:`depth_collapse`)."""
     from tqdm import tqdm
 
     require_gmae(model)  # an MAE has no Gaussians: say so before any image is read or bar shown
@@ -142,6 +151,7 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
     predictions = {r.name: {"gmae": [], **{name: [] for name in r.scorer.baselines}} for r in scored}
     truths: dict[str, list] = {r.name: [] for r in scored}
     pending: list[Item] = []
+    read: list = []  # the Gaussians of every image, for the collapse check
 
     # The bar counts images whose readouts are done (a batch at a time), not images read.
     bar = tqdm(total=n, desc="zero-shot readouts", unit="img", disable=not progress, leave=False)
@@ -149,6 +159,7 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
     def flush():
         squares = [it.image for it in pending]
         g, canvas = _model_gaussians(model, squares, mask_ratio)
+        read.append(g)
         for r in scored:
             has = [getattr(it, r.scorer.truth) is not None for it in pending]
             if not any(has):
@@ -172,7 +183,8 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
         if pending:
             flush()
 
-    results: dict = {"data": data, "num_images": n, "mask_ratio": mask_ratio}
+    results: dict = {"data": data, "num_images": n, "mask_ratio": mask_ratio,
+                     "collapse": depth_collapse(read, model.cfg) if read else None}
     methods: dict[str, dict] = {"gmae": {}}  # then each baseline, in the order the scorers name them
     for r in scored:
         if truths[r.name]:
@@ -199,7 +211,79 @@ def format_scores(results: dict, label: str = "gmae") -> str:
         lines.append(f"depth OOA: {results['depth_ooa_pairs']} object pairs scored, "
                      f"{results['depth_ooa_pairs_skipped']} skipped (an object without a scored Gaussian), "
                      f"coverage {results['depth_ooa_coverage']:.3f} of the weight")
+    if results.get("collapse"):
+        lines.append(f"{label} depth: {collapse_figures(results['collapse'])}")
     return "\n".join(lines)
 
 
-__all__ = ["EVAL_SEED", "Item", "evaluate_zeroshot", "format_scores", "items", "scored_readouts"]
+def collapse_figures(collapse: dict) -> str:
+    """One line of :func:`depth_collapse`'s figures, with its verdict."""
+    verdict = "collapsed: the depth order is the query-token order" if collapse["collapsed"] else "not collapsed"
+    return (f"{collapse['depth_at_limit']:.0%} of z at a limit, spread {collapse['depth_spread']:.3g}, "
+            f"{collapse['scale_at_cap']:.0%} of scales at the cap ({verdict})")
+
+
+DEPTH_CHECK_IMAGES = 8
+
+
+@torch.no_grad()
+def depth_check(model, data: str, seed: int = 0, num_images: int = DEPTH_CHECK_IMAGES) -> tuple[dict, str]:
+    """:func:`depth_collapse` of `model` on the first `num_images` images of the data source `data`
+    (a run's ``TrainConfig.data``), drawn with seed EVAL_SEED: -> (the figures, where they come from).
+
+    A generated source (dead-leaves and others built from a seed) with a seed other than the run's
+    training `seed` gives held-out images; an image source (a folder, the photos, digits) gives its
+    first images, which training may have seen (the text says so). Deterministic: each image's
+    crop comes from its own seeded rng.
+    """
+    from ..data import build_dataset
+
+    size = model.cfg.img_size
+    eval_seed = EVAL_SEED if seed != EVAL_SEED else EVAL_SEED + 1
+    source = build_dataset(data, size, seed=eval_seed)
+    n = min(num_images, len(source))
+    batch = torch.stack([source.load(i, np.random.default_rng([eval_seed, i])) for i in range(n)])
+    g = gaussians_of(model, batch.to(next(model.parameters()).device))
+    held_out = getattr(source, "seed", None) == eval_seed
+    where = (f"{n} held-out {data} images (seed {eval_seed})" if held_out
+             else f"the first {n} images of {data} (no held-out split: training may have seen them)")
+    return depth_collapse(g, model.cfg), where
+
+
+def logged_collapse(run: str | Path, cfg) -> tuple[dict, str] | None:
+    """The verdict of :func:`judge_collapse` on the last collapse monitors a run logged in its metrics.jsonl
+    (`run`: a run folder or a checkpoint in one) -> (the figures, where they come from); None if none."""
+    from ..runs import metric_lines
+
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    for line in reversed(metric_lines(folder / "metrics.jsonl")):
+        try:
+            record = json.loads(line)
+            return ({**judge_collapse(record, cfg), "num_images": None},
+                    f"the last monitors logged in {folder / 'metrics.jsonl'} (step {record['step']}, a training batch)")
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn line, or one without the monitors (an MAE run)
+    return None
+
+
+def checkpoint_collapse(model, train_cfg, path: str | Path) -> dict:
+    """`gmae info`'s depth figures of a GMAE checkpoint: :func:`depth_check` on its run's data source
+    (dead-leaves for an export, which does not say), or, when that data cannot be read here, the run's
+    last logged monitors (:func:`logged_collapse`). -> the figures and "source", where they come from."""
+    data = "deadleaves" if train_cfg is None else train_cfg.data
+    try:
+        figures, where = depth_check(model, data, 0 if train_cfg is None else train_cfg.seed)
+    except GMAEError as e:
+        logged = logged_collapse(path, model.cfg)
+        if logged is None:
+            raise GMAEError(f"cannot check the depths of {path}: its data {data!r} cannot be read here ({e}) "
+                            "and it has no metrics.jsonl beside it") from None
+        figures, where = logged
+        where += f"; its data {data!r} cannot be read here"
+    if train_cfg is None:
+        where += " (an export does not say what it was trained on)"
+    return {**figures, "source": where}
+
+
+__all__ = ["DEPTH_CHECK_IMAGES", "EVAL_SEED", "Item", "checkpoint_collapse", "collapse_figures", "depth_check",
+           "evaluate_zeroshot", "format_scores", "items", "logged_collapse", "scored_readouts"]

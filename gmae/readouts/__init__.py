@@ -2,14 +2,16 @@
 
 Nothing here is trained. A GMAE decoder gives k Gaussians per image; sorting
 them by depth and rendering subsets is all the paper does (its Figs. 4-7).
-:mod:`gmae.readouts.core` gives the Gaussians far to near and renders subsets
-of them; each readout is one module holding one :class:`Readout` record
+:mod:`gmae.readouts.core` gives the Gaussians near to far (the authors' order),
+renders subsets of them and checks whether their depths have collapsed; each
+readout is one module holding one :class:`Readout` record
 (:mod:`gmae.readouts.record`): its name, what it computes from the Gaussians,
 its figure, its command's flags, and optionally how it is scored against
 ground truth.
 
-* :mod:`~gmae.readouts.layers`: partial renders and each depth layer alone;
-* :mod:`~gmae.readouts.edges`: edges from depth-layer discontinuities (scored: BSDS ODS/OIS/AP);
+* :mod:`~gmae.readouts.layers`: partial renders (the K nearest) and each depth layer alone, nearest first;
+* :mod:`~gmae.readouts.edges`: edges from depth-layer discontinuities, layers added from the far end
+  (scored: BSDS ODS/OIS/AP);
 * :mod:`~gmae.readouts.segment`: figure-ground from the nearest Gaussians (scored: mask IoU);
 * :mod:`~gmae.readouts.gaussians`: the Gaussians' centres (scored: depth order vs occlusion).
 

@@ -1,10 +1,14 @@
 """Readout `edges`: occlusion edges from depth-layer discontinuities, binary per level and soft (the paper's Fig. 6).
 
-Rule (the paper gives it in words only): render groups 0..i of the
-far-to-near list cumulatively for i = 0..l-1 (each new, nearer group
-composited over the farther ones; :func:`gmae.readouts.layers.layers`). A
-pixel's *layer index* is the last i whose group changed it by more than
-``threshold`` (max over channels, images in [0, 1]); -1 if none did. Edges are
+Rule (the paper gives it in words only): edges build up from the **far end**.
+The near-to-far list (:func:`gmae.readouts.core.near_to_far`) is read from
+its far end (:func:`gmae.readouts.core.from_far_end`) and cut into l groups;
+groups 0..i (the i + 1 farthest) are rendered cumulatively for i = 0..l-1,
+each new, nearer group composited over the farther ones
+(:func:`gmae.readouts.layers.layers`). A pixel's *layer index* (counted from
+the far end) is the last i whose group changed it by more than ``threshold``
+(max over channels, images in [0, 1]) -- the nearest layer that visibly
+changes the pixel; -1 if none did. Edges are
 where a pixel's index differs from its right or lower neighbour (the
 dead-leaves ground truth's convention, :func:`gmae.data.deadleaves.occlusion_boundaries`).
 :func:`soft_edges` averages the binary maps over levels l = 32, 16, 8, 4 and
@@ -47,7 +51,8 @@ CANNY_SIGMAS = (1.0, 2.0, 3.0, 4.0)
 def layer_index(cumulative: torch.Tensor, background: torch.Tensor | None, threshold: float = EDGE_THRESHOLD):
     """cumulative (B, l, C, H, W) renders of groups 0..i -> (B, H, W) long layer index (-1: none).
 
-    The index of a pixel is the last group whose addition changed it by more than threshold.
+    The index of a pixel is the last group whose addition changed it by more than threshold (with
+    the groups added from the far end, as :func:`edges` does: the nearest group that shows there).
     """
     import torch
 
@@ -65,10 +70,14 @@ def layer_index(cumulative: torch.Tensor, background: torch.Tensor | None, thres
 
 
 def edges(g: Gaussians, canvas: Canvas, num_layers: int = 16, threshold: float = EDGE_THRESHOLD) -> torch.Tensor:
-    """(B, H, W) bool edges at one level: where neighbouring pixels' layer indices differ."""
-    from ..data.deadleaves import occlusion_boundaries
+    """(B, H, W) bool edges at one level: where neighbouring pixels' layer indices differ.
 
-    cumulative, _ = layers(g, canvas, num_layers, cumulative=True)
+    g near to far (:func:`gmae.readouts.core.gaussians_of`); the layers are added from its far end.
+    """
+    from ..data.deadleaves import occlusion_boundaries
+    from .core import from_far_end
+
+    cumulative, _ = layers(from_far_end(g), canvas, num_layers, cumulative=True)
     return occlusion_boundaries(layer_index(cumulative, canvas.background, threshold))
 
 
@@ -80,11 +89,13 @@ def soft_edges(g: Gaussians, canvas: Canvas, levels=EDGE_LEVELS, thresholds=EDGE
     `thresholds` (the paper's per-level figures), else an empty dict.
     """
     from ..data.deadleaves import occlusion_boundaries
+    from .core import from_far_end
 
     levels = [int(level) for level in levels if level <= g.num] or [g.num]
     total, per_level = None, {}
+    far_first = from_far_end(g)
     for level in levels:
-        cumulative, _ = layers(g, canvas, level, cumulative=True)
+        cumulative, _ = layers(far_first, canvas, level, cumulative=True)
         for t in thresholds:
             e = occlusion_boundaries(layer_index(cumulative, canvas.background, t))
             total = e.float() if total is None else total + e.float()
@@ -105,7 +116,8 @@ def edges_figure(image: torch.Tensor, per_level: dict[int, torch.Tensor], soft: 
     pictures.append(1.0 - soft.float().cpu().numpy())
     titles = ["input"] + [f"{level} layers" for level in per_level] + ["soft: mean of all"]
     fig = Figure(figsize=(cell * len(pictures), cell + 0.6), dpi=100, layout="constrained")
-    fig.suptitle("edges: where the nearest depth layer that changes a pixel differs from its neighbour's",
+    fig.suptitle("edges (layers added far \u2192 near): where the nearest depth layer that changes a pixel "
+                 "differs from its neighbour's",
                  fontsize=10)
     picture_row(fig, pictures, titles)
     return fig

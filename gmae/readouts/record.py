@@ -31,7 +31,7 @@ class Scorer:
     truth: the ground truth it is scored against, an attribute of each scored
         item (:class:`gmae.evaluate.zeroshot.Item`): ``"boundaries"``,
         ``"figure"`` or ``"depth"``; images without it are not scored by this readout.
-    predict: (Gaussians far to near, Canvas, sides) -> the model's prediction for
+    predict: (Gaussians near to far, Canvas, sides) -> the model's prediction for
         each image of the batch, at its truth's resolution (a square of side ``sides[i]``).
     score: (predictions {method: [one per image]}, truths [one per image],
         thresholds=..., progress=...) -> {method: {metric: value}}; it may add
@@ -53,7 +53,7 @@ class Readout:
 
     name: the command (`gmae NAME`) and the figure's file name (``IMAGE_NAME.png``).
     summary: what the figure shows (`gmae --help` says "zero-shot SUMMARY (PNG per image)").
-    compute: (Gaussians far to near, Canvas, options) -> what the figure shows, for the batch;
+    compute: (Gaussians near to far, Canvas, options) -> what the figure shows, for the batch;
         ``options`` holds the values of its flags (the parsed command line).
     save: (image (C, H, W), computed (a batch of one), path) -> the path of the figure written.
     flags: the options of its command, besides those every readout command has.

@@ -1,9 +1,11 @@
 """Readout `segment`: figure-ground from the nearest Gaussians (the paper's Fig. 7).
 
-Rule (the paper gives it in words only): a pixel is *figure* where the
-nearest ``near_fraction`` of the Gaussians (default 1/2), rendered alone, cover
-it with alpha >= 0.5 -- i.e. the near layers support it more than they let
-the far layers through. The one parameter is ``near_fraction``.
+Rule (the paper gives it in words only): figure-ground starts from the **near
+end**. A pixel is *figure* where the nearest ``near_fraction`` of the
+Gaussians (default 1/2: the first half of the near-to-far list,
+:func:`gmae.readouts.core.near_to_far`), rendered alone, cover it with alpha
+>= 0.5 -- i.e. the near layers support it more than they let the far layers
+through. The one parameter is ``near_fraction``.
 
 Scored by `gmae eval-zeroshot` as the mean IoU with the figure masks
 (:func:`gmae.evaluate.boundaries.mean_iou`), beside a centred ellipse with the
@@ -35,7 +37,8 @@ ELLIPSE_AREA = 0.5
 def figure_ground(g: Gaussians, canvas: Canvas, near_fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Figure mask (B, H, W) bool: alpha >= 0.5 of the nearest near_fraction of the Gaussians.
 
-    Also returns that near render (B, C, H, W) for display.
+    g near to far (:func:`gmae.readouts.core.gaussians_of`): the near part is the first
+    max(1, round(near_fraction * k)) of the list. Also returns that near render (B, C, H, W) for display.
     """
     import torch
 
@@ -45,8 +48,8 @@ def figure_ground(g: Gaussians, canvas: Canvas, near_fraction: float = 0.5) -> t
     if not 0.0 < near_fraction < 1.0:
         raise GMAEError(f"near fraction must be in (0, 1); got {near_fraction}")
     k = g.num
-    first_near = k - max(1, round(near_fraction * k))  # far-to-near position where the near part starts
-    keep = (torch.arange(k, device=g.means.device) >= first_near).unsqueeze(0)  # (1, K)
+    num_near = max(1, round(near_fraction * k))  # the near part: the first num_near of the near-to-far list
+    keep = (torch.arange(k, device=g.means.device) < num_near).unsqueeze(0)  # (1, K)
     image, alpha = render_subsets(g, keep, canvas)
     return alpha[:, 0] >= 0.5, image[:, 0]
 

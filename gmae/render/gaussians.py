@@ -45,11 +45,11 @@ class Gaussians:
 
         return Gaussians(**{f.name: gather(getattr(self, f.name)) for f in fields(self)})
 
-    def sorted_by_depth(self, far_first: bool = False) -> "Gaussians":
-        """The same Gaussians ordered front (small z) to back, or back to front with `far_first`;
-        ties kept in index order either way."""
+    def sorted_by_depth(self) -> "Gaussians":
+        """The same Gaussians ordered front (small z) to back, ties kept in index order: the renderer's
+        compositing order (the readouts' order, :func:`gmae.readouts.core.near_to_far`)."""
         z = self.means[..., 2]
-        order = torch.sort(-z if far_first else z, dim=1, stable=True).indices
+        order = torch.sort(z, dim=1, stable=True).indices
         return self.take(order)
 
     def detach(self) -> "Gaussians":
