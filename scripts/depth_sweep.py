@@ -191,7 +191,7 @@ def free_table(runs: Path, steps: str = "") -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for d in sorted(runs.iterdir()) if runs.exists() else []:
         m = re.fullmatch(rf"free-(\w+)-(off|swap|weighted)-s(\d+){steps}", d.name)
-        if m and (d / "eval-trained.json").exists():
+        if m and (d / "eval-init.json").exists():  # written last: the run is scored
             groups.setdefault((m[1], m[2]), []).append(json.loads((d / "eval-trained.json").read_text()))
     keys = ("depth_rank_spearman", "depth_pair_acc", "depth_pair_acc_touching", "depth_ooa", "fg_iou", "edge_ods")
 
@@ -208,11 +208,38 @@ def free_table(runs: Path, steps: str = "") -> str:
     for (data, grad), results in sorted(groups.items()):
         rows.append(f"| {data} | {grad} | {len(results)} | " + " | ".join(cell([r.get(k) for r in results]) for k in keys)
                     + " |")
-        for prior in ("border prior", "size prior", "reverse size prior", "all figure", "no edges"):
+        for prior in ("border prior", "size prior", "reverse size prior", "all figure", "sobel"):
             if any(prior in r["baselines"] for r in results):
                 rows.append(f"| | *{prior}* | | " + " | ".join(
                     cell([r["baselines"].get(prior, {}).get(k) for r in results]) for k in keys) + " |")
     return "\n".join(rows)
+
+
+def size_order(run_dirs: list[str], num_images: int = 32) -> str:
+    """What the depth order follows: per image, Spearman of z against each Gaussian's log volume and its
+    opacity (held-out dead-leaves or sprites, as trained), the mean over images. Negative with size: the
+    nearest are the largest."""
+    import numpy as np
+    import torch
+    from scipy.stats import spearmanr
+
+    from gmae.data import build_dataset
+    from gmae.evaluate.zeroshot import EVAL_SEED
+    from gmae.readouts.core import gaussians_of
+    from gmae.runs import load_model
+
+    lines = []
+    for run_dir in run_dirs:
+        model, cfg, state = load_model(run_dir)
+        data = state.get("config", {}).get("train", {}).get("data", "deadleaves")
+        source = build_dataset(data if data in ("deadleaves", "sprites") else "deadleaves", cfg.img_size, EVAL_SEED)
+        g = gaussians_of(model, torch.stack([source.load(i) for i in range(num_images)]))
+        z, size, opacity = g.means[..., 2].numpy(), g.scales.prod(-1).log().numpy(), g.opacities.numpy()
+        with_size = np.mean([spearmanr(z[b], size[b])[0] for b in range(len(z))])
+        with_opacity = np.mean([spearmanr(z[b], opacity[b])[0] for b in range(len(z))])
+        lines.append(f"{run_dir}: Spearman(z, log size) {with_size:+.3f}, Spearman(z, opacity) {with_opacity:+.3f} "
+                     f"({num_images} held-out {data} images)")
+    return "\n".join(lines)
 
 
 def timing(names: list[str], repeats: int = 15) -> str:
@@ -258,6 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=None, help="evaluation images (default: eval-zeroshot's 200)")
     p.add_argument("--threads", type=int, default=None, help="threads of each gmae command (give 1 to parallel sweeps)")
     p.add_argument("--table", action="store_true", help="print the table of finished runs")
+    p.add_argument("--size-order", nargs="+", metavar="RUN", help="what these runs' depth order follows (size, opacity)")
     p.add_argument("--free-table", action="store_true",
                    help="print the free-regime runs (free-*) as mean ± std over seeds, beside the priors")
     p.add_argument("--list", action="store_true", help="list the configurations")
@@ -277,6 +305,9 @@ def main(argv=None) -> int:
         return 0
     for name in args.names:
         train_and_score(name, runs, args.gmae, args.num_images, ["--threads", str(args.threads)] if args.threads else [])
+    if args.size_order:
+        print(size_order(args.size_order))
+        return 0
     if args.free_table:
         print(free_table(runs))
         print()

@@ -159,7 +159,7 @@ def table(runs: Path) -> str:
         verdict = "free" if free else ", ".join(
             w for w, bad in (("depth", e["depth_at_limit"] > 0.10), ("scale", e["scale_at_cap"] > 0.30),
                              ("spread shrinking", s["spread_trend"] < 0.95)) if bad)
-        rows.append(f"| {name} | `{' '.join(s['flags']) or '(tiny preset)'}` | {s['steps']} | "
+        rows.append(f"| {name} | `{' '.join(s['flags']) or '(c = 1, bounded z)'}` | {s['steps']} | "
                     f"{fmt(e['depth_at_limit'], 2)} | {fmt(e['scale_at_cap'], 2)} | {fmt(e['depth_spread'])} | "
                     f"{fmt(s['spread_trend'], 2)} | {fmt(e['opacity_mean'], 2)} | {fmt(s['loss'], 4)} | "
                     f"{fmt(s['psnr'], 2)} | {verdict} |")

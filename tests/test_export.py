@@ -79,7 +79,8 @@ def test_round_trip_rebuilds_the_same_model(tmp_path, model):
     imgs = torch.rand(2, 3, 32, 32)
     noise = torch.rand(2, mcfg.num_patches)
     with torch.no_grad():
-        assert torch.equal(loaded(imgs, noise).loss, ref(imgs, noise).loss)
+        # equal to float rounding (the two loads can differ in the last bits of the render's sums)
+        torch.testing.assert_close(loaded(imgs, noise).loss, ref(imgs, noise).loss, rtol=1e-6, atol=1e-7)
 
 
 def test_tensors_sharing_memory_are_exported(tmp_path):

@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 
@@ -116,9 +117,11 @@ def test_several_gaussians_per_query_shapes(position):
     g = out.gaussians
     assert g.num == 48 and g.means.shape == (3, 48, 3) and g.scales.shape == (3, 48, 3) and g.quats.shape == (3, 48, 4)
     assert g.colors.shape == (3, 48, 3) and g.opacities.shape == (3, 48) and out.image.shape == (3, 3, 32, 32)
-    # every block starts at c = 1's size, like a one-Gaussian head (the scale bias of each of the m blocks)
+    # every block starts at 1/sqrt(m) of c = 1's starting size (the scale bias of each of the m blocks)
     bias = model.gaussian_head.bias[: 4 * 14].view(4, 14)
-    assert torch.equal(bias[:, 3:6], torch.full((4, 3), bias[0, 3].item())) and bias[0, 3] == 0.0
+    start = 0.5 / 4 ** 0.5
+    assert torch.equal(bias[:, 3:6], torch.full((4, 3), bias[0, 3].item()))
+    assert bias[0, 3].item() == pytest.approx(math.log(start / (1 - start)))
     # ... and each block's weights are drawn like a one-Gaussian head's (xavier over d -> 14, not d -> 56)
     bound = (6.0 / (32 + 14)) ** 0.5
     weight = model.gaussian_head.weight

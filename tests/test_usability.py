@@ -592,7 +592,7 @@ def test_eval_zeroshot_scores_the_trivial_baselines(run, capsys):
     assert baselines["no edges"] == {"edge_ods": 0.0, "edge_ois": 0.0, "edge_ap": 0.0}
     # a depth order drawn at random: the expected scores
     assert baselines["random order"] == {"depth_rank_spearman": 0.0, "depth_pair_acc": 0.5,
-                                         "depth_pair_acc_touching": 0.5}
+                                         "depth_pair_acc_touching": 0.5, "depth_ooa": 0.5}
     assert main(["eval-zeroshot", "--checkpoint", str(run), "--num-images", "2"]) == 0
     rows = {line.split("  ")[0] for line in capsys.readouterr().out.splitlines()}
     assert {"all figure", "no edges", "random order"} <= rows

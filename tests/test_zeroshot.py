@@ -354,8 +354,8 @@ def test_eval_zeroshot_on_bsds_and_mask_layouts_scores_the_centre_square(checkpo
 def test_depth_collapse_figures_and_verdict():
     from gmae.readouts.core import COLLAPSE_AT_LIMIT, COLLAPSE_SPREAD
 
-    bounded = model_config("tiny", img_size=32, num_gaussians=12)
-    linear = model_config("tiny", img_size=32, num_gaussians=12, depth_param="linear")
+    bounded = model_config("tiny", img_size=32, num_gaussians=12, depth_param="bounded")
+    linear = model_config("tiny", img_size=32, num_gaussians=12, depth_param="linear", camera="orthographic")
     g = layered_scene(12)  # z spread over -0.9 ... 0.9, none at a limit
     healthy = zeroshot.depth_collapse(g, bounded)
     assert healthy["depth_at_limit"] == 0.0 and healthy["depth_spread"] > 0.5 and not healthy["collapsed"]
@@ -382,10 +382,12 @@ def test_depth_collapse_figures_and_verdict():
 
 @pytest.fixture(scope="module")
 def collapsed_checkpoint(checkpoints, tmp_path_factory):
-    """The gmae checkpoint with its head's z bias at -30 and z weights 0: every z = -1, the near limit."""
+    """The gmae checkpoint with its head's z bias at -30 and z weights 0, and the authors' bounded z: every
+    z = -1, the near limit (centred z, the tiny default, cannot drift there: all z would tie at 0 instead)."""
     from gmae.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(checkpoints["gmae"])
+    state["config"]["model"]["depth_param"] = "bounded"
     state["model"]["gaussian_head.bias"][2] = -30.0
     state["model"]["gaussian_head.weight"][2] = 0.0
     return str(save_checkpoint(state, tmp_path_factory.mktemp("collapsed") / "checkpoint-0000002.pt"))
