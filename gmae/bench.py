@@ -147,14 +147,19 @@ def _training_step(cfg, batch_size: int, device: str, seed: int):
     imgs = torch.rand(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size,
                       generator=torch.Generator().manual_seed(seed)).to(device)
     noise = masking_noise(seed, 0, batch_size, cfg.num_patches).to(device)
+    optimize = _optimizer_step(model, opt)
+    return (lambda: optimize(imgs, noise)), model, imgs, noise
 
-    def step():
+
+def _optimizer_step(model, opt):
+    """A function running one optimizer step of `model` on a batch (imgs, noise)."""
+    def step(imgs, noise):
         loss = model(imgs, noise).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return step, model, imgs, noise
+    return step
 
 
 def _layout(queries: int, per_query: int) -> str:
@@ -225,19 +230,13 @@ def default_step(batch_size: int = 16, warm_steps: int = 300, repeats: int = 10,
         model = build_model(cfg).to(device).train()
         opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.blr * batch_size / 256,
                                 betas=tcfg.betas)
-
-        def step(model=model, opt=opt, imgs=None, noise=None):
-            loss = model(imgs, noise).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        step = _optimizer_step(model, opt)
         for i in range(warm_steps):
             imgs = torch.stack([source.load(i * batch_size + j) for j in range(batch_size)]).to(device)
-            step(imgs=imgs, noise=masking_noise(seed, i, batch_size, cfg.num_patches).to(device))
+            step(imgs, masking_noise(seed, i, batch_size, cfg.num_patches).to(device))
         imgs = torch.stack([source.load(10**6 + j) for j in range(batch_size)]).to(device)
         noise = masking_noise(seed, 10**6, batch_size, cfg.num_patches).to(device)
-        steps[name] = lambda step=step, imgs=imgs, noise=noise: step(imgs=imgs, noise=noise)
+        steps[name] = lambda step=step, imgs=imgs, noise=noise: step(imgs, noise)
     t = timed_interleaved(steps, repeats, 1, device)
     changed = {k: (getattr(configs["previous"], k), getattr(configs["default"], k)) for k in previous
                if getattr(configs["previous"], k) != getattr(configs["default"], k)}
