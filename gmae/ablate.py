@@ -33,6 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 # No torch at import: the command line reads VARIANTS to build `gmae ablate --help`.
+from .choices import SCENE_DATA, SCENE_TASKS
 from .config import as_dict, model_config, train_config
 from .errors import GMAEError
 
@@ -132,18 +133,31 @@ def masked_psnr(model, images: int = PSNR_IMAGES, batch_size: int = 32) -> float
 
 def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = False,
                   progress: bool = False) -> dict:
-    """Probe accuracies and masked PSNR of a run's final weights (or, `initial`, of the weights it started from)."""
+    """Probe accuracies and masked PSNR of a run's final weights (or, `initial`, of the weights it started from).
+
+    ``probe_data`` deadleaves or sprites runs the scene probes (gmae.evaluate.scene): ``TASK_linear`` and
+    ``TASK_knn`` per task instead of ``linear_acc`` / ``knn_acc``.
+    """
     from .runs import load_model
-    from .evaluate.probe import probe
 
     model, mcfg, state = load_model(checkpoint, initial=initial)
-    scores = probe(model.encoder, probe_data, seed=seed, progress=progress)
+    if probe_data in SCENE_DATA:
+        from .evaluate.scene import scene_probe
+
+        tasks = scene_probe(model.encoder, probe_data, seed=seed, progress=progress)
+        scores = {"linear_acc": None, "knn_acc": None,
+                  **{f"{t}_{key}": r[f"{key}_acc"] for t, r in tasks.items() for key in ("linear", "knn")}}
+    else:
+        from .evaluate.probe import probe
+
+        found = probe(model.encoder, probe_data, seed=seed, progress=progress)
+        scores = {"linear_acc": found["linear_acc"], "knn_acc": found["knn_acc"]}
     # A norm-pix model predicts normalised patches; showing them in image space needs the hidden
     # patches' own mean and variance, i.e. part of the answer, so its PSNR is not comparable.
     psnr = None if mcfg.loss == "masked_normpix" else masked_psnr(model)
     metrics = [json.loads(line) for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines() if line]
     return {
-        "linear_acc": scores["linear_acc"], "knn_acc": scores["knn_acc"], "psnr": psnr,
+        **scores, "psnr": psnr,
         "final_loss": None if initial or not metrics else metrics[-1]["loss"],
         "train_minutes": 0.0 if initial else sum(m.get("step_time", 0.0) for m in metrics) / 60.0,
         "step": 0 if initial else state["step"], "checkpoint": str(checkpoint),
@@ -163,51 +177,98 @@ def _cached_scores(run: Path, checkpoint: Path, probe_data: str, seed: int, init
 
 def run_ablation(out: str | Path = "runs/ablate", names: list[str] | None = None, steps: int | None = None,
                  seed: int = 0, data: str = "deadleaves", probe_data: str = "digits", evaluate: bool = True,
-                 progress: bool = True) -> list[dict]:
-    """Pre-train and score each variant (all of GRID by default); returns one row per variant."""
+                 progress: bool = True, seeds: int = 1) -> list[dict]:
+    """Pre-train and score each variant (all of GRID by default); returns one row per variant.
+
+    ``seeds`` > 1 trains every variant from seeds ``seed .. seed + seeds - 1`` (runs ``OUT/NAME-sSEED``) and
+    each row holds the mean over them, with ``KEY_std`` (sample standard deviation) beside every score;
+    one seed trains ``OUT/NAME``.
+    """
     unknown = [n for n in names or [] if n not in VARIANTS]
     if unknown:
         raise GMAEError(f"unknown ablation variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    if seeds < 1:
+        raise GMAEError(f"seeds must be at least 1; got {seeds}")
     out = Path(out)
     rows = []
     variants = [VARIANTS[n] for n in names] if names else GRID
+    run_seeds = [seed + i for i in range(seeds)]
     # One bar over the runs; each run's training and feature extraction draw their own below it.
-    bar = tqdm(variants, desc="ablate", unit="run", disable=not progress, dynamic_ncols=True)
-    for variant in bar:
-        run = out / variant.name
+    bar = tqdm([(v, s) for v in variants for s in run_seeds], desc="ablate", unit="run", disable=not progress,
+               dynamic_ncols=True)
+    done: dict[str, list[tuple[dict, dict | None]]] = {}
+    for variant, s in bar:
+        run = out / (variant.name if seeds == 1 else f"{variant.name}-s{s}")
         start = time.time()
-        bar.set_postfix_str(f"{variant.name}: pre-training")
-        checkpoint = pretrain_variant(variant, run, steps, seed, data, progress)
-        row = {"name": variant.name, "setting": variant.setting, "paper_ft": variant.paper[0],
-               "paper_lin": variant.paper[1]}
+        bar.set_postfix_str(f"{run.name}: pre-training")
+        checkpoint = pretrain_variant(variant, run, steps, s, data, progress)
+        scores = init = None
         if evaluate:
-            bar.set_postfix_str(f"{variant.name}: probes and PSNR")
-            row.update(_cached_scores(run, checkpoint, probe_data, seed, progress=progress))
+            bar.set_postfix_str(f"{run.name}: probes and PSNR")
+            scores = _cached_scores(run, checkpoint, probe_data, s, progress=progress)
+            if variant.name == "base":  # the floor every pre-training must beat
+                bar.set_postfix_str(f"{run.name} at initialisation: probes and PSNR")
+                init = _cached_scores(run, checkpoint, probe_data, s, initial=True, progress=progress)
         if progress:
-            bar.write(f"{variant.name}: done in {time.time() - start:.0f} s")
+            bar.write(f"{run.name}: done in {time.time() - start:.0f} s")
+        done.setdefault(variant.name, []).append((scores, init))
+    for variant in variants:
+        row = {"name": variant.name, "setting": variant.setting, "paper_ft": variant.paper[0],
+               "paper_lin": variant.paper[1], "seeds": seeds}
+        runs = done[variant.name]
+        if evaluate:
+            row.update(_over_seeds([scores for scores, _ in runs]))
         rows.append(row)
-        if evaluate and variant.name == "base":  # the floor every pre-training must beat
-            bar.set_postfix_str("base at initialisation: probes and PSNR")
+        if evaluate and variant.name == "base":
             rows.append({"name": "init", "setting": "base architecture at initialisation (no pre-training)",
-                         "paper_ft": None, "paper_lin": None,
-                         **_cached_scores(run, checkpoint, probe_data, seed, initial=True, progress=progress)})
+                         "paper_ft": None, "paper_lin": None, "seeds": seeds,
+                         **_over_seeds([init for _, init in runs])})
     if evaluate:
         (out / "results.json").write_text(json.dumps(rows, indent=1))
         (out / "table.md").write_text(format_table(rows) + "\n")
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table: our figures next to the paper's ImageNet column."""
-    def cell(value, fmt):
-        return "–" if value is None else format(value, fmt)
+def _over_seeds(runs: list[dict]) -> dict:
+    """One seed's scores as they are; several: the mean of each number and its sample std as KEY_std."""
+    if len(runs) == 1:
+        return runs[0]
+    import statistics
 
-    lines = ["| variant | linear acc | kNN acc | masked PSNR (dB) | train min | paper ft / lin (ViT-B, IN-1k) |",
-             "|---|---:|---:|---:|---:|---|"]
+    merged = {}
+    for key, first in runs[0].items():
+        values = [r[key] for r in runs]
+        if isinstance(first, (int, float)) and not isinstance(first, bool) and None not in values:
+            merged[key] = statistics.mean(values)
+            if key not in ("step",):
+                merged[f"{key}_std"] = statistics.stdev(values)
+        else:
+            merged[key] = values  # e.g. the checkpoints, or scores some runs lack
+    return merged
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: our figures (mean ± std over seeds when there are several) next to the paper's column.
+
+    Digit probes show linear and kNN accuracy; scene probes the linear accuracy of each task.
+    """
+    def cell(r, key, fmt):
+        value = r.get(key)
+        if value is None or isinstance(value, list):
+            return "–"
+        std = r.get(f"{key}_std")
+        return format(value, fmt) + ("" if std is None else f" ± {format(std, fmt)}")
+
+    scene = [t for t in SCENE_TASKS if any(f"{t}_linear" in r for r in rows)]
+    probes = [(f"{t}_linear", f"{t} (linear)") for t in scene] or [("linear_acc", "linear acc"), ("knn_acc", "kNN acc")]
+    lines = ["| variant | " + " | ".join(h for _, h in probes) +
+             " | masked PSNR (dB) | train min | paper ft / lin (ViT-B, IN-1k) |",
+             "|---|" + "---:|" * len(probes) + "---:|---:|---|"]
     for r in rows:
-        paper = f"{cell(r['paper_ft'], '.1f')} / {cell(r['paper_lin'], '.1f')}"
-        lines.append(f"| {r['setting']} | {cell(r.get('linear_acc'), '.3f')} | {cell(r.get('knn_acc'), '.3f')} | "
-                     f"{cell(r.get('psnr'), '.2f')} | {cell(r.get('train_minutes'), '.1f')} | {paper} |")
+        paper = f"{cell(r, 'paper_ft', '.1f')} / {cell(r, 'paper_lin', '.1f')}"
+        probe_cells = " | ".join(cell(r, key, ".3f") for key, _ in probes)
+        lines.append(f"| {r['setting']} | {probe_cells} | {cell(r, 'psnr', '.2f')} | "
+                     f"{cell(r, 'train_minutes', '.1f')} | {paper} |")
     return "\n".join(lines)
 
 

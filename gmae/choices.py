@@ -11,6 +11,12 @@ import argparse
 BENCHMARKS = ("render_speedup", "coverage_growth", "step_ratio_tiny", "step_ratio_base224", "many_gaussians",
               "default_step", "contention", "contention_ddp")
 
+#: Scene probes (`gmae probe --data deadleaves|sprites --task ...`, gmae.evaluate.scene): the generated
+#: sources they read, their tasks in print order, and the default split sizes.
+SCENE_DATA = ("deadleaves", "sprites")
+SCENE_TASKS = ("count", "shape", "front", "figure")
+SCENE_IMAGES = {"train": 2000, "val": 1000}
+
 #: `gmae export` formats and the file extensions each accepts.
 EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import threads
-from .choices import BENCHMARKS, EXPORT_FORMATS, positive_int
+from .choices import BENCHMARKS, EXPORT_FORMATS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS, positive_int
 from .config import (
     CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, FINETUNE_RESUMABLE, LOSSES, MODELS, POSITION_PARAMS, PRESETS,
     PRETRAIN_RESUMABLE, FinetuneConfig, TrainConfig, as_dict, model_config, train_config,
@@ -340,9 +340,14 @@ def add_ablate(sub) -> None:
     p.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="NAME",
                    help=f"variants to run (default all): {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=positive_int, default=None, help="steps per run (tiny preset: 1200)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seeds", type=positive_int, default=1,
+                   help="seeds per variant (default 1); with more, runs are OUT/NAME-sSEED and the table "
+                        "shows mean ± std")
     p.add_argument("--data", default="deadleaves", help="pre-training data (default deadleaves)")
-    p.add_argument("--probe-data", default="digits", help="probe data (see gmae probe; default digits)")
+    p.add_argument("--probe-data", default="digits",
+                   help="probe data (see gmae probe; default digits); deadleaves or sprites runs the scene "
+                        "probes (count, shape, front, figure) on held-out scenes")
     p.add_argument("--no-eval", action="store_true", help="only pre-train")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     p.set_defaults(func=cmd_ablate)
@@ -353,7 +358,7 @@ def cmd_ablate(args) -> int:
     from .ablate import format_table, run_ablation
 
     rows = run_ablation(args.out, args.only, args.steps, args.seed, args.data, args.probe_data,
-                        evaluate=not args.no_eval, progress=not args.json)
+                        evaluate=not args.no_eval, progress=not args.json, seeds=args.seeds)
     print(json.dumps(rows) if args.json else format_table(rows))
     return 0
 
@@ -469,7 +474,8 @@ LABELLED_DATA_HELP = ("labelled data: digits (default; scikit-learn's 8x8 digits
 def add_probe(sub) -> None:
     p = sub.add_parser("probe", help="linear and kNN probes of a frozen encoder on labelled images")
     p.add_argument("--checkpoint", required=True, help=f"{CHECKPOINT_HELP}, or timm/MAE ViT weights")
-    p.add_argument("--data", default="digits", help=LABELLED_DATA_HELP)
+    p.add_argument("--data", default="digits", help=LABELLED_DATA_HELP + "; or deadleaves / sprites for the "
+                   "scene probes (see --task)")
     p.add_argument("--pool", default="cls", choices=("cls", "avg"),
                    help="feature: cls token (default, MAE's linear probe) or mean of patch tokens, after the final norm")
     init = p.add_mutually_exclusive_group()
@@ -477,6 +483,15 @@ def add_probe(sub) -> None:
                       help="probe the checkpoint's architecture with fresh weights drawn with --seed (the baseline)")
     init.add_argument("--baseline", action="store_true",
                       help="probe the trained weights and the random-init baseline, and print both side by side")
+    p.add_argument("--task", action="append", choices=(*SCENE_TASKS, "all"), default=None,
+                   help="scene probes (--data deadleaves or sprites only; repeat for several; default all): count "
+                        "and shape (of the largest object) are semantic, front (which of two marked objects is "
+                        "nearer) spatial, figure (is a marked point on the figure) figure-ground; see "
+                        "docs/evaluation.md")
+    p.add_argument("--train-images", type=positive_int, default=SCENE_IMAGES["train"],
+                   help=f"scene probes: train images (default {SCENE_IMAGES['train']})")
+    p.add_argument("--val-images", type=positive_int, default=SCENE_IMAGES["val"],
+                   help=f"scene probes: val images (default {SCENE_IMAGES['val']})")
     p.add_argument("--epochs", type=positive_int, default=100, help="linear-probe epochs on cached features (default 100)")
     p.add_argument("--k", type=positive_int, default=20, help="kNN neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default 0.07)")
@@ -503,17 +518,23 @@ def _run_seed(path: str, default: int) -> int:
 def cmd_probe(args) -> int:
     if not args.temperature > 0:
         raise GMAEError(f"temperature must be positive; got {args.temperature}")
+    if args.task and args.data not in SCENE_DATA:
+        raise GMAEError(f"--task is for the scene probes: give --data {' or '.join(SCENE_DATA)} "
+                        f"(got --data {args.data})")
     _check_checkpoint(args.checkpoint)
-    from .data.labelled import build_labelled
     from .evaluate.probe import probe, random_encoder
     from .export import load_encoder
 
     encoder, mcfg = load_encoder(args.checkpoint)
-    data = build_labelled(args.data, mcfg.img_size)  # built once when the baseline is probed too
     encoders = {"pre-trained": encoder}
     if args.random_init or args.baseline:
         baseline = random_encoder(mcfg, _run_seed(args.checkpoint, args.seed))
         encoders = {"random init": baseline} if args.random_init else {**encoders, "random init": baseline}
+    if args.data in SCENE_DATA:
+        return _scene_probe(args, encoders, mcfg)
+    from .data.labelled import build_labelled
+
+    data = build_labelled(args.data, mcfg.img_size)  # built once when the baseline is probed too
     results = {label: probe(enc, data, batch_size=args.batch_size, device=args.device, pool=args.pool, k=args.k,
                             T=args.temperature, epochs=args.epochs, seed=args.seed, progress=not args.json)
                for label, enc in encoders.items()}
@@ -533,6 +554,36 @@ def cmd_probe(args) -> int:
                      ("knn_acc", f"cosine, k={args.k}, T={args.temperature}")):
         cells = "".join(f"{100 * r[key]:13.2f}%" for r in results.values())
         print(f"{key:<10}{cells}   ({how})")
+    return 0
+
+
+def _scene_probe(args, encoders: dict, mcfg) -> int:
+    """`gmae probe --data deadleaves|sprites`: the scene tasks, each encoder on the same labels."""
+    from .evaluate.scene import SPLIT_SEEDS, scene_labels, scene_probe
+
+    tasks = SCENE_TASKS if not args.task or "all" in args.task else tuple(dict.fromkeys(args.task))
+    progress = not args.json
+    labels = (scene_labels(args.data, "train", mcfg.img_size, mcfg.patch_size, args.train_images, progress),
+              scene_labels(args.data, "val", mcfg.img_size, mcfg.patch_size, args.val_images, progress))
+    results = {label: scene_probe(enc, args.data, tasks, labels, batch_size=args.batch_size, device=args.device,
+                                  pool=args.pool, k=args.k, T=args.temperature, epochs=args.epochs, seed=args.seed,
+                                  progress=progress)
+               for label, enc in encoders.items()}
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, "split_seeds": SPLIT_SEEDS,
+                          "pool": args.pool, **({"tasks": results[next(iter(results))]} if len(results) == 1 else
+                                                {"encoders": results})}))
+        return 0
+    print(f"{args.checkpoint}, {args.data} scene probes: {args.train_images} train / {args.val_images} val images "
+          f"(seeds {SPLIT_SEEDS['train']} / {SPLIT_SEEDS['val']}); linear: BatchNorm + linear, SGD, {args.epochs} "
+          f"epochs; kNN: cosine, k={args.k}, T={args.temperature}; chance: the train split's most common class")
+    head = "".join(f"{f'{name} {label}':>24}" for name in ("linear", "kNN") for label in results)
+    print(f"{'task':<34}{head}{'chance':>10}")
+    for task in tasks:
+        first = results[next(iter(results))][task]
+        row = f"{task} ({first['kind']}, {first['num_classes']} classes)"
+        cells = "".join(f"{100 * r[task][key]:23.1f}%" for key in ("linear_acc", "knn_acc") for r in results.values())
+        print(f"{row:<34}{cells}{100 * first['chance']:9.1f}%")
     return 0
 
 

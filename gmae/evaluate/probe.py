@@ -54,18 +54,31 @@ def random_encoder(mcfg: ModelConfig, seed: int = 0) -> ViTEncoder:
     return encoder.eval()
 
 
-def encode(encoder: ViTEncoder, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:
-    """imgs (B, C, H, W) in [0, 1] -> features (B, D), no masking."""
+def encode_tokens(encoder: ViTEncoder, imgs: torch.Tensor) -> torch.Tensor:
+    """imgs (B, C, H, W) in [0, 1] -> every token (B, 1 + N, D) after the final norm, no masking.
+
+    Row 0 is the cls token, rows 1.. the patch tokens in row-major patch order.
+    """
     B = imgs.shape[0]
     N = encoder.patch_embed.num_patches
     # Ascending noise keeps every patch in its own order (no global RNG is drawn).
     noise = torch.arange(N, device=imgs.device, dtype=torch.float32).expand(B, N)
-    latent, _, _ = encoder(imgs, 0.0, noise)  # (B, 1 + N, D), after the final norm
+    latent, _, _ = encoder(imgs, 0.0, noise)
+    return latent
+
+
+def pool_tokens(latent: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """(B, 1 + N, D) tokens -> (B, D): the cls token or the mean of the patch tokens."""
     if pool == "cls":
         return latent[:, 0]
     if pool == "avg":
         return latent[:, 1:].mean(dim=1)
     raise GMAEError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+
+
+def encode(encoder: ViTEncoder, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """imgs (B, C, H, W) in [0, 1] -> features (B, D), no masking."""
+    return pool_tokens(encode_tokens(encoder, imgs), pool)
 
 
 @torch.no_grad()
