@@ -8,10 +8,10 @@ set by the object's draw order (the nearer the object, the smaller z), plus one 
 background's colour. The Gaussians are laid out so that the readouts' cuts of the near-to-far list fall
 between objects, never inside one: the nearest half of the list is exactly the figure's objects (padded
 with invisible, zero-opacity Gaussians), and each object fills one block of k/32 places (the finest
-layer of the edge readout). Colours come from 8 corners of a small cube, 0.25 apart in a channel, chosen
-so that touching objects differ: a pixel's own Gaussian changes it by ~0.25 (> every edge threshold
-... 0.2) while a neighbour's tail (alpha ~0.19) changes it by < 0.05, so layer-index edges land on the
-truth's pixels.
+layer of the edge readout). Colours come from 8 corners of a small cube, 0.12 apart in a channel, chosen
+so that touching objects differ: a pixel's own Gaussian changes it by ~0.12 (more than the edge readout's
+change thresholds 0.05 and 0.1; its 0.2 maps stay empty), while the tails of nearer neighbours (alpha
+<= ~0.41 together at a concave corner) change it by < 0.05, so layer-index edges land on the truth's pixels.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from gmae.render.gaussians import Gaussians
 S = 16  # the generated images' side (the model's input size: truth and prediction share it)
 K = 4096  # Gaussians per image; the edge readout's finest layer holds K / 32 = 128, more than any object shows
 BLOCK = K // 32
-PALETTE = 0.2 + 0.25 * np.array(list(itertools.product((0, 1), repeat=3)), dtype=np.float64)
+PALETTE = 0.3 + 0.12 * np.array(list(itertools.product((0, 1), repeat=3)), dtype=np.float64)
 FIELDS = ("means", "scales", "quats", "colors", "opacities")
 
 
@@ -147,10 +147,11 @@ def touching_pairs(scene) -> int:
 
 @pytest.mark.parametrize("data", ["sprites", "deadleaves"])
 def test_the_oracle_scores_near_perfectly_through_eval_zeroshot(data, one_thread):
-    """Depth pairs, touching pairs, OOA and rank correlation 1; figure IoU ~1; edge ODS far above the image
-    baselines. Edge ODS stays below 1 by design of the readout, not of the oracle: its coarse layers (l = 4, 8)
-    hold several objects each, whose shared boundaries they cannot mark, and a Gaussian's tail where two
-    nearer objects meet at a far object's corner can move a thin-threshold edge by a pixel."""
+    """Depth pairs, touching pairs, OOA and rank correlation 1; figure IoU ~1; edge ODS at its ceiling: that of
+    the truth's own boundary map scored as a prediction (below 1 because the BSDS protocol thins predictions,
+    and thinning drops the corner pixels of the truth's 4-connected staircases; 0.83 on these sprites)."""
+    from gmae.evaluate.boundaries import evaluate_boundaries
+
     r = scores(data)
     assert r["depth_pair_acc"] == 1.0 and r["depth_pair_acc_touching"] == 1.0 and r["depth_ooa"] == 1.0
     assert r["depth_rank_spearman"] == pytest.approx(1.0)
@@ -166,8 +167,11 @@ def test_the_oracle_scores_near_perfectly_through_eval_zeroshot(data, one_thread
     assert r["depth_pairs_touching"] == sum(touching_pairs(s) for s in scenes_of(data, 4)) > 0
     assert r["depth_ooa_pairs"] > 0
     assert r["fg_iou"] >= (0.999 if data == "sprites" else 0.98)
+    truths = [s.boundaries for s in scenes_of(data, 4)]
+    ceiling = evaluate_boundaries([t[0].astype(np.float64) for t in truths], truths, progress=False)["ods"]
     sobel, canny = r["baselines"]["sobel"]["edge_ods"], r["baselines"]["canny"]["edge_ods"]
-    assert r["edge_ods"] >= 0.75 and r["edge_ods"] > max(sobel, canny) + 0.2, (r["edge_ods"], sobel, canny)
+    assert r["edge_ods"] >= ceiling - 0.01 and ceiling > 0.7, (r["edge_ods"], ceiling)
+    assert r["edge_ods"] > max(sobel, canny) + 0.2, (r["edge_ods"], sobel, canny)
     assert r["edge_ois"] >= r["edge_ods"] - 1e-9 and r["collapse"]["collapsed"] is False
 
 
@@ -182,7 +186,7 @@ def test_reversed_and_shuffled_oracle_depths_score_as_they_must(data, one_thread
     assert shuffled["depth_pair_acc"] == pytest.approx(0.5, abs=0.05)
     assert shuffled["depth_pair_acc_touching"] == pytest.approx(0.5, abs=0.1)
     assert shuffled["depth_rank_spearman"] == pytest.approx(0.0, abs=0.06)
-    assert shuffled["fg_iou"] < 0.5 and shuffled["edge_ods"] < 0.6
+    assert shuffled["fg_iou"] < 0.5 and shuffled["edge_ods"] < 0.5
 
 
 def test_the_oracle_figure_survives_the_resize_to_a_larger_non_square_truth(tmp_path, one_thread):
@@ -234,7 +238,7 @@ def test_nearest_and_farthest_renders_of_an_unsorted_scene_show_the_front_object
     assert int(on_front.sum()) == n_front
     alone = render_subsets(g, on_front[None, None], canvas)[0][0, 0]
     torch.testing.assert_close(partial[0, 0], alone, atol=1e-6, rtol=0)
-    assert (alone.amax(dim=0) > 0.19).numpy()[objects == front].all()
+    assert (alone.amax(dim=0) > 0.29).numpy()[objects == front].all()
     # the K farthest (K = the background's pixels and its backdrop), read from the far end as the edges do:
     # the background's colour over the whole image, nothing of any shape
     n_back = int((objects == 0).sum()) + 1
