@@ -243,13 +243,15 @@ def quat_rotate(q, v):
     return mul(mul(q, torch.cat([torch.zeros_like(v[..., :1]), v], -1)), conj)[..., 1:]
 
 
-def legacy_gsplat_project(means, scales, quats, viewmat, projmat, fx, fy, cx, cy, H, W, clip_thresh=0.01):
+def legacy_gsplat_project(means, scales, quats, viewmat, projmat, fx, fy, cx, cy, H, W, clip_thresh=0.01,
+                          clamp=1.3):
     """Legacy gsplat's ``project_gaussians`` (v0.1, ``_torch_impl.py`` / ``forward.cu``) in float64, written
     from its formulas: t = W_view·mean + p; J = [[fx/tz, 0, -fx·tx'/tz²], [0, fy/tz, -fy·ty'/tz²]] with
     tx' = tz·clamp(tx/tz, ±1.3·tan_fovx), tan_fovx = W / (2 fx) (and y alike); cov2d = (J W_view) Σ3
     (J W_view)ᵀ + 0.3·I, Σ3 = M Mᵀ, M = R·diag(s); conic = cov2d⁻¹; centre: ndc2pix of projmat·[mean, 1]
     divided by (w + 1e-6), ndc2pix(x, W) = ((x + 1)·W − 1) / 2 (pixel centres at integers); depth = tz;
-    culled when tz < clip_thresh. cx, cy are unused by the projmat path (as in the legacy code).
+    culled when tz < clip_thresh. cx, cy are unused by the projmat path (as in the legacy code); clamp: the
+    1.3 (infinite: no clamp).
     -> means2d (pixel centres at i + 0.5, this package's convention), conic (a, b, c), depth, valid."""
     q = quats / quats.norm(dim=-1, keepdim=True)
     R = torch.stack([quat_rotate(q, torch.eye(3, dtype=F64)[i].expand_as(means)) for i in range(3)], -1)
@@ -259,8 +261,8 @@ def legacy_gsplat_project(means, scales, quats, viewmat, projmat, fx, fy, cx, cy
     t = means @ Wv.T + p
     tan_fovx, tan_fovy = 0.5 * W / fx, 0.5 * H / fy
     tz = t[..., 2]
-    tx = tz * torch.clamp(t[..., 0] / tz, -1.3 * tan_fovx, 1.3 * tan_fovx)
-    ty = tz * torch.clamp(t[..., 1] / tz, -1.3 * tan_fovy, 1.3 * tan_fovy)
+    tx = tz * torch.clamp(t[..., 0] / tz, -clamp * tan_fovx, clamp * tan_fovx)
+    ty = tz * torch.clamp(t[..., 1] / tz, -clamp * tan_fovy, clamp * tan_fovy)
     zero = torch.zeros_like(tz)
     J = torch.stack([torch.stack([fx / tz, zero, -fx * tx / tz**2], -1),
                      torch.stack([zero, fy / tz, -fy * ty / tz**2], -1)], -2)
@@ -274,12 +276,12 @@ def legacy_gsplat_project(means, scales, quats, viewmat, projmat, fx, fy, cx, cy
     return pix + 0.5, conic, tz, tz >= clip_thresh
 
 
-def legacy_gsplat_authors(means, scales, quats, H, W):
+def legacy_gsplat_authors(means, scales, quats, H, W, clamp=1.3):
     """The GMAE authors' call: ProjectGaussians(means, scales, 1, quats, viewmat, viewmat, W/2, W/2, W/2, H/2, H, W)
     with viewmat = [I | (0, 0, 8)] (projmat = viewmat)."""
     viewmat = torch.eye(4, dtype=F64)
     viewmat[2, 3] = 8.0
-    return legacy_gsplat_project(means, scales, quats, viewmat, viewmat, W / 2, W / 2, W / 2, H / 2, H, W)
+    return legacy_gsplat_project(means, scales, quats, viewmat, viewmat, W / 2, W / 2, W / 2, H / 2, H, W, clamp=clamp)
 
 
 def clamp_and_near_plane_gaussians(seed=7, K=12):
@@ -309,10 +311,8 @@ def test_authors_camera_is_legacy_gsplat_in_the_clamp_region_and_near_the_near_p
     torch.testing.assert_close(con[valid], econ[valid], rtol=1e-9, atol=0)
     torch.testing.assert_close(dep[valid], edep[valid], rtol=1e-12, atol=0)
     assert (con[~valid] == 0).all()  # culled: the zero conic no rasterizer draws
-    # the clamp matters here: without it (the pinhole's J at the same point) the conics differ
-    unclamped = legacy_gsplat_project(means, scales, quats, torch.eye(4, dtype=F64).index_put_(
-        (torch.tensor(2), torch.tensor(3)), torch.tensor(8.0, dtype=F64)), torch.eye(4, dtype=F64), W / 2, W / 2,
-        0, 0, H, W * 1e6)[1]
+    # the clamp matters here: without it the conics differ
+    unclamped = legacy_gsplat_authors(means, scales, quats, H, W, clamp=float("inf"))[1]
     assert not torch.allclose(unclamped[valid], econ[valid], rtol=1e-3)
 
 
