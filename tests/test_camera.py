@@ -136,16 +136,9 @@ def numpy_projection(camera, mean, scale, quat, H, W):
         J = np.array([[W / 2, 0, 0], [0, H / 2, 0]])
         m2, depth = [(x + 1) / 2 * W, (y + 1) / 2 * H], z
     elif camera == "authors":
-        # legacy gsplat: projmat = viewmat = [I | (0, 0, 8)], focal W/2 for both axes, so w = 1 and
-        # ndc2pix(x) = 0.5·W·x/(1 + 1e-6) + W/2 - 0.5 with pixel centres at integers (+0.5 here)
-        t = np.array([x, y, z + 8.0])
-        f = W / 2
-        lim_x, lim_y = 1.3 * (0.5 * W / f), 1.3 * (0.5 * H / f)
-        tx = t[2] * np.clip(t[0] / t[2], -lim_x, lim_x)
-        ty = t[2] * np.clip(t[1] / t[2], -lim_y, lim_y)
-        J = np.array([[f / t[2], 0, -f * tx / t[2] ** 2], [0, f / t[2], -f * ty / t[2] ** 2]])
-        m2 = [0.5 * W * x / (1 + 1e-6) + W / 2, 0.5 * H * y / (1 + 1e-6) + H / 2]
-        depth = z + 8.0
+        m2, conic, depth, _ = legacy_gsplat_authors(*(torch.tensor(np.asarray(a)[None, None], dtype=F64)
+                                                      for a in (mean, scale, quat)), H, W)
+        return m2[0, 0].numpy(), conic[0, 0].numpy(), depth[0, 0].item()
     else:  # pinhole at distance 8 with focal 8·W/2, 8·H/2
         tz = z + 8.0
         fx, fy = 8 * W / 2, 8 * H / 2
@@ -233,3 +226,112 @@ def test_unknown_camera_is_refused():
     means, scales, quats = random_gaussians(0)
     with pytest.raises(GMAEError, match="unknown camera 'fisheye'; choose one of"):
         project("fisheye", means, scales, quats, 8, 8)
+
+
+# --------------------------------------------------------------------------- legacy gsplat, from its formulas
+
+
+def quat_rotate(q, v):
+    """v rotated by the unit quaternion q (w, x, y, z): the vector part of q v q*, by quaternion products."""
+    def mul(a, b):
+        aw, ax, ay, az = a.unbind(-1)
+        bw, bx, by, bz = b.unbind(-1)
+        return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+                            aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
+
+    conj = q * q.new_tensor([1.0, -1.0, -1.0, -1.0])
+    return mul(mul(q, torch.cat([torch.zeros_like(v[..., :1]), v], -1)), conj)[..., 1:]
+
+
+def legacy_gsplat_project(means, scales, quats, viewmat, projmat, fx, fy, cx, cy, H, W, clip_thresh=0.01,
+                          clamp=1.3):
+    """Legacy gsplat's ``project_gaussians`` (v0.1, ``_torch_impl.py`` / ``forward.cu``) in float64, written
+    from its formulas: t = W_view·mean + p; J = [[fx/tz, 0, -fx·tx'/tz²], [0, fy/tz, -fy·ty'/tz²]] with
+    tx' = tz·clamp(tx/tz, ±1.3·tan_fovx), tan_fovx = W / (2 fx) (and y alike); cov2d = (J W_view) Σ3
+    (J W_view)ᵀ + 0.3·I, Σ3 = M Mᵀ, M = R·diag(s); conic = cov2d⁻¹; centre: ndc2pix of projmat·[mean, 1]
+    divided by (w + 1e-6), ndc2pix(x, W) = ((x + 1)·W − 1) / 2 (pixel centres at integers); depth = tz;
+    culled when tz < clip_thresh. cx, cy are unused by the projmat path (as in the legacy code); clamp: the
+    1.3 (infinite: no clamp).
+    -> means2d (pixel centres at i + 0.5, this package's convention), conic (a, b, c), depth, valid."""
+    q = quats / quats.norm(dim=-1, keepdim=True)
+    R = torch.stack([quat_rotate(q, torch.eye(3, dtype=F64)[i].expand_as(means)) for i in range(3)], -1)
+    M = R * scales[..., None, :]
+    cov3 = M @ M.transpose(-1, -2)
+    Wv, p = viewmat[:3, :3], viewmat[:3, 3]
+    t = means @ Wv.T + p
+    tan_fovx, tan_fovy = 0.5 * W / fx, 0.5 * H / fy
+    tz = t[..., 2]
+    tx = tz * torch.clamp(t[..., 0] / tz, -clamp * tan_fovx, clamp * tan_fovx)
+    ty = tz * torch.clamp(t[..., 1] / tz, -clamp * tan_fovy, clamp * tan_fovy)
+    zero = torch.zeros_like(tz)
+    J = torch.stack([torch.stack([fx / tz, zero, -fx * tx / tz**2], -1),
+                     torch.stack([zero, fy / tz, -fy * ty / tz**2], -1)], -2)
+    T = J @ Wv
+    cov2 = T @ cov3 @ T.transpose(-1, -2) + 0.3 * torch.eye(2, dtype=F64)
+    det = cov2[..., 0, 0] * cov2[..., 1, 1] - cov2[..., 0, 1] ** 2
+    conic = torch.stack([cov2[..., 1, 1] / det, -cov2[..., 0, 1] / det, cov2[..., 0, 0] / det], -1)
+    hom = torch.cat([means, torch.ones_like(means[..., :1])], -1) @ projmat.T
+    ndc = hom[..., :3] / (hom[..., 3:] + 1e-6)
+    pix = torch.stack([0.5 * ((ndc[..., 0] + 1) * W - 1), 0.5 * ((ndc[..., 1] + 1) * H - 1)], -1)
+    return pix + 0.5, conic, tz, tz >= clip_thresh
+
+
+def legacy_gsplat_authors(means, scales, quats, H, W, clamp=1.3):
+    """The GMAE authors' call: ProjectGaussians(means, scales, 1, quats, viewmat, viewmat, W/2, W/2, W/2, H/2, H, W)
+    with viewmat = [I | (0, 0, 8)] (projmat = viewmat)."""
+    viewmat = torch.eye(4, dtype=F64)
+    viewmat[2, 3] = 8.0
+    return legacy_gsplat_project(means, scales, quats, viewmat, viewmat, W / 2, W / 2, W / 2, H / 2, H, W, clamp=clamp)
+
+
+def clamp_and_near_plane_gaussians(seed=7, K=12):
+    """Centres near the camera (tz = z + 8 in 0.02 ... 0.6) and off axis: |tx/tz| up to 50, far past the clamp."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(1, K, 2, generator=g, dtype=F64) * 1.8 - 0.9
+    tz = 0.02 + 0.58 * torch.rand(1, K, 1, generator=g, dtype=F64)
+    means = torch.cat([xy, tz - 8.0], -1)
+    scales = 0.002 + 0.01 * torch.rand(1, K, 3, generator=g, dtype=F64)
+    quats = torch.randn(1, K, 4, generator=g, dtype=F64)
+    return means, scales, quats
+
+
+@pytest.mark.parametrize("H,W", [(32, 32), (24, 40)])
+def test_authors_camera_is_legacy_gsplat_in_the_clamp_region_and_near_the_near_plane(H, W):
+    means, scales, quats = clamp_and_near_plane_gaussians()
+    ratio = (means[..., :2] / (means[..., 2:] + 8.0)).abs()
+    assert (ratio[..., 0] > 1.3).sum() >= 6 and (ratio[..., 1] > 1.3 * H / W).sum() >= 6  # clamped on both axes
+    # and two just either side of the near plane (tz = 0.012: seen; tz = 0.008: culled)
+    means = torch.cat([means, torch.tensor([[[0.1, -0.2, 0.012 - 8.0], [0.1, -0.2, 0.008 - 8.0]]], dtype=F64)], 1)
+    scales = torch.cat([scales, torch.full((1, 2, 3), 0.004, dtype=F64)], 1)
+    quats = torch.cat([quats, torch.tensor([[[0.9, 0.1, 0.2, 0.3]] * 2], dtype=F64)], 1)
+    m2, con, dep = project_authors(means, scales, quats, H, W)
+    em2, econ, edep, valid = legacy_gsplat_authors(means, scales, quats, H, W)
+    assert valid[0, :-1].all() and not valid[0, -1]
+    torch.testing.assert_close(m2[valid], em2[valid], rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(con[valid], econ[valid], rtol=1e-9, atol=0)
+    torch.testing.assert_close(dep[valid], edep[valid], rtol=1e-12, atol=0)
+    assert (con[~valid] == 0).all()  # culled: the zero conic no rasterizer draws
+    # the clamp matters here: without it the conics differ
+    unclamped = legacy_gsplat_authors(means, scales, quats, H, W, clamp=float("inf"))[1]
+    assert not torch.allclose(unclamped[valid], econ[valid], rtol=1e-3)
+
+
+def test_authors_camera_gradients_are_legacy_gsplats_in_the_clamp_region():
+    """The clamp branch's gradients: the same as autograd through the legacy formulas, and gradcheck."""
+    means, scales, quats = clamp_and_near_plane_gaussians(seed=8, K=6)
+    weights = torch.randn(3, 1, 6, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def loss(project_fn, m, s, q):
+        m2, con, dep = project_fn(m, s, q)[:3]
+        return (weights[0, ..., :2] * m2).sum() + (weights[1] * con * 1e-4).sum() + (weights[2, ..., 0] * dep).sum()
+
+    grads = []
+    for fn in (lambda m, s, q: project_authors(m, s, q, 24, 40), lambda m, s, q: legacy_gsplat_authors(m, s, q, 24, 40)):
+        leaves = [t.clone().requires_grad_() for t in (means, scales, quats)]
+        loss(fn, *leaves).backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
+    assert grads[0][0][..., 2].abs().min() > 0  # depth reaches the conic through 1/tz even where x is clamped
+    leaves = [t[:, :3].clone().requires_grad_() for t in (means, scales, quats)]
+    assert torch.autograd.gradcheck(lambda m, s, q: project_authors(m, s, q, 24, 40), leaves)

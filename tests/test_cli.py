@@ -80,8 +80,8 @@ def test_bench_prints_ratio(capsys):
     assert [(row["queries"], row["gaussians_per_query"], row["num_gaussians"]) for row in r["layouts"]] == \
         [(256, 1, 256), (64, 4, 256)]
     for row in r["layouts"]:
-        assert row["gmae_step_s"] > 0 and row["ratio"] == pytest.approx(row["gmae_step_s"] / r["mae_step_s"])
-        assert row["render_s"] > 0 and row["render_share"] == pytest.approx(row["render_s"] / row["gmae_step_s"])
+        # (the ratios' arithmetic is checked with known timings in test_bench.py)
+        assert row["gmae_step_s"] > 0 and row["render_s"] > 0 and 0 < row["render_share"] < 1
 
 
 def test_mae_pretrain(tmp_path):

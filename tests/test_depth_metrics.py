@@ -13,7 +13,9 @@ from gmae.evaluate.depth import (
     object_depths,
     pair_counts,
     rank_spearman,
+    TOUCH,
     scored_gaussians,
+    touching,
     weighted_median,
 )
 
@@ -117,8 +119,16 @@ def test_touching_pairs_are_those_whose_footprints_meet():
     means[ids == 0, 2] = -5.0  # background Gaussians wrongly in front of everything
     opac = np.ones(len(ids))
     means2d = (means[:, :2] + 1) / 2  # image-width units
-    tiny = np.tile([1e6, 0.0, 1e6], (len(ids), 1))  # point-like: no two footprints meet
-    huge = np.tile([1e-6, 0.0, 1e-6], (len(ids), 1))  # every footprint meets every other
+    # Footprints that just miss / just reach: exp(-d^2 / (2 sigma^2)) > TOUCH for d < REACH * sigma, so an
+    # isotropic sigma 10% short of the nearest centres' distance / REACH touches nothing, and 10% beyond the
+    # farthest distance / REACH touches everything: a conic off by more than a factor 1.2^2 breaks the counts.
+    d = np.linalg.norm(means2d[:, None] - means2d[None], axis=-1)[np.triu_indices(len(ids), 1)]
+    reach = np.sqrt(2 * np.log(1 / TOUCH))
+    tiny = np.tile([1.0, 0.0, 1.0], (len(ids), 1)) / (d.min() / reach / 1.1) ** 2
+    huge = np.tile([1.0, 0.0, 1.0], (len(ids), 1)) / (d.max() / reach * 1.1) ** 2
+    apart_pairs = ~np.eye(len(ids), dtype=bool)
+    assert touching(means2d, tiny / 1.3)[apart_pairs].any()  # a conic off by 30% already changes the answer
+    assert not touching(means2d, huge * 1.3)[apart_pairs].all()
     apart = depth_metrics([(means, opac, means2d, tiny)], [truth])
     assert apart["depth_pairs_touching"] == 0 and np.isnan(apart["depth_pair_acc_touching"])
     together = depth_metrics([(means, opac, means2d, huge)], [truth])
@@ -334,3 +344,33 @@ def test_deadleaves_order_weights_use_each_leafs_own_texture_where_the_shapes_ov
     for i in range(n):
         if TEXTURES[int(sample.textures[i])] != "noise" and (visible == i).any():
             np.testing.assert_allclose(looks[i, visible == i], image[visible == i], atol=1e-6)
+
+
+def test_touching_is_decided_where_the_footprint_falls_to_touch():
+    """Two centres 0.1 apart: footprints of sigma just above / below 0.1 / sqrt(2 ln(1 / TOUCH)) touch / do not."""
+    means2d = np.array([[0.3, 0.4], [0.3 + 0.06, 0.4 + 0.08]])  # 0.1 apart
+    sigma = 0.1 / np.sqrt(2 * np.log(1 / TOUCH))
+    for factor, touches in ((1.02, True), (0.98, False)):
+        conic = np.array([1.0, 0.0, 1.0]) / (factor * sigma) ** 2
+        assert touching(means2d, np.stack([conic, conic]))[0, 1] == touches
+    # one footprint is enough: a wide one reaching a point-like one
+    wide, point = np.array([1.0, 0.0, 1.0]) / (1.02 * sigma) ** 2, np.array([1e4, 0.0, 1e4])
+    assert touching(means2d, np.stack([wide, point]))[0, 1]
+
+
+def test_the_gaussians_readout_gives_footprints_in_image_width_units():
+    """`gmae eval-zeroshot`'s depth scorer reads screen means and conics in units of the image width: the same
+    Gaussian gives the same numbers (up to the renderer's 0.3 px^2 dilation) on any canvas size, and the
+    orthographic camera maps a world std s to s / 2 image widths (the image spans 2 world units)."""
+    from gmae.readouts.core import Canvas
+    from gmae.readouts.gaussians import READOUT
+    from gmae.render.gaussians import Gaussians
+
+    g = Gaussians(torch.tensor([[[0.2, -0.4, 0.1]]]), torch.tensor([[[0.1, 0.05, 0.3]]]),
+                  torch.tensor([[[1.0, 0.0, 0.0, 0.0]]]), torch.rand(1, 1, 3), torch.tensor([[0.9]]))
+    for size in (16, 48):
+        means, opacities, means2d, conics = READOUT.scorer.predict(g, Canvas(size, size, None, "torch"), [size])[0]
+        np.testing.assert_allclose(means, [[0.2, -0.4, 0.1]]) and np.testing.assert_allclose(opacities, [0.9])
+        np.testing.assert_allclose(means2d, [[0.6, 0.3]], rtol=1e-6)
+        dilation = 0.3 / size**2  # 0.3 px^2 in width^2
+        np.testing.assert_allclose(conics, [[1 / (0.05**2 + dilation), 0.0, 1 / (0.025**2 + dilation)]], rtol=1e-5)

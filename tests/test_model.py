@@ -1,3 +1,4 @@
+import itertools
 import math
 import pytest
 import torch
@@ -155,10 +156,14 @@ def test_one_gaussian_per_query_is_the_model_it_always_was():
         assert head == {"mask_token": (1, 1, 32), "query_embed": (1, 48, 32), "gaussian_head.weight": (14, 32),
                         "gaussian_head.bias": (14,)}
         raw = torch.randn(2, 48, 14) * 3
-        expected = gaussians_from_raw(raw, 1.0, model.camera.scale_unit, "bounded")
         got = model.gaussians_from_tokens(raw)
-        for name in ("means", "scales", "quats", "colors", "opacities"):
-            assert torch.equal(getattr(got, name), getattr(expected, name)), name
+        # the authors' activations of each Gaussian's own 14 numbers, written out
+        unit, c = model.camera.scale_unit, model.cfg.max_scale
+        torch.testing.assert_close(got.means, 2 * (torch.sigmoid(raw[..., 0:3]) - 0.5))
+        torch.testing.assert_close(got.scales, c * torch.sigmoid(raw[..., 3:6]) * unit)
+        torch.testing.assert_close(got.quats, raw[..., 6:10] / raw[..., 6:10].norm(dim=-1, keepdim=True))
+        torch.testing.assert_close(got.colors, torch.sigmoid(raw[..., 10:13]))
+        torch.testing.assert_close(got.opacities, torch.sigmoid(raw[..., 13]))
 
 
 def test_checkpoint_without_gaussians_per_query_loads_unchanged(tmp_path):
@@ -197,8 +202,18 @@ def test_gaussian_activations():
     assert torch.allclose(g.quats.norm(dim=-1), torch.ones(2, 100), atol=1e-6)
     for t in (g.colors, g.opacities):
         assert torch.all((t >= 0) & (t <= 1))
-    # c = 1 gives a largest on-screen standard deviation of W/16 pixels (orthographic, image spans 2 units)
-    assert unit * 1.0 * 224 / 2 == pytest.approx(224 / 16)
+    # c gives a largest on-screen standard deviation of c W/16 pixels, on every camera: a saturated scale output,
+    # projected through the camera, measured on the screen (its variance less the 0.3 px^2 dilation)
+    from gmae.render.camera import project
+
+    for camera, c in itertools.product(RENDER_CAMERAS, (1.0, 2.0)):
+        full = torch.zeros(1, 1, 14)
+        full[..., 3] = 40.0  # sigmoid = 1: the largest scale, along x
+        full[..., 4:6] = -40.0
+        big = gaussians_from_raw(full, max_scale=c, scale_unit=RENDER_CAMERAS[camera].scale_unit)
+        big.means[..., 2] = 0.0  # at the z = 0 plane
+        _, conic, _ = project(camera, big.means, big.scales, big.quats, 224, 224)
+        assert (1 / conic[0, 0, 0].item() - 0.3) ** 0.5 == pytest.approx(c * 224 / 16, rel=1e-4), camera
     # the linear depth is the raw output itself: unbounded, never saturating
     linear = gaussians_from_raw(raw, max_scale=2.0, scale_unit=unit, depth="linear")
     assert torch.equal(linear.means[..., 2], raw[..., 2]) and torch.equal(linear.means[..., :2], g.means[..., :2])
@@ -299,18 +314,23 @@ def test_every_gaussian_output_learns(camera, depth_grad, depth_param, backend, 
     when anchored), gets a gradient from the loss, except z with the orthographic camera and no
     depth-order gradient: there depth only sorts, and sorting has no derivative (the defect this
     test exists to catch, kept visible rather than hidden)."""
-    if depth_grad == "weighted" and backend == "cpu":
-        pytest.skip("the cpu kernel has no weighted compositing (refused, tested in test_weighted.py)")
-    if depth_param == "linear" and camera in SIZE_FROM_DEPTH_CAMERAS:
-        pytest.skip("unbounded z with a size-from-depth camera is refused (test_linear_depth_needs_orthographic)")
+    settings = dict(**SMALL, camera=camera, depth_grad=depth_grad, depth_param=depth_param, render_backend=backend,
+                    max_scale=4.0, gaussians_per_query=per_query, position_param=position)
+    if depth_param == "linear" and camera in SIZE_FROM_DEPTH_CAMERAS:  # refused by design: it diverged
+        with pytest.raises(GMAEError, match="depth-param linear needs --camera orthographic"):
+            ModelConfig(**settings)
+        return
     torch.manual_seed(0)
-    cfg = ModelConfig(**SMALL, camera=camera, depth_grad=depth_grad, depth_param=depth_param, render_backend=backend,
-                      max_scale=4.0, gaussians_per_query=per_query, position_param=position)
+    cfg = ModelConfig(**settings)
     model = GMAE(cfg)
     from gmae.data import DeadLeaves
 
     source = DeadLeaves(32, seed=0)
     imgs = torch.stack([source.load(i, None) for i in range(4)])
+    if depth_grad == "weighted" and backend == "cpu":  # the cpu kernel has no weighted compositing: refused
+        with pytest.raises(GMAEError, match="render backend 'cpu' has no weighted compositing"):
+            model(imgs, masking_noise(0, 0, 4, cfg.num_patches))
+        return
     model(imgs, masking_noise(0, 0, 4, cfg.num_patches)).loss.backward()
     grad = model.gaussian_head.weight.grad.abs().sum(dim=1)  # one row per raw output
     assert grad.shape == (per_query * 14 + (2 if position == "anchored" else 0),)

@@ -55,3 +55,22 @@ def test_auto_picks_gsplat_on_cuda():
     from gmae.render import resolve_backend
 
     assert resolve_backend("auto", "cuda") == "gsplat"
+
+
+@pytest.mark.parametrize("asked", [0.99, 0.9, 0.5])
+def test_gsplat_clamps_at_its_own_max_alpha_whatever_is_asked_and_says_so(asked, monkeypatch, caplog):
+    """gsplat's kernel clamps alpha at 0.999 whatever max_alpha asks (the contract's default 0.99 included): its
+    render is the reference's at 0.999, not at the value asked (opaque Gaussians show the difference), and the
+    override is logged (once per process)."""
+    from gmae.render import cuda as gsplat_backend
+
+    monkeypatch.setattr(gsplat_backend, "_warned", False)
+    inputs = scene(2, 64, 3, 48, 48, 3, opacity=(1.0, 1.0))
+    with caplog.at_level("WARNING", logger="gmae.render"):
+        image, alpha = rasterize(*inputs, height=48, width=48, backend="gsplat", max_alpha=asked)
+    assert any(f"max_alpha={asked} is ignored" in r.getMessage() for r in caplog.records)
+    at_its_clamp = rasterize(*inputs, height=48, width=48, backend="torch", max_alpha=MAX_ALPHA)
+    as_asked = rasterize(*inputs, height=48, width=48, backend="torch", max_alpha=asked)
+    torch.testing.assert_close(image, at_its_clamp[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alpha, at_its_clamp[1], atol=1e-4, rtol=1e-4)
+    assert (alpha - as_asked[1]).abs().max() > 1e-3

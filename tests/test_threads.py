@@ -195,11 +195,72 @@ def test_dataloader_workers_get_one_thread_each():
     assert all(n == 1 for n in sizes.values()), sizes  # numpy's BLAS and OpenMP too, where threadpoolctl sees them
 
 
-def test_training_loaders_use_the_worker_init():
-    import inspect
+class LoaderBuilt(Exception):
+    """Raised by the spy once the loader under test was built: the run stops there."""
 
-    from gmae.evaluate import finetune, probe
+
+def test_training_loaders_give_their_workers_one_thread(tmp_path, monkeypatch):
+    """pretrain's and finetune's loaders: whatever worker_init_fn they pass, a worker started with it runs
+    one thread (the spy stops each run at its loader and starts a real worker with that function)."""
     from gmae import train
+    from gmae.config import FinetuneConfig, model_config, train_config
+    from gmae.evaluate import finetune
 
-    for module in (train, finetune, probe):
-        assert "worker_init_fn=worker_init" in inspect.getsource(module), module.__name__
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("worker_init_fn"))
+        raise LoaderBuilt
+
+    for module in (train, finetune):
+        monkeypatch.setattr(module, "DataLoader", spy)
+    mcfg = model_config("tiny", img_size=32, patch_size=8, num_gaussians=8, depth=1, decoder_depth=1)
+    with pytest.raises(LoaderBuilt):
+        train.pretrain(mcfg, train_config("tiny", steps=1, batch_size=2, num_workers=1, out=str(tmp_path / "p")),
+                       progress=False)
+    from gmae.evaluate.probe import random_encoder
+
+    with pytest.raises(LoaderBuilt):
+        finetune.finetune(FinetuneConfig(data="digits", steps=1, batch_size=2, num_workers=1, out=str(tmp_path / "f")),
+                          progress=False, encoder=random_encoder(mcfg), mcfg=mcfg)
+    assert len(seen) == 2
+    import numba
+
+    before, numba_before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(2)
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))  # the parent's pools hold more than one
+    try:
+        for init in seen:
+            sizes = json.loads(next(iter(DataLoader(PoolSizes(), batch_size=None, num_workers=1, worker_init_fn=init))))
+            assert all(n == 1 for n in sizes.values()), (init, sizes)
+    finally:
+        torch.set_num_threads(before)
+        numba.set_num_threads(numba_before)
+
+
+def test_feature_extraction_workers_run_one_thread():
+    """The probe's loader, run for real: each item reports its worker's thread count as its label."""
+    from gmae.config import model_config
+    from gmae.evaluate.probe import extract_features, random_encoder
+
+    class Reporting(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            import numba
+
+            return torch.zeros(3, 32, 32), max(torch.get_num_threads(), numba.get_num_threads())
+
+    encoder = random_encoder(model_config("tiny", img_size=32, patch_size=8, depth=1))
+    import numba
+
+    before, numba_before = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(2)
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        _, labels = extract_features(encoder, Reporting(), batch_size=1, progress=False, num_workers=1)
+    finally:
+        torch.set_num_threads(before)
+        numba.set_num_threads(numba_before)
+    assert labels.tolist() == [1, 1]

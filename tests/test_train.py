@@ -167,3 +167,39 @@ def test_torch_compile_matches_eager(tmp_path):
     run(tmp_path / "compiled", steps=2, compile=True)
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "compiled")), torch.tensor(losses(tmp_path / "eager")),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_losses_stay_within_two_percent_of_fp32(tmp_path, one_thread):
+    """bf16 autocast on the CPU: the same short run's losses within 2% of fp32's (the Gaussians and the render stay
+    float32; only the transformer's matmuls round), and not identical (bf16 really ran)."""
+    run(tmp_path / "fp32", steps=4, precision="fp32")
+    run(tmp_path / "bf16", steps=4, precision="bf16")
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert len(fp32) == len(bf16) == 4 and fp32 != bf16
+    for a, b in zip(bf16, fp32):
+        assert a == pytest.approx(b, rel=0.02)
+
+
+def test_resume_with_non_default_settings_is_bitwise_exact(tmp_path, one_thread):
+    """The swap depth-order gradient, gradient accumulation, two loader workers and 4 Gaussians per query:
+    a run stopped at step 2 and resumed ends with the weights and optimizer state of the uninterrupted run,
+    bit for bit."""
+    from gmae.checkpoint import load_checkpoint
+
+    mcfg = model_config("tiny", **FAST_MODEL, depth_grad="swap", gaussians_per_query=4)
+    settings = dict(batch_size=4, warmup_steps=1, accum_steps=2, num_workers=2, checkpoint_every=2)
+    pretrain(mcfg, train_config("tiny", steps=4, out=str(tmp_path / "whole"), **settings), progress=False)
+    pretrain(mcfg, train_config("tiny", steps=2, out=str(tmp_path / "split"), **settings), progress=False)
+    pretrain(mcfg, train_config("tiny", steps=4, out=str(tmp_path / "split"), **settings), resume=True, progress=False)
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoint-0000004.pt")
+    split = load_checkpoint(tmp_path / "split" / "checkpoint-0000004.pt")
+    assert whole["config"]["model"]["depth_grad"] == "swap" and whole["config"]["train"]["accum_steps"] == 2
+    assert whole["model"].keys() == split["model"].keys()
+    for name, value in whole["model"].items():
+        assert torch.equal(value, split["model"][name]), name
+    a, b = whole["optimizer"]["state"], split["optimizer"]["state"]
+    assert a.keys() == b.keys() and len(a) > 0
+    for i in a:
+        for key, value in a[i].items():
+            assert torch.equal(value, b[i][key]), (i, key)
+    assert losses(tmp_path / "whole") == losses(tmp_path / "split")

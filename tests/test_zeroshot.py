@@ -281,6 +281,24 @@ def test_eval_zeroshot_json_on_deadleaves(checkpoints, capsys):
         assert 0.0 <= trained["depth_ooa"] <= 1.0
         assert size["depth_ooa"] + reverse["depth_ooa"] == pytest.approx(1.0)
     assert trained["num_images"] == 3 and not trained["random_init"]
+    # the model's own scores are its readouts' on these images, scored here without eval-zeroshot's path
+    from gmae.evaluate.boundaries import evaluate_boundaries, mean_iou
+    from gmae.evaluate.depth import depth_metrics
+    from gmae.evaluate.zeroshot import items
+    from gmae.runs import load_model
+
+    model, _, _ = load_model(checkpoints["gmae"])
+    scenes = list(items("deadleaves", 32, 3)[0])
+    g = zeroshot.gaussians_of(model, torch.stack([s.image for s in scenes]))
+    canvas = zeroshot.Canvas.of(model)
+    figure, _ = zeroshot.figure_ground(g, canvas)
+    assert trained["fg_iou"] == pytest.approx(mean_iou(list(figure.numpy()), [s.figure for s in scenes]))
+    soft, _ = zeroshot.soft_edges(g, canvas)
+    edges = evaluate_boundaries(list(soft.numpy().astype(np.float64)), [s.boundaries for s in scenes], progress=False)
+    assert trained["edge_ods"] == pytest.approx(edges["ods"]) and trained["edge_ap"] == pytest.approx(edges["ap"])
+    depth = depth_metrics([(g.means[i].numpy(), g.opacities[i].numpy()) for i in range(3)], [s.depth for s in scenes])
+    for key in ("depth_rank_spearman", "depth_pair_acc", "depth_ooa", "depth_pairs"):
+        assert trained[key] == pytest.approx(depth[key], nan_ok=True), key
     assert main([*args, "--random-init"]) == 0
     init = json.loads(capsys.readouterr().out)
     # same images, same truth: the image baselines are equal (the border prior scores each model's own Gaussians)
