@@ -559,7 +559,8 @@ def cmd_probe(args) -> int:
 
 def _scene_probe(args, encoders: dict, mcfg) -> int:
     """`gmae probe --data deadleaves|sprites`: the scene tasks, each encoder on the same labels."""
-    from .evaluate.scene import SPLIT_SEEDS, scene_labels, scene_probe
+    from .data.scenes import SPLIT_SEEDS, scene_labels
+    from .evaluate.scene import scene_probe
 
     tasks = SCENE_TASKS if not args.task or "all" in args.task else tuple(dict.fromkeys(args.task))
     progress = not args.json

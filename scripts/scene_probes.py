@@ -16,6 +16,7 @@ cls token, linear probe 100 epochs, kNN k = 20, T = 0.07.
 
     python scripts/scene_probes.py --threads 1          # train and probe what is missing
     python scripts/scene_probes.py --table              # mean ± std over the seeds, markdown
+    python scripts/scene_probes.py --runs runs/probe-4000 --steps 4000 --seeds 1 --data sprites   # longer
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="runs/probe", help="folder of the runs (default runs/probe)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=1200, help="pre-training steps (default 1200, the tiny preset's)")
+    p.add_argument("--data", nargs="+", choices=DATA, default=list(DATA), help="data sources (default both)")
     p.add_argument("--threads", default=None, help="passed to every gmae command")
     p.add_argument("--table", action="store_true", help="print the table of what is finished, and stop")
     args = p.parse_args(argv)
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     gmae = str(Path(sys.executable).with_name("gmae"))
     threads = ["--threads", args.threads] if args.threads else []
     for seed in range(args.seeds):
-        for data in DATA:
+        for data in args.data:
             for model in MODELS:
                 train_and_probe(runs, gmae, model, data, seed, args.steps, threads)
     print(table(runs))

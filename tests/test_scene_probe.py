@@ -12,14 +12,8 @@ from gmae.config import model_config
 from gmae.data import DeadLeaves, Sprites
 from gmae.errors import GMAEError
 from gmae.evaluate.probe import encode, encode_tokens, random_encoder
-from gmae.evaluate.scene import (
-    SPLIT_SEEDS,
-    patch_cover,
-    probe_task,
-    scene_features,
-    scene_labels,
-    task_targets,
-)
+from gmae.data.scenes import SPLIT_SEEDS, patch_cover, scene_labels, task_targets
+from gmae.evaluate.scene import probe_task, scene_features
 from gmae.evaluate.zeroshot import EVAL_SEED
 from conftest import TINY
 from test_probe import tiny_checkpoint
@@ -194,3 +188,34 @@ def test_ablate_scores_scene_probes_over_seeds(tmp_path, monkeypatch):
     table = (out / "table.md").read_text()
     assert "count (linear)" in table and "figure (linear)" in table and " ± " in table
     assert "linear acc" not in table
+
+
+def test_image_level_scene_tasks_as_labelled_data_for_finetuning(tmp_path, monkeypatch, capsys):
+    from gmae import choices
+    from gmae.data.labelled import build_labelled
+
+    monkeypatch.setitem(choices.SCENE_IMAGES, "train", 16)
+    monkeypatch.setitem(choices.SCENE_IMAGES, "val", 8)
+    train, val, classes = build_labelled("sprites:count", 32, augment=True)
+    labels = scene_labels("sprites", "val", 32, 8, 8, progress=False)
+    assert classes == 4 and len(train) == 16 and len(val) == 8
+    np.testing.assert_array_equal(val.targets, labels.count - 1)  # 1..4 visible shapes -> classes 0..3
+    source = Sprites(32, seed=SPLIT_SEEDS["val"])
+    for i in (0, 5):
+        image, y = val[i]
+        assert y == labels.count[i] - 1
+        torch.testing.assert_close(image, source.load(i), atol=0.5 / 255 + 1e-6, rtol=0)
+    # the fine-tuning augmentation is the image or its mirror, never a crop
+    raw = train.load(3)
+    seen = {bool(torch.equal(train.load(3, np.random.default_rng(s)), raw)) for s in range(12)}
+    assert seen == {True, False}
+    assert torch.equal(train.load(3, np.random.default_rng(0)).flip(-1), raw) or \
+        torch.equal(train.load(3, np.random.default_rng(0)), raw)
+    with pytest.raises(GMAEError, match="gmae probe --data sprites --task front"):
+        build_labelled("sprites:front", 32)
+
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    assert main(["finetune", "--checkpoint", str(ckpt), "--data", "deadleaves:shape", "--steps", "2",
+                 "--batch-size", "4", "--out", str(tmp_path / "ft"), "--threads", "1", "--json"]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_acc" in m for m in metrics)

@@ -19,6 +19,9 @@ turns one spec string into a train and a val dataset:
 ``folder:ROOT``
     an ImageNet-style tree ``ROOT/train/CLASS/*.jpg`` + ``ROOT/val/CLASS/*.jpg``
     (the same class folders in both).
+``deadleaves:TASK`` / ``sprites:TASK``
+    an image-level scene task (``count`` or ``shape``) on generated scenes with
+    held-out seeds (:mod:`gmae.data.scenes`); augmentation is a flip only.
 ``ROOT``
     a bare path is detected: CIFAR files (in ROOT or its ``cifar-10-batches-py``
     / ``cifar-100-python`` sub-folder) or ``train/`` + ``val/`` class folders.
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..choices import SCENE_DATA
 from ..errors import GMAEError
 from .folder import ImageFolder
 from .images import DEFAULT_RATIO, IMG_EXTENSIONS, random_resized_crop_params
@@ -403,6 +407,10 @@ def build_labelled(spec: str, img_size: int, augment: bool = False) -> tuple[Dat
         return load_digits(img_size, augment)
     kind, sep, root = text.partition(":")
     kind = kind.lower()
+    if sep and kind in SCENE_DATA:
+        from .scenes import build_scene_labelled
+
+        return build_scene_labelled(kind, root, img_size, augment)
     if sep and kind in LABELLED_KINDS:
         if kind == "digits" or not root:
             raise GMAEError(f"data {text!r}: 'digits' takes no path and {kind}: needs one, e.g. cifar10:/data/cifar")

@@ -41,164 +41,13 @@ split seed, index, image size, patch size).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..choices import SCENE_DATA, SCENE_IMAGES, SCENE_TASKS
+from ..choices import SCENE_TASKS
+from ..data.scenes import TASK_KIND, SceneLabels, scene_labels, task_targets
 from ..errors import GMAEError
 from .probe import POOLS, encode_tokens, knn_accuracy, linear_probe, pool_tokens
-
-TASK_KIND = {"count": "semantic", "shape": "semantic", "front": "spatial", "figure": "figure-ground"}
-#: Source seeds of the probe splits: pre-training uses the run's --seed (small integers) and the
-#: zero-shot evaluation gmae.evaluate.zeroshot.EVAL_SEED (2024); these are neither.
-SPLIT_SEEDS = {"train": 3001, "val": 3002}
-COUNT_BINS = 4  # dead-leaves count classes
-_POINT_TAG = 0x9B0B  # the marked points' rng: (seed, index, tag), apart from the image's own rng
-_MAJORITY = 0.5  # a marked patch is covered by its object more than this
-
-
-@dataclass
-class SceneLabels:
-    """Every task's ground truth for images ``0 .. n-1`` of one split (numpy int64 arrays of length n).
-
-    ``count``: visible objects; ``shape``: shape code (index into the source's
-    ``shape_names``) of the largest visible object; ``front``: 1 if the first
-    of ``front_points`` is in front, 0 if behind, -1 where the image has no
-    valid pair; ``front_points`` (n, 2) patch indices (row-major on the patch
-    grid, -1 where invalid); ``figure``: 1 figure / 0 ground / -1 invalid, at
-    patch ``figure_point`` (n,).
-    """
-
-    data: str
-    seed: int
-    img_size: int
-    patch_size: int
-    shape_names: tuple[str, ...]
-    count: np.ndarray
-    shape: np.ndarray
-    front: np.ndarray
-    front_points: np.ndarray
-    figure: np.ndarray
-    figure_point: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.count)
-
-    def source(self):
-        from ..data import build_dataset
-
-        return build_dataset(self.data, self.img_size, seed=self.seed)
-
-
-def _source(data: str, img_size: int, seed: int):
-    if data not in SCENE_DATA:
-        raise GMAEError(f"scene probes read generated scenes: data must be one of {', '.join(SCENE_DATA)}; "
-                        f"got {data!r}")
-    from ..data import build_dataset
-
-    return build_dataset(data, img_size, seed=seed)
-
-
-def patch_cover(objects: np.ndarray, num_objects: int, patch_size: int) -> np.ndarray:
-    """(num_objects, N) fraction of each patch's pixels (row-major patch grid) that each object owns."""
-    H, W = objects.shape
-    if H % patch_size or W % patch_size:
-        raise GMAEError(f"image {H}x{W} is not a whole number of {patch_size}-pixel patches")
-    gh, gw = H // patch_size, W // patch_size
-    # (gh, p, gw, p) -> (N, p*p): each row one patch's pixels
-    patches = objects.reshape(gh, patch_size, gw, patch_size).transpose(0, 2, 1, 3).reshape(gh * gw, -1)
-    onehot = patches[None, :, :] == np.arange(num_objects)[:, None, None]
-    return onehot.mean(-1)
-
-
-def image_labels(sample, figure_of, patch_size: int, rng: np.random.Generator) -> dict:
-    """One image's labels (see :class:`SceneLabels`) from its ground truth ``sample``.
-
-    ``figure_of(objects_ids, num_objects)`` is the source's figure truth applied to object ids.
-    """
-    objects = sample.objects.numpy()
-    m = sample.num_objects
-    area = np.bincount(objects.ravel(), minlength=m)
-    visible = np.flatnonzero(area[1:] > 0) + 1  # object ids, background excluded
-    largest = visible[np.argmax(area[visible])] if visible.size else 0
-    cover = patch_cover(objects, m, patch_size)  # (m, N)
-    owner = np.where(cover.max(0) > _MAJORITY, cover.argmax(0), -1)  # (N,) the object holding each patch, or -1
-
-    def point_on(obj: int) -> int:
-        return int(rng.choice(np.flatnonzero(owner == obj)))
-
-    # front: a pair of marked objects whose whole shapes overlap, in random order
-    marked = [o for o in visible if (owner == o).any()]
-    overlaps = sample.overlaps.numpy()
-    pairs = [(a, b) for i, a in enumerate(marked) for b in marked[i + 1:] if overlaps[a, b]]
-    front, points = -1, (-1, -1)
-    if pairs:
-        a, b = pairs[int(rng.integers(len(pairs)))]
-        if rng.random() < 0.5:
-            a, b = b, a
-        front, points = int(a > b), (point_on(a), point_on(b))  # larger id = painted later = nearer
-
-    # figure: a marked patch on the figure or the ground, each with probability 1/2 where both exist
-    owned = np.flatnonzero(owner >= 0)
-    is_fig = figure_of(owner[owned], m).astype(bool)
-    figure, fpoint = -1, -1
-    if owned.size:
-        want = rng.random() < 0.5
-        pool = owned[is_fig == want] if (is_fig == want).any() else owned
-        fpoint = int(rng.choice(pool))
-        figure = int(bool(figure_of(np.array([owner[fpoint]]), m)[0]))
-    return {"count": len(visible), "shape": int(sample.shapes[largest]), "front": front, "front_points": points,
-            "figure": figure, "figure_point": fpoint}
-
-
-def scene_labels(data: str, split: str, img_size: int, patch_size: int, images: int | None = None,
-                 progress: bool = True) -> SceneLabels:
-    """Ground truth of every scene task for the first ``images`` images of ``split`` ("train" or "val")."""
-    if split not in SPLIT_SEEDS:
-        raise GMAEError(f"split must be one of {', '.join(SPLIT_SEEDS)}; got {split!r}")
-    n = SCENE_IMAGES[split] if images is None else int(images)
-    if n < 1:
-        raise GMAEError(f"need at least one {split} image; got {images}")
-    seed = SPLIT_SEEDS[split]
-    source = _source(data, img_size, seed)
-    rows = []
-    for index in tqdm(range(n), desc=f"{data} {split} labels", disable=not progress, leave=False,
-                      dynamic_ncols=True):
-        rng = np.random.default_rng([seed, index, _POINT_TAG])
-        rows.append(image_labels(source.sample(index), source.figure, patch_size, rng))
-
-    def col(key):
-        return np.array([r[key] for r in rows], dtype=np.int64)
-
-    return SceneLabels(data, seed, int(img_size), int(patch_size), tuple(source.shape_names), col("count"),
-                       col("shape"), col("front"), col("front_points"), col("figure"), col("figure_point"))
-
-
-def task_targets(task: str, train: SceneLabels, val: SceneLabels):
-    """(train_y, val_y, num_classes, class names); -1 marks images the task does not apply to."""
-    if task == "count":
-        if train.data == "sprites":  # 1..4 visible shapes
-            lo = int(min(train.count.min(), val.count.min()))
-            hi = int(max(train.count.max(), val.count.max()))
-            return train.count - lo, val.count - lo, hi - lo + 1, [str(c) for c in range(lo, hi + 1)]
-        # Dead-leaves: quantile bins of the train split; interior edges, so each class holds about 1/COUNT_BINS.
-        edges = np.unique(np.quantile(train.count, np.linspace(0, 1, COUNT_BINS + 1)[1:-1]))
-        names = [f"<{int(np.ceil(edges[0]))}"] + \
-                [f"{int(np.ceil(a))}-{int(np.ceil(b)) - 1}" for a, b in zip(edges[:-1], edges[1:])] + \
-                [f">={int(np.ceil(edges[-1]))}"]
-        return (np.searchsorted(edges, train.count, side="right"), np.searchsorted(edges, val.count, side="right"),
-                len(edges) + 1, names)
-    if task == "shape":  # codes 1.. (0 is the background plane)
-        names = list(train.shape_names[1:])
-        return train.shape - 1, val.shape - 1, len(names), names
-    if task == "front":
-        return train.front, val.front, 2, ["behind", "in front"]
-    if task == "figure":
-        return train.figure, val.figure, 2, ["ground", "figure"]
-    raise GMAEError(f"unknown scene task {task!r}; choose from {', '.join(SCENE_TASKS)}")
 
 
 @torch.no_grad()
@@ -277,5 +126,4 @@ def scene_probe(encoder, data: str = "sprites", tasks=SCENE_TASKS, labels: tuple
             for t in tasks}
 
 
-__all__ = ["SCENE_DATA", "SCENE_TASKS", "SPLIT_SEEDS", "SceneLabels", "image_labels",
-           "patch_cover", "probe_task", "scene_features", "scene_labels", "scene_probe", "task_targets"]
+__all__ = ["probe_task", "scene_features", "scene_probe"]
