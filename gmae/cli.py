@@ -534,7 +534,7 @@ def cmd_probe(args) -> int:
         return _scene_probe(args, encoders, mcfg)
     from .data.labelled import build_labelled
 
-    data = build_labelled(args.data, mcfg.img_size)  # built once when the baseline is probed too
+    data = build_labelled(args.data, mcfg.img_size, progress=not args.json)  # built once when the baseline is probed too
     results = {label: probe(enc, data, batch_size=args.batch_size, device=args.device, pool=args.pool, k=args.k,
                             T=args.temperature, epochs=args.epochs, seed=args.seed, progress=not args.json)
                for label, enc in encoders.items()}

@@ -17,6 +17,15 @@ cls token, linear probe 100 epochs, kNN k = 20, T = 0.07.
     python scripts/scene_probes.py --threads 1          # train and probe what is missing
     python scripts/scene_probes.py --table              # mean ± std over the seeds, markdown
     python scripts/scene_probes.py --runs runs/probe-4000 --steps 4000 --seeds 1 --data sprites   # longer
+    python scripts/scene_probes.py --finetune count --data sprites   # fine-tune on an image-level task instead
+
+``--finetune TASK`` (count or shape) fine-tunes each finished run's encoder,
+and the random-init one of its seed, with `gmae finetune`'s default recipe
+(5 epochs of batch 32, layer decay 0.75, flips only) on ``D:TASK``:
+
+    gmae finetune --checkpoint CKPT --data D:TASK --seed S --out RUNS/M-D-sS/ft-TASK[-init] --json [--random-init]
+
+and ``--table`` then also prints the final val accuracy as mean ± std.
 """
 
 from __future__ import annotations
@@ -63,14 +72,49 @@ def train_and_probe(runs: Path, gmae: str, model: str, data: str, seed: int, ste
     partial.replace(result)
 
 
+def finetune(runs: Path, gmae: str, model: str, data: str, seed: int, task: str, steps: int,
+             threads: list[str]) -> None:
+    run_dir = runs / f"{model}-{data}-s{seed}"
+    ckpt = newest_checkpoint(run_dir)
+    if ckpt is None or int(ckpt.stem.split("-")[1]) < steps:  # not pre-trained (yet)
+        print(f"{run_dir.name}: not pre-trained to step {steps}; skipped")
+        return
+    for init in ([False, True] if model == "gmae" else [False]):  # random init: the same weights for both models
+        out = run_dir / (f"ft-{task}" + ("-init" if init else ""))
+        result = out.with_suffix(".json")
+        if result.exists():
+            continue
+        partial = result.with_suffix(".part")
+        with partial.open("w") as f:
+            run([gmae, "finetune", "--checkpoint", str(ckpt), "--data", f"{data}:{task}", "--seed", str(seed),
+                 "--out", str(out), "--json", *threads, *(["--random-init"] if init else [])], runs / "commands.txt",
+                stdout=f)
+        partial.replace(result)
+
+
+def finetune_table(runs: Path) -> str:
+    lines = ["| data | task (fine-tuned) | GMAE | MAE | random init | seeds |", "|---|---|---:|---:|---:|---:|"]
+    for data in DATA:
+        for task in ("count", "shape"):
+            acc = {name: [json.loads(p.read_text())["val_acc"] for p in sorted(runs.glob(pattern))]
+                   for name, pattern in (("gmae", f"gmae-{data}-s*/ft-{task}.json"),
+                                         ("mae", f"mae-{data}-s*/ft-{task}.json"),
+                                         ("init", f"gmae-{data}-s*/ft-{task}-init.json"))}
+            if any(acc.values()):
+                cells = " | ".join(_mean_std(acc[n]) for n in ("gmae", "mae", "init"))
+                lines.append(f"| {data} | {task} | {cells} | {len(acc['gmae'])}/{len(acc['mae'])}/{len(acc['init'])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _mean_std(values) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+
+
 def table(runs: Path) -> str:
     """Markdown: per data and task, linear / kNN accuracy (%) as mean ± std over seeds, and chance."""
-    def fmt(values):
-        if not values:
-            return "–"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
-
     lines = ["| data | task | probe | GMAE | MAE | random init | chance | seeds |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for data in DATA:
         found = {m: [json.loads(p.read_text()) for p in sorted(runs.glob(f"{m}-{data}-s*/scene-probe.json"))]
@@ -82,8 +126,8 @@ def table(runs: Path) -> str:
                 ma = [r["tasks"][task][key] for r in found["mae"]]
                 first = found["gmae"][0]["encoders"]["random init"][task] if found["gmae"] else None
                 chance = f"{100 * first['chance']:.1f}" if first else "–"
-                lines.append(f"| {data} | {task} ({first['kind'] if first else ''}) | {name} | {fmt(gm)} | "
-                             f"{fmt(ma)} | {fmt(rnd)} | {chance} | {len(gm)}/{len(ma)} |")
+                lines.append(f"| {data} | {task} ({first['kind'] if first else ''}) | {name} | {_mean_std(gm)} | "
+                             f"{_mean_std(ma)} | {_mean_std(rnd)} | {chance} | {len(gm)}/{len(ma)} |")
     return "\n".join(lines)
 
 
@@ -94,11 +138,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1200, help="pre-training steps (default 1200, the tiny preset's)")
     p.add_argument("--data", nargs="+", choices=DATA, default=list(DATA), help="data sources (default both)")
     p.add_argument("--threads", default=None, help="passed to every gmae command")
+    p.add_argument("--finetune", choices=("count", "shape"), default=None,
+                   help="fine-tune every finished run (and its seed's random init) on this image-level task")
     p.add_argument("--table", action="store_true", help="print the table of what is finished, and stop")
     args = p.parse_args(argv)
     runs = Path(args.runs)
     if args.table:
         print(table(runs))
+        print(finetune_table(runs))
         return 0
     runs.mkdir(parents=True, exist_ok=True)
     gmae = str(Path(sys.executable).with_name("gmae"))
@@ -106,8 +153,12 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         for data in args.data:
             for model in MODELS:
-                train_and_probe(runs, gmae, model, data, seed, args.steps, threads)
+                if args.finetune:
+                    finetune(runs, gmae, model, data, seed, args.finetune, args.steps, threads)
+                else:
+                    train_and_probe(runs, gmae, model, data, seed, args.steps, threads)
     print(table(runs))
+    print(finetune_table(runs))
     return 0
 
 

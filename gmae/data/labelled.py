@@ -395,11 +395,13 @@ def detect_kind(root: str) -> str:
                     "cifar-100-python/) or train/ and val/ class folders")
 
 
-def build_labelled(spec: str, img_size: int, augment: bool = False) -> tuple[Dataset, Dataset, int]:
+def build_labelled(spec: str, img_size: int, augment: bool = False,
+                   progress: bool = True) -> tuple[Dataset, Dataset, int]:
     """(train dataset, val dataset, number of classes) for ``spec`` (see the module docstring).
 
     ``augment`` turns on the fine-tuning augmentation of the train dataset
-    (used by ``load(index, rng)``; indexing stays deterministic).
+    (used by ``load(index, rng)``; indexing stays deterministic). ``progress``:
+    a bar while generated scenes are drawn.
     """
     text = str(spec).strip()
     img_size = _size(img_size)
@@ -410,7 +412,7 @@ def build_labelled(spec: str, img_size: int, augment: bool = False) -> tuple[Dat
     if sep and kind in SCENE_DATA:
         from .scenes import build_scene_labelled
 
-        return build_scene_labelled(kind, root, img_size, augment)
+        return build_scene_labelled(kind, root, img_size, augment, progress)
     if sep and kind in LABELLED_KINDS:
         if kind == "digits" or not root:
             raise GMAEError(f"data {text!r}: 'digits' takes no path and {kind}: needs one, e.g. cifar10:/data/cifar")

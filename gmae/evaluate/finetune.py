@@ -134,7 +134,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     elif mcfg is None:
         raise GMAEError("finetune(encoder=...) needs the encoder's ModelConfig (mcfg=...)")
 
-    train_ds, val_ds, num_classes = build_labelled(fcfg.data, mcfg.img_size, augment=True)
+    train_ds, val_ds, num_classes = build_labelled(fcfg.data, mcfg.img_size, augment=True, progress=progress)
     fcfg = fcfg.resolved(len(train_ds))
     try:
         device = torch.device(fcfg.device)

@@ -230,7 +230,7 @@ def probe(encoder: ViTEncoder, data: str | tuple[Dataset, Dataset, int] = "digit
     if isinstance(data, str):
         from ..data.labelled import build_labelled
 
-        data = build_labelled(data, img_size or encoder.patch_embed.img_size)
+        data = build_labelled(data, img_size or encoder.patch_embed.img_size, progress=progress)
     train, val, num_classes = data
     encoder = encoder.to(device)
     train_f, train_y = extract_features(encoder, train, batch_size, device, pool, progress, "train features")
