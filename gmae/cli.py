@@ -418,7 +418,10 @@ def add_bench(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="batch of step_ratio_tiny and of many_gaussians' tiny row (default 32)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per figure (median)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the fast backend is then gsplat)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the fast backend is then triton, else gsplat)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="the step_ratio benchmarks' precision: fp32 (default) or bf16 autocast, as gmae pretrain's")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step_ratio benchmarks' models")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -426,7 +429,8 @@ def add_bench(sub) -> None:
 def cmd_bench(args) -> int:
     from .bench import format_results, run
 
-    results = run(args.only, device=args.device, repeats=args.repeats, batch_size=args.batch_size)
+    results = run(args.only, device=args.device, repeats=args.repeats, batch_size=args.batch_size,
+                  precision=args.precision, compile=args.compile)
     print(json.dumps(results) if args.json else format_results(results))
     return 0
 

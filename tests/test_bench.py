@@ -99,3 +99,22 @@ def test_many_gaussians_and_step_ratio_rows_name_their_token_counts():
     table = format_results({"step_ratio_tiny": step, "many_gaussians": {"tiny": r}}).splitlines()
     assert "k=256 as 256 tokens x 1" in table[0] and "k=256 as 64 tokens x 4" in table[1]
     assert table[2].startswith("many_gaussians tiny") and "k=16 as 4 tokens x 4" in table[2] and "k=4 as 4 x 1" in table[2]
+
+
+def test_render_backends_times_every_backend_of_the_device_against_torch():
+    r = bench.render_backends("cpu", batch=1, ks=(8,), size=16, repeats=1)
+    names = bench.device_backends("cpu")
+    assert names[-1] == "torch" and "triton" not in names  # the interpreter is for tests, not for timing
+    assert [(row["backend"], row["depth_grad"]) for row in r["rows"]] == \
+        [(n, False) for n in names] + [(n, True) for n in names if n in bench.DEPTH_GRAD_BACKENDS]
+    torch_ms = {row["depth_grad"]: row["ms"] for row in r["rows"] if row["backend"] == "torch"}
+    for row in r["rows"]:
+        assert row["vs_torch"] == pytest.approx(torch_ms[row["depth_grad"]] / row["ms"])
+    table = format_results({"render_backends": r})
+    assert "render_backends torch k=8 swap" in table and "with the depth-order gradient" in table
+
+
+def test_step_ratio_reports_its_precision_and_render_backend():
+    r = bench.step_ratio("tiny", 2, repeats=1, warmup=0, precision="bf16", layouts=((16, 1),))
+    assert r["precision"] == "bf16" and r["compile"] is False and r["render_backend"] == "cpu"
+    assert "bf16, render cpu;" in format_results({"step_ratio_tiny": r})
