@@ -429,9 +429,9 @@ def contention_ddp(steps: int = 30, batch_size: int | None = None, timeout: floa
 
 
 def run(names=BENCHMARKS, device: str = "cpu", repeats: int = 5, batch_size: int = 32, precision: str = "fp32",
-        compile: bool = False) -> dict:
+        compile: bool = False, render: dict | None = None) -> dict:
     """Run the named benchmarks; the fast backend is auto's: "cpu" on CPU, "triton" (else "gsplat") on CUDA.
-    `precision` and `compile` apply to the step_ratio benchmarks."""
+    `precision` and `compile` apply to the step_ratio benchmarks, `render` (batch, ks, size) to render_backends."""
     cuda = device.startswith("cuda")
     backend = resolve_backend("auto", device)
     step = dict(device=device, precision=precision, compile=compile)
@@ -442,7 +442,7 @@ def run(names=BENCHMARKS, device: str = "cpu", repeats: int = 5, batch_size: int
         elif name == "coverage_growth":
             results[name] = coverage_growth(backend, repeats=repeats, device=device)
         elif name == "render_backends":
-            results[name] = render_backends(device, repeats=repeats)
+            results[name] = render_backends(device, repeats=repeats, **(render or {}))
         elif name == "step_ratio_tiny":
             results[name] = step_ratio("tiny", batch_size, repeats=max(repeats, 5), **step)
         elif name == "step_ratio_base224":

@@ -422,6 +422,11 @@ def add_bench(sub) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="the step_ratio benchmarks' precision: fp32 (default) or bf16 autocast, as gmae pretrain's")
     p.add_argument("--compile", action="store_true", help="torch.compile the step_ratio benchmarks' models")
+    p.add_argument("--render-batch", type=positive_int, default=None,
+                   help="render_backends' batch (default 64 on CUDA, 8 on the CPU)")
+    p.add_argument("--render-k", type=positive_int, nargs="+", default=[256, 4096], metavar="K",
+                   help="render_backends' numbers of Gaussians (default 256 4096)")
+    p.add_argument("--render-size", type=positive_int, default=224, help="render_backends' image size (default 224)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -430,7 +435,8 @@ def cmd_bench(args) -> int:
     from .bench import format_results, run
 
     results = run(args.only, device=args.device, repeats=args.repeats, batch_size=args.batch_size,
-                  precision=args.precision, compile=args.compile)
+                  precision=args.precision, compile=args.compile,
+                  render=dict(batch=args.render_batch, ks=tuple(args.render_k), size=args.render_size))
     print(json.dumps(results) if args.json else format_results(results))
     return 0
 
