@@ -16,7 +16,7 @@ triton_raster = pytest.importorskip("gmae.render.triton_raster", reason="needs t
 from gmae.errors import GMAEError  # noqa: E402
 from gmae.render import DEPTH_GRAD_BACKENDS, rasterize, resolve_backend  # noqa: E402
 from gmae.render.reference import rasterize_torch  # noqa: E402
-from test_depth_grad import backend_grads, scene as depth_scene  # noqa: E402
+from test_depth_grad import assert_matches_torch, backend_grads, scene as depth_scene  # noqa: E402
 from test_render_cpu import make_scene, render_and_grad  # noqa: E402
 
 F64 = torch.float64
@@ -148,14 +148,7 @@ def test_swap_gradient_and_curvature_match_the_oracle(device, dtype, background)
     bg = {"shared": torch.tensor([1.0, 1.0, 1.0], dtype=F64), None: None,
           "per-image": torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.3, 0.9]], dtype=F64)}[background]
     bg = None if bg is None else bg.to(device)
-    ref = backend_grads("torch", params, target, weight, 0.1, bg)
-    fast = backend_grads("triton", params, target, weight, 0.1, bg)
-    tol = dict(rtol=1e-9, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(fast[0], ref[0], **tol)
-    torch.testing.assert_close(fast[1], ref[1], **tol)
-    for name, a, b in zip(["means2d", "conics", "colors", "opacities", "depths"], fast[2], ref[2]):
-        scale = b.abs().max().item()
-        torch.testing.assert_close(a / scale, b / scale, **tol, msg=name)
+    ref, fast = assert_matches_torch("triton", params, target, weight, 0.1, bg)
     assert ref[2][4].abs().max() > 1e-3
     off = backend_grads("triton", params, target, weight, 0.0, bg)
     assert torch.equal(off[0], fast[0]) and off[2][4] is None
@@ -168,12 +161,7 @@ def test_swap_gradient_with_opacities_above_one(device):
     params, target, weight = depth_scene(4, B=1, K=8, H=16, W=16, std=(1.0, 5.0))
     params[3] = params[3] * 30.0
     params, target, weight = to(device, params), target.to(device), weight.to(device)
-    ref = backend_grads("torch", params, target, weight, 0.1)
-    fast = backend_grads("triton", params, target, weight, 0.1)
-    torch.testing.assert_close(fast[0], ref[0], rtol=1e-9, atol=1e-12)
-    for a, b in zip(fast[2], ref[2]):
-        scale = b.abs().max().item()
-        torch.testing.assert_close(a / scale, b / scale, rtol=1e-9, atol=1e-12)
+    assert_matches_torch("triton", params, target, weight, 0.1)
 
 
 # --------------------------------------------------------------------------- determinism and dispatch

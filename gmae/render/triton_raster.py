@@ -160,6 +160,22 @@ def _forward_kernel(means, conics, colors, opac, gids, starts, counts, bg, image
 
 
 @triton.jit
+def _backward_tile(bt, starts, last_in, grad_image, n_tiles, tiles_x, H, W, C: tl.constexpr, CP: tl.constexpr,
+                   TILE: tl.constexpr, DT: tl.constexpr):
+    """What both backward walks of program bt start from: lanes inside the image, pixel centres, channel lanes,
+    the tile's first list slot, the lanes' offsets in an image plane (b*H*W + pixel), their entry counts and
+    dL/dimage (CP, P)."""
+    b, inside, pix, px, py = _tile_pixels(bt, n_tiles, tiles_x, H, W, TILE, DT)
+    ch = tl.arange(0, CP)
+    ch_ok = ch < C
+    plane = b * H * W + pix
+    cnt = tl.load(last_in + plane, mask=inside, other=0)
+    g_out = tl.load(grad_image + (b * C + ch)[:, None] * (H * W) + pix[None, :],
+                    mask=ch_ok[:, None] & inside[None, :], other=0.0)
+    return b, inside, px, py, ch, ch_ok, tl.load(starts + bt), plane, cnt, g_out
+
+
+@triton.jit
 def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, trans, last_in, grad_image, grad_alpha,
                      curvature, buf, H, W, tiles_x, n_tiles, max_alpha, tau,
                      C: tl.constexpr, CP: tl.constexpr, HAS_BG: tl.constexpr, DEPTH: tl.constexpr,
@@ -167,17 +183,10 @@ def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, tran
     """One (image, tile) back to front: writes buf[j] = d/d(mx, my, a, b, c, o, colours, z_front) of each list
     entry j it owns (rows of width 6 + C + 2; the last column is `_depth_back_kernel`'s)."""
     D: tl.constexpr = _N_GEOM + C + 2
-    bt = tl.program_id(0)
-    b, inside, pix, px, py = _tile_pixels(bt, n_tiles, tiles_x, H, W, TILE, DT)
-    ch = tl.arange(0, CP)
-    ch_ok = ch < C
-    start = tl.load(starts + bt)
-    plane = b * H * W + pix
+    b, inside, px, py, ch, ch_ok, start, plane, cnt, g_out = _backward_tile(
+        tl.program_id(0), starts, last_in, grad_image, n_tiles, tiles_x, H, W, C, CP, TILE, DT)
     T = tl.load(trans + plane, mask=inside, other=1.0)  # T after the current Gaussian
-    cnt = tl.load(last_in + plane, mask=inside, other=0)
     g_a_t = tl.load(grad_alpha + plane, mask=inside, other=0.0) * T  # dL/dalpha_out * T_final
-    g_out = tl.load(grad_image + (b * C + ch)[:, None] * (H * W) + pix[None, :],
-                    mask=ch_ok[:, None] & inside[None, :], other=0.0)  # dL/dimage, (CP, P)
     behind = tl.zeros([CP, TILE * TILE], DT)  # the colour behind the current Gaussian
     if HAS_BG:
         behind += tl.load(bg + b * C + ch, mask=ch_ok, other=0.0)[:, None]
@@ -223,15 +232,8 @@ def _depth_back_kernel(means, conics, colors, opac, depths, gids, starts, last_i
     """One (image, tile) front to back: buf[j, 6 + C + 1] = -sum of s over the pairs in which entry j is the back
     member (see the module docstring, 4)."""
     D: tl.constexpr = _N_GEOM + C + 2
-    bt = tl.program_id(0)
-    b, inside, pix, px, py = _tile_pixels(bt, n_tiles, tiles_x, H, W, TILE, DT)
-    ch = tl.arange(0, CP)
-    ch_ok = ch < C
-    start = tl.load(starts + bt)
-    plane = b * H * W + pix
-    cnt = tl.load(last_in + plane, mask=inside, other=0)
-    g_out = tl.load(grad_image + (b * C + ch)[:, None] * (H * W) + pix[None, :],
-                    mask=ch_ok[:, None] & inside[None, :], other=0.0)
+    b, inside, px, py, ch, ch_ok, start, plane, cnt, g_out = _backward_tile(
+        tl.program_id(0), starts, last_in, grad_image, n_tiles, tiles_x, H, W, C, CP, TILE, DT)
     curv = tl.load(curvature + plane, mask=inside, other=0.0)
     T = tl.full([TILE * TILE], 1.0, DT)
     partner = tl.full([TILE * TILE], -1, tl.int32)  # list slot of the contributor in front, -1: none yet
