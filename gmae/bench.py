@@ -476,9 +476,10 @@ def format_results(results: dict) -> str:
                 lines.append((f"render_speedup {size}px", f"B={r['batch']} k={r['k']} fwd+bwd: {text}"))
         elif name == "render_backends":
             for row in r["rows"]:
-                lines.append((f"{name} {row['backend']} k={row['k']}{' swap' if row['depth_grad'] else ''}",
+                swap = row["depth_grad"]
+                lines.append((f"{name} {row['backend']} k={row['k']}{' swap' if swap else ''}",
                               f"fwd+bwd {row['ms']:.2f} ms; torch / this = {row['vs_torch']:.2f}  (B={r['batch']}, "
-                              f"{r['size']}px, {r['device']}{', with the depth-order gradient' if row['depth_grad'] else ''})"))
+                              f"{r['size']}px, {r['device']}{', with the depth-order gradient' if swap else ''})"))
         elif name == "coverage_growth":
             lines.append((name, f"{r['backend']} k=4096 {r['k4096_s'] * 1e3:.1f} ms / k=256 {r['k256_s'] * 1e3:.1f} ms "
                                 f"at {r['size']}px, constant coverage: {r['ratio']:.2f}x"))

@@ -134,7 +134,8 @@ def add_pretrain(sub) -> None:
     p.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
     p.add_argument("--loss", default=None, choices=LOSSES, help="masked (default), all, masked_normpix")
     p.add_argument("--background", type=_background, default=None, help="render background: white (default), black, grey or R,G,B")
-    p.add_argument("--render-backend", default=None, help="renderer backend: auto (default; triton, else gsplat, on CUDA), triton, gsplat, cpu, torch")
+    p.add_argument("--render-backend", default=None,
+                   help="renderer backend: auto (default; triton, else gsplat, on CUDA), triton, gsplat, cpu, torch")
     p.add_argument("--camera", default=None, choices=CAMERAS,
                    help="projection of the Gaussians: orthographic (z only sorts), authors (the GMAE authors' "
                         "legacy-gsplat camera: z changes on-screen size), pinhole (true perspective)")
