@@ -52,7 +52,7 @@ from .choices import BENCHMARKS
 from .config import model_config
 from .errors import GMAEError
 from .model import build_model, masking_noise, param_groups
-from .render import DEPTH_GRAD_BACKENDS, rasterize, resolve_backend
+from .render import DEPTH_GRAD_BACKENDS, is_available, rasterize, resolve_backend
 from .render.reference import rasterize_dense
 from .runs import autocast
 
@@ -144,10 +144,8 @@ def coverage_growth(backend: str = "cpu", size: int = 224, batch: int = 8, repea
 def device_backends(device: str) -> list[str]:
     """The render backends that run on `device`, fastest first: triton, gsplat, torch on CUDA; cpu, torch on the
     CPU (triton's CPU interpreter is for tests only)."""
-    from .render import _available
-
     candidates = ("triton", "gsplat", "torch") if device.startswith("cuda") else ("cpu", "torch")
-    return [name for name in candidates if _available(name)]
+    return [name for name in candidates if is_available(name)]
 
 
 def render_backends(device: str = "cpu", batch: int | None = None, ks=(256, 4096), size: int = 224,

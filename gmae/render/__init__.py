@@ -46,6 +46,7 @@ __all__ = [
     "RasterizeBackend",
     "WEIGHTED_BACKENDS",
     "get_camera",
+    "is_available",
     "project",
     "project_authors",
     "project_orthographic",
@@ -111,6 +112,11 @@ def _available(name: str) -> bool:
     # as they are instead of trying to trace their Python.
     BACKENDS.setdefault(name, torch.compiler.disable(getattr(module, fn_name)))
     return True
+
+
+def is_available(name: str) -> bool:
+    """True if render backend ``name`` is registered or, for an optional one, imports (it is then registered)."""
+    return _available(name)
 
 
 def _valid_names() -> list[str]:
