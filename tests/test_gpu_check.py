@@ -63,6 +63,8 @@ def test_report_reads_gsplat_build_errors(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "stages.tsv").write_text("gsplat_build\t1\t30\t240\n")
     (tmp_path / "logs" / "gsplat_build.log").write_text(
+        "ImportError: cannot import name 'csrc' from 'gsplat'\n"  # gsplat's own first try, handled
+        "TypeError: _jit_compile() missing 2 required positional arguments: 'verbose' and 'with_sycl'\n"
         "building...\nfatal error: cub/cub.cuh: No such file or directory\nninja: build stopped\n"
         "RuntimeError: Error building extension 'gsplat_cuda'\n")
     report = gpu_check_report.report(tmp_path, "cuda", "/w/gsplat-1.5.3-py3-none-any.whl")
