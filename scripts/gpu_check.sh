@@ -14,7 +14,7 @@
 #   4. a 300-step tiny pre-training on CUDA with the triton backend: a finite, falling loss, and images/s
 #   5. last, in what is left of 240 s: gsplat built from a wheel brought along (the machine cannot download:
 #      GSPLAT_WHEELS, default .whl/, holds gsplat and its dependencies' wheels) and its parity test; the build's
-#      time or its first error line
+#      time or its first error line; then, if time is left, render_backends again with gsplat among them
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 480: the whole run), GSPLAT_WHEELS.
 set -uo pipefail
@@ -133,6 +133,9 @@ if _C is None:
 print(f'gsplat_build_s {time.time() - t:.1f}')"; then
         stage gsplat_tests $((GSPLAT_END - SECONDS)) "$PY" -m pytest -q -o addopts="" -p no:cacheprovider \
             --junitxml="$OUT/logs/gsplat_tests.xml" tests/test_render_gsplat.py
+        # and, if time is left, its render time beside triton's and torch's
+        stage gsplat_bench $((GSPLAT_END - SECONDS)) sh -c '"$@" > "'"$OUT"'/bench_gsplat.json"' _ "$PY" -m gmae bench \
+            --device "$DEVICE" --json --only render_backends "${BENCH_SHAPE[@]}"
     fi
 fi
 

@@ -83,8 +83,9 @@ def read_json(path: Path):
         return None
 
 
-def pretrain_summary(run: Path) -> dict | None:
-    """Loss at the start and end of the run's metrics.jsonl, whether it is finite and falling, images/s."""
+def pretrain_summary(run: Path, log: Path) -> dict | None:
+    """Loss at the start and end of the run's metrics.jsonl, whether it is finite and falling, images/s (the median
+    step's, and the whole run's from the speed `gmae pretrain` prints at the end)."""
     path = run / "metrics.jsonl"
     if not path.exists():
         return None
@@ -95,10 +96,14 @@ def pretrain_summary(run: Path) -> dict | None:
     n = max(1, min(50, len(losses) // 3))
     first, last = statistics.mean(losses[:n]), statistics.mean(losses[-n:])
     speeds = [r["imgs_per_s"] for r in records[1:]] or [records[0]["imgs_per_s"]]  # the first step compiles
+    done = re.search(r"done: (\d+) steps at ([0-9.]+) steps/s", log.read_text()) if log.exists() else None
+    batch = records[-1]["imgs_per_s"] * records[-1]["step_time"]  # metrics.jsonl has no batch size: imgs/s x s
     return {"steps": records[-1]["step"] + 1, "loss_first": losses[0], "loss_last": losses[-1],
             f"loss_mean_first_{n}": first, f"loss_mean_last_{n}": last,
             "finite": all(math.isfinite(x) for x in losses), "falling": last < first,
-            "imgs_per_s_median": statistics.median(speeds)}
+            "imgs_per_s_median": statistics.median(speeds),
+            "run_steps_per_s": float(done.group(2)) if done else None,
+            "run_imgs_per_s": round(float(done.group(2)) * round(batch), 2) if done else None}
 
 
 def report(out: Path, device: str, wheel: str = "") -> dict:
@@ -134,7 +139,8 @@ def report(out: Path, device: str, wheel: str = "") -> dict:
         "tests": junit(out / "logs" / "tests.xml"),
         "bench": read_json(out / "bench.json"),
         "bench_compile": read_json(out / "bench_compile.json"),
-        "pretrain": pretrain_summary(out / "pretrain"),
+        "pretrain": pretrain_summary(out / "pretrain", out / "logs" / "pretrain.log"),
+        "bench_gsplat": read_json(out / "bench_gsplat.json"),
         "gsplat": gsplat,
     }
     for name in ("tests", "bench", "bench_compile", "pretrain"):

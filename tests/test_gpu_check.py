@@ -45,6 +45,7 @@ def test_smoke_mode_runs_every_stage_and_writes_the_report(tmp_path):
     assert all(row["ratio"] > 0 for row in compiled["layouts"])
     pretrain = report["pretrain"]
     assert pretrain["steps"] == 6 and pretrain["finite"] and pretrain["imgs_per_s_median"] > 0
+    assert pretrain["run_imgs_per_s"] == pytest.approx(2 * pretrain["run_steps_per_s"], rel=0.01)  # batch 2
 
 
 def test_bad_arguments_are_refused(tmp_path):
