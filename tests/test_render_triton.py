@@ -238,7 +238,7 @@ types = dict(tile, perm="*i64", seg="*i64", out=F)
 for fn, consts in jobs:
     signature = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": tr.NUM_WARPS})
+                            options=dict(tr.LAUNCH))
     assert kernel.asm["cubin"], fn.__name__
     print("compiled", fn.__name__)
 """
@@ -254,7 +254,6 @@ def test_kernels_compile_for_a_gpu_without_one():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                           timeout=300)
     if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr.lower()

@@ -19,7 +19,8 @@ Design (the structure of gsplat's rasterizer, in Triton):
    pixel's last contributor. It stops when every pixel of the tile has stopped
    (T would fall below 1e-4). Arithmetic and accumulation are fp32 (bf16/fp16
    inputs are cast); float64 inputs run in float64, which the tests use to
-   compare with the oracle at 1e-10.
+   compare with the oracle at 1e-10. No fused multiply-adds (`LAUNCH`), so the
+   kernels round alike.
 3. `_backward_kernel`: the same lists walked back to front from each tile's
    last contributor; T is rebuilt by division (T_i = T_{i+1} / (1 - a_i), as in
    3DGS) and the colour behind each Gaussian is carried per pixel. Gradients
@@ -70,8 +71,10 @@ _T_MIN = tl.constexpr(T_MIN)
 #: Columns of a per-intersection gradient row before the colours: d/d(mx, my, a, b, c, o).
 N_GEOM = 6
 _N_GEOM = tl.constexpr(N_GEOM)
-#: Warps per tile program on a GPU (256 lanes: 2 per thread); ignored by the interpreter.
-NUM_WARPS = 4
+#: Launch options on a GPU (the interpreter ignores them): 4 warps per tile program (256 lanes: 2 per thread); no
+#: fused multiply-adds, so that the forward and the backward kernels, compiled apart, round alpha alike and take the
+#: same skip and stop decisions (and so that GPU arithmetic is the interpreter's, which the tests check).
+LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
 
 
 @triton.jit
@@ -302,7 +305,7 @@ class _RasterizeTriton(torch.autograd.Function):
         grid = (B * tiles_x * tiles_y,)
         _forward_kernel[grid](means, conics_s, colors_s, opac, gids, starts, counts, bg, image, trans, last,
                               height, width, tiles_x, tiles_x * tiles_y, float(max_alpha),
-                              HAS_BG=background is not None, num_warps=NUM_WARPS, **common)
+                              HAS_BG=background is not None, **LAUNCH, **common)
         curvature = (loss_curvature.detach().to(dt).contiguous() if depth_tau > 0
                      else torch.zeros(1, dtype=dt, device=device))
         ctx.save_for_backward(means, conics_s, colors_s, opac, depths_s, gids, starts, bg, trans, last, order,
@@ -332,11 +335,11 @@ class _RasterizeTriton(torch.autograd.Function):
                 _backward_kernel[grid](means, conics, colors, opac, depths, gids, starts, bg, trans, last, g_img,
                                        grad_alpha.to(dt).contiguous(), curvature, buf, height, width, tiles_x,
                                        n_tiles, max_alpha, tau, HAS_BG=ctx.has_bg, DEPTH=tau > 0,
-                                       num_warps=NUM_WARPS, **common)
+                                       **LAUNCH, **common)
                 if tau > 0:
                     _depth_back_kernel[grid](means, conics, colors, opac, depths, gids, starts, last, g_img,
                                              curvature, buf, height, width, tiles_x, n_tiles, max_alpha, tau,
-                                             num_warps=NUM_WARPS, **common)
+                                             **LAUNCH, **common)
             flat = _sum_rows(buf, gids, B * K, common["DT"])  # (B*K, D) in depth order
             per_image = torch.empty_like(flat).view(B, K, D).scatter_(
                 1, order[..., None].expand(B, K, D), flat.view(B, K, D))  # back to the input order
@@ -361,7 +364,7 @@ def _sum_rows(buf: Tensor, gids: Tensor, n: int, tdt) -> Tensor:
     perm = torch.argsort(gids, stable=True)
     seg = torch.zeros(n + 1, dtype=torch.int64, device=buf.device)
     seg[1:] = torch.cumsum(torch.bincount(gids, minlength=n), 0)
-    _reduce_kernel[(n,)](buf, perm, seg, out, D=D, DP=triton.next_power_of_2(D), DT=tdt)
+    _reduce_kernel[(n,)](buf, perm, seg, out, D=D, DP=triton.next_power_of_2(D), DT=tdt, **LAUNCH)
     return out
 
 
