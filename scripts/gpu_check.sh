@@ -13,7 +13,8 @@
 #      with --compile
 #   4. a 300-step tiny pre-training on CUDA with the triton backend: a finite, falling loss, and images/s
 #   5. last, in what is left of 240 s: gsplat built from a wheel brought along (the machine cannot download:
-#      GSPLAT_WHEELS, default .whl/, holds gsplat and its dependencies' wheels) and its parity test; the build's
+#      GSPLAT_WHEELS, default .whl/, holds gsplat's wheel and any others the machine lacks: its dependencies,
+#      ninja, gmae's own; they are installed behind the machine's packages) and its parity test; the build's
 #      time or its first error line; then, if time is left, render_backends again with gsplat among them
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 480: the whole run), GSPLAT_WHEELS.
@@ -86,11 +87,23 @@ stage() {
     return $rc
 }
 
+# Wheels brought along (the machine cannot download): those of packages the machine lacks (pytest, numba, ... ;
+# ninja and gsplat's dependencies), installed now; gsplat's own in stage 5.
+DEPS="$SCRATCH/deps"
+# shellcheck disable=SC2046  # one wheel path per word
+DEP_WHEELS=$("$PY" scripts/gpu_check_report.py missing $(ls "$WHEELS"/*.whl 2>/dev/null | grep -v '/gsplat-'))
+if [ -n "$DEP_WHEELS" ]; then
+    # shellcheck disable=SC2086  # one wheel path per word
+    "$PY" -m pip install --no-index --no-deps --target "$DEPS" $DEP_WHEELS > "$OUT/logs/wheels.log" 2>&1
+    export PYTHONPATH="$PYTHONPATH:$DEPS" PATH="$PATH:$DEPS/bin"
+fi
+
 # 1. environment
 stage environment "$B_ENV" "$PY" scripts/gpu_check_report.py environment "$OUT/environment.json"
 
 # 2. GPU-marked tests (smoke: one interpreted triton test)
-stage tests "$B_TESTS" "$PY" -m pytest -q -o addopts="" -p no:cacheprovider --junitxml="$OUT/logs/tests.xml" "${TESTS[@]}"
+stage tests "$B_TESTS" "$PY" -m pytest -q -o addopts="" -p no:cacheprovider --continue-on-collection-errors \
+    --junitxml="$OUT/logs/tests.xml" "${TESTS[@]}"
 
 # 3. bench, eager then compiled
 stage bench "$B_BENCH" sh -c '"$@" > "'"$OUT"'/bench.json"' _ "$PY" -m gmae bench --device "$DEVICE" --json \
@@ -122,8 +135,8 @@ else
     fi
     echo "wheel $GSPLAT_WHEEL CUDA_HOME=$CUDA_HOME CPATH=$CPATH MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}" \
         > "$OUT/logs/gsplat_env.log"
-    "$PY" -m pip install --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl >> "$OUT/logs/gsplat_env.log" 2>&1
-    export PYTHONPATH="$PYTHONPATH:$SITE" PATH="$SITE/bin:$PATH"  # bin: the ninja that torch's extension builder runs
+    "$PY" -m pip install --no-index --no-deps --target "$SITE" "$GSPLAT_WHEEL" >> "$OUT/logs/gsplat_env.log" 2>&1
+    export PYTHONPATH="$PYTHONPATH:$SITE"
     # gsplat compiles its CUDA kernels when gsplat.cuda._backend is first imported
     if stage gsplat_build $((GSPLAT_END - SECONDS)) "$PY" -c "
 import time; t = time.time()

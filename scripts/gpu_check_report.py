@@ -2,10 +2,12 @@
 
     python scripts/gpu_check_report.py environment OUT/environment.json
     python scripts/gpu_check_report.py report OUT DEVICE [GSPLAT_WHEEL]
+    python scripts/gpu_check_report.py missing WHEEL...   # the wheels whose package is not installed
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import platform
@@ -34,6 +36,14 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except Exception as exc:  # noqa: BLE001  recorded, not fatal
         env["triton"] = f"does not import: {type(exc).__name__}: {exc}"
+    # what gmae, its tests and gsplat's build need: a version, or "missing" (bring its wheel in .whl/)
+    env["modules"] = {}
+    for name in ("numpy", "numba", "skimage", "sklearn", "matplotlib", "PIL", "safetensors", "tqdm", "pytest",
+                 "hypothesis", "ninja", "jaxtyping", "rich"):
+        try:
+            env["modules"][name] = getattr(importlib.import_module(name), "__version__", "present")
+        except Exception as exc:  # noqa: BLE001  recorded, not fatal
+            env["modules"][name] = f"missing ({type(exc).__name__})"
     for tool, args in (("nvcc", ["--version"]), ("nvidia-smi", ["--query-gpu=driver_version", "--format=csv,noheader"])):
         if shutil.which(tool):
             out = subprocess.run([tool, *args], capture_output=True, text=True).stdout.strip().splitlines()
@@ -150,7 +160,25 @@ def report(out: Path, device: str, wheel: str = "") -> dict:
     return result
 
 
+def missing(wheels: list[str]) -> list[str]:
+    """The wheels (paths) whose distribution is not installed, so that brought-along wheels never replace the
+    machine's own packages."""
+    from importlib import metadata
+
+    def installed(wheel: str) -> bool:
+        try:
+            metadata.version(Path(wheel).name.split("-")[0].replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            return False
+        return True
+
+    return [wheel for wheel in wheels if not installed(wheel)]
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "missing":
+        print("\n".join(missing(argv[1:])))
+        return 0
     if len(argv) == 2 and argv[0] == "environment":
         Path(argv[1]).write_text(json.dumps(environment()) + "\n")
         return 0
