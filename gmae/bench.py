@@ -8,9 +8,15 @@ reported and what the performance targets are stated in.
                      renderer at 128^2), forward + backward, B=8, k=256
   coverage_growth    fast backend at k=4096 over k=256, Gaussians 1/16 the area
                      (constant coverage): cost should follow footprint, not k
+  render_backends    every render backend of the device (CUDA: triton, gsplat, torch;
+                     CPU: cpu, torch), forward + backward in ms at k = 256 and 4096
+                     (CUDA: B=64, 224^2), with and without the depth-order gradient,
+                     each over the torch reference's time
   step_ratio_tiny    GMAE over MAE training-step time, `tiny` preset, k = 256 Gaussians both
                      as 256 query tokens x 1 (the paper's shape) and as 64 tokens x 4
-  step_ratio_base224 the same at ViT-B/16, 224^2, batch 8
+  step_ratio_base224 the same at ViT-B/16, 224^2, batch 8 (CUDA: 64); both step_ratio
+                     benchmarks in `--precision` (fp32 or bf16 autocast) and, with
+                     `--compile`, with torch.compile'd models
   many_gaussians     GMAE training step at k = 4096 as 256 tokens x 16 over k = 256 as
                      256 x 1, `tiny` and `base` (the decoder is the same; only the head and
                      the rendering grow)
@@ -46,8 +52,9 @@ from .choices import BENCHMARKS
 from .config import model_config
 from .errors import GMAEError
 from .model import build_model, masking_noise, param_groups
-from .render import rasterize
+from .render import DEPTH_GRAD_BACKENDS, is_available, rasterize, resolve_backend
 from .render.reference import rasterize_dense
+from .runs import autocast
 
 
 
@@ -90,18 +97,20 @@ def random_scene(batch: int, k: int, size: int, std: tuple[float, float], seed: 
     return [t.to(device) for t in (means, conics, colors, opacities, depths)]
 
 
-def _render_step(backend_or_fn, scene, size):
-    """A closure running forward + backward of a fixed weighting of the render."""
-    inputs = [t.clone().requires_grad_(i < 4) for i, t in enumerate(scene)]
+def _render_step(backend_or_fn, scene, size, depth_tau: float = 0.0):
+    """A closure running forward + backward of a fixed weighting of the render (with depth_tau > 0: and the
+    depth-order gradient, for a loss of curvature 2 at every pixel)."""
+    inputs = [t.clone().requires_grad_(i < 4 or depth_tau > 0) for i, t in enumerate(scene)]
     g = torch.Generator().manual_seed(1)
     w_img = torch.randn(scene[0].shape[0], 3, size, size, generator=g).to(scene[0].device)
+    depth = {"depth_tau": depth_tau, "loss_curvature": torch.full_like(w_img[:, 0], 2.0)} if depth_tau > 0 else {}
 
     def step():
         if callable(backend_or_fn):
             image, _ = backend_or_fn(*inputs, height=size, width=size)
         else:
-            image, _ = rasterize(*inputs, height=size, width=size, backend=backend_or_fn)
-        torch.autograd.grad(image, inputs[:4], w_img)
+            image, _ = rasterize(*inputs, height=size, width=size, backend=backend_or_fn, **depth)
+        torch.autograd.grad(image, inputs[:5] if depth_tau > 0 else inputs[:4], w_img)
 
     return step
 
@@ -132,6 +141,32 @@ def coverage_growth(backend: str = "cpu", size: int = 224, batch: int = 8, repea
             "ratio": t["k4096"] / t["k256"]}
 
 
+def device_backends(device: str) -> list[str]:
+    """The render backends that run on `device`, fastest first: triton, gsplat, torch on CUDA; cpu, torch on the
+    CPU (triton's CPU interpreter is for tests only)."""
+    candidates = ("triton", "gsplat", "torch") if device.startswith("cuda") else ("cpu", "torch")
+    return [name for name in candidates if is_available(name)]
+
+
+def render_backends(device: str = "cpu", batch: int | None = None, ks=(256, 4096), size: int = 224,
+                    repeats: int = 5, depth_tau: float = 0.1) -> dict:
+    """Forward + backward milliseconds of every backend of the device at each k, Gaussians of std 2-6 px at
+    k = 256 and 1/sqrt(k/256) of that above (constant coverage), plain and with the depth-order gradient (for the
+    backends that have it); each row also over the torch reference's time in the same interleaved loop."""
+    batch = batch or (64 if device.startswith("cuda") else 8)
+    backends = device_backends(device)
+    rows = []
+    for k in ks:
+        shrink = math.sqrt(k / 256)
+        scene = random_scene(batch, k, size, (2.0 / shrink, 6.0 / shrink), device=device)
+        for tau in (0.0, depth_tau):
+            names = [n for n in backends if tau == 0 or n in DEPTH_GRAD_BACKENDS]
+            t = timed_interleaved({n: _render_step(n, scene, size, tau) for n in names}, repeats, device=device)
+            rows += [{"backend": n, "k": k, "depth_grad": tau > 0, "ms": t[n] * 1e3, "vs_torch": t["torch"] / t[n]}
+                     for n in names]
+    return {"device": device, "batch": batch, "size": size, "rows": rows}
+
+
 # --------------------------------------------------------------------------- training steps
 
 
@@ -139,7 +174,7 @@ def coverage_growth(backend: str = "cpu", size: int = 224, batch: int = 8, repea
 STEP_RATIO_LAYOUTS = ((256, 1), (64, 4))
 
 
-def _training_step(cfg, batch_size: int, device: str, seed: int):
+def _training_step(cfg, batch_size: int, device: str, seed: int, precision: str = "fp32", compile: bool = False):
     """A closure running one optimizer step of a fresh model of `cfg` on a fixed batch and mask, and the model."""
     torch.manual_seed(seed)  # the same encoder initialisation for every model
     model = build_model(cfg).to(device).train()
@@ -147,14 +182,18 @@ def _training_step(cfg, batch_size: int, device: str, seed: int):
     imgs = torch.rand(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size,
                       generator=torch.Generator().manual_seed(seed)).to(device)
     noise = masking_noise(seed, 0, batch_size, cfg.num_patches).to(device)
-    optimize = _optimizer_step(model, opt)
+    optimize = _optimizer_step(model, opt, precision, compile)
     return (lambda: optimize(imgs, noise)), model, imgs, noise
 
 
-def _optimizer_step(model, opt):
-    """A function running one optimizer step of `model` on a batch (imgs, noise)."""
+def _optimizer_step(model, opt, precision: str = "fp32", compile: bool = False):
+    """A function running one optimizer step of `model` on a batch (imgs, noise), as `gmae pretrain` does: in
+    `precision` (fp32, or bf16 autocast) and, with `compile`, through torch.compile."""
+    net = torch.compile(model) if compile else model
+
     def step(imgs, noise):
-        loss = model(imgs, noise).loss
+        with autocast(precision, imgs.device):
+            loss = net(imgs, noise).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -167,15 +206,18 @@ def _layout(queries: int, per_query: int) -> str:
 
 
 def step_ratio(preset: str = "tiny", batch_size: int = 32, repeats: int = 10, warmup: int = 2,
-               device: str = "cpu", seed: int = 0, layouts=STEP_RATIO_LAYOUTS, **overrides) -> dict:
+               device: str = "cpu", seed: int = 0, layouts=STEP_RATIO_LAYOUTS, precision: str = "fp32",
+               compile: bool = False, **overrides) -> dict:
     """Median training-step seconds of GMAE (each layout of q tokens x m Gaussians) and MAE on one preset,
-    batch and mask, and their ratios; all timed in one interleaved loop."""
+    batch and mask, and their ratios; all timed in one interleaved loop (the warm-up steps include compiling)."""
     steps = {}
     cfg = model_config(preset, model="mae", **overrides)
-    steps["mae"] = _training_step(cfg, batch_size, device, seed)[0]
+    steps["mae"] = _training_step(cfg, batch_size, device, seed, precision, compile)[0]
+    backend = None
     for q, m in layouts:
         cfg = model_config(preset, num_gaussians=q * m, gaussians_per_query=m, **overrides)
-        steps[_layout(q, m)], model, imgs, noise = _training_step(cfg, batch_size, device, seed)
+        steps[_layout(q, m)], model, imgs, noise = _training_step(cfg, batch_size, device, seed, precision, compile)
+        backend = resolve_backend(cfg.render_backend, device)
         # the renderer alone, forward + backward, on this model's Gaussians
         steps[f"render {_layout(q, m)}"] = _gaussian_render_step(model, imgs, noise)
     t = timed_interleaved(steps, repeats, warmup, device)
@@ -186,6 +228,7 @@ def step_ratio(preset: str = "tiny", batch_size: int = 32, repeats: int = 10, wa
                      "ratio": gmae_s / t["mae"], "gmae_imgs_per_s": batch_size / gmae_s, "render_s": render_s,
                      "render_share": render_s / gmae_s})
     return {"preset": preset, "batch_size": batch_size, "img_size": cfg.img_size, "device": device,
+            "precision": precision, "compile": compile, "render_backend": backend,
             "mae_step_s": t["mae"], "mae_imgs_per_s": batch_size / t["mae"], "layouts": rows}
 
 
@@ -383,19 +426,27 @@ def contention_ddp(steps: int = 30, batch_size: int | None = None, timeout: floa
             "one_threads": one["threads"], "ddp_threads": two["threads"], "world_size": two["world_size"]}
 
 
-def run(names=BENCHMARKS, device: str = "cpu", repeats: int = 5, batch_size: int = 32) -> dict:
-    """Run the named benchmarks; the fast backend is "cpu" on CPU and "gsplat" on CUDA."""
-    backend = "gsplat" if device.startswith("cuda") else "cpu"
+def run(names=BENCHMARKS, device: str = "cpu", repeats: int = 5, batch_size: int = 32, precision: str = "fp32",
+        compile: bool = False, render: dict | None = None) -> dict:
+    """Run the named benchmarks; the fast backend is auto's: "cpu" on CPU, "triton" (else "gsplat") on CUDA.
+    `precision` and `compile` apply to the step_ratio benchmarks, `render` (batch, ks, size) to render_backends."""
+    cuda = device.startswith("cuda")
+    backend = resolve_backend("auto", device)
+    step = dict(device=device, precision=precision, compile=compile)
     results = {}
     for name in names:
         if name == "render_speedup":
             results[name] = render_speedup(backend, repeats=repeats, device=device)
         elif name == "coverage_growth":
             results[name] = coverage_growth(backend, repeats=repeats, device=device)
+        elif name == "render_backends":
+            results[name] = render_backends(device, repeats=repeats, **(render or {}))
         elif name == "step_ratio_tiny":
-            results[name] = step_ratio("tiny", batch_size, repeats=max(repeats, 5), device=device)
+            results[name] = step_ratio("tiny", batch_size, repeats=max(repeats, 5), **step)
         elif name == "step_ratio_base224":
-            results[name] = step_ratio("base", 8, repeats=2, warmup=1, device=device)
+            # CPU: batch 8 and 2 repeats keep it to about a minute on 2 cores
+            results[name] = step_ratio("base", 64 if cuda else 8, repeats=max(repeats, 5) if cuda else 2,
+                                       warmup=2 if cuda or compile else 1, **step)
         elif name == "default_step":
             results[name] = default_step(device=device)
         elif name == "contention":
@@ -421,6 +472,12 @@ def format_results(results: dict) -> str:
                 if "vs_dense" in row:
                     text += f"; vs dense {row['dense_s'] * 1e3:.0f} ms: {row['vs_dense']:.0f}x"
                 lines.append((f"render_speedup {size}px", f"B={r['batch']} k={r['k']} fwd+bwd: {text}"))
+        elif name == "render_backends":
+            for row in r["rows"]:
+                swap = row["depth_grad"]
+                lines.append((f"{name} {row['backend']} k={row['k']}{' swap' if swap else ''}",
+                              f"fwd+bwd {row['ms']:.2f} ms; torch / this = {row['vs_torch']:.2f}  (B={r['batch']}, "
+                              f"{r['size']}px, {r['device']}{', with the depth-order gradient' if swap else ''})"))
         elif name == "coverage_growth":
             lines.append((name, f"{r['backend']} k=4096 {r['k4096_s'] * 1e3:.1f} ms / k=256 {r['k256_s'] * 1e3:.1f} ms "
                                 f"at {r['size']}px, constant coverage: {r['ratio']:.2f}x"))
@@ -430,8 +487,8 @@ def format_results(results: dict) -> str:
                               f"GMAE k={row['num_gaussians']} as {row['queries']} tokens x {row['gaussians_per_query']} "
                               f"{row['gmae_step_s'] * 1e3:.0f} ms / MAE {r['mae_step_s'] * 1e3:.0f} ms = "
                               f"{row['ratio']:.3f}; rendering {row['render_share']:.1%} of the GMAE step  "
-                              f"({r['preset']}, {r['img_size']}px, batch {r['batch_size']}, {r['device']}; "
-                              f"GMAE {row['gmae_imgs_per_s']:.0f} img/s)"))
+                              f"({r['preset']}, {r['img_size']}px, batch {r['batch_size']}, {r['device']}"
+                              f"{_step_mode_text(r)}; GMAE {row['gmae_imgs_per_s']:.0f} img/s)"))
         elif name == "default_step":
             changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in r["changed"].items()) or "nothing"
             lines.append((name, f"tiny default {r['default_step_s'] * 1e3:.0f} ms / previous default "
@@ -461,6 +518,14 @@ def format_results(results: dict) -> str:
                               f"({preset}, {row['img_size']}px, batch {row['batch_size']}, {row['device']})"))
     width = max((len(k) for k, _ in lines), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
+
+
+def _step_mode_text(r: dict) -> str:
+    """', bf16, compiled, triton' for a step_ratio row that was not fp32 eager (rows from before these keys: '')."""
+    mode = [r["precision"]] if r.get("precision", "fp32") != "fp32" else []
+    mode += ["compiled"] if r.get("compile") else []
+    mode += [f"render {r['render_backend']}"] if r.get("render_backend") else []
+    return "".join(f", {m}" for m in mode)
 
 
 def _cpus_text(cpus) -> str:

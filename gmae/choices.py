@@ -8,7 +8,7 @@ usage error answer without loading torch.
 import argparse
 
 #: `gmae bench` benchmarks, in the order they run.
-BENCHMARKS = ("render_speedup", "coverage_growth", "step_ratio_tiny", "step_ratio_base224", "many_gaussians",
+BENCHMARKS = ("render_speedup", "coverage_growth", "render_backends", "step_ratio_tiny", "step_ratio_base224", "many_gaussians",
               "default_step", "contention", "contention_ddp")
 
 #: Scene probes (`gmae probe --data deadleaves|sprites --task ...`, gmae.evaluate.scene): the generated

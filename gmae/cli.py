@@ -134,7 +134,8 @@ def add_pretrain(sub) -> None:
     p.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
     p.add_argument("--loss", default=None, choices=LOSSES, help="masked (default), all, masked_normpix")
     p.add_argument("--background", type=_background, default=None, help="render background: white (default), black, grey or R,G,B")
-    p.add_argument("--render-backend", default=None, help="renderer backend: auto (default), torch, cpu, gsplat")
+    p.add_argument("--render-backend", default=None,
+                   help="renderer backend: auto (default; triton, else gsplat, on CUDA), triton, gsplat, cpu, torch")
     p.add_argument("--camera", default=None, choices=CAMERAS,
                    help="projection of the Gaussians: orthographic (z only sorts), authors (the GMAE authors' "
                         "legacy-gsplat camera: z changes on-screen size), pinhole (true perspective)")
@@ -423,7 +424,15 @@ def add_bench(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="batch of step_ratio_tiny and of many_gaussians' tiny row (default 32)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per figure (median)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the fast backend is then gsplat)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the fast backend is then triton, else gsplat)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="the step_ratio benchmarks' precision: fp32 (default) or bf16 autocast, as gmae pretrain's")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step_ratio benchmarks' models")
+    p.add_argument("--render-batch", type=positive_int, default=None,
+                   help="render_backends' batch (default 64 on CUDA, 8 on the CPU)")
+    p.add_argument("--render-k", type=positive_int, nargs="+", default=[256, 4096], metavar="K",
+                   help="render_backends' numbers of Gaussians (default 256 4096)")
+    p.add_argument("--render-size", type=positive_int, default=224, help="render_backends' image size (default 224)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -431,7 +440,9 @@ def add_bench(sub) -> None:
 def cmd_bench(args) -> int:
     from .bench import format_results, run
 
-    results = run(args.only, device=args.device, repeats=args.repeats, batch_size=args.batch_size)
+    results = run(args.only, device=args.device, repeats=args.repeats, batch_size=args.batch_size,
+                  precision=args.precision, compile=args.compile,
+                  render=dict(batch=args.render_batch, ks=tuple(args.render_k), size=args.render_size))
     print(json.dumps(results) if args.json else format_results(results))
     return 0
 

@@ -1,12 +1,29 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the triton render backend is tested in Triton's CPU interpreter, which must be chosen before
+# gmae.render.triton_raster is first imported (its kernels are defined then). Only that module uses triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # A model small enough for probe and fine-tune tests (32 px, 16 patches, 2 blocks of width 32).
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
         "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "num_gaussians": 8,
         "render_backend": "torch"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA GPU: skipped, with the reason, without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu; scripts/gpu_check.sh runs them)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -134,3 +134,29 @@ def test_step_ratios_are_the_timings_quotients(monkeypatch):
     assert (m["ratio"], m["few_render_share"], m["many_render_share"]) == (3.0, 0.25, 0.5 / 6.0)
     d = bench.default_step(batch_size=2, warm_steps=0, repeats=1, previous=dict(loss="masked"))
     assert d["ratio"] == 3.0
+
+
+def test_render_backends_times_every_backend_of_the_device_against_torch():
+    r = bench.render_backends("cpu", batch=1, ks=(8,), size=16, repeats=1)
+    names = bench.device_backends("cpu")
+    assert names[-1] == "torch" and "triton" not in names  # the interpreter is for tests, not for timing
+    assert [(row["backend"], row["depth_grad"]) for row in r["rows"]] == \
+        [(n, False) for n in names] + [(n, True) for n in names if n in bench.DEPTH_GRAD_BACKENDS]
+    assert all(row["ms"] > 0 and row["vs_torch"] > 0 for row in r["rows"])
+    table = format_results({"render_backends": r})
+    assert "render_backends torch k=8 swap" in table and "with the depth-order gradient" in table
+
+
+def test_render_backends_ratio_is_torch_over_the_backend(monkeypatch):
+    """With known timings (torch 3 s, cpu 0.5 s): ms is the backend's time and vs_torch torch's over it."""
+    monkeypatch.setattr(bench, "timed_interleaved", lambda fns, *a, **k: {n: 3.0 if n == "torch" else 0.5 for n in fns})
+    rows = bench.render_backends("cpu", batch=1, ks=(8,), size=16, repeats=1)["rows"]
+    cpu = [row for row in rows if row["backend"] == "cpu"]
+    assert cpu and all((row["ms"], row["vs_torch"]) == (500.0, 6.0) for row in cpu)
+    assert all((row["ms"], row["vs_torch"]) == (3000.0, 1.0) for row in rows if row["backend"] == "torch")
+
+
+def test_step_ratio_reports_its_precision_and_render_backend():
+    r = bench.step_ratio("tiny", 2, repeats=1, warmup=0, precision="bf16", layouts=((16, 1),))
+    assert r["precision"] == "bf16" and r["compile"] is False and r["render_backend"] == "cpu"
+    assert "bf16, render cpu;" in format_results({"step_ratio_tiny": r})

@@ -51,6 +51,20 @@ def backend_grads(backend, params, target, weight, tau, background=BACKGROUND):
     return image.detach(), alpha.detach(), [leaf.grad for leaf in leaves]
 
 
+def assert_matches_torch(backend, params, target, weight, tau=0.1, background=BACKGROUND):
+    """`backend` == the torch oracle with the depth-order gradient on: image, alpha and the gradients wrt means2d,
+    conics, colors, opacities and depths (each relative to its largest entry). Returns both backends' results."""
+    ref = backend_grads("torch", params, target, weight, tau, background)
+    fast = backend_grads(backend, params, target, weight, tau, background)
+    tol = dict(rtol=1e-9, atol=1e-12) if params[0].dtype == F64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast[0], ref[0], **tol)
+    torch.testing.assert_close(fast[1], ref[1], **tol)
+    for name, a, b in zip(["means2d", "conics", "colors", "opacities", "depths"], fast[2], ref[2]):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a / scale, b / scale, **tol, msg=name)
+    return ref, fast
+
+
 # --------------------------------------------------------------------------- brute force
 
 
@@ -171,14 +185,7 @@ def test_cpu_kernel_matches_torch(dtype, background, seed):
     params, target, weight = scene(seed, B=2, K=60, H=40, W=36, dtype=dtype, std=(1.0, 6.0))
     bg = {"shared": BACKGROUND, "per-image": torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.3, 0.9]], dtype=F64),
           None: None}[background]
-    ref = backend_grads("torch", params, target, weight, 0.1, bg)
-    cpu = backend_grads("cpu", params, target, weight, 0.1, bg)
-    tol = dict(rtol=1e-9, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(cpu[0], ref[0], **tol)
-    torch.testing.assert_close(cpu[1], ref[1], **tol)
-    for name, a, b in zip(["means2d", "conics", "colors", "opacities", "depths"], cpu[2], ref[2]):
-        scale = b.abs().max().item()
-        torch.testing.assert_close(a / scale, b / scale, **tol, msg=name)
+    ref, _ = assert_matches_torch("cpu", params, target, weight, 0.1, bg)
     assert ref[2][4].abs().max() > 0
 
 

@@ -5,7 +5,7 @@ import torch
 
 from gmae.render import rasterize
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 gsplat = pytest.importorskip("gsplat", reason="needs gsplat (pip install gmae[cuda])")
 MAX_ALPHA = 0.999  # gsplat 1.5.3's clamp; the reference is compared at the same value
 
@@ -51,10 +51,18 @@ def test_gsplat_matches_reference(B, K, C, H, W, seed, kwargs, with_background):
         torch.testing.assert_close(gf, gr, atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_auto_picks_gsplat_on_cuda():
+def test_auto_picks_gsplat_on_cuda_after_triton():
+    from gmae import render
     from gmae.render import resolve_backend
 
-    assert resolve_backend("auto", "cuda") == "gsplat"
+    saved = render.BACKENDS.pop("triton", None)
+    render._UNAVAILABLE.add("triton")
+    try:
+        assert resolve_backend("auto", "cuda") == "gsplat"
+    finally:
+        render._UNAVAILABLE.discard("triton")
+        if saved is not None:
+            render.BACKENDS["triton"] = saved
 
 
 @pytest.mark.parametrize("asked", [0.99, 0.9, 0.5])

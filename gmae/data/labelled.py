@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from ..choices import SCENE_DATA
 from ..errors import GMAEError
@@ -60,7 +61,9 @@ __all__ = [
     "ArrayImages",
     "LabelledFolder",
     "LabelledStream",
+    "IMAGE_TASKS",
     "build_labelled",
+    "build_scene_labelled",
     "detect_kind",
     "load_cifar",
     "load_digits",
@@ -410,8 +413,6 @@ def build_labelled(spec: str, img_size: int, augment: bool = False,
     kind, sep, root = text.partition(":")
     kind = kind.lower()
     if sep and kind in SCENE_DATA:
-        from .scenes import build_scene_labelled
-
         return build_scene_labelled(kind, root, img_size, augment, progress)
     if sep and kind in LABELLED_KINDS:
         if kind == "digits" or not root:
@@ -425,6 +426,42 @@ def build_labelled(spec: str, img_size: int, augment: bool = False,
     if kind == "folder":
         return load_folder(root, img_size, augment)
     return load_cifar(kind, root, img_size, augment)
+
+
+# --------------------------------------------------------------------------- generated scenes
+
+#: Scene tasks that label a whole image, so that a classifier can be fine-tuned on them.
+IMAGE_TASKS = ("count", "shape")
+
+
+def build_scene_labelled(data: str, task: str, img_size: int, augment: bool = False, progress: bool = True):
+    """(train, val, number of classes) of an image-level scene task as labelled data sets (`DATA:TASK` specs).
+
+    The images of :func:`scene_labels`'s splits, generated once and held as
+    uint8; the fine-tuning augmentation is a horizontal flip only (a crop could
+    cut objects out of the count, and a mirror changes neither the count nor a
+    shape's class).
+    """
+    from .scenes import SceneLabels, scene_labels, task_targets
+
+    if task not in IMAGE_TASKS:
+        raise GMAEError(f"{data}:{task}: fine-tuning takes the image-level scene tasks ({', '.join(IMAGE_TASKS)}); "
+                        f"the point tasks (front, figure) are probed with gmae probe --data {data} --task {task}")
+    # One patch covers the image: the image-level labels do not read the marked points.
+    train, val = (scene_labels(data, split, img_size, img_size, progress=progress) for split in ("train", "val"))
+    ty, vy, num_classes, names = task_targets(task, train, val)
+
+    def images(labels: SceneLabels) -> np.ndarray:
+        source = labels.source()
+        out = np.empty((len(labels), 3, img_size, img_size), np.uint8)
+        for i in tqdm(range(len(labels)), desc=f"{data} {labels.seed} images", disable=not progress, leave=False,
+                      dynamic_ncols=True):
+            out[i] = np.rint(source.load(i).numpy() * 255.0)
+        return out
+
+    common = {"classes": names, "img_size": img_size, "scale": (1.0, 1.0), "ratio": (1.0, 1.0), "hflip": True}
+    return (ArrayImages(images(train), ty, augment=augment, name=f"{data}:{task}/train", **common),
+            ArrayImages(images(val), vy, augment=False, name=f"{data}:{task}/val", **common), num_classes)
 
 
 class LabelledStream(SeededStream):

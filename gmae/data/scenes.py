@@ -4,8 +4,9 @@ Each task's labels (see :mod:`gmae.evaluate.scene` for what the tasks ask and
 how they are probed) are read from :class:`gmae.data.DeadLeavesSample` of
 images drawn from seeds no pre-training run uses (:data:`SPLIT_SEEDS`), and
 depend only on (data, split seed, index, image size, patch size).
-:func:`build_scene_labelled` serves the image-level tasks (count, shape) as a
-labelled data set, so `gmae finetune --data sprites:count` fine-tunes on them.
+:func:`gmae.data.labelled.build_scene_labelled` serves the image-level tasks
+(count, shape) as a labelled data set, so `gmae finetune --data sprites:count`
+fine-tunes on them.
 """
 
 from __future__ import annotations
@@ -55,18 +56,17 @@ class SceneLabels:
         return len(self.count)
 
     def source(self):
-        from . import build_dataset
-
-        return build_dataset(self.data, self.img_size, seed=self.seed)
+        return _source(self.data, self.img_size, self.seed)
 
 
 def _source(data: str, img_size: int, seed: int):
     if data not in SCENE_DATA:
         raise GMAEError(f"scene probes read generated scenes: data must be one of {', '.join(SCENE_DATA)}; "
                         f"got {data!r}")
-    from . import build_dataset
+    from .deadleaves import DeadLeaves
+    from .sprites import Sprites
 
-    return build_dataset(data, img_size, seed=seed)
+    return {"deadleaves": DeadLeaves, "sprites": Sprites}[data](img_size, seed=seed)
 
 
 def patch_cover(objects: np.ndarray, num_objects: int, patch_size: int) -> np.ndarray:
@@ -168,39 +168,4 @@ def task_targets(task: str, train: SceneLabels, val: SceneLabels):
     raise GMAEError(f"unknown scene task {task!r}; choose from {', '.join(SCENE_TASKS)}")
 
 
-#: Scene tasks that label a whole image, so that a classifier can be fine-tuned on them.
-IMAGE_TASKS = ("count", "shape")
-
-
-def build_scene_labelled(data: str, task: str, img_size: int, augment: bool = False, progress: bool = True):
-    """(train, val, number of classes) of an image-level scene task as labelled data sets (`DATA:TASK` specs).
-
-    The images of :func:`scene_labels`'s splits, generated once and held as
-    uint8; the fine-tuning augmentation is a horizontal flip only (a crop could
-    cut objects out of the count, and a mirror changes neither the count nor a
-    shape's class).
-    """
-    from .labelled import ArrayImages
-
-    if task not in IMAGE_TASKS:
-        raise GMAEError(f"{data}:{task}: fine-tuning takes the image-level scene tasks ({', '.join(IMAGE_TASKS)}); "
-                        f"the point tasks (front, figure) are probed with gmae probe --data {data} --task {task}")
-    # One patch covers the image: the image-level labels do not read the marked points.
-    train, val = (scene_labels(data, split, img_size, img_size, progress=progress) for split in ("train", "val"))
-    ty, vy, num_classes, names = task_targets(task, train, val)
-
-    def images(labels: SceneLabels) -> np.ndarray:
-        source = labels.source()
-        out = np.empty((len(labels), 3, img_size, img_size), np.uint8)
-        for i in tqdm(range(len(labels)), desc=f"{data} {labels.seed} images", disable=not progress, leave=False,
-                      dynamic_ncols=True):
-            out[i] = np.rint(source.load(i).numpy() * 255.0)
-        return out
-
-    common = {"classes": names, "img_size": img_size, "scale": (1.0, 1.0), "ratio": (1.0, 1.0), "hflip": True}
-    return (ArrayImages(images(train), ty, augment=augment, name=f"{data}:{task}/train", **common),
-            ArrayImages(images(val), vy, augment=False, name=f"{data}:{task}/val", **common), num_classes)
-
-
-__all__ = ["IMAGE_TASKS", "SPLIT_SEEDS", "SceneLabels", "TASK_KIND", "build_scene_labelled", "image_labels",
-           "patch_cover", "scene_labels", "task_targets"]
+__all__ = ["SPLIT_SEEDS", "SceneLabels", "TASK_KIND", "image_labels", "patch_cover", "scene_labels", "task_targets"]

@@ -17,8 +17,9 @@ Public entry points:
 
 Backends live in :data:`BACKENDS`. ``"torch"`` (the pure-PyTorch reference) is
 always there; optional ones (``"cpu"``, a numba kernel in
-``gmae.render.cpu``, and ``"gsplat"``, CUDA, in ``gmae.render.cuda``) are imported the first time they are asked for, so an
-optional backend that is missing never breaks ``import gmae.render``.
+``gmae.render.cpu``; ``"triton"``, Triton kernels for CUDA in
+``gmae.render.triton_raster``; and ``"gsplat"``, CUDA, in ``gmae.render.cuda``) are imported the first time they are
+asked for, so an optional backend that is missing never breaks ``import gmae.render``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "RasterizeBackend",
     "WEIGHTED_BACKENDS",
     "get_camera",
+    "is_available",
     "project",
     "project_authors",
     "project_orthographic",
@@ -65,13 +67,14 @@ BACKENDS: dict[str, RasterizeBackend] = {"torch": rasterize_torch}
 #: Backends imported on first use: name -> (module, function name).
 _OPTIONAL_BACKENDS: dict[str, tuple[str, str]] = {
     "cpu": ("gmae.render.cpu", "rasterize_cpu"),
+    "triton": ("gmae.render.triton_raster", "rasterize_triton"),
     "gsplat": ("gmae.render.cuda", "rasterize_gsplat"),
 }
 _UNAVAILABLE: set[str] = set()
 _LOGGED: set[tuple[str, str, bool]] = set()
 
 #: Backends that implement the depth-order gradient (sorted compositing with ``depth_tau > 0``).
-DEPTH_GRAD_BACKENDS: set[str] = {"torch", "cpu"}
+DEPTH_GRAD_BACKENDS: set[str] = {"torch", "cpu", "triton"}
 #: Backends that implement ``compositing="weighted"``.
 WEIGHTED_BACKENDS: set[str] = {"torch"}
 
@@ -105,10 +108,15 @@ def _available(name: str) -> bool:
         logger.debug("render backend %r unavailable: %s", name, exc)
         _UNAVAILABLE.add(name)
         return False
-    # Compiled kernels (numba, CUDA) are opaque to torch.compile: it runs them
+    # Compiled kernels (numba, Triton, CUDA) are opaque to torch.compile: it runs them
     # as they are instead of trying to trace their Python.
     BACKENDS.setdefault(name, torch.compiler.disable(getattr(module, fn_name)))
     return True
+
+
+def is_available(name: str) -> bool:
+    """True if render backend ``name`` is registered or, for an optional one, imports (it is then registered)."""
+    return _available(name)
 
 
 def _valid_names() -> list[str]:
@@ -120,8 +128,8 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu", depth_grad
                     weighted: bool = False) -> str:
     """Map a backend request to a registered backend name.
 
-    ``"auto"`` picks ``"gsplat"`` on CUDA if registered, ``"cpu"`` on CPU if
-    available, else ``"torch"``; with ``depth_grad`` (the depth-order
+    ``"auto"`` picks, on CUDA, ``"triton"`` if triton imports, then ``"gsplat"``
+    if it imports; on CPU ``"cpu"`` if available; else ``"torch"``; with ``depth_grad`` (the depth-order
     gradient) or ``weighted`` (weighted compositing) only backends that have
     it qualify (:data:`DEPTH_GRAD_BACKENDS`, :data:`WEIGHTED_BACKENDS`;
     ``"torch"`` has everything). The choice is logged once (logger
@@ -135,7 +143,7 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu", depth_grad
 
     if backend == "auto":
         # fastest first; "torch" runs everywhere and has everything
-        preferred = {"cuda": ("gsplat",), "cpu": ("cpu",)}.get(device.type, ())
+        preferred = {"cuda": ("triton", "gsplat"), "cpu": ("cpu",)}.get(device.type, ())
         name = next((n for n in preferred if _available(n) and has(n)), "torch")
         key = (name, device.type, depth_grad, weighted)
         if key not in _LOGGED:

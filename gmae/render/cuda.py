@@ -3,7 +3,18 @@
 Install with `pip install gmae[cuda]` on a machine with CUDA (gsplat compiles
 its kernels on first use, so nvcc and ninja must be present). Uses gsplat's
 low-level pipeline, `isect_tiles` -> `isect_offset_encode` ->
-`rasterize_to_pixels`, which has its own CUDA backward.
+`rasterize_to_pixels`, which has its own CUDA backward. The arguments of the
+first two come from :func:`gmae.render.gsplat_glue.isect_inputs`, which is
+tested on the CPU against gsplat's pure-torch versions.
+
+Building it: gsplat 1.5.3 (the newest release) ships no CUDA binaries; its
+kernels compile on first use (2 to over 12 minutes), and its prebuilt wheels
+cover Python 3.10 with torch 2.0-2.4 only. CUDA 13 moved the CCCL headers
+(`cub/`, `thrust/`) to `$CUDA_HOME/include/cccl`, which 1.5.3's build does not
+look in (the fix is on gsplat's unreleased main). What helps:
+`CPATH=$CUDA_HOME/include/cccl` (the moved headers), `TORCH_CUDA_ARCH_LIST`
+set to the GPU's architecture only (e.g. `9.0` for H100/H200) and `MAX_JOBS`
+to the cores (parallel compilation). The triton backend needs none of this.
 
 Two things are adapted so the result matches the torch reference:
   * culling radii are gmae's opacity-aware per-axis extents (`footprint`), not
@@ -19,7 +30,6 @@ default use 0.99). Compare with the reference at `max_alpha=0.999`.
 from __future__ import annotations
 
 import logging
-import math
 
 import gsplat  # noqa: F401  (ModuleNotFoundError here marks the backend unavailable)
 import torch
@@ -27,7 +37,8 @@ from gsplat import isect_offset_encode, isect_tiles, rasterize_to_pixels
 from torch import Tensor
 
 from ..errors import GMAEError
-from .contract import TILE, expand_background, footprint
+from .contract import expand_background
+from .gsplat_glue import isect_inputs
 
 GSPLAT_MAX_ALPHA = 0.999
 logger = logging.getLogger("gmae.render")
@@ -41,7 +52,7 @@ def rasterize_gsplat(means2d: Tensor, conics: Tensor, colors: Tensor, opacities:
     global _warned
     if depth_tau > 0:
         raise GMAEError("the gsplat backend has no depth-order gradient (depth_tau > 0); use render backend "
-                        "torch on CUDA (or cpu on the CPU), or turn the depth gradient off")
+                        "triton or torch on CUDA (cpu on the CPU), or turn the depth gradient off")
     if means2d.device.type != "cuda":
         raise GMAEError("the gsplat backend needs CUDA tensors; use render backend cpu or torch on the CPU")
     if max_alpha != GSPLAT_MAX_ALPHA and not _warned:
@@ -49,23 +60,14 @@ def rasterize_gsplat(means2d: Tensor, conics: Tensor, colors: Tensor, opacities:
         logger.warning("gsplat clamps alpha at %.3f; max_alpha=%s is ignored by this backend", GSPLAT_MAX_ALPHA, max_alpha)
     B, K, C = colors.shape
     means2d, conics, colors, opacities = (t.float().contiguous() for t in (means2d, conics, colors, opacities))
-    tiles_x, tiles_y = math.ceil(width / TILE), math.ceil(height / TILE)
-
+    radii, sort_keys, tile, tiles_x, tiles_y = isect_inputs(means2d, conics, colors, opacities, depths, height, width)
     with torch.no_grad():
-        # culls non-finite colours and depths too, so that they never reach the kernel
-        rx, ry, keep = footprint(conics, opacities, means2d, colors, depths)
-        radii = torch.stack([rx, ry], dim=-1).ceil().clamp_max(1e6)
-        radii = torch.where(keep[..., None], radii, torch.zeros_like(radii)).int()  # 0 = culled
-        order = torch.argsort(depths.detach(), dim=1, stable=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(K, device=order.device).expand(B, K))
-        sort_keys = rank.float() + 1.0  # positive, exact below 2**24, ties already broken
-        _, isect_ids, flatten_ids = isect_tiles(means2d, radii, sort_keys, TILE, tiles_x, tiles_y)
+        _, isect_ids, flatten_ids = isect_tiles(means2d, radii, sort_keys, tile, tiles_x, tiles_y)
         offsets = isect_offset_encode(isect_ids, B, tiles_x, tiles_y)
 
     bg = expand_background(background, B, C, torch.float32, means2d.device)
     image, alpha = rasterize_to_pixels(
-        means2d, conics, colors, opacities, width, height, TILE, offsets, flatten_ids,
+        means2d, conics, colors, opacities, width, height, tile, offsets, flatten_ids,
         backgrounds=None if bg is None else bg.contiguous(),
     )
     return image.permute(0, 3, 1, 2), alpha[..., 0]

@@ -39,6 +39,7 @@ __all__ = [
     "depth_pair_gradient",
     "rasterize_dense",
     "rasterize_torch",
+    "sort_and_bin",
 ]
 
 #: Upper bound on the number of elements of one (tiles × M × pixels) working
@@ -110,6 +111,38 @@ def _bin_into_tiles(
     counts = torch.bincount(tile, minlength=n_tiles)
     starts = torch.cumsum(counts, 0) - counts
     return gids, starts, counts
+
+
+def _sort_flat(order: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, K, ...) -> (B·K, ...) in dtype, each image's rows in the depth order ``order`` (B, K)."""
+    B, K = order.shape
+    t = t.to(dtype)
+    idx = order.view(B, K, *([1] * (t.dim() - 2))).expand_as(t)
+    return torch.gather(t, 1, idx).reshape(B * K, *t.shape[2:])
+
+
+def sort_and_bin(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor,
+                 dtype: torch.dtype, tiles_x: int, tiles_y: int) -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+    """Steps 1-3 of the tile rasterizer: depth order, culling and the per-tile lists.
+
+    1. Depth order (stable: equal depths keep index order), then flatten so
+       that flat index b·K + rank is in front-to-back order within image b.
+    2-3. Cull (any non-finite parameter, depth and colour included) and bin
+       into tiles. Culled Gaussians are in no tile list, so their values
+       (NaN included) are never read and their gradients are exactly zero.
+
+    Returns ``order`` (B, K), the flat sorted (means (N, 2), conics (N, 3),
+    colors (N, C), opacities (N,) in dtype, differentiable; depths (N,),
+    detached), and the lists of :func:`_bin_into_tiles` (``gids``, ``starts``,
+    ``counts``). Shared by the torch and triton backends.
+    """
+    B, K = depths.shape
+    order = torch.argsort(depths.detach(), dim=1, stable=True)  # (B, K)
+    means_s, conics_s, colors_s, opac_s = (_sort_flat(order, t, dtype) for t in (means2d, conics, colors, opacities))
+    depths_s = torch.gather(depths.detach(), 1, order).reshape(B * K)
+    x0, x1, y0, y1, keep = _tile_ranges(means_s, conics_s, opac_s, tiles_x, tiles_y, colors_s, depths_s)
+    gids, starts, counts = _bin_into_tiles(x0, x1, y0, y1, keep, K, tiles_x, tiles_y, B)
+    return order, (means_s, conics_s, colors_s, opac_s, depths_s), gids, starts, counts
 
 
 def _contributions(
@@ -380,23 +413,9 @@ def rasterize_torch(
     pixels = TILE * TILE
     bg = expand_background(background, B, C, dtype, device)
 
-    # 1. Depth order (stable: equal depths keep index order), then flatten so
-    #    that flat index b·K + rank is in front-to-back order within image b.
-    order = torch.argsort(depths.detach(), dim=1, stable=True)  # (B, K)
-
-    def sort_flat(t: Tensor) -> Tensor:
-        t = t.to(dtype)
-        idx = order.view(B, K, *([1] * (t.dim() - 2))).expand_as(t)
-        return torch.gather(t, 1, idx).reshape(B * K, *t.shape[2:])
-
-    means_s, conics_s, colors_s, opac_s = map(sort_flat, (means2d, conics, colors, opacities))
-    depths_s = torch.gather(depths.detach(), 1, order).reshape(B * K)
-
-    # 2-3. Cull (any non-finite parameter, depth and colour included) and bin
-    #      into tiles. Culled Gaussians are in no tile list, so their values
-    #      (NaN included) are never read and their gradients are exactly zero.
-    x0, x1, y0, y1, keep = _tile_ranges(means_s, conics_s, opac_s, tiles_x, tiles_y, colors_s, depths_s)
-    gids, starts, counts = _bin_into_tiles(x0, x1, y0, y1, keep, K, tiles_x, tiles_y, B)
+    # 1-3. Depth order, cull and bin into tiles (shared with the triton backend).
+    order, (means_s, conics_s, colors_s, opac_s, depths_s), gids, starts, counts = sort_and_bin(
+        means2d, conics, colors, opacities, depths, dtype, tiles_x, tiles_y)
 
     # 4. Composite the non-empty tiles, busiest first, so that each chunk is
     #    padded only to its own (first = largest) list length.
@@ -426,7 +445,7 @@ def rasterize_torch(
 
     use_checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     outputs: list[Tensor] = []
-    depth_values = sort_flat(depths) if weighted else None  # weighted: the depths enter the weights, differentiably
+    depth_values = _sort_flat(order, depths, dtype) if weighted else None  # weighted: the depths enter the weights, differentiably
     for _, gid, present, px, py in chunks():
         if weighted:
             composite = _weighted_chunk

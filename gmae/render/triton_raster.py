@@ -1,0 +1,392 @@
+"""Triton tile rasterizer (backend "triton"): the GPU path that needs no CUDA compiler.
+
+Triton ships with every CUDA build of PyTorch and compiles these kernels in
+seconds on first use. With ``TRITON_INTERPRET=1`` set before this module is
+imported, the same kernels run on the CPU through Triton's interpreter (slowly):
+that is how CI tests them against the torch oracle.
+
+Design (the structure of gsplat's rasterizer, in Triton):
+
+1. Binning and sorting stay in torch and are the oracle's own code
+   (:func:`gmae.render.reference.sort_and_bin`): stable depth order, the
+   contract's opacity-aware culling (:func:`gmae.render.contract.footprint`),
+   per-tile lists ascending in depth with ties in index order.
+2. `_forward_kernel`: one program per (image, 16x16 tile); the tile's 256
+   pixels are the lanes of one block. The program walks its list front to
+   back, one Gaussian per iteration (its parameters are scalar loads that all
+   lanes share, as gsplat's threads share a batch in shared memory), and keeps
+   per pixel T, the colour (C x 256) and the number of list entries up to the
+   pixel's last contributor. It stops when every pixel of the tile has stopped
+   (T would fall below 1e-4). Arithmetic and accumulation are fp32 (bf16/fp16
+   inputs are cast); float64 inputs run in float64, which the tests use to
+   compare with the oracle at 1e-10. No fused multiply-adds (`LAUNCH`), so the
+   kernels round alike.
+3. `_backward_kernel`: the same lists walked back to front from each tile's
+   last contributor; T is rebuilt by division (T_i = T_{i+1} / (1 - a_i), as in
+   3DGS) and the colour behind each Gaussian is carried per pixel. Gradients
+   are per-intersection partial sums: for each list entry the program reduces
+   its 256 lanes and writes one row (d/d mean, conic, opacity, colours, depth)
+   that no other program writes. No atomics.
+4. The depth-order gradient (``depth_tau > 0``: the swap gradient with the
+   loss curvature, as the cpu backend has it; see
+   :func:`gmae.render.reference.depth_pair_gradient`): for each pixel's
+   consecutive contributors i (in front) and j, s = sigma'(dz/tau)/tau *
+   (g.dC + h|dC|^2/2) goes +s to z_i and -s to z_j. The back-to-front walk
+   meets i with j as its per-pixel partner and adds +s to i's row;
+   `_depth_back_kernel`, a front-to-back walk, meets j with i as partner and
+   adds -s to j's row. The partner differs from lane to lane, so adding to
+   the partner would be a scatter with atomics; two walks keep every write a
+   per-entry reduction.
+5. `_reduce_kernel`: per Gaussian, the sum of its rows in a fixed order (the
+   intersections stably sorted by Gaussian), so the gradients are bitwise
+   reproducible run to run (float atomics would sum in a varying order on a
+   GPU). The background's gradient, sum over pixels of T_final * dL/dimage, is
+   one torch einsum.
+
+Semantics are the rendering contract's (:mod:`gmae.render.contract`).
+
+Tested (tests/test_render_triton.py) in the interpreter against the oracle,
+values and every gradient; every kernel variant is also compiled for sm_90
+(H100/H200) without a GPU, with triton's own ptxas (32 to 109 registers, no
+spills with triton 3.9). Not yet run on a GPU: its speed is unmeasured
+(scripts/gpu_check.sh, docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+except ImportError as exc:  # a broken install (no driver library, ...) counts as missing: the backend is unavailable
+    if isinstance(exc, ModuleNotFoundError):
+        raise
+    raise ModuleNotFoundError(f"triton does not import: {exc}", name="triton") from exc
+
+from ..errors import GMAEError
+from .contract import ALPHA_MIN, T_MIN, TILE, expand_background, validate_inputs
+from .reference import sort_and_bin
+
+__all__ = ["INTERPRETED", "rasterize_triton"]
+
+_ALPHA_MIN = tl.constexpr(ALPHA_MIN)
+_T_MIN = tl.constexpr(T_MIN)
+#: Columns of a per-intersection gradient row before the colours: d/d(mx, my, a, b, c, o).
+N_GEOM = 6
+_N_GEOM = tl.constexpr(N_GEOM)
+#: Launch options on a GPU (the interpreter ignores them): 4 warps per tile program (256 lanes: 2 per thread); no
+#: fused multiply-adds, so that the forward and the backward kernels, compiled apart, round alpha alike and take the
+#: same skip and stop decisions (and so that GPU arithmetic is the interpreter's, which the tests check).
+LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
+
+
+@triton.jit
+def _tile_pixels(bt, n_tiles, tiles_x, H, W, TILE: tl.constexpr, DT: tl.constexpr):
+    """Program bt of the (image, tile) grid -> image b, lanes inside the image, their offset in an image plane and
+    pixel centres."""
+    b = bt // n_tiles
+    t = bt % n_tiles
+    lane = tl.arange(0, TILE * TILE)
+    x = (t % tiles_x) * TILE + lane % TILE
+    y = (t // tiles_x) * TILE + lane // TILE
+    inside = (x < W) & (y < H)
+    return b.to(tl.int64), inside, y * W + x, x.to(DT) + 0.5, y.to(DT) + 0.5
+
+
+@triton.jit
+def _gaussian(means, conics, opac, g, px, py, max_alpha):
+    """Gaussian g at the lanes' pixels: dx, dy, the conic (a, b, c), exp(-q/2), o exp(-q/2) and the contract's alpha
+    (NaN stays NaN, so a non-finite q never counts)."""
+    mx = tl.load(means + 2 * g)
+    my = tl.load(means + 2 * g + 1)
+    a = tl.load(conics + 3 * g)
+    b = tl.load(conics + 3 * g + 1)
+    c = tl.load(conics + 3 * g + 2)
+    dx = px - mx
+    dy = py - my
+    gauss = tl.exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy))
+    raw = tl.load(opac + g) * gauss
+    return dx, dy, a, b, c, gauss, raw, tl.where(raw > max_alpha, max_alpha, raw)
+
+
+@triton.jit
+def _swap_term(colors, depths, gids, start, partner, has_pair, weight, col, z, g_out, curv, tau,
+               SIGN: tl.constexpr, C: tl.constexpr, CP: tl.constexpr):
+    """Per lane, s = sigma'(dz/tau)/tau * (g.dC + h|dC|^2/2) of the pair (this Gaussian, its partner at list slot
+    `partner`); weight = T_front a_front a_back; SIGN = 1 when this Gaussian is the front one, -1 when the back."""
+    ch = tl.arange(0, CP)
+    gp = tl.load(gids + start + partner, mask=has_pair, other=0)
+    col_p = tl.load(colors + gp[None, :] * C + ch[:, None], mask=has_pair[None, :] & (ch < C)[:, None], other=0.0)
+    z_p = tl.load(depths + gp, mask=has_pair, other=0.0)
+    delta = (SIGN * weight)[None, :] * (col_p - col[:, None])  # T_i a_i a_j (c_j - c_i), (CP, P)
+    change = tl.sum(g_out * delta, axis=0) + 0.5 * curv * tl.sum(delta * delta, axis=0)
+    u = tl.minimum(tl.maximum(SIGN * (z_p - z) / tau, -60.0), 60.0)
+    p = 1.0 / (1.0 + tl.exp(-u))
+    return tl.where(has_pair, p * (1.0 - p) / tau * change, 0.0)
+
+
+@triton.jit
+def _forward_kernel(means, conics, colors, opac, gids, starts, counts, bg, image, trans, last_out,
+                    H, W, tiles_x, n_tiles, max_alpha,
+                    C: tl.constexpr, CP: tl.constexpr, HAS_BG: tl.constexpr, TILE: tl.constexpr, DT: tl.constexpr):
+    """Composite one (image, tile): image (B, C, H, W), trans (B, H, W) = final T, last_out (B, H, W) int32 = list
+    entries up to and including the pixel's last contributor."""
+    bt = tl.program_id(0)
+    b, inside, pix, px, py = _tile_pixels(bt, n_tiles, tiles_x, H, W, TILE, DT)
+    ch = tl.arange(0, CP)
+    ch_ok = ch < C
+    start = tl.load(starts + bt)
+    n = tl.load(counts + bt)
+    T = tl.full([TILE * TILE], 1.0, DT)
+    color = tl.zeros([CP, TILE * TILE], DT)
+    last = tl.zeros([TILE * TILE], tl.int32)
+    done = inside == 0
+    n_left = tl.sum(inside.to(tl.int32), axis=0)
+    jj = 0
+    while (jj < n) & (n_left > 0):
+        g = tl.load(gids + start + jj)
+        dx, dy, a, bq, c, gauss, raw, al = _gaussian(means, conics, opac, g, px, py, max_alpha)
+        valid = (al >= _ALPHA_MIN) & (done == 0)
+        t_next = T * (1.0 - al)
+        stop = valid & (t_next < _T_MIN)  # stop before this Gaussian
+        take = valid & (stop == 0)
+        col = tl.load(colors + g * C + ch, mask=ch_ok, other=0.0)
+        color += col[:, None] * tl.where(take, al * T, 0.0)[None, :]
+        T = tl.where(take, t_next, T)
+        last = tl.where(take, jj + 1, last)
+        done = done | stop
+        n_left -= tl.sum(stop.to(tl.int32), axis=0)
+        jj += 1
+    plane = b * H * W + pix
+    tl.store(trans + plane, T, mask=inside)
+    tl.store(last_out + plane, last, mask=inside)
+    if HAS_BG:
+        color += tl.load(bg + b * C + ch, mask=ch_ok, other=0.0)[:, None] * T[None, :]
+    tl.store(image + (b * C + ch)[:, None] * (H * W) + pix[None, :], color, mask=ch_ok[:, None] & inside[None, :])
+
+
+@triton.jit
+def _backward_tile(bt, starts, last_in, grad_image, n_tiles, tiles_x, H, W, C: tl.constexpr, CP: tl.constexpr,
+                   TILE: tl.constexpr, DT: tl.constexpr):
+    """What both backward walks of program bt start from: lanes inside the image, pixel centres, channel lanes,
+    the tile's first list slot, the lanes' offsets in an image plane (b*H*W + pixel), their entry counts and
+    dL/dimage (CP, P)."""
+    b, inside, pix, px, py = _tile_pixels(bt, n_tiles, tiles_x, H, W, TILE, DT)
+    ch = tl.arange(0, CP)
+    ch_ok = ch < C
+    plane = b * H * W + pix
+    cnt = tl.load(last_in + plane, mask=inside, other=0)
+    g_out = tl.load(grad_image + (b * C + ch)[:, None] * (H * W) + pix[None, :],
+                    mask=ch_ok[:, None] & inside[None, :], other=0.0)
+    return b, inside, px, py, ch, ch_ok, tl.load(starts + bt), plane, cnt, g_out
+
+
+@triton.jit
+def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, trans, last_in, grad_image, grad_alpha,
+                     curvature, buf, H, W, tiles_x, n_tiles, max_alpha, tau,
+                     C: tl.constexpr, CP: tl.constexpr, HAS_BG: tl.constexpr, DEPTH: tl.constexpr,
+                     TILE: tl.constexpr, DT: tl.constexpr):
+    """One (image, tile) back to front: writes buf[j] = d/d(mx, my, a, b, c, o, colours, z_front) of each list
+    entry j it owns (rows of width 6 + C + 2; the last column is `_depth_back_kernel`'s)."""
+    D: tl.constexpr = _N_GEOM + C + 2
+    b, inside, px, py, ch, ch_ok, start, plane, cnt, g_out = _backward_tile(
+        tl.program_id(0), starts, last_in, grad_image, n_tiles, tiles_x, H, W, C, CP, TILE, DT)
+    T = tl.load(trans + plane, mask=inside, other=1.0)  # T after the current Gaussian
+    g_a_t = tl.load(grad_alpha + plane, mask=inside, other=0.0) * T  # dL/dalpha_out * T_final
+    behind = tl.zeros([CP, TILE * TILE], DT)  # the colour behind the current Gaussian
+    if HAS_BG:
+        behind += tl.load(bg + b * C + ch, mask=ch_ok, other=0.0)[:, None]
+    curv = tl.zeros([TILE * TILE], DT)
+    if DEPTH:
+        curv = tl.load(curvature + plane, mask=inside, other=0.0)
+    partner = tl.full([TILE * TILE], -1, tl.int32)  # list slot of the contributor behind, -1: none yet
+    partner_a = tl.zeros([TILE * TILE], DT)
+    n_last = tl.max(cnt, axis=0)
+    for t in range(0, n_last):
+        jj = n_last - 1 - t
+        g = tl.load(gids + start + jj)
+        dx, dy, a, bq, c, gauss, raw, al = _gaussian(means, conics, opac, g, px, py, max_alpha)
+        valid = (jj < cnt) & (al >= _ALPHA_MIN)
+        one_m = 1.0 - al
+        T = tl.where(valid, T / one_m, T)  # T before this Gaussian
+        col = tl.load(colors + g * C + ch, mask=ch_ok, other=0.0)
+        row = buf + (start + jj) * D
+        if DEPTH:
+            has_pair = valid & (partner >= 0)
+            s = _swap_term(colors, depths, gids, start, partner, has_pair, T * al * partner_a, col,
+                           tl.load(depths + g), g_out, curv, tau, 1.0, C, CP)
+            tl.store(row + _N_GEOM + C, tl.sum(s, axis=0))
+            partner = tl.where(valid, jj, partner)
+            partner_a = tl.where(valid, al, partner_a)
+        d_alpha = tl.sum((col[:, None] - behind) * g_out, axis=0) * T + g_a_t / one_m
+        tl.store(row + _N_GEOM + ch, tl.sum(g_out * tl.where(valid, al * T, 0.0)[None, :], axis=1), mask=ch_ok)
+        behind = tl.where(valid[None, :], al[None, :] * col[:, None] + one_m[None, :] * behind, behind)
+        free = valid & (raw <= max_alpha)  # a clamped alpha is constant
+        d_q = tl.where(free, -0.5 * al * d_alpha, 0.0)
+        tl.store(row + 0, tl.sum(-2.0 * d_q * (a * dx + bq * dy), axis=0))
+        tl.store(row + 1, tl.sum(-2.0 * d_q * (bq * dx + c * dy), axis=0))
+        tl.store(row + 2, tl.sum(d_q * dx * dx, axis=0))
+        tl.store(row + 3, tl.sum(2.0 * d_q * dx * dy, axis=0))
+        tl.store(row + 4, tl.sum(d_q * dy * dy, axis=0))
+        tl.store(row + 5, tl.sum(tl.where(free, d_alpha * gauss, 0.0), axis=0))
+
+
+@triton.jit
+def _depth_back_kernel(means, conics, colors, opac, depths, gids, starts, last_in, grad_image, curvature, buf,
+                       H, W, tiles_x, n_tiles, max_alpha, tau,
+                       C: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr, DT: tl.constexpr):
+    """One (image, tile) front to back: buf[j, 6 + C + 1] = -sum of s over the pairs in which entry j is the back
+    member (see the module docstring, 4)."""
+    D: tl.constexpr = _N_GEOM + C + 2
+    b, inside, px, py, ch, ch_ok, start, plane, cnt, g_out = _backward_tile(
+        tl.program_id(0), starts, last_in, grad_image, n_tiles, tiles_x, H, W, C, CP, TILE, DT)
+    curv = tl.load(curvature + plane, mask=inside, other=0.0)
+    T = tl.full([TILE * TILE], 1.0, DT)
+    partner = tl.full([TILE * TILE], -1, tl.int32)  # list slot of the contributor in front, -1: none yet
+    partner_a = tl.zeros([TILE * TILE], DT)
+    partner_t = tl.zeros([TILE * TILE], DT)  # T before it
+    n_last = tl.max(cnt, axis=0)
+    for jj in range(0, n_last):
+        g = tl.load(gids + start + jj)
+        dx, dy, a, bq, c, gauss, raw, al = _gaussian(means, conics, opac, g, px, py, max_alpha)
+        valid = (jj < cnt) & (al >= _ALPHA_MIN)
+        col = tl.load(colors + g * C + ch, mask=ch_ok, other=0.0)
+        s = _swap_term(colors, depths, gids, start, partner, valid & (partner >= 0), partner_t * partner_a * al,
+                       col, tl.load(depths + g), g_out, curv, tau, -1.0, C, CP)
+        tl.store(buf + (start + jj) * D + _N_GEOM + C + 1, -tl.sum(s, axis=0))
+        partner = tl.where(valid, jj, partner)
+        partner_a = tl.where(valid, al, partner_a)
+        partner_t = tl.where(valid, T, partner_t)
+        T = tl.where(valid, T * (1.0 - al), T)
+
+
+@triton.jit
+def _reduce_kernel(buf, perm, seg, out, D: tl.constexpr, DP: tl.constexpr, DT: tl.constexpr):
+    """out[g] = sum of the rows buf[perm[seg[g]:seg[g + 1]]], in that order."""
+    g = tl.program_id(0)
+    lo = tl.load(seg + g)
+    hi = tl.load(seg + g + 1)
+    cols = tl.arange(0, DP)
+    acc = tl.zeros([DP], DT)
+    for r in range(lo, hi):
+        acc += tl.load(buf + tl.load(perm + r) * D + cols, mask=cols < D, other=0.0)
+    tl.store(out + g * D + cols, acc, mask=cols < D)
+
+
+#: True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported).
+INTERPRETED = not isinstance(_forward_kernel, JITFunction)
+
+
+def _dtypes(*tensors) -> tuple[torch.dtype, torch.dtype, object]:
+    """(output dtype, compute dtype, its Triton type): the output follows torch type promotion over the floating
+    inputs, as the reference does; the kernels run in float64 when that is float64, in float32 otherwise."""
+    out = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            out = torch.promote_types(out, t.dtype)
+    return (out, torch.float64, tl.float64) if out == torch.float64 else (out, torch.float32, tl.float32)
+
+
+class _RasterizeTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means2d, conics, colors, opacities, depths, background, height, width, max_alpha, depth_tau,
+                loss_curvature):
+        B, K, C = colors.shape
+        out_dtype, dt, tdt = _dtypes(means2d, conics, colors, opacities, background)
+        device = colors.device
+        tiles_x, tiles_y = -(-width // TILE), -(-height // TILE)
+        with torch.no_grad():
+            order, flat, gids, starts, counts = sort_and_bin(means2d.detach(), conics.detach(), colors.detach(),
+                                                             opacities.detach(), depths.detach(), dt, tiles_x, tiles_y)
+        means, conics_s, colors_s, opac, depths_s = (t.to(dt).contiguous() for t in flat)
+        bg = expand_background(background, B, C, dt, device)
+        bg = torch.zeros(1, dtype=dt, device=device) if bg is None else bg.detach().contiguous()
+        image = torch.empty(B, C, height, width, dtype=dt, device=device)
+        trans = torch.empty(B, height, width, dtype=dt, device=device)
+        last = torch.empty(B, height, width, dtype=torch.int32, device=device)
+        common = dict(C=C, CP=triton.next_power_of_2(C), TILE=TILE, DT=tdt)
+        grid = (B * tiles_x * tiles_y,)
+        _forward_kernel[grid](means, conics_s, colors_s, opac, gids, starts, counts, bg, image, trans, last,
+                              height, width, tiles_x, tiles_x * tiles_y, float(max_alpha),
+                              HAS_BG=background is not None, **LAUNCH, **common)
+        curvature = (loss_curvature.detach().to(dt).contiguous() if depth_tau > 0
+                     else torch.zeros(1, dtype=dt, device=device))
+        ctx.save_for_backward(means, conics_s, colors_s, opac, depths_s, gids, starts, bg, trans, last, order,
+                              curvature)
+        ctx.args = (height, width, tiles_x, tiles_y, float(max_alpha), float(depth_tau), common, grid)
+        ctx.has_bg = background is not None
+        ctx.shared_bg = background is not None and background.dim() == 1
+        ctx.in_dtypes = [t.dtype if t is not None else None
+                         for t in (means2d, conics, colors, opacities, depths, background)]
+        return image.to(out_dtype), (1.0 - trans).to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_image, grad_alpha):
+        means, conics, colors, opac, depths, gids, starts, bg, trans, last, order, curvature = ctx.saved_tensors
+        height, width, tiles_x, tiles_y, max_alpha, depth_tau, common, grid = ctx.args
+        B, K = order.shape
+        C, dt = common["C"], trans.dtype
+        g_img = grad_image.to(dt).contiguous()
+        tau = depth_tau if ctx.needs_input_grad[4] else 0.0
+        grads = [None] * 11
+        if any(ctx.needs_input_grad[:4]) or tau > 0:
+            D = N_GEOM + C + 2
+            buf = torch.zeros(gids.numel(), D, dtype=dt, device=g_img.device)
+            n_tiles = tiles_x * tiles_y
+            if gids.numel():
+                _backward_kernel[grid](means, conics, colors, opac, depths, gids, starts, bg, trans, last, g_img,
+                                       grad_alpha.to(dt).contiguous(), curvature, buf, height, width, tiles_x,
+                                       n_tiles, max_alpha, tau, HAS_BG=ctx.has_bg, DEPTH=tau > 0,
+                                       **LAUNCH, **common)
+                if tau > 0:
+                    _depth_back_kernel[grid](means, conics, colors, opac, depths, gids, starts, last, g_img,
+                                             curvature, buf, height, width, tiles_x, n_tiles, max_alpha, tau,
+                                             **LAUNCH, **common)
+            flat = _sum_rows(buf, gids, B * K, common["DT"])  # (B*K, D) in depth order
+            per_image = torch.empty_like(flat).view(B, K, D).scatter_(
+                1, order[..., None].expand(B, K, D), flat.view(B, K, D))  # back to the input order
+            grads[:4] = [per_image[..., 0:2], per_image[..., 2:5], per_image[..., N_GEOM:N_GEOM + C],
+                         per_image[..., 5]]
+            if tau > 0:
+                grads[4] = per_image[..., N_GEOM + C] + per_image[..., N_GEOM + C + 1]
+        if ctx.needs_input_grad[5]:
+            # d out / d bg = T_final, summed over pixels (and images if shared)
+            g_bg = torch.einsum("bhw,bchw->bc", trans, g_img)
+            grads[5] = g_bg.sum(0) if ctx.shared_bg else g_bg
+        return tuple(g.to(dtype) if g is not None else None
+                     for g, dtype in zip(grads, ctx.in_dtypes + [None] * 5))
+
+
+def _sum_rows(buf: Tensor, gids: Tensor, n: int, tdt) -> Tensor:
+    """(n, D): row g = the sum of the rows of buf whose gids is g, each in list order (bitwise reproducible)."""
+    D = buf.shape[1]
+    out = torch.zeros(n, D, dtype=buf.dtype, device=buf.device)
+    if n == 0 or gids.numel() == 0:
+        return out
+    perm = torch.argsort(gids, stable=True)
+    seg = torch.zeros(n + 1, dtype=torch.int64, device=buf.device)
+    seg[1:] = torch.cumsum(torch.bincount(gids, minlength=n), 0)
+    _reduce_kernel[(n,)](buf, perm, seg, out, D=D, DP=triton.next_power_of_2(D), DT=tdt, **LAUNCH)
+    return out
+
+
+def rasterize_triton(means2d, conics, colors, opacities, depths, *, height, width, background=None, max_alpha=0.99,
+                     depth_tau=0.0, loss_curvature=None):
+    """Tiled, differentiable splatting of 2D Gaussians in Triton (3DGS conventions; see `gmae.render.rasterize`).
+
+    CUDA tensors; CPU tensors only when the kernels run in Triton's interpreter
+    (``TRITON_INTERPRET=1``). Differentiable in means2d, conics, colors,
+    opacities and background; the depths get the depth-order gradient when
+    depth_tau > 0 (with loss_curvature (B, H, W)).
+    """
+    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha, depth_tau,
+                    loss_curvature)
+    if means2d.device.type != "cuda" and not INTERPRETED:
+        raise GMAEError("the triton backend needs CUDA tensors (on the CPU it runs only in Triton's interpreter, "
+                        "TRITON_INTERPRET=1 set before gmae imports it: slow, for tests); use render backend cpu")
+    return _RasterizeTriton.apply(means2d, conics, colors, opacities, depths, background, height, width,
+                                  float(max_alpha), float(depth_tau), loss_curvature)

@@ -1,0 +1,302 @@
+"""The triton render backend against the torch oracle: values and every gradient, the depth-order (swap) gradient
+with the loss curvature, backgrounds, opacities above 1, culled and degenerate Gaussians, determinism.
+
+Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before they
+are defined), so the shapes are tiny: a handful of Gaussians over 1 to 4 tiles. On a GPU the same checks run on
+CUDA tensors (marked `gpu`), and `test_parity_at_gmae_shapes` compares at the shapes GMAE trains at.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton_raster = pytest.importorskip("gmae.render.triton_raster", reason="needs triton (pip install -e '.[test]')")
+
+from gmae.errors import GMAEError  # noqa: E402
+from gmae.render import DEPTH_GRAD_BACKENDS, rasterize, resolve_backend  # noqa: E402
+from gmae.render.reference import rasterize_torch  # noqa: E402
+from test_depth_grad import assert_matches_torch, backend_grads, scene as depth_scene  # noqa: E402
+from test_render_cpu import make_scene, render_and_grad  # noqa: E402
+
+F64 = torch.float64
+TIGHT = dict(rtol=1e-10, atol=1e-10)  # float64: the same arithmetic as the oracle, up to summation order
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+# CPU tensors in the interpreter (CI), CUDA tensors on a GPU.
+DEVICES = ([pytest.param("cpu", id="interpreter")] if triton_raster.INTERPRETED else []) + \
+    [pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def to(device, scene):
+    return [t.to(device) for t in scene]
+
+
+def assert_parity(scene, height, width, background=None, max_alpha=0.99):
+    """triton == torch oracle: image, alpha and the gradients wrt means2d, conics, colors, opacities, background."""
+    tol = TIGHT if scene[0].dtype == F64 else FP32
+    fast = render_and_grad(triton_raster.rasterize_triton, scene, height, width, background, max_alpha)
+    ref = render_and_grad(rasterize_torch, scene, height, width, background, max_alpha)
+    assert fast[0].dtype == ref[0].dtype
+    torch.testing.assert_close(fast[0], ref[0], **tol)
+    torch.testing.assert_close(fast[1], ref[1], **tol)
+    for name, g, g_r in zip(["means2d", "conics", "colors", "opacities", "background"], fast[2], ref[2]):
+        scale = max(1.0, g_r.abs().max().item())  # sums over many pixels: relative to their scale
+        torch.testing.assert_close(g, g_r, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10 * scale,
+                                   msg=lambda m: f"d/d{name}: {m}")
+    return fast
+
+
+# --------------------------------------------------------------------------- values and gradients
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,background", [(F64, None), (F64, "shared"), (torch.float32, "batch")],
+                         ids=["f64", "f64_bg", "f32_bg_per_image"])
+def test_random_scenes_match_the_oracle(device, dtype, background):
+    scene = to(device, make_scene(batch=2, k=12, height=20, width=24, dtype=dtype, seed=1))
+    bg = {None: None, "shared": torch.rand(3, dtype=dtype), "batch": torch.rand(2, 3, dtype=dtype)}[background]
+    img, alpha, grads = assert_parity(scene, 20, 24, None if bg is None else bg.to(device))
+    assert alpha.max() > 0.5 and all(g.abs().max() > 0 for g in grads)  # a scene with something to get wrong
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [
+    dict(channels=1, batch=1, k=6, height=19, width=17),  # C = 1, odd size, one tile
+    dict(channels=4, batch=1, k=10, height=16, width=32, background="shared"),  # C = 4 (no padding lanes)
+    dict(channels=3, batch=1, k=10, opacity=(0.9, 1.0), std=(3.0, 8.0), max_alpha=0.999),  # saturating, early stop
+    dict(channels=3, batch=1, k=4, std=(40.0, 100.0), height=20, width=20),  # bigger than the image
+    dict(channels=2, batch=1, k=16, std=(0.1, 0.6), height=16, width=16),  # sub-pixel
+], ids=["C1_odd", "C4", "saturating_0999", "huge", "subpixel"])
+def test_edge_cases_match_the_oracle(device, case):
+    case = dict(case)
+    height, width = case.pop("height", 20), case.pop("width", 24)
+    background, max_alpha = case.pop("background", None), case.pop("max_alpha", 0.99)
+    scene = to(device, make_scene(height=height, width=width, seed=7, dtype=F64, **case))
+    bg = None if background is None else torch.rand(scene[2].shape[-1], dtype=F64, device=device)
+    img, alpha, _ = assert_parity(scene, height, width, bg, max_alpha)
+    if max_alpha == 0.999:
+        assert alpha.max() > 0.999  # pixels that stopped early
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opacities_above_one(device):
+    """Flat-topped Gaussians (`--max-opacity`): alpha = min(0.99, o G) is clamped over a core, whose gradient is 0."""
+    scene = make_scene(batch=1, k=8, height=20, width=24, std=(2.0, 5.0), dtype=F64, seed=4)
+    scene[3] = scene[3] * 30.0
+    _, alpha, _ = assert_parity(to(device, scene), 20, 24, torch.ones(3, dtype=F64, device=device))
+    assert (alpha > 0.98).float().mean() > 0.3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_culled_and_degenerate_gaussians(device):
+    """Non-finite, degenerate, negative definite and off-screen Gaussians are culled (zero gradient), as the
+    oracle culls them; extreme but valid conics still match."""
+    means, conics, colors, opac, depths = make_scene(batch=1, k=12, height=20, width=24, std=(2.0, 6.0),
+                                                     opacity=(0.5, 1.0), dtype=F64, seed=3)
+    nan, inf = float("nan"), float("inf")
+    conics[0, 0] = torch.tensor([nan, 0.0, 1.0])
+    conics[0, 1] = torch.tensor([1.0, 2.0, 1.0])  # det < 0
+    conics[0, 2] = torch.tensor([-1.0, 0.0, -1.0])  # negative definite
+    conics[0, 3] = torch.tensor([1.0, 1.0, 1.0])  # det = 0
+    means[0, 4] = torch.tensor([inf, 3.0])
+    means[0, 5] = torch.tensor([1e30, -1e30])  # far away
+    conics[0, 6] = torch.tensor([1e-12, 0.0, 1e-12])  # covers everything
+    conics[0, 7] = torch.tensor([1e12, 0.0, 1e12])  # vanishing
+    opac[0, 8] = nan
+    colors[0, 9] = torch.tensor([nan, 0.0, 0.0])
+    depths[0, 10] = inf
+    scene = to(device, [means, conics, colors, opac, depths])
+    img, alpha, grads = assert_parity(scene, 20, 24, torch.rand(3, dtype=F64, device=device))
+    for t in (img, alpha, *grads):
+        assert torch.isfinite(t).all()
+    for i in (0, 1, 2, 3, 4, 5, 8, 9, 10):
+        assert all(torch.all(g[0, i] == 0) for g in grads[:4]), i
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nothing_to_draw(device):
+    """No Gaussians, or all invisible: the background, and its gradient T_final = 1 per pixel."""
+    bg = torch.tensor([0.1, 0.2, 0.3], device=device, requires_grad=True)
+    empty = [torch.zeros(2, 0, 2), torch.zeros(2, 0, 3), torch.zeros(2, 0, 3), torch.zeros(2, 0), torch.zeros(2, 0)]
+    for scene in (empty, make_scene(batch=2, k=3, height=5, width=7, opacity=(0.0, 0.001))):
+        img, alpha = triton_raster.rasterize_triton(*to(device, scene), height=5, width=7, background=bg)
+        assert torch.equal(img, bg.detach().view(1, 3, 1, 1).expand(2, 3, 5, 7))
+        assert torch.equal(alpha, torch.zeros(2, 5, 7, device=device))
+        (grad,) = torch.autograd.grad(img.sum() + alpha.sum(), [bg])
+        assert torch.equal(grad, torch.full((3,), 70.0, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tied_depths_keep_index_order(device):
+    scene = make_scene(batch=1, k=8, height=16, width=16, std=(3.0, 6.0), opacity=(0.6, 1.0), dtype=F64, seed=2)
+    scene[4] = torch.zeros_like(scene[4])
+    assert_parity(to(device, scene), 16, 16)
+
+
+# --------------------------------------------------------------------------- the depth-order gradient
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,background", [(F64, "shared"), (F64, None), (torch.float32, "per-image")],
+                         ids=["f64_bg", "f64", "f32_bg_per_image"])
+def test_swap_gradient_and_curvature_match_the_oracle(device, dtype, background):
+    """depth_tau > 0: the relaxed swap gradient with the loss curvature (test_depth_grad.py checks the oracle
+    against brute force and finite differences); the image and the other gradients are unchanged."""
+    params, target, weight = depth_scene(0, B=2, K=8, H=16, W=20, dtype=dtype, std=(1.0, 5.0))
+    params, target, weight = to(device, params), target.to(device), weight.to(device)
+    bg = {"shared": torch.tensor([1.0, 1.0, 1.0], dtype=F64), None: None,
+          "per-image": torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.3, 0.9]], dtype=F64)}[background]
+    bg = None if bg is None else bg.to(device)
+    ref, fast = assert_matches_torch("triton", params, target, weight, 0.1, bg)
+    assert ref[2][4].abs().max() > 1e-3
+    off = backend_grads("triton", params, target, weight, 0.0, bg)
+    assert torch.equal(off[0], fast[0]) and off[2][4] is None
+    for a, b in zip(off[2][:4], fast[2][:4]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swap_gradient_with_opacities_above_one(device):
+    params, target, weight = depth_scene(4, B=1, K=8, H=16, W=16, std=(1.0, 5.0))
+    params[3] = params[3] * 30.0
+    params, target, weight = to(device, params), target.to(device), weight.to(device)
+    assert_matches_torch("triton", params, target, weight, 0.1)
+
+
+# --------------------------------------------------------------------------- determinism and dispatch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_bitwise(device):
+    """Per-intersection rows summed per Gaussian in a fixed order: two runs agree bit for bit, depths included."""
+    params, target, weight = depth_scene(5, B=1, K=10, H=16, W=24, dtype=torch.float32, std=(1.0, 6.0))
+    params, target, weight = to(device, params), target.to(device), weight.to(device)
+    first = backend_grads("triton", params, target, weight, 0.1)
+    second = backend_grads("triton", params, target, weight, 0.1)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for a, b in zip(first[2], second[2]):
+        assert torch.equal(a, b)
+
+
+def test_auto_prefers_triton_on_cuda():
+    """auto on CUDA: triton (it has the depth-order gradient too), then gsplat, then torch; cpu on the CPU."""
+    from gmae import render
+
+    assert "triton" in DEPTH_GRAD_BACKENDS
+    assert resolve_backend("auto", "cuda") == "triton"
+    assert resolve_backend("auto", "cuda", depth_grad=True) == "triton"
+    assert resolve_backend("auto", "cpu") == "cpu"
+    saved = render.BACKENDS.pop("triton", None)
+    render._UNAVAILABLE.add("triton")
+    try:
+        assert resolve_backend("auto", "cuda") in {"gsplat", "torch"}
+        assert resolve_backend("auto", "cuda", depth_grad=True) == "torch"
+    finally:
+        render._UNAVAILABLE.discard("triton")
+        if saved is not None:
+            render.BACKENDS["triton"] = saved
+
+
+def test_cpu_tensors_without_the_interpreter_are_one_clear_error(monkeypatch):
+    monkeypatch.setattr(triton_raster, "INTERPRETED", False)
+    scene = make_scene(batch=1, k=2, height=8, width=8)
+    with pytest.raises(GMAEError, match="triton backend needs CUDA tensors.*TRITON_INTERPRET=1"):
+        triton_raster.rasterize_triton(*scene, height=8, width=8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatch_through_rasterize(device):
+    scene = to(device, make_scene(batch=1, k=4, height=16, width=16))
+    img, alpha = rasterize(*scene, height=16, width=16, backend="triton")
+    img_r, alpha_r = triton_raster.rasterize_triton(*scene, height=16, width=16)
+    assert torch.equal(img, img_r) and torch.equal(alpha, alpha_r)
+
+
+# --------------------------------------------------------------------------- compiled for a GPU, without one
+
+COMPILE_FOR_SM90 = """
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import gmae.render.triton_raster as tr
+
+F, I = "*fp32", dict(H="i32", W="i32", tiles_x="i32", n_tiles="i32", max_alpha="fp32", tau="fp32")
+tile = dict(means=F, conics=F, colors=F, opac=F, depths=F, gids="*i64", starts="*i64", counts="*i64", bg=F,
+            image=F, trans=F, last_out="*i32", last_in="*i32", grad_image=F, grad_alpha=F, curvature=F, buf=F, **I)
+common = dict(C=3, CP=4, TILE=16, DT=tl.float32)
+jobs = [(tr._forward_kernel, dict(common, HAS_BG=True)), (tr._forward_kernel, dict(common, HAS_BG=False)),
+        (tr._backward_kernel, dict(common, HAS_BG=True, DEPTH=True)),
+        (tr._backward_kernel, dict(common, HAS_BG=False, DEPTH=False)),
+        (tr._depth_back_kernel, common), (tr._reduce_kernel, dict(D=11, DP=16, DT=tl.float32))]
+types = dict(tile, perm="*i64", seg="*i64", out=F)
+for fn, consts in jobs:
+    signature = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
+                            options=dict(tr.LAUNCH))
+    assert kernel.asm["cubin"], fn.__name__
+    print("compiled", fn.__name__)
+"""
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs kernels as Python, so it accepts code that Triton's compiler refuses (types that change
+    in a loop, ...): every kernel variant is compiled for sm_90 (H100/H200) down to a cubin, with the ptxas that
+    comes with triton, in a process without TRITON_INTERPRET."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr.lower()
+                                 or "No module named 'triton.backends.nvidia'" in done.stderr):
+        pytest.skip(f"this triton cannot compile for CUDA here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled") == 6
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+def gmae_scene(batch, k, size, seed=0):
+    """Gaussians like a GMAE decoder's at 224 px: centres over the image, std 1-8 px at k = 256 and 1/4 of that at
+    k = 4096 (the same coverage), opacities over (0, 1), some above 1."""
+    shrink = (k / 256) ** 0.5
+    g = torch.Generator().manual_seed(seed)
+    means = torch.rand(batch, k, 2, generator=g) * size
+    sd = (1.0 + 7.0 * torch.rand(batch, k, 2, generator=g)) / shrink
+    rho = torch.rand(batch, k, generator=g) * 1.2 - 0.6
+    sxx, syy, sxy = sd[..., 0] ** 2, sd[..., 1] ** 2, rho * sd[..., 0] * sd[..., 1]
+    det = sxx * syy - sxy**2
+    conics = torch.stack([syy / det, -sxy / det, sxx / det], -1)
+    colors = torch.rand(batch, k, 3, generator=g)
+    opac = torch.rand(batch, k, generator=g) * 1.2
+    depths = torch.rand(batch, k, generator=g)
+    return [t.cuda() for t in (means, conics, colors, opac, depths)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [256, 4096])
+def test_parity_at_gmae_shapes(k):
+    """B 64, 224 px, k = 256 and 4096, float32 on CUDA, the depth-order gradient on: triton == torch."""
+    size = 224
+    params = gmae_scene(64, k, size)
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(64, 3, size, size, generator=g).cuda()
+    weight = torch.rand(64, size, size, generator=g).cuda()
+    bg = torch.ones(3, device="cuda")
+    ref = backend_grads("torch", params, target, weight, 0.1, bg)
+    fast = backend_grads("triton", params, target, weight, 0.1, bg)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast[1], ref[1], rtol=1e-4, atol=1e-4)
+    for name, a, b in zip(["means2d", "conics", "colors", "opacities", "depths"], fast[2], ref[2]):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a / scale, b / scale, rtol=1e-3, atol=1e-4, msg=name)
