@@ -62,13 +62,19 @@ def init(device: str) -> Context:
 
 
 def _store(rank: int, world_size: int) -> dist.Store:
-    """The env:// rendezvous store, with keys of their own for each torchrun restart.
+    """The env:// rendezvous store; under torchrun's shared agent store, with keys of their own for each restart.
 
-    Under torchrun the workers share the agent's store, which outlives a
-    restart (``--max-restarts``): without a prefix, the processes of a restart
-    read the addresses the dead ones published and fail to connect.
+    torchrun's workers share the TCP store of its c10d rendezvous, which
+    outlives a restart (``--max-restarts``): without a prefix of its own, a
+    restart reads the addresses the dead processes published and fails to
+    connect. The prefix is the restart count, which every node's agent
+    advances when the workers fail together. With
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` each start gets a new store and
+    needs none (docs/cluster.md: a node that joins anew starts its count at 0).
     """
     store, _, _ = next(dist.rendezvous("env://", rank, world_size))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
     return dist.PrefixStore(f"gmae/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
