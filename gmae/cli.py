@@ -656,6 +656,53 @@ def add_submit(sub) -> None:
     p.set_defaults(func=cmd_submit)
 
 
+class TrainingJob:
+    """What each task of a submitted job runs: `gmae COMMAND ...` in this process, under torch.distributed when
+    the job has several tasks. Checkpointable: its requeue runs the same command (which has --resume=auto)."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        import submitit
+
+        job = submitit.JobEnvironment()
+        if job.num_tasks > 1:
+            dist = submitit.helpers.TorchDistributedEnvironment()
+            if job.cluster in ("local", "debug"):
+                dist.master_addr = "127.0.0.1"  # one machine: no name lookup
+            # Each process picks its GPU by LOCAL_RANK (gmae.distributed), so all stay visible.
+            dist.export(set_cuda_visible_devices=False, overwrite=True)
+        from .stopping import STOPPED_EXIT, Stopped
+
+        try:
+            status = run(self.argv)
+        except Stopped as stop:
+            print(f"gmae {self.argv[0]}: {stop}", file=sys.stderr, flush=True)
+            if stop.signum != job._usr_sig() and stop.signal_name != "SIGUSR1":
+                raise SystemExit(STOPPED_EXIT) from None  # SIGTERM: cancelled, or preempted (SLURM requeues)
+            self._requeue(job, stop.signum)
+            return STOPPED_EXIT  # a task other than the first: the first requeues the job
+        if status:
+            raise RuntimeError(f"gmae {' '.join(self.argv)} exited with status {status}; see this task's log")
+        return status
+
+    @staticmethod
+    def _requeue(job, signum: int) -> None:
+        """The time limit's signal: requeue the job as submitit does on it (task 0 only; it exits)."""
+        from submitit.core.job_environment import SignalHandler
+        from submitit.core.utils import DelayedSubmission
+
+        paths = job.paths
+        SignalHandler(job, paths, DelayedSubmission.load(paths.submitted_pickle)).checkpoint_and_try_requeue(signum)
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's hook on requeue: the same command, which continues with --resume=auto."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.argv))
+
+
 def _check_job(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """gmae submit: the command to run must be pretrain or finetune with flags that parse; finetune takes one task."""
     if not args.job or args.job[0] not in cluster.SUBMITTABLE:
@@ -680,7 +727,7 @@ def cmd_submit(args) -> int:
                         "a new run there (the job continues its own checkpoints when requeued)")
     folder = args.folder or str(Path(inner.out) / "submitit")
     check_output_folder(folder)
-    job = cluster.submit(args.job, folder, cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+    job = cluster.submit(TrainingJob(cluster.job_command(args.job)), folder, cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
                          partition=args.partition, time_min=args.time, name=args.name,
                          signal_delay_s=args.signal_delay, slurm=dict(args.slurm))

@@ -1,7 +1,7 @@
 """Training on a SLURM cluster: `gmae submit` (through submitit) and `srun gmae ...` in an sbatch script.
 
 * :func:`submit` sends `gmae pretrain ...` or `gmae finetune ...` to SLURM (or, for a
-  test, to submitit's local executor) as a :class:`TrainingJob`. Each task sets up
+  test, to submitit's local executor) as a :class:`gmae.cli.TrainingJob`. Each task sets up
   torch.distributed from the job's environment and runs the command with
   ``--resume=auto``. When the run stops on the time-limit signal (submitit's
   SIGUSR2, or SIGUSR1) it has saved the step it stopped at (gmae.stopping); the
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -117,11 +116,11 @@ def job_command(command: list[str]) -> list[str]:
     return [*out, "--resume=auto"]
 
 
-def submit(command: list[str], folder: str | Path, *, cluster: str | None = None, nodes: int = 1,
+def submit(job, folder: str | Path, *, cluster: str | None = None, nodes: int = 1,
            gpus_per_node: int = 0, tasks_per_node: int | None = None, cpus_per_task: int | None = None,
            partition: str | None = None, time_min: int = 60, name: str = "gmae", signal_delay_s: int = 120,
            slurm: dict[str, str] | None = None):
-    """Submit `command` (["pretrain", ...] or ["finetune", ...]) as one job; returns submitit's Job.
+    """Submit `job` (a checkpointable callable: gmae.cli.TrainingJob) as one job; returns submitit's Job.
 
     `cluster` is submitit's: None picks SLURM when there is one, "local" runs
     the tasks on this machine (one node). Each node runs `tasks_per_node`
@@ -145,52 +144,4 @@ def submit(command: list[str], folder: str | Path, *, cluster: str | None = None
     if executor.cluster != "slurm":  # slurm_* settings are SLURM's alone
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
     executor.update_parameters(**params)
-    return executor.submit(TrainingJob(job_command(command)))
-
-
-class TrainingJob:
-    """What each task of a submitted job runs: `gmae COMMAND ...` in this process, under torch.distributed when
-    the job has several tasks. Checkpointable: its requeue runs the same command (which has --resume=auto)."""
-
-    def __init__(self, argv: list[str]):
-        self.argv = list(argv)
-
-    def __call__(self) -> int:
-        import submitit
-
-        job = submitit.JobEnvironment()
-        if job.num_tasks > 1:
-            dist = submitit.helpers.TorchDistributedEnvironment()
-            if job.cluster in ("local", "debug"):
-                dist.master_addr = "127.0.0.1"  # one machine: no name lookup
-            # Each process picks its GPU by LOCAL_RANK (gmae.distributed), so all stay visible.
-            dist.export(set_cuda_visible_devices=False, overwrite=True)
-        from .cli import run
-        from .stopping import STOPPED_EXIT, Stopped
-
-        try:
-            status = run(self.argv)
-        except Stopped as stop:
-            print(f"gmae {self.argv[0]}: {stop}", file=sys.stderr, flush=True)
-            if stop.signum != job._usr_sig() and stop.signal_name != "SIGUSR1":
-                raise SystemExit(STOPPED_EXIT) from None  # SIGTERM: cancelled, or preempted (SLURM requeues)
-            self._requeue(job, stop.signum)
-            return STOPPED_EXIT  # a task other than the first: the first requeues the job
-        if status:
-            raise RuntimeError(f"gmae {' '.join(self.argv)} exited with status {status}; see this task's log")
-        return status
-
-    @staticmethod
-    def _requeue(job, signum: int) -> None:
-        """The time limit's signal: requeue the job as submitit does on it (task 0 only; it exits)."""
-        from submitit.core.job_environment import SignalHandler
-        from submitit.core.utils import DelayedSubmission
-
-        paths = job.paths
-        SignalHandler(job, paths, DelayedSubmission.load(paths.submitted_pickle)).checkpoint_and_try_requeue(signum)
-
-    def checkpoint(self, *args, **kwargs):
-        """submitit's hook on requeue: the same command, which continues with --resume=auto."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.argv))
+    return executor.submit(job)

@@ -3,9 +3,9 @@
 While a run trains, :class:`StopGuard` replaces the handlers of these signals
 with one that only records the first signal that arrives; later ones, a
 second SIGTERM during the save included, are ignored. At the end of every step
-the loop asks :meth:`StopGuard.agreed`: under torchrun the signal number is
-all-reduced (max), so a signal sent to any one process stops every process
-after the same step. The main process then writes that step's checkpoint
+the loop reads :attr:`StopGuard.signum`; under torchrun it all-reduces it
+(max, gmae.distributed.max_across), so a signal sent to any one process stops
+every process after the same step. The main process then writes that step's checkpoint
 (atomically, as every checkpoint) and the run raises :class:`Stopped`; the
 `gmae` command prints its message and exits with :data:`STOPPED_EXIT`.
 The previous handlers come back when the guard's block ends.
@@ -59,16 +59,6 @@ class StopGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-    def agreed(self, ctx=None) -> int:
-        """The signal number every process stops for (0: go on); all-reduced under torchrun, so call it on
-        every process at the same step."""
-        if ctx is None or not ctx.distributed:
-            return self.signum
-        from .distributed import max_across
-
-        return max_across(self.signum, ctx)
-
 
 def ignore_in_worker() -> None:
     """A DataLoader worker ignores the stop signals: a scheduler signals every process of a job, and the

@@ -200,7 +200,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             # A stop signal on any process: all stop after this step (the last step just finishes).
-            stop = guard.agreed(ctx) if step + 1 < tcfg.steps else 0
+            stop = distributed.max_across(guard.signum, ctx) if step + 1 < tcfg.steps else 0
             if ctx.is_main and (stop or (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps):
                 save_checkpoint(training_state(model, optimizer, step + 1, as_dict(mcfg), as_dict(tcfg)),
                                 checkpoint_path(out, step + 1), keep=tcfg.keep_checkpoints)

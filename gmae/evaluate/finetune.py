@@ -204,7 +204,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
             metrics.write(record)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-            stop = guard.agreed() if done < fcfg.steps else 0
+            stop = guard.signum if done < fcfg.steps else 0
             if stop or done % fcfg.checkpoint_every == 0 or done == fcfg.steps:
                 save_checkpoint({
                     "format": FORMAT, "version": 1, "step": done, "config": run_config,
