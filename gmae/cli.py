@@ -1,5 +1,5 @@
 """The `gmae` command: pretrain, reconstruct, the readouts (layers, edges, segment, gaussians: one command per
-readout registered in gmae.readouts), eval-zeroshot, ablate, info, export, bench, probe, finetune, plot.
+readout registered in gmae.readouts), eval-zeroshot, ablate, info, export, bench, probe, finetune, plot, submit.
 
 Each sub-command is one small function; mistakes a user can make are raised as
 GMAEError and printed as one line (exit status 2). Building the parser and
@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from . import threads
+from . import cluster, threads
 from .choices import BENCHMARKS, EXPORT_FORMATS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS, positive_int
 from .config import (
     CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, FINETUNE_RESUMABLE, LOSSES, MODELS, POSITION_PARAMS, PRESETS,
     PRETRAIN_RESUMABLE, FinetuneConfig, TrainConfig, as_dict, model_config, train_config,
 )
 from .errors import GMAEError
-from .files import check_exists, check_output_file, check_output_folder, image_files
+from .files import check_exists, check_output_file, check_output_folder, image_files, list_checkpoints
 from .readouts import READOUTS
 
 CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
@@ -687,6 +688,126 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- submit
+
+
+def add_submit(sub) -> None:
+    p = sub.add_parser("submit", help="run gmae pretrain or finetune as a SLURM job through submitit, requeued on a "
+                       f"time limit or preemption ({cluster.INSTALL})")
+    p.add_argument("--nodes", type=positive_int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0: a CPU job)")
+    p.add_argument("--tasks-per-node", type=positive_int, default=None,
+                   help="processes per node (default: one per GPU, or 1)")
+    p.add_argument("--cpus-per-task", type=positive_int, default=None, help="CPU cores per process")
+    p.add_argument("--partition", default=None, help="SLURM partition")
+    p.add_argument("--time", type=cluster.time_minutes, default=60, metavar="LIMIT",
+                   help="the job's time limit, as sbatch --time: minutes, H:MM:SS or D-HH:MM:SS (default 60 minutes); "
+                        "the job requeues itself when it is reached")
+    p.add_argument("--signal-delay", type=positive_int, default=120, metavar="S",
+                   help="seconds before the time limit at which the run is told to save and requeue (default 120)")
+    p.add_argument("--folder", default=None,
+                   help="folder for submitit's job files and each task's log (default: the command's --out/submitit)")
+    p.add_argument("--name", default="gmae", help="the job's name (default gmae)")
+    p.add_argument("--slurm", type=cluster.key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="a further sbatch option, e.g. --slurm account=myproj --slurm qos=high (repeatable)")
+    p.add_argument("--cluster", default=None, choices=("slurm", "local"),
+                   help="slurm (default when sbatch is available) or local: the tasks on this machine, for a test")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end and report how it ended")
+    p.add_argument("job", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                   help=f"the command to run, with its flags: {' or '.join(cluster.SUBMITTABLE)} ... (it runs with "
+                        "--resume=auto)")
+    p.set_defaults(func=cmd_submit)
+
+
+class TrainingJob:
+    """What each task of a submitted job runs: `gmae COMMAND ...` in this process, under torch.distributed when
+    the job has several tasks. Checkpointable: its requeue runs the same command (which has --resume=auto)."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        import submitit
+
+        job = submitit.JobEnvironment()
+        if job.num_tasks > 1:
+            dist = submitit.helpers.TorchDistributedEnvironment()
+            if job.cluster in ("local", "debug"):
+                dist.master_addr = "127.0.0.1"  # one machine: no name lookup
+            # Each process picks its GPU by LOCAL_RANK (gmae.distributed), so all stay visible.
+            dist.export(set_cuda_visible_devices=False, overwrite=True)
+        from .stopping import STOPPED_EXIT, Stopped
+
+        try:
+            status = run(self.argv)
+        except Stopped as stop:
+            print(f"gmae {self.argv[0]}: {stop}", file=sys.stderr, flush=True)
+            if stop.signum != job._usr_sig() and stop.signal_name != "SIGUSR1":
+                raise SystemExit(STOPPED_EXIT) from None  # SIGTERM: cancelled, or preempted (SLURM requeues)
+            self._requeue(job, stop.signum)
+            return STOPPED_EXIT  # a task other than the first: the first requeues the job
+        if status:
+            raise RuntimeError(f"gmae {' '.join(self.argv)} exited with status {status}; see this task's log")
+        return status
+
+    @staticmethod
+    def _requeue(job, signum: int) -> None:
+        """The time limit's signal: requeue the job as submitit does on it (task 0 only; it exits)."""
+        from submitit.core.job_environment import SignalHandler
+        from submitit.core.utils import DelayedSubmission
+
+        paths = job.paths
+        SignalHandler(job, paths, DelayedSubmission.load(paths.submitted_pickle)).checkpoint_and_try_requeue(signum)
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's hook on requeue: the same command, which continues with --resume=auto."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.argv))
+
+
+def _check_job(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """gmae submit: the command to run must be pretrain or finetune with flags that parse; finetune takes one task."""
+    if not args.job or args.job[0] not in cluster.SUBMITTABLE:
+        given = f"; got {args.job[0]!r}" if args.job else ""
+        parser.commands["submit"].error(f"give the command to run after submit's own flags: "
+                                        f"{' or '.join(cluster.SUBMITTABLE)} with its flags{given}")
+    args.job_args = parse_args(args.job)
+    if args.job[0] == "finetune" and args.nodes * (args.tasks_per_node or max(1, args.gpus_per_node)) > 1:
+        parser.commands["submit"].error("gmae finetune runs in one process: give --nodes 1 and one task "
+                                        "(--tasks-per-node 1, or --gpus-per-node 1)")
+
+
+def cmd_submit(args) -> int:
+    inner = args.job_args
+    check_output_folder(inner.out)
+    saved = list_checkpoints(inner.out)
+    if not inner.resume and saved:
+        raise GMAEError(f"{inner.out} already holds checkpoints of another run; add --resume to continue it "
+                        "or choose a new --out")
+    if inner.resume is True and not saved:
+        raise GMAEError(f"--resume: there is no checkpoint in {inner.out} to continue; drop --resume to start "
+                        "a new run there (the job continues its own checkpoints when requeued)")
+    folder = args.folder or str(Path(inner.out) / "submitit")
+    check_output_folder(folder)
+    job = cluster.submit(TrainingJob(cluster.job_command(args.job)), folder, cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                         tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+                         partition=args.partition, time_min=args.time, name=args.name,
+                         signal_delay_s=args.signal_delay, slurm=dict(args.slurm))
+    print(f"submitted job {job.job_id}: gmae {' '.join(args.job)} (it runs with --resume=auto)")
+    print(f"logs:  {folder}/{job.job_id}_*_log.out and .err (one per task)")
+    print(f"where it stands: gmae info {inner.out}   gmae plot {inner.out} --out curves.png")
+    if not args.wait:
+        return 0
+    try:
+        job.results()  # every task's
+    except Exception as e:  # submitit's UncompletedJobError / FailedJobError: the task's traceback is in its log
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GMAEError(f"job {job.job_id} did not finish ({first}); see {folder}/{job.job_id}_0_log.err") from None
+    print(f"job {job.job_id} finished: {list_checkpoints(inner.out)[-1]}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -706,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gmae", description="Gaussian Masked Autoencoders")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_pretrain, add_reconstruct, add_readouts, add_eval_zeroshot, add_ablate, add_info, add_export, add_bench,
-                add_probe, add_finetune, add_plot):
+                add_probe, add_finetune, add_plot, add_submit):
         add(sub)
     parser.commands = sub.choices  # {name: its parser}, so that its own errors name it
     for name in COMPUTING:
@@ -724,6 +845,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.typed = _typed_options(parser, argv, args.command)  # what --resume compares with the saved settings
+    if args.command == "submit":
+        _check_job(parser, args)
     return args
 
 
@@ -742,9 +865,23 @@ def _interrupted(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `gmae` command; a run stopped by a signal (gmae.stopping) says so and exits with STOPPED_EXIT (75)."""
+    from .stopping import STOPPED_EXIT, Stopped
+
+    try:
+        return run(argv)
+    except Stopped as stop:
+        print(f"gmae {(sys.argv[1:] if argv is None else argv)[0]}: {stop}", file=sys.stderr)
+        return STOPPED_EXIT
+
+
+def run(argv: list[str] | None = None) -> int:
+    """main without the handling of a signal's stop: a stopped pretrain or finetune raises gmae.stopping.Stopped."""
     # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
     threads.prepare_environment()
     args = parse_args(argv)
+    if args.command == "pretrain":  # `srun gmae pretrain` with several tasks: data-parallel, as under torchrun
+        os.environ.update(cluster.slurm_task_env())
     try:
         if args.command in COMPUTING:
             threads.configure(args.threads)

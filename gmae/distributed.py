@@ -56,8 +56,26 @@ def init(device: str) -> Context:
         requested = torch.device("cuda", local_rank)
         torch.cuda.set_device(requested)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if requested.type == "cuda" else "gloo", init_method="env://")
+        dist.init_process_group("nccl" if requested.type == "cuda" else "gloo", store=_store(rank, world_size),
+                                rank=rank, world_size=world_size)
     return Context(rank, world_size, requested)
+
+
+def _store(rank: int, world_size: int) -> dist.Store:
+    """The env:// rendezvous store; under torchrun's shared agent store, with keys of their own for each restart.
+
+    torchrun's workers share the TCP store of its c10d rendezvous, which
+    outlives a restart (``--max-restarts``): without a prefix of its own, a
+    restart reads the addresses the dead processes published and fails to
+    connect. The prefix is the restart count, which every node's agent
+    advances when the workers fail together. With
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` each start gets a new store and
+    needs none (docs/cluster.md: a node that joins anew starts its count at 0).
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
+    return dist.PrefixStore(f"gmae/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def mean_across(value: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -67,6 +85,16 @@ def mean_across(value: torch.Tensor, ctx: Context) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / ctx.world_size
+
+
+def max_across(value: int, ctx: Context) -> int:
+    """The largest of an integer over all processes (itself when single-process)."""
+    if not ctx.distributed:
+        return value
+    # NCCL reduces CUDA tensors only; gloo takes CPU ones.
+    t = torch.tensor([value], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def barrier(ctx: Context) -> None:

@@ -164,10 +164,13 @@ def worker_init(worker_id: int) -> None:
 
     The main process already uses the cores; torch gives each worker one
     thread, but numpy's BLAS and numba would still start a pool per worker
-    sized to every core.
+    sized to every core. A worker also ignores the stop signals (gmae.stopping).
     """
     import torch
 
+    from .stopping import ignore_in_worker
+
+    ignore_in_worker()  # the main process decides when to stop, at a step boundary
     torch.set_num_threads(1)
     os.environ[NUMBA_THREADS] = "1"  # for a numba first imported in this worker
     if "numba" in sys.modules:

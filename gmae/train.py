@@ -29,6 +29,7 @@ from .files import check_output_folder, checkpoint_path, run_lock
 from .model import build_model, masking_noise, param_groups
 from .render import resolve_backend
 from .runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
+from .stopping import StopGuard, Stopped
 from .threads import worker_init
 from .viz import save_reconstruction_figure
 
@@ -89,6 +90,10 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str = False, p
     naming each), rather than ignore it. Under torchrun, every process trains
     on its share of each global batch and only the first one writes files. The first holds the folder's
     lock while it runs, so a second run into the same folder is refused.
+
+    SIGTERM, SIGUSR1 or SIGUSR2 (gmae.stopping) stops the run after the step
+    it arrives in, on every process alike; the checkpoint of that step is
+    written and :class:`gmae.stopping.Stopped` is raised.
     """
     out = check_output_folder(tcfg.out)
     if tensorboard:
@@ -157,12 +162,13 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
         num_workers=tcfg.num_workers, persistent_workers=False, worker_init_fn=worker_init,
     )
     model.train()
-    last_loss, bad_in_a_row, skipped = float("nan"), 0, 0
+    last_loss, bad_in_a_row, skipped, stopped = float("nan"), 0, 0, None
     bar = tqdm(total=tcfg.steps, initial=start, desc=f"pretrain {mcfg.model}",
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
     t_start = time.perf_counter()
-    # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it.
-    with (bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(),
+    # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it. The stop signals
+    # (gmae.stopping) are caught from the first step until the run ends; before it, they end the process as ever.
+    with (StopGuard() as guard, bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(),
           MetricsLog(metrics_path) if ctx.is_main else contextlib.nullcontext() as metrics,
           Board(out / "tensorboard", start) if tensorboard and ctx.is_main else contextlib.nullcontext() as board):
         for step, imgs in enumerate(loader, start=start):
@@ -193,9 +199,20 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
                     board.log(record)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-            if ctx.is_main and ((step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps):
+            # A stop signal on any process: all stop after this step (the last step just finishes).
+            stop = distributed.max_across(guard.signum, ctx) if step + 1 < tcfg.steps else 0
+            if ctx.is_main and (stop or (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps):
                 save_checkpoint(training_state(model, optimizer, step + 1, as_dict(mcfg), as_dict(tcfg)),
                                 checkpoint_path(out, step + 1), keep=tcfg.keep_checkpoints)
+            if stop:
+                stopped = Stopped(stop, step + 1, tcfg.steps, str(checkpoint_path(out, step + 1)), ctx.rank,
+                                  ctx.world_size)
+                break
+        if stopped is not None:
+            distributed.barrier(ctx)  # no process leaves before the checkpoint is written
+    if stopped is not None:
+        distributed.shutdown(ctx)
+        raise stopped
     elapsed = time.perf_counter() - t_start
     steps_done = tcfg.steps - start
     summary = {

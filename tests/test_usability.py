@@ -346,6 +346,7 @@ def test_imagenet_commands_agree_and_follow_maes_recipe():
             if "/data/imagenet" in command:
                 words = command.split()
                 args = parse_args(words[words.index("gmae") + 1:])
+                args = args.job_args if args.command == "submit" else args  # the command gmae submit runs
                 found[f"{page.name}: {command}"] = (args.preset, args.batch_size, args.blr, args.warmup_steps, args.steps)
     assert len(found) >= 3, found  # one GPU, one machine of 8, two machines
     epoch = 1_281_167 / 4096

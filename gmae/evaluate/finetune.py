@@ -47,6 +47,7 @@ from ..export import load_encoder
 from ..files import check_output_folder, checkpoint_path, run_lock
 from ..model import ViTEncoder, build_classifier, param_groups
 from ..runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
+from ..stopping import StopGuard, Stopped
 from ..threads import worker_init
 
 FORMAT = "gmae-finetune"
@@ -101,7 +102,8 @@ def finetune(fcfg: FinetuneConfig, resume: bool | str = False, progress: bool = 
     FINETUNE_RESUMABLE), taken from ``fcfg``; ``given`` ({setting: flag}, the
     flags a command line typed) makes it refuse a typed setting that differs
     from the saved one, rather than ignore it. The folder is locked while the
-    run writes it.
+    run writes it. SIGTERM, SIGUSR1 or SIGUSR2 stops it after the current step,
+    with that step's checkpoint, by raising :class:`gmae.stopping.Stopped`.
     """
     with run_lock(check_output_folder(fcfg.out)):
         return _finetune(fcfg, resume, progress, encoder, mcfg, changes, given or {})
@@ -170,7 +172,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     bar = tqdm(total=fcfg.steps, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
     # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it.
     redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
-    with bar, redirect, MetricsLog(metrics_path) as metrics:
+    with StopGuard() as guard, bar, redirect, MetricsLog(metrics_path) as metrics:
         for step, (imgs, labels) in enumerate(loader, start=start):
             t0 = time.perf_counter()
             lr = learning_rate(step, fcfg)
@@ -202,12 +204,15 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
             metrics.write(record)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-            if done % fcfg.checkpoint_every == 0 or done == fcfg.steps:
+            stop = guard.signum if done < fcfg.steps else 0
+            if stop or done % fcfg.checkpoint_every == 0 or done == fcfg.steps:
                 save_checkpoint({
                     "format": FORMAT, "version": 1, "step": done, "config": run_config,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "rng": {"torch": torch.get_rng_state()}, "val_acc": val_acc, "best_val_acc": best,
                 }, checkpoint_path(out, done), keep=fcfg.keep_checkpoints)
+            if stop:
+                raise Stopped(stop, done, fcfg.steps, str(checkpoint_path(out, done)))
     if val_acc is None:  # resumed a finished run: nothing trained, evaluate what is there
         val_acc = evaluate(model, val_ds, max(fcfg.batch_size, 128), device, amp)
     return {"val_acc": val_acc, "best_val_acc": best if best is not None else val_acc, "final_loss": loss_value,
