@@ -41,17 +41,19 @@ from .runs import load_model
 ImagesLike = torch.Tensor | str | Path | list
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
-    """The model of a run folder (its newest readable checkpoint), a gmae checkpoint or a gmae export."""
-    module, config, state = load_model(path, device)
-    return Model(module, config, int(state["step"]))
+def load(path: str | Path, device: str | torch.device = "cpu", raw: bool = False) -> Model:
+    """The model of a run folder (its newest readable checkpoint), a gmae checkpoint or a gmae export: with
+    the EMA of its weights when the checkpoint has one (``gmae pretrain --ema``), unless `raw`."""
+    module, config, state = load_model(path, device, raw=raw)
+    return Model(module, config, int(state["step"]), state["weights"])
 
 
 class Model:
     """A pre-trained GMAE (or MAE) in eval mode, with the readouts as methods (see the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, config: ModelConfig, step: int = 0):
-        self.module, self.config, self.step = module.eval(), config, step
+    def __init__(self, module: torch.nn.Module, config: ModelConfig, step: int = 0, weights: str = "raw"):
+        # weights: which the module holds, "raw" or "EMA (decay D)" (gmae.checkpoint.model_weights)
+        self.module, self.config, self.step, self.weights = module.eval(), config, step, weights
 
     def __repr__(self) -> str:
         c = self.config

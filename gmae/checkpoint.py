@@ -3,7 +3,8 @@
 A checkpoint is a dict
     {"format": "gmae-checkpoint", "version": 1, "step": int,
      "config": {"model": {...}, "train": {...}},
-     "model": state_dict, "optimizer": state_dict | None, "rng": {"torch": ByteTensor}}
+     "model": state_dict, "optimizer": state_dict | None, "rng": {"torch": ByteTensor},
+     "ema": state_dict (fp32; only in runs with --ema, see gmae.ema)}
 so `torch.load(path, weights_only=True)` reads it and nothing in it can run code.
 Also here: the newest readable checkpoint of a run folder (:func:`find_latest`).
 Reading any model file (a checkpoint, an export or a run folder) is
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, TrainConfig, config_from_dict
+from .ema import ema_label
 from .errors import GMAEError
 from .files import list_checkpoints
 
@@ -104,8 +106,8 @@ def configs_of(state: dict) -> tuple[ModelConfig, TrainConfig | None]:
     return mcfg, None if train is None else config_from_dict(TrainConfig, train)
 
 
-def training_state(model, optimizer, step: int, model_cfg: dict, train_cfg: dict) -> dict:
-    """Everything a run needs to continue exactly: weights, optimizer, step, RNG, configs."""
+def training_state(model, optimizer, step: int, model_cfg: dict, train_cfg: dict, ema=None) -> dict:
+    """Everything a run needs to continue exactly: weights, optimizer, step, RNG, configs (and the EMA, if any)."""
     return {
         "format": FORMAT,
         "version": 1,
@@ -114,7 +116,27 @@ def training_state(model, optimizer, step: int, model_cfg: dict, train_cfg: dict
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": {"torch": torch.get_rng_state()},
+        **({} if ema is None else {"ema": ema.state_dict()}),
     }
+
+
+def model_weights(state: dict, raw: bool = False, path: str | Path = "") -> tuple[dict, str]:
+    """(state dict, its label) of the weights a model read from `state` gets: the checkpoint's EMA when it has
+    one ("EMA (decay 0.999)"), unless `raw`; else its raw weights ("raw"). An export holds one set, named by
+    its "weights" entry: asking for the raw weights of an EMA export is a GMAEError naming `path`."""
+    if state.get("ema") is not None:
+        return (state["model"], "raw") if raw else (state["ema"], ema_label(configs_of(state)[1].ema))
+    label = state.get("weights", "raw")
+    if raw and label != "raw":
+        raise GMAEError(f"{path} holds only its {label} weights, not the raw ones; export the checkpoint again "
+                        "with --raw-weights, or drop --raw-weights")
+    return state["model"], label
+
+
+def weights_line(label: str | None, raw: bool) -> str | None:
+    """What a command says about the weights it read (a :func:`model_weights` label): an EMA, or the raw
+    weights asked for; nothing for a run without an EMA."""
+    return f"weights: {label}" if label and (label.startswith("EMA") or raw) else None
 
 
 def find_latest(out: str | Path, warn=print, load=load_checkpoint) -> tuple[Path, dict] | None:

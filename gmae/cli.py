@@ -27,6 +27,8 @@ from .files import check_exists, check_output_file, check_output_folder, image_f
 from .readouts import READOUTS
 
 CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
+RAW_WEIGHTS_HELP = ("use the checkpoint's raw weights, not the EMA of them that a run with --ema saves "
+                    "(used by default when there is one)")
 RESUME_HELP = ("continue the newest checkpoint in --out (an error if there is none; --resume=auto: "
                "continue if there is one, else start) with its saved settings. A flag given with --resume that "
                "contradicts them is refused, except those a resume may change: {}")
@@ -56,6 +58,20 @@ def _check_mask_ratio(ratio: float | None) -> None:
 
 def _check_checkpoint(path: str) -> None:
     check_exists(path, "checkpoint", f"give {CHECKPOINT_HELP}")
+
+
+def _add_raw_weights(p) -> None:
+    p.add_argument("--raw-weights", action="store_true", help=RAW_WEIGHTS_HELP)
+
+
+def _say_weights(label: str | None, raw: bool) -> None:
+    """One line on stderr naming the weights a command uses, when it had a choice (gmae.checkpoint.weights_line)."""
+    from .checkpoint import weights_line
+    from .runs import say
+
+    line = weights_line(label, raw)
+    if line:
+        say(line)
 
 
 def _add_resume(p, resumable: tuple[str, ...], *logging: str) -> None:
@@ -152,6 +168,10 @@ def add_pretrain(sub) -> None:
                    help="z from the head: bounded 2*(sigmoid-0.5) (the authors'), centred (the same of the raw "
                         "depth minus the image's mean: no common drift onto a limit) or linear (never saturates; "
                         "--camera orthographic only)")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="also keep an fp32 exponential moving average of the weights with this decay, saved in the "
+                        "checkpoints and used by the commands that read them (--raw-weights: not); e.g. 0.999, the "
+                        "authors' (default 0: none)")
     p.add_argument("--init-encoder", default=d.init_encoder, metavar="FILE",
                    help="start the encoder from FILE: a gmae checkpoint or export, or a timm / MAE ViT checkpoint "
                         "of the same shape (fresh runs only)")
@@ -177,6 +197,7 @@ def cmd_pretrain(args) -> int:
         checkpoint_every=args.checkpoint_every, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
         max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image, init_encoder=args.init_encoder,
+        ema=args.ema,
     )
     check_output_folder(tcfg.out)
     if args.tensorboard:
@@ -214,6 +235,7 @@ def add_reconstruct(sub) -> None:
     p.add_argument("--mask-ratio", type=float, default=None, help="override the model's mask ratio")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
     p.add_argument("--device", default="cpu")
+    _add_raw_weights(p)
     p.set_defaults(func=cmd_reconstruct)
 
 
@@ -235,7 +257,8 @@ def cmd_reconstruct(args) -> int:
     from .runs import load_model
     from .viz import save_reconstruction_figure
 
-    model, mcfg, _ = load_model(args.checkpoint, args.device)
+    model, mcfg, state = load_model(args.checkpoint, args.device, raw=args.raw_weights)
+    _say_weights(state["weights"], args.raw_weights)
     imgs = torch.stack([load_image(path, mcfg.img_size) for path in images]).to(args.device)
     out = Path(args.out)
     for i, path in enumerate(images):
@@ -259,6 +282,7 @@ def add_readouts(sub) -> None:
         p.add_argument("--mask-ratio", type=float, default=0.0,
                        help="patches hidden from the encoder (default 0: it sees the whole image)")
         p.add_argument("--device", default="cpu")
+        _add_raw_weights(p)
         for flag in readout.flags:
             p.add_argument(*flag.names, **flag.options)
         p.set_defaults(func=cmd_readout, readout=readout.name)
@@ -282,7 +306,8 @@ def cmd_readout(args) -> int:
     from .runs import load_model
 
     readout = READOUTS[args.readout]
-    model, mcfg, _ = load_model(args.checkpoint, args.device)
+    model, mcfg, state = load_model(args.checkpoint, args.device, raw=args.raw_weights)
+    _say_weights(state["weights"], args.raw_weights)
     canvas = Canvas.of(model)
     out = Path(args.out)
     read = []
@@ -310,6 +335,7 @@ def add_eval_zeroshot(sub) -> None:
     p.add_argument("--mask-ratio", type=float, default=0.0, help="patches hidden from the encoder (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default="cpu")
+    _add_raw_weights(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval_zeroshot)
 
@@ -320,10 +346,11 @@ def cmd_eval_zeroshot(args) -> int:
     from .evaluate.zeroshot import evaluate_zeroshot, format_scores
     from .runs import load_model
 
-    model, _, _ = load_model(args.checkpoint, args.device, initial=args.random_init)
+    model, _, state = load_model(args.checkpoint, args.device, initial=args.random_init, raw=args.raw_weights)
+    _say_weights(state["weights"], args.raw_weights)
     results = evaluate_zeroshot(model, args.data, args.num_images, args.batch_size, args.mask_ratio,
                                 progress=not args.json)
-    results["checkpoint"], results["random_init"] = str(args.checkpoint), args.random_init
+    results.update(checkpoint=str(args.checkpoint), random_init=args.random_init, weights=state["weights"])
     _report_collapse(results["collapse"])
     label = "gmae (init)" if args.random_init else "gmae"
     print(json.dumps(results) if args.json else format_scores(results, label))
@@ -372,6 +399,7 @@ def add_info(sub) -> None:
     p = sub.add_parser("info", help="config, step and parameter counts of a checkpoint, and whether its depths have "
                        "collapsed (measured on a few held-out images of its run's data)")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    _add_raw_weights(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
@@ -382,7 +410,7 @@ def cmd_info(args) -> int:
     from .model import count_parameters
     from .runs import load_model
 
-    model, mcfg, state = load_model(args.checkpoint)
+    model, mcfg, state = load_model(args.checkpoint, raw=args.raw_weights)
     _, tcfg = configs_of(state)
     encoder = count_parameters(model.encoder)
     total = count_parameters(model)
@@ -392,14 +420,14 @@ def cmd_info(args) -> int:
 
         collapse = checkpoint_collapse(model, tcfg, args.checkpoint)
     info = {
-        "checkpoint": str(args.checkpoint), "step": state["step"],
+        "checkpoint": str(args.checkpoint), "step": state["step"], "weights": state["weights"],
         "parameters": {"encoder": encoder, "decoder": total - encoder, "total": total},
         "collapse": collapse, "model": as_dict(mcfg), "train": None if tcfg is None else as_dict(tcfg),
     }
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"{info['checkpoint']}: {mcfg.model} at step {info['step']}")
+    print(f"{info['checkpoint']}: {mcfg.model} at step {info['step']}, {state['weights']} weights")
     print(f"parameters: encoder {encoder:,}  decoder {total - encoder:,}  total {total:,}")
     if collapse is not None:
         from .evaluate.zeroshot import collapse_figures
@@ -458,19 +486,22 @@ def add_export(sub) -> None:
                    help="safetensors (default): the whole gmae model; timm: the encoder only, under timm's "
                         "VisionTransformer names (.safetensors or .pth)")
     p.add_argument("--out", required=True, help="output file, e.g. model.safetensors or vit.pth")
+    _add_raw_weights(p)
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
     _check_checkpoint(args.checkpoint)
     check_output_file(args.out)
-    from .checkpoint import configs_of
+    from .checkpoint import configs_of, model_weights
     from .export import export_checkpoint, load_state, timm_create_call
 
-    out = export_checkpoint(args.checkpoint, args.out, fmt=args.format)
+    out = export_checkpoint(args.checkpoint, args.out, fmt=args.format, raw=args.raw_weights)
     print(out)
+    state = load_state(args.checkpoint)
+    _say_weights(model_weights(state, args.raw_weights, args.checkpoint)[1], args.raw_weights)
     if args.format == "timm":
-        mcfg, _ = configs_of(load_state(args.checkpoint))
+        mcfg, _ = configs_of(state)
         print(f"load in timm: {timm_create_call(mcfg, out)}")
     return 0
 
@@ -508,6 +539,7 @@ def add_probe(sub) -> None:
     p.add_argument("--k", type=positive_int, default=20, help="kNN neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default 0.07)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="feature-extraction batch (default 128)")
+    _add_raw_weights(p)
     p.add_argument("--seed", type=int, default=0, help="linear-probe seed (and --random-init's for files "
                    "that are not gmae checkpoints; a checkpoint's initial weights use its run's seed)")
     p.add_argument("--device", default="cpu")
@@ -537,7 +569,9 @@ def cmd_probe(args) -> int:
     from .evaluate.probe import probe, random_encoder
     from .export import load_encoder
 
-    encoder, mcfg = load_encoder(args.checkpoint)
+    encoder, mcfg = load_encoder(args.checkpoint, raw=args.raw_weights)
+    if not args.random_init:
+        _say_weights(encoder.loaded_weights, args.raw_weights)
     encoders = {"pre-trained": encoder}
     if args.random_init or args.baseline:
         baseline = random_encoder(mcfg, _run_seed(args.checkpoint, args.seed))
@@ -551,7 +585,8 @@ def cmd_probe(args) -> int:
                             T=args.temperature, epochs=args.epochs, seed=args.seed, progress=not args.json)
                for label, enc in encoders.items()}
     result = next(iter(results.values()))
-    result.update(checkpoint=str(args.checkpoint), data=args.data, random_init=args.random_init)
+    result.update(checkpoint=str(args.checkpoint), data=args.data, random_init=args.random_init,
+                  weights=None if args.random_init else encoder.loaded_weights)
     if args.baseline:
         result["baseline"] = {key: results["random init"][key] for key in ("linear_acc", "knn_acc")}
     if args.json:
@@ -584,6 +619,7 @@ def _scene_probe(args, encoders: dict, mcfg) -> int:
                for label, enc in encoders.items()}
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, "split_seeds": SPLIT_SEEDS,
+                          "weights": getattr(encoders.get("pre-trained"), "loaded_weights", None),
                           "pool": args.pool, **({"tasks": results[next(iter(results))]} if len(results) == 1 else
                                                 {"encoders": results})}))
         return 0
@@ -619,6 +655,7 @@ def add_finetune(sub) -> None:
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (default 0: no clipping)")
     p.add_argument("--random-init", action="store_true",
                    help="fine-tune the checkpoint's architecture from fresh weights (the from-scratch baseline)")
+    _add_raw_weights(p)
     p.add_argument("--eval-every", type=positive_int, default=None, help="steps between val evaluations (default: an epoch)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default: an epoch)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=None,
@@ -647,6 +684,7 @@ def cmd_finetune(args) -> int:
         device=args.device or d.device, out=args.out, eval_every=args.eval_every or 0,
         checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
         num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
+        raw_weights=args.raw_weights,
     )
     if args.checkpoint:
         _check_checkpoint(args.checkpoint)

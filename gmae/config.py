@@ -158,6 +158,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses (each step skipped) before giving up
     on_bad_image: str = "skip"  # unreadable image during training: "skip" (logged, counted) | "error"
     init_encoder: str = ""  # fresh runs: encoder weights from this file (gmae.export.load_encoder); "" = random
+    ema: float = 0.0  # decay of an fp32 exponential moving average of the weights (gmae.ema); 0 = none
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -179,6 +180,8 @@ class TrainConfig:
             raise GMAEError(f"base learning rate must be positive; got {self.blr}")
         if self.warmup_steps < 0 or self.checkpoint_every < 1:
             raise GMAEError("warmup steps must be >= 0 and checkpoint-every >= 1")
+        if not 0.0 <= self.ema < 1.0:
+            raise GMAEError(f"ema decay must be in [0, 1) (0: no EMA; the authors' runs use 0.999); got {self.ema}")
 
 
 # MAE's ViT shapes; the decoder is MAE's 512 x 8 for base/large. `tiny` is sized for
@@ -295,6 +298,7 @@ class FinetuneConfig:
     smoothing: float = 0.1
     clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
     random_init: bool = False  # fine-tune the architecture from fresh weights (the baseline)
+    raw_weights: bool = False  # the checkpoint's raw weights, not the EMA of them it may hold
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/finetune"

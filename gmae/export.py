@@ -9,7 +9,8 @@ checkpoint, a gmae export or a run folder (its newest readable checkpoint).
 safetensors tensors, and in the safetensors metadata (string -> string)
 
     {"format": "gmae-export", "version": "1",
-     "gmae_model_config": <ModelConfig as JSON>, "step": "<training step>"}
+     "gmae_model_config": <ModelConfig as JSON>, "step": "<training step>",
+     "weights": "EMA (decay 0.999)" | "raw"}
 
 so that :func:`load_exported` rebuilds the model with no pickle, no optimizer
 state and no code execution.
@@ -55,7 +56,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import configs_of, find_latest, load_checkpoint, write_atomically
+from .checkpoint import configs_of, find_latest, load_checkpoint, model_weights, write_atomically
 from .choices import EXPORT_FORMATS
 from .config import PRESETS, ModelConfig, as_dict, config_from_dict
 from .errors import GMAEError
@@ -117,8 +118,12 @@ def timm_create_call(mcfg: ModelConfig, path: str | Path) -> str:
 
 
 
-def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: str = "safetensors") -> Path:
+def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: str = "safetensors",
+                      raw: bool = False) -> Path:
     """Write the model of a gmae checkpoint to `out_path` as `fmt`; returns the path.
+
+    The weights are the checkpoint's EMA when it has one, unless `raw`
+    (:func:`gmae.checkpoint.model_weights`); the metadata's "weights" names them.
 
     "safetensors": the whole model (every state_dict entry, frozen ``pos_embed``
     included). "timm": the encoder only, under timm's names, as ``.safetensors``
@@ -136,8 +141,9 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
         raise GMAEError(f"export file {out_path} is a directory; give a file name ending in {' or '.join(exts)}")
     state = load_state(checkpoint_path)
     mcfg, _ = configs_of(state)
+    weights, label = model_weights(state, raw, checkpoint_path)
     tensors = {}
-    for name, value in state["model"].items():
+    for name, value in weights.items():
         if not isinstance(value, torch.Tensor):
             raise GMAEError(f"checkpoint {checkpoint_path} has a non-tensor model entry {name!r}; it is damaged")
         tensors[name] = value.detach().to("cpu").contiguous().clone()
@@ -148,6 +154,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
         "version": EXPORT_VERSION,
         CONFIG_KEY: json.dumps(as_dict(mcfg)),
         "step": str(int(state["step"])),
+        "weights": label,
     }
     if out_path.suffix.lower() == ".pth":
         return write_atomically(out_path, lambda f: torch.save(tensors, f))
@@ -193,7 +200,8 @@ def _config_of(metadata: dict[str, str], path) -> ModelConfig:
 
 def export_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A gmae safetensors export as a checkpoint dict (:mod:`gmae.checkpoint`): format, step, the
-    model config (no training config: ``"train": None``) and the model's tensors; no optimizer."""
+    model config (no training config: ``"train": None``), the model's tensors and which weights they are
+    (``"weights"``: "raw" or "EMA (decay D)"); no optimizer."""
     from safetensors.torch import load_file
 
     metadata = read_export_metadata(path)
@@ -204,12 +212,16 @@ def export_state(path: str | Path, map_location: str | torch.device = "cpu") -> 
         step = 0
     return {"format": CHECKPOINT_FORMAT, "version": 1, "step": step,
             "config": {"model": as_dict(mcfg), "train": None},
-            "model": load_file(str(path), device=str(torch.device(map_location))), "optimizer": None}
+            "model": load_file(str(path), device=str(torch.device(map_location))), "optimizer": None,
+            "weights": metadata.get("weights", "raw")}
 
 
 def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
     """(model in eval mode, ModelConfig) rebuilt from a gmae safetensors export."""
-    state = export_state(path)
+    return _exported_model(export_state(path), path, map_location)
+
+
+def _exported_model(state: dict, path, map_location="cpu") -> tuple[torch.nn.Module, ModelConfig]:
     mcfg, _ = configs_of(state)
     model = build_model(mcfg)
     try:
@@ -322,7 +334,7 @@ def _build_encoder(sd: dict[str, torch.Tensor], mcfg: ModelConfig, path: Path):
 
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
-                 num_heads: int | None = None) -> tuple[torch.nn.Module, ModelConfig]:
+                 num_heads: int | None = None, raw: bool = False) -> tuple[torch.nn.Module, ModelConfig]:
     """(ViTEncoder in eval mode on `map_location`, ModelConfig) read from `path`, which may be
 
     (a) a gmae training checkpoint (``.pt``) or a run folder (its newest readable
@@ -341,6 +353,11 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
         64-dimensional heads) unless `num_heads` is given or the file is a gmae
         export with its config. The ModelConfig's decoder fields are defaults.
 
+    Of a gmae checkpoint with an EMA of the weights, the EMA's encoder is read
+    unless `raw` (:func:`gmae.checkpoint.model_weights`); the encoder's
+    ``loaded_weights`` says which: "EMA (decay D)" or "raw" for gmae files, None
+    for timm / MAE files.
+
     Anything else (a missing key, a non-square grid, a ``pos_embed`` without a
     cls slot, layer-scale, ...) is a one-line GMAEError naming the file.
     """
@@ -349,16 +366,19 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
         raise GMAEError(f"encoder file {path} does not exist; give a .pt/.pth/.bin or .safetensors file, "
                         "or a run folder of gmae pretrain")
     suffix = path.suffix.lower()
-    mcfg = None
+    mcfg, label = None, None
     if path.is_dir():  # a run folder: its newest readable checkpoint
         state = load_state(path)
-        mcfg, sd = configs_of(state)[0], state["model"]
+        mcfg, (sd, label) = configs_of(state)[0], model_weights(state, raw, path)
     elif suffix == ".safetensors":
         from safetensors.torch import load_file
 
         metadata = _safetensors_metadata(path, "encoder file")
         if metadata.get("format") == EXPORT_FORMAT:
-            model, mcfg = load_exported(path)
+            state = export_state(path)
+            label = model_weights(state, raw, path)[1]  # an EMA export has no raw weights to give
+            model, mcfg = _exported_model(state, path)
+            model.encoder.loaded_weights = label
             return model.encoder.to(map_location).eval(), mcfg
         if metadata.get("format") == TIMM_FORMAT and CONFIG_KEY in metadata:
             mcfg = _config_of(metadata, path)
@@ -366,8 +386,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
     elif suffix in TORCH_SUFFIXES:
         sd = _torch_load(path)
         if isinstance(sd, dict) and sd.get("format") == CHECKPOINT_FORMAT:
-            mcfg, _ = configs_of(sd)
-            sd = sd["model"]
+            mcfg, (sd, label) = configs_of(sd)[0], model_weights(sd, raw, path)
         elif isinstance(sd, dict) and isinstance(sd.get("model", sd.get("state_dict")), dict):
             sd = sd.get("model", sd.get("state_dict"))
     else:
@@ -382,7 +401,9 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
             mcfg.validate()
         except GMAEError as e:
             raise GMAEError(f"{path}: {e}") from None
-    return _build_encoder(sd, mcfg, path).to(map_location).eval(), mcfg
+    encoder = _build_encoder(sd, mcfg, path)
+    encoder.loaded_weights = label
+    return encoder.to(map_location).eval(), mcfg
 
 
 def init_encoder_weights(encoder: torch.nn.Module, path: str | Path) -> None:

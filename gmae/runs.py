@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import configs_of, find_latest, load_checkpoint
+from .checkpoint import configs_of, find_latest, load_checkpoint, model_weights
 from .config import TrainConfig
 from .errors import GMAEError
 from .export import init_encoder_weights, load_state
@@ -212,8 +212,12 @@ def resumed_config(saved, given, changes: tuple[str, ...], resumable: tuple[str,
 # --------------------------------------------------------------------------- models
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", initial: bool = False):
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", initial: bool = False, raw: bool = False):
     """(model in eval mode, ModelConfig, checkpoint dict) from a checkpoint, an export or a run folder.
+
+    The weights are the checkpoint's EMA when it has one, unless `raw`
+    (:func:`gmae.checkpoint.model_weights`); the dict's ``"weights"`` names
+    them: "EMA (decay 0.999)", "raw" or, with `initial`, "initial".
 
     initial=True gives the same architecture with the weights its run started
     from (built after seeding with the run's seed, as `gmae pretrain` does):
@@ -231,7 +235,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", initi
             model = build_model(mcfg)
         if tcfg.init_encoder:  # the run's encoder started from a file, as `gmae pretrain --init-encoder`
             init_encoder_weights(model.encoder, tcfg.init_encoder)
+        state["weights"] = "initial"
     else:
         model = build_model(mcfg)
-        model.load_state_dict(state["model"])
+        weights, state["weights"] = model_weights(state, raw, path)
+        model.load_state_dict(weights)
     return model.to(map_location).eval(), mcfg, state

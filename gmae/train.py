@@ -23,6 +23,7 @@ from .board import Board, check_available
 from .checkpoint import configs_of, save_checkpoint, training_state
 from .config import PRETRAIN_RESUMABLE, ModelConfig, TrainConfig, as_dict, preset_of
 from .data import SeededStream, StepBatchSampler, build_dataset
+from .ema import WeightEMA
 from .errors import GMAEError
 from .export import init_encoder_weights
 from .files import check_output_folder, checkpoint_path, run_lock
@@ -146,6 +147,9 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
         start = state["step"]
     elif tcfg.init_encoder:  # a fresh run whose encoder starts from another run's, timm's or MAE's weights
         init_encoder_weights(model.encoder, tcfg.init_encoder)
+    ema = WeightEMA(model, tcfg.ema) if tcfg.ema else None  # every process keeps it alike; the first saves it
+    if ema is not None and state is not None:
+        ema.load_state_dict(state["ema"])
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
     if tcfg.compile:
         net = torch.compile(net)
@@ -180,6 +184,8 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
             # The global batch's masks, sliced like the samples (global_batch takes [rank::world]).
             noise = masking_noise(tcfg.seed, step, tcfg.batch_size, mcfg.num_patches)[ctx.rank :: ctx.world_size]
             last_loss, applied, output = train_step(net, optimizer, imgs, noise.to(device), tcfg, ctx, amp)
+            if applied and ema is not None:
+                ema.update(model)
             bad_in_a_row = 0 if applied else bad_in_a_row + 1
             skipped += not applied
             if bad_in_a_row >= tcfg.max_bad_steps:
@@ -202,7 +208,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
             # A stop signal on any process: all stop after this step (the last step just finishes).
             stop = distributed.max_across(guard.signum, ctx) if step + 1 < tcfg.steps else 0
             if ctx.is_main and (stop or (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps):
-                save_checkpoint(training_state(model, optimizer, step + 1, as_dict(mcfg), as_dict(tcfg)),
+                save_checkpoint(training_state(model, optimizer, step + 1, as_dict(mcfg), as_dict(tcfg), ema),
                                 checkpoint_path(out, step + 1), keep=tcfg.keep_checkpoints)
             if stop:
                 stopped = Stopped(stop, step + 1, tcfg.steps, str(checkpoint_path(out, step + 1)), ctx.rank,

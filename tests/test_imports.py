@@ -21,8 +21,8 @@ LAYERS = [
     ("errors", "choices", "config", "files", "threads", "stopping", "cluster"),
     # primitives: rendering, data, losses, metrics, processes, logs
     ("loss", "render", "data", "distributed", "board", "plot", "evaluate.boundaries", "evaluate.depth"),
-    # models
-    ("model",),
+    # models, and the EMA of their weights
+    ("model", "ema"),
     # model files (checkpoints, exports) and figures
     ("checkpoint", "export", "viz"),
     # run infrastructure and the zero-shot readouts

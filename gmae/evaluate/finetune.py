@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint, weights_line
 from ..config import FINETUNE_RESUMABLE, FinetuneConfig, ModelConfig, as_dict, config_from_dict
 from ..data import StepBatchSampler
 from ..errors import GMAEError
@@ -130,9 +130,11 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     elif encoder is None:
         if not fcfg.checkpoint:
             raise GMAEError("fine-tuning needs a pre-trained model: give --checkpoint")
-        encoder, mcfg = load_encoder(fcfg.checkpoint)
+        encoder, mcfg = load_encoder(fcfg.checkpoint, raw=fcfg.raw_weights)
         if fcfg.random_init:
             encoder = None  # the architecture only
+        elif line := weights_line(encoder.loaded_weights, fcfg.raw_weights):
+            say(line)
     elif mcfg is None:
         raise GMAEError("finetune(encoder=...) needs the encoder's ModelConfig (mcfg=...)")
 
