@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="runs/probe", help="folder of the runs (default runs/probe)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run: FIRST .. FIRST + SEEDS - 1 (default 0)")
     p.add_argument("--steps", type=int, default=1200, help="pre-training steps (default 1200, the tiny preset's)")
     p.add_argument("--data", nargs="+", choices=DATA, default=list(DATA), help="data sources (default both)")
     p.add_argument("--threads", default=None, help="passed to every gmae command")
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     gmae = str(Path(sys.executable).with_name("gmae"))
     threads = ["--threads", args.threads] if args.threads else []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for data in args.data:
             for model in MODELS:
                 if args.finetune:
