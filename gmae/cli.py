@@ -74,6 +74,16 @@ def _say_weights(label: str | None, raw: bool) -> None:
         say(line)
 
 
+def _load_model(args, **kw):
+    """gmae.runs.load_model of ``args.checkpoint`` on ``args.device`` with the weights ``--raw-weights`` picks,
+    saying which (model, ModelConfig, checkpoint dict)."""
+    from .runs import load_model
+
+    model, mcfg, state = load_model(args.checkpoint, args.device, raw=args.raw_weights, **kw)
+    _say_weights(state["weights"], args.raw_weights)
+    return model, mcfg, state
+
+
 def _add_resume(p, resumable: tuple[str, ...], *logging: str) -> None:
     """--resume, whose help lists the flags a resume may change: the `resumable` settings, --threads,
     --out and the `logging` flags."""
@@ -254,11 +264,9 @@ def cmd_reconstruct(args) -> int:
 
     from .data import load_image
     from .model import masking_noise
-    from .runs import load_model
     from .viz import save_reconstruction_figure
 
-    model, mcfg, state = load_model(args.checkpoint, args.device, raw=args.raw_weights)
-    _say_weights(state["weights"], args.raw_weights)
+    model, mcfg, state = _load_model(args)
     imgs = torch.stack([load_image(path, mcfg.img_size) for path in images]).to(args.device)
     out = Path(args.out)
     for i, path in enumerate(images):
@@ -303,11 +311,9 @@ def cmd_readout(args) -> int:
     images = _image_command_inputs(args)
     from .data import load_image
     from .readouts.core import Canvas, depth_collapse, gaussians_of
-    from .runs import load_model
 
     readout = READOUTS[args.readout]
-    model, mcfg, state = load_model(args.checkpoint, args.device, raw=args.raw_weights)
-    _say_weights(state["weights"], args.raw_weights)
+    model, mcfg, state = _load_model(args)
     canvas = Canvas.of(model)
     out = Path(args.out)
     read = []
@@ -344,10 +350,8 @@ def cmd_eval_zeroshot(args) -> int:
     _check_mask_ratio(args.mask_ratio)
     _check_checkpoint(args.checkpoint)
     from .evaluate.zeroshot import evaluate_zeroshot, format_scores
-    from .runs import load_model
 
-    model, _, state = load_model(args.checkpoint, args.device, initial=args.random_init, raw=args.raw_weights)
-    _say_weights(state["weights"], args.raw_weights)
+    model, _, state = _load_model(args, initial=args.random_init)
     results = evaluate_zeroshot(model, args.data, args.num_images, args.batch_size, args.mask_ratio,
                                 progress=not args.json)
     results.update(checkpoint=str(args.checkpoint), random_init=args.random_init, weights=state["weights"])
