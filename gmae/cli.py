@@ -19,7 +19,8 @@ from pathlib import Path
 from . import cluster, threads
 from .choices import BENCHMARKS, EXPORT_FORMATS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS, positive_int
 from .config import (
-    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, FINETUNE_RESUMABLE, LOSSES, MODELS, POSITION_PARAMS, PRESETS,
+    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, ERASE_MODES, FINETUNE_RESUMABLE, GLOBAL_POOLS, LOSSES, MIXUP_MODES, MODELS,
+    POSITION_PARAMS, PRESETS,
     PRETRAIN_RESUMABLE, FinetuneConfig, TrainConfig, as_dict, model_config, train_config,
 )
 from .errors import GMAEError
@@ -672,7 +673,39 @@ def add_finetune(sub) -> None:
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _add_finetune_timm(p, d)
     p.set_defaults(func=cmd_finetune)
+
+
+# The FinetuneConfig fields that MAE's fine-tuning recipe adds on timm (issue 18, part 3): each flag's dest is the
+# field's name, so cmd_finetune passes them through as they are.
+FINETUNE_TIMM_FIELDS = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "aa", "reprob", "remode",
+                        "recount", "global_pool", "warmup_epochs")
+
+
+def _add_finetune_timm(p, d: FinetuneConfig) -> None:
+    """gmae finetune's MAE regularisers (timm's; `pip install 'gmae[timm]'` when one is on) and pooling."""
+    g = p.add_argument_group("MAE's regularisers, from timm (off by default; MAE's ViT-B value in brackets)")
+    g.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha, 0 = off [0.8]")
+    g.add_argument("--cutmix", type=float, default=d.cutmix, help="cutmix alpha, 0 = off [1.0]")
+    g.add_argument("--mixup-prob", type=float, default=d.mixup_prob,
+                   help=f"probability of mixing a batch (default {d.mixup_prob}) [1.0]")
+    g.add_argument("--mixup-switch-prob", type=float, default=d.mixup_switch_prob,
+                   help=f"with both on: probability of cutmix instead of mixup (default {d.mixup_switch_prob}) [0.5]")
+    g.add_argument("--mixup-mode", choices=MIXUP_MODES, default=d.mixup_mode,
+                   help=f"one mixing weight per batch, pair or element (default {d.mixup_mode}) [batch]")
+    g.add_argument("--aa", default=d.aa, metavar="POLICY",
+                   help="RandAugment policy in timm's syntax; default none [rand-m9-mstd0.5-inc1]")
+    g.add_argument("--reprob", type=float, default=d.reprob, help="random-erasing probability (default 0) [0.25]")
+    g.add_argument("--remode", choices=ERASE_MODES, default=d.remode,
+                   help=f"random-erasing fill (default {d.remode}) [pixel]")
+    g.add_argument("--recount", type=positive_int, default=d.recount,
+                   help=f"random-erasing boxes per image (default {d.recount}) [1]")
+    g.add_argument("--global-pool", choices=GLOBAL_POOLS, default=d.global_pool,
+                   help="classifier feature: avg (default: fc_norm of the patch-token mean) or cls "
+                        "(the encoder's final norm of the cls token) [avg]")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warmup in epochs, instead of --warmup-steps [5]")
 
 
 def cmd_finetune(args) -> int:
@@ -689,7 +722,11 @@ def cmd_finetune(args) -> int:
         checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
         num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
         raw_weights=args.raw_weights,
+        **{k: getattr(args, k) for k in FINETUNE_TIMM_FIELDS if k != "warmup_epochs"},
+        warmup_epochs=d.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs,
     )
+    if not args.resume:
+        fcfg.check_warmup()
     if args.checkpoint:
         _check_checkpoint(args.checkpoint)
     check_output_folder(fcfg.out)
