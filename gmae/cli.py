@@ -540,16 +540,52 @@ def add_probe(sub) -> None:
                    help=f"scene probes: train images (default {SCENE_IMAGES['train']})")
     p.add_argument("--val-images", type=positive_int, default=SCENE_IMAGES["val"],
                    help=f"scene probes: val images (default {SCENE_IMAGES['val']})")
-    p.add_argument("--epochs", type=positive_int, default=100, help="linear-probe epochs on cached features (default 100)")
     p.add_argument("--k", type=positive_int, default=20, help="kNN neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default 0.07)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="feature-extraction batch (default 128)")
+    _add_probe_protocol(p)
     _add_raw_weights(p)
     p.add_argument("--seed", type=int, default=0, help="linear-probe seed (and --random-init's for files "
                    "that are not gmae checkpoints; a checkpoint's initial weights use its run's seed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_probe)
+
+
+# gmae probe's linear-probe protocols (issue 18, part 4): the flags and their defaults per protocol. The dests
+# (protocol, epochs, batch_size, blr, weight_decay, warmup_epochs) are what recipes set; None = the protocol's own.
+PROBE_PROTOCOLS = ("cached", "mae")
+PROBE_DEFAULTS = {  # gmae.evaluate.probe.PROTOCOL_DEFAULTS, but cached's --batch-size is the extraction batch (a test)
+    "cached": {"epochs": 100, "batch_size": 128, "blr": 0.1, "weight_decay": 0.0, "warmup_epochs": 10},
+    "mae": {"epochs": 90, "batch_size": 256, "blr": 6.4, "weight_decay": 0.0, "warmup_epochs": 10},
+}
+
+
+def _add_probe_protocol(p) -> None:
+    g = p.add_argument_group("linear-probe protocol")
+    g.add_argument("--protocol", choices=PROBE_PROTOCOLS, default="cached",
+                   help="cached (default): SGD on the features of the un-augmented images, computed once (fast); "
+                        "mae: MAE's main_linprobe.py (BatchNorm + linear head, LARS, the encoder run on every "
+                        "augmented training batch; scenes: count and shape only). See docs/evaluation.md")
+    g.add_argument("--epochs", type=positive_int, default=None, help="linear-probe epochs (default: cached 100, mae 90)")
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help="cached: the feature-extraction batch (default 128; the probe trains at 256); mae: the "
+                        "training batch, at most the train set (default 256; MAE: 16384)")
+    g.add_argument("--blr", type=float, default=None,
+                   help="linear-probe base lr; lr = blr * batch / 256 (default: cached 0.1; mae 6.4, MAE's lr per "
+                        "LARS step at batch 256 (MAE: 0.1 at batch 16384))")
+    g.add_argument("--weight-decay", type=float, default=None, help="linear-probe weight decay (default 0)")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear-probe warmup epochs, at most half the epochs (default 10)")
+
+
+def _probe_settings(args) -> dict:
+    """The protocol's linear settings, the typed flags over its defaults (GMAEError for impossible ones)."""
+    values = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in PROBE_DEFAULTS[args.protocol].items()}
+    if not values["blr"] > 0 or values["weight_decay"] < 0 or values["warmup_epochs"] < 0:
+        raise GMAEError(f"the linear probe needs blr > 0 (got {values['blr']}), weight decay >= 0 (got "
+                        f"{values['weight_decay']}) and warmup epochs >= 0 (got {values['warmup_epochs']}; at most "
+                        "half the epochs are used)")
+    return values
 
 
 def _run_seed(path: str, default: int) -> int:
@@ -570,6 +606,11 @@ def cmd_probe(args) -> int:
     if args.task and args.data not in SCENE_DATA:
         raise GMAEError(f"--task is for the scene probes: give --data {' or '.join(SCENE_DATA)} "
                         f"(got --data {args.data})")
+    settings = _probe_settings(args)
+    points = [t for t in (args.task or ()) if t not in ("count", "shape")]
+    if args.protocol == "mae" and args.data in SCENE_DATA and points:
+        raise GMAEError(f"--task {points[0]} reads marked points: only --protocol cached probes it; with "
+                        "--protocol mae give --task count and/or --task shape")
     _check_checkpoint(args.checkpoint)
     from .evaluate.probe import probe, random_encoder
     from .export import load_encoder
@@ -585,9 +626,13 @@ def cmd_probe(args) -> int:
         return _scene_probe(args, encoders, mcfg)
     from .data.labelled import build_labelled
 
-    data = build_labelled(args.data, mcfg.img_size, progress=not args.json)  # built once when the baseline is probed too
-    results = {label: probe(enc, data, batch_size=args.batch_size, device=args.device, pool=args.pool, k=args.k,
-                            T=args.temperature, epochs=args.epochs, seed=args.seed, progress=not args.json)
+    # built once when the baseline is probed too; with augment=True only load(index, rng) augments (mae's training)
+    data = build_labelled(args.data, mcfg.img_size, augment=args.protocol == "mae", progress=not args.json)
+    extraction = settings["batch_size"] if args.protocol == "mae" else settings.pop("batch_size")
+    linear = {"linear_batch": settings.pop("batch_size", None), **settings}
+    results = {label: probe(enc, data, batch_size=extraction, device=args.device, pool=args.pool, k=args.k,
+                            T=args.temperature, seed=args.seed, progress=not args.json, protocol=args.protocol,
+                            **linear)
                for label, enc in encoders.items()}
     result = next(iter(results.values()))
     result.update(checkpoint=str(args.checkpoint), data=args.data, random_init=args.random_init,
@@ -602,7 +647,10 @@ def cmd_probe(args) -> int:
           f"({result['dim']}-d)")
     if args.baseline:
         print(" " * 10 + "".join(f"{label:>14}" for label in results))
-    for key, how in (("linear_acc", f"BatchNorm + linear, SGD, {args.epochs} epochs"),
+    how = f"BatchNorm + linear, SGD on cached features, {result['linear_epochs']} epochs" \
+        if args.protocol == "cached" else \
+        f"MAE's protocol: BatchNorm + linear, LARS, batch {result['linear_batch']}, {result['linear_epochs']} epochs"
+    for key, how in (("linear_acc", how),
                      ("knn_acc", f"cosine, k={args.k}, T={args.temperature}")):
         cells = "".join(f"{100 * r[key]:13.2f}%" for r in results.values())
         print(f"{key:<10}{cells}   ({how})")
@@ -615,22 +663,30 @@ def _scene_probe(args, encoders: dict, mcfg) -> int:
     from .evaluate.scene import scene_probe
 
     tasks = SCENE_TASKS if not args.task or "all" in args.task else tuple(dict.fromkeys(args.task))
+    if args.protocol == "mae" and (not args.task or "all" in args.task):
+        tasks = ("count", "shape")  # MAE's protocol: the image-level tasks only (see gmae.evaluate.scene)
+    settings = _probe_settings(args)
+    extraction = settings["batch_size"] if args.protocol == "mae" else settings.pop("batch_size")
+    linear = {"linear_batch": settings.pop("batch_size", None), **settings}
     progress = not args.json
     labels = (scene_labels(args.data, "train", mcfg.img_size, mcfg.patch_size, args.train_images, progress),
               scene_labels(args.data, "val", mcfg.img_size, mcfg.patch_size, args.val_images, progress))
-    results = {label: scene_probe(enc, args.data, tasks, labels, batch_size=args.batch_size, device=args.device,
-                                  pool=args.pool, k=args.k, T=args.temperature, epochs=args.epochs, seed=args.seed,
-                                  progress=progress)
+    results = {label: scene_probe(enc, args.data, tasks, labels, batch_size=extraction, device=args.device,
+                                  pool=args.pool, k=args.k, T=args.temperature, seed=args.seed, progress=progress,
+                                  protocol=args.protocol, **linear)
                for label, enc in encoders.items()}
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, "split_seeds": SPLIT_SEEDS,
                           "weights": getattr(encoders.get("pre-trained"), "loaded_weights", None),
-                          "pool": args.pool, **({"tasks": results[next(iter(results))]} if len(results) == 1 else
+                          "pool": args.pool, "protocol": args.protocol,
+                          **({"tasks": results[next(iter(results))]} if len(results) == 1 else
                                                 {"encoders": results})}))
         return 0
     print(f"{args.checkpoint}, {args.data} scene probes: {args.train_images} train / {args.val_images} val images "
-          f"(seeds {SPLIT_SEEDS['train']} / {SPLIT_SEEDS['val']}); linear: BatchNorm + linear, SGD, {args.epochs} "
-          f"epochs; kNN: cosine, k={args.k}, T={args.temperature}; chance: the train split's most common class")
+          f"(seeds {SPLIT_SEEDS['train']} / {SPLIT_SEEDS['val']}); linear: BatchNorm + linear, "
+          f"{'SGD on cached features' if args.protocol == 'cached' else 'LARS (MAE protocol)'}, "
+          f"{linear['epochs']} epochs; kNN: cosine, k={args.k}, T={args.temperature}; chance: the train split's most "
+          "common class")
     head = "".join(f"{f'{name} {label}':>24}" for name in ("linear", "kNN") for label in results)
     print(f"{'task':<34}{head}{'chance':>10}")
     for task in tasks:
