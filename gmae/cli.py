@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 
 from . import cluster, threads
-from .choices import BENCHMARKS, EXPORT_FORMATS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS, positive_int
+from .choices import (
+    BENCHMARKS, EXPORT_FORMATS, EXTRACTION_BATCH, PROBE_DEFAULTS, PROBE_PROTOCOLS, SCENE_DATA, SCENE_IMAGES,
+    SCENE_TASKS, positive_int,
+)
 from .config import (
     CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, ERASE_MODES, FINETUNE_RESUMABLE, GLOBAL_POOLS, LOSSES, MIXUP_MODES, MODELS,
     POSITION_PARAMS, PRESETS,
@@ -551,41 +554,45 @@ def add_probe(sub) -> None:
     p.set_defaults(func=cmd_probe)
 
 
-# gmae probe's linear-probe protocols (issue 18, part 4): the flags and their defaults per protocol. The dests
-# (protocol, epochs, batch_size, blr, weight_decay, warmup_epochs) are what recipes set; None = the protocol's own.
-PROBE_PROTOCOLS = ("cached", "mae")
-PROBE_DEFAULTS = {  # gmae.evaluate.probe.PROTOCOL_DEFAULTS, but cached's --batch-size is the extraction batch (a test)
-    "cached": {"epochs": 100, "batch_size": 128, "blr": 0.1, "weight_decay": 0.0, "warmup_epochs": 10},
-    "mae": {"epochs": 90, "batch_size": 256, "blr": 6.4, "weight_decay": 0.0, "warmup_epochs": 10},
-}
-
-
+# gmae probe's linear-probe protocols (issue 18, part 4). The dests (protocol, epochs, batch_size, blr, weight_decay,
+# warmup_epochs) are what recipes set; None = the protocol's own (gmae.choices.PROBE_DEFAULTS).
 def _add_probe_protocol(p) -> None:
+    cached, mae = PROBE_DEFAULTS["cached"], PROBE_DEFAULTS["mae"]
     g = p.add_argument_group("linear-probe protocol")
     g.add_argument("--protocol", choices=PROBE_PROTOCOLS, default="cached",
                    help="cached (default): SGD on the features of the un-augmented images, computed once (fast); "
                         "mae: MAE's main_linprobe.py (BatchNorm + linear head, LARS, the encoder run on every "
                         "augmented training batch; scenes: count and shape only). See docs/evaluation.md")
-    g.add_argument("--epochs", type=positive_int, default=None, help="linear-probe epochs (default: cached 100, mae 90)")
+    g.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"linear-probe epochs (default: cached {cached['epochs']}, mae {mae['epochs']})")
     g.add_argument("--batch-size", type=positive_int, default=None,
-                   help="cached: the feature-extraction batch (default 128; the probe trains at 256); mae: the "
-                        "training batch, at most the train set (default 256; MAE: 16384)")
+                   help=f"cached: the feature-extraction batch (default {EXTRACTION_BATCH}; the probe trains at "
+                        f"{cached['batch_size']}); mae: the training batch, at most the train set (default "
+                        f"{mae['batch_size']}; MAE: 16384)")
     g.add_argument("--blr", type=float, default=None,
-                   help="linear-probe base lr; lr = blr * batch / 256 (default: cached 0.1; mae 6.4, MAE's lr per "
-                        "LARS step at batch 256 (MAE: 0.1 at batch 16384))")
-    g.add_argument("--weight-decay", type=float, default=None, help="linear-probe weight decay (default 0)")
+                   help=f"linear-probe base lr; lr = blr * batch / 256 (default: cached {cached['blr']}; mae "
+                        f"{mae['blr']}, MAE's lr per LARS step at batch 256 (MAE: 0.1 at batch 16384))")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=f"linear-probe weight decay (default {mae['weight_decay']:g})")
     g.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear-probe warmup epochs, at most half the epochs (default 10)")
+                   help=f"linear-probe warmup epochs, at most half the epochs (default {mae['warmup_epochs']})")
 
 
-def _probe_settings(args) -> dict:
-    """The protocol's linear settings, the typed flags over its defaults (GMAEError for impossible ones)."""
-    values = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in PROBE_DEFAULTS[args.protocol].items()}
+def _probe_settings(args) -> tuple[int, dict]:
+    """(feature-extraction batch, the linear probe's settings as probe() and scene_probe() take them): the typed
+    flags over the protocol's defaults; GMAEError for impossible ones."""
+    typed = {k: getattr(args, k) for k in PROBE_DEFAULTS[args.protocol] if getattr(args, k) is not None}
+    if args.protocol == "cached":  # --batch-size is the extraction batch; the probe's own stays at its default
+        extraction = typed.pop("batch_size", EXTRACTION_BATCH)
+    else:
+        extraction = typed.get("batch_size", PROBE_DEFAULTS["mae"]["batch_size"])
+    values = {**PROBE_DEFAULTS[args.protocol], **typed}
     if not values["blr"] > 0 or values["weight_decay"] < 0 or values["warmup_epochs"] < 0:
         raise GMAEError(f"the linear probe needs blr > 0 (got {values['blr']}), weight decay >= 0 (got "
                         f"{values['weight_decay']}) and warmup epochs >= 0 (got {values['warmup_epochs']}; at most "
                         "half the epochs are used)")
-    return values
+    values["linear_batch"] = values.pop("batch_size")
+    return extraction, values
 
 
 def _run_seed(path: str, default: int) -> int:
@@ -606,7 +613,7 @@ def cmd_probe(args) -> int:
     if args.task and args.data not in SCENE_DATA:
         raise GMAEError(f"--task is for the scene probes: give --data {' or '.join(SCENE_DATA)} "
                         f"(got --data {args.data})")
-    settings = _probe_settings(args)
+    extraction, linear = _probe_settings(args)
     points = [t for t in (args.task or ()) if t not in ("count", "shape")]
     if args.protocol == "mae" and args.data in SCENE_DATA and points:
         raise GMAEError(f"--task {points[0]} reads marked points: only --protocol cached probes it; with "
@@ -623,13 +630,11 @@ def cmd_probe(args) -> int:
         baseline = random_encoder(mcfg, _run_seed(args.checkpoint, args.seed))
         encoders = {"random init": baseline} if args.random_init else {**encoders, "random init": baseline}
     if args.data in SCENE_DATA:
-        return _scene_probe(args, encoders, mcfg)
+        return _scene_probe(args, encoders, mcfg, extraction, linear)
     from .data.labelled import build_labelled
 
     # built once when the baseline is probed too; with augment=True only load(index, rng) augments (mae's training)
     data = build_labelled(args.data, mcfg.img_size, augment=args.protocol == "mae", progress=not args.json)
-    extraction = settings["batch_size"] if args.protocol == "mae" else settings.pop("batch_size")
-    linear = {"linear_batch": settings.pop("batch_size", None), **settings}
     results = {label: probe(enc, data, batch_size=extraction, device=args.device, pool=args.pool, k=args.k,
                             T=args.temperature, seed=args.seed, progress=not args.json, protocol=args.protocol,
                             **linear)
@@ -647,17 +652,17 @@ def cmd_probe(args) -> int:
           f"({result['dim']}-d)")
     if args.baseline:
         print(" " * 10 + "".join(f"{label:>14}" for label in results))
-    how = f"BatchNorm + linear, SGD on cached features, {result['linear_epochs']} epochs" \
+    linear_how = f"BatchNorm + linear, SGD on cached features, {result['linear_epochs']} epochs" \
         if args.protocol == "cached" else \
         f"MAE's protocol: BatchNorm + linear, LARS, batch {result['linear_batch']}, {result['linear_epochs']} epochs"
-    for key, how in (("linear_acc", how),
+    for key, how in (("linear_acc", linear_how),
                      ("knn_acc", f"cosine, k={args.k}, T={args.temperature}")):
         cells = "".join(f"{100 * r[key]:13.2f}%" for r in results.values())
         print(f"{key:<10}{cells}   ({how})")
     return 0
 
 
-def _scene_probe(args, encoders: dict, mcfg) -> int:
+def _scene_probe(args, encoders: dict, mcfg, extraction: int, linear: dict) -> int:
     """`gmae probe --data deadleaves|sprites`: the scene tasks, each encoder on the same labels."""
     from .data.scenes import SPLIT_SEEDS, scene_labels
     from .evaluate.scene import scene_probe
@@ -665,9 +670,6 @@ def _scene_probe(args, encoders: dict, mcfg) -> int:
     tasks = SCENE_TASKS if not args.task or "all" in args.task else tuple(dict.fromkeys(args.task))
     if args.protocol == "mae" and (not args.task or "all" in args.task):
         tasks = ("count", "shape")  # MAE's protocol: the image-level tasks only (see gmae.evaluate.scene)
-    settings = _probe_settings(args)
-    extraction = settings["batch_size"] if args.protocol == "mae" else settings.pop("batch_size")
-    linear = {"linear_batch": settings.pop("batch_size", None), **settings}
     progress = not args.json
     labels = (scene_labels(args.data, "train", mcfg.img_size, mcfg.patch_size, args.train_images, progress),
               scene_labels(args.data, "val", mcfg.img_size, mcfg.patch_size, args.val_images, progress))

@@ -25,7 +25,7 @@ measure how well its features classify a labelled data set:
   batches only (drop_last, line 178). MAE's batch is 16384 (512 x 32 GPUs)
   at blr 0.1 (line 60), so lr 6.4; here the batch defaults to 256 (never more
   than the train set) and blr to 6.4, which keeps MAE's lr per step (see
-  :data:`PROTOCOL_DEFAULTS` for why). Val images: the deterministic
+  :data:`gmae.choices.PROBE_DEFAULTS` for why). Val images: the deterministic
   evaluation transform (resize, + centre crop for photos, as lines 137-139).
 * **kNN** (DINO's weighted kNN): cosine similarity to every training
   feature, the k = 20 nearest vote with weight exp(similarity / T), T = 0.07.
@@ -50,25 +50,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..choices import PROBE_DEFAULTS, PROBE_PROTOCOLS
 from ..config import ModelConfig
 from ..errors import GMAEError
 from ..model.vit import ViTEncoder
 from ..threads import worker_init
 
 POOLS = ("cls", "avg")
-#: The linear-probe protocols: "cached" (SGD on cached features) and "mae" (MAE's main_linprobe.py).
-PROTOCOLS = ("cached", "mae")
-#: Each protocol's defaults (a recipe or the command line may change them).
-PROTOCOL_DEFAULTS = {
-    "cached": {"epochs": 100, "batch_size": 256, "blr": 0.1, "weight_decay": 0.0, "warmup_epochs": 10},
-    # MAE main_linprobe.py lines 46, 55, 66 (90 epochs, wd 0, 10 warmup), at batch 256 instead of 16384, and
-    # blr 6.4 = MAE's lr per step (blr 0.1 at batch 16384, lines 60, 239-240) instead of 0.1: LARS scales each step
-    # to lr x 0.001 of the weight's norm whatever the gradient's size, so how far the head moves is lr x steps;
-    # the linear scaling rule would cut MAE's lr 64x at batch 256, on top of the ~16x fewer steps a data set of
-    # thousands of images gives over 90 epochs. Measured on digits (tiny random encoder, 90 epochs): blr 0.1
-    # stays at chance, 6.4 reaches 75 % (docs/evaluation.md). A recipe sets MAE's own numbers.
-    "mae": {"epochs": 90, "batch_size": 256, "blr": 6.4, "weight_decay": 0.0, "warmup_epochs": 10},
-}
+#: The linear-probe protocols and their default settings (kept in gmae.choices for the command line; why the mae
+#: protocol's blr is 6.4 is said there).
+PROTOCOLS, PROTOCOL_DEFAULTS = PROBE_PROTOCOLS, PROBE_DEFAULTS
 
 
 def random_encoder(mcfg: ModelConfig, seed: int = 0) -> ViTEncoder:
