@@ -17,9 +17,13 @@ import sys
 from pathlib import Path
 
 from . import cluster, threads
-from .choices import BENCHMARKS, EXPORT_FORMATS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS, positive_int
+from .choices import (
+    BENCHMARKS, EXPORT_FORMATS, EXTRACTION_BATCH, PROBE_DEFAULTS, PROBE_PROTOCOLS, SCENE_DATA, SCENE_IMAGES,
+    SCENE_TASKS, positive_int,
+)
 from .config import (
-    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, FINETUNE_RESUMABLE, LOSSES, MODELS, POSITION_PARAMS, PRESETS,
+    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, ERASE_MODES, FINETUNE_RESUMABLE, GLOBAL_POOLS, LOSSES, MIXUP_MODES, MODELS,
+    POSITION_PARAMS, PRESETS,
     PRETRAIN_RESUMABLE, FinetuneConfig, TrainConfig, as_dict, model_config, train_config,
 )
 from .errors import GMAEError
@@ -539,16 +543,56 @@ def add_probe(sub) -> None:
                    help=f"scene probes: train images (default {SCENE_IMAGES['train']})")
     p.add_argument("--val-images", type=positive_int, default=SCENE_IMAGES["val"],
                    help=f"scene probes: val images (default {SCENE_IMAGES['val']})")
-    p.add_argument("--epochs", type=positive_int, default=100, help="linear-probe epochs on cached features (default 100)")
     p.add_argument("--k", type=positive_int, default=20, help="kNN neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default 0.07)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="feature-extraction batch (default 128)")
+    _add_probe_protocol(p)
     _add_raw_weights(p)
     p.add_argument("--seed", type=int, default=0, help="linear-probe seed (and --random-init's for files "
                    "that are not gmae checkpoints; a checkpoint's initial weights use its run's seed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_probe)
+
+
+# gmae probe's linear-probe protocols (issue 18, part 4). The dests (protocol, epochs, batch_size, blr, weight_decay,
+# warmup_epochs) are what recipes set; None = the protocol's own (gmae.choices.PROBE_DEFAULTS).
+def _add_probe_protocol(p) -> None:
+    cached, mae = PROBE_DEFAULTS["cached"], PROBE_DEFAULTS["mae"]
+    g = p.add_argument_group("linear-probe protocol")
+    g.add_argument("--protocol", choices=PROBE_PROTOCOLS, default="cached",
+                   help="cached (default): SGD on the features of the un-augmented images, computed once (fast); "
+                        "mae: MAE's main_linprobe.py (BatchNorm + linear head, LARS, the encoder run on every "
+                        "augmented training batch; scenes: count and shape only). See docs/evaluation.md")
+    g.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"linear-probe epochs (default: cached {cached['epochs']}, mae {mae['epochs']})")
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"cached: the feature-extraction batch (default {EXTRACTION_BATCH}; the probe trains at "
+                        f"{cached['batch_size']}); mae: the training batch, at most the train set (default "
+                        f"{mae['batch_size']}; MAE: 16384)")
+    g.add_argument("--blr", type=float, default=None,
+                   help=f"linear-probe base lr; lr = blr * batch / 256 (default: cached {cached['blr']}; mae "
+                        f"{mae['blr']}, MAE's lr per LARS step at batch 256 (MAE: 0.1 at batch 16384))")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=f"linear-probe weight decay (default {mae['weight_decay']:g})")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help=f"linear-probe warmup epochs, at most half the epochs (default {mae['warmup_epochs']})")
+
+
+def _probe_settings(args) -> tuple[int, dict]:
+    """(feature-extraction batch, the linear probe's settings as probe() and scene_probe() take them): the typed
+    flags over the protocol's defaults; GMAEError for impossible ones."""
+    typed = {k: getattr(args, k) for k in PROBE_DEFAULTS[args.protocol] if getattr(args, k) is not None}
+    if args.protocol == "cached":  # --batch-size is the extraction batch; the probe's own stays at its default
+        extraction = typed.pop("batch_size", EXTRACTION_BATCH)
+    else:
+        extraction = typed.get("batch_size", PROBE_DEFAULTS["mae"]["batch_size"])
+    values = {**PROBE_DEFAULTS[args.protocol], **typed}
+    if not values["blr"] > 0 or values["weight_decay"] < 0 or values["warmup_epochs"] < 0:
+        raise GMAEError(f"the linear probe needs blr > 0 (got {values['blr']}), weight decay >= 0 (got "
+                        f"{values['weight_decay']}) and warmup epochs >= 0 (got {values['warmup_epochs']}; at most "
+                        "half the epochs are used)")
+    values["linear_batch"] = values.pop("batch_size")
+    return extraction, values
 
 
 def _run_seed(path: str, default: int) -> int:
@@ -569,6 +613,11 @@ def cmd_probe(args) -> int:
     if args.task and args.data not in SCENE_DATA:
         raise GMAEError(f"--task is for the scene probes: give --data {' or '.join(SCENE_DATA)} "
                         f"(got --data {args.data})")
+    extraction, linear = _probe_settings(args)
+    points = [t for t in (args.task or ()) if t not in ("count", "shape")]
+    if args.protocol == "mae" and args.data in SCENE_DATA and points:
+        raise GMAEError(f"--task {points[0]} reads marked points: only --protocol cached probes it; with "
+                        "--protocol mae give --task count and/or --task shape")
     _check_checkpoint(args.checkpoint)
     from .evaluate.probe import probe, random_encoder
     from .export import load_encoder
@@ -581,12 +630,14 @@ def cmd_probe(args) -> int:
         baseline = random_encoder(mcfg, _run_seed(args.checkpoint, args.seed))
         encoders = {"random init": baseline} if args.random_init else {**encoders, "random init": baseline}
     if args.data in SCENE_DATA:
-        return _scene_probe(args, encoders, mcfg)
+        return _scene_probe(args, encoders, mcfg, extraction, linear)
     from .data.labelled import build_labelled
 
-    data = build_labelled(args.data, mcfg.img_size, progress=not args.json)  # built once when the baseline is probed too
-    results = {label: probe(enc, data, batch_size=args.batch_size, device=args.device, pool=args.pool, k=args.k,
-                            T=args.temperature, epochs=args.epochs, seed=args.seed, progress=not args.json)
+    # built once when the baseline is probed too; with augment=True only load(index, rng) augments (mae's training)
+    data = build_labelled(args.data, mcfg.img_size, augment=args.protocol == "mae", progress=not args.json)
+    results = {label: probe(enc, data, batch_size=extraction, device=args.device, pool=args.pool, k=args.k,
+                            T=args.temperature, seed=args.seed, progress=not args.json, protocol=args.protocol,
+                            **linear)
                for label, enc in encoders.items()}
     result = next(iter(results.values()))
     result.update(checkpoint=str(args.checkpoint), data=args.data, random_init=args.random_init,
@@ -601,35 +652,43 @@ def cmd_probe(args) -> int:
           f"({result['dim']}-d)")
     if args.baseline:
         print(" " * 10 + "".join(f"{label:>14}" for label in results))
-    for key, how in (("linear_acc", f"BatchNorm + linear, SGD, {args.epochs} epochs"),
+    linear_how = f"BatchNorm + linear, SGD on cached features, {result['linear_epochs']} epochs" \
+        if args.protocol == "cached" else \
+        f"MAE's protocol: BatchNorm + linear, LARS, batch {result['linear_batch']}, {result['linear_epochs']} epochs"
+    for key, how in (("linear_acc", linear_how),
                      ("knn_acc", f"cosine, k={args.k}, T={args.temperature}")):
         cells = "".join(f"{100 * r[key]:13.2f}%" for r in results.values())
         print(f"{key:<10}{cells}   ({how})")
     return 0
 
 
-def _scene_probe(args, encoders: dict, mcfg) -> int:
+def _scene_probe(args, encoders: dict, mcfg, extraction: int, linear: dict) -> int:
     """`gmae probe --data deadleaves|sprites`: the scene tasks, each encoder on the same labels."""
     from .data.scenes import SPLIT_SEEDS, scene_labels
     from .evaluate.scene import scene_probe
 
     tasks = SCENE_TASKS if not args.task or "all" in args.task else tuple(dict.fromkeys(args.task))
+    if args.protocol == "mae" and (not args.task or "all" in args.task):
+        tasks = ("count", "shape")  # MAE's protocol: the image-level tasks only (see gmae.evaluate.scene)
     progress = not args.json
     labels = (scene_labels(args.data, "train", mcfg.img_size, mcfg.patch_size, args.train_images, progress),
               scene_labels(args.data, "val", mcfg.img_size, mcfg.patch_size, args.val_images, progress))
-    results = {label: scene_probe(enc, args.data, tasks, labels, batch_size=args.batch_size, device=args.device,
-                                  pool=args.pool, k=args.k, T=args.temperature, epochs=args.epochs, seed=args.seed,
-                                  progress=progress)
+    results = {label: scene_probe(enc, args.data, tasks, labels, batch_size=extraction, device=args.device,
+                                  pool=args.pool, k=args.k, T=args.temperature, seed=args.seed, progress=progress,
+                                  protocol=args.protocol, **linear)
                for label, enc in encoders.items()}
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, "split_seeds": SPLIT_SEEDS,
                           "weights": getattr(encoders.get("pre-trained"), "loaded_weights", None),
-                          "pool": args.pool, **({"tasks": results[next(iter(results))]} if len(results) == 1 else
+                          "pool": args.pool, "protocol": args.protocol,
+                          **({"tasks": results[next(iter(results))]} if len(results) == 1 else
                                                 {"encoders": results})}))
         return 0
     print(f"{args.checkpoint}, {args.data} scene probes: {args.train_images} train / {args.val_images} val images "
-          f"(seeds {SPLIT_SEEDS['train']} / {SPLIT_SEEDS['val']}); linear: BatchNorm + linear, SGD, {args.epochs} "
-          f"epochs; kNN: cosine, k={args.k}, T={args.temperature}; chance: the train split's most common class")
+          f"(seeds {SPLIT_SEEDS['train']} / {SPLIT_SEEDS['val']}); linear: BatchNorm + linear, "
+          f"{'SGD on cached features' if args.protocol == 'cached' else 'LARS (MAE protocol)'}, "
+          f"{linear['epochs']} epochs; kNN: cosine, k={args.k}, T={args.temperature}; chance: the train split's most "
+          "common class")
     head = "".join(f"{f'{name} {label}':>24}" for name in ("linear", "kNN") for label in results)
     print(f"{'task':<34}{head}{'chance':>10}")
     for task in tasks:
@@ -672,7 +731,39 @@ def add_finetune(sub) -> None:
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _add_finetune_timm(p, d)
     p.set_defaults(func=cmd_finetune)
+
+
+# The FinetuneConfig fields that MAE's fine-tuning recipe adds on timm (issue 18, part 3): each flag's dest is the
+# field's name, so cmd_finetune passes them through as they are.
+FINETUNE_TIMM_FIELDS = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "aa", "reprob", "remode",
+                        "recount", "global_pool", "warmup_epochs")
+
+
+def _add_finetune_timm(p, d: FinetuneConfig) -> None:
+    """gmae finetune's MAE regularisers (timm's; `pip install 'gmae[timm]'` when one is on) and pooling."""
+    g = p.add_argument_group("MAE's regularisers, from timm (off by default; MAE's ViT-B value in brackets)")
+    g.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha, 0 = off [0.8]")
+    g.add_argument("--cutmix", type=float, default=d.cutmix, help="cutmix alpha, 0 = off [1.0]")
+    g.add_argument("--mixup-prob", type=float, default=d.mixup_prob,
+                   help=f"probability of mixing a batch (default {d.mixup_prob}) [1.0]")
+    g.add_argument("--mixup-switch-prob", type=float, default=d.mixup_switch_prob,
+                   help=f"with both on: probability of cutmix instead of mixup (default {d.mixup_switch_prob}) [0.5]")
+    g.add_argument("--mixup-mode", choices=MIXUP_MODES, default=d.mixup_mode,
+                   help=f"one mixing weight per batch, pair or element (default {d.mixup_mode}) [batch]")
+    g.add_argument("--aa", default=d.aa, metavar="POLICY",
+                   help="RandAugment policy in timm's syntax; default none [rand-m9-mstd0.5-inc1]")
+    g.add_argument("--reprob", type=float, default=d.reprob, help="random-erasing probability (default 0) [0.25]")
+    g.add_argument("--remode", choices=ERASE_MODES, default=d.remode,
+                   help=f"random-erasing fill (default {d.remode}) [pixel]")
+    g.add_argument("--recount", type=positive_int, default=d.recount,
+                   help=f"random-erasing boxes per image (default {d.recount}) [1]")
+    g.add_argument("--global-pool", choices=GLOBAL_POOLS, default=d.global_pool,
+                   help="classifier feature: avg (default: fc_norm of the patch-token mean) or cls "
+                        "(the encoder's final norm of the cls token) [avg]")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warmup in epochs, instead of --warmup-steps [5]")
 
 
 def cmd_finetune(args) -> int:
@@ -689,7 +780,11 @@ def cmd_finetune(args) -> int:
         checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
         num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
         raw_weights=args.raw_weights,
+        **{k: getattr(args, k) for k in FINETUNE_TIMM_FIELDS if k != "warmup_epochs"},
+        warmup_epochs=d.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs,
     )
+    if not args.resume:
+        fcfg.check_warmup()
     if args.checkpoint:
         _check_checkpoint(args.checkpoint)
     check_output_folder(fcfg.out)

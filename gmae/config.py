@@ -280,6 +280,16 @@ def as_dict(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
+# ----- fine-tuning on timm (issue 18, part 3): MAE's regularisers and the pooled feature -----
+#: The fine-tuning classifier's pooled feature (gmae.model.classifier): "avg", fc_norm of the patch-token mean
+#: (MAE main_finetune.py lines 114-115: its default), or "cls", the encoder's final norm of the cls token.
+GLOBAL_POOLS = ("avg", "cls")
+#: timm.data.Mixup's modes (MAE main_finetune.py line 108): one lambda per batch, per pair, per element.
+MIXUP_MODES = ("batch", "pair", "elem")
+#: timm.data.RandomErasing's fills (MAE main_finetune.py line 90; MAE uses "pixel").
+ERASE_MODES = ("pixel", "rand", "const")
+
+
 # Fine-tuning's settings live here, beside pre-training's, so that `gmae finetune --help` needs no torch.
 @dataclass
 class FinetuneConfig:
@@ -290,7 +300,7 @@ class FinetuneConfig:
     batch_size: int = 32
     blr: float = 8e-3  # lr = blr * batch / 256 = 1e-3 at batch 32 (MAE base: blr 5e-4 at batch 1024)
     min_lr: float = 1e-6
-    warmup_steps: int = -1  # -1: one epoch
+    warmup_steps: int = -1  # -1: one epoch (unless warmup_epochs is given)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = 0.75
@@ -307,10 +317,51 @@ class FinetuneConfig:
     keep_checkpoints: int = 2
     num_workers: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
+    # ----- MAE's fine-tuning regularisers, from timm (gmae.evaluate.augment; needs `pip install 'gmae[timm]'`
+    # when one is on). Defaults: off (today's recipe); MAE's ViT-B values (FINETUNE.md) in the comments.
+    mixup: float = 0.0  # mixup alpha; 0 = off (MAE ViT-B: 0.8)
+    cutmix: float = 0.0  # cutmix alpha; 0 = off (MAE ViT-B: 1.0)
+    mixup_prob: float = 1.0  # probability of mixing a batch at all (MAE: 1.0)
+    mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup (MAE: 0.5)
+    mixup_mode: str = "batch"  # one lambda per "batch" | "pair" | "elem" (MAE: batch)
+    aa: str = ""  # RandAugment policy, timm's syntax; "" = none (MAE: rand-m9-mstd0.5-inc1)
+    reprob: float = 0.0  # random-erasing probability (MAE: 0.25)
+    remode: str = "pixel"  # random-erasing fill, see ERASE_MODES (MAE: pixel)
+    recount: int = 1  # random-erasing boxes per image (MAE: 1)
+    global_pool: str = "avg"  # the classifier's feature, see GLOBAL_POOLS (MAE's fine-tuning: avg)
+    warmup_epochs: float = -1.0  # linear warmup in epochs instead of warmup_steps; -1 = not set (MAE ViT-B: 5)
+
+    @property
+    def mixup_active(self) -> bool:
+        """Whether batches are mixed (timm's Mixup, soft-target loss): MAE main_finetune.py line 219."""
+        return self.mixup > 0 or self.cutmix > 0
+
+    def check_warmup(self) -> None:
+        """GMAEError if both warmup_steps and warmup_epochs were set (a resolved config sets both: see resolved)."""
+        if self.warmup_steps >= 0 and self.warmup_epochs >= 0:
+            raise GMAEError(f"give warmup steps ({self.warmup_steps}) or warmup epochs ({self.warmup_epochs}), "
+                            "not both")
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         checks = [
+            (self.mixup >= 0 and self.cutmix >= 0, f"mixup and cutmix alphas must be >= 0 (0: off); got {self.mixup}, "
+                                                   f"{self.cutmix}"),
+            (0 <= self.mixup_prob <= 1 and 0 <= self.mixup_switch_prob <= 1,
+             f"mixup-prob and mixup-switch-prob must be in [0, 1]; got {self.mixup_prob}, {self.mixup_switch_prob}"),
+            (self.mixup_mode in MIXUP_MODES, f"mixup mode must be one of {', '.join(MIXUP_MODES)}; "
+                                             f"got {self.mixup_mode!r}"),
+            (not self.mixup_active or self.batch_size % 2 == 0,
+             f"mixup and cutmix pair each image with another: the batch size must be even; got {self.batch_size}"),
+            (self.aa == "" or self.aa.startswith("rand-") or self.aa == "rand",
+             f"aa must be a RandAugment policy such as rand-m9-mstd0.5-inc1 (MAE's), or empty for none; got {self.aa!r}"),
+            (0 <= self.reprob <= 1, f"random-erasing probability reprob must be in [0, 1]; got {self.reprob}"),
+            (self.remode in ERASE_MODES, f"remode must be one of {', '.join(ERASE_MODES)}; got {self.remode!r}"),
+            (self.recount >= 1, f"recount (random-erasing boxes) must be at least 1; got {self.recount}"),
+            (self.global_pool in GLOBAL_POOLS, f"global pool must be one of {', '.join(GLOBAL_POOLS)}; "
+                                               f"got {self.global_pool!r}"),
+            (self.warmup_epochs == -1 or self.warmup_epochs >= 0,
+             f"warmup epochs must be >= 0 (or -1: not set); got {self.warmup_epochs}"),
             (self.epochs >= 1 and self.steps >= 0, f"epochs must be >= 1 and steps >= 0; got {self.epochs}, {self.steps}"),
             (self.batch_size >= 1, f"batch size must be at least 1; got {self.batch_size}"),
             (self.blr > 0 and self.min_lr >= 0, f"base lr must be positive and min lr >= 0; got {self.blr}, {self.min_lr}"),
@@ -327,16 +378,23 @@ class FinetuneConfig:
                 raise GMAEError(message)
 
     def resolved(self, num_train: int) -> FinetuneConfig:
-        """A copy with steps, warmup, eval and checkpoint intervals made concrete for ``num_train`` images."""
+        """A copy with steps, warmup, eval and checkpoint intervals made concrete for ``num_train`` images.
+
+        warmup_epochs, if set, becomes round(warmup_epochs x steps per epoch) warmup steps (MAE's warmup is
+        per iteration in fractional epochs, util/lr_sched.py lines 11-12); it stays recorded beside them."""
         per_epoch = max(1, math.ceil(num_train / self.batch_size))
         steps = self.steps or self.epochs * per_epoch
+        if self.warmup_epochs >= 0:
+            warmup = round(self.warmup_epochs * per_epoch)
+        else:
+            warmup = per_epoch if self.warmup_steps < 0 else self.warmup_steps
         return replace(
             self, steps=steps,
-            warmup_steps=min(per_epoch if self.warmup_steps < 0 else self.warmup_steps, steps - 1),
+            warmup_steps=min(warmup, steps - 1),
             eval_every=self.eval_every or per_epoch, checkpoint_every=self.checkpoint_every or per_epoch,
         )
 
 
 __all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
-           "DEPTH_PARAMS", "DEPTH_GRADS", "POSITION_PARAMS", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
+           "DEPTH_PARAMS", "DEPTH_GRADS", "POSITION_PARAMS", "GLOBAL_POOLS", "MIXUP_MODES", "ERASE_MODES", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
            "train_config", "config_from_dict", "as_dict", "preset_of"]

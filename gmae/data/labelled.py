@@ -69,6 +69,7 @@ __all__ = [
     "load_digits",
     "load_folder",
     "read_cifar_pickle",
+    "scene_arrays",
 ]
 
 #: Spec prefixes understood by :func:`build_labelled` (``digits`` takes no root).
@@ -442,26 +443,42 @@ def build_scene_labelled(data: str, task: str, img_size: int, augment: bool = Fa
     cut objects out of the count, and a mirror changes neither the count nor a
     shape's class).
     """
-    from .scenes import SceneLabels, scene_labels, task_targets
+    from .scenes import scene_labels
 
     if task not in IMAGE_TASKS:
         raise GMAEError(f"{data}:{task}: fine-tuning takes the image-level scene tasks ({', '.join(IMAGE_TASKS)}); "
                         f"the point tasks (front, figure) are probed with gmae probe --data {data} --task {task}")
     # One patch covers the image: the image-level labels do not read the marked points.
     train, val = (scene_labels(data, split, img_size, img_size, progress=progress) for split in ("train", "val"))
-    ty, vy, num_classes, names = task_targets(task, train, val)
+    return scene_arrays(task, train, val, augment, progress)
 
-    def images(labels: SceneLabels) -> np.ndarray:
+
+def scene_arrays(task: str, train, val, augment: bool = False, progress: bool = True):
+    """(train, val, number of classes) ArrayImages of an image-level ``task`` on already drawn
+    :class:`~gmae.data.scenes.SceneLabels` (any patch size: image-level labels read no marked point).
+
+    Images held as uint8; the augmentation is a horizontal flip only (a crop could cut objects out of the
+    count, and a mirror changes neither the count nor a shape's class). Images without a valid label are left out.
+    """
+    from .scenes import SceneLabels, task_targets
+
+    if task not in IMAGE_TASKS:
+        raise GMAEError(f"{task} is not an image-level scene task ({', '.join(IMAGE_TASKS)})")
+    ty, vy, num_classes, names = task_targets(task, train, val)
+    img_size = train.img_size
+
+    def images(labels: SceneLabels, keep: np.ndarray) -> np.ndarray:
         source = labels.source()
-        out = np.empty((len(labels), 3, img_size, img_size), np.uint8)
-        for i in tqdm(range(len(labels)), desc=f"{data} {labels.seed} images", disable=not progress, leave=False,
-                      dynamic_ncols=True):
-            out[i] = np.rint(source.load(i).numpy() * 255.0)
+        out = np.empty((len(keep), 3, img_size, img_size), np.uint8)
+        for j, i in enumerate(tqdm(keep, desc=f"{labels.data} {labels.seed} images", disable=not progress,
+                                   leave=False, dynamic_ncols=True)):
+            out[j] = np.rint(source.load(int(i)).numpy() * 255.0)
         return out
 
+    tk, vk = np.flatnonzero(ty >= 0), np.flatnonzero(vy >= 0)
     common = {"classes": names, "img_size": img_size, "scale": (1.0, 1.0), "ratio": (1.0, 1.0), "hflip": True}
-    return (ArrayImages(images(train), ty, augment=augment, name=f"{data}:{task}/train", **common),
-            ArrayImages(images(val), vy, augment=False, name=f"{data}:{task}/val", **common), num_classes)
+    return (ArrayImages(images(train, tk), ty[tk], augment=augment, name=f"{train.data}:{task}/train", **common),
+            ArrayImages(images(val, vk), vy[vk], augment=False, name=f"{val.data}:{task}/val", **common), num_classes)
 
 
 class LabelledStream(SeededStream):

@@ -14,15 +14,28 @@ left them. The recipe (MAE, ``main_finetune.py``):
   layer L = fc_norm and head. So the head trains at the full lr, the deepest
   block at x decay and the embeddings at x decay^(depth + 1);
 * AdamW (betas 0.9, 0.999, weight decay 0.05, none on norms, biases and
-  tokens), linear warmup then cosine (``gmae.runs.learning_rate``, as in pre-training),
-  cross-entropy with label smoothing 0.1; mixup/cutmix are left out;
+  tokens), linear warmup (``warmup_steps``, or ``warmup_epochs`` as MAE gives
+  it) then cosine (``gmae.runs.learning_rate``, as in pre-training);
+* the loss: cross-entropy with label smoothing 0.1 (PyTorch's
+  ``label_smoothing``, the same function as timm's
+  ``LabelSmoothingCrossEntropy`` that MAE uses, ``main_finetune.py`` lines
+  293-294); with mixup or cutmix on (``mixup``, ``cutmix``, ``mixup_prob``,
+  ``mixup_switch_prob``, ``mixup_mode``), timm's ``Mixup`` with the label
+  smoothing folded into its soft targets and timm's ``SoftTargetCrossEntropy``
+  (lines 219-225, 290-292);
 * augmentation: random resized crop + horizontal flip (digits: crops of
-  50-100 % and no flip); evaluation: resize (+ centre crop for photos).
+  50-100 % and no flip; scenes: a flip only), then, when asked, timm's
+  RandAugment (``aa``; MAE: ``rand-m9-mstd0.5-inc1``) and random erasing
+  (``reprob``, ``remode``, ``recount``; MAE: 0.25, pixel, 1), see
+  :mod:`gmae.evaluate.augment`; evaluation: resize (+ centre crop for photos).
+  The defaults leave mixup, cutmix, RandAugment and erasing off (no timm
+  needed); MAE's ViT-B values are in :class:`gmae.config.FinetuneConfig`'s
+  comments and docs/evaluation.md.
 
 Runs write ``metrics.jsonl`` (step, loss, lr, and val_acc at eval points) and
 atomic ``checkpoint-NNNNNNN.pt`` files that ``torch.load(weights_only=True)``
 reads (format ``gmae-finetune``), and resume exactly: batches, augmentation
-and drop-path masks are functions of (seed, step).
+(timm's included), mixing and drop-path masks are functions of (seed, step).
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ from ..model import ViTEncoder, build_classifier, param_groups
 from ..runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from ..stopping import StopGuard, Stopped
 from ..threads import worker_init
+from .augment import augmented, build_mixup, mix_batch, soft_target_loss
 
 FORMAT = "gmae-finetune"
 
@@ -65,7 +79,8 @@ def load_finetuned(path: str | Path, map_location: str | torch.device = "cpu"):
     """(classifier in eval mode, ModelConfig, checkpoint dict) from a fine-tuning checkpoint."""
     state = load_finetune_checkpoint(path, map_location)
     mcfg = config_from_dict(ModelConfig, state["config"]["model"])
-    model = build_classifier(mcfg, state["config"]["num_classes"])
+    pool = state["config"]["finetune"].get("global_pool", "avg")  # runs before the setting existed pooled avg
+    model = build_classifier(mcfg, state["config"]["num_classes"], global_pool=pool)
     model.load_state_dict(state["model"])
     return model.to(map_location).eval(), mcfg, state
 
@@ -127,7 +142,9 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
         if fcfg.steps and fcfg.steps < state["step"]:
             raise GMAEError(f"--steps {fcfg.steps} is below the checkpoint's step {state['step']}; "
                             "give a larger --steps to extend the run")
-    elif encoder is None:
+    else:
+        fcfg.check_warmup()
+    if state is None and encoder is None:
         if not fcfg.checkpoint:
             raise GMAEError("fine-tuning needs a pre-trained model: give --checkpoint")
         encoder, mcfg = load_encoder(fcfg.checkpoint, raw=fcfg.raw_weights)
@@ -135,11 +152,15 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
             encoder = None  # the architecture only
         elif line := weights_line(encoder.loaded_weights, fcfg.raw_weights):
             say(line)
-    elif mcfg is None:
+    elif state is None and mcfg is None:
         raise GMAEError("finetune(encoder=...) needs the encoder's ModelConfig (mcfg=...)")
 
     train_ds, val_ds, num_classes = build_labelled(fcfg.data, mcfg.img_size, augment=True, progress=progress)
     fcfg = fcfg.resolved(len(train_ds))
+    # timm's extras (None / the set itself when off, so that a run without them needs no timm)
+    train_source = augmented(train_ds, mcfg.img_size, fcfg)
+    mixup = build_mixup(fcfg, num_classes)
+    soft_loss = soft_target_loss() if mixup is not None else None
     try:
         device = torch.device(fcfg.device)
     except RuntimeError:
@@ -149,7 +170,8 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(fcfg.seed)  # the head's (and, with random_init, the encoder's) initial weights
-    model = build_classifier(mcfg, num_classes, fcfg.drop_path, encoder if state is None else None).to(device)
+    model = build_classifier(mcfg, num_classes, fcfg.drop_path, encoder if state is None else None,
+                             fcfg.global_pool).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, fcfg.weight_decay, fcfg.layer_decay), lr=0.0,
                                   betas=fcfg.betas)
     start, best = 0, None
@@ -163,7 +185,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
         say(f"resumed from {found[0].name} (step {start})")
     prepare_metrics(metrics_path, start, warn=say)
 
-    stream = LabelledStream(train_ds, fcfg.seed)
+    stream = LabelledStream(train_source, fcfg.seed)
     loader = DataLoader(stream, batch_sampler=StepBatchSampler(fcfg.batch_size, start, fcfg.steps - start),
                         num_workers=fcfg.num_workers, worker_init_fn=worker_init)
     classes = list(getattr(train_ds, "classes", range(num_classes)))
@@ -182,9 +204,14 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
                 group["lr"] = lr * group["lr_scale"]
             torch.manual_seed(fcfg.seed * 1_000_003 + step)  # drop-path masks: a function of (seed, step)
             imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if mixup is not None:
+                imgs, targets = mix_batch(mixup, imgs, labels, fcfg.seed, step)
             with amp:
                 logits = model(imgs)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=fcfg.smoothing)
+            if mixup is not None:  # label smoothing is in the soft targets already (MAE main_finetune.py line 291)
+                loss = soft_loss(logits.float(), targets)
+            else:
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=fcfg.smoothing)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise GMAEError(f"the loss is not finite at step {step}; lower --blr (now {fcfg.blr}) or use --clip-grad")

@@ -4,20 +4,39 @@ Pre-training loss says how well a model reconstructs pixels, not how useful
 its features are; the standard check (MAE, DINO) is to freeze the encoder and
 measure how well its features classify a labelled data set:
 
-* **linear probe** (MAE's recipe on cached features): BatchNorm1d without
-  affine parameters, then one Linear layer (weights ~ N(0, 0.01), truncated),
-  trained with cross-entropy. MAE uses LARS at batch 16384 for 90 epochs; on
-  small data sets (thousands of images) plain SGD with momentum 0.9 at batch
-  256 converges in far fewer steps, so that is what runs here: weight decay 0,
-  lr = blr * batch / 256 with blr 0.1, 10-epoch linear warmup, cosine to 0,
-  100 epochs, seeded shuffling and initialisation.
+* **linear probe**, one of two protocols (``protocol``); both train MAE's head,
+  BatchNorm1d without affine parameters (eps 1e-6) then one Linear layer
+  (weights ~ N(0, 0.01) truncated, bias 0; MAE ``main_linprobe.py`` lines 218
+  and 222), with cross-entropy, lr = blr * batch / 256, weight decay 0, linear
+  warmup then half-cycle cosine to 0:
+
+  ``cached`` (the default; fast): the features of the un-augmented images are
+  computed once and the head trains on them with plain SGD (momentum 0.9) at
+  batch 256 for 100 epochs, blr 0.1, 10 warmup epochs. On small data sets
+  (thousands of images) this converges in far fewer steps than MAE's.
+
+  ``mae`` (MAE's ``main_linprobe.py``): the encoder runs on every training
+  batch, through the data set's training crop + flip (photos: MAE's
+  RandomResizedCrop (0.08, 1) + flip, lines 132-134; digits and scenes:
+  their own, see :mod:`gmae.data.labelled`), with no gradient; the head
+  trains with :class:`LARS` (MAE ``util/lars.py``), weight decay 0 (line
+  55), 90 epochs (line 46), 10 warmup epochs (line 66), the schedule per
+  iteration in fractional epochs (``util/lr_sched.py`` lines 9-15), full
+  batches only (drop_last, line 178). MAE's batch is 16384 (512 x 32 GPUs)
+  at blr 0.1 (line 60), so lr 6.4; here the batch defaults to 256 (never more
+  than the train set) and blr to 6.4, which keeps MAE's lr per step (see
+  :data:`gmae.choices.PROBE_DEFAULTS` for why). Val images: the deterministic
+  evaluation transform (resize, + centre crop for photos, as lines 137-139).
 * **kNN** (DINO's weighted kNN): cosine similarity to every training
   feature, the k = 20 nearest vote with weight exp(similarity / T), T = 0.07.
 
 Features are the cls token after the encoder's final norm (``pool="cls"``,
-MAE's linear-probe feature), or the mean of the patch tokens after that norm
-(``pool="avg"``). Images are fed as the encoder saw them in pre-training:
-[0, 1] values, no mean/std normalisation.
+MAE's linear-probe feature: ``main_linprobe.py`` lines 72-73 leave
+``global_pool`` off, ``models_vit.py`` lines 49-51), or the mean of the patch
+tokens after that norm (``pool="avg"``; MAE's ``--global_pool`` would instead
+put a fresh, frozen LayerNorm on the mean of the un-normalised tokens). Images
+are fed as the encoder saw them in pre-training: [0, 1] values, no mean/std
+normalisation.
 """
 
 from __future__ import annotations
@@ -31,12 +50,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..choices import PROBE_DEFAULTS, PROBE_PROTOCOLS
 from ..config import ModelConfig
 from ..errors import GMAEError
 from ..model.vit import ViTEncoder
 from ..threads import worker_init
 
 POOLS = ("cls", "avg")
+#: The linear-probe protocols and their default settings (kept in gmae.choices for the command line; why the mae
+#: protocol's blr is 6.4 is said there).
+PROTOCOLS, PROTOCOL_DEFAULTS = PROBE_PROTOCOLS, PROBE_DEFAULTS
 
 
 def random_encoder(mcfg: ModelConfig, seed: int = 0) -> ViTEncoder:
@@ -211,36 +234,186 @@ def _linear_probe(train_f, train_y, val_f, val_y, num_classes, epochs, batch_siz
     return (pred == val_y.to(device)).float().mean().item()
 
 
+# --------------------------------------------------------------------------- MAE's protocol
+
+
+class LARS(torch.optim.Optimizer):
+    """MAE's LARS (``util/lars.py`` lines 14-47, from MoCo v3): SGD with momentum whose step for each
+    parameter of more than one dimension is rescaled by the trust ratio.
+
+    For p.ndim > 1: d = grad + weight_decay * p, then d *= trust_coefficient * ||p|| / ||d|| (1 when either
+    norm is 0); parameters with ndim <= 1 (BatchNorm's, biases) take the plain gradient: no weight decay and
+    no trust ratio. Then mu = momentum * mu + d (mu starts at 0) and p -= lr * mu.
+
+    Not timm's ``timm.optim.Lars``: that one divides by ||grad|| + weight_decay * ||p|| + eps rather than
+    by ||grad + weight_decay * p||, adapts only groups with weight decay unless ``always_adapt``, and has
+    no exclusion by dimension (its callers build parameter groups for that); at weight decay 0 with
+    ``always_adapt`` on the matrices and eps 0 the two agree (tests/test_probe_mae.py checks it).
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim > 1:  # not a normalisation's gamma / beta or a bias
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0, g["trust_coefficient"] * param_norm / update_norm,
+                                                one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
+
+
+def mae_learning_rate(epoch: float, peak: float, warmup_epochs: float, epochs: float, min_lr: float = 0.0) -> float:
+    """MAE's ``util/lr_sched.py`` (lines 9-15) at a fractional ``epoch``: linear warmup from 0, then half-cycle
+    cosine to ``min_lr``."""
+    if epoch < warmup_epochs:
+        return peak * epoch / warmup_epochs
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def mae_linear_probe(encoder: ViTEncoder, train: Dataset, val: Dataset, num_classes: int, pool: str = "cls",
+                     epochs: int = 90, batch_size: int = 256, blr: float = 0.1, weight_decay: float = 0.0,
+                     warmup_epochs: float = 10, seed: int = 0, device: str | torch.device = "cpu",
+                     progress: bool = False, val_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """MAE's linear probe (``main_linprobe.py``, see the module docstring) of a frozen ``encoder``.
+
+    ``train`` is a labelled set with ``load(index, rng)`` (its training augmentation; built with
+    ``augment=True``) and ``targets``; ``val`` is read through ``__getitem__`` (or ``val_features``, its
+    (features, labels) already extracted with ``pool``). Batches, augmentation and the head's initial weights
+    are functions of ``seed``. The encoder gets no gradient and is left as it was. ``warmup_epochs`` is capped
+    at half the epochs (as the cached probe's). Returns ``linear_acc`` (top-1 in [0, 1]), ``linear_batch``,
+    ``linear_lr`` (the peak lr), ``linear_steps``, ``linear_warmup_epochs`` and ``head`` (the trained head, on
+    the CPU).
+    """
+    from ..data import StepBatchSampler
+    from ..data.labelled import LabelledStream
+
+    if pool not in POOLS:
+        raise GMAEError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+    if warmup_epochs < 0:
+        raise GMAEError(f"warmup epochs must be >= 0; got {warmup_epochs}")
+    warmup_epochs = min(warmup_epochs, epochs / 2)  # at most half the run, as the cached protocol's
+    if not blr > 0 or weight_decay < 0:
+        raise GMAEError(f"blr must be positive and weight decay >= 0; got {blr}, {weight_decay}")
+    n = len(train)
+    batch_size = min(int(batch_size), n)
+    if batch_size < 2:
+        raise GMAEError(f"MAE's linear probe needs at least 2 training images per batch (BatchNorm); got {n} images")
+    per_epoch = n // batch_size  # full batches only: MAE's drop_last=True (main_linprobe.py line 178)
+    total = epochs * per_epoch
+    peak = blr * batch_size / 256  # main_linprobe.py lines 239-240
+    was_training = encoder.training
+    encoder.eval()
+    g = torch.Generator().manual_seed(seed)
+    head = LinearHead(encoder.cls_token.shape[-1], num_classes, generator=g).to(device)
+    opt = LARS(head.parameters(), lr=0.0, weight_decay=weight_decay)  # main_linprobe.py line 252
+    loader = DataLoader(LabelledStream(train, seed), batch_sampler=StepBatchSampler(batch_size, 0, total))
+    head.train()
+    for step, (imgs, labels) in enumerate(tqdm(loader, total=total, desc="linear probe (MAE)", disable=not progress,
+                                               leave=False, dynamic_ncols=True)):
+        lr = mae_learning_rate(step / per_epoch, peak, warmup_epochs, epochs)  # engine_finetune.py line 47
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.no_grad():  # the frozen encoder: no graph, no gradient
+            feats = encode(encoder, imgs.to(device), pool).float()
+        loss = F.cross_entropy(head(feats), labels.to(device))  # main_linprobe.py line 256
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    encoder.train(was_training)
+    head.eval()
+    val_f, val_y = val_features if val_features is not None else \
+        extract_features(encoder, val, batch_size, device, pool, progress, "val features")
+    with torch.no_grad():
+        pred = head(val_f.float().to(device)).argmax(dim=1)
+    acc = (pred == val_y.to(device)).float().mean().item()
+    return {"linear_acc": acc, "linear_batch": batch_size, "linear_lr": peak, "linear_steps": total,
+            "linear_warmup_epochs": warmup_epochs, "head": head.cpu()}
+
+
 # --------------------------------------------------------------------------- both
+
+
+def linear_settings(protocol: str, **given) -> dict:
+    """``protocol``'s linear-probe settings (epochs, batch_size, blr, weight_decay, warmup_epochs): its
+    :data:`PROTOCOL_DEFAULTS` with the ``given`` values that are not None."""
+    if protocol not in PROTOCOLS:
+        raise GMAEError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    unknown = set(given) - set(PROTOCOL_DEFAULTS[protocol])
+    if unknown:
+        raise TypeError(f"unknown linear-probe settings {sorted(unknown)}")
+    return {**PROTOCOL_DEFAULTS[protocol], **{k: v for k, v in given.items() if v is not None}}
 
 
 def probe(encoder: ViTEncoder, data: str | tuple[Dataset, Dataset, int] = "digits", img_size: int | None = None,
           batch_size: int = 256, device: str | torch.device = "cpu", pool: str = "cls", k: int = 20,
-          T: float = 0.07, epochs: int = 100, seed: int = 0, progress: bool = True) -> dict:
+          T: float = 0.07, epochs: int | None = None, seed: int = 0, progress: bool = True,
+          protocol: str = "cached", linear_batch: int | None = None, blr: float | None = None,
+          weight_decay: float | None = None, warmup_epochs: float | None = None) -> dict:
     """Linear-probe and kNN accuracy of a frozen ``encoder`` on ``data``.
 
     ``data``: a spec for :func:`gmae.data.labelled.build_labelled` (images
     resized to ``img_size``, default the encoder's input size) or an already
-    built ``(train, val, num_classes)``. Returns a dict with ``linear_acc``,
-    ``knn_acc`` (in [0, 1]), ``num_train``, ``num_val``, ``num_classes``,
-    ``feature`` (which feature was probed) and ``dim``.
+    built ``(train, val, num_classes)`` (for ``protocol="mae"`` built with
+    ``augment=True``: the train set's ``load(index, rng)`` augments).
+    ``batch_size``: the feature-extraction batch. ``protocol``, ``epochs``,
+    ``linear_batch``, ``blr``, ``weight_decay``, ``warmup_epochs``: the
+    linear probe's (None: the protocol's :data:`PROTOCOL_DEFAULTS`). Returns a dict with ``linear_acc``,
+    ``knn_acc`` (in [0, 1]), ``protocol``, the linear settings used, ``num_train``, ``num_val``,
+    ``num_classes``, ``feature`` (which feature was probed) and ``dim``.
     """
     if pool not in POOLS:
         raise GMAEError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+    settings = linear_settings(protocol, epochs=epochs, batch_size=linear_batch, blr=blr, weight_decay=weight_decay,
+                               warmup_epochs=warmup_epochs)
     if isinstance(data, str):
         from ..data.labelled import build_labelled
 
-        data = build_labelled(data, img_size or encoder.patch_embed.img_size, progress=progress)
+        data = build_labelled(data, img_size or encoder.patch_embed.img_size, augment=protocol == "mae",
+                              progress=progress)
     train, val, num_classes = data
     encoder = encoder.to(device)
     train_f, train_y = extract_features(encoder, train, batch_size, device, pool, progress, "train features")
     val_f, val_y = extract_features(encoder, val, batch_size, device, pool, progress, "val features")
     # Probes run where the encoder ran (the features are small next to the images).
     train_f, train_y, val_f, val_y = (t.to(device) for t in (train_f, train_y, val_f, val_y))
+    extra = {}
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
-        linear = linear_probe(train_f, train_y, val_f, val_y, num_classes, epochs=epochs, seed=seed)
+        if protocol == "cached":
+            linear = linear_probe(train_f, train_y, val_f, val_y, num_classes, seed=seed, **settings)
+        else:
+            out = mae_linear_probe(encoder, train, val, num_classes, pool, seed=seed, device=device,
+                                   progress=progress, val_features=(val_f, val_y), **settings)
+            linear = out["linear_acc"]
+            settings["batch_size"] = out["linear_batch"]  # at most the train set
+            settings["warmup_epochs"] = out["linear_warmup_epochs"]  # at most half the epochs
+            extra = {"linear_lr": out["linear_lr"], "linear_steps": out["linear_steps"]}
     knn = knn_accuracy(train_f, train_y, val_f, val_y, k=k, T=T, num_classes=num_classes)
     feature = "cls token after the final norm" if pool == "cls" else "mean of patch tokens after the final norm"
-    return {"linear_acc": linear, "knn_acc": knn, "num_train": len(train_f), "num_val": len(val_f),
-            "num_classes": int(num_classes), "pool": pool, "feature": feature, "dim": int(train_f.shape[1]),
-            "k": int(k), "T": float(T), "linear_epochs": int(epochs), "seed": int(seed)}
+    return {"linear_acc": linear, "knn_acc": knn, "protocol": protocol, "num_train": len(train_f),
+            "num_val": len(val_f), "num_classes": int(num_classes), "pool": pool, "feature": feature,
+            "dim": int(train_f.shape[1]), "k": int(k), "T": float(T), "linear_epochs": int(settings["epochs"]),
+            "linear_batch": int(settings["batch_size"]), "blr": float(settings["blr"]),
+            "weight_decay": float(settings["weight_decay"]), "warmup_epochs": float(settings["warmup_epochs"]),
+            **extra, "seed": int(seed)}

@@ -45,9 +45,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..choices import SCENE_TASKS
+from ..data.labelled import IMAGE_TASKS, scene_arrays
 from ..data.scenes import TASK_KIND, SceneLabels, scene_labels, task_targets
 from ..errors import GMAEError
-from .probe import POOLS, encode_tokens, knn_accuracy, linear_probe, pool_tokens
+from .probe import (
+    POOLS, PROTOCOLS, encode_tokens, knn_accuracy, linear_probe, linear_settings, mae_linear_probe, pool_tokens,
+)
 
 
 @torch.no_grad()
@@ -82,8 +85,12 @@ def scene_features(encoder, labels: SceneLabels, pool: str = "cls", batch_size: 
 
 
 def probe_task(task: str, train_f: torch.Tensor, val_f: torch.Tensor, train: SceneLabels, val: SceneLabels,
-               k: int = 20, T: float = 0.07, epochs: int = 100, seed: int = 0) -> dict:
-    """Linear-probe, kNN and chance accuracy of one task from precomputed features (rows as the labels)."""
+               k: int = 20, T: float = 0.07, epochs: int = 100, seed: int = 0, linear: dict | None = None) -> dict:
+    """Linear-probe, kNN and chance accuracy of one task from precomputed features (rows as the labels).
+
+    ``linear``: the cached linear probe's other settings (batch_size, blr, weight_decay, warmup_epochs), or
+    for MAE's protocol ``{"protocol": "mae", "encoder": ..., "pool": ..., "device": ..., settings}``: the
+    head then trains on the encoder's features of augmented images (image-level tasks only)."""
     ty, vy, num_classes, names = task_targets(task, train, val)
     ty, vy = torch.from_numpy(ty), torch.from_numpy(vy)
     tk, vk = ty >= 0, vy >= 0
@@ -91,11 +98,26 @@ def probe_task(task: str, train_f: torch.Tensor, val_f: torch.Tensor, train: Sce
         raise GMAEError(f"too few images for the {task} task ({int(tk.sum())} train / {int(vk.sum())} val "
                         "have a valid label); use more images")
     ty, vy = ty[tk], vy[vk]
+    linear = dict(linear or {})
+    protocol, extra = linear.pop("protocol", "cached"), {}
     with torch.random.fork_rng(devices=[]):
-        linear = linear_probe(train_f[tk], ty, val_f[vk], vy, num_classes, epochs=epochs, seed=seed)
+        if protocol == "cached":
+            linear_acc = linear_probe(train_f[tk], ty, val_f[vk], vy, num_classes, epochs=epochs, seed=seed, **linear)
+        else:
+            if task not in IMAGE_TASKS:
+                raise GMAEError(f"the {task} task reads marked points: only --protocol cached probes it "
+                                f"(MAE's protocol takes {', '.join(IMAGE_TASKS)})")
+            encoder, pool, device, progress = (linear.pop(key) for key in ("encoder", "pool", "device", "progress"))
+            images = scene_arrays(task, train, val, augment=True, progress=progress)
+            out = mae_linear_probe(encoder, images[0], images[1], num_classes, pool, epochs=epochs, seed=seed,
+                                   device=device, progress=progress, val_features=(val_f[vk], vy), **linear)
+            linear_acc = out["linear_acc"]
+            extra = {"linear_batch": out["linear_batch"], "linear_lr": out["linear_lr"],
+                     "linear_steps": out["linear_steps"], "linear_warmup_epochs": out["linear_warmup_epochs"]}
     knn = knn_accuracy(train_f[tk], ty, val_f[vk], vy, k=k, T=T, num_classes=num_classes)
     majority = int(torch.bincount(ty, minlength=num_classes).argmax())
-    return {"task": task, "kind": TASK_KIND[task], "linear_acc": linear, "knn_acc": knn,
+    return {"task": task, "kind": TASK_KIND[task], "linear_acc": linear_acc, "knn_acc": knn, "protocol": protocol,
+            **extra,
             "chance": (vy == majority).float().mean().item(), "num_train": int(tk.sum()), "num_val": int(vk.sum()),
             "num_classes": int(num_classes), "classes": names, "dim": int(train_f.shape[1])}
 
@@ -103,16 +125,30 @@ def probe_task(task: str, train_f: torch.Tensor, val_f: torch.Tensor, train: Sce
 def scene_probe(encoder, data: str = "sprites", tasks=SCENE_TASKS, labels: tuple[SceneLabels, SceneLabels] | None = None,
                 train_images: int | None = None, val_images: int | None = None, batch_size: int = 128,
                 device: str | torch.device = "cpu", pool: str = "cls", k: int = 20, T: float = 0.07,
-                epochs: int = 100, seed: int = 0, progress: bool = True) -> dict:
+                epochs: int | None = None, seed: int = 0, progress: bool = True, protocol: str = "cached",
+                linear_batch: int | None = None, blr: float | None = None, weight_decay: float | None = None,
+                warmup_epochs: float | None = None) -> dict:
     """{task: scores} of a frozen ``encoder`` on the scene ``tasks`` (see the module docstring).
 
     ``labels``: a (train, val) pair from :func:`scene_labels` to reuse across
     encoders; by default made here from ``data`` and the encoder's image and
-    patch size.
+    patch size. ``protocol`` and the linear settings: as :func:`gmae.evaluate.probe.probe`'s
+    (``protocol="mae"`` takes the image-level tasks only).
     """
     unknown = [t for t in tasks if t not in SCENE_TASKS]
     if unknown:
         raise GMAEError(f"unknown scene task {unknown[0]!r}; choose from {', '.join(SCENE_TASKS)}")
+    if protocol not in PROTOCOLS:
+        raise GMAEError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    points = [t for t in tasks if t not in IMAGE_TASKS]
+    if protocol == "mae" and points:
+        raise GMAEError(f"the {points[0]} task reads marked points: only --protocol cached probes it; with "
+                        f"--protocol mae give --task {' or --task '.join(IMAGE_TASKS)}")
+    settings = linear_settings(protocol, epochs=epochs, batch_size=linear_batch, blr=blr, weight_decay=weight_decay,
+                               warmup_epochs=warmup_epochs)
+    epochs = settings.pop("epochs")
+    if protocol == "mae":
+        settings.update(protocol="mae", encoder=encoder.to(device), pool=pool, device=device, progress=progress)
     img, patch = encoder.patch_embed.img_size, encoder.patch_embed.patch_size
     if labels is None:
         labels = (scene_labels(data, "train", img, patch, train_images, progress),
@@ -121,7 +157,7 @@ def scene_probe(encoder, data: str = "sprites", tasks=SCENE_TASKS, labels: tuple
     encoder = encoder.to(device)
     train_f = scene_features(encoder, train, pool, batch_size, device, progress, "train features")
     val_f = scene_features(encoder, val, pool, batch_size, device, progress, "val features")
-    return {t: {**probe_task(t, train_f[t], val_f[t], train, val, k, T, epochs, seed), "data": train.data,
+    return {t: {**probe_task(t, train_f[t], val_f[t], train, val, k, T, epochs, seed, settings), "data": train.data,
                 "feature": pool if t in ("count", "shape") else "patch tokens at the marked points"}
             for t in tasks}
 
