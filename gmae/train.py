@@ -89,7 +89,7 @@ def online_probe_step(probe: OnlineProbe, optimizer, labels: torch.Tensor, lr: f
     optimizer.zero_grad(set_to_none=True)
     loss, losses, correct = probe.loss(labels)
     loss.backward()
-    params = [q for q in probe.parameters()]
+    params = list(probe.parameters())
     depth = len(losses)
     # One all-reduce for everything: the gradients (summed, then / processes), each block's loss summed over
     # this process's images (its mean x images) and its correct count.
@@ -204,6 +204,10 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
             if "online_probe" not in state:
                 raise GMAEError(f"{found[0]} was written with --online-probe but holds no online probe; "
                                 "resume from an earlier checkpoint of the run")
+            if state["online_probe"]["classes"] != labels.names:  # e.g. class folders added since
+                raise GMAEError(f"{found[0]}'s online probe has the classes {state['online_probe']['classes'][:5]}, "
+                                f"but --data {tcfg.data} now has {labels.names[:5]} ({len(labels.names)}); "
+                                "resume with the data the run started with")
             probe.load_state_dict(state["online_probe"]["heads"])
             probe_optimizer.load_state_dict(state["online_probe"]["optimizer"])
         probe.attach(model.encoder)

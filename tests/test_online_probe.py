@@ -224,3 +224,18 @@ def test_tensorboard_shows_the_online_probe_as_a_section_of_its_own():
     tags = dict(board.writer.tags)
     assert tags["train/loss"] == 1 and tags["online_probe/acc_block10"] == 1 and "train/online_probe/acc_block10" not in tags
     assert len(tags) == 3 + 6
+
+
+def test_resume_refuses_a_folder_whose_classes_changed(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a/0.png", "a/1.png", "b/0.png", "b/1.png", "c/0.png"):
+        (tmp_path / "tree" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "tree" / name)
+    c = tmp_path / "tree" / "c"
+    c.rename(tmp_path / "c")  # the run starts with classes a and b
+    settings = dict(batch=2, model=TINY, data=str(tmp_path / "tree"), online_probe=True)
+    run(tmp_path / "run", steps=1, **settings)
+    (tmp_path / "c").rename(c)
+    with pytest.raises(GMAEError, match=r"classes \['a', 'b'\].*now has \['a', 'b', 'c'\] \(3\); resume with the data"):
+        pretrain(model_config("tiny", **TINY), train_config("tiny", steps=2, batch_size=2, out=str(tmp_path / "run"),
+                 warmup_steps=1, data=str(tmp_path / "tree"), online_probe=True), resume=True, progress=False)
