@@ -1,7 +1,9 @@
 """Optional TensorBoard logging (`gmae pretrain --tensorboard`), as MAE's own training code writes.
 
 The records are those of metrics.jsonl, one scalar per numeric field under
-``train/`` (``train/loss``, ``train/lr``, ...), written with
+``train/`` (``train/loss``, ``train/lr``, ...), or under its own name where that
+already names a section (``online_probe/acc_block0``: TensorBoard shows the online
+probe's curves as a section of their own), written with
 ``torch.utils.tensorboard``. It needs the ``tensorboard`` package, an extra:
 ``pip install "gmae[tensorboard]"``; without it only `--tensorboard` is refused.
 """
@@ -38,7 +40,7 @@ class Board:
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"train/{key}", value, step)
+                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
 
     def close(self) -> None:
         self.writer.close()

@@ -4,7 +4,9 @@ A checkpoint is a dict
     {"format": "gmae-checkpoint", "version": 1, "step": int,
      "config": {"model": {...}, "train": {...}},
      "model": state_dict, "optimizer": state_dict | None, "rng": {"torch": ByteTensor},
-     "ema": state_dict (fp32; only in runs with --ema, see gmae.ema)}
+     "ema": state_dict (fp32; only in runs with --ema, see gmae.ema),
+     "online_probe": {"heads": state_dict, "optimizer": state_dict, "classes": [str]}
+                     (only in runs with --online-probe, see gmae.model.online_probe)}
 so `torch.load(path, weights_only=True)` reads it and nothing in it can run code.
 Also here: the newest readable checkpoint of a run folder (:func:`find_latest`).
 Reading any model file (a checkpoint, an export or a run folder) is
@@ -106,8 +108,10 @@ def configs_of(state: dict) -> tuple[ModelConfig, TrainConfig | None]:
     return mcfg, None if train is None else config_from_dict(TrainConfig, train)
 
 
-def training_state(model, optimizer, step: int, model_cfg: dict, train_cfg: dict, ema=None) -> dict:
-    """Everything a run needs to continue exactly: weights, optimizer, step, RNG, configs (and the EMA, if any)."""
+def training_state(model, optimizer, step: int, model_cfg: dict, train_cfg: dict, ema=None,
+                   online_probe: dict | None = None) -> dict:
+    """Everything a run needs to continue exactly: weights, optimizer, step, RNG, configs (and the EMA and the
+    online probe's {"heads", "optimizer", "classes"}, if any: kept apart from "model", which they are not part of)."""
     return {
         "format": FORMAT,
         "version": 1,
@@ -117,6 +121,7 @@ def training_state(model, optimizer, step: int, model_cfg: dict, train_cfg: dict
         "optimizer": optimizer.state_dict(),
         "rng": {"torch": torch.get_rng_state()},
         **({} if ema is None else {"ema": ema.state_dict()}),
+        **({} if online_probe is None else {"online_probe": online_probe}),
     }
 
 

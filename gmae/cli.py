@@ -192,6 +192,12 @@ def add_pretrain(sub) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also log the metrics for TensorBoard in --out/tensorboard (pip install 'gmae[tensorboard]')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # The online probe (issue 18, part 4), apart from the flags above.
+    p.add_argument("--online-probe", action="store_true",
+                   help="also train a linear probe on every encoder block's visible tokens, detached (the model "
+                        "trains exactly as without it), and log each block's train-batch accuracy and loss as "
+                        "online_probe/acc_blockI, online_probe/loss_blockI; needs labelled --data: digits, sprites, "
+                        "deadleaves or a folder of class sub-folders")
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -211,7 +217,7 @@ def cmd_pretrain(args) -> int:
         checkpoint_every=args.checkpoint_every, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
         max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image, init_encoder=args.init_encoder,
-        ema=args.ema,
+        ema=args.ema, online_probe=args.online_probe,
     )
     check_output_folder(tcfg.out)
     if args.tensorboard:

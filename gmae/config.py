@@ -159,6 +159,10 @@ class TrainConfig:
     on_bad_image: str = "skip"  # unreadable image during training: "skip" (logged, counted) | "error"
     init_encoder: str = ""  # fresh runs: encoder weights from this file (gmae.export.load_encoder); "" = random
     ema: float = 0.0  # decay of an fp32 exponential moving average of the weights (gmae.ema); 0 = none
+    # ---- the online probe (issue 18, part 4); kept apart from the fields above, which other work extends.
+    # A linear classifier per encoder block on the batch's labels, on detached features: the model trains exactly
+    # as without it (gmae.model.online_probe); needs labelled data (gmae.data.sourcelabels).
+    online_probe: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)

@@ -87,6 +87,15 @@ def mean_across(value: torch.Tensor, ctx: Context) -> torch.Tensor:
     return value / ctx.world_size
 
 
+def sum_across(value: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The element-wise sum of a tensor over all processes (itself when single-process)."""
+    if not ctx.distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def max_across(value: int, ctx: Context) -> int:
     """The largest of an integer over all processes (itself when single-process)."""
     if not ctx.distributed:

@@ -4,12 +4,17 @@ One panel per metric, all sharing the step axis: the loss first (raw, faint,
 and a moving average on top; log scale), then the learning rate, then every
 other number the runs logged in metrics.jsonl (fine-tuning's ``val_acc``, any
 collapse statistics), so a GMAE run and its MAE baseline are compared at a
-glance. Each run keeps one colour in every panel. Needs matplotlib, not torch.
+glance. Each run keeps one colour in every panel. Per-block metrics
+(``NAME_block0``, ``NAME_block1``, ...: the online probe's
+``online_probe/acc_blockI``) share one panel ``NAME``, a line per block, fainter
+for shallower blocks and each marked with its block number at its end. Needs
+matplotlib, not torch.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,8 @@ from .errors import GMAEError
 #: Fields of metrics.jsonl that are bookkeeping, not curves.
 NOT_PLOTTED = ("step", "step_time", "imgs_per_s", "skipped", "skipped_total")
 FIRST = ("loss", "lr")
+#: A per-block metric: its panel's name and the block's number.
+BLOCK_KEY = re.compile(r"^(?P<panel>.+)_block(?P<block>\d+)$")
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -75,7 +82,12 @@ def curves_figure(runs: list[str | Path], smooth: int | None = None) -> Figure:
     logs = [read_metrics(run) for run in runs]
     labels = run_labels(runs)
     found = {key for records in logs for r in records for key, value in r.items() if _is_number(value)}
-    keys = [k for k in FIRST if k in found] + sorted(found - set(FIRST) - set(NOT_PLOTTED))
+    # Each panel: its name and its keys (one, or a per-block metric's blocks in block order).
+    members: dict[str, list[tuple[int, str]]] = {}
+    for key in found - set(NOT_PLOTTED):
+        block = BLOCK_KEY.match(key)
+        members.setdefault(block["panel"] if block else key, []).append((int(block["block"]) if block else -1, key))
+    keys = [k for k in FIRST if k in members] + sorted(set(members) - set(FIRST))
     if not keys:
         raise GMAEError(f"the metrics of {', '.join(map(str, runs))} hold no curves (no loss, lr or other number)")
     if smooth is None:
@@ -84,7 +96,11 @@ def curves_figure(runs: list[str | Path], smooth: int | None = None) -> Figure:
     axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     colours = [f"C{i % 10}" for i in range(len(logs))]
     for ax, key in zip(axes, keys):
+        if len(members[key]) > 1 or members[key][0][0] >= 0:
+            _plot_blocks(ax, logs, labels, colours, sorted(members[key]))
         for records, label, colour in zip(logs, labels, colours):
+            if key not in found:  # a per-block panel, drawn above
+                break
             steps, values = _series(records, key)
             if not len(steps):
                 continue
@@ -104,6 +120,19 @@ def curves_figure(runs: list[str | Path], smooth: int | None = None) -> Figure:
     axes[-1].set_xlabel("step")
     fig.tight_layout()
     return fig
+
+
+def _plot_blocks(ax, logs, labels, colours, blocks: list[tuple[int, str]]) -> None:
+    """One line per block and run: the run's colour, more opaque for deeper blocks, the block number at its end."""
+    for records, label, colour in zip(logs, labels, colours):
+        for rank, (block, key) in enumerate(blocks):
+            steps, values = _series(records, key)
+            if not len(steps):
+                continue
+            alpha = 0.3 + 0.7 * (rank + 1) / len(blocks)
+            ax.plot(steps, values, color=colour, alpha=alpha, linewidth=1.2, label=f"{label} block {block}")
+            ax.annotate(str(block), (steps[-1], values[-1]), xytext=(3, 0), textcoords="offset points",
+                        fontsize=7, color=colour, va="center")
 
 
 def figure_path(out: str | Path) -> Path:

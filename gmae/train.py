@@ -22,12 +22,13 @@ from . import distributed
 from .board import Board, check_available
 from .checkpoint import configs_of, save_checkpoint, training_state
 from .config import PRETRAIN_RESUMABLE, ModelConfig, TrainConfig, as_dict, preset_of
-from .data import SeededStream, StepBatchSampler, build_dataset
+from .data import SeededStream, StepBatchSampler, build_dataset, source_labels
 from .ema import WeightEMA
 from .errors import GMAEError
 from .export import init_encoder_weights
 from .files import check_output_folder, checkpoint_path, run_lock
 from .model import build_model, masking_noise, param_groups
+from .model.online_probe import OnlineProbe
 from .render import resolve_backend
 from .runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from .stopping import StopGuard, Stopped
@@ -75,6 +76,42 @@ def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.
     return loss_value, ok, out
 
 
+def online_probe_step(probe: OnlineProbe, optimizer, labels: torch.Tensor, lr: float, ctx: distributed.Context,
+                      batch_size: int) -> dict[str, float]:
+    """One step of the online probe on the features its hooks kept during this step's forward passes.
+
+    Its gradients are averaged over the processes (it is not under DDP) and the
+    step is skipped if any is not finite. Returns each block's global
+    train-batch accuracy and loss (``online_probe/acc_block{i}``,
+    ``online_probe/loss_block{i}``, block i as in ``encoder.blocks.{i}``), from one
+    all-reduce together with the gradients.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss, losses, correct = probe.loss(labels)
+    loss.backward()
+    params = list(probe.parameters())
+    depth = len(losses)
+    # One all-reduce for everything: the gradients (summed, then / processes), each block's loss summed over
+    # this process's images (its mean x images) and its correct count.
+    flat = torch.cat([q.grad.reshape(-1) for q in params] + [losses * len(labels), correct.to(losses.dtype)])
+    flat = distributed.sum_across(flat, ctx)
+    if bool(torch.isfinite(flat).all()):
+        offset = 0
+        for q in params:
+            q.grad.copy_(flat[offset : offset + q.numel()].view_as(q) / ctx.world_size)
+            offset += q.numel()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    sums = flat[-2 * depth :].tolist()
+    record = {}
+    for i in range(depth):
+        record[f"online_probe/acc_block{i}"] = sums[depth + i] / batch_size
+    for i in range(depth):
+        record[f"online_probe/loss_block{i}"] = sums[i] / batch_size
+    return record
+
+
 def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str = False, progress: bool = True,
              changes: tuple[str, ...] = PRETRAIN_RESUMABLE, tensorboard: bool = False,
              given: dict[str, str] | None = None) -> dict:
@@ -120,11 +157,17 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
                             "give a larger --steps to extend the run")
     # The data source first: a wrong --data fails before anything is written.
     source = build_dataset(tcfg.data, mcfg.img_size, seed=tcfg.seed, on_bad_image=tcfg.on_bad_image)
+    # The online probe's labels: data without them fails here too, before anything is written.
+    labels = source_labels(source, tcfg.data, mcfg.img_size) if tcfg.online_probe else None
     ctx = distributed.init(tcfg.device)
     device = ctx.device
     if tcfg.batch_size % (ctx.world_size * tcfg.accum_steps):
         raise GMAEError(f"batch size {tcfg.batch_size} must be a multiple of processes x accum-steps "
                         f"({ctx.world_size} x {tcfg.accum_steps})")
+    if labels is not None and tcfg.batch_size // ctx.world_size < 2:
+        # Its heads' batch norm standardises each feature over this process's images: one image has no spread.
+        raise GMAEError(f"--online-probe needs at least 2 images per process; batch size {tcfg.batch_size} over "
+                        f"{ctx.world_size} processes gives {tcfg.batch_size // ctx.world_size}: raise --batch-size")
     if mcfg.model == "gmae":
         # A bad name, or a backend without the depth-order gradient the model asks for, fails now, not mid-run.
         needs = dict(depth_grad=mcfg.depth_grad == "swap", weighted=mcfg.depth_grad == "weighted")
@@ -150,6 +193,24 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     ema = WeightEMA(model, tcfg.ema) if tcfg.ema else None  # every process keeps it alike; the first saves it
     if ema is not None and state is not None:
         ema.load_state_dict(state["ema"])
+    probe = probe_optimizer = None
+    if labels is not None:
+        # Apart from the model and its optimizer (and built without touching the global RNG), so that the model,
+        # its updates and its checkpoint entries are those of a run without the probe. Its lr is the run's, at
+        # every step (the same warmup and decay); no weight decay, as MAE's linear probe.
+        probe = OnlineProbe(mcfg.embed_dim, mcfg.depth, len(labels.names), tcfg.seed).to(device)
+        probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=0.0, betas=tcfg.betas, weight_decay=0.0)
+        if state is not None:
+            if "online_probe" not in state:
+                raise GMAEError(f"{found[0]} was written with --online-probe but holds no online probe; "
+                                "resume from an earlier checkpoint of the run")
+            if state["online_probe"]["classes"] != labels.names:  # e.g. class folders added since
+                raise GMAEError(f"{found[0]}'s online probe has the classes {state['online_probe']['classes'][:5]}, "
+                                f"but --data {tcfg.data} now has {labels.names[:5]} ({len(labels.names)}); "
+                                "resume with the data the run started with")
+            probe.load_state_dict(state["online_probe"]["heads"])
+            probe_optimizer.load_state_dict(state["online_probe"]["optimizer"])
+        probe.attach(model.encoder)
     net = torch.nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
     if tcfg.compile:
         net = torch.compile(net)
@@ -160,7 +221,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
             say(f"resumed from {found[0].name} (step {start})")
         prepare_metrics(metrics_path, start, warn=say)
 
-    stream = SeededStream(source, tcfg.seed)
+    stream = SeededStream(source, tcfg.seed, labels=labels)
     loader = DataLoader(
         stream, batch_sampler=StepBatchSampler(tcfg.batch_size, start, tcfg.steps - start, ctx.rank, ctx.world_size),
         num_workers=tcfg.num_workers, persistent_workers=False, worker_init_fn=worker_init,
@@ -175,8 +236,9 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     with (StopGuard() as guard, bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(),
           MetricsLog(metrics_path) if ctx.is_main else contextlib.nullcontext() as metrics,
           Board(out / "tensorboard", start) if tensorboard and ctx.is_main else contextlib.nullcontext() as board):
-        for step, imgs in enumerate(loader, start=start):
+        for step, batch in enumerate(loader, start=start):
             t0 = time.perf_counter()
+            imgs, targets = batch if probe is not None else (batch, None)
             lr = learning_rate(step, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -186,6 +248,8 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
             last_loss, applied, output = train_step(net, optimizer, imgs, noise.to(device), tcfg, ctx, amp)
             if applied and ema is not None:
                 ema.update(model)
+            probed = {} if probe is None else online_probe_step(
+                probe, probe_optimizer, targets.to(device, non_blocking=True), lr, ctx, tcfg.batch_size)
             bad_in_a_row = 0 if applied else bad_in_a_row + 1
             skipped += not applied
             if bad_in_a_row >= tcfg.max_bad_steps:
@@ -200,6 +264,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
                 record.update({k: round(v, 5) for k, v in model.stats(output).items()})
                 if skipped:
                     record.update(skipped=not applied, skipped_total=skipped)
+                record.update({k: round(v, 5) for k, v in probed.items()})
                 metrics.write(record)
                 if board is not None:
                     board.log(record)
@@ -208,7 +273,11 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
             # A stop signal on any process: all stop after this step (the last step just finishes).
             stop = distributed.max_across(guard.signum, ctx) if step + 1 < tcfg.steps else 0
             if ctx.is_main and (stop or (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps):
-                save_checkpoint(training_state(model, optimizer, step + 1, as_dict(mcfg), as_dict(tcfg), ema),
+                probe_state = None if probe is None else {"heads": probe.state_dict(),
+                                                          "optimizer": probe_optimizer.state_dict(),
+                                                          "classes": labels.names}
+                save_checkpoint(training_state(model, optimizer, step + 1, as_dict(mcfg), as_dict(tcfg), ema,
+                                               probe_state),
                                 checkpoint_path(out, step + 1), keep=tcfg.keep_checkpoints)
             if stop:
                 stopped = Stopped(stop, step + 1, tcfg.steps, str(checkpoint_path(out, step + 1)), ctx.rank,
@@ -216,6 +285,8 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
                 break
         if stopped is not None:
             distributed.barrier(ctx)  # no process leaves before the checkpoint is written
+    if probe is not None:
+        probe.detach_hooks()  # the figure's forward pass below is not the probe's
     if stopped is not None:
         distributed.shutdown(ctx)
         raise stopped
@@ -229,7 +300,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     }
     if ctx.is_main:
         # A fixed set of images (the first of the stream) and masks for the figure.
-        imgs = torch.stack([stream[i] for i in range(FIGURE_IMAGES)]).to(device)
+        imgs = torch.stack([source.load(stream.index(i), stream.rng(i)) for i in range(FIGURE_IMAGES)]).to(device)
         noise = masking_noise(tcfg.seed, -1, FIGURE_IMAGES, mcfg.num_patches).to(device)
         with amp:
             summary["figure"] = str(save_reconstruction_figure(model, imgs, out / "reconstruction.png", noise))

@@ -181,13 +181,15 @@ def test_bf16_losses_stay_within_two_percent_of_fp32(tmp_path, one_thread):
 
 
 def test_resume_with_non_default_settings_is_bitwise_exact(tmp_path, one_thread):
-    """The swap depth-order gradient, gradient accumulation, two loader workers, 4 Gaussians per query and an
-    EMA of the weights: a run stopped at step 2 and resumed ends with the weights, optimizer state and EMA of
-    the uninterrupted run, bit for bit."""
+    """The swap depth-order gradient, gradient accumulation, two loader workers, 4 Gaussians per query, an
+    EMA of the weights and the online probe (on sprites, whose labels it needs): a run stopped at step 2 and
+    resumed ends with the weights, optimizer state, EMA, probe heads and probe optimizer of the uninterrupted run,
+    bit for bit, and logs the same probe accuracies."""
     from gmae.checkpoint import load_checkpoint
 
     mcfg = model_config("tiny", **FAST_MODEL, depth_grad="swap", gaussians_per_query=4)
-    settings = dict(batch_size=4, warmup_steps=1, accum_steps=2, num_workers=2, checkpoint_every=2, ema=0.9)
+    settings = dict(batch_size=4, warmup_steps=1, accum_steps=2, num_workers=2, checkpoint_every=2, ema=0.9,
+                    data="sprites", online_probe=True)
     pretrain(mcfg, train_config("tiny", steps=4, out=str(tmp_path / "whole"), **settings), progress=False)
     pretrain(mcfg, train_config("tiny", steps=2, out=str(tmp_path / "split"), **settings), progress=False)
     pretrain(mcfg, train_config("tiny", steps=4, out=str(tmp_path / "split"), **settings), resume=True, progress=False)
@@ -206,3 +208,18 @@ def test_resume_with_non_default_settings_is_bitwise_exact(tmp_path, one_thread)
         for key, value in a[i].items():
             assert torch.equal(value, b[i][key]), (i, key)
     assert losses(tmp_path / "whole") == losses(tmp_path / "split")
+    for part in ("heads", "optimizer"):
+        a, b = whole["online_probe"][part], split["online_probe"][part]
+        a, b = (a["state"], b["state"]) if part == "optimizer" else ({0: a}, {0: b})
+        assert a.keys() == b.keys() and len(a) > 0
+        for i in a:
+            assert a[i].keys() == b[i].keys()
+            for key, value in a[i].items():
+                assert torch.equal(value, b[i][key]), (part, i, key)
+
+    def probe_accuracies(out):
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return [{k: v for k, v in json.loads(line).items() if k.startswith("online_probe/")} for line in f]
+
+    assert probe_accuracies(tmp_path / "whole") == probe_accuracies(tmp_path / "split")
+    assert len(probe_accuracies(tmp_path / "whole")[0]) == 12  # 6 blocks: accuracy and loss

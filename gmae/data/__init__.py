@@ -15,7 +15,8 @@ disjoint slices of each global batch (``rank``/``world_size``).
 (the generator with its ground truth), ``sprites`` (a few plain shapes over
 a plain background, the same generator and truth), ``images`` (decoding and MAE's
 augmentation), ``folder`` (image folders and the scikit-image photos),
-``labelled`` (classification sets for the probes and fine-tuning),
+``labelled`` (classification sets for the probes and fine-tuning), ``sourcelabels``
+(the pre-training sources' own labels, for the online probe),
 ``benchmarks`` (BSDS500 and mask folders for the readouts' scores).
 """
 
@@ -36,6 +37,7 @@ from .images import (
     resize_center_crop,
 )
 from .stream import ImageSource, SeededStream, StepBatchSampler, check_seed, global_batch
+from .sourcelabels import LABELLED_SOURCES, SourceLabels, source_labels
 
 __all__ = [
     "ImageSource",
@@ -43,6 +45,9 @@ __all__ = [
     "StepBatchSampler",
     "global_batch",
     "build_dataset",
+    "source_labels",
+    "SourceLabels",
+    "LABELLED_SOURCES",
     "DATA_NAMES",
     "DeadLeaves",
     "DeadLeavesSample",

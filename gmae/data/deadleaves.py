@@ -198,6 +198,12 @@ class DeadLeaves:
         """
         return torch.from_numpy(self._render(index)[2])
 
+    def load_objects(self, index: int) -> tuple[torch.Tensor, np.ndarray, int]:
+        """(the image of :meth:`load`, bit for bit; its int64 (H, W) object-id map; the number of objects,
+        background included): the ground truth an image-level label needs, at the cost of :meth:`load`."""
+        p, objects, image = self._render(index)
+        return torch.from_numpy(image), objects, p["n"] + 1
+
     def figure(self, objects: np.ndarray, num_objects: int) -> np.ndarray:
         """The figure truth of an object-id map: the nearer half of the leaves (id > n / 2 of n leaves)."""
         return objects > (num_objects - 1) / 2

@@ -128,6 +128,16 @@ class ImageFolder:
 
     def load(self, index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
         """Image ``index`` augmented with ``rng``: float32 (3, H, W) in [0, 1]."""
+        return self._read(index, rng)[1]
+
+    def load_with_target(self, index: int, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """(:meth:`load`'s image, bit for bit; the class index of the file it came from): with
+        ``on_bad_image="skip"`` the image may be a later file's, and the label must be that file's."""
+        i, image = self._read(index, rng)
+        return image, self.targets[i]
+
+    def _read(self, index: int, rng: np.random.Generator | None) -> tuple[int, torch.Tensor]:
+        """(the index of the file read, its image): ``index``'s, or the next readable one's (see ``on_bad_image``)."""
         n = len(self.files)
         index = int(index)
         if not 0 <= index < n:
@@ -146,7 +156,7 @@ class ImageFolder:
                     self._bad.add(path)
                     logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
                 continue
-            return self._transform(img, rng)
+            return i, self._transform(img, rng)
         raise GMAEError(f"no readable image in {self.root!r}: all {n} files failed to open")
 
 

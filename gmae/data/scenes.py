@@ -81,6 +81,12 @@ def patch_cover(objects: np.ndarray, num_objects: int, patch_size: int) -> np.nd
     return onehot.mean(-1)
 
 
+def visible_objects(objects: np.ndarray, num_objects: int) -> np.ndarray:
+    """The ids of the objects (background excluded) that own at least one pixel of the object-id map."""
+    area = np.bincount(np.asarray(objects).ravel(), minlength=num_objects)
+    return np.flatnonzero(area[1:] > 0) + 1
+
+
 def image_labels(sample, figure_of, patch_size: int, rng: np.random.Generator) -> dict:
     """One image's labels (see :class:`SceneLabels`) from its ground truth ``sample``.
 
@@ -89,7 +95,7 @@ def image_labels(sample, figure_of, patch_size: int, rng: np.random.Generator) -
     objects = sample.objects.numpy()
     m = sample.num_objects
     area = np.bincount(objects.ravel(), minlength=m)
-    visible = np.flatnonzero(area[1:] > 0) + 1  # object ids, background excluded
+    visible = visible_objects(objects, m)
     largest = visible[np.argmax(area[visible])] if visible.size else 0
     cover = patch_cover(objects, m, patch_size)  # (m, N)
     owner = np.where(cover.max(0) > _MAJORITY, cover.argmax(0), -1)  # (N,) the object holding each patch, or -1
@@ -144,20 +150,58 @@ def scene_labels(data: str, split: str, img_size: int, patch_size: int, images: 
                        col("shape"), col("front"), col("front_points"), col("figure"), col("figure_point"))
 
 
-def task_targets(task: str, train: SceneLabels, val: SceneLabels):
-    """(train_y, val_y, num_classes, class names); -1 marks images the task does not apply to."""
-    if task == "count":
-        if train.data == "sprites":  # 1..4 visible shapes
-            lo = int(min(train.count.min(), val.count.min()))
-            hi = int(max(train.count.max(), val.count.max()))
-            return train.count - lo, val.count - lo, hi - lo + 1, [str(c) for c in range(lo, hi + 1)]
-        # Dead-leaves: quantile bins of the train split; interior edges, so each class holds about 1/COUNT_BINS.
-        edges = np.unique(np.quantile(train.count, np.linspace(0, 1, COUNT_BINS + 1)[1:-1]))
+@dataclass(frozen=True)
+class CountClasses:
+    """How a visible-object count becomes the count task's class: sprites by the count itself (1..4 visible
+    shapes: classes 0..3), dead-leaves by quantile bins of the train split's counts (about 1/COUNT_BINS each)."""
+
+    lo: int  # sprites: the smallest count (class 0); dead-leaves: unused
+    edges: tuple[float, ...]  # dead-leaves: the bins' interior edges; sprites: empty
+    names: list[str]
+
+    @classmethod
+    def fit(cls, data: str, train_count: np.ndarray, *more: np.ndarray) -> CountClasses:
+        """The classes of ``data``'s counts: sprites' over the counts of ``train_count`` and ``more``, dead-leaves'
+        bins from ``train_count`` alone."""
+        if data == "sprites":
+            lo = int(min(c.min() for c in (train_count, *more)))
+            hi = int(max(c.max() for c in (train_count, *more)))
+            return cls(lo, (), [str(c) for c in range(lo, hi + 1)])
+        # Interior edges of the train split's quantiles, so that each class holds about 1/COUNT_BINS of it.
+        edges = np.unique(np.quantile(train_count, np.linspace(0, 1, COUNT_BINS + 1)[1:-1]))
         names = [f"<{int(np.ceil(edges[0]))}"] + \
                 [f"{int(np.ceil(a))}-{int(np.ceil(b)) - 1}" for a, b in zip(edges[:-1], edges[1:])] + \
                 [f">={int(np.ceil(edges[-1]))}"]
-        return (np.searchsorted(edges, train.count, side="right"), np.searchsorted(edges, val.count, side="right"),
-                len(edges) + 1, names)
+        return cls(0, tuple(float(e) for e in edges), names)
+
+    def __call__(self, count):
+        """The class of each count (an int for an int, an int64 array for an array); clipped into the classes, so
+        that a count the fitted split never showed (sprites) still has one."""
+        if self.edges:
+            found = np.searchsorted(np.asarray(self.edges), count, side="right")
+        else:
+            found = np.clip(np.asarray(count) - self.lo, 0, len(self.names) - 1)
+        return int(found) if np.ndim(found) == 0 else found.astype(np.int64)
+
+
+def train_split_counts(data: str, img_size: int, images: int | None = None) -> np.ndarray:
+    """The visible-object counts of the first ``images`` images of the scene probes' train split (its
+    :data:`SPLIT_SEEDS` seed, :data:`SCENE_IMAGES` images by default): the images :func:`scene_labels` reads, but
+    only their object maps (far cheaper than the whole ground truth)."""
+    source = _source(data, img_size, SPLIT_SEEDS["train"])
+    n = SCENE_IMAGES["train"] if images is None else int(images)
+    counts = np.empty(n, np.int64)
+    for index in range(n):
+        _, objects, m = source.load_objects(index)
+        counts[index] = len(visible_objects(objects, m))
+    return counts
+
+
+def task_targets(task: str, train: SceneLabels, val: SceneLabels):
+    """(train_y, val_y, num_classes, class names); -1 marks images the task does not apply to."""
+    if task == "count":
+        classes = CountClasses.fit(train.data, train.count, val.count)
+        return classes(train.count), classes(val.count), len(classes.names), classes.names
     if task == "shape":  # codes 1.. (0 is the background plane)
         names = list(train.shape_names[1:])
         return train.shape - 1, val.shape - 1, len(names), names
@@ -168,4 +212,5 @@ def task_targets(task: str, train: SceneLabels, val: SceneLabels):
     raise GMAEError(f"unknown scene task {task!r}; choose from {', '.join(SCENE_TASKS)}")
 
 
-__all__ = ["SPLIT_SEEDS", "SceneLabels", "TASK_KIND", "image_labels", "patch_cover", "scene_labels", "task_targets"]
+__all__ = ["SPLIT_SEEDS", "CountClasses", "SceneLabels", "TASK_KIND", "image_labels", "patch_cover", "scene_labels",
+           "task_targets", "train_split_counts", "visible_objects"]

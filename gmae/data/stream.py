@@ -57,13 +57,19 @@ class SeededStream(Dataset):
     visits each index exactly once, and sample g never depends on what was
     loaded before it.
 
+    With ``labels`` (:func:`gmae.data.sourcelabels.source_labels` of the source),
+    ``stream[g]`` is ``(image, label)``, the image unchanged.
+
     ``len(stream)`` is ``sys.maxsize`` (the stream is endless); a plain
     ``DataLoader(stream, batch_size=B)`` thus reads g = 0, 1, 2, ... in order.
     ``epoch_length`` is ``len(source)``.
     """
 
-    def __init__(self, source: ImageSource, seed: int = 0):
+    def __init__(self, source: ImageSource, seed: int = 0, labels=None):
         self.source = source
+        # With labels (a gmae.data.sourcelabels.SourceLabels of `source`), stream[g] is (image, label): the same
+        # image, from the same index and rng, so the image stream does not change (the online probe's labels).
+        self.labels = labels
         self.seed = check_seed(seed)
         self.epoch_length = len(source)
         if self.epoch_length < 1:
@@ -99,8 +105,10 @@ class SeededStream(Dataset):
         """The augmentation generator of global sample ``g``."""
         return np.random.default_rng([self.seed, int(g)])
 
-    def __getitem__(self, g: int) -> torch.Tensor:
+    def __getitem__(self, g: int) -> torch.Tensor | tuple[torch.Tensor, int]:
         g = int(g)
+        if self.labels is not None:
+            return self.labels.load(self.index(g), self.rng(g))
         return self.source.load(self.index(g), self.rng(g))
 
     def __repr__(self) -> str:
