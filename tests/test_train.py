@@ -181,19 +181,20 @@ def test_bf16_losses_stay_within_two_percent_of_fp32(tmp_path, one_thread):
 
 
 def test_resume_with_non_default_settings_is_bitwise_exact(tmp_path, one_thread):
-    """The swap depth-order gradient, gradient accumulation, two loader workers, 4 Gaussians per query and an
-    EMA of the weights: a run stopped at step 2 and resumed ends with the weights, optimizer state and EMA of
-    the uninterrupted run, bit for bit."""
+    """The swap depth-order gradient, gradient accumulation (to an effective batch, by micro-batches), ImageNet
+    input normalisation, two loader workers, 4 Gaussians per query and an EMA of the weights: a run stopped at
+    step 2 and resumed ends with the weights, optimizer state and EMA of the uninterrupted run, bit for bit."""
     from gmae.checkpoint import load_checkpoint
 
-    mcfg = model_config("tiny", **FAST_MODEL, depth_grad="swap", gaussians_per_query=4)
-    settings = dict(batch_size=4, warmup_steps=1, accum_steps=2, num_workers=2, checkpoint_every=2, ema=0.9)
+    mcfg = model_config("tiny", **FAST_MODEL, depth_grad="swap", gaussians_per_query=4, input_norm="imagenet")
+    settings = dict(batch_size=4, warmup_steps=1, micro_batch=2, num_workers=2, checkpoint_every=2, ema=0.9)
     pretrain(mcfg, train_config("tiny", steps=4, out=str(tmp_path / "whole"), **settings), progress=False)
     pretrain(mcfg, train_config("tiny", steps=2, out=str(tmp_path / "split"), **settings), progress=False)
     pretrain(mcfg, train_config("tiny", steps=4, out=str(tmp_path / "split"), **settings), resume=True, progress=False)
     whole = load_checkpoint(tmp_path / "whole" / "checkpoint-0000004.pt")
     split = load_checkpoint(tmp_path / "split" / "checkpoint-0000004.pt")
     assert whole["config"]["model"]["depth_grad"] == "swap" and whole["config"]["train"]["accum_steps"] == 2
+    assert whole["config"]["train"]["micro_batch"] == 2 and whole["config"]["model"]["input_norm"] == "imagenet"
     assert whole["model"].keys() == split["model"].keys()
     for name, value in whole["model"].items():
         assert torch.equal(value, split["model"][name]), name
