@@ -284,7 +284,9 @@ PRESETS: dict[str, dict] = {
 
 # What a resumed run may change (its length, where it runs, how it loads data, how often it saves or evaluates);
 # every other setting is the checkpoint's, and a command line that contradicts it is refused.
-PRETRAIN_RESUMABLE = ("steps", "epochs", "device", "checkpoint_every", "num_workers", "keep_checkpoints", "max_bad_steps")
+# (epochs: a new length, as steps; micro_batch: the memory of the machine it resumes on, the same result.)
+PRETRAIN_RESUMABLE = ("steps", "epochs", "micro_batch", "device", "checkpoint_every", "num_workers", "keep_checkpoints",
+                      "max_bad_steps")
 FINETUNE_RESUMABLE = ("steps", "device", "num_workers", "keep_checkpoints", "checkpoint_every", "eval_every")
 
 # The fields only --preset sets: they name a checkpoint's preset (`preset_of`).

@@ -272,6 +272,12 @@ def test_epochs_resume_and_a_new_epochs_extends_the_run(images, tmp_path, one_th
     assert split["config"]["train"]["epochs"] == 2.0 and split["config"]["train"]["warmup_steps"] == 1
     for key, value in whole["model"].items():
         assert torch.equal(value, split["model"][key]), key
+    # A resume may change the micro-batch (the memory of another machine): the accumulation follows it.
+    assert main(["pretrain", "--resume", "--epochs", "3", "--micro-batch", "1", "--out", str(tmp_path / "split"),
+                 "--quiet"]) == 0
+    train = _checkpoint(tmp_path / "split")["config"]["train"]
+    assert (train["steps"], train["micro_batch"], train["accum_steps"], train["warmup_steps"]) == (6, 1, 4, 1)
+    assert main(["pretrain", "--resume", "--epochs", "4", "--steps", "8", "--out", str(tmp_path / "split")]) == 2
 
 
 # ------------------------------------------------------------------------------------------------ normalisation
