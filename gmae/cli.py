@@ -23,9 +23,9 @@ from .config import (
     POSITION_PARAMS, PRESETS, PRETRAIN_RESUMABLE, FinetuneConfig, TrainConfig, as_dict, model_config, train_config,
 )
 from .errors import GMAEError
-from .recipes import RECIPES, get_recipe, recipe_defaults, recipe_json
 from .files import check_exists, check_output_file, check_output_folder, image_files, list_checkpoints
 from .readouts import READOUTS
+from .recipes import RECIPES, get_recipe, recipe_defaults, recipe_json
 
 CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
 RAW_WEIGHTS_HELP = ("use the checkpoint's raw weights, not the EMA of them that a run with --ema saves "
@@ -234,8 +234,6 @@ def _pretrain_schedule(args) -> dict:
     for a, b in (("steps", "epochs"), ("warmup_steps", "warmup_epochs"), ("accum_steps", "micro_batch")):
         if a in typed and b in typed:
             raise GMAEError(f"give {typed[a]} or {typed[b]}, not both")
-    if args.micro_batch and args.accum_steps != 1 and "accum_steps" not in typed:
-        raise GMAEError("give --micro-batch or --accum-steps, not both")
     return dict(
         epochs=None if "steps" in typed else args.epochs,
         warmup_epochs=None if "warmup_steps" in typed else args.warmup_epochs,
@@ -688,8 +686,8 @@ def _scene_probe(args, encoders: dict, mcfg) -> int:
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, "split_seeds": SPLIT_SEEDS,
                           "weights": getattr(encoders.get("pre-trained"), "loaded_weights", None),
-                          "pool": args.pool, **_probe_record(args), **({"tasks": results[next(iter(results))]} if len(results) == 1 else
-                                                {"encoders": results})}))
+                          "pool": args.pool, **_probe_record(args),
+                          **({"tasks": results[next(iter(results))]} if len(results) == 1 else {"encoders": results})}))
         return 0
     print(f"{args.checkpoint}, {args.data} scene probes: {args.train_images} train / {args.val_images} val images "
           f"(seeds {SPLIT_SEEDS['train']} / {SPLIT_SEEDS['val']}); linear: BatchNorm + linear, SGD, {args.epochs} "

@@ -124,8 +124,8 @@ class ModelConfig:
         for name, allowed in (("camera", CAMERAS), ("depth_param", DEPTH_PARAMS), ("depth_grad", DEPTH_GRADS),
                               ("position_param", POSITION_PARAMS), ("input_norm", INPUT_NORMS)):
             if getattr(self, name) not in allowed:
-                raise GMAEError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}; "
-                                f"got {getattr(self, name)!r}")
+                flag = {"input_norm": "normalize"}.get(name, name.replace("_", "-"))  # named as on the command line
+                raise GMAEError(f"{flag} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.depth_param == "linear" and self.camera in SIZE_FROM_DEPTH_CAMERAS:
             # Measured (docs/depth.md, "the regime map"): z is then an unbounded size knob (size ~ 8 / (z + 8)), the
             # Gaussians that want to be larger run z towards the camera plane at -8 and training diverges (loss

@@ -329,7 +329,7 @@ def test_old_checkpoints_read_without_normalisation():
 
     values = {k: v for k, v in vars(ModelConfig()).items() if k != "input_norm"}
     assert config_from_dict(ModelConfig, values).input_norm == "none"
-    with pytest.raises(GMAEError, match="input-norm"):
+    with pytest.raises(GMAEError, match="normalize must be one of none, imagenet; got 'cifar'"):
         ModelConfig(input_norm="cifar")
 
 
