@@ -352,6 +352,18 @@ def test_timm_export_records_the_normalisation(tmp_path, one_thread):
     assert load_encoder(out)[0].input_norm == "imagenet"  # and gmae reads it back normalising
     assert json.loads(meta["mean"]) == list(IMAGENET_MEAN) and json.loads(meta["std"]) == list(IMAGENET_STD)
     assert "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)" in timm_create_call(mcfg, out)
+    # A plain ViT (no normalisation of its own, as timm's) fed images normalised with the recorded statistics
+    # computes what the gmae encoder computes from the [0, 1] images.
+    from safetensors.torch import load_file
+
+    from gmae.model.vit import ViTEncoder
+
+    plain = ViTEncoder(16, 8, 3, mcfg.embed_dim, mcfg.depth, mcfg.num_heads).eval()
+    plain.load_state_dict(load_file(str(out)))
+    x, order = torch.rand(2, 3, 16, 16), torch.arange(4.0).expand(2, 4)
+    mean, std = (torch.tensor(json.loads(meta[k])).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        torch.testing.assert_close(plain((x - mean) / std, 0.0, order)[0], model.encoder.eval()(x, 0.0, order)[0])
     assert "mean=(0, 0, 0), std=(1, 1, 1)" in timm_create_call(model_config("tiny"), out)
 
 
