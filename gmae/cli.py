@@ -804,6 +804,9 @@ def cmd_recipes(args) -> int:
     for dest, (value, cite) in recipe.values.items():
         shown = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
         print(f"  {names[dest]:<{width}}  {shown:<20}  {cite}")
+    values = recipe.settings()
+    if "blr" in values and "batch_size" in values:  # the peak lr the linear scaling rule makes of them
+        print(f"  (lr = blr x batch / 256 = {values['blr'] * values['batch_size'] / 256:g})")
     if recipe.notes:
         print("not reproduced:")
         for note in recipe.notes:

@@ -425,6 +425,7 @@ def test_gmae_recipes_lists_and_shows(capsys):
     assert main(["recipes", "mae-pretrain-vit-b"]) == 0
     shown = capsys.readouterr().out
     assert "--normalize      imagenet" in shown and "MAE main_pretrain.py line 127" in shown
+    assert "lr = blr x batch / 256 = 0.0024" in shown  # 1.5e-4 x 4096 / 256
     assert main(["recipes", "authors-code", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["values"]["crop_scale"] == [0.08, 1.0] and data["not_reproduced"]

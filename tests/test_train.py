@@ -142,7 +142,8 @@ def test_impossible_batch_split_is_refused(tmp_path):
 
 
 def test_two_process_gloo_run_matches_one_process(tmp_path):
-    """torchrun with 2 CPU processes (gloo) reproduces the 1-process losses at the same global batch."""
+    """torchrun with 2 CPU processes (gloo) reproduces the 1-process losses at the same global batch, the two
+    processes accumulating micro-batches of 1 (--micro-batch: 2 each, DDP syncing on the last)."""
     args = ["-m", "gmae", "pretrain", "--img-size", "32", "--patch-size", "8", "-k", "32", "--batch-size", "4",
             "--steps", "3", "--warmup-steps", "1", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
@@ -150,7 +151,8 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+                          *args, "--micro-batch", "1", "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 3
@@ -159,6 +161,9 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     assert worst < 1e-5
     # only rank 0 wrote files: one metrics line per step, one set of checkpoints
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    from gmae.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "two" / "checkpoint-0000003.pt")["config"]["train"]["accum_steps"] == 2
 
 
 def test_torch_compile_matches_eager(tmp_path):
