@@ -22,13 +22,14 @@ from .choices import (
     SCENE_TASKS, positive_int,
 )
 from .config import (
-    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, ERASE_MODES, FINETUNE_RESUMABLE, GLOBAL_POOLS, LOSSES, MIXUP_MODES, MODELS,
-    POSITION_PARAMS, PRESETS,
+    CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, ERASE_MODES, FINETUNE_RESUMABLE, GLOBAL_POOLS, INPUT_NORMS, INTERPOLATIONS,
+    LOSSES, MIXUP_MODES, MODELS, POSITION_PARAMS, PRESETS,
     PRETRAIN_RESUMABLE, FinetuneConfig, TrainConfig, as_dict, model_config, train_config,
 )
 from .errors import GMAEError
 from .files import check_exists, check_output_file, check_output_folder, image_files, list_checkpoints
 from .readouts import READOUTS
+from .recipes import RECIPES, get_recipe, recipe_defaults, recipe_json
 
 CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
 RAW_WEIGHTS_HELP = ("use the checkpoint's raw weights, not the EMA of them that a run with --ema saves "
@@ -192,6 +193,7 @@ def add_pretrain(sub) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also log the metrics for TensorBoard in --out/tensorboard (pip install 'gmae[tensorboard]')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_pretrain_recipe_flags(p)
     # The online probe (issue 18, part 4), apart from the flags above.
     p.add_argument("--online-probe", action="store_true",
                    help="also train a linear probe on every encoder block's visible tokens, detached (the model "
@@ -199,6 +201,54 @@ def add_pretrain(sub) -> None:
                         "online_probe/acc_blockI, online_probe/loss_blockI; needs labelled --data: digits, sprites, "
                         "deadleaves or a folder of class sub-folders")
     p.set_defaults(func=cmd_pretrain)
+
+
+def _add_recipe(p, command: str) -> None:
+    names = [name for name, r in RECIPES.items() if r.command == command]
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help=f"start from a named recipe's settings (flags given here override them): {', '.join(names)}; "
+                        "gmae recipes NAME prints its values and where each comes from")
+
+
+def _add_pretrain_recipe_flags(p) -> None:
+    """The settings the recipes brought (issue 18): epochs, the effective batch, the optimizer's wd and betas,
+    input normalisation and the crop. Their defaults (None) keep the behaviour from before them."""
+    _add_recipe(p, "pretrain")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="run length in epochs of the data set (an image folder or digits; not with --steps): "
+                        "steps = round(EPOCHS x floor(images / batch)), batch being the global (effective) batch")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warmup in epochs, as --epochs converts them (not with --warmup-steps)")
+    p.add_argument("--micro-batch", type=positive_int, default=None,
+                   help="per-process micro-batch: --batch-size is then the effective batch, reached by gradient "
+                        "accumulation over batch / (processes x micro-batch) micro-batches, as MAE's accum_iter "
+                        "(e.g. --batch-size 4096 --micro-batch 64; not with --accum-steps)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.05)")
+    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="AdamW betas (default 0.9 0.95, MAE's)")
+    p.add_argument("--normalize", dest="input_norm", default=None, choices=INPUT_NORMS,
+                   help="the encoder's input: none (default: the [0, 1] image) or imagenet (MAE's mean/std, applied "
+                        "inside the encoder, so fine-tuning, probes, readouts and exports get it too); the "
+                        "reconstruction target stays the [0, 1] image")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random resized crop's area range for image folders and photos (default 0.2 1, MAE's)")
+    p.add_argument("--interpolation", default=None, choices=INTERPOLATIONS,
+                   help="random resized crop's resampling for image folders and photos (default bicubic, MAE's)")
+
+
+def _pretrain_schedule(args) -> dict:
+    """TrainConfig's length, warmup and accumulation from the command line and its recipe: a typed --steps
+    (--warmup-steps, --accum-steps) replaces a recipe's --epochs (--warmup-epochs, --micro-batch); typing both
+    of a pair is refused."""
+    typed = args.typed
+    for a, b in (("steps", "epochs"), ("warmup_steps", "warmup_epochs"), ("accum_steps", "micro_batch")):
+        if a in typed and b in typed:
+            raise GMAEError(f"give {typed[a]} or {typed[b]}, not both")
+    return dict(
+        epochs=None if "steps" in typed else args.epochs,
+        warmup_epochs=None if "warmup_steps" in typed else args.warmup_epochs,
+        micro_batch=0 if "accum_steps" in typed or not args.micro_batch else args.micro_batch,
+    )
 
 
 def cmd_pretrain(args) -> int:
@@ -210,6 +260,7 @@ def cmd_pretrain(args) -> int:
         mask_ratio=args.mask_ratio, loss=args.loss, background=args.background, render_backend=args.render_backend,
         camera=args.camera,
         depth_grad=args.depth_grad, depth_tau=args.depth_tau, depth_param=args.depth_param,
+        input_norm=args.input_norm,
     )
     tcfg = train_config(
         args.preset, data=args.data, steps=args.steps, batch_size=args.batch_size, blr=args.blr,
@@ -218,6 +269,9 @@ def cmd_pretrain(args) -> int:
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
         max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image, init_encoder=args.init_encoder,
         ema=args.ema, online_probe=args.online_probe,
+        # recipes (issue 18)
+        recipe=args.recipe or "", weight_decay=args.weight_decay, betas=args.betas, crop_scale=args.crop_scale,
+        interpolation=args.interpolation, **_pretrain_schedule(args),
     )
     check_output_folder(tcfg.out)
     if args.tensorboard:
@@ -557,6 +611,7 @@ def add_probe(sub) -> None:
                    "that are not gmae checkpoints; a checkpoint's initial weights use its run's seed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_recipe(p, "probe")
     p.set_defaults(func=cmd_probe)
 
 
@@ -647,7 +702,7 @@ def cmd_probe(args) -> int:
                for label, enc in encoders.items()}
     result = next(iter(results.values()))
     result.update(checkpoint=str(args.checkpoint), data=args.data, random_init=args.random_init,
-                  weights=None if args.random_init else encoder.loaded_weights)
+                  weights=None if args.random_init else encoder.loaded_weights, **_probe_record(args))
     if args.baseline:
         result["baseline"] = {key: results["random init"][key] for key in ("linear_acc", "knn_acc")}
     if args.json:
@@ -668,6 +723,13 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def _probe_record(args) -> dict:
+    """What a probe's --json records of how it ran: its recipe and every setting it used."""
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+                if k not in ("func", "typed", "command", "json")}
+    return {"recipe": args.recipe or "", "settings": settings}
+
+
 def _scene_probe(args, encoders: dict, mcfg, extraction: int, linear: dict) -> int:
     """`gmae probe --data deadleaves|sprites`: the scene tasks, each encoder on the same labels."""
     from .data.scenes import SPLIT_SEEDS, scene_labels
@@ -686,9 +748,8 @@ def _scene_probe(args, encoders: dict, mcfg, extraction: int, linear: dict) -> i
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, "split_seeds": SPLIT_SEEDS,
                           "weights": getattr(encoders.get("pre-trained"), "loaded_weights", None),
-                          "pool": args.pool, "protocol": args.protocol,
-                          **({"tasks": results[next(iter(results))]} if len(results) == 1 else
-                                                {"encoders": results})}))
+                          "pool": args.pool, "protocol": args.protocol, **_probe_record(args),
+                          **({"tasks": results[next(iter(results))]} if len(results) == 1 else {"encoders": results})}))
         return 0
     print(f"{args.checkpoint}, {args.data} scene probes: {args.train_images} train / {args.val_images} val images "
           f"(seeds {SPLIT_SEEDS['train']} / {SPLIT_SEEDS['val']}); linear: BatchNorm + linear, "
@@ -738,6 +799,7 @@ def add_finetune(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     _add_finetune_timm(p, d)
+    _add_recipe(p, "finetune")
     p.set_defaults(func=cmd_finetune)
 
 
@@ -785,7 +847,7 @@ def cmd_finetune(args) -> int:
         device=args.device or d.device, out=args.out, eval_every=args.eval_every or 0,
         checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
         num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
-        raw_weights=args.raw_weights,
+        raw_weights=args.raw_weights, recipe=args.recipe or "",
         **{k: getattr(args, k) for k in FINETUNE_TIMM_FIELDS if k != "warmup_epochs"},
         warmup_epochs=d.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs,
     )
@@ -804,6 +866,51 @@ def cmd_finetune(args) -> int:
     print(f"done: {summary['steps_run']} steps; final val top-1 {100 * summary['val_acc']:.2f}% "
           f"(best {100 * summary['best_val_acc']:.2f}%) on {summary['num_val']} images")
     print(f"checkpoint: {summary['checkpoint']}\nmetrics:    {summary['out']}/metrics.jsonl")
+    return 0
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def add_recipes(sub) -> None:
+    p = sub.add_parser("recipes", help="the named recipes (MAE's, the GMAE paper's, the authors' code's, tiny) "
+                       "for --recipe of pretrain, finetune and probe, with where each value comes from")
+    p.add_argument("name", nargs="?", default=None, help="a recipe: print its values and their citations")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_recipes)
+
+
+def cmd_recipes(args) -> int:
+    if args.name is None:
+        if args.json:
+            print(json.dumps([{k: recipe_json(r)[k] for k in ("name", "command", "summary")}
+                              for r in RECIPES.values()]))
+            return 0
+        width = max(map(len, RECIPES))
+        print(f"{'recipe':<{width}}  {'command':<8}  summary")
+        for r in RECIPES.values():
+            print(f"{r.name:<{width}}  {r.command:<8}  {r.summary}")
+        print(f"\nuse: gmae COMMAND --recipe NAME ...; gmae recipes NAME shows its values")
+        return 0
+    recipe = get_recipe(args.name)
+    if args.json:
+        print(json.dumps(recipe_json(recipe)))
+        return 0
+    print(f"{recipe.name} (gmae {recipe.command} --recipe {recipe.name}): {recipe.summary}")
+    # Each value under the flag that sets it (a pending one, whose flag is not built yet, under its dest's name).
+    flags = {a.dest: a.option_strings[0] for a in build_parser().commands[recipe.command]._actions if a.option_strings}
+    names = {dest: flags.get(dest, f"--{dest.replace('_', '-')}") for dest in recipe.values}
+    width = max(map(len, names.values()))
+    for dest, (value, cite) in recipe.values.items():
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        print(f"  {names[dest]:<{width}}  {shown:<20}  {cite}")
+    values = recipe.settings()
+    if "blr" in values and "batch_size" in values:  # the peak lr the linear scaling rule makes of them
+        print(f"  (lr = blr x batch / 256 = {values['blr'] * values['batch_size'] / 256:g})")
+    if recipe.notes:
+        print("not reproduced:")
+        for note in recipe.notes:
+            print(f"  - {note}")
     return 0
 
 
@@ -970,7 +1077,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gmae", description="Gaussian Masked Autoencoders")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_pretrain, add_reconstruct, add_readouts, add_eval_zeroshot, add_ablate, add_info, add_export, add_bench,
-                add_probe, add_finetune, add_plot, add_submit):
+                add_probe, add_finetune, add_recipes, add_plot, add_submit):
         add(sub)
     parser.commands = sub.choices  # {name: its parser}, so that its own errors name it
     for name in COMPUTING:
@@ -981,10 +1088,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _apply_recipe(p: argparse.ArgumentParser, command: str, name: str) -> None:
+    """Make recipe `name`'s values the defaults of `command`'s parser `p` (its actions' own defaults, not
+    set_defaults', so that _typed_options still sees only what was typed)."""
+    actions = {a.dest: a for a in p._actions if a.option_strings}
+    try:
+        values = recipe_defaults(name, command, actions)
+    except GMAEError as e:
+        p.error(str(e))
+    for dest, value in values.items():
+        actions[dest].default = value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The arguments of one command; a flag that command does not know is reported by that command."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "recipe", None):  # the recipe's values become the defaults; then what was typed wins
+        _apply_recipe(parser.commands[args.command], args.command, args.recipe)
+        args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.typed = _typed_options(parser, argv, args.command)  # what --resume compares with the saved settings

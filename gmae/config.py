@@ -39,6 +39,14 @@ DEPTH_GRADS = ("off", "swap", "weighted")
 # Anchored trained better at equal steps (docs/gaussians_per_query.md), so it is the default; with
 # m = 1 both are the same model, today's.
 POSITION_PARAMS = ("absolute", "anchored")
+# How the encoder normalises its [0, 1] input (ModelConfig.input_norm): "none" (today's: the raw image) or
+# "imagenet" (MAE's: (x - mean) / std with ImageNet's statistics, MAE main_pretrain.py line 127). Only the
+# encoder's input changes: the reconstruction target stays the [0, 1] image (GMAE's colours are sigmoids).
+INPUT_NORMS = ("none", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Resampling of the random resized crop (TrainConfig.interpolation); bicubic is MAE's (main_pretrain.py line 124).
+INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 @dataclass
@@ -73,6 +81,9 @@ class ModelConfig:
     depth_param: str = "bounded"  # z parametrisation, see DEPTH_PARAMS
     depth_grad: str = "off"  # see DEPTH_GRADS
     depth_tau: float = 0.1  # temperature (depth units) of the swap relaxation or of the weighted compositing
+    # The encoder's input normalisation, see INPUT_NORMS; part of the model so that every user of a checkpoint
+    # (fine-tuning, probes, readouts, export) feeds it as it was trained.
+    input_norm: str = "none"
 
     def __post_init__(self) -> None:
         self.background = tuple(float(v) for v in self.background)
@@ -111,10 +122,10 @@ class ModelConfig:
         if not self.max_opacity >= 1.0:
             raise GMAEError(f"max opacity must be at least 1 (1: opacity = sigmoid, the authors'); got {self.max_opacity}")
         for name, allowed in (("camera", CAMERAS), ("depth_param", DEPTH_PARAMS), ("depth_grad", DEPTH_GRADS),
-                              ("position_param", POSITION_PARAMS)):
+                              ("position_param", POSITION_PARAMS), ("input_norm", INPUT_NORMS)):
             if getattr(self, name) not in allowed:
-                raise GMAEError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}; "
-                                f"got {getattr(self, name)!r}")
+                flag = {"input_norm": "normalize"}.get(name, name.replace("_", "-"))  # named as on the command line
+                raise GMAEError(f"{flag} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.depth_param == "linear" and self.camera in SIZE_FROM_DEPTH_CAMERAS:
             # Measured (docs/depth.md, "the regime map"): z is then an unbounded size knob (size ~ 8 / (z + 8)), the
             # Gaussians that want to be larger run z towards the camera plane at -8 and training diverges (loss
@@ -163,9 +174,22 @@ class TrainConfig:
     # A linear classifier per encoder block on the batch's labels, on detached features: the model trains exactly
     # as without it (gmae.model.online_probe); needs labelled data (gmae.data.sourcelabels).
     online_probe: bool = False
+    # --- recipes (gmae.recipes) and the settings they brought (issue 18); defaults = the behaviour before them.
+    recipe: str = ""  # the gmae.recipes recipe the command line started from ("" = none); a record
+    # The run's length in epochs of the data set (None: `steps` is the length). Made concrete by `resolved` once
+    # the data set's size and the processes are known: `steps` is then the steps it came to.
+    epochs: float | None = None
+    warmup_epochs: float | None = None  # warmup in epochs (None: `warmup_steps`); resolved into warmup_steps
+    # Per-process micro-batch (0: none; accum_steps splits the batch). With it, batch_size is the effective batch
+    # and accum_steps = batch_size / (processes x micro_batch), as MAE's accum_iter (PRETRAIN.md line 18).
+    micro_batch: int = 0
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MAE main_pretrain.py line 124)
+    interpolation: str = "bicubic"  # of the random resized crop, see INTERPOLATIONS
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
+        self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        self._check_recipe_settings()
         if self.precision not in ("auto", "fp32", "bf16"):
             raise GMAEError(f"precision must be auto, fp32 or bf16; got {self.precision!r}")
         if self.on_bad_image not in ("skip", "error"):
@@ -186,6 +210,51 @@ class TrainConfig:
             raise GMAEError("warmup steps must be >= 0 and checkpoint-every >= 1")
         if not 0.0 <= self.ema < 1.0:
             raise GMAEError(f"ema decay must be in [0, 1) (0: no EMA; the authors' runs use 0.999); got {self.ema}")
+
+    def _check_recipe_settings(self) -> None:
+        if self.epochs is not None and not self.epochs > 0:
+            raise GMAEError(f"epochs must be positive; got {self.epochs}")
+        if self.warmup_epochs is not None and not self.warmup_epochs >= 0:
+            raise GMAEError(f"warmup epochs must be >= 0; got {self.warmup_epochs}")
+        if self.micro_batch < 0:
+            raise GMAEError(f"micro-batch must be >= 1 (or 0: none); got {self.micro_batch}")
+        if self.micro_batch:
+            # accum_steps is then computed (`resolved`), so it is not checked against it here.
+            if self.batch_size % self.micro_batch:
+                raise GMAEError(f"batch size {self.batch_size} must be a multiple of the micro-batch "
+                                f"{self.micro_batch} (x the number of processes)")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise GMAEError(f"crop scale must be MIN MAX with 0 < MIN <= MAX <= 1; got {self.crop_scale}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise GMAEError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {self.interpolation!r}")
+
+    def resolved(self, num_images: int | None, world_size: int = 1) -> TrainConfig:
+        """A copy with the run made concrete for a data set of `num_images` images (None: a generated source,
+        which has no epochs) and `world_size` processes: `steps` and `warmup_steps` from `epochs` and
+        `warmup_epochs`, `accum_steps` from `micro_batch`.
+
+        An epoch is MAE's: the optimizer steps of one pass with the last partial batch dropped,
+        floor(num_images / batch_size) (at least 1), batch_size being the global (effective) batch;
+        fractional epochs round to the nearest step (at least 1).
+        """
+        changes: dict = {}
+        if self.micro_batch:
+            per_step = world_size * self.micro_batch
+            if self.batch_size % per_step:
+                raise GMAEError(f"batch size {self.batch_size} must be a multiple of processes x micro-batch "
+                                f"({world_size} x {self.micro_batch}); change --batch-size or --micro-batch")
+            changes["accum_steps"] = self.batch_size // per_step
+        if self.epochs is not None or self.warmup_epochs is not None:
+            which = "--epochs" if self.epochs is not None else "--warmup-epochs"
+            if num_images is None:
+                raise GMAEError(f"{which} needs a data set with a size (an image folder or digits); --data "
+                                f"{self.data} is generated without end: give --steps and --warmup-steps instead")
+            per_epoch = max(1, num_images // self.batch_size)
+            if self.epochs is not None:
+                changes["steps"] = max(1, round(self.epochs * per_epoch))
+            if self.warmup_epochs is not None:
+                changes["warmup_steps"] = round(self.warmup_epochs * per_epoch)
+        return replace(self, **changes) if changes else self
 
 
 # MAE's ViT shapes; the decoder is MAE's 512 x 8 for base/large. `tiny` is sized for
@@ -219,7 +288,9 @@ PRESETS: dict[str, dict] = {
 
 # What a resumed run may change (its length, where it runs, how it loads data, how often it saves or evaluates);
 # every other setting is the checkpoint's, and a command line that contradicts it is refused.
-PRETRAIN_RESUMABLE = ("steps", "device", "checkpoint_every", "num_workers", "keep_checkpoints", "max_bad_steps")
+# (epochs: a new length, as steps; micro_batch: the memory of the machine it resumes on, the same result.)
+PRETRAIN_RESUMABLE = ("steps", "epochs", "micro_batch", "device", "checkpoint_every", "num_workers", "keep_checkpoints",
+                      "max_bad_steps")
 FINETUNE_RESUMABLE = ("steps", "device", "num_workers", "keep_checkpoints", "checkpoint_every", "eval_every")
 
 # The fields only --preset sets: they name a checkpoint's preset (`preset_of`).
@@ -267,7 +338,8 @@ def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
 # position_param needs none: a checkpoint without it has m = 1, where both settings are the same model,
 # and taking today's default keeps its config equal to a new m = 1 run's (`gmae ablate` compares them).
 LEGACY_VALUES: dict[type, dict] = {
-    ModelConfig: {"camera": "orthographic", "depth_param": "bounded", "depth_grad": "off", "gaussians_per_query": 1},
+    ModelConfig: {"camera": "orthographic", "depth_param": "bounded", "depth_grad": "off", "gaussians_per_query": 1,
+                  "input_norm": "none"},
 }
 
 
@@ -321,6 +393,7 @@ class FinetuneConfig:
     keep_checkpoints: int = 2
     num_workers: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
+    recipe: str = ""  # the gmae.recipes recipe the command line started from ("" = none); a record
     # ----- MAE's fine-tuning regularisers, from timm (gmae.evaluate.augment; needs `pip install 'gmae[timm]'`
     # when one is on). Defaults: off (today's recipe); MAE's ViT-B values (FINETUNE.md) in the comments.
     mixup: float = 0.0  # mixup alpha; 0 = off (MAE ViT-B: 0.8)
@@ -400,5 +473,6 @@ class FinetuneConfig:
 
 
 __all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
-           "DEPTH_PARAMS", "DEPTH_GRADS", "POSITION_PARAMS", "GLOBAL_POOLS", "MIXUP_MODES", "ERASE_MODES", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
+           "DEPTH_PARAMS", "DEPTH_GRADS", "POSITION_PARAMS", "GLOBAL_POOLS", "MIXUP_MODES", "ERASE_MODES",
+           "INPUT_NORMS", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
            "train_config", "config_from_dict", "as_dict", "preset_of"]

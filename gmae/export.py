@@ -33,9 +33,14 @@ timm names of the presets' encoders: small = ``vit_small_patch16_224``, base =
 ``vit_tiny_patch16_224`` is 224 px, patch 16, depth 12): create
 ``vit_tiny_patch16_224`` with ``img_size=64, patch_size=8, depth=6`` (timm's
 model functions take such overrides); :func:`timm_create_call` writes the call.
-gmae models take RGB images in [0, 1] *without* ImageNet mean/std
-normalisation, while timm's data config normalises by default: give
-``mean=(0, 0, 0), std=(1, 1, 1)`` as above, or feed the [0, 1] images yourself.
+gmae models take RGB images in [0, 1] and normalise them inside the encoder as
+their ``input_norm`` says (``gmae pretrain --normalize``): by default not at all,
+while timm's data config normalises by default, so give ``mean=(0, 0, 0),
+std=(1, 1, 1)`` as above; an encoder trained with ``--normalize imagenet`` needs
+timm to normalise with ImageNet's mean and std (timm's ViT exports feed the
+model normalised images), so give those. :func:`input_mean_std` has the pair, a
+timm export's safetensors metadata records it (``"mean"``, ``"std"``, JSON
+lists) and :func:`timm_create_call` writes it into the call.
 
 :func:`load_encoder` reads an encoder from any of: a gmae training checkpoint, a
 gmae export, or a timm-named ViT state dict (``.safetensors``, or ``.pt``/``.pth``/
@@ -58,13 +63,13 @@ import torch
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import configs_of, find_latest, load_checkpoint, model_weights, write_atomically
 from .choices import EXPORT_FORMATS
-from .config import PRESETS, ModelConfig, as_dict, config_from_dict
+from .config import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ModelConfig, as_dict, config_from_dict
 from .errors import GMAEError
 from .files import list_checkpoints
 from .model import ViTEncoder, build_model
 
 __all__ = ["EXPORT_FORMAT", "FORMATS", "TIMM_FORMAT", "export_checkpoint", "export_state", "init_encoder_weights",
-           "load_encoder", "load_exported", "load_state", "read_export_metadata", "timm_create_call",
+           "input_mean_std", "load_encoder", "load_exported", "load_state", "read_export_metadata", "timm_create_call",
            "timm_model_name"]
 
 EXPORT_FORMAT = "gmae-export"
@@ -105,6 +110,14 @@ def timm_model_name(mcfg: ModelConfig) -> str | None:
     return None
 
 
+def input_mean_std(mcfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a timm user must normalise [0, 1] images with for `mcfg`'s encoder: the encoder
+    normalises inside itself in gmae, but a timm export is a plain ViT, which expects normalised input."""
+    if mcfg.input_norm == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.0,) * mcfg.in_chans, (1.0,) * mcfg.in_chans
+
+
 def timm_create_call(mcfg: ModelConfig, path: str | Path) -> str:
     """A ``timm.create_model(...)`` call that loads a timm export of a `mcfg` encoder from `path`."""
     name = timm_model_name(mcfg)
@@ -113,8 +126,9 @@ def timm_create_call(mcfg: ModelConfig, path: str | Path) -> str:
         name = "vit_tiny_patch16_224"
         keys = (*ENCODER_FIELDS, "mlp_ratio", "in_chans")
         extra = "".join(f", {k}={getattr(mcfg, k)}" for k in keys if getattr(mcfg, k) != _TIMM_TINY[k])
+    mean, std = (tuple(int(v) if v in (0.0, 1.0) else v for v in values) for values in input_mean_std(mcfg))
     return (f"timm.create_model({name!r}, pretrained=True, num_classes=0{extra}, "
-            f"pretrained_cfg_overlay=dict(file={str(path)!r}, mean=(0, 0, 0), std=(1, 1, 1)))")
+            f"pretrained_cfg_overlay=dict(file={str(path)!r}, mean={mean}, std={std}))")
 
 
 
@@ -156,6 +170,9 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
         "step": str(int(state["step"])),
         "weights": label,
     }
+    if fmt == "timm":  # what timm must normalise with: the export has no input normalisation of its own
+        mean, std = input_mean_std(mcfg)
+        metadata.update(mean=json.dumps(list(mean)), std=json.dumps(list(std)))
     if out_path.suffix.lower() == ".pth":
         return write_atomically(out_path, lambda f: torch.save(tensors, f))
     # Bytes written through `open` (safetensors' own save_file makes its files 0600, whatever the umask).
@@ -316,7 +333,7 @@ def _infer_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int | None
 
 def _build_encoder(sd: dict[str, torch.Tensor], mcfg: ModelConfig, path: Path):
     encoder = ViTEncoder(mcfg.img_size, mcfg.patch_size, mcfg.in_chans, mcfg.embed_dim, mcfg.depth,
-                         mcfg.num_heads, mcfg.mlp_ratio)
+                         mcfg.num_heads, mcfg.mlp_ratio, input_norm=mcfg.input_norm)
     ours = encoder.state_dict()
     missing, unexpected = [k for k in ours if k not in sd], [k for k in sd if k not in ours]
     if missing or unexpected:

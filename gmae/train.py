@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,6 +42,24 @@ FIGURE_IMAGES = 8
 def settings(mcfg: ModelConfig, tcfg: TrainConfig) -> dict:
     """A run's settings by name, as a resume compares them with the command line's: both configs and the preset."""
     return {**as_dict(mcfg), **as_dict(tcfg), "preset": preset_of(mcfg)}
+
+
+def resolve_run(tcfg: TrainConfig, source, world_size: int, resumed: bool = False,
+                changes: tuple[str, ...] = ()) -> TrainConfig:
+    """`tcfg` made concrete for `source` and `world_size` processes (TrainConfig.resolved): a generated source
+    (``shuffle = False``, a virtual length) has no epochs.
+
+    A resumed run keeps its saved schedule (steps, warmup): only the micro-batch's accumulation follows
+    the processes it runs on now, and a typed --epochs (in `changes`) sets a new length, as --steps does
+    (which then also drops the saved epochs: the length is in steps from now on).
+    """
+    size = len(source) if getattr(source, "shuffle", True) else None
+    if not resumed:
+        return tcfg.resolved(size, world_size)
+    if "steps" in changes:
+        tcfg = replace(tcfg, epochs=None)
+    kept = replace(tcfg, epochs=tcfg.epochs if "epochs" in changes else None, warmup_epochs=None)
+    return replace(kept.resolved(size, world_size), epochs=tcfg.epochs, warmup_epochs=tcfg.warmup_epochs)
 
 
 def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.Context, amp):
@@ -152,15 +171,20 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
         # The user may extend or relocate a run, not change what it trains: a flag that would is refused.
         refuse_changes(given, PRETRAIN_RESUMABLE, settings(mcfg, tcfg), settings(saved_model, saved))
         mcfg, tcfg = saved_model, resumed_config(saved, tcfg, changes, PRETRAIN_RESUMABLE)
-        if tcfg.steps < state["step"]:
-            raise GMAEError(f"--steps {tcfg.steps} is below the checkpoint's step {state['step']}; "
-                            "give a larger --steps to extend the run")
     # The data source first: a wrong --data fails before anything is written.
-    source = build_dataset(tcfg.data, mcfg.img_size, seed=tcfg.seed, on_bad_image=tcfg.on_bad_image)
+    source = build_dataset(tcfg.data, mcfg.img_size, seed=tcfg.seed, on_bad_image=tcfg.on_bad_image,
+                           scale=tcfg.crop_scale, interpolation=tcfg.interpolation)
     # The online probe's labels: data without them fails here too, before anything is written.
     labels = source_labels(source, tcfg.data, mcfg.img_size) if tcfg.online_probe else None
     ctx = distributed.init(tcfg.device)
     device = ctx.device
+    tcfg = resolve_run(tcfg, source, ctx.world_size, resumed=state is not None, changes=changes)
+    if state is not None and tcfg.steps < state["step"]:
+        raise GMAEError(f"--steps {tcfg.steps} is below the checkpoint's step {state['step']}; "
+                        "give a larger --steps (or --epochs) to extend the run")
+    if ctx.is_main and state is None and tcfg.epochs is not None:
+        say(f"{tcfg.epochs:g} epochs of {len(source)} images at batch {tcfg.batch_size}: {tcfg.steps} steps "
+            f"({tcfg.warmup_steps} warmup)")
     if tcfg.batch_size % (ctx.world_size * tcfg.accum_steps):
         raise GMAEError(f"batch size {tcfg.batch_size} must be a multiple of processes x accum-steps "
                         f"({ctx.world_size} x {tcfg.accum_steps})")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "gmae"
 # (render covers gmae.render.cpu); the longest name that matches decides.
 LAYERS = [
     # foundation, torch-free: what the command line reads before anything heavy
-    ("errors", "choices", "config", "files", "threads", "stopping", "cluster"),
+    ("errors", "choices", "config", "recipes", "files", "threads", "stopping", "cluster"),
     # primitives: rendering, data, losses, metrics, processes, logs
     ("loss", "render", "data", "distributed", "board", "plot", "evaluate.boundaries", "evaluate.depth"),
     # models, and the EMA of their weights

@@ -142,7 +142,8 @@ def test_impossible_batch_split_is_refused(tmp_path):
 
 
 def test_two_process_gloo_run_matches_one_process(tmp_path):
-    """torchrun with 2 CPU processes (gloo) reproduces the 1-process losses at the same global batch."""
+    """torchrun with 2 CPU processes (gloo) reproduces the 1-process losses at the same global batch, the two
+    processes accumulating micro-batches of 1 (--micro-batch: 2 each, DDP syncing on the last)."""
     args = ["-m", "gmae", "pretrain", "--img-size", "32", "--patch-size", "8", "-k", "32", "--batch-size", "4",
             "--steps", "3", "--warmup-steps", "1", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
@@ -150,7 +151,8 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+                          *args, "--micro-batch", "1", "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 3
@@ -159,6 +161,9 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     assert worst < 1e-5
     # only rank 0 wrote files: one metrics line per step, one set of checkpoints
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    from gmae.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "two" / "checkpoint-0000003.pt")["config"]["train"]["accum_steps"] == 2
 
 
 def test_torch_compile_matches_eager(tmp_path):
@@ -181,14 +186,14 @@ def test_bf16_losses_stay_within_two_percent_of_fp32(tmp_path, one_thread):
 
 
 def test_resume_with_non_default_settings_is_bitwise_exact(tmp_path, one_thread):
-    """The swap depth-order gradient, gradient accumulation, two loader workers, 4 Gaussians per query, an
-    EMA of the weights and the online probe (on sprites, whose labels it needs): a run stopped at step 2 and
-    resumed ends with the weights, optimizer state, EMA, probe heads and probe optimizer of the uninterrupted run,
-    bit for bit, and logs the same probe accuracies."""
+    """The swap depth-order gradient, gradient accumulation (to an effective batch, by micro-batches), ImageNet
+    input normalisation, two loader workers, 4 Gaussians per query, an EMA of the weights and the online probe (on
+    sprites, whose labels it needs): a run stopped at step 2 and resumed ends with the weights, optimizer state,
+    EMA, probe heads and probe optimizer of the uninterrupted run, bit for bit, and logs the same probe accuracies."""
     from gmae.checkpoint import load_checkpoint
 
-    mcfg = model_config("tiny", **FAST_MODEL, depth_grad="swap", gaussians_per_query=4)
-    settings = dict(batch_size=4, warmup_steps=1, accum_steps=2, num_workers=2, checkpoint_every=2, ema=0.9,
+    mcfg = model_config("tiny", **FAST_MODEL, depth_grad="swap", gaussians_per_query=4, input_norm="imagenet")
+    settings = dict(batch_size=4, warmup_steps=1, micro_batch=2, num_workers=2, checkpoint_every=2, ema=0.9,
                     data="sprites", online_probe=True)
     pretrain(mcfg, train_config("tiny", steps=4, out=str(tmp_path / "whole"), **settings), progress=False)
     pretrain(mcfg, train_config("tiny", steps=2, out=str(tmp_path / "split"), **settings), progress=False)
@@ -196,6 +201,7 @@ def test_resume_with_non_default_settings_is_bitwise_exact(tmp_path, one_thread)
     whole = load_checkpoint(tmp_path / "whole" / "checkpoint-0000004.pt")
     split = load_checkpoint(tmp_path / "split" / "checkpoint-0000004.pt")
     assert whole["config"]["model"]["depth_grad"] == "swap" and whole["config"]["train"]["accum_steps"] == 2
+    assert whole["config"]["train"]["micro_batch"] == 2 and whole["config"]["model"]["input_norm"] == "imagenet"
     assert whole["model"].keys() == split["model"].keys()
     for name, value in whole["model"].items():
         assert torch.equal(value, split["model"][name]), name

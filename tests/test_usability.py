@@ -337,9 +337,11 @@ def test_documented_commands_parse():
 
 def test_imagenet_commands_agree_and_follow_maes_recipe():
     """Every ImageNet command of README.md and docs/ parses, and all run MAE's recipe: effective batch 4096, blr
-    1.5e-4, 40 warm-up epochs, 400 epochs (1,281,167 images / 4096 = 312.8 steps an epoch)."""
-    from gmae.cli import parse_args
+    1.5e-4, ImageNet normalisation, 40 warm-up epochs, 400 epochs (1,281,167 images / 4096 = 312.8 steps an
+    epoch), given in steps or in epochs (--epochs, or a recipe's)."""
+    from gmae.cli import _pretrain_schedule, parse_args
 
+    epoch = 1_281_167 / 4096
     found = {}
     for page in DOCS:
         for command in bash_commands(page.read_text()):
@@ -347,10 +349,13 @@ def test_imagenet_commands_agree_and_follow_maes_recipe():
                 words = command.split()
                 args = parse_args(words[words.index("gmae") + 1:])
                 args = args.job_args if args.command == "submit" else args  # the command gmae submit runs
-                found[f"{page.name}: {command}"] = (args.preset, args.batch_size, args.blr, args.warmup_steps, args.steps)
-    assert len(found) >= 3, found  # one GPU, one machine of 8, two machines
-    epoch = 1_281_167 / 4096
-    assert set(found.values()) == {("base", 4096, 1.5e-4, 12500, 125000)}, found
+                schedule = _pretrain_schedule(args)
+                epochs = schedule["epochs"] or round(args.steps / epoch)
+                warmup = schedule["warmup_epochs"] or round(args.warmup_steps / epoch)
+                found[f"{page.name}: {command}"] = (args.preset, args.batch_size, args.blr, args.input_norm, warmup,
+                                                    epochs)
+    assert len(found) >= 4, found  # one GPU (steps and a recipe), one machine of 8, two machines
+    assert set(found.values()) == {("base", 4096, 1.5e-4, "imagenet", 40, 400)}, found
     assert round(40 * epoch, -2) == 12500 and round(400 * epoch, -3) == 125000
 
 

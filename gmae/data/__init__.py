@@ -29,6 +29,7 @@ from .deadleaves import DeadLeaves, DeadLeavesSample, masks, occlusion_boundarie
 from .folder import ImageFolder, Photos
 from .sprites import Sprites
 from .images import (
+    DEFAULT_SCALE,
     IMG_EXTENSIONS,
     load_image,
     mae_augment,
@@ -72,7 +73,8 @@ _ALIASES = {"deadleaves": "deadleaves", "dead-leaves": "deadleaves", "dead_leave
             "sprites": "sprites", "photos": "photos", "skimage": "photos", "digits": "digits"}
 
 
-def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "skip") -> ImageSource:
+def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "skip",
+                  scale=DEFAULT_SCALE, interpolation: str = "bicubic") -> ImageSource:
     """The image source called ``name``.
 
     ``"deadleaves"``: :class:`DeadLeaves` (image_size, seed); ``"sprites"``:
@@ -83,6 +85,9 @@ def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "ski
     the path of an image folder (:class:`ImageFolder`, using ``root/train`` if
     present).  ``seed`` only matters for the generated sources (which images exist); the
     order and augmentation of every source come from the :class:`SeededStream`.
+    ``scale`` and ``interpolation`` are the random resized crop's (MAE's: (0.2, 1), bicubic) for the sources
+    that crop photos: image folders and ``"photos"`` (digits keep their own crop of 8x8 images; the
+    generated sources are not cropped).
     Raises :class:`GMAEError` for a missing or empty folder or an unknown name.
     """
     if on_bad_image not in ("skip", "error"):
@@ -104,7 +109,7 @@ def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "ski
     if key == "sprites":
         return Sprites(image_size, seed=check_seed(seed))
     if key == "photos":
-        return Photos(image_size)
+        return Photos(image_size, scale=scale, interpolation=interpolation)
     if key == "digits":  # the train split's images, unlabelled (MAE's protocol: pre-train where you probe)
         from .labelled import load_digits
 
@@ -113,4 +118,4 @@ def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "ski
     if not os.path.exists(path) and os.sep not in name and "/" not in name and not name.startswith("."):
         raise GMAEError(f"unknown data {name!r}: use one of {', '.join(DATA_NAMES)} "
                         f"or the path of an existing image folder")
-    return ImageFolder(path, image_size, on_bad_image=on_bad_image)
+    return ImageFolder(path, image_size, on_bad_image=on_bad_image, scale=scale, interpolation=interpolation)

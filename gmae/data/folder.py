@@ -73,7 +73,7 @@ class ImageFolder:
     def __init__(self, root: str, image_size, augment: bool = True,
                  on_bad_image: str = "skip", split: str | None = "auto",
                  scale: Sequence[float] = DEFAULT_SCALE,
-                 ratio: Sequence[float] = DEFAULT_RATIO):
+                 ratio: Sequence[float] = DEFAULT_RATIO, interpolation: str = "bicubic"):
         if on_bad_image not in ("skip", "error"):
             raise GMAEError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         root = os.path.expanduser(str(root))
@@ -93,7 +93,7 @@ class ImageFolder:
         self.image_size = as_hw(image_size)
         self.augment = bool(augment)
         self.on_bad_image = on_bad_image
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.scale, self.ratio, self.interpolation = tuple(scale), tuple(ratio), interpolation
         self.files = _find_images(root)
         if not self.files:
             raise GMAEError(f"image folder {root!r} contains no images (accepted extensions: "
@@ -123,7 +123,7 @@ class ImageFolder:
         if self.augment:
             if rng is None:
                 raise ValueError("an augmenting source needs an rng")
-            return mae_augment(img, self.image_size, rng, self.scale, self.ratio)
+            return mae_augment(img, self.image_size, rng, self.scale, self.ratio, self.interpolation)
         return resize_center_crop(img, self.image_size)
 
     def load(self, index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
@@ -198,10 +198,10 @@ class Photos:
 
     def __init__(self, image_size, names: Sequence[str] = PHOTO_NAMES,
                  scale: Sequence[float] = DEFAULT_SCALE,
-                 ratio: Sequence[float] = DEFAULT_RATIO):
+                 ratio: Sequence[float] = DEFAULT_RATIO, interpolation: str = "bicubic"):
         self.image_size = as_hw(image_size)
         self.names = tuple(names)
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.scale, self.ratio, self.interpolation = tuple(scale), tuple(ratio), interpolation
         self._photos: list[Image.Image] | None = None
         self.bad_images = 0
 
@@ -235,4 +235,4 @@ class Photos:
     def load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         photos = self.photos
         img = photos[int(index) % len(photos)]
-        return mae_augment(img, self.image_size, rng, self.scale, self.ratio)
+        return mae_augment(img, self.image_size, rng, self.scale, self.ratio, self.interpolation)

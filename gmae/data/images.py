@@ -28,6 +28,7 @@ __all__ = [
     "load_image",
     "mae_augment",
     "open_image",
+    "pil_filter",
     "pil_to_tensor",
     "random_resized_crop",
     "random_resized_crop_params",
@@ -37,6 +38,14 @@ __all__ = [
 
 DEFAULT_SCALE = (0.2, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# PIL's filters by the names of gmae.config.INTERPOLATIONS (torchvision's InterpolationMode names).
+PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def pil_filter(interpolation: str):
+    if interpolation not in PIL_FILTERS:
+        raise GMAEError(f"interpolation must be one of {', '.join(PIL_FILTERS)}; got {interpolation!r}")
+    return PIL_FILTERS[interpolation]
 
 
 def as_hw(image_size) -> tuple[int, int]:
@@ -155,24 +164,25 @@ def random_resized_crop(
     rng: np.random.Generator,
     scale: Sequence[float] = DEFAULT_SCALE,
     ratio: Sequence[float] = DEFAULT_RATIO,
+    interpolation: str = "bicubic",
 ) -> Image.Image:
     """Crop a random box (see :func:`random_resized_crop_params`) and resize it
-    to ``size`` (int or (H, W)) with bicubic interpolation (antialiased when
-    shrinking, as PIL/torchvision do)."""
+    to ``size`` (int or (H, W)) with ``interpolation`` (bicubic or bilinear;
+    antialiased when shrinking, as PIL/torchvision do)."""
     out_h, out_w = as_hw(size)
     top, left, h, w = random_resized_crop_params(img.height, img.width, rng, scale, ratio)
     # Crop, then resize (as torchvision does): resize(box=...) would let the
     # bicubic filter read pixels outside the box and differ at the crop's edges.
-    return img.crop((left, top, left + w, top + h)).resize((out_w, out_h), Image.BICUBIC)
+    return img.crop((left, top, left + w, top + h)).resize((out_w, out_h), pil_filter(interpolation))
 
 
 def mae_augment(img: Image.Image, size, rng: np.random.Generator,
                 scale: Sequence[float] = DEFAULT_SCALE,
-                ratio: Sequence[float] = DEFAULT_RATIO) -> torch.Tensor:
-    """MAE pre-training augmentation: RandomResizedCrop (bicubic) + horizontal
+                ratio: Sequence[float] = DEFAULT_RATIO, interpolation: str = "bicubic") -> torch.Tensor:
+    """MAE pre-training augmentation: RandomResizedCrop (bicubic by default) + horizontal
     flip with probability 1/2.  Returns float32 (3, H, W) in [0, 1], not
-    normalised (the model's target)."""
-    out = random_resized_crop(img, size, rng, scale, ratio)
+    normalised (the model's target; the encoder normalises its own input)."""
+    out = random_resized_crop(img, size, rng, scale, ratio, interpolation)
     if rng.random() < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return pil_to_tensor(out)

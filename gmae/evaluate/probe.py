@@ -73,7 +73,7 @@ def random_encoder(mcfg: ModelConfig, seed: int = 0) -> ViTEncoder:
     with g:
         torch.manual_seed(seed)
         encoder = ViTEncoder(mcfg.img_size, mcfg.patch_size, mcfg.in_chans, mcfg.embed_dim, mcfg.depth,
-                             mcfg.num_heads, mcfg.mlp_ratio)
+                             mcfg.num_heads, mcfg.mlp_ratio, input_norm=mcfg.input_norm)
     return encoder.eval()
 
 

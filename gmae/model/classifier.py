@@ -64,6 +64,11 @@ class ViTClassifier(nn.Module):
             raise GMAEError(f"global pool must be one of {', '.join(GLOBAL_POOLS)}; got {global_pool!r}")
         self.global_pool = global_pool
         self.patch_embed = encoder.patch_embed
+        # The encoder's input normalisation (gmae.config.INPUT_NORMS) goes with it: fine-tuning feeds [0, 1] images.
+        self.input_norm = encoder.input_norm
+        if self.input_norm == "imagenet":
+            self.register_buffer("input_mean", encoder.input_mean.clone(), persistent=False)
+            self.register_buffer("input_std", encoder.input_std.clone(), persistent=False)
         self.cls_token = encoder.cls_token
         self.pos_embed = encoder.pos_embed
         self.blocks = encoder.blocks
@@ -84,7 +89,9 @@ class ViTClassifier(nn.Module):
         return len(self.blocks)
 
     def forward_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs (B, C, H, W) -> every token (B, 1 + N, D) after the last block (cls first), before any norm."""
+        """imgs (B, C, H, W) in [0, 1] -> every token (B, 1 + N, D) after the last block (cls first), before any norm."""
+        if self.input_norm == "imagenet":
+            imgs = (imgs - self.input_mean) / self.input_std
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (B, N, D)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
@@ -110,5 +117,5 @@ def build_classifier(mcfg: ModelConfig, num_classes: int, drop_path: float = 0.1
     """A classifier for ``mcfg``'s encoder: ``encoder`` if given, else freshly initialised."""
     if encoder is None:
         encoder = ViTEncoder(mcfg.img_size, mcfg.patch_size, mcfg.in_chans, mcfg.embed_dim, mcfg.depth,
-                             mcfg.num_heads, mcfg.mlp_ratio)
+                             mcfg.num_heads, mcfg.mlp_ratio, input_norm=mcfg.input_norm)
     return ViTClassifier(encoder, num_classes, drop_path, global_pool)

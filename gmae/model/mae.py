@@ -30,7 +30,8 @@ class MAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = ViTEncoder(
-            cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio
+            cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
+            input_norm=cfg.input_norm,
         )
         grid = cfg.img_size // cfg.patch_size
         d = cfg.decoder_embed_dim

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import IMAGENET_MEAN, IMAGENET_STD, INPUT_NORMS
+
 
 # --------------------------------------------------------------------------- patches
 
@@ -157,8 +159,18 @@ class ViTEncoder(nn.Module):
     ViT feature extractor (used by probes and fine-tuning).
     """
 
-    def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio=4.0):
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio=4.0,
+                 input_norm: str = "none"):
         super().__init__()
+        # gmae.config.INPUT_NORMS: the [0, 1] images every caller passes are normalised here, so that a
+        # checkpoint's every user (fine-tuning, probes, readouts) feeds the encoder as it was trained. Buffers
+        # outside the state dict: checkpoints and timm exports keep timm's names and load either way.
+        self.input_norm = input_norm
+        if input_norm == "imagenet":
+            self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, -1, 1, 1), persistent=False)
+        elif input_norm != "none":
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}; got {input_norm!r}")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         n = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -172,7 +184,9 @@ class ViTEncoder(nn.Module):
         init_weights(self)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None):
-        """imgs (B, C, H, W) -> latent (B, 1 + n, D), mask (B, N), ids_restore (B, N)."""
+        """imgs (B, C, H, W) in [0, 1] -> latent (B, 1 + n, D), mask (B, N), ids_restore (B, N)."""
+        if self.input_norm == "imagenet":
+            imgs = (imgs - self.input_mean) / self.input_std
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (B, N, D)
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, n, D)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)

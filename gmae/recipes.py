@@ -1,0 +1,234 @@
+"""Named recipes: published training settings, each value with where it comes from.
+
+A recipe is for one command (``pretrain``, ``finetune`` or ``probe``) and holds values keyed by that
+command's argparse destinations; ``--recipe NAME`` makes them the parser's defaults, so that a flag typed
+on the command line still wins (gmae.cli). ``gmae recipes`` lists them, ``gmae recipes NAME`` prints each
+value with its citation.
+
+Citations name MAE's files with their line numbers (facebookresearch/mae: ``PRETRAIN.md``, ``FINETUNE.md``,
+``main_pretrain.py``, ``main_finetune.py``, ``main_linprobe.py``, ``engine_pretrain.py``), the GMAE paper, the
+GMAE authors' code as issue 18 describes it (its source is not at hand, so no file and line), or
+"gmae: why" for this project's own choices. Torch-free: ``gmae recipes`` and ``--help`` load no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import GMAEError
+
+COMMANDS = ("pretrain", "finetune", "probe")
+
+# Where the numbers come from.
+PRETRAIN_MD = "MAE PRETRAIN.md"
+FINETUNE_MD = "MAE FINETUNE.md"
+MAIN_PRETRAIN = "MAE main_pretrain.py"
+MAIN_FINETUNE = "MAE main_finetune.py"
+MAIN_LINPROBE = "MAE main_linprobe.py"
+PAPER = "GMAE paper"
+AUTHORS = "GMAE authors' code (issue 18)"  # as issue 18 reports it: the source is not at hand, so no line
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    command: str  # one of COMMANDS
+    summary: str  # one line
+    values: dict[str, tuple[object, str]]  # {argparse dest: (value, citation)}
+    notes: tuple[str, ...] = field(default=())  # what it does not reproduce, and why
+
+    def settings(self) -> dict[str, object]:
+        """{dest: value}: what --recipe sets as the command's defaults."""
+        return {dest: value for dest, (value, _) in self.values.items()}
+
+
+def _tuple_or_value(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ---------------------------------------------------------------------------------------------- pre-training
+
+# MAE's ImageNet pre-training (PRETRAIN.md's command, lines 5-16, and main_pretrain.py's defaults), for a GMAE
+# model: the values every MAE-scheduled recipe below shares.
+_MAE_SCHEDULE: dict[str, tuple[object, str]] = {
+    "model": ("gmae", "gmae: the recipe trains a GMAE (Gaussian decoder) with MAE's schedule; --model mae for MAE"),
+    "epochs": (800, f"{PRETRAIN_MD} line 13 (--epochs 800)"),
+    "warmup_epochs": (40, f"{PRETRAIN_MD} line 14 (--warmup_epochs 40)"),
+    "batch_size": (4096, f"{PRETRAIN_MD} line 18 (effective batch 64 x 8 nodes x 8 GPUs = 4096)"),
+    "micro_batch": (64, f"{PRETRAIN_MD} line 9 (--batch_size 64 per GPU; accumulation makes up the rest, line 18)"),
+    "blr": (1.5e-4, f"{PRETRAIN_MD} line 15 (--blr 1.5e-4; lr = blr x 4096 / 256, line 19)"),
+    "weight_decay": (0.05, f"{PRETRAIN_MD} line 15 (--weight_decay 0.05)"),
+    "betas": ((0.9, 0.95), f"{MAIN_PRETRAIN} line 180 (AdamW betas=(0.9, 0.95))"),
+    "mask_ratio": (0.75, f"{PRETRAIN_MD} line 12 (--mask_ratio 0.75)"),
+    "loss": ("masked", f"gmae: {PRETRAIN_MD} line 11 trains MAE with --norm_pix_loss, but for GMAE the paper's "
+                       "per-patch normalised loss is far worse (ImageNet ft 76.9 vs 83.2, DESIGN.md); the pixel "
+                       f"loss on the masked patches is MAE's baseline ({PRETRAIN_MD} line 20) and the paper's"),
+    "crop_scale": ((0.2, 1.0), f"{MAIN_PRETRAIN} line 124 (RandomResizedCrop scale=(0.2, 1.0)); flip: line 125, "
+                               "always on in gmae"),
+    "interpolation": ("bicubic", f"{MAIN_PRETRAIN} line 124 (interpolation=3, bicubic)"),
+    "input_norm": ("imagenet", f"{MAIN_PRETRAIN} line 127 (Normalize with ImageNet's mean and std)"),
+    "clip_grad": (0.0, "MAE engine_pretrain.py line 57 (the loss scaler is called without clip_grad: no clipping)"),
+    "num_gaussians": (256, f"{PAPER}'s k (DESIGN.md: 256, the authors' code's default)"),
+    "max_scale": (1.0, f"{PAPER}: c = 1, its default and best (DESIGN.md)"),
+}
+
+
+def _pretrain(name: str, summary: str, preset: tuple[str, str], base: dict, **values) -> Recipe:
+    return Recipe(name, "pretrain", summary, {"preset": preset, **base, **values})
+
+
+_VIT_B = ("base", f"{PRETRAIN_MD} line 24 (--model mae_vit_base_patch16: ViT-B/16, 224 px)")
+_VIT_L = ("large", f"{PRETRAIN_MD} line 10 (--model mae_vit_large_patch16: ViT-L/16, 224 px)")
+_PAPER_EPOCHS = (400, f"{PAPER}, Evaluation on Standard Vision Tasks (ViT-B pre-trained for 400 epochs, mask 0.75)")
+_PAPER_LOSS = ("masked", f"{PAPER}, Method: MSE 'on the originally masked pixels'")
+
+_AUTHORS_NOT_REPRODUCED = (
+    "loss summed over the batch: a bug (the loss, and so the step size, grows with the batch); gmae averages",
+    "decoder position embedding gathered from the table that includes the cls row (off by one): a bug, not copied",
+    "rotation from 3 sigmoids mapped to a uniform quaternion: not implemented (gmae normalises a 4-vector)",
+    "bias-free Gaussian head: not implemented (gmae's head has a bias)",
+    "query tokens initialised U[0, 1): not implemented (gmae's own query initialisation, gmae.model.gmae)",
+    "alpha clamped at 0.999: not implemented (gmae's rasterizer clamps at 0.99, as 3DGS)",
+    "batch size and epochs of the released runs: not known here; MAE's effective batch and the paper's 400 epochs",
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("tiny", "pretrain", "today's CPU default: the tiny preset on dead-leaves in a few minutes on 2 cores", {
+        "preset": ("tiny", "gmae: the CPU-sized model (gmae.config.PRESETS['tiny'])"),
+        "steps": (1200, "gmae: gmae.config.TRAIN_PRESETS['tiny'], tuned to learn recognisable dead-leaves renders"),
+        "batch_size": (16, "gmae: TRAIN_PRESETS['tiny']; small batches, many steps on CPU"),
+        "blr": (1.6e-2, "gmae: TRAIN_PRESETS['tiny']: lr = 1e-3 at batch 16 (MAE's blr leaves mean-colour renders)"),
+        "warmup_steps": (50, "gmae: TRAIN_PRESETS['tiny']"),
+        "checkpoint_every": (400, "gmae: TRAIN_PRESETS['tiny']"),
+    }),
+    _pretrain("mae-pretrain-vit-b", "MAE's ImageNet pre-training (800 epochs, batch 4096) of a GMAE ViT-B/16",
+              _VIT_B, _MAE_SCHEDULE),
+    _pretrain("mae-pretrain-vit-l", "MAE's ImageNet pre-training (800 epochs, batch 4096) of a GMAE ViT-L/16",
+              _VIT_L, _MAE_SCHEDULE),
+    _pretrain("gmae-paper-vit-b", "the GMAE paper's ViT-B/16: 400 epochs, masked loss, c = 1, k = 256; else MAE's",
+              _VIT_B, _MAE_SCHEDULE, epochs=_PAPER_EPOCHS, loss=_PAPER_LOSS),
+    _pretrain("gmae-paper-vit-l", "the paper's recipe (reported for ViT-B) on ViT-L/16; else MAE's",
+              _VIT_L, _MAE_SCHEDULE, epochs=_PAPER_EPOCHS, loss=_PAPER_LOSS),
+    Recipe("authors-code", "pretrain", "the GMAE authors' code's choices (ViT-B/16), without its bugs", {
+        "preset": _VIT_B,
+        "model": ("gmae", AUTHORS),
+        "epochs": _PAPER_EPOCHS,
+        "warmup_epochs": (40, f"{PRETRAIN_MD} line 14 (the authors' code's warmup is not known here: MAE's)"),
+        "batch_size": (4096, f"{PRETRAIN_MD} line 18 (the authors' batch is not known here: MAE's effective batch)"),
+        "micro_batch": (64, f"{PRETRAIN_MD} line 9 (64 per GPU)"),
+        "blr": (1e-3, f"{AUTHORS}: blr 1e-3 (DESIGN.md)"),
+        "weight_decay": (0.05, f"{AUTHORS}: wd 0.05 (DESIGN.md)"),
+        "betas": ((0.9, 0.95), f"{AUTHORS}: AdamW betas (0.9, 0.95) (DESIGN.md)"),
+        "mask_ratio": (0.75, f"{PAPER}: mask 0.75"),
+        "loss": ("all", f"{AUTHORS}: MSE over all pixels (the paper says masked)"),
+        "input_norm": ("imagenet", f"{AUTHORS}: ImageNet mean/std normalisation"),
+        "crop_scale": ((0.08, 1.0), f"{AUTHORS}: RandomResizedCrop scale (0.08, 1)"),
+        "interpolation": ("bicubic", f"{MAIN_PRETRAIN} line 124 (the authors' interpolation is not known here)"),
+        "clip_grad": (2.0, f"{AUTHORS}: gradient clipping at norm 2.0"),
+        "precision": ("fp32", f"{AUTHORS}: fp32"),
+        "ema": (0.999, f"{AUTHORS}: EMA of the weights, decay 0.999"),
+        "num_gaussians": (256, f"{AUTHORS}: k = 256 (DESIGN.md)"),
+        "max_scale": (1.0, f"{AUTHORS}: c = 1 (DESIGN.md)"),
+        "camera": ("authors", f"{AUTHORS}: legacy gsplat camera at t_z = 8, fov 90 degrees (DESIGN.md)"),
+        "depth_param": ("bounded", f"{AUTHORS}: z = 2 (sigmoid - 0.5) (DESIGN.md)"),
+        "background": ((1.0, 1.0, 1.0), f"{AUTHORS}: white background (DESIGN.md)"),
+    }, notes=_AUTHORS_NOT_REPRODUCED),
+)}
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+# MAE's fine-tuning regularisers and schedule shared by every size (FINETUNE.md's commands; main_finetune.py's
+# defaults for what the commands leave out).
+_MAE_FINETUNE: dict[str, tuple[object, str]] = {
+    "batch_size": (1024, f"{FINETUNE_MD} line 77 (effective batch 32 x 4 nodes x 8 GPUs = 1024)"),
+    "weight_decay": (0.05, f"{FINETUNE_MD} line 73 (--weight_decay 0.05)"),
+    "reprob": (0.25, f"{FINETUNE_MD} line 73 (--reprob 0.25)"),
+    "remode": ("pixel", f"{MAIN_FINETUNE} line 90 (--remode pixel)"),
+    "recount": (1, f"{MAIN_FINETUNE} line 92 (--recount 1)"),
+    "mixup": (0.8, f"{FINETUNE_MD} line 73 (--mixup 0.8)"),
+    "cutmix": (1.0, f"{FINETUNE_MD} line 73 (--cutmix 1.0)"),
+    "mixup_prob": (1.0, f"{MAIN_FINETUNE} line 104 (--mixup_prob 1.0)"),
+    "mixup_switch_prob": (0.5, f"{MAIN_FINETUNE} line 106 (--mixup_switch_prob 0.5)"),
+    "mixup_mode": ("batch", f"{MAIN_FINETUNE} line 108 (--mixup_mode batch)"),
+    "aa": ("rand-m9-mstd0.5-inc1", f"{MAIN_FINETUNE} line 82 (--aa rand-m9-mstd0.5-inc1, RandAugment)"),
+    "smoothing": (0.1, f"{MAIN_FINETUNE} line 84 (--smoothing 0.1)"),
+    "warmup_epochs": (5, f"{MAIN_FINETUNE} line 76 (--warmup_epochs 5)"),
+    "global_pool": ("avg", f"{MAIN_FINETUNE} line 115 (global_pool=True) and {FINETUNE_MD} line 131"),
+    "clip_grad": (0.0, f"{MAIN_FINETUNE} line 61 (--clip_grad None: no clipping)"),
+}
+
+RECIPES.update({r.name: r for r in (
+    Recipe("mae-finetune-vit-b", "finetune", "MAE's ImageNet fine-tuning of ViT-B: 100 epochs, batch 1024", {
+        **_MAE_FINETUNE,
+        "epochs": (100, f"{FINETUNE_MD} line 71 (--epochs 100)"),
+        "blr": (5e-4, f"{FINETUNE_MD} line 72 (--blr 5e-4)"),
+        "layer_decay": (0.65, f"{FINETUNE_MD} line 72 (--layer_decay 0.65)"),
+        "drop_path": (0.1, f"{FINETUNE_MD} line 73 (--drop_path 0.1)"),
+    }),
+    Recipe("mae-finetune-vit-l", "finetune", "MAE's ImageNet fine-tuning of ViT-L: 50 epochs, batch 1024", {
+        **_MAE_FINETUNE,
+        "batch_size": (1024, f"{FINETUNE_MD} lines 86-87 (32 per GPU x 4 nodes x 8 GPUs = 1024, as line 77)"),
+        "weight_decay": (0.05, f"{FINETUNE_MD} line 92 (--weight_decay 0.05)"),
+        "reprob": (0.25, f"{FINETUNE_MD} line 92 (--reprob 0.25)"),
+        "mixup": (0.8, f"{FINETUNE_MD} line 92 (--mixup 0.8)"),
+        "cutmix": (1.0, f"{FINETUNE_MD} line 92 (--cutmix 1.0)"),
+        "epochs": (50, f"{FINETUNE_MD} line 90 (--epochs 50)"),
+        "blr": (1e-3, f"{FINETUNE_MD} line 91 (--blr 1e-3)"),
+        "layer_decay": (0.75, f"{FINETUNE_MD} line 91 (--layer_decay 0.75)"),
+        "drop_path": (0.2, f"{FINETUNE_MD} line 92 (--drop_path 0.2)"),
+    }),
+    Recipe("mae-finetune-vit-h", "finetune", "MAE's ImageNet fine-tuning of ViT-H: 50 epochs, batch 1024", {
+        **_MAE_FINETUNE,
+        "batch_size": (1024, f"{FINETUNE_MD} lines 102-103 (16 per GPU x 8 nodes x 8 GPUs = 1024)"),
+        "weight_decay": (0.05, f"{FINETUNE_MD} line 108 (--weight_decay 0.05)"),
+        "reprob": (0.25, f"{FINETUNE_MD} line 108 (--reprob 0.25)"),
+        "mixup": (0.8, f"{FINETUNE_MD} line 108 (--mixup 0.8)"),
+        "cutmix": (1.0, f"{FINETUNE_MD} line 108 (--cutmix 1.0)"),
+        "epochs": (50, f"{FINETUNE_MD} line 106 (--epochs 50)"),
+        "blr": (1e-3, f"{FINETUNE_MD} line 107 (--blr 1e-3)"),
+        "layer_decay": (0.75, f"{FINETUNE_MD} line 107 (--layer_decay 0.75)"),
+        "drop_path": (0.3, f"{FINETUNE_MD} line 108 (--drop_path 0.3)"),
+    }),
+    # ------------------------------------------------------------------------------------------ linear probe
+    Recipe("mae-linprobe", "probe", "MAE's linear probe: BatchNorm + linear head, LARS, batch 16384, 90 epochs", {
+        "protocol": ("mae", f"{MAIN_LINPROBE} lines 218-252 (BatchNorm without affine + linear head, std 0.01 "
+                            "init, LARS)"),
+        "batch_size": (16384, f"{FINETUNE_MD} line 150 (effective batch 512 x 4 nodes x 8 GPUs = 16384)"),
+        "blr": (0.1, f"{FINETUNE_MD} line 146 (--blr 0.1)"),
+        "weight_decay": (0.0, f"{FINETUNE_MD} line 147 (--weight_decay 0.0)"),
+        "epochs": (90, f"{FINETUNE_MD} line 145 (--epochs 90; ViT-L/H: 50 suffice, line 155)"),
+        "warmup_epochs": (10, f"{MAIN_LINPROBE} line 66 (--warmup_epochs 10)"),
+        "pool": ("cls", f"{FINETUNE_MD} line 143 (--cls_token)"),
+    }),
+)})
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called `name`; GMAEError listing the names if there is none."""
+    if name not in RECIPES:
+        raise GMAEError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)} (gmae recipes lists them)")
+    return RECIPES[name]
+
+
+def recipe_defaults(name: str, command: str, dests) -> dict[str, object]:
+    """{dest: value} to make `command`'s defaults, of recipe `name` for a parser whose destinations are
+    `dests`. GMAEError for a recipe of another command, or a key the parser lacks."""
+    recipe = get_recipe(name)
+    if recipe.command != command:
+        raise GMAEError(f"recipe {name!r} is for gmae {recipe.command}, not gmae {command}; "
+                        f"use it there, or pick a {command} recipe (gmae recipes lists them)")
+    dests = set(dests)
+    unknown = [k for k in recipe.values if k not in dests]
+    if unknown:
+        raise GMAEError(f"recipe {name!r} sets {', '.join(unknown)}, which gmae {command} has no flag for; "
+                        "the recipe table (gmae/recipes.py) is out of date")
+    return recipe.settings()
+
+
+def recipe_json(recipe: Recipe) -> dict:
+    return {"name": recipe.name, "command": recipe.command, "summary": recipe.summary,
+            "values": {k: _tuple_or_value(v) for k, v in recipe.settings().items()},
+            "citations": {k: cite for k, (_, cite) in recipe.values.items()}, "not_reproduced": list(recipe.notes)}
+
+
+__all__ = ["COMMANDS", "RECIPES", "Recipe", "get_recipe", "recipe_defaults", "recipe_json"]
