@@ -849,7 +849,9 @@ def cmd_finetune(args) -> int:
         num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
         raw_weights=args.raw_weights, recipe=args.recipe or "",
         **{k: getattr(args, k) for k in FINETUNE_TIMM_FIELDS if k != "warmup_epochs"},
-        warmup_epochs=d.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs,
+        # A typed --warmup-steps replaces a recipe's warmup epochs (typing both is refused by check_warmup).
+        warmup_epochs=d.warmup_epochs if args.warmup_epochs is None or (
+            "warmup_steps" in args.typed and "warmup_epochs" not in args.typed) else args.warmup_epochs,
     )
     if not args.resume:
         fcfg.check_warmup()

@@ -403,11 +403,18 @@ def test_finetune_and_probe_record_the_recipe(monkeypatch, capsys, tmp_path):
         "steps_run": 0, "val_acc": 0.0, "best_val_acc": 0.0, "num_val": 0, "checkpoint": "", "out": ""})
     args = parse_args(["finetune", "--checkpoint", __file__, "--recipe", "mae-finetune-vit-b", "--epochs", "1",
                        "--out", str(tmp_path / "ft")])
-    assert "not applied" in capsys.readouterr().err  # mixup & co. arrive with the fine-tuning work
     args.func(args)
     fcfg = seen["fcfg"]
     assert (fcfg.recipe, fcfg.epochs, fcfg.batch_size, fcfg.blr, fcfg.layer_decay) == (
         "mae-finetune-vit-b", 1, 1024, 5e-4, 0.65)
+    assert (fcfg.mixup, fcfg.cutmix, fcfg.aa, fcfg.reprob, fcfg.global_pool, fcfg.warmup_epochs) == (
+        0.8, 1.0, "rand-m9-mstd0.5-inc1", 0.25, "avg", 5)
+    # A typed --warmup-steps replaces the recipe's warmup epochs instead of clashing with them.
+    args = parse_args(["finetune", "--checkpoint", __file__, "--recipe", "mae-finetune-vit-b", "--warmup-steps", "3",
+                       "--out", str(tmp_path / "ft2")])
+    seen.clear()
+    args.func(args)
+    assert (seen["fcfg"].warmup_steps, seen["fcfg"].warmup_epochs) == (3, -1.0)
     record = _probe_record(parse_args(["probe", "--checkpoint", "x.pt", "--recipe", "mae-linprobe", "--epochs", "2"]))
     assert record["recipe"] == "mae-linprobe"
     assert (record["settings"]["epochs"], record["settings"]["batch_size"], record["settings"]["pool"]) == (2, 16384,
