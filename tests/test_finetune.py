@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from gmae.checkpoint import list_checkpoints, save_checkpoint, training_state
+from gmae.checkpoint import list_checkpoints
 from gmae.cli import main
-from gmae.config import TrainConfig, as_dict, model_config
+from gmae.config import model_config
 from gmae.errors import GMAEError
 from gmae.evaluate.finetune import (
     FinetuneConfig,
@@ -21,19 +21,6 @@ from gmae.model.classifier import DropPath, build_classifier
 from conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from gmae.model import build_model
-
-    path = tmp_path_factory.mktemp("pre") / "checkpoint-0000001.pt"
-    mcfg = model_config("tiny", **TINY)
-    torch.manual_seed(0)
-    model = build_model(mcfg)
-    save_checkpoint(training_state(model, torch.optim.AdamW(model.parameters()), 1, as_dict(mcfg),
-                                   as_dict(TrainConfig(steps=1))), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gmae.checkpoint import save_checkpoint, training_state
 from gmae.cli import main
-from gmae.config import FinetuneConfig, TrainConfig, as_dict, model_config
+from gmae.config import FinetuneConfig, as_dict
 from gmae.errors import GMAEError
-from conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,19 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MAE_B = {"mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5, "mixup_mode": "batch",
          "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "remode": "pixel", "recount": 1, "global_pool": "avg",
          "smoothing": 0.1, "layer_decay": 0.65, "drop_path": 0.1, "weight_decay": 0.05, "warmup_epochs": 5.0}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from gmae.model import build_model
-
-    path = tmp_path_factory.mktemp("pre") / "checkpoint-0000001.pt"
-    mcfg = model_config("tiny", **TINY)
-    torch.manual_seed(0)
-    model = build_model(mcfg)
-    save_checkpoint(training_state(model, torch.optim.AdamW(model.parameters()), 1, as_dict(mcfg),
-                                   as_dict(TrainConfig(steps=1))), path)
-    return path
 
 
 def records(out):

@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from gmae.checkpoint import save_checkpoint, training_state
 from gmae.cli import main
-from gmae.config import TrainConfig, as_dict, model_config
+from gmae.config import model_config
 from gmae.data.labelled import ArrayImages
 from gmae.errors import GMAEError
 from gmae.evaluate.probe import (
@@ -190,19 +189,6 @@ def test_probe_names_the_protocol_and_its_settings():
     assert c["protocol"] == "cached" and c["linear_batch"] == 256 and c["knn_acc"] == r["knn_acc"]
     assert PROTOCOL_DEFAULTS["mae"] == {"epochs": 90, "batch_size": 256, "blr": 6.4, "weight_decay": 0.0,
                                         "warmup_epochs": 10}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from gmae.model import build_model
-
-    path = tmp_path_factory.mktemp("pre") / "checkpoint-0000001.pt"
-    mcfg = model_config("tiny", **TINY)
-    torch.manual_seed(0)
-    model = build_model(mcfg)
-    save_checkpoint(training_state(model, torch.optim.AdamW(model.parameters()), 1, as_dict(mcfg),
-                                   as_dict(TrainConfig(steps=1))), path)
-    return path
 
 
 def test_cli_probe_protocol_mae_on_digits_and_scenes(ckpt, capsys):

@@ -437,3 +437,27 @@ def test_gmae_recipes_lists_and_shows(capsys):
     assert main(["recipes", "nope"]) == 2
     assert "unknown recipe" in capsys.readouterr().err
     assert PRESETS["base"]["embed_dim"] == 768  # the recipes' ViT-B is MAE's
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in RECIPES.items() if r.command == "finetune"))
+def test_each_finetune_recipe_runs_two_steps_at_tiny_shapes(name, ckpt, tmp_path, capsys):
+    """The recipe's logic, not its scale: its regularisers, pooling and warmup epochs run for two steps of 8
+    digits, and the checkpoint records the recipe's values."""
+    out = tmp_path / name
+    assert main(["finetune", "--recipe", name, "--checkpoint", str(ckpt), "--data", "digits", "--out", str(out),
+                 "--steps", "2", "--batch-size", "8", "--json", "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    saved = torch.load(out / "checkpoint-0000002.pt", weights_only=True)["config"]["finetune"]
+    expected = {k: v for k, v in get_recipe(name).settings().items() if k not in ("batch_size", "epochs")}
+    assert {k: saved[k] for k in expected} == expected and saved["recipe"] == name
+
+
+def test_the_linear_probe_recipe_runs_at_tiny_shapes(ckpt, capsys):
+    """mae-linprobe's protocol, blr, weight decay and cls token, for 2 epochs of digits; its batch of 16384 is
+    cut to the 1438 training images (one step an epoch), and the output records the recipe."""
+    assert main(["probe", "--recipe", "mae-linprobe", "--checkpoint", str(ckpt), "--epochs", "2",
+                 "--warmup-epochs", "1", "--json", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["recipe"], out["protocol"], out["pool"], out["blr"], out["weight_decay"]) == (
+        "mae-linprobe", "mae", "cls", 0.1, 0.0)
+    assert out["linear_batch"] == 1438 and out["linear_steps"] == 2
