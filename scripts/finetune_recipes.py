@@ -14,9 +14,11 @@ The recipes (both 5 epochs of batch 32 at lr 1e-3, so that they differ only in w
   cutmix 1.0, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, average pooling) scaled down:
   ``--epochs 5 --batch-size 32 --blr 8e-3 --warmup-epochs 0.25`` (MAE warms up for 5 of 100 epochs: 5%).
 
-Every command is appended to RUNS/commands.txt as it was run, and a finished run is not run again.
+Every command is appended to RUNS/commands.txt as it was run, and a finished run is not run again (nor one
+whose RUN.part exists: another process is writing it).
 
     python scripts/finetune_recipes.py --threads 2      # run what is missing
+    python scripts/finetune_recipes.py --threads 1 --first-seed 2 --seeds 1   # a second process, beside it
     python scripts/finetune_recipes.py --table          # final val accuracy, mean ± std over the seeds
 """
 
@@ -51,6 +53,9 @@ def finetune(runs: Path, pretrained: Path, gmae: str, encoder: str, seed: int, r
     if result.exists():
         return
     partial = result.with_suffix(".part")
+    if partial.exists():  # another process runs it (or one was killed: delete the .part to run it again)
+        print(f"{partial}: being written by another run; skipped")
+        return
     with partial.open("w") as f:
         run([gmae, "finetune", "--checkpoint", str(ckpt), "--data", "digits", "--seed", str(seed), "--out", str(out),
              "--json", "--quiet", *threads, *(["--random-init"] if init else []), *RECIPES[recipe]],
@@ -75,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--pretrained", default="runs/probe",
                    help="folder of scripts/scene_probes.py's pre-training runs (default runs/probe)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run: FIRST .. FIRST + SEEDS - 1 (default 0)")
     p.add_argument("--threads", default=None, help="passed to every gmae command")
     p.add_argument("--table", action="store_true", help="print the table of what is finished, and stop")
     args = p.parse_args(argv)
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
         runs.mkdir(parents=True, exist_ok=True)
         gmae = str(Path(sys.executable).with_name("gmae"))
         threads = ["--threads", args.threads] if args.threads else []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for recipe in RECIPES:
                 for encoder in ENCODERS:
                     finetune(runs, Path(args.pretrained), gmae, encoder, seed, recipe, threads)
