@@ -23,7 +23,7 @@ from .choices import (
 )
 from .config import (
     CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, ERASE_MODES, FINETUNE_RESUMABLE, GLOBAL_POOLS, INPUT_NORMS, INTERPOLATIONS,
-    LOSSES, MIXUP_MODES, MODELS, POSITION_PARAMS, PRESETS,
+    LOSSES, MIXUP_MODES, MODELS, POSITION_PARAMS, PRESETS, QUERY_INITS, ROTATION_PARAMS,
     PRETRAIN_RESUMABLE, FinetuneConfig, TrainConfig, as_dict, model_config, train_config,
 )
 from .errors import GMAEError
@@ -159,7 +159,7 @@ def add_pretrain(sub) -> None:
     p.add_argument("--max-scale", type=float, default=None, help="c, the largest Gaussian scale (default 1.0)")
     p.add_argument("--max-opacity", type=float, default=None,
                    help="opacity = MAX * sigmoid (default 1, the authors'); above 1 a Gaussian saturates at alpha "
-                        "0.99 over a core and has a sharp rim (a flat-topped blob)")
+                        "--max-alpha over a core and has a sharp rim (a flat-topped blob)")
     p.add_argument("--opacity-reg", type=float, default=None,
                    help="add this x mean opacity (relative to --max-opacity) to the loss: an economy prior for "
                         "fewer, larger Gaussians (default 0)")
@@ -183,6 +183,7 @@ def add_pretrain(sub) -> None:
                    help="z from the head: bounded 2*(sigmoid-0.5) (the authors'), centred (the same of the raw "
                         "depth minus the image's mean: no common drift onto a limit) or linear (never saturates; "
                         "--camera orthographic only)")
+    _add_authors_options(p)
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="also keep an fp32 exponential moving average of the weights with this decay, saved in the "
                         "checkpoints and used by the commands that read them (--raw-weights: not); e.g. 0.999, the "
@@ -201,6 +202,25 @@ def add_pretrain(sub) -> None:
                         "online_probe/acc_blockI, online_probe/loss_blockI; needs labelled --data: digits, sprites, "
                         "deadleaves or a folder of class sub-folders")
     p.set_defaults(func=cmd_pretrain)
+
+
+def _add_authors_options(p) -> None:
+    """The GMAE authors' code's model choices (issue 18; the authors-code recipe turns them on). Their defaults
+    (None: ModelConfig's) are gmae's behaviour from before them."""
+    p.add_argument("--rotation-param", default=None, choices=ROTATION_PARAMS,
+                   help="the Gaussians' rotation from the head: normalize (default; its 4 numbers divided by their "
+                        "norm) or uniform (the authors': 3 sigmoids through Shoemake's uniform-rotation map, "
+                        "w = sqrt(u1) cos 2 pi u3; the 4th number is unused)")
+    p.add_argument("--query-init", default=None, choices=QUERY_INITS,
+                   help="the query tokens' own embeddings at the start: normal (default; N(0, 1)) or uniform "
+                        "(the authors': U[0, 1))")
+    p.add_argument("--head-bias", default=None, action=argparse.BooleanOptionalAction,
+                   help="whether the Gaussian head has a bias (default: yes). Its bias also sets the starting size "
+                        "(half of c = 1's largest std, / sqrt(m)) and opacity (1/2); --no-head-bias (the authors') "
+                        "starts every scale around c x sigmoid(0) = c/2 and every opacity around max-opacity/2")
+    p.add_argument("--max-alpha", type=float, default=None,
+                   help="the renderer's clamp on each Gaussian's alpha, in (0, 1] (default 0.99, 3DGS's; the "
+                        "authors' 0.999); training and the readouts render with it")
 
 
 def _add_recipe(p, command: str) -> None:
@@ -260,7 +280,8 @@ def cmd_pretrain(args) -> int:
         mask_ratio=args.mask_ratio, loss=args.loss, background=args.background, render_backend=args.render_backend,
         camera=args.camera,
         depth_grad=args.depth_grad, depth_tau=args.depth_tau, depth_param=args.depth_param,
-        input_norm=args.input_norm,
+        input_norm=args.input_norm, rotation_param=args.rotation_param, query_init=args.query_init,
+        head_bias=args.head_bias, max_alpha=args.max_alpha,
     )
     tcfg = train_config(
         args.preset, data=args.data, steps=args.steps, batch_size=args.batch_size, blr=args.blr,
@@ -900,7 +921,11 @@ def cmd_recipes(args) -> int:
         return 0
     print(f"{recipe.name} (gmae {recipe.command} --recipe {recipe.name}): {recipe.summary}")
     # Each value under the flag that sets it (a pending one, whose flag is not built yet, under its dest's name).
-    flags = {a.dest: a.option_strings[0] for a in build_parser().commands[recipe.command]._actions if a.option_strings}
+    actions = {a.dest: a for a in build_parser().commands[recipe.command]._actions if a.option_strings}
+    flags = {dest: a.option_strings[0] for dest, a in actions.items()}
+    # A switch's False under the flag that sets it (--no-head-bias), which is what a command line would type.
+    flags.update({dest: a.option_strings[-1] for dest, a in actions.items()
+                  if isinstance(a, argparse.BooleanOptionalAction) and recipe.values.get(dest, (None,))[0] is False})
     names = {dest: flags.get(dest, f"--{dest.replace('_', '-')}") for dest in recipe.values}
     width = max(map(len, names.values()))
     for dest, (value, cite) in recipe.values.items():

@@ -47,6 +47,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Resampling of the random resized crop (TrainConfig.interpolation); bicubic is MAE's (main_pretrain.py line 124).
 INTERPOLATIONS = ("bicubic", "bilinear")
+# The GMAE authors' code's choices (issue 18), each a ModelConfig option whose default is gmae's behaviour before it:
+# how the head's 4 rotation numbers become a unit quaternion (ModelConfig.rotation_param): "normalize" (gmae's:
+# the 4-vector divided by its norm) or "uniform" (the authors': 3 sigmoids u1, u2, u3 mapped by Shoemake's
+# uniform-random-rotation map, so uniform u give uniformly distributed rotations; the 4th number is unused).
+ROTATION_PARAMS = ("normalize", "uniform")
+# The query tokens' own embeddings at initialisation (ModelConfig.query_init): "normal" (gmae's N(0, 1), see
+# QUERY_INIT_STD in gmae.model.gmae) or "uniform" (the authors': U[0, 1)).
+QUERY_INITS = ("normal", "uniform")
 
 
 @dataclass
@@ -84,6 +92,14 @@ class ModelConfig:
     # The encoder's input normalisation, see INPUT_NORMS; part of the model so that every user of a checkpoint
     # (fine-tuning, probes, readouts, export) feeds it as it was trained.
     input_norm: str = "none"
+    # --- the GMAE authors' code's choices (issue 18); each default is the behaviour from before it, so a checkpoint
+    # saved without them reads as what it was (no LEGACY_VALUES needed).
+    rotation_param: str = "normalize"  # see ROTATION_PARAMS
+    query_init: str = "normal"  # see QUERY_INITS
+    # Whether the Gaussian head has a bias. The bias also sets each Gaussian's starting size and opacity (GMAE.build_head);
+    # without it they start around c·sigmoid(0) = c/2 and max_opacity/2 (the authors' bias-free head).
+    head_bias: bool = True
+    max_alpha: float = 0.99  # clamp on each Gaussian's alpha in the rasterizer: 0.99 as 3DGS; the authors' 0.999
 
     def __post_init__(self) -> None:
         self.background = tuple(float(v) for v in self.background)
@@ -122,7 +138,8 @@ class ModelConfig:
         if not self.max_opacity >= 1.0:
             raise GMAEError(f"max opacity must be at least 1 (1: opacity = sigmoid, the authors'); got {self.max_opacity}")
         for name, allowed in (("camera", CAMERAS), ("depth_param", DEPTH_PARAMS), ("depth_grad", DEPTH_GRADS),
-                              ("position_param", POSITION_PARAMS), ("input_norm", INPUT_NORMS)):
+                              ("position_param", POSITION_PARAMS), ("input_norm", INPUT_NORMS),
+                              ("rotation_param", ROTATION_PARAMS), ("query_init", QUERY_INITS)):
             if getattr(self, name) not in allowed:
                 flag = {"input_norm": "normalize"}.get(name, name.replace("_", "-"))  # named as on the command line
                 raise GMAEError(f"{flag} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -135,6 +152,13 @@ class ModelConfig:
                             "use --depth-param bounded")
         if not self.depth_tau > 0:
             raise GMAEError(f"depth-tau must be positive; got {self.depth_tau}")
+        if not isinstance(self.head_bias, bool):
+            raise GMAEError(f"head-bias must be true or false; got {self.head_bias!r}")
+        # (0, 1]: alpha 0 would draw nothing; above 1 a pixel's transmittance 1 - alpha turns negative.
+        if isinstance(self.max_alpha, bool) or not isinstance(self.max_alpha, (int, float)) \
+                or not 0.0 < self.max_alpha <= 1.0:
+            raise GMAEError(f"max-alpha must be in (0, 1] (0.99: 3DGS's, the default; 0.999: the authors'); "
+                            f"got {self.max_alpha!r}")
         if len(self.background) != self.in_chans:
             raise GMAEError(f"background needs {self.in_chans} values; got {self.background}")
         for name in ("embed_dim", "decoder_embed_dim"):
@@ -337,6 +361,7 @@ def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
 # with this value (not today's default), so that it builds the model it was.
 # position_param needs none: a checkpoint without it has m = 1, where both settings are the same model,
 # and taking today's default keeps its config equal to a new m = 1 run's (`gmae ablate` compares them).
+# rotation_param, query_init, head_bias and max_alpha need none: their defaults are the behaviour from before them.
 LEGACY_VALUES: dict[type, dict] = {
     ModelConfig: {"camera": "orthographic", "depth_param": "bounded", "depth_grad": "off", "gaussians_per_query": 1,
                   "input_norm": "none"},

@@ -85,10 +85,6 @@ _PAPER_LOSS = ("masked", f"{PAPER}, Method: MSE 'on the originally masked pixels
 _AUTHORS_NOT_REPRODUCED = (
     "loss summed over the batch: a bug (the loss, and so the step size, grows with the batch); gmae averages",
     "decoder position embedding gathered from the table that includes the cls row (off by one): a bug, not copied",
-    "rotation from 3 sigmoids mapped to a uniform quaternion: not implemented (gmae normalises a 4-vector)",
-    "bias-free Gaussian head: not implemented (gmae's head has a bias)",
-    "query tokens initialised U[0, 1): not implemented (gmae's own query initialisation, gmae.model.gmae)",
-    "alpha clamped at 0.999: not implemented (gmae's rasterizer clamps at 0.99, as 3DGS)",
     "batch size and epochs of the released runs: not known here; MAE's effective batch and the paper's 400 epochs",
 )
 
@@ -132,6 +128,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         "camera": ("authors", f"{AUTHORS}: legacy gsplat camera at t_z = 8, fov 90 degrees (DESIGN.md)"),
         "depth_param": ("bounded", f"{AUTHORS}: z = 2 (sigmoid - 0.5) (DESIGN.md)"),
         "background": ((1.0, 1.0, 1.0), f"{AUTHORS}: white background (DESIGN.md)"),
+        "rotation_param": ("uniform", f"{AUTHORS}: rotation from 3 sigmoids mapped to a uniform quaternion "
+                                      "(Shoemake's map; which component is w is not reported: gmae takes sqrt(u1) cos "
+                                      "2 pi u3)"),
+        "query_init": ("uniform", f"{AUTHORS}: query tokens initialised U[0, 1)"),
+        "head_bias": (False, f"{AUTHORS}: bias-free Gaussian head (every scale starts around c/2)"),
+        "max_alpha": (0.999, f"{AUTHORS}: alpha clamped at 0.999 (gsplat's value; 3DGS and gmae's default: 0.99)"),
     }, notes=_AUTHORS_NOT_REPRODUCED),
 )}
 

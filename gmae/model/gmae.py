@@ -48,8 +48,26 @@ def anchor_spread(num_queries: int) -> float:
     return 2.0 / math.sqrt(num_queries)
 
 
+def uniform_quaternion(raw: torch.Tensor) -> torch.Tensor:
+    """raw (..., 3) -> unit quaternions (..., 4) in gmae's (w, x, y, z) order: the GMAE authors' rotation (issue 18).
+
+    u = sigmoid(raw) in (0, 1)^3 goes through Shoemake's uniform-random-rotation map
+    (x, y, z, w) = (sqrt(1-u1) sin 2πu2, sqrt(1-u1) cos 2πu2, sqrt(u1) sin 2πu3, sqrt(u1) cos 2πu3),
+    whose last component is the scalar part (Shoemake's, scalar-last, order): w = sqrt(u1) cos 2πu3. Which
+    component the authors' code takes as w is not reported; any choice maps uniform u to uniform rotations
+    (a permutation of a uniform unit 4-vector is uniform), it only changes which rotation a given u is.
+    The norm is 1 by construction (sin² + cos² in each pair, (1 - u1) + u1 overall).
+    """
+    # sqrt(u1) = exp(logsigmoid(r) / 2) and sqrt(1 - u1) = exp(logsigmoid(-r) / 2): the same values, but
+    # sqrt(sigmoid(r)) would have an infinite derivative where the sigmoid underflows to 0 (r < -88 in float32),
+    # a NaN gradient; this form's derivative stays finite (and small) there.
+    near, far = torch.exp(0.5 * F.logsigmoid(raw[..., 0])), torch.exp(0.5 * F.logsigmoid(-raw[..., 0]))
+    a, b = 2.0 * math.pi * torch.sigmoid(raw[..., 1]), 2.0 * math.pi * torch.sigmoid(raw[..., 2])
+    return torch.stack([near * torch.cos(b), far * torch.sin(a), far * torch.cos(a), near * torch.sin(b)], dim=-1)
+
+
 def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, depth: str = "bounded",
-                       max_opacity: float = 1.0) -> Gaussians:
+                       max_opacity: float = 1.0, rotation: str = "normalize") -> Gaussians:
     """raw (B, K, 11 + C) decoder outputs -> activated Gaussians (the activations of the authors' code).
 
     scale_unit: world units per unit of c, the camera's (`Camera.scale_unit`:
@@ -60,6 +78,10 @@ def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, d
     max_opacity: opacity = max_opacity·sigmoid. Above 1 a Gaussian's α =
     min(0.99, o·G) saturates over a core and falls off in a rim that is thin
     next to its size (a flat-topped blob with a sharp edge; 1 = the authors').
+    rotation: "normalize" the 4 numbers raw[..., 6:10] divided by their norm, or "uniform" the authors'
+    map of 3 sigmoids (`uniform_quaternion` of raw[..., 6:9]). The head keeps its 14 numbers per Gaussian
+    either way, so "uniform" leaves raw[..., 9] unused (its gradient is zero): every other option, slice and
+    checkpoint layout stays the same.
     """
     position = 2.0 * (torch.sigmoid(raw[..., 0:3]) - 0.5)  # (-1, 1)^3
     if depth == "linear":
@@ -73,10 +95,13 @@ def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, d
         z = raw[..., 2:3]
         position = torch.cat([position[..., :2], 2.0 * (torch.sigmoid(z - z.mean(dim=-2, keepdim=True)) - 0.5)], -1)
     scale = max_scale * torch.sigmoid(raw[..., 3:6]) * scale_unit  # (0, c) scale units
-    rotation = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)  # unit quaternion (w, x, y, z)
+    if rotation == "uniform":
+        quats = uniform_quaternion(raw[..., 6:9])
+    else:
+        quats = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)  # unit quaternion (w, x, y, z)
     color = torch.sigmoid(raw[..., 10:-1])  # [0, 1], like the target image
     opacity = max_opacity * torch.sigmoid(raw[..., -1])
-    return Gaussians(position, scale, rotation, color, opacity)
+    return Gaussians(position, scale, quats, color, opacity)
 
 
 class GMAE(MAE):
@@ -86,10 +111,13 @@ class GMAE(MAE):
         d, m, per = cfg.decoder_embed_dim, cfg.gaussians_per_query, 11 + cfg.in_chans
         # Each query's own embedding; the shared part is MAE's mask token.
         self.query_embed = nn.Parameter(torch.zeros(1, cfg.num_queries, d))
-        nn.init.normal_(self.query_embed, std=QUERY_INIT_STD)
+        if cfg.query_init == "uniform":  # the authors' code's U[0, 1): distinct queries too, all with a common mean 1/2
+            nn.init.uniform_(self.query_embed, 0.0, 1.0)
+        else:
+            nn.init.normal_(self.query_embed, std=QUERY_INIT_STD)
         # m Gaussians per token (Gaussian j of token t is Gaussian t * m + j), then, when anchored, the
         # token's anchor (x, y).
-        self.gaussian_head = nn.Linear(d, m * per + 2 * self.anchored)
+        self.gaussian_head = nn.Linear(d, m * per + 2 * self.anchored, bias=cfg.head_bias)
         init_weights(self.gaussian_head)
         if m > 1:  # (m = 1 keeps exactly today's initialisation, random stream included)
             # Each block of the head drawn as if it were its own one-Gaussian head (xavier over d -> 14):
@@ -108,10 +136,14 @@ class GMAE(MAE):
         start = start / math.sqrt(m)
         # Likewise every opacity starts at 1/2 whatever max_opacity is.
         opacity_start = 0.5 / cfg.max_opacity
-        with torch.no_grad():
-            blocks = self.gaussian_head.bias[: m * per].view(m, per)
-            blocks[:, 3:6] = math.log(start / (1.0 - start))
-            blocks[:, -1] = math.log(opacity_start / (1.0 - opacity_start))
+        if cfg.head_bias:
+            with torch.no_grad():
+                blocks = self.gaussian_head.bias[: m * per].view(m, per)  # (the anchors' 2 biases, if any, stay 0)
+                blocks[:, 3:6] = math.log(start / (1.0 - start))
+                blocks[:, -1] = math.log(opacity_start / (1.0 - opacity_start))
+        # else the authors' bias-free head: no bias sets the starting sizes and opacities, so every raw number is
+        # centred on 0 and every scale on c·sigmoid(0) = c/2 whatever c and m are (not the size above), every
+        # opacity on max_opacity/2 and, with m > 1 anchored, every anchor on the image's centre.
         self.register_buffer("background", torch.tensor(cfg.background, dtype=torch.float32), persistent=False)
 
     @property
@@ -133,7 +165,8 @@ class GMAE(MAE):
         B, q, _ = raw.shape
         m, per = cfg.gaussians_per_query, 11 + cfg.in_chans
         own = raw[..., : m * per].reshape(B, q * m, per)
-        g = gaussians_from_raw(own, cfg.max_scale, self.camera.scale_unit, cfg.depth_param, cfg.max_opacity)
+        g = gaussians_from_raw(own, cfg.max_scale, self.camera.scale_unit, cfg.depth_param, cfg.max_opacity,
+                               cfg.rotation_param)
         if self.anchored:
             anchor = 2.0 * (torch.sigmoid(raw[..., m * per:]) - 0.5)  # (B, q, 2)
             offset = anchor_spread(q) * torch.tanh(own[..., 0:2].reshape(B, q, m, 2))
@@ -181,7 +214,7 @@ class GMAE(MAE):
         with torch.autocast(gaussians.means.device.type, enabled=False):  # splatting stays in float32
             image, _ = render_gaussians(gaussians, size, size, self.background, self.cfg.render_backend,
                                         camera=self.cfg.camera, depth_tau=tau, loss_curvature=loss_curvature,
-                                        compositing=self.compositing)
+                                        compositing=self.compositing, max_alpha=self.cfg.max_alpha)
         return image
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None,

@@ -49,6 +49,7 @@ class Canvas:
     camera: str = "orthographic"  # a name in gmae.render.CAMERAS: the one the model was trained with
     compositing: str = "sorted"  # and how it composited ("weighted": with depth weights of temperature depth_tau)
     depth_tau: float = 0.0
+    max_alpha: float = 0.99  # the clamp on each alpha the model trained with (ModelConfig.max_alpha)
 
     @classmethod
     def of(cls, model) -> Canvas:
@@ -56,7 +57,7 @@ class Canvas:
         size = model.cfg.img_size
         weighted = model.compositing == "weighted"
         return cls(size, size, model.background, model.cfg.render_backend, model.cfg.camera, model.compositing,
-                   model.cfg.depth_tau if weighted else 0.0)
+                   model.cfg.depth_tau if weighted else 0.0, model.cfg.max_alpha)
 
 
 def require_gmae(model) -> None:
@@ -137,7 +138,7 @@ def render_subsets(g: Gaussians, keep: torch.Tensor, canvas: Canvas) -> tuple[to
         sub = Gaussians(means[rows], scales[rows], quats[rows], colors[rows], opacities[rows])
         image, alpha = render_gaussians(sub, canvas.height, canvas.width, canvas.background, canvas.backend,
                                         camera=canvas.camera, compositing=canvas.compositing,
-                                        depth_tau=canvas.depth_tau)
+                                        depth_tau=canvas.depth_tau, max_alpha=canvas.max_alpha)
         images.append(image)
         alphas.append(alpha)
     image, alpha = torch.cat(images), torch.cat(alphas)

@@ -66,16 +66,18 @@ def render_gaussians(
     depth_tau: float = 0.0,
     loss_curvature: torch.Tensor | None = None,
     compositing: str = "sorted",
+    max_alpha: float = 0.99,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Project with `camera` and splat: image (B, C, H, W), alpha (B, H, W).
 
     With sorted compositing, depth_tau > 0 turns on the rasterizer's
     depth-order gradient, which needs `loss_curvature`; weighted compositing
     uses depth_tau as its weights' temperature (see :func:`gmae.render.rasterize`).
+    max_alpha: the clamp on each α (the model's `ModelConfig.max_alpha`; 0.99 as 3DGS).
     """
     means2d, conics, depths = project(camera, g.means, g.scales, g.quats, height, width)
     return rasterize(
         means2d, conics, g.colors, g.opacities, depths,
         height=height, width=width, background=background, backend=backend,
-        depth_tau=depth_tau, loss_curvature=loss_curvature, compositing=compositing,
+        depth_tau=depth_tau, loss_curvature=loss_curvature, compositing=compositing, max_alpha=max_alpha,
     )
