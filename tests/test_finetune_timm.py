@@ -167,6 +167,24 @@ def test_randaugment_and_erasing_change_train_images_not_val_images():
     assert torch.equal(val.load(0, np.random.default_rng(0)), val[0][0])
 
 
+def test_posterize_at_the_top_magnitude_keeps_no_bit_instead_of_failing():
+    """MAE's policy draws magnitudes up to 10, where timm's PosterizeIncreasing asks for 0 bits; Pillow >= 10
+    refuses that (it ended a real fine-tune at step 12). gmae's op gives the black image old Pillow gave."""
+    from PIL import Image
+
+    from gmae.data.labelled import build_labelled
+    from gmae.evaluate.augment import augmented
+
+    train, _, _ = build_labelled("digits", 32, augment=True)
+    aug = augmented(train, 32, FinetuneConfig(aa="rand-m9-mstd0.5-inc1"))
+    op = next(op for op in aug.randaugment.ops if op.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # the top of the range: 4 - 4 = 0 bits
+    img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    assert np.array(op(img)).max() == 0
+    op.magnitude = 5  # 2 bits: 200 = 0b11001000 -> 0b11000000
+    assert (np.array(op(img)) == 192).all()
+
+
 def test_erasing_fills_maes_normalised_noise():
     """pixel erasing: the box holds mean + std x N(0, 1) in [0, 1] space (MAE's N(0, 1) after ImageNet
     normalisation); pixels outside it are untouched bit for bit."""
