@@ -20,6 +20,7 @@ whose RUN.part exists: another process is writing it).
     python scripts/finetune_recipes.py --threads 2      # run what is missing
     python scripts/finetune_recipes.py --threads 1 --first-seed 2 --seeds 1   # a second process, beside it
     python scripts/finetune_recipes.py --table          # final val accuracy, mean ± std over the seeds
+    python scripts/finetune_recipes.py --seeds 1 --encoders gmae --recipes mae-b-none mae-b-mix mae-b-aa mae-b-erase
 """
 
 from __future__ import annotations
@@ -31,10 +32,16 @@ from pathlib import Path
 
 from scene_probes import _mean_std, newest_checkpoint, run
 
+_MAE_B = ["--recipe", "mae-finetune-vit-b", "--epochs", "5", "--batch-size", "32", "--blr", "8e-3",
+          "--warmup-epochs", "0.25"]
+_OFF = {"mix": ["--mixup", "0", "--cutmix", "0"], "aa": ["--aa", ""], "erase": ["--reprob", "0"]}
 RECIPES: dict[str, list[str]] = {
     "default": [],
-    "mae-b": ["--recipe", "mae-finetune-vit-b", "--epochs", "5", "--batch-size", "32", "--blr", "8e-3",
-              "--warmup-epochs", "0.25"],
+    "mae-b": _MAE_B,
+    # Diagnostics (--recipes): the scaled MAE recipe with its regularisers off, or with only one of them on.
+    "mae-b-none": [*_MAE_B, *_OFF["mix"], *_OFF["aa"], *_OFF["erase"]],
+    **{f"mae-b-{only}": [*_MAE_B, *(flag for name, flags in _OFF.items() if name != only for flag in flags)]
+       for only in _OFF},
 }
 # encoder name -> (pre-training run folder pattern, --random-init)
 ENCODERS = {"gmae": ("gmae-deadleaves-s{seed}", False), "mae": ("mae-deadleaves-s{seed}", False),
@@ -82,6 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="seeds run: FIRST .. FIRST + SEEDS - 1 (default 0)")
     p.add_argument("--threads", default=None, help="passed to every gmae command")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["default", "mae-b"],
+                   help="recipes to run (default: default mae-b; the others are diagnostics)")
+    p.add_argument("--encoders", nargs="+", choices=list(ENCODERS), default=list(ENCODERS))
     p.add_argument("--table", action="store_true", help="print the table of what is finished, and stop")
     args = p.parse_args(argv)
     runs = Path(args.runs)
@@ -90,8 +100,8 @@ def main(argv=None) -> int:
         gmae = str(Path(sys.executable).with_name("gmae"))
         threads = ["--threads", args.threads] if args.threads else []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for recipe in RECIPES:
-                for encoder in ENCODERS:
+            for recipe in args.recipes:
+                for encoder in args.encoders:
                     finetune(runs, Path(args.pretrained), gmae, encoder, seed, recipe, threads)
     print(table(runs))
     return 0
