@@ -159,6 +159,16 @@ _MAE_FINETUNE: dict[str, tuple[object, str]] = {
     "clip_grad": (0.0, f"{MAIN_FINETUNE} line 61 (--clip_grad None: no clipping)"),
 }
 
+def _regularisers_of_command(line: int, batch_source: str) -> dict[str, tuple[object, str]]:
+    """The values FINETUNE.md's ViT-L and ViT-H commands repeat (the same as ViT-B's), cited at their own lines:
+    the flags line and where the effective batch of 1024 comes from."""
+    return {
+        "batch_size": (1024, f"{FINETUNE_MD} {batch_source}"),
+        **{dest: (value, f"{FINETUNE_MD} line {line} (--{dest} {value})")
+           for dest, value in (("weight_decay", 0.05), ("reprob", 0.25), ("mixup", 0.8), ("cutmix", 1.0))},
+    }
+
+
 RECIPES.update({r.name: r for r in (
     Recipe("mae-finetune-vit-b", "finetune", "MAE's ImageNet fine-tuning of ViT-B: 100 epochs, batch 1024", {
         **_MAE_FINETUNE,
@@ -169,11 +179,7 @@ RECIPES.update({r.name: r for r in (
     }),
     Recipe("mae-finetune-vit-l", "finetune", "MAE's ImageNet fine-tuning of ViT-L: 50 epochs, batch 1024", {
         **_MAE_FINETUNE,
-        "batch_size": (1024, f"{FINETUNE_MD} lines 86-87 (32 per GPU x 4 nodes x 8 GPUs = 1024, as line 77)"),
-        "weight_decay": (0.05, f"{FINETUNE_MD} line 92 (--weight_decay 0.05)"),
-        "reprob": (0.25, f"{FINETUNE_MD} line 92 (--reprob 0.25)"),
-        "mixup": (0.8, f"{FINETUNE_MD} line 92 (--mixup 0.8)"),
-        "cutmix": (1.0, f"{FINETUNE_MD} line 92 (--cutmix 1.0)"),
+        **_regularisers_of_command(92, "lines 86-87 (32 per GPU x 4 nodes x 8 GPUs = 1024, as line 77)"),
         "epochs": (50, f"{FINETUNE_MD} line 90 (--epochs 50)"),
         "blr": (1e-3, f"{FINETUNE_MD} line 91 (--blr 1e-3)"),
         "layer_decay": (0.75, f"{FINETUNE_MD} line 91 (--layer_decay 0.75)"),
@@ -181,11 +187,7 @@ RECIPES.update({r.name: r for r in (
     }),
     Recipe("mae-finetune-vit-h", "finetune", "MAE's ImageNet fine-tuning of ViT-H: 50 epochs, batch 1024", {
         **_MAE_FINETUNE,
-        "batch_size": (1024, f"{FINETUNE_MD} lines 102-103 (16 per GPU x 8 nodes x 8 GPUs = 1024)"),
-        "weight_decay": (0.05, f"{FINETUNE_MD} line 108 (--weight_decay 0.05)"),
-        "reprob": (0.25, f"{FINETUNE_MD} line 108 (--reprob 0.25)"),
-        "mixup": (0.8, f"{FINETUNE_MD} line 108 (--mixup 0.8)"),
-        "cutmix": (1.0, f"{FINETUNE_MD} line 108 (--cutmix 1.0)"),
+        **_regularisers_of_command(108, "lines 102-103 (16 per GPU x 8 nodes x 8 GPUs = 1024)"),
         "epochs": (50, f"{FINETUNE_MD} line 106 (--epochs 50)"),
         "blr": (1e-3, f"{FINETUNE_MD} line 107 (--blr 1e-3)"),
         "layer_decay": (0.75, f"{FINETUNE_MD} line 107 (--layer_decay 0.75)"),
