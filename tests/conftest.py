@@ -35,17 +35,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A pre-training checkpoint of a fresh TINY GMAE (seed 0), for the probe and fine-tune tests."""
+def tiny_checkpoint(path, seed=0):
+    """Write a pre-training checkpoint of a fresh TINY GMAE (torch seed `seed`) to `path`; returns `path`."""
     from gmae.checkpoint import save_checkpoint, training_state
     from gmae.config import TrainConfig, as_dict, model_config
     from gmae.model import build_model
 
-    path = tmp_path_factory.mktemp("pre") / "checkpoint-0000001.pt"
     mcfg = model_config("tiny", **TINY)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(mcfg)
     save_checkpoint(training_state(model, torch.optim.AdamW(model.parameters()), 1, as_dict(mcfg),
                                    as_dict(TrainConfig(steps=1))), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A pre-training checkpoint of a fresh TINY GMAE (seed 0), for the probe and fine-tune tests."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("pre") / "checkpoint-0000001.pt")

@@ -24,7 +24,7 @@ from gmae.config import model_config, train_config
 from gmae.evaluate.finetune import finetune
 from gmae.stopping import STOP_SIGNALS, STOPPED_EXIT, Stopped
 from gmae.train import pretrain
-from test_finetune import ckpt, colours, fast  # noqa: F401 (fixtures)
+from test_finetune import colours, fast  # noqa: F401 (fixtures; ckpt comes from conftest)
 from test_reliability import FAST, TIMEOUT, metrics, start
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")  # 2-process runs: a thread each

@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.checkpoint import save_checkpoint, training_state
 from gmae.cli import main
-from gmae.config import TrainConfig, as_dict, model_config
+from gmae.config import model_config
 from gmae.data.labelled import LabelledStream, build_labelled
 from gmae.errors import GMAEError
 from gmae.evaluate.probe import (
@@ -22,19 +21,9 @@ from gmae.evaluate.probe import (
     probe,
     random_encoder,
 )
-from gmae.model import build_model
-from conftest import TINY
+from conftest import TINY, tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_checkpoint(path, seed=0):
-    mcfg = model_config("tiny", **TINY)
-    torch.manual_seed(seed)
-    model = build_model(mcfg)
-    opt = torch.optim.AdamW(model.parameters())
-    save_checkpoint(training_state(model, opt, 1, as_dict(mcfg), as_dict(TrainConfig(steps=1))), path)
-    return path
 
 
 # --------------------------------------------------------------------------- fixtures: the three layouts

@@ -16,7 +16,7 @@ from gmae.data.scenes import SPLIT_SEEDS, patch_cover, scene_labels, task_target
 from gmae.evaluate.scene import probe_task, scene_features
 from gmae.evaluate.zeroshot import EVAL_SEED
 from conftest import TINY
-from test_probe import tiny_checkpoint
+from conftest import tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
