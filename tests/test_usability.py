@@ -329,6 +329,8 @@ def test_documented_commands_parse():
             if "gmae" not in words and not words[0].endswith("/gmae") or any(c in command for c in "[{|") \
                     or "..." in command:
                 continue
+            if words[0].startswith("python") and words[1:2] != ["-m"]:
+                continue  # a script's command line (e.g. `python scripts/x.py --encoders gmae`), not gmae's
             start = words.index("gmae") + 1 if "gmae" in words else 1
             parse_args(words[start:])
             checked += 1
