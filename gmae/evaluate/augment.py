@@ -37,15 +37,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import FinetuneConfig
+from ..config import IMAGENET_MEAN, IMAGENET_STD, FinetuneConfig
 from ..errors import GMAEError
 from .timm_support import import_timm
 
 __all__ = ["TimmAugmented", "augmented", "build_mixup", "mix_batch", "posterize", "seeded_globals", "soft_target_loss"]
 
-# ImageNet's mean and std (timm.data.IMAGENET_DEFAULT_MEAN / _STD, MAE util/datasets.py lines 32-33).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _MIX_SALT = 0x6D697875  # "mixu": separates the batches' mixing streams from everything else seeded by (seed, step)
 
 

@@ -65,10 +65,7 @@ class ViTClassifier(nn.Module):
         self.global_pool = global_pool
         self.patch_embed = encoder.patch_embed
         # The encoder's input normalisation (gmae.config.INPUT_NORMS) goes with it: fine-tuning feeds [0, 1] images.
-        self.input_norm = encoder.input_norm
-        if self.input_norm == "imagenet":
-            self.register_buffer("input_mean", encoder.input_mean.clone(), persistent=False)
-            self.register_buffer("input_std", encoder.input_std.clone(), persistent=False)
+        self.normalize = encoder.normalize
         self.cls_token = encoder.cls_token
         self.pos_embed = encoder.pos_embed
         self.blocks = encoder.blocks
@@ -90,9 +87,7 @@ class ViTClassifier(nn.Module):
 
     def forward_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs (B, C, H, W) in [0, 1] -> every token (B, 1 + N, D) after the last block (cls first), before any norm."""
-        if self.input_norm == "imagenet":
-            imgs = (imgs - self.input_mean) / self.input_std
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (B, N, D)
+        x = self.patch_embed(self.normalize(imgs)) + self.pos_embed[:, 1:, :]  # (B, N, D)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
         for block, drop in zip(self.blocks, self.drop_paths):

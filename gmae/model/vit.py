@@ -152,6 +152,25 @@ def init_weights(module: nn.Module) -> None:
 # --------------------------------------------------------------------------- encoder
 
 
+class InputNorm(nn.Module):
+    """The encoder's input normalisation (gmae.config.INPUT_NORMS): [0, 1] images -> what the ViT was trained on.
+
+    Its buffers stay out of the state dict, so checkpoints and timm exports keep timm's names and load either
+    way; a classifier built from the encoder takes this module over with the others."""
+
+    def __init__(self, input_norm: str = "none"):
+        super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}; got {input_norm!r}")
+        self.input_norm = input_norm
+        if input_norm == "imagenet":
+            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return (imgs - self.mean) / self.std if self.input_norm == "imagenet" else imgs
+
+
 class ViTEncoder(nn.Module):
     """MAE's encoder: patch embedding + fixed sin-cos positions + cls token + blocks.
 
@@ -162,15 +181,10 @@ class ViTEncoder(nn.Module):
     def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio=4.0,
                  input_norm: str = "none"):
         super().__init__()
-        # gmae.config.INPUT_NORMS: the [0, 1] images every caller passes are normalised here, so that a
-        # checkpoint's every user (fine-tuning, probes, readouts) feeds the encoder as it was trained. Buffers
-        # outside the state dict: checkpoints and timm exports keep timm's names and load either way.
+        # The [0, 1] images every caller passes are normalised here, so that a checkpoint's every user
+        # (fine-tuning, probes, readouts) feeds the encoder as it was trained.
         self.input_norm = input_norm
-        if input_norm == "imagenet":
-            self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1), persistent=False)
-            self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, -1, 1, 1), persistent=False)
-        elif input_norm != "none":
-            raise ValueError(f"input_norm must be one of {INPUT_NORMS}; got {input_norm!r}")
+        self.normalize = InputNorm(input_norm)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         n = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -185,9 +199,7 @@ class ViTEncoder(nn.Module):
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None):
         """imgs (B, C, H, W) in [0, 1] -> latent (B, 1 + n, D), mask (B, N), ids_restore (B, N)."""
-        if self.input_norm == "imagenet":
-            imgs = (imgs - self.input_mean) / self.input_std
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (B, N, D)
+        x = self.patch_embed(self.normalize(imgs)) + self.pos_embed[:, 1:, :]  # (B, N, D)
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, n, D)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + n, D)
