@@ -45,7 +45,8 @@ lists) and :func:`timm_create_call` writes it into the call.
 :func:`load_encoder` reads an encoder from any of: a gmae training checkpoint, a
 gmae export, or a timm-named ViT state dict (``.safetensors``, or ``.pt``/``.pth``/
 ``.bin`` read with ``torch.load(weights_only=True)``, bare or under ``"model"`` or
-``"state_dict"`` as in MAE's official checkpoints). :func:`init_encoder_weights`
+``"state_dict"`` as in MAE's official checkpoints; a file without gmae's config is read
+as ImageNet-normalised, as MAE and timm train, unless ``input_norm`` says otherwise). :func:`init_encoder_weights`
 copies such an encoder into a model (``gmae pretrain --init-encoder FILE``).
 """
 
@@ -351,7 +352,8 @@ def _build_encoder(sd: dict[str, torch.Tensor], mcfg: ModelConfig, path: Path):
 
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
-                 num_heads: int | None = None, raw: bool = False) -> tuple[torch.nn.Module, ModelConfig]:
+                 num_heads: int | None = None, raw: bool = False,
+                 input_norm: str | None = None) -> tuple[torch.nn.Module, ModelConfig]:
     """(ViTEncoder in eval mode on `map_location`, ModelConfig) read from `path`, which may be
 
     (a) a gmae training checkpoint (``.pt``) or a run folder (its newest readable
@@ -369,6 +371,11 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
         as n*p; the number of heads is D // 64 (every standard ViT has
         64-dimensional heads) unless `num_heads` is given or the file is a gmae
         export with its config. The ModelConfig's decoder fields are defaults.
+        Such a file says nothing of its input normalisation: its encoder
+        normalises [0, 1] images with ImageNet's mean and std, as MAE and timm
+        trained theirs, unless `input_norm` says otherwise ("none" for a gmae
+        ``.pth`` timm export of a model trained without ``--normalize``; a
+        ``.safetensors`` timm export keeps its config, normalisation included).
 
     Of a gmae checkpoint with an EMA of the weights, the EMA's encoder is read
     unless `raw` (:func:`gmae.checkpoint.model_weights`); the encoder's
@@ -412,6 +419,16 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
     sd = _encoder_entries(sd, path)
     if mcfg is None:
         mcfg = _infer_config(sd, path, num_heads)
+        # A file with no gmae config is most likely timm's or MAE's, whose ViTs learnt on ImageNet-normalised
+        # images (MAE's main_pretrain.py line 127, main_linprobe.py line 136, util/datasets.py lines 32-33):
+        # fed [0, 1] images as they are, their features would be off.
+        if input_norm is None:
+            input_norm = "imagenet" if mcfg.in_chans == len(IMAGENET_MEAN) else "none"
+        mcfg.input_norm = input_norm
+        try:
+            mcfg.validate()
+        except GMAEError as e:
+            raise GMAEError(f"{path}: {e}") from None
     elif num_heads is not None:
         mcfg.num_heads = num_heads
         try:

@@ -10,7 +10,7 @@ from torch import nn
 
 from gmae.checkpoint import save_checkpoint
 from gmae.cli import main
-from gmae.config import as_dict, model_config, train_config
+from gmae.config import IMAGENET_MEAN, IMAGENET_STD, as_dict, model_config, train_config
 from gmae.errors import GMAEError
 from gmae.export import (
     CONFIG_KEY,
@@ -244,8 +244,12 @@ def test_timm_export_loads_into_a_timm_vit(tmp_path, ext):
     missing, unexpected = timm_vit(mcfg, num_classes=10).load_state_dict(sd, strict=False)
     assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
 
-    # round trip: the file back as a gmae encoder, 192 wide -> 3 heads of 64 as in the preset
-    enc, cfg = load_encoder(out)
+    # round trip: the file back as a gmae encoder, 192 wide -> 3 heads of 64 as in the preset. A .pth has no
+    # metadata, so it is read as MAE's and timm's files are (ImageNet-normalised) unless told otherwise.
+    if ext == ".pth":
+        assert load_encoder(out)[1].input_norm == "imagenet"
+    enc, cfg = load_encoder(out, input_norm=mcfg.input_norm if ext == ".pth" else None)
+    assert cfg.input_norm == mcfg.input_norm == "none"
     assert not enc.training and cfg.num_heads == mcfg.num_heads == 3
     assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth) == (32, 8, 192, 2)
     assert torch.equal(features(enc, imgs), features(net.encoder, imgs))
@@ -271,10 +275,13 @@ def test_mae_and_timm_checkpoints_load(tmp_path):
            "decoder_pred.weight": torch.zeros(192, 64)}
     torch.save({"model": mae, "epoch": 399}, tmp_path / "mae_pretrain.pth")
     imgs = torch.rand(2, 3, 32, 32)
+    # MAE and timm trained on ImageNet-normalised images: the loaded encoder takes [0, 1] and normalises
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        ref = vit.forward_features(imgs)
+        ref = vit.forward_features((imgs - mean) / std)
     enc, cfg = load_encoder(tmp_path / "mae_pretrain.pth", num_heads=4)
     assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads) == (32, 8, 128, 2, 4)
+    assert cfg.input_norm == "imagenet"
     assert torch.allclose(features(enc, imgs), ref, atol=1e-5)
     assert load_encoder(tmp_path / "mae_pretrain.pth")[1].num_heads == 2
     # a timm model's own safetensors (with a classifier head, no metadata)
