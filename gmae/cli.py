@@ -585,9 +585,9 @@ def cmd_export(args) -> int:
     from .checkpoint import configs_of, model_weights
     from .export import export_checkpoint, load_state, timm_create_call
 
-    out = export_checkpoint(args.checkpoint, args.out, fmt=args.format, raw=args.raw_weights)
+    state = load_state(args.checkpoint)  # read once: the export and the lines below both need it
+    out = export_checkpoint(args.checkpoint, args.out, fmt=args.format, raw=args.raw_weights, state=state)
     print(out)
-    state = load_state(args.checkpoint)
     _say_weights(model_weights(state, args.raw_weights, args.checkpoint)[1], args.raw_weights)
     if args.format == "timm":
         mcfg, _ = configs_of(state)

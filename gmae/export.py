@@ -134,8 +134,11 @@ def timm_create_call(mcfg: ModelConfig, path: str | Path) -> str:
 
 
 def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: str = "safetensors",
-                      raw: bool = False) -> Path:
+                      raw: bool = False, state: dict | None = None) -> Path:
     """Write the model of a gmae checkpoint to `out_path` as `fmt`; returns the path.
+
+    `state`: the checkpoint already read (:func:`load_state` of `checkpoint_path`), so that a caller that
+    needs it too reads the file once; `checkpoint_path` then only names it in messages.
 
     The weights are the checkpoint's EMA when it has one, unless `raw`
     (:func:`gmae.checkpoint.model_weights`); the metadata's "weights" names them.
@@ -154,7 +157,8 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
     _check_extension(out_path, exts, "export file")
     if out_path.is_dir():
         raise GMAEError(f"export file {out_path} is a directory; give a file name ending in {' or '.join(exts)}")
-    state = load_state(checkpoint_path)
+    if state is None:
+        state = load_state(checkpoint_path)
     mcfg, _ = configs_of(state)
     weights, label = model_weights(state, raw, checkpoint_path)
     tensors = {}
