@@ -56,10 +56,10 @@ def resolve_run(tcfg: TrainConfig, source, world_size: int, resumed: bool = Fals
     size = len(source) if getattr(source, "shuffle", True) else None
     if not resumed:
         return tcfg.resolved(size, world_size)
-    if "steps" in changes:
-        tcfg = replace(tcfg, epochs=None)
-    kept = replace(tcfg, epochs=tcfg.epochs if "epochs" in changes else None, warmup_epochs=None)
-    return replace(kept.resolved(size, world_size), epochs=tcfg.epochs, warmup_epochs=tcfg.warmup_epochs)
+    epochs = None if "steps" in changes else tcfg.epochs  # the run's length, as it will be recorded
+    # Resolved without epochs, steps and warmup stay as saved; only a typed --epochs recomputes the length.
+    resolved = replace(tcfg, epochs=epochs if "epochs" in changes else None, warmup_epochs=None)
+    return replace(resolved.resolved(size, world_size), epochs=epochs, warmup_epochs=tcfg.warmup_epochs)
 
 
 def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.Context, amp):

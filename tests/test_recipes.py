@@ -283,6 +283,10 @@ def test_epochs_resume_and_a_new_epochs_extends_the_run(images, tmp_path, one_th
     train = _checkpoint(tmp_path / "split")["config"]["train"]
     assert (train["steps"], train["micro_batch"], train["accum_steps"], train["warmup_steps"]) == (6, 1, 4, 1)
     assert main(["pretrain", "--resume", "--epochs", "4", "--steps", "8", "--out", str(tmp_path / "split")]) == 2
+    # A typed --steps makes the length steps from then on: the recorded epochs are dropped, the warmup kept.
+    assert main(["pretrain", "--resume", "--steps", "8", "--out", str(tmp_path / "split"), "--quiet"]) == 0
+    train = _checkpoint(tmp_path / "split")["config"]["train"]
+    assert (train["steps"], train["epochs"], train["warmup_steps"]) == (8, None, 1)
 
 
 # ------------------------------------------------------------------------------------------------ normalisation
