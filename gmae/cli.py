@@ -69,6 +69,14 @@ def _add_raw_weights(p) -> None:
     p.add_argument("--raw-weights", action="store_true", help=RAW_WEIGHTS_HELP)
 
 
+def _add_encoder_norm(p) -> None:
+    """--normalize for the commands that read an encoder from any ViT file (gmae.export.load_encoder)."""
+    p.add_argument("--normalize", dest="input_norm", default=None, choices=INPUT_NORMS,
+                   help="the input normalisation of a ViT file without gmae's config: imagenet (default for "
+                        "timm's and MAE's files, as they trained) or none (a gmae .pth timm export of a model "
+                        "pre-trained without --normalize); gmae checkpoints and exports keep their own")
+
+
 def _say_weights(label: str | None, raw: bool) -> None:
     """One line on stderr naming the weights a command uses, when it had a choice (gmae.checkpoint.weights_line)."""
     from .checkpoint import weights_line
@@ -628,6 +636,7 @@ def add_probe(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default 0.07)")
     _add_probe_protocol(p)
     _add_raw_weights(p)
+    _add_encoder_norm(p)
     p.add_argument("--seed", type=int, default=0, help="linear-probe seed (and --random-init's for files "
                    "that are not gmae checkpoints; a checkpoint's initial weights use its run's seed)")
     p.add_argument("--device", default="cpu")
@@ -704,7 +713,7 @@ def cmd_probe(args) -> int:
     from .evaluate.probe import probe, random_encoder
     from .export import load_encoder
 
-    encoder, mcfg = load_encoder(args.checkpoint, raw=args.raw_weights)
+    encoder, mcfg = load_encoder(args.checkpoint, raw=args.raw_weights, input_norm=args.input_norm)
     if not args.random_init:
         _say_weights(encoder.loaded_weights, args.raw_weights)
     encoders = {"pre-trained": encoder}
@@ -723,7 +732,8 @@ def cmd_probe(args) -> int:
                for label, enc in encoders.items()}
     result = next(iter(results.values()))
     result.update(checkpoint=str(args.checkpoint), data=args.data, random_init=args.random_init,
-                  weights=None if args.random_init else encoder.loaded_weights, **_probe_record(args))
+                  weights=None if args.random_init else encoder.loaded_weights, input_norm=mcfg.input_norm,
+                  **_probe_record(args))
     if args.baseline:
         result["baseline"] = {key: results["random init"][key] for key in ("linear_acc", "knn_acc")}
     if args.json:
@@ -769,7 +779,8 @@ def _scene_probe(args, encoders: dict, mcfg, extraction: int, linear: dict) -> i
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, "split_seeds": SPLIT_SEEDS,
                           "weights": getattr(encoders.get("pre-trained"), "loaded_weights", None),
-                          "pool": args.pool, "protocol": args.protocol, **_probe_record(args),
+                          "pool": args.pool, "protocol": args.protocol, "input_norm": mcfg.input_norm,
+                          **_probe_record(args),
                           **({"tasks": results[next(iter(results))]} if len(results) == 1 else {"encoders": results})}))
         return 0
     print(f"{args.checkpoint}, {args.data} scene probes: {args.train_images} train / {args.val_images} val images "
@@ -807,6 +818,7 @@ def add_finetune(sub) -> None:
     p.add_argument("--random-init", action="store_true",
                    help="fine-tune the checkpoint's architecture from fresh weights (the from-scratch baseline)")
     _add_raw_weights(p)
+    _add_encoder_norm(p)
     p.add_argument("--eval-every", type=positive_int, default=None, help="steps between val evaluations (default: an epoch)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default: an epoch)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=None,
@@ -868,7 +880,7 @@ def cmd_finetune(args) -> int:
         device=args.device or d.device, out=args.out, eval_every=args.eval_every or 0,
         checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
         num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
-        raw_weights=args.raw_weights, recipe=args.recipe or "",
+        raw_weights=args.raw_weights, input_norm=args.input_norm or "", recipe=args.recipe or "",
         **{k: getattr(args, k) for k in FINETUNE_TIMM_FIELDS if k != "warmup_epochs"},
         # A typed --warmup-steps replaces a recipe's warmup epochs (typing both is refused by check_warmup).
         warmup_epochs=d.warmup_epochs if args.warmup_epochs is None or (

@@ -410,6 +410,9 @@ class FinetuneConfig:
     clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
     random_init: bool = False  # fine-tune the architecture from fresh weights (the baseline)
     raw_weights: bool = False  # the checkpoint's raw weights, not the EMA of them it may hold
+    # A ViT file without gmae's config (timm's, MAE's) says nothing of its input: "" reads it as ImageNet-normalised
+    # (as they trained), "none" / "imagenet" say (gmae.export.load_encoder). gmae files keep their own.
+    input_norm: str = ""
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/finetune"
@@ -462,6 +465,8 @@ class FinetuneConfig:
             (self.recount >= 1, f"recount (random-erasing boxes) must be at least 1; got {self.recount}"),
             (self.global_pool in GLOBAL_POOLS, f"global pool must be one of {', '.join(GLOBAL_POOLS)}; "
                                                f"got {self.global_pool!r}"),
+            (self.input_norm in ("", *INPUT_NORMS), f"input normalisation must be one of {', '.join(INPUT_NORMS)} "
+                                                    f"(or empty: the file's own); got {self.input_norm!r}"),
             (self.warmup_epochs == -1 or self.warmup_epochs >= 0,
              f"warmup epochs must be >= 0 (or -1: not set); got {self.warmup_epochs}"),
             (self.epochs >= 1 and self.steps >= 0, f"epochs must be >= 1 and steps >= 0; got {self.epochs}, {self.steps}"),

@@ -355,6 +355,13 @@ def _build_encoder(sd: dict[str, torch.Tensor], mcfg: ModelConfig, path: Path):
     return encoder
 
 
+def _check_own_norm(mcfg: ModelConfig, input_norm: str | None, path: Path) -> None:
+    """A gmae file records how its encoder normalises; another given for it would feed the weights wrong inputs."""
+    if input_norm is not None and input_norm != mcfg.input_norm:
+        raise GMAEError(f"{path} records its own input normalisation ({mcfg.input_norm}); the one given "
+                        f"({input_norm}) is for ViT files without gmae's config (timm's, MAE's): leave it out")
+
+
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
                  num_heads: int | None = None, raw: bool = False,
                  input_norm: str | None = None) -> tuple[torch.nn.Module, ModelConfig]:
@@ -406,6 +413,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
             state = export_state(path)
             label = model_weights(state, raw, path)[1]  # an EMA export has no raw weights to give
             model, mcfg = _exported_model(state, path)
+            _check_own_norm(mcfg, input_norm, path)
             model.encoder.loaded_weights = label
             return model.encoder.to(map_location).eval(), mcfg
         if metadata.get("format") == TIMM_FORMAT and CONFIG_KEY in metadata:
@@ -433,7 +441,9 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
             mcfg.validate()
         except GMAEError as e:
             raise GMAEError(f"{path}: {e}") from None
-    elif num_heads is not None:
+    else:
+        _check_own_norm(mcfg, input_norm, path)
+    if num_heads is not None and mcfg.num_heads != num_heads:
         mcfg.num_heads = num_heads
         try:
             mcfg.validate()

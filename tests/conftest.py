@@ -35,13 +35,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_checkpoint(path, seed=0):
-    """Write a pre-training checkpoint of a fresh TINY GMAE (torch seed `seed`) to `path`; returns `path`."""
+def tiny_checkpoint(path, seed=0, **overrides):
+    """Write a pre-training checkpoint of a fresh TINY GMAE (torch seed `seed`, TINY's fields updated with
+    `overrides`) to `path`; returns `path`."""
     from gmae.checkpoint import save_checkpoint, training_state
     from gmae.config import TrainConfig, as_dict, model_config
     from gmae.model import build_model
 
-    mcfg = model_config("tiny", **TINY)
+    mcfg = model_config("tiny", **{**TINY, **overrides})
     torch.manual_seed(seed)
     model = build_model(mcfg)
     save_checkpoint(training_state(model, torch.optim.AdamW(model.parameters()), 1, as_dict(mcfg),

@@ -18,7 +18,7 @@ from gmae.evaluate.finetune import (
 from gmae.export import load_encoder
 from gmae.model import param_groups as param_groups_lrd
 from gmae.model.classifier import DropPath, build_classifier
-from conftest import TINY
+from conftest import TINY, tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,3 +192,19 @@ def test_cli_finetune(tmp_path, ckpt, capsys):
     assert main([*args[:-6], "--data", "cifar10:" + str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2
+
+
+def test_cli_finetune_reads_a_timm_pth_with_the_normalisation_given(tmp_path, capsys):
+    """--normalize reaches the encoder a .pth is read into, and the run's recorded model config says it."""
+    from gmae.export import export_checkpoint
+
+    pth = export_checkpoint(tiny_checkpoint(tmp_path / "checkpoint-0000001.pt", embed_dim=64, num_heads=1),
+                            tmp_path / "vit.pth", fmt="timm")
+    for given, used in (("", "imagenet"), ("none", "none")):  # nothing given: read as timm's and MAE's files
+        out = tmp_path / f"ft-{used}"
+        flags = ["--normalize", given] if given else []
+        assert main(["finetune", "--checkpoint", str(pth), "--data", "digits", "--out", str(out), "--steps", "1",
+                     "--batch-size", "8", "--quiet", *flags]) == 0
+        config = torch.load(out / "checkpoint-0000001.pt", weights_only=True)["config"]
+        assert config["model"]["input_norm"] == used and config["finetune"]["input_norm"] == given
+    capsys.readouterr()

@@ -326,3 +326,28 @@ def test_cli_probe_json_and_table(tmp_path, cifar10_root, capsys):
     assert main(["probe", "--checkpoint", str(ckpt), "--data", "nothing-here"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "error" in err
+
+
+def test_cli_probe_reads_a_timm_pth_export_with_the_normalisation_given(tmp_path, cifar10_root, capsys):
+    """A .pth timm export has no room for gmae's config: probed as it is, it is read as timm's and MAE's files
+    (ImageNet-normalised); --normalize none gives back the model's own features, so the same probe results.
+    A gmae checkpoint records its own normalisation, and another given for it is refused."""
+    from gmae.export import export_checkpoint
+
+    # one 64-wide head: the head count a file without config is read with (width // 64)
+    ckpt = tiny_checkpoint(tmp_path / "checkpoint-0000001.pt", embed_dim=64, num_heads=1)
+    pth = export_checkpoint(ckpt, tmp_path / "vit.pth", fmt="timm")
+    args = ["--data", str(cifar10_root), "--epochs", "3", "--json"]
+
+    def probed(checkpoint, *extra):
+        assert main(["probe", "--checkpoint", str(checkpoint), *args, *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        return result["input_norm"], (result["linear_acc"], result["knn_acc"], result["num_train"])
+
+    own = probed(ckpt)
+    assert own[0] == "none"
+    assert probed(pth)[0] == "imagenet"
+    assert probed(pth, "--normalize", "none") == own
+    assert main(["probe", "--checkpoint", str(ckpt), *args, "--normalize", "imagenet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records its own input normalisation (none)" in err

@@ -147,7 +147,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     if state is None and encoder is None:
         if not fcfg.checkpoint:
             raise GMAEError("fine-tuning needs a pre-trained model: give --checkpoint")
-        encoder, mcfg = load_encoder(fcfg.checkpoint, raw=fcfg.raw_weights)
+        encoder, mcfg = load_encoder(fcfg.checkpoint, raw=fcfg.raw_weights, input_norm=fcfg.input_norm or None)
         if fcfg.random_init:
             encoder = None  # the architecture only
         elif line := weights_line(encoder.loaded_weights, fcfg.raw_weights):
