@@ -24,6 +24,7 @@ pre-training must beat).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -131,6 +132,17 @@ def masked_psnr(model, images: int = PSNR_IMAGES, batch_size: int = 32) -> float
     return 10.0 * math.log10(1.0 / (squared / count))
 
 
+@functools.lru_cache(maxsize=None)
+def _scene_labels(data: str, img_size, patch_size: int, images: tuple[int, int]) -> tuple:
+    """The scene probes' (train, val) labels of ``images`` (train, val) scenes, made once per process: every run of
+    the grid is probed on the same held-out scenes (their seeds are the probes', not the run's), and making them
+    costs about as much as a probe."""
+    from .data.scenes import scene_labels
+
+    return tuple(scene_labels(data, split, img_size, patch_size, n, progress=False)
+                 for split, n in zip(("train", "val"), images))
+
+
 def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = False,
                   progress: bool = False) -> dict:
     """Probe accuracies and masked PSNR of a run's final weights (or, `initial`, of the weights it started from).
@@ -144,7 +156,11 @@ def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = 
     if probe_data in SCENE_DATA:
         from .evaluate.scene import scene_probe
 
-        tasks = scene_probe(model.encoder, probe_data, seed=seed, progress=progress)
+        from .choices import SCENE_IMAGES
+
+        embed = model.encoder.patch_embed
+        labels = _scene_labels(probe_data, embed.img_size, embed.patch_size, (SCENE_IMAGES["train"], SCENE_IMAGES["val"]))
+        tasks = scene_probe(model.encoder, probe_data, labels=labels, seed=seed, progress=progress)
         scores = {"linear_acc": None, "knn_acc": None,
                   **{f"{t}_{key}": r[f"{key}_acc"] for t, r in tasks.items() for key in ("linear", "knn")}}
     else:

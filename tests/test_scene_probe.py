@@ -175,8 +175,16 @@ def test_ablate_scores_scene_probes_over_seeds(tmp_path, monkeypatch):
     monkeypatch.setitem(choices.SCENE_IMAGES, "train", 24)
     monkeypatch.setitem(choices.SCENE_IMAGES, "val", 12)
     monkeypatch.setattr(ablate, "masked_psnr", lambda model: 10.0)  # tested in test_ablate; slow at 256 images
+    # The held-out scenes' labels are made once for the whole grid (4 scorings here: 2 seeds, trained and initial).
+    from gmae.data import scenes
+
+    made = []
+    monkeypatch.setattr(scenes, "scene_labels", lambda *a, **kw: made.append(a) or scene_labels(*a, **kw))
+    ablate._scene_labels.cache_clear()
     out = tmp_path / "ablate"
     rows = ablate.run_ablation(out, names=["base"], steps=1, probe_data="sprites", seeds=2, progress=False)
+    assert sorted((a[0], a[1], a[4]) for a in made) == [("sprites", "train", 24), ("sprites", "val", 12)]
+    assert ablate._scene_labels.cache_info()[:2] == (3, 1)  # (hits, misses)
     assert [r["name"] for r in rows] == ["base", "init"] and rows[0]["seeds"] == 2
     per_seed = [json.loads((out / f"base-s{s}" / "scores.json").read_text())["scores"] for s in (0, 1)]
     assert [p["step"] for p in per_seed] == [1, 1]
