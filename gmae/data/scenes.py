@@ -63,9 +63,11 @@ def _source(data: str, img_size: int, seed: int):
     if data not in SCENE_DATA:
         raise GMAEError(f"scene probes read generated scenes: data must be one of {', '.join(SCENE_DATA)}; "
                         f"got {data!r}")
-    from . import build_dataset
+    # Not gmae.data.build_dataset: gmae.data imports this module (through labelled), so that would be a cycle.
+    from .deadleaves import DeadLeaves
+    from .sprites import Sprites
 
-    return build_dataset(data, img_size, seed=seed)
+    return {"deadleaves": DeadLeaves, "sprites": Sprites}[data](img_size, seed=seed)
 
 
 def patch_cover(objects: np.ndarray, num_objects: int, patch_size: int) -> np.ndarray:
