@@ -34,7 +34,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 # No torch at import: the command line reads VARIANTS to build `gmae ablate --help`.
-from .choices import SCENE_DATA, SCENE_TASKS
+from .choices import SCENE_DATA, SCENE_IMAGES, SCENE_TASKS
 from .config import as_dict, model_config, train_config
 from .errors import GMAEError
 
@@ -155,8 +155,6 @@ def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = 
     model, mcfg, state = load_model(checkpoint, initial=initial)
     if probe_data in SCENE_DATA:
         from .evaluate.scene import scene_probe
-
-        from .choices import SCENE_IMAGES
 
         embed = model.encoder.patch_embed
         labels = _scene_labels(probe_data, embed.img_size, embed.patch_size, (SCENE_IMAGES["train"], SCENE_IMAGES["val"]))

@@ -194,7 +194,7 @@ def test_cli_finetune(tmp_path, ckpt, capsys):
     assert err.count("\n") == 2
 
 
-def test_cli_finetune_reads_a_timm_pth_with_the_normalisation_given(tmp_path, capsys):
+def test_cli_finetune_reads_a_timm_pth_with_the_normalisation_given(tmp_path):
     """--normalize reaches the encoder a .pth is read into, and the run's recorded model config says it."""
     from gmae.export import export_checkpoint
 
@@ -207,4 +207,3 @@ def test_cli_finetune_reads_a_timm_pth_with_the_normalisation_given(tmp_path, ca
                      "--batch-size", "8", "--quiet", *flags]) == 0
         config = torch.load(out / "checkpoint-0000001.pt", weights_only=True)["config"]
         assert config["model"]["input_norm"] == used and config["finetune"]["input_norm"] == given
-    capsys.readouterr()
