@@ -8,6 +8,7 @@
     edges = model.edges(images)                 # (B, S, S) soft edge map in [0, 1]
     figure = model.figure_ground(images)        # (B, S, S) bool figure mask
     model.depth_collapse(images)                # {"depth_at_limit", "depth_spread", ..., "collapsed"}
+    model.layout()                              # does the geometry follow the image? {..., "image_independent"}
 
 Every method takes images as a tensor (B, 3, S, S) or (3, S, S) in [0, 1], or
 as paths (files or folders) read like the command line reads them. The
@@ -18,7 +19,10 @@ The collapse guard: every readout (and ``gaussians``) checks the depths of the
 Gaussians it read (:func:`gmae.readouts.core.depth_collapse`) and, where they
 have collapsed, warns once per call with a :class:`gmae.errors.DepthCollapseWarning`
 saying that their order is the query-token order, not depth;
-``depth_collapse(images)`` returns the figures.
+``depth_collapse(images)`` returns the figures. The layout guard: the first readout of a model also checks
+whether its Gaussians' positions and depth order change with the image at all (:func:`gmae.readouts.layout.judge_layout`,
+on held-out images of the data it was trained on) and, where they do not, warns once with a
+:class:`gmae.errors.LayoutWarning`; ``layout(images)`` returns the figures.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .errors import DepthCollapseWarning, GMAEError
+from .errors import DepthCollapseWarning, GMAEError, LayoutWarning
 from .files import image_files
 from .readouts.core import Canvas, collapse_message, depth_collapse, gaussians_of
 from .readouts.edges import EDGE_LEVELS, soft_edges
+from .readouts.layout import judge_layout, layout_message, layout_monitor
 from .readouts.layers import PARTIAL_COUNTS, layers, partial_renders
 from .readouts.segment import figure_ground
 from .render.gaussians import Gaussians
@@ -44,16 +49,23 @@ ImagesLike = torch.Tensor | str | Path | list
 def load(path: str | Path, device: str | torch.device = "cpu", raw: bool = False) -> Model:
     """The model of a run folder (its newest readable checkpoint), a gmae checkpoint or a gmae export: with
     the EMA of its weights when the checkpoint has one (``gmae pretrain --ema``), unless `raw`."""
+    from .checkpoint import configs_of
+
     module, config, state = load_model(path, device, raw=raw)
-    return Model(module, config, int(state["step"]), state["weights"])
+    train = configs_of(state)[1]
+    return Model(module, config, int(state["step"]), state["weights"], train_data=None if train is None else train.data)
 
 
 class Model:
     """A pre-trained GMAE (or MAE) in eval mode, with the readouts as methods (see the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, config: ModelConfig, step: int = 0, weights: str = "raw"):
-        # weights: which the module holds, "raw" or "EMA (decay D)" (gmae.checkpoint.model_weights)
+    def __init__(self, module: torch.nn.Module, config: ModelConfig, step: int = 0, weights: str = "raw",
+                 train_data: str | None = None):
+        # weights: which the module holds, "raw" or "EMA (decay D)" (gmae.checkpoint.model_weights);
+        # train_data: what it was trained on (None: not recorded, an export), where the layout guard looks
         self.module, self.config, self.step, self.weights = module.eval(), config, step, weights
+        self.train_data = train_data
+        self._layout_checked = False
 
     def __repr__(self) -> str:
         c = self.config
@@ -110,7 +122,26 @@ class Model:
         message = collapse_message(depth_collapse(g, self.config))
         if message:  # stacklevel 3: the caller of the readout method
             warnings.warn(message, DepthCollapseWarning, stacklevel=3)
+        if not self._layout_checked:  # once per model: it is about the model, not the images
+            self._layout_checked = True
+            layout = self.layout()
+            message = layout_message(layout)
+            if message:
+                warnings.warn(f"{message} (measured on {layout['source']})", LayoutWarning, stacklevel=3)
         return g
+
+    def layout(self, images: ImagesLike | None = None) -> dict:
+        """Does the geometry follow the image? The layout figures and the full-image PSNR
+        (:mod:`gmae.readouts.layout`) with the verdict "image_independent", on `images` (at least 2) or, by
+        default, on held-out images of the data the model was trained on (dead-leaves if not recorded)."""
+        from .evaluate.zeroshot import model_layout
+
+        if images is None:
+            return model_layout(self.module, self.train_data)
+        batch = self.images(images)
+        if batch.shape[0] < 2:
+            raise GMAEError("the layout figures compare images: give at least 2 (or none: held-out images)")
+        return {**judge_layout(layout_monitor(self.module, batch)), "source": f"the {batch.shape[0]} images given"}
 
     def depth_collapse(self, images: ImagesLike, mask_ratio: float = 0.0) -> dict:
         """Whether the depths of these images' Gaussians have collapsed: {"depth_at_limit", "depth_spread",

@@ -23,7 +23,8 @@ from .choices import (
 )
 from .config import (
     CAMERAS, DEPTH_GRADS, DEPTH_PARAMS, ERASE_MODES, FINETUNE_RESUMABLE, GLOBAL_POOLS, INPUT_NORMS, INTERPOLATIONS,
-    LOSSES, MIXUP_MODES, MODELS, POSITION_PARAMS, PRESETS, QUERY_INITS, ROTATION_PARAMS,
+    LOSSES, MIXUP_MODES, MODELS, POSITION_PARAMS, PRESETS, QUERY_INITS, ROTATION_PARAMS, PIXEL_ORIGINS, TILE_CUTS,
+    HEAD_INITS, PATCH_BIAS_INITS, POSITION_SOURCES,
     PRETRAIN_RESUMABLE, FinetuneConfig, TrainConfig, as_dict, model_config, train_config,
 )
 from .errors import GMAEError
@@ -192,6 +193,15 @@ def add_pretrain(sub) -> None:
                         "depth minus the image's mean: no common drift onto a limit) or linear (never saturates; "
                         "--camera orthographic only)")
     _add_authors_options(p)
+    p.add_argument("--position-source", default=None, choices=POSITION_SOURCES,
+                   help="what places each query's Gaussians: head (default; x, y are numbers of the linear head, "
+                        "the authors') or pointer (an attention-weighted place among the visible patches, from the "
+                        "decoder's outputs, plus an offset of at most a patch: a pointer into the image)")
+    p.add_argument("--position-gain", type=float, default=None,
+                   help="x, y = 2 (sigmoid(GAIN x raw) - 1/2): positions GAIN times as sensitive to the head, and as "
+                        "fast to learn under Adam (default 1)")
+    p.add_argument("--query-noise", type=float, default=None,
+                   help="std of Gaussian noise added to every query embedding, per image, while training (default 0)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="also keep an fp32 exponential moving average of the weights with this decay, saved in the "
                         "checkpoints and used by the commands that read them (--raw-weights: not); e.g. 0.999, the "
@@ -202,6 +212,11 @@ def add_pretrain(sub) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also log the metrics for TensorBoard in --out/tensorboard (pip install 'gmae[tensorboard]')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--layout-every", type=int, default=None, metavar="STEPS",
+                   help=f"every STEPS steps (and at the last), log whether the Gaussians follow the image: the layout "
+                        f"figures (layout_spread_ratio, depth_rank_corr, edge_follow) and the full-image PSNR against "
+                        f"the flat mean colour (psnr_full, psnr_mean_colour) on a fixed held-out batch; 0: never "
+                        f"(default {d.layout_every})")
     _add_pretrain_recipe_flags(p)
     # The online probe (issue 18, part 4), apart from the flags above.
     p.add_argument("--online-probe", action="store_true",
@@ -217,8 +232,10 @@ def _add_authors_options(p) -> None:
     (None: ModelConfig's) are gmae's behaviour from before them."""
     p.add_argument("--rotation-param", default=None, choices=ROTATION_PARAMS,
                    help="the Gaussians' rotation from the head: normalize (default; its 4 numbers divided by their "
-                        "norm) or uniform (the authors': 3 sigmoids through Shoemake's uniform-rotation map, "
-                        "w = sqrt(u1) cos 2 pi u3; the 4th number is unused)")
+                        "norm), uniform (the authors': 3 sigmoids through Shoemake's uniform-rotation formula, "
+                        "components in the authors' order, the first, sqrt(1-u1) sin 2 pi u2, as w: "
+                        "tekotan/video-gmae models_mae.py lines 555-564, gsplat v0.1.1 helpers.cuh line 144; the 4th "
+                        "number is unused) or uniform-scalar-last (the same formula read (x, y, z, w))")
     p.add_argument("--query-init", default=None, choices=QUERY_INITS,
                    help="the query tokens' own embeddings at the start: normal (default; N(0, 1)) or uniform "
                         "(the authors': U[0, 1))")
@@ -229,6 +246,21 @@ def _add_authors_options(p) -> None:
     p.add_argument("--max-alpha", type=float, default=None,
                    help="the renderer's clamp on each Gaussian's alpha, in (0, 1] (default 0.99, 3DGS's; the "
                         "authors' 0.999); training and the readouts render with it")
+    p.add_argument("--pixel-origin", default=None, choices=PIXEL_ORIGINS,
+                   help="where pixel i is sampled: centre (default; at i + 0.5, gsplat >= 0.1.2's) or legacy "
+                        "(legacy gsplat v0.1.0/v0.1.1's, which the authors' code calls: ndc2pix = 0.5 W x + 0.5 + cx "
+                        "with pixel i at i, helpers.cuh line 8: every Gaussian one pixel further right and down)")
+    p.add_argument("--tile-cut", default=None, choices=TILE_CUTS,
+                   help="which tiles draw a Gaussian: alpha (default; every tile where its alpha can reach 1/255) "
+                        "or 3sigma (legacy gsplat's, as the authors' model renders: only the tiles its ceil(3 sigma) "
+                        "box touches, helpers.cuh line 66; backends torch, cpu, triton)")
+    p.add_argument("--head-init", default=None, choices=HEAD_INITS,
+                   help="the Gaussian head's starting weights: xavier (default; MAE's init of every linear) or torch "
+                        "(nn.Linear's own U(+-1/sqrt(d)), as the authors' head keeps it: models_mae.py lines 306 "
+                        "and 333-335 create it after initialize_weights())")
+    p.add_argument("--patch-bias-init", default=None, choices=PATCH_BIAS_INITS,
+                   help="the patch embedding's starting bias: zero (default) or torch (nn.Conv2d's own, kept by MAE "
+                        "and the authors, whose init re-draws only the weight: models_mae.py lines 357-359)")
 
 
 def _add_recipe(p, command: str) -> None:
@@ -289,7 +321,9 @@ def cmd_pretrain(args) -> int:
         camera=args.camera,
         depth_grad=args.depth_grad, depth_tau=args.depth_tau, depth_param=args.depth_param,
         input_norm=args.input_norm, rotation_param=args.rotation_param, query_init=args.query_init,
-        head_bias=args.head_bias, max_alpha=args.max_alpha,
+        head_bias=args.head_bias, max_alpha=args.max_alpha, pixel_origin=args.pixel_origin, tile_cut=args.tile_cut,
+        head_init=args.head_init, patch_bias_init=args.patch_bias_init, position_source=args.position_source,
+        position_gain=args.position_gain, query_noise=args.query_noise,
     )
     tcfg = train_config(
         args.preset, data=args.data, steps=args.steps, batch_size=args.batch_size, blr=args.blr,
@@ -297,7 +331,7 @@ def cmd_pretrain(args) -> int:
         checkpoint_every=args.checkpoint_every, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
         max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image, init_encoder=args.init_encoder,
-        ema=args.ema, online_probe=args.online_probe,
+        ema=args.ema, online_probe=args.online_probe, layout_every=args.layout_every,
         # recipes (issue 18)
         recipe=args.recipe or "", weight_decay=args.weight_decay, betas=args.betas, crop_scale=args.crop_scale,
         interpolation=args.interpolation, **_pretrain_schedule(args),
@@ -416,7 +450,22 @@ def cmd_readout(args) -> int:
         read.append(g)
         print(readout.save(img, readout.compute(g, canvas, args), out / f"{Path(path).stem}_{readout.name}.png"))
     _report_collapse(depth_collapse(read, mcfg))
+    _report_layout(model, state)
     return 0
+
+
+def _report_layout(model, state) -> None:
+    """The layout guard of the readout commands and eval-zeroshot: one line on stderr when the model's geometry does
+    not follow the image (gmae.readouts.layout.judge_layout), measured on held-out images of its run's data."""
+    from .checkpoint import configs_of
+    from .evaluate.zeroshot import checkpoint_layout
+    from .readouts.layout import layout_message
+    from .runs import say
+
+    layout = checkpoint_layout(model, configs_of(state)[1], fidelity_too=False)["layout"]
+    message = layout_message(layout)
+    if message:
+        say(f"{message} (measured on {layout['source']})")
 
 
 def add_eval_zeroshot(sub) -> None:
@@ -449,6 +498,13 @@ def cmd_eval_zeroshot(args) -> int:
                                 progress=not args.json)
     results.update(checkpoint=str(args.checkpoint), random_init=args.random_init, weights=state["weights"])
     _report_collapse(results["collapse"])
+    if results["layout"] is not None:
+        from .readouts.layout import layout_message
+        from .runs import say
+
+        message = layout_message(results["layout"])
+        if message:
+            say(f"{message} (measured on the first {results['layout']['num_images']} images)")
     label = "gmae (init)" if args.random_init else "gmae"
     print(json.dumps(results) if args.json else format_scores(results, label))
     return 0
@@ -493,8 +549,9 @@ def cmd_ablate(args) -> int:
 
 
 def add_info(sub) -> None:
-    p = sub.add_parser("info", help="config, step and parameter counts of a checkpoint, and whether its depths have "
-                       "collapsed (measured on a few held-out images of its run's data)")
+    p = sub.add_parser("info", help="config, step and parameter counts of a checkpoint, whether its depths have "
+                       "collapsed and its layout follows the image (measured on a few held-out images of its run's "
+                       "data), and the PSNR of its full renders against the flat mean colour")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     _add_raw_weights(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -511,15 +568,16 @@ def cmd_info(args) -> int:
     _, tcfg = configs_of(state)
     encoder = count_parameters(model.encoder)
     total = count_parameters(model)
-    collapse = None
+    collapse, geometry = None, {"layout": None, "fidelity": None}
     if mcfg.model == "gmae":
-        from .evaluate.zeroshot import checkpoint_collapse
+        from .evaluate.zeroshot import checkpoint_collapse, checkpoint_layout
 
         collapse = checkpoint_collapse(model, tcfg, args.checkpoint)
+        geometry = checkpoint_layout(model, tcfg)
     info = {
         "checkpoint": str(args.checkpoint), "step": state["step"], "weights": state["weights"],
         "parameters": {"encoder": encoder, "decoder": total - encoder, "total": total},
-        "collapse": collapse, "model": as_dict(mcfg), "train": None if tcfg is None else as_dict(tcfg),
+        "collapse": collapse, **geometry, "model": as_dict(mcfg), "train": None if tcfg is None else as_dict(tcfg),
     }
     if args.json:
         print(json.dumps(info))
@@ -530,6 +588,12 @@ def cmd_info(args) -> int:
         from .evaluate.zeroshot import collapse_figures
 
         print(f"depth: {collapse_figures(collapse)}\n  measured on {collapse['source']}")
+    if info["layout"] is not None:
+        from .evaluate.zeroshot import fidelity_line, layout_line
+
+        print(f"layout: {layout_line(info['layout'])}\n  measured on {info['layout']['source']}")
+        print(f"fidelity (PSNR of the full render at mask 0 vs each image's flat mean colour): "
+              f"{fidelity_line(info['fidelity'])}")
     for section in ("model", "train"):
         if info[section] is None:
             print(f"{section}: not stored (an export holds the model only)")

@@ -49,9 +49,35 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bicubic", "bilinear")
 # The GMAE authors' code's choices (issue 18), each a ModelConfig option whose default is gmae's behaviour before it:
 # how the head's 4 rotation numbers become a unit quaternion (ModelConfig.rotation_param): "normalize" (gmae's:
-# the 4-vector divided by its norm) or "uniform" (the authors': 3 sigmoids u1, u2, u3 mapped by Shoemake's
-# uniform-random-rotation map, so uniform u give uniformly distributed rotations; the 4th number is unused).
-ROTATION_PARAMS = ("normalize", "uniform")
+# the 4-vector divided by its norm), "uniform" (the authors': 3 sigmoids u1, u2, u3 through Shoemake's
+# uniform-random-rotation formula, its components taken in the order the authors' code builds them and legacy gsplat
+# reads them, the first as w: tekotan/video-gmae models_mae.py lines 555-564, gsplat v0.1.1 helpers.cuh line 144)
+# or "uniform-scalar-last" (the same formula read as Shoemake wrote it, (x, y, z, w): another rotation for the
+# same u; what gmae's "uniform" was before it followed the authors' order, kept so that those checkpoints
+# rebuild the model they were). Both uniform maps give uniformly distributed rotations; the 4th number is unused.
+ROTATION_PARAMS = ("normalize", "uniform", "uniform-scalar-last")
+# Where each query token's Gaussians are placed (ModelConfig.position_source): "head" (the authors': x, y are numbers
+# of the linear head, like colour) or "pointer" (an attention-weighted place among the visible patches' centres,
+# from the decoder's outputs at the query and at the patches, plus an offset of at most a patch from the head:
+# a pointer into the image, see GMAE.point).
+POSITION_SOURCES = ("head", "pointer")
+# Where a pixel's sample point is (ModelConfig.pixel_origin): "centre" (pixel i at i + 0.5 in the camera's pixel
+# coordinates: gsplat >= 0.1.2 and gmae's rendering contract) or "legacy" (legacy gsplat v0.1.0/v0.1.1, the API the
+# authors' code calls: ndc2pix = 0.5 W x + 0.5 + cx with pixel i sampled at i, helpers.cuh line 8 and forward.cu
+# lines 275-276, so every Gaussian sits one pixel further right and down).
+PIXEL_ORIGINS = ("centre", "legacy")
+# Which tiles a Gaussian is listed in (ModelConfig.tile_cut): "alpha" (every tile where its alpha can reach 1/255:
+# gmae's contract, nothing that counts is dropped) or "3sigma" (legacy gsplat's: the tiles its box of ceil(3 sigma)
+# pixels touches, helpers.cuh line 66 and forward.cu line 118, so the tails of opaque Gaussians beyond 3 sigma that
+# still reach alpha 1/255 are cut at tile borders). Backends torch, cpu and triton honour both; gsplat "alpha" only.
+TILE_CUTS = ("alpha", "3sigma")
+# How the Gaussian head's weights start (ModelConfig.head_init): "xavier" (MAE's init of every linear, gmae's) or
+# "torch" (PyTorch's nn.Linear default, U(+-1/sqrt(d)): the authors call initialize_weights() before they create the
+# head, so it keeps the default; models_mae.py lines 306 and 333-335).
+HEAD_INITS = ("xavier", "torch")
+# How the patch embedding's bias starts (ModelConfig.patch_bias_init): "zero" (gmae's) or "torch" (PyTorch's
+# nn.Conv2d default, which MAE and the authors keep: their initialize_weights re-draws only the weight).
+PATCH_BIAS_INITS = ("zero", "torch")
 # The query tokens' own embeddings at initialisation (ModelConfig.query_init): "normal" (gmae's N(0, 1), see
 # QUERY_INIT_STD in gmae.model.gmae) or "uniform" (the authors': U[0, 1)).
 QUERY_INITS = ("normal", "uniform")
@@ -100,6 +126,17 @@ class ModelConfig:
     # without it they start around c·sigmoid(0) = c/2 and max_opacity/2 (the authors' bias-free head).
     head_bias: bool = True
     max_alpha: float = 0.99  # clamp on each Gaussian's alpha in the rasterizer: 0.99 as 3DGS; the authors' 0.999
+    # --- what places the Gaussians (docs/depth.md, "does the layout follow the image"); each default is the behaviour
+    # from before it. position_gain: x, y = 2·(sigmoid(gain·raw) − ½), a gain g makes positions g times as fast to
+    # learn; query_noise: std of Gaussian noise added to each query embedding, per image, while training;
+    # position_source: see POSITION_SOURCES.
+    position_gain: float = 1.0
+    query_noise: float = 0.0
+    position_source: str = "head"
+    pixel_origin: str = "centre"  # see PIXEL_ORIGINS
+    tile_cut: str = "alpha"  # see TILE_CUTS
+    head_init: str = "xavier"  # see HEAD_INITS
+    patch_bias_init: str = "zero"  # see PATCH_BIAS_INITS
 
     def __post_init__(self) -> None:
         self.background = tuple(float(v) for v in self.background)
@@ -139,7 +176,10 @@ class ModelConfig:
             raise GMAEError(f"max opacity must be at least 1 (1: opacity = sigmoid, the authors'); got {self.max_opacity}")
         for name, allowed in (("camera", CAMERAS), ("depth_param", DEPTH_PARAMS), ("depth_grad", DEPTH_GRADS),
                               ("position_param", POSITION_PARAMS), ("input_norm", INPUT_NORMS),
-                              ("rotation_param", ROTATION_PARAMS), ("query_init", QUERY_INITS)):
+                              ("rotation_param", ROTATION_PARAMS), ("query_init", QUERY_INITS),
+                              ("pixel_origin", PIXEL_ORIGINS), ("tile_cut", TILE_CUTS), ("head_init", HEAD_INITS),
+                              ("position_source", POSITION_SOURCES),
+                              ("patch_bias_init", PATCH_BIAS_INITS)):
             if getattr(self, name) not in allowed:
                 flag = {"input_norm": "normalize"}.get(name, name.replace("_", "-"))  # named as on the command line
                 raise GMAEError(f"{flag} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -150,6 +190,9 @@ class ModelConfig:
             raise GMAEError(f"depth-param linear needs --camera orthographic: with the {self.camera} camera z sets "
                             "on-screen size, and unbounded z runs into the camera plane (training diverges); "
                             "use --depth-param bounded")
+        if not self.position_gain > 0 or not self.query_noise >= 0:
+            raise GMAEError(f"position-gain must be > 0 and query-noise >= 0; got {self.position_gain}, "
+                            f"{self.query_noise}")
         if not self.depth_tau > 0:
             raise GMAEError(f"depth-tau must be positive; got {self.depth_tau}")
         if not isinstance(self.head_bias, bool):
@@ -209,6 +252,9 @@ class TrainConfig:
     micro_batch: int = 0
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MAE main_pretrain.py line 124)
     interpolation: str = "bicubic"  # of the random resized crop, see INTERPOLATIONS
+    # Steps between measurements of whether the Gaussians follow the image (gmae.readouts.layout: the layout figures
+    # and the full-image PSNR on a fixed held-out batch, logged in metrics.jsonl); 0 = never. GMAE only.
+    layout_every: int = 100
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -234,6 +280,8 @@ class TrainConfig:
             raise GMAEError("warmup steps must be >= 0 and checkpoint-every >= 1")
         if not 0.0 <= self.ema < 1.0:
             raise GMAEError(f"ema decay must be in [0, 1) (0: no EMA; the authors' runs use 0.999); got {self.ema}")
+        if self.layout_every < 0:
+            raise GMAEError(f"layout-every must be >= 0 (0: never); got {self.layout_every}")
 
     def _check_recipe_settings(self) -> None:
         if self.epochs is not None and not self.epochs > 0:
@@ -314,7 +362,7 @@ PRESETS: dict[str, dict] = {
 # every other setting is the checkpoint's, and a command line that contradicts it is refused.
 # (epochs: a new length, as steps; micro_batch: the memory of the machine it resumes on, the same result.)
 PRETRAIN_RESUMABLE = ("steps", "epochs", "micro_batch", "device", "checkpoint_every", "num_workers", "keep_checkpoints",
-                      "max_bad_steps")
+                      "max_bad_steps", "layout_every")
 FINETUNE_RESUMABLE = ("steps", "device", "num_workers", "keep_checkpoints", "checkpoint_every", "eval_every")
 
 # The fields only --preset sets: they name a checkpoint's preset (`preset_of`).
@@ -361,18 +409,30 @@ def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
 # with this value (not today's default), so that it builds the model it was.
 # position_param needs none: a checkpoint without it has m = 1, where both settings are the same model,
 # and taking today's default keeps its config equal to a new m = 1 run's (`gmae ablate` compares them).
-# rotation_param, query_init, head_bias and max_alpha need none: their defaults are the behaviour from before them.
+# rotation_param, query_init, head_bias, max_alpha, pixel_origin, tile_cut, head_init and patch_bias_init need none:
+# their defaults are the behaviour from before them (but see _renamed_values).
 LEGACY_VALUES: dict[type, dict] = {
     ModelConfig: {"camera": "orthographic", "depth_param": "bounded", "depth_grad": "off", "gaussians_per_query": 1,
                   "input_norm": "none"},
 }
 
 
+def _renamed_values(cls, values: dict) -> dict:
+    """Values whose meaning changed, renamed to what they meant when the checkpoint was written.
+
+    rotation_param "uniform" took Shoemake's components as (x, y, z, w) until pixel_origin existed (the two came
+    together); since then it takes them in the authors' order, w first. A ModelConfig saved without pixel_origin
+    therefore meant today's "uniform-scalar-last"."""
+    if cls is ModelConfig and "pixel_origin" not in values and values.get("rotation_param") == "uniform":
+        return {**values, "rotation_param": "uniform-scalar-last"}
+    return values
+
+
 def config_from_dict(cls, values: dict):
     """Rebuild a config dataclass from a checkpoint's dict, ignoring unknown keys;
     fields the dict lacks take their LEGACY_VALUES (else the default)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    known = {**LEGACY_VALUES.get(cls, {}), **values}
+    known = {**LEGACY_VALUES.get(cls, {}), **_renamed_values(cls, values)}
     return cls(**{k: v for k, v in known.items() if k in names})
 
 
@@ -504,5 +564,5 @@ class FinetuneConfig:
 
 __all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
            "DEPTH_PARAMS", "DEPTH_GRADS", "POSITION_PARAMS", "GLOBAL_POOLS", "MIXUP_MODES", "ERASE_MODES",
-           "INPUT_NORMS", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
+           "INPUT_NORMS", "POSITION_SOURCES", "PIXEL_ORIGINS", "TILE_CUTS", "HEAD_INITS", "PATCH_BIAS_INITS", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
            "train_config", "config_from_dict", "as_dict", "preset_of"]

@@ -16,3 +16,8 @@ class GMAEError(ValueError):
 class DepthCollapseWarning(UserWarning):
     """The Gaussians read have collapsed depths (gmae.readouts.core.depth_collapse): depth-ordered readouts
     show the order of the query tokens, not depth."""
+
+
+class LayoutWarning(UserWarning):
+    """The model's Gaussians sit in the same place (and depth order) for every image (gmae.readouts.layout): its
+    readouts show that fixed layout more than the image read."""

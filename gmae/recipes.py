@@ -5,10 +5,12 @@ command's argparse destinations; ``--recipe NAME`` makes them the parser's defau
 on the command line still wins (gmae.cli). ``gmae recipes`` lists them, ``gmae recipes NAME`` prints each
 value with its citation.
 
-Citations name MAE's files with their line numbers (facebookresearch/mae: ``PRETRAIN.md``, ``FINETUNE.md``,
-``main_pretrain.py``, ``main_finetune.py``, ``main_linprobe.py``, ``engine_pretrain.py``), the GMAE paper, the
-GMAE authors' code as issue 18 describes it (its source is not at hand, so no file and line), or
-"gmae: why" for this project's own choices. Torch-free: ``gmae recipes`` and ``--help`` load no torch.
+Citations name MAE's files with their line numbers (facebookresearch/mae at efb2a80: ``PRETRAIN.md``,
+``FINETUNE.md``, ``main_pretrain.py``, ``main_finetune.py``, ``main_linprobe.py``, ``engine_pretrain.py``), the
+GMAE paper by section, the GMAE authors' public code (tekotan/video-gmae at c630810: their video GMAE, which holds
+the image model and an ImageNet branch; its shipped configs are the video model's, so a setting only a command line
+could give is "not recorded"), legacy gsplat (v0.1.1) for what the authors' renderer did, or "gmae: why" for this
+project's own choices. Torch-free: ``gmae recipes`` and ``--help`` load no torch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ MAIN_PRETRAIN = "MAE main_pretrain.py"
 MAIN_FINETUNE = "MAE main_finetune.py"
 MAIN_LINPROBE = "MAE main_linprobe.py"
 PAPER = "GMAE paper"
-AUTHORS = "GMAE authors' code (issue 18)"  # as issue 18 reports it: the source is not at hand, so no line
+# The GMAE authors' public code (their video model, with the image model the recipe follows), at commit c630810.
+AUTHORS_REPO = "tekotan/video-gmae@c630810"
+AUTHORS_MODEL = f"{AUTHORS_REPO} vidgmae/models/components/mae/models_mae.py"
+AUTHORS_MODULE = f"{AUTHORS_REPO} vidgmae/models/gmae.py"  # the training module (loss, optimiser, schedule)
+AUTHORS_CONFIG = f"{AUTHORS_REPO} configs/gmae_ema.yaml"  # the config the repository's README says all runs use
+AUTHORS_DATA = f"{AUTHORS_REPO} vidgmae/datamodules/components/imagenet_dataset.py"
+AUTHORS_TRAINER = f"{AUTHORS_REPO} configs/trainer/default.yaml"
+# Legacy gsplat, the release whose API the authors' code calls.
+LEGACY_GSPLAT = "nerfstudio-project/gsplat@v0.1.1 gsplat/cuda/csrc"
 
 
 @dataclass(frozen=True)
@@ -61,15 +71,15 @@ _MAE_SCHEDULE: dict[str, tuple[object, str]] = {
     "betas": ((0.9, 0.95), f"{MAIN_PRETRAIN} line 180 (AdamW betas=(0.9, 0.95))"),
     "mask_ratio": (0.75, f"{PRETRAIN_MD} line 12 (--mask_ratio 0.75)"),
     "loss": ("masked", f"gmae: {PRETRAIN_MD} line 11 trains MAE with --norm_pix_loss, but for GMAE the paper's "
-                       "per-patch normalised loss is far worse (ImageNet ft 76.9 vs 83.2, DESIGN.md); the pixel "
+                       "per-patch normalised loss is far worse (ImageNet ft 76.9 vs 83.2, its loss ablation); the pixel "
                        f"loss on the masked patches is MAE's baseline ({PRETRAIN_MD} line 20) and the paper's"),
     "crop_scale": ((0.2, 1.0), f"{MAIN_PRETRAIN} line 124 (RandomResizedCrop scale=(0.2, 1.0)); flip: line 125, "
                                "always on in gmae"),
     "interpolation": ("bicubic", f"{MAIN_PRETRAIN} line 124 (interpolation=3, bicubic)"),
     "input_norm": ("imagenet", f"{MAIN_PRETRAIN} line 127 (Normalize with ImageNet's mean and std)"),
     "clip_grad": (0.0, "MAE engine_pretrain.py line 57 (the loss scaler is called without clip_grad: no clipping)"),
-    "num_gaussians": (256, f"{PAPER}'s k (DESIGN.md: 256, the authors' code's default)"),
-    "max_scale": (1.0, f"{PAPER}: c = 1, its default and best (DESIGN.md)"),
+    "num_gaussians": (256, f"{PAPER}'s k = 256 (the authors' code's too: {AUTHORS_CONFIG} line 240)"),
+    "max_scale": (1.0, f"{PAPER}: c = 1, its default and best (its scale ablation)"),
 }
 
 
@@ -83,9 +93,14 @@ _PAPER_EPOCHS = (400, f"{PAPER}, Evaluation on Standard Vision Tasks (ViT-B pre-
 _PAPER_LOSS = ("masked", f"{PAPER}, Method: MSE 'on the originally masked pixels'")
 
 _AUTHORS_NOT_REPRODUCED = (
-    "loss summed over the batch: a bug (the loss, and so the step size, grows with the batch); gmae averages",
-    "decoder position embedding gathered from the table that includes the cls row (off by one): a bug, not copied",
-    "batch size and epochs of the released runs: not known here; MAE's effective batch and the paper's 400 epochs",
+    "loss summed over the batch (tekotan/video-gmae vidgmae/models/gmae.py lines 256-317): a bug (the loss, and so "
+    "the step size, grows with the batch); gmae averages",
+    "decoder position embedding gathered from the table that includes the cls row (vidgmae/models/components/mae/"
+    "models_mae.py lines 504-513: off by one, patch j gets patch j-1's row): a bug, not copied",
+    "batch size, epochs, warmup and mask ratio of an ImageNet run: not recorded in the repository, whose configs are "
+    "the video model's; MAE's effective batch and warmup, the paper's 400 epochs and mask 0.75",
+    "the linear learning-rate scaling applies there only on more than one device (vidgmae/models/gmae.py line "
+    "1245); gmae always scales lr = blr x batch / 256",
 )
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -106,34 +121,59 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     _pretrain("gmae-paper-vit-l", "the paper's recipe (reported for ViT-B) on ViT-L/16; else MAE's",
               _VIT_L, _MAE_SCHEDULE, epochs=_PAPER_EPOCHS, loss=_PAPER_LOSS),
     Recipe("authors-code", "pretrain", "the GMAE authors' code's choices (ViT-B/16), without its bugs", {
-        "preset": _VIT_B,
-        "model": ("gmae", AUTHORS),
-        "epochs": _PAPER_EPOCHS,
-        "warmup_epochs": (40, f"{PRETRAIN_MD} line 14 (the authors' code's warmup is not known here: MAE's)"),
-        "batch_size": (4096, f"{PRETRAIN_MD} line 18 (the authors' batch is not known here: MAE's effective batch)"),
+        "preset": ("base", f"{AUTHORS_MODEL} lines 729-742 and 778 (mae_vit_base_patch16: ViT-B/16, decoder 512 wide, "
+                           "8 blocks); no shipped config selects it (their configs are the video model's)"),
+        "model": ("gmae", f"{AUTHORS_MODULE} lines 84-95 and 376-385 (the ImageNet branch: an MAE encoder with the "
+                          "Gaussian decoder)"),
+        "epochs": (400, f"{PAPER}, Evaluation on Standard Vision Tasks (400 epochs; the authors' runs are not "
+                        f"recorded: {AUTHORS_TRAINER} line 6 has max_epochs 100 for the video model)"),
+        "warmup_epochs": (40, f"{PRETRAIN_MD} line 14 (MAE's; {AUTHORS_CONFIG} line 143 has warmup_epochs 5 with a "
+                              "cosine stepped once per epoch, lines 146 and 208, for the video model)"),
+        "batch_size": (4096, f"{PRETRAIN_MD} line 18 (MAE's effective batch; the authors' ImageNet batch is not "
+                             f"recorded: {AUTHORS_CONFIG} line 131 has 8 per GPU for the video model)"),
         "micro_batch": (64, f"{PRETRAIN_MD} line 9 (64 per GPU)"),
-        "blr": (1e-3, f"{AUTHORS}: blr 1e-3 (DESIGN.md)"),
-        "weight_decay": (0.05, f"{AUTHORS}: wd 0.05 (DESIGN.md)"),
-        "betas": ((0.9, 0.95), f"{AUTHORS}: AdamW betas (0.9, 0.95) (DESIGN.md)"),
-        "mask_ratio": (0.75, f"{PAPER}: mask 0.75"),
-        "loss": ("all", f"{AUTHORS}: MSE over all pixels (the paper says masked)"),
-        "input_norm": ("imagenet", f"{AUTHORS}: ImageNet mean/std normalisation"),
-        "crop_scale": ((0.08, 1.0), f"{AUTHORS}: RandomResizedCrop scale (0.08, 1)"),
-        "interpolation": ("bicubic", f"{MAIN_PRETRAIN} line 124 (the authors' interpolation is not known here)"),
-        "clip_grad": (2.0, f"{AUTHORS}: gradient clipping at norm 2.0"),
-        "precision": ("fp32", f"{AUTHORS}: fp32"),
-        "ema": (0.999, f"{AUTHORS}: EMA of the weights, decay 0.999"),
-        "num_gaussians": (256, f"{AUTHORS}: k = 256 (DESIGN.md)"),
-        "max_scale": (1.0, f"{AUTHORS}: c = 1 (DESIGN.md)"),
-        "camera": ("authors", f"{AUTHORS}: legacy gsplat camera at t_z = 8, fov 90 degrees (DESIGN.md)"),
-        "depth_param": ("bounded", f"{AUTHORS}: z = 2 (sigmoid - 0.5) (DESIGN.md)"),
-        "background": ((1.0, 1.0, 1.0), f"{AUTHORS}: white background (DESIGN.md)"),
-        "rotation_param": ("uniform", f"{AUTHORS}: rotation from 3 sigmoids mapped to a uniform quaternion "
-                                      "(Shoemake's map; which component is w is not reported: gmae takes sqrt(u1) cos "
-                                      "2 pi u3)"),
-        "query_init": ("uniform", f"{AUTHORS}: query tokens initialised U[0, 1)"),
-        "head_bias": (False, f"{AUTHORS}: bias-free Gaussian head (every scale starts around c/2)"),
-        "max_alpha": (0.999, f"{AUTHORS}: alpha clamped at 0.999 (gsplat's value; 3DGS and gmae's default: 0.99)"),
+        "blr": (1e-3, f"{AUTHORS_CONFIG} line 138 (lr: 0.001, scaled by batch / 256: {AUTHORS_MODULE} lines "
+                      "1244-1256, 1306-1308)"),
+        "weight_decay": (0.05, f"{AUTHORS_CONFIG} line 145 (weight_decay: 0.05; none on 1-d parameters, "
+                               f"{AUTHORS_MODULE} line 1305)"),
+        "betas": ((0.9, 0.95), f"{AUTHORS_MODULE} lines 1306-1308 (AdamW, betas=(0.9, 0.95))"),
+        "mask_ratio": (0.75, f"{PAPER}, Evaluation on Standard Vision Tasks (mask ratio 0.75; {AUTHORS_CONFIG} "
+                             "line 222 has 0.90, for the video model)"),
+        "loss": ("all", f"{AUTHORS_MODULE} lines 307-311 (MSE over every pixel of the image, against the [0, 1] "
+                        "image, lines 242-254; the paper says masked)"),
+        "input_norm": ("imagenet", f"{AUTHORS_DATA} lines 104-105 and 140 (timm's ImageNet mean and std)"),
+        "crop_scale": ((0.08, 1.0), f"{AUTHORS_DATA} line 137 (RandomResizedCrop with no scale given: torchvision's "
+                                    "default (0.08, 1))"),
+        "interpolation": ("bicubic", f"{AUTHORS_DATA} line 137 (interpolation=3, bicubic)"),
+        "clip_grad": (2.0, f"{AUTHORS_TRAINER} line 24 (gradient_clip_val: 2.0)"),
+        "precision": ("fp32", f"{AUTHORS_TRAINER} line 25 (precision: 32)"),
+        "ema": (0.999, f"{AUTHORS_CONFIG} lines 40-45 (EMA callback, decay 0.999; README line 77: all runs use "
+                       "this config)"),
+        "num_gaussians": (256, f"{AUTHORS_CONFIG} line 240 (vocab_size: 256, the number of query tokens)"),
+        "max_scale": (1.0, f"{AUTHORS_CONFIG} line 241 (scale_factor: 1.0) and {AUTHORS_MODEL} line 550"),
+        "camera": ("authors", f"{AUTHORS_MODEL} lines 311-328 and 582-596 (fov 90 degrees, focal W/2, camera at "
+                              "t_z = 8, projmat = viewmat: orthographic centres, perspective covariance)"),
+        "depth_param": ("bounded", f"{AUTHORS_MODEL} line 549 (means = 2 (sigmoid - 0.5), z included)"),
+        "background": ((1.0, 1.0, 1.0), f"{AUTHORS_MODEL} lines 635-645 pass no background, which legacy gsplat "
+                                        "makes white (nerfstudio-project/gsplat@v0.1.1 gsplat/rasterize.py lines "
+                                        "58-59)"),
+        "rotation_param": ("uniform", f"{AUTHORS_MODEL} lines 551-564 (Shoemake's uniform-rotation formula of 3 "
+                                      "sigmoids, its first component sqrt(1-u1) sin 2 pi u2 in front), read by legacy "
+                                      f"gsplat with that first component as w ({LEGACY_GSPLAT}/helpers.cuh line 144)"),
+        "pixel_origin": ("legacy", f"{AUTHORS_MODEL} lines 582-596 (legacy ProjectGaussians, 13 arguments: gsplat "
+                                   f"v0.1.0/v0.1.1 only), whose ndc2pix is 0.5 W x + 0.5 + cx ({LEGACY_GSPLAT}/"
+                                   "helpers.cuh line 8) with pixel i sampled at i (forward.cu lines 275-276)"),
+        "tile_cut": ("3sigma", f"{LEGACY_GSPLAT}/helpers.cuh lines 62-66 (radius ceil(3 sigma)) and forward.cu lines "
+                               "116-118 (a Gaussian is listed only in the tiles that radius touches)"),
+        "head_init": ("torch", f"{AUTHORS_MODEL} line 306 (initialize_weights) runs before lines 333-335 create the "
+                               "Gaussian head, which keeps nn.Linear's own init"),
+        "patch_bias_init": ("torch", f"{AUTHORS_MODEL} lines 357-359 (only the patch embedding's weight is re-drawn; "
+                                     "its bias keeps the Conv2d default)"),
+        "query_init": ("uniform", f"{AUTHORS_MODEL} lines 329-332 (the query embeddings: torch.rand, U[0, 1))"),
+        "head_bias": (False, f"{AUTHORS_MODEL} lines 333-335 (linear_gaussian, bias=False: every scale then starts "
+                             "around c/2)"),
+        "max_alpha": (0.999, f"{LEGACY_GSPLAT}/forward.cu line 337 (alpha = min(0.999, ...); 3DGS and gmae's "
+                             "default: 0.99)"),
     }, notes=_AUTHORS_NOT_REPRODUCED),
 )}
 

@@ -23,18 +23,22 @@ from . import distributed
 from .board import Board, check_available
 from .checkpoint import configs_of, save_checkpoint, training_state
 from .config import PRETRAIN_RESUMABLE, ModelConfig, TrainConfig, as_dict, preset_of
-from .data import SeededStream, StepBatchSampler, build_dataset, source_labels
+from .data import SeededStream, StepBatchSampler, build_dataset, held_out_batch, source_labels
 from .ema import WeightEMA
 from .errors import GMAEError
 from .export import init_encoder_weights
 from .files import check_output_folder, checkpoint_path, run_lock
 from .model import build_model, masking_noise, param_groups
+from .readouts.layout import layout_monitor
 from .model.online_probe import OnlineProbe
 from .render import resolve_backend
 from .runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from .stopping import StopGuard, Stopped
 from .threads import worker_init
 from .viz import save_reconstruction_figure
+
+#: Images in the layout monitor's held-out batch (TrainConfig.layout_every).
+LAYOUT_IMAGES = 8
 
 FIGURE_IMAGES = 8
 
@@ -245,6 +249,10 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
             say(f"resumed from {found[0].name} (step {start})")
         prepare_metrics(metrics_path, start, warn=say)
 
+    # The layout monitor's fixed batch (gmae.readouts.layout): held-out images of a generated source, else the first.
+    layout_batch = None
+    if ctx.is_main and mcfg.model == "gmae" and tcfg.layout_every:
+        layout_batch = held_out_batch(tcfg.data, mcfg.img_size, LAYOUT_IMAGES, tcfg.seed, source=source)[0].to(device)
     stream = SeededStream(source, tcfg.seed, labels=labels)
     loader = DataLoader(
         stream, batch_sampler=StepBatchSampler(tcfg.batch_size, start, tcfg.steps - start, ctx.rank, ctx.world_size),
@@ -286,6 +294,11 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
                 # GMAE's collapse monitors (scales at their cap, depth spread, opacity), so that a
                 # collapse shows while it happens; computed after the timing, from this step's forward.
                 record.update({k: round(v, 5) for k, v in model.stats(output).items()})
+                if layout_batch is not None and (step % tcfg.layout_every == 0 or step + 1 == tcfg.steps):
+                    # Does the geometry follow the image? No gradient, no random draw: training is unchanged.
+                    record.update({k: round(v, 5) for k, v in layout_monitor(model, layout_batch).items()})
+                    if probe is not None:
+                        probe.clear()  # the monitor's images are not the next step's
                 if skipped:
                     record.update(skipped=not applied, skipped_total=skipped)
                 record.update({k: round(v, 5) for k, v in probed.items()})

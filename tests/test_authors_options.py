@@ -81,11 +81,14 @@ def test_uniform_rotation_is_unit_and_its_three_numbers_get_gradient():
     grad = raw.grad[..., 6:10]
     assert (grad[..., :3].abs() > 0).float().mean() > 0.9  # u1, u2, u3 all steer the rotation
     assert torch.equal(grad[..., 3], torch.zeros(3, 7))  # the 4th number is unused by construction
-    # Shoemake's map in gmae's (w, x, y, z) order, w = sqrt(u1) cos 2 pi u3
+    # Shoemake's formula in the authors' order, the first component as w (tests/test_authors_parity.py checks it
+    # against their maths); "uniform-scalar-last" reads the same four numbers as (x, y, z, w)
     u = torch.sigmoid(raw.detach()[0, 0, 6:9])
-    expected = torch.stack([u[0].sqrt() * torch.cos(2 * math.pi * u[2]), (1 - u[0]).sqrt() * torch.sin(2 * math.pi * u[1]),
-                            (1 - u[0]).sqrt() * torch.cos(2 * math.pi * u[1]), u[0].sqrt() * torch.sin(2 * math.pi * u[2])])
-    assert torch.allclose(q[0, 0].detach(), expected, atol=1e-6)
+    authors = torch.stack([(1 - u[0]).sqrt() * torch.sin(2 * math.pi * u[1]), (1 - u[0]).sqrt() * torch.cos(2 * math.pi * u[1]),
+                           u[0].sqrt() * torch.sin(2 * math.pi * u[2]), u[0].sqrt() * torch.cos(2 * math.pi * u[2])])
+    assert torch.allclose(q[0, 0].detach(), authors, atol=1e-6)
+    scalar_last = gaussians_from_raw(raw.detach(), 1.0, 1.0, rotation="uniform-scalar-last").quats[0, 0]
+    assert torch.allclose(scalar_last, authors[[3, 0, 1, 2]], atol=1e-6)
 
 
 def test_uniform_u_gives_uniform_rotations():

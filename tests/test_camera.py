@@ -249,9 +249,10 @@ def legacy_gsplat_project(means, scales, quats, viewmat, projmat, fx, fy, cx, cy
     from its formulas: t = W_view·mean + p; J = [[fx/tz, 0, -fx·tx'/tz²], [0, fy/tz, -fy·ty'/tz²]] with
     tx' = tz·clamp(tx/tz, ±1.3·tan_fovx), tan_fovx = W / (2 fx) (and y alike); cov2d = (J W_view) Σ3
     (J W_view)ᵀ + 0.3·I, Σ3 = M Mᵀ, M = R·diag(s); conic = cov2d⁻¹; centre: ndc2pix of projmat·[mean, 1]
-    divided by (w + 1e-6), ndc2pix(x, W) = ((x + 1)·W − 1) / 2 (pixel centres at integers); depth = tz;
-    culled when tz < clip_thresh. cx, cy are unused by the projmat path (as in the legacy code); clamp: the
-    1.3 (infinite: no clamp).
+    divided by (w + 1e-6), ndc2pix(x, W) = ((x + 1)·W − 1) / 2 (pixel centres at integers: gsplat v0.1.2's
+    0.5·W·x + cx − 0.5 with cx = W/2, the contract's ``pixel_origin="centre"``; v0.1.0/v0.1.1's ndc2pix puts
+    every centre one pixel further, ``pixel_origin="legacy"``, checked in tests/test_authors_parity.py); depth = tz;
+    culled when tz < clip_thresh. cx, cy enter only through that formula; clamp: the 1.3 (infinite: no clamp).
     -> means2d (pixel centres at i + 0.5, this package's convention), conic (a, b, c), depth, valid."""
     q = quats / quats.norm(dim=-1, keepdim=True)
     R = torch.stack([quat_rotate(q, torch.eye(3, dtype=F64)[i].expand_as(means)) for i in range(3)], -1)

@@ -57,8 +57,34 @@ def test_info(run_dir, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["step"] == 4 and info["model"]["model"] == "gmae"
     assert info["parameters"]["total"] == info["parameters"]["encoder"] + info["parameters"]["decoder"] > 0
+    # whether the geometry follows the image, on held-out dead-leaves, and the full render against the mean colour
+    layout = info["layout"]
+    assert {"layout_spread_ratio", "depth_rank_corr", "edge_follow", "image_independent"} <= set(layout)
+    assert layout["image_independent"] and "held-out deadleaves" in layout["source"]  # 4 steps: a fixed layout
+    assert set(info["fidelity"]) == {"deadleaves", "sprites", "photos"}
+    for f in info["fidelity"].values():
+        assert f["psnr_gain"] == pytest.approx(f["psnr_full"] - f["psnr_mean_colour"]) and f["psnr_mean_colour"] > 5
     assert main(["info", str(run_dir / "checkpoint-0000004.pt")]) == 0
-    assert "num_gaussians: 32" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "num_gaussians: 32" in out and "layout: spread ratio" in out and "image-independent" in out
+    assert "fidelity (PSNR of the full render at mask 0" in out and "photos" in out
+
+
+def test_pretrain_logs_whether_the_layout_follows_the_image(run_dir, tmp_path):
+    """--layout-every N: the layout figures and the full-image PSNR at step 0, every N steps and the last; the
+    losses are those of a run without them (the monitor draws nothing and computes no gradient)."""
+    with open(run_dir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    monitored = [r["step"] for r in records if "layout_spread_ratio" in r]
+    assert monitored == [0, 3]  # default every 100: step 0 and the last
+    for key in ("depth_rank_corr", "edge_follow", "psnr_full", "psnr_mean_colour", "psnr_gain"):
+        assert np.isfinite(records[0][key])
+    out = tmp_path / "quiet"
+    assert main(["pretrain", *FAST, "--steps", "4", "--checkpoint-every", "2", "--out", str(out),
+                 "--layout-every", "0"]) == 0
+    assert losses(out) == losses(run_dir)
+    with open(out / "metrics.jsonl") as f:
+        assert not any("layout_spread_ratio" in json.loads(line) for line in f)
 
 
 def test_reconstruct_any_image(run_dir, tmp_path):

@@ -32,15 +32,17 @@ EXPECTED = {
     "mae-pretrain-vit-l": {"preset": "large", **MAE_PRETRAIN},
     "gmae-paper-vit-b": {"preset": "base", **MAE_PRETRAIN, "epochs": 400, "loss": "masked"},
     "gmae-paper-vit-l": {"preset": "large", **MAE_PRETRAIN, "epochs": 400, "loss": "masked"},
-    "authors-code": {  # issue 18's list of the authors' code's choices; MAE's schedule where it is silent
+    "authors-code": {  # the authors' code's choices (tekotan/video-gmae at c630810); MAE's schedule where it is silent
         "preset": "base", "model": "gmae", "epochs": 400, "warmup_epochs": 40, "batch_size": 4096, "micro_batch": 64,
         "blr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.95), "mask_ratio": 0.75, "loss": "all",
         "input_norm": "imagenet", "crop_scale": (0.08, 1.0), "interpolation": "bicubic", "clip_grad": 2.0,
         "precision": "fp32", "ema": 0.999, "num_gaussians": 256, "max_scale": 1.0, "camera": "authors",
         "depth_param": "bounded", "background": (1.0, 1.0, 1.0),
-        # issue 18's model choices: rotation from 3 sigmoids (uniform quaternion), U[0, 1) queries, a bias-free
-        # head, alpha clamped at 0.999
+        # the authors' model choices: rotation from 3 sigmoids (uniform quaternion, their component order), U[0, 1)
+        # queries, a bias-free head, alpha clamped at 0.999, legacy gsplat's pixel origin and 3-sigma tile cut, and
+        # the head and patch bias left at PyTorch's init
         "rotation_param": "uniform", "query_init": "uniform", "head_bias": False, "max_alpha": 0.999,
+        "pixel_origin": "legacy", "tile_cut": "3sigma", "head_init": "torch", "patch_bias_init": "torch",
     },
     "mae-finetune-vit-b": {  # FINETUNE.md lines 71-77; main_finetune.py lines 61-115
         "epochs": 100, "batch_size": 1024, "blr": 5e-4, "layer_decay": 0.65, "weight_decay": 0.05, "drop_path": 0.1,
@@ -64,7 +66,9 @@ def test_each_recipe_resolves_to_its_cited_numbers(name):
     recipe = get_recipe(name)
     assert recipe.settings() == EXPECTED[name]
     for dest, (_, cite) in recipe.values.items():  # every value says where it comes from
-        assert cite.startswith(("MAE ", "GMAE paper", "GMAE authors' code", "gmae: ")), (dest, cite)
+        assert cite.startswith(("MAE ", "GMAE paper", "tekotan/video-gmae@", "nerfstudio-project/gsplat@",
+                                "gmae: ")), (dest, cite)
+        assert "DESIGN.md" not in cite and "issue" not in cite, (dest, cite)  # only what a reader can open
 
 
 def test_the_recipe_table_is_the_expected_one():

@@ -393,6 +393,7 @@ def test_auto_backend_resolution_and_logging(monkeypatch, caplog):
     # registering a backend records what it implements: keep the real tables for the other tests
     monkeypatch.setattr(render, "DEPTH_GRAD_BACKENDS", set(render.DEPTH_GRAD_BACKENDS))
     monkeypatch.setattr(render, "WEIGHTED_BACKENDS", set(render.WEIGHTED_BACKENDS))
+    monkeypatch.setattr(render, "TILE_CUT_BACKENDS", set(render.TILE_CUT_BACKENDS))
     with caplog.at_level(logging.INFO, logger="gmae.render"):
         assert render.resolve_backend("auto", "cpu") == "torch"
         assert render.resolve_backend("auto", "cpu") == "torch"

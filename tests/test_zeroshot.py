@@ -281,6 +281,10 @@ def test_eval_zeroshot_json_on_deadleaves(checkpoints, capsys):
         assert 0.0 <= trained["depth_ooa"] <= 1.0
         assert size["depth_ooa"] + reverse["depth_ooa"] == pytest.approx(1.0)
     assert trained["num_images"] == 3 and not trained["random_init"]
+    # the layout and the full-image fidelity on the images read
+    assert trained["layout"]["num_images"] == 3 and isinstance(trained["layout"]["image_independent"], bool)
+    assert trained["fidelity"]["psnr_gain"] == pytest.approx(trained["fidelity"]["psnr_full"]
+                                                             - trained["fidelity"]["psnr_mean_colour"])
     # the model's own scores are its readouts' on these images, scored here without eval-zeroshot's path
     from gmae.evaluate.boundaries import evaluate_boundaries, mean_iou
     from gmae.evaluate.depth import depth_metrics
@@ -452,8 +456,11 @@ def test_eval_zeroshot_json_carries_the_collapse_figures(checkpoints, collapsed_
     from gmae.evaluate.zeroshot import format_scores
 
     table = format_scores(json.loads(out))
-    assert table.splitlines()[-1].startswith("gmae depth: 0% of z at a limit, spread ")
-    assert table.endswith("(not collapsed)")
+    depth = [line for line in table.splitlines() if line.startswith("gmae depth: ")]
+    assert len(depth) == 1 and depth[0].startswith("gmae depth: 0% of z at a limit, spread ")
+    assert depth[0].endswith("(not collapsed)")
+    assert table.splitlines()[-2].startswith("gmae layout on the first 2 images: spread ratio ")
+    assert table.splitlines()[-1].startswith("gmae full render (mask 0): PSNR ")
 
 
 def test_info_shows_the_collapse_figures(checkpoints, collapsed_checkpoint, capsys):
@@ -493,6 +500,31 @@ def test_info_falls_back_to_the_logged_monitors(checkpoints, tmp_path, capsys):
     assert collapse["source"].startswith(f"the last monitors logged in {tmp_path / 'metrics.jsonl'} (step 1")
 
 
+def test_readouts_say_once_when_the_layout_does_not_follow_the_image(checkpoints, photos, tmp_path, capsys):
+    """A 2-step model puts its Gaussians in the same place for every image: the readout commands and the API say
+    so once, with where it was measured; the API's layout() gives the figures."""
+    import warnings
+
+    import gmae
+    from gmae.cli import main
+    from gmae.errors import LayoutWarning
+
+    assert main(["layers", *photos, "--checkpoint", checkpoints["gmae"], "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("layout does not follow")]
+    assert len(lines) == 1 and "held-out deadleaves images" in lines[0]
+    model = gmae.load(checkpoints["gmae"])
+    with pytest.warns(LayoutWarning, match="layout does not follow the image") as caught:
+        model.layers(torch.rand(2, 3, 32, 32))
+    assert len([w for w in caught if w.category is LayoutWarning]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayoutWarning)
+        model.edges(torch.rand(1, 3, 32, 32))  # once per model
+    figures = model.layout(torch.rand(3, 3, 32, 32))
+    assert figures["image_independent"] and figures["source"] == "the 3 images given"
+    with pytest.raises(Exception, match="at least 2"):
+        model.layout(torch.rand(1, 3, 32, 32))
+
+
 def test_the_api_warns_when_the_depths_have_collapsed(checkpoints, collapsed_checkpoint):
     import warnings
 
@@ -504,11 +536,12 @@ def test_the_api_warns_when_the_depths_have_collapsed(checkpoints, collapsed_che
     for readout in (model.layers, model.edges, model.figure_ground, model.gaussians):
         with pytest.warns(DepthCollapseWarning, match="100% of z at a limit.*query-token order") as caught:
             readout(images)
+        caught = [w for w in caught if w.category is DepthCollapseWarning]  # (the layout guard warns too, once)
         assert len(caught) == 1 and caught[0].filename == __file__  # reported where the readout was called
     figures = model.depth_collapse(images)
     assert figures["collapsed"] and figures["depth_at_limit"] == 1.0 and figures["num_images"] == 2
     healthy = gmae.load(checkpoints["gmae"])
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", DepthCollapseWarning)
         healthy.layers(images)
     assert not healthy.depth_collapse(images)["collapsed"]

@@ -33,6 +33,7 @@ from .images import (
     IMG_EXTENSIONS,
     load_image,
     mae_augment,
+    open_image,
     random_resized_crop,
     random_resized_crop_params,
     resize_center_crop,
@@ -64,7 +65,13 @@ __all__ = [
     "random_resized_crop",
     "random_resized_crop_params",
     "resize_center_crop",
+    "EVAL_SEED",
+    "held_out_batch",
 ]
+
+#: The seed of the images the monitors and the evaluations read from a generated source (dead-leaves, sprites):
+#: training's default seed is 0, so these are images training never saw.
+EVAL_SEED = 2024
 
 
 #: Built-in data names understood by :func:`build_dataset` (besides folder paths).
@@ -119,3 +126,47 @@ def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "ski
         raise GMAEError(f"unknown data {name!r}: use one of {', '.join(DATA_NAMES)} "
                         f"or the path of an existing image folder")
     return ImageFolder(path, image_size, on_bad_image=on_bad_image, scale=scale, interpolation=interpolation)
+
+
+def held_out_batch(data: str, image_size, num_images: int, seed: int = 0, source=None):
+    """A fixed batch of images to measure a model on, not a training batch -> (images (n, 3, H, W), where from).
+
+    data: a :func:`build_dataset` name or folder; seed: the training run's seed. A generated source (dead-leaves,
+    sprites) gives images of seed :data:`EVAL_SEED` (EVAL_SEED + 1 if that was the run's): held out. The photos
+    give each whole photo, resized and centre-cropped (training on them sees random crops). Any other source gives
+    its first images, each cropped by its own seeded rng, which training may have seen (the text says so);
+    `source`: that source already built, so that a large folder is not listed twice. Deterministic.
+    """
+    import numpy as np
+    import torch
+
+    eval_seed = EVAL_SEED if seed != EVAL_SEED else EVAL_SEED + 1
+    key = _ALIASES.get(str(data).strip().lower())
+    if key == "photos":
+        photos = Photos(image_size)
+        chosen = list(zip(photos.names, photos.photos))[:num_images]
+        batch = torch.stack([resize_center_crop(photo, image_size, crop_pct=1.0) for _, photo in chosen])
+        return batch, f"{len(chosen)} photos ({', '.join(n for n, _ in chosen)}), whole and centre-cropped"
+    if key in ("deadleaves", "sprites"):
+        held = build_dataset(data, image_size, seed=eval_seed)
+        batch = torch.stack([held.load(i, np.random.default_rng([eval_seed, i])) for i in range(num_images)])
+        return batch, f"{num_images} held-out {key} images (seed {eval_seed})"
+    source = build_dataset(data, image_size, seed=seed) if source is None else source
+    if isinstance(source, ImageFolder):
+        # The evaluation view (resized, centre-cropped) of its first readable files; an unreadable one is passed
+        # over quietly (this batch is not training, which reports its own).
+        images = []
+        for i in range(len(source.files)):
+            try:
+                images.append(resize_center_crop(open_image(source.path(i)), image_size))
+            except (OSError, ValueError, SyntaxError, EOFError):
+                continue
+            if len(images) == num_images:
+                break
+        if not images:
+            raise GMAEError(f"no image of {data} can be read")
+        return torch.stack(images), f"the first {len(images)} images of {data}, centre-cropped (no held-out split: " \
+                                    "training may have seen them)"
+    n = min(num_images, len(source))
+    batch = torch.stack([source.load(i, np.random.default_rng([eval_seed, i])) for i in range(n)])
+    return batch, f"the first {n} images of {data} (no held-out split: training may have seen them)"

@@ -51,10 +51,11 @@ import torch.nn.functional as F
 
 from ..errors import GMAEError
 from ..readouts import READOUTS
+from ..data import EVAL_SEED, held_out_batch
+from ..readouts.layout import fidelity, judge_layout, layout_monitor
 from ..readouts.core import Canvas, depth_collapse, gaussians_of, judge_collapse, require_gmae
 from .depth import DepthTruth
 
-EVAL_SEED = 2024  # generated (dead-leaves, sprites) images for evaluation; training's default seed is 0
 DEFAULT_DEADLEAVES_IMAGES = 200
 #: The generated evaluation sources: ``--data`` name -> class name in :mod:`gmae.data`.
 GENERATED = {"deadleaves": "DeadLeaves", "dead-leaves": "DeadLeaves", "sprites": "Sprites"}
@@ -125,16 +126,23 @@ def scored_readouts() -> list:
     return [r for r in READOUTS.values() if r.scorer is not None]
 
 
+def _model_batch(model, squares: list[torch.Tensor]) -> torch.Tensor:
+    """The squares resized to the model's input, on its device."""
+    size = model.cfg.img_size
+    return torch.stack([
+        F.interpolate(s[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        for s in squares
+    ]).clamp(0, 1).to(next(model.parameters()).device)
+
+
 @torch.no_grad()
 def _model_gaussians(model, squares: list[torch.Tensor], mask_ratio: float):
     """The squares resized to the model's input, and the model's Gaussians of them (near to far) and canvas."""
-    size = model.cfg.img_size
-    device = next(model.parameters()).device
-    batch = torch.stack([
-        F.interpolate(s[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-        for s in squares
-    ]).clamp(0, 1).to(device)
-    return gaussians_of(model, batch, mask_ratio), Canvas.of(model)
+    return gaussians_of(model, _model_batch(model, squares), mask_ratio), Canvas.of(model)
+
+
+#: eval-zeroshot measures the layout and the fidelity on this many of its images (the first ones).
+LAYOUT_IMAGES = 16
 
 
 def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = None, batch_size: int = 16,
@@ -152,12 +160,14 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
     truths: dict[str, list] = {r.name: [] for r in scored}
     pending: list[Item] = []
     read: list = []  # the Gaussians of every image, for the collapse check
+    first: list = []  # the first LAYOUT_IMAGES images, for the layout and fidelity figures
 
     # The bar counts images whose readouts are done (a batch at a time), not images read.
     bar = tqdm(total=n, desc="zero-shot readouts", unit="img", disable=not progress, leave=False)
 
     def flush():
         squares = [it.image for it in pending]
+        first.extend(squares[: LAYOUT_IMAGES - len(first)])
         g, canvas = _model_gaussians(model, squares, mask_ratio)
         read.append(g)
         for r in scored:
@@ -184,7 +194,12 @@ def evaluate_zeroshot(model, data: str = "deadleaves", num_images: int | None = 
             flush()
 
     results: dict = {"data": data, "num_images": n, "mask_ratio": mask_ratio,
-                     "collapse": depth_collapse(read, model.cfg) if read else None}
+                     "collapse": depth_collapse(read, model.cfg) if read else None, "layout": None, "fidelity": None}
+    if len(first) >= 2:  # the layout figures compare images
+        figures = judge_layout(layout_monitor(model, _model_batch(model, first)))
+        fidelity_keys = ("psnr_full", "psnr_mean_colour", "psnr_gain")
+        results["fidelity"] = {k: figures.pop(k) for k in fidelity_keys}
+        results["layout"] = {**figures, "num_images": len(first)}
     methods: dict[str, dict] = {"gmae": {}}  # then each baseline, in the order the scorers name them
     for r in scored:
         if truths[r.name]:
@@ -213,6 +228,12 @@ def format_scores(results: dict, label: str = "gmae") -> str:
                      f"coverage {results['depth_ooa_coverage']:.3f} of the weight")
     if results.get("collapse"):
         lines.append(f"{label} depth: {collapse_figures(results['collapse'])}")
+    if results.get("layout"):
+        lines.append(f"{label} layout on the first {results['layout']['num_images']} images: "
+                     f"{layout_line(results['layout'])}")
+        f = results["fidelity"]
+        lines.append(f"{label} full render (mask 0): PSNR {f['psnr_full']:.2f} dB, the flat mean colour "
+                     f"{f['psnr_mean_colour']:.2f} dB ({f['psnr_gain']:+.2f})")
     return "\n".join(lines)
 
 
@@ -224,30 +245,48 @@ def collapse_figures(collapse: dict) -> str:
 
 
 DEPTH_CHECK_IMAGES = 8
+#: The data every checkpoint's full-image fidelity is measured on (`gmae info`): two generated sources and photos.
+FIDELITY_DATA = ("deadleaves", "sprites", "photos")
 
 
 @torch.no_grad()
 def depth_check(model, data: str, seed: int = 0, num_images: int = DEPTH_CHECK_IMAGES) -> tuple[dict, str]:
-    """:func:`depth_collapse` of `model` on the first `num_images` images of the data source `data`
-    (a run's ``TrainConfig.data``), drawn with seed EVAL_SEED: -> (the figures, where they come from).
-
-    A generated source (dead-leaves and others built from a seed) with a seed other than the run's
-    training `seed` gives held-out images; an image source (a folder, the photos, digits) gives its
-    first images, which training may have seen (the text says so). Deterministic: each image's
-    crop comes from its own seeded rng.
-    """
-    from ..data import build_dataset
-
-    size = model.cfg.img_size
-    eval_seed = EVAL_SEED if seed != EVAL_SEED else EVAL_SEED + 1
-    source = build_dataset(data, size, seed=eval_seed)
-    n = min(num_images, len(source))
-    batch = torch.stack([source.load(i, np.random.default_rng([eval_seed, i])) for i in range(n)])
+    """:func:`depth_collapse` of `model` on a fixed batch of the data source `data` (a run's ``TrainConfig.data``;
+    :func:`gmae.data.held_out_batch`: held-out images of a generated source, else its first images):
+    -> (the figures, where they come from)."""
+    batch, where = held_out_batch(data, model.cfg.img_size, num_images, seed)
     g = gaussians_of(model, batch.to(next(model.parameters()).device))
-    held_out = getattr(source, "seed", None) == eval_seed
-    where = (f"{n} held-out {data} images (seed {eval_seed})" if held_out
-             else f"the first {n} images of {data} (no held-out split: training may have seen them)")
     return depth_collapse(g, model.cfg), where
+
+
+@torch.no_grad()
+def layout_check(model, data: str, seed: int = 0, num_images: int = DEPTH_CHECK_IMAGES) -> dict:
+    """Does `model`'s geometry follow the image? :func:`gmae.readouts.layout.layout_monitor` (the layout figures and
+    the fidelity) on the fixed batch :func:`depth_check` reads, judged by :func:`judge_layout`; "source" says
+    which images."""
+    batch, where = held_out_batch(data, model.cfg.img_size, num_images, seed)
+    return {**judge_layout(layout_monitor(model, batch.to(next(model.parameters()).device))), "source": where}
+
+
+@torch.no_grad()
+def fidelity_table(model, num_images: int = DEPTH_CHECK_IMAGES) -> dict[str, dict]:
+    """{data: :func:`gmae.readouts.layout.fidelity`} on held-out images of each of :data:`FIDELITY_DATA`."""
+    device = next(model.parameters()).device
+    return {data: fidelity(model, held_out_batch(data, model.cfg.img_size, num_images)[0].to(device))
+            for data in FIDELITY_DATA}
+
+
+def layout_line(layout: dict) -> str:
+    """One line of :func:`layout_check`'s figures, with its verdict."""
+    verdict = "image-independent: a fixed layout" if layout["image_independent"] else "follows the image"
+    return (f"spread ratio {layout['layout_spread_ratio']:.2f}, depth-rank correlation {layout['depth_rank_corr']:.2f}, "
+            f"edge follow {layout['edge_follow']:+.3f} ({verdict})")
+
+
+def fidelity_line(table: dict[str, dict]) -> str:
+    """`gmae info`'s fidelity figures: per data, the full render's PSNR against the flat mean colour's."""
+    return ", ".join(f"{data} {f['psnr_full']:.1f} vs {f['psnr_mean_colour']:.1f} dB ({f['psnr_gain']:+.1f})"
+                     for data, f in table.items())
 
 
 def logged_collapse(run: str | Path, cfg) -> tuple[dict, str] | None:
@@ -285,5 +324,27 @@ def checkpoint_collapse(model, train_cfg, path: str | Path) -> dict:
     return {**figures, "source": where}
 
 
-__all__ = ["DEPTH_CHECK_IMAGES", "EVAL_SEED", "Item", "checkpoint_collapse", "collapse_figures", "depth_check",
+def checkpoint_layout(model, train_cfg, fidelity_too: bool = True) -> dict:
+    """`gmae info`'s layout and fidelity figures of a GMAE checkpoint: {"layout": :func:`layout_check` on its run's
+    data (dead-leaves when the run's data cannot be read here, or for an export, which does not say),
+    "fidelity": :func:`fidelity_table` (None without `fidelity_too`)}."""
+    layout = model_layout(model, None if train_cfg is None else train_cfg.data, 0 if train_cfg is None else train_cfg.seed)
+    return {"layout": layout, "fidelity": fidelity_table(model) if fidelity_too else None}
+
+
+def model_layout(model, data: str | None, seed: int = 0) -> dict:
+    """:func:`layout_check` on the data a model was trained on (None: not recorded), dead-leaves when that is not
+    recorded or cannot be read here (the "source" says so)."""
+    if data is None:
+        return layout_check(model, "deadleaves")
+    try:
+        return layout_check(model, data, seed)
+    except GMAEError as e:
+        layout = layout_check(model, "deadleaves")
+        layout["source"] += f" (its data {data!r} cannot be read here: {e})"
+        return layout
+
+
+__all__ = ["DEPTH_CHECK_IMAGES", "EVAL_SEED", "FIDELITY_DATA", "LAYOUT_IMAGES", "Item", "checkpoint_collapse", "checkpoint_layout",
+           "collapse_figures", "depth_check", "fidelity_line", "fidelity_table", "layout_check", "layout_line", "model_layout",
            "evaluate_zeroshot", "format_scores", "items", "logged_collapse", "scored_readouts"]

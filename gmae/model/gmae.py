@@ -36,6 +36,9 @@ from .vit import init_weights, patchify, unpatchify
 # in practice); at unit scale, like the sin-cos positions that give MAE's mask
 # tokens their identity, they differ from the start.
 QUERY_INIT_STD = 1.0
+# The pointer's attention logits are scaled by this over the usual 1/sqrt(d): at 1 a fresh model's queries attend
+# almost evenly and every pointer starts at the image's centre; at 4 each starts near a few patches.
+POINTER_SHARPNESS = 4.0
 
 
 def anchor_spread(num_queries: int) -> float:
@@ -48,26 +51,29 @@ def anchor_spread(num_queries: int) -> float:
     return 2.0 / math.sqrt(num_queries)
 
 
-def uniform_quaternion(raw: torch.Tensor) -> torch.Tensor:
-    """raw (..., 3) -> unit quaternions (..., 4) in gmae's (w, x, y, z) order: the GMAE authors' rotation (issue 18).
+def uniform_quaternion(raw: torch.Tensor, order: str = "authors") -> torch.Tensor:
+    """raw (..., 3) -> unit quaternions (..., 4) in gmae's (w, x, y, z) order: the GMAE authors' rotation.
 
-    u = sigmoid(raw) in (0, 1)^3 goes through Shoemake's uniform-random-rotation map
-    (x, y, z, w) = (sqrt(1-u1) sin 2πu2, sqrt(1-u1) cos 2πu2, sqrt(u1) sin 2πu3, sqrt(u1) cos 2πu3),
-    whose last component is the scalar part (Shoemake's, scalar-last, order): w = sqrt(u1) cos 2πu3. Which
-    component the authors' code takes as w is not reported; any choice maps uniform u to uniform rotations
-    (a permutation of a uniform unit 4-vector is uniform), it only changes which rotation a given u is.
-    The norm is 1 by construction (sin² + cos² in each pair, (1 - u1) + u1 overall).
+    u = sigmoid(raw) in (0, 1)^3 goes through Shoemake's uniform-random-rotation formula
+    A = (sqrt(1-u1) sin 2πu2, sqrt(1-u1) cos 2πu2, sqrt(u1) sin 2πu3, sqrt(u1) cos 2πu3).
+    order "authors": the quaternion is A in that order, A[0] = w. The authors' code builds A
+    (tekotan/video-gmae, vidgmae/models/components/mae/models_mae.py lines 555-564) and hands it to
+    legacy gsplat, which reads the first component as w (gsplat v0.1.1, gsplat/cuda/csrc/helpers.cuh
+    line 144: ``w = quat.x``). order "scalar-last": A read as Shoemake wrote it, (x, y, z, w), so
+    w = A[3] (gmae's reading before the authors' code settled it: another rotation for the same u).
+    Either way uniform u give uniformly distributed rotations, and the norm is 1 by construction.
     """
     # sqrt(u1) = exp(logsigmoid(r) / 2) and sqrt(1 - u1) = exp(logsigmoid(-r) / 2): the same values, but
     # sqrt(sigmoid(r)) would have an infinite derivative where the sigmoid underflows to 0 (r < -88 in float32),
     # a NaN gradient; this form's derivative stays finite (and small) there.
     near, far = torch.exp(0.5 * F.logsigmoid(raw[..., 0])), torch.exp(0.5 * F.logsigmoid(-raw[..., 0]))
     a, b = 2.0 * math.pi * torch.sigmoid(raw[..., 1]), 2.0 * math.pi * torch.sigmoid(raw[..., 2])
-    return torch.stack([near * torch.cos(b), far * torch.sin(a), far * torch.cos(a), near * torch.sin(b)], dim=-1)
+    A = [far * torch.sin(a), far * torch.cos(a), near * torch.sin(b), near * torch.cos(b)]
+    return torch.stack(A if order == "authors" else [A[3], A[0], A[1], A[2]], dim=-1)
 
 
 def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, depth: str = "bounded",
-                       max_opacity: float = 1.0, rotation: str = "normalize") -> Gaussians:
+                       max_opacity: float = 1.0, rotation: str = "normalize", position_gain: float = 1.0) -> Gaussians:
     """raw (B, K, 11 + C) decoder outputs -> activated Gaussians (the activations of the authors' code).
 
     scale_unit: world units per unit of c, the camera's (`Camera.scale_unit`:
@@ -78,12 +84,17 @@ def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, d
     max_opacity: opacity = max_opacity·sigmoid. Above 1 a Gaussian's α =
     min(0.99, o·G) saturates over a core and falls off in a rim that is thin
     next to its size (a flat-topped blob with a sharp edge; 1 = the authors').
-    rotation: "normalize" the 4 numbers raw[..., 6:10] divided by their norm, or "uniform" the authors'
-    map of 3 sigmoids (`uniform_quaternion` of raw[..., 6:9]). The head keeps its 14 numbers per Gaussian
-    either way, so "uniform" leaves raw[..., 9] unused (its gradient is zero): every other option, slice and
-    checkpoint layout stays the same.
+    rotation: "normalize" the 4 numbers raw[..., 6:10] divided by their norm, "uniform" the authors'
+    map of 3 sigmoids (`uniform_quaternion` of raw[..., 6:9], in the authors' component order) or
+    "uniform-scalar-last" (the same, read scalar-last). The head keeps its 14 numbers per Gaussian
+    either way, so the uniform maps leave raw[..., 9] unused (its gradient is zero): every other option,
+    slice and checkpoint layout stays the same.
+    position_gain: x, y = 2·(sigmoid(gain·raw) − ½): a gain g makes the positions g times as sensitive to the
+    head's outputs, and under Adam moves them g times as fast (`ModelConfig.position_gain`; 1: the authors').
     """
     position = 2.0 * (torch.sigmoid(raw[..., 0:3]) - 0.5)  # (-1, 1)^3
+    if position_gain != 1.0:
+        position = torch.cat([2.0 * (torch.sigmoid(position_gain * raw[..., 0:2]) - 0.5), position[..., 2:]], -1)
     if depth == "linear":
         position = torch.cat([position[..., :2], raw[..., 2:3]], dim=-1)
     elif depth == "centred":
@@ -95,8 +106,8 @@ def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, d
         z = raw[..., 2:3]
         position = torch.cat([position[..., :2], 2.0 * (torch.sigmoid(z - z.mean(dim=-2, keepdim=True)) - 0.5)], -1)
     scale = max_scale * torch.sigmoid(raw[..., 3:6]) * scale_unit  # (0, c) scale units
-    if rotation == "uniform":
-        quats = uniform_quaternion(raw[..., 6:9])
+    if rotation in ("uniform", "uniform-scalar-last"):
+        quats = uniform_quaternion(raw[..., 6:9], "authors" if rotation == "uniform" else "scalar-last")
     else:
         quats = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)  # unit quaternion (w, x, y, z)
     color = torch.sigmoid(raw[..., 10:-1])  # [0, 1], like the target image
@@ -118,8 +129,12 @@ class GMAE(MAE):
         # m Gaussians per token (Gaussian j of token t is Gaussian t * m + j), then, when anchored, the
         # token's anchor (x, y).
         self.gaussian_head = nn.Linear(d, m * per + 2 * self.anchored, bias=cfg.head_bias)
-        init_weights(self.gaussian_head)
-        if m > 1:  # (m = 1 keeps exactly today's initialisation, random stream included)
+        # head_init "torch" keeps nn.Linear's own U(±1/sqrt(d)) init, drawn by its constructor above, as the authors'
+        # head does: their initialize_weights() runs before the head exists (models_mae.py lines 306 and 333-335).
+        # At d = 512 its std is 0.0255, against xavier's 0.0616: the first raw outputs are 2.4x narrower.
+        if cfg.head_init == "xavier":
+            init_weights(self.gaussian_head)
+        if m > 1 and cfg.head_init == "xavier":  # (m = 1 keeps exactly today's initialisation, random stream included)
             # Each block of the head drawn as if it were its own one-Gaussian head (xavier over d -> 14):
             # xavier over the m-times wider output would shrink the weights, and with them the spread of
             # the starting positions and colours, as m grows.
@@ -145,13 +160,17 @@ class GMAE(MAE):
         # centred on 0 and every scale on c·sigmoid(0) = c/2 whatever c and m are (not the size above), every
         # opacity on max_opacity/2 and, with m > 1 anchored, every anchor on the image's centre.
         self.register_buffer("background", torch.tensor(cfg.background, dtype=torch.float32), persistent=False)
+        if cfg.position_source == "pointer":  # the attention that places each query's Gaussians (see `point`)
+            self.pointer_query, self.pointer_key = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+            init_weights(self.pointer_query)
+            init_weights(self.pointer_key)
 
     @property
     def anchored(self) -> bool:
         """Whether positions are offsets around a per-token anchor (only with m > 1: one Gaussian is its anchor)."""
         return self.cfg.position_param == "anchored" and self.cfg.gaussians_per_query > 1
 
-    def gaussians_from_tokens(self, raw: torch.Tensor) -> Gaussians:
+    def gaussians_from_tokens(self, raw: torch.Tensor, pointer: torch.Tensor | None = None) -> Gaussians:
         """raw (B, q, m * (11 + C) [+ 2]) head outputs -> the k = q * m Gaussians of each image.
 
         Absolute: every Gaussian is `gaussians_from_raw` of its own 11 + C numbers, as with one
@@ -160,19 +179,43 @@ class GMAE(MAE):
         `anchor_spread(q)` around it (tanh), so a token's Gaussians stay a local group; z,
         like everything else, stays each Gaussian's own (a group straddling an occlusion
         boundary needs both depths).
+
+        pointer (B, q, 2): the tokens' anchors from `point` (``position_source="pointer"``): each Gaussian's
+        x, y is then an offset of at most one patch (tanh) around its token's pointer.
         """
         cfg = self.cfg
         B, q, _ = raw.shape
         m, per = cfg.gaussians_per_query, 11 + cfg.in_chans
         own = raw[..., : m * per].reshape(B, q * m, per)
         g = gaussians_from_raw(own, cfg.max_scale, self.camera.scale_unit, cfg.depth_param, cfg.max_opacity,
-                               cfg.rotation_param)
-        if self.anchored:
-            anchor = 2.0 * (torch.sigmoid(raw[..., m * per:]) - 0.5)  # (B, q, 2)
-            offset = anchor_spread(q) * torch.tanh(own[..., 0:2].reshape(B, q, m, 2))
+                               cfg.rotation_param, cfg.position_gain)
+        if pointer is not None or self.anchored:
+            if pointer is not None:
+                anchor, spread = pointer, 2.0 * cfg.patch_size / cfg.img_size  # one patch (the image spans 2)
+            else:
+                anchor, spread = 2.0 * (torch.sigmoid(raw[..., m * per:]) - 0.5), anchor_spread(q)  # (B, q, 2)
+            offset = spread * torch.tanh(cfg.position_gain * own[..., 0:2].reshape(B, q, m, 2))
             xy = (anchor.unsqueeze(2) + offset).reshape(B, q * m, 2)
             g.means = torch.cat([xy, g.means[..., 2:]], dim=-1)
         return g
+
+    def point(self, visible: torch.Tensor, queries: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Each query token's anchor as an attention-weighted place in the image (``position_source="pointer"``).
+
+        visible (B, n, d), queries (B, q, d): the decoder's outputs at the visible patches and the queries;
+        ids_keep (B, n): the visible patches' indices. -> (B, q, 2) world x, y: Σ_i softmax_i(a_qi)·c_i, the
+        patch centres c_i of the visible patches weighted by the query's attention a_qi = ⟨W_q·query,
+        W_k·patch⟩ / sqrt(d) · POINTER_SHARPNESS. Where a Gaussian sits is then a pointer into the image, not a
+        free coordinate that each query can learn once for every image.
+        """
+        grid = self.cfg.img_size // self.cfg.patch_size
+        cells = torch.arange(grid, device=visible.device, dtype=torch.float32)
+        centre = (cells + 0.5) * (2.0 / grid) - 1.0
+        xy = torch.stack(torch.meshgrid(centre, centre, indexing="xy"), -1).reshape(-1, 2)  # (N, 2), row-major
+        centres = xy[ids_keep]  # (B, n, 2)
+        logits = self.pointer_query(queries) @ self.pointer_key(visible).transpose(1, 2)  # (B, q, n)
+        weights = torch.softmax(logits.float() * (POINTER_SHARPNESS / math.sqrt(visible.shape[-1])), dim=-1)
+        return weights @ centres
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> Gaussians:
         """latent (B, 1 + n, D) -> k Gaussians per image."""
@@ -184,11 +227,15 @@ class GMAE(MAE):
         pos = torch.gather(self.decoder_pos_embed[:, 1:, :].expand(B, -1, -1), 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
         x = torch.cat([x[:, :1, :] + self.decoder_pos_embed[:, :1, :], x[:, 1:, :] + pos], dim=1)
         queries = (self.mask_token + self.query_embed).expand(B, -1, -1)  # (B, q, d)
+        if self.training and self.cfg.query_noise > 0:
+            # Every image sees its own jitter of each query: a query cannot be one fixed place for every image.
+            queries = queries + self.cfg.query_noise * torch.randn_like(queries)
         x = self.run_decoder(torch.cat([x, queries], dim=1))  # (B, 1 + n + q, d)
         # Keep only the q query outputs; float32 even under bf16 autocast, where
         # positions would otherwise snap to steps of up to a pixel.
         raw = self.gaussian_head(x[:, n1:, :]).float()  # (B, q, m * (11 + C) [+ 2])
-        return self.gaussians_from_tokens(raw)
+        pointer = self.point(x[:, 1:n1, :], x[:, n1:, :], ids_keep) if self.cfg.position_source == "pointer" else None
+        return self.gaussians_from_tokens(raw, pointer)
 
     @property
     def compositing(self) -> str:
@@ -214,7 +261,8 @@ class GMAE(MAE):
         with torch.autocast(gaussians.means.device.type, enabled=False):  # splatting stays in float32
             image, _ = render_gaussians(gaussians, size, size, self.background, self.cfg.render_backend,
                                         camera=self.cfg.camera, depth_tau=tau, loss_curvature=loss_curvature,
-                                        compositing=self.compositing, max_alpha=self.cfg.max_alpha)
+                                        compositing=self.compositing, max_alpha=self.cfg.max_alpha,
+                                        pixel_origin=self.cfg.pixel_origin, tile_cut=self.cfg.tile_cut)
         return image
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None,

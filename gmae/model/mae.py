@@ -31,7 +31,7 @@ class MAE(nn.Module):
         self.cfg = cfg
         self.encoder = ViTEncoder(
             cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio,
-            input_norm=cfg.input_norm,
+            input_norm=cfg.input_norm, patch_bias_init=cfg.patch_bias_init,
         )
         grid = cfg.img_size // cfg.patch_size
         d = cfg.decoder_embed_dim

@@ -179,7 +179,7 @@ class ViTEncoder(nn.Module):
     """
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio=4.0,
-                 input_norm: str = "none"):
+                 input_norm: str = "none", patch_bias_init: str = "zero"):
         super().__init__()
         # The [0, 1] images every caller passes are normalised here, so that a checkpoint's every user
         # (fine-tuning, probes, readouts) feeds the encoder as it was trained.
@@ -195,7 +195,14 @@ class ViTEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.normal_(self.cls_token, std=0.02)
+        drawn = self.patch_embed.proj.bias.detach().clone()  # nn.Conv2d's own U(±1/sqrt(fan_in)) draw
         init_weights(self)
+        if patch_bias_init == "torch":
+            # MAE and the GMAE authors re-draw only the patch embedding's weight, so its bias keeps the Conv2d
+            # default (facebookresearch/mae models_mae.py lines 74-76 at efb2a80; tekotan/video-gmae
+            # vidgmae/models/components/mae/models_mae.py lines 357-359 at c630810). gmae zeroes it (init_weights).
+            with torch.no_grad():
+                self.patch_embed.proj.bias.copy_(drawn)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None):
         """imgs (B, C, H, W) in [0, 1] -> latent (B, 1 + n, D), mask (B, N), ids_restore (B, N)."""

@@ -50,6 +50,8 @@ class Canvas:
     compositing: str = "sorted"  # and how it composited ("weighted": with depth weights of temperature depth_tau)
     depth_tau: float = 0.0
     max_alpha: float = 0.99  # the clamp on each alpha the model trained with (ModelConfig.max_alpha)
+    pixel_origin: str = "centre"  # and its pixel convention and tile culling (ModelConfig.pixel_origin, .tile_cut)
+    tile_cut: str = "alpha"
 
     @classmethod
     def of(cls, model) -> Canvas:
@@ -57,7 +59,15 @@ class Canvas:
         size = model.cfg.img_size
         weighted = model.compositing == "weighted"
         return cls(size, size, model.background, model.cfg.render_backend, model.cfg.camera, model.compositing,
-                   model.cfg.depth_tau if weighted else 0.0, model.cfg.max_alpha)
+                   model.cfg.depth_tau if weighted else 0.0, model.cfg.max_alpha, model.cfg.pixel_origin,
+                   model.cfg.tile_cut)
+
+
+    def render(self, g: Gaussians) -> torch.Tensor:
+        """(B, C, H, W): all of g rendered as the model renders (no gradient-only settings)."""
+        return render_gaussians(g, self.height, self.width, self.background, self.backend, camera=self.camera,
+                                compositing=self.compositing, depth_tau=self.depth_tau, max_alpha=self.max_alpha,
+                                pixel_origin=self.pixel_origin, tile_cut=self.tile_cut)[0]
 
 
 def require_gmae(model) -> None:
@@ -138,7 +148,8 @@ def render_subsets(g: Gaussians, keep: torch.Tensor, canvas: Canvas) -> tuple[to
         sub = Gaussians(means[rows], scales[rows], quats[rows], colors[rows], opacities[rows])
         image, alpha = render_gaussians(sub, canvas.height, canvas.width, canvas.background, canvas.backend,
                                         camera=canvas.camera, compositing=canvas.compositing,
-                                        depth_tau=canvas.depth_tau, max_alpha=canvas.max_alpha)
+                                        depth_tau=canvas.depth_tau, max_alpha=canvas.max_alpha,
+                                        pixel_origin=canvas.pixel_origin, tile_cut=canvas.tile_cut)
         images.append(image)
         alphas.append(alpha)
     image, alpha = torch.cat(images), torch.cat(alphas)

@@ -44,6 +44,7 @@ __all__ = [
     "Camera",
     "DEPTH_GRAD_BACKENDS",
     "RasterizeBackend",
+    "TILE_CUT_BACKENDS",
     "WEIGHTED_BACKENDS",
     "get_camera",
     "is_available",
@@ -77,15 +78,19 @@ _LOGGED: set[tuple[str, str, bool]] = set()
 DEPTH_GRAD_BACKENDS: set[str] = {"torch", "cpu", "triton"}
 #: Backends that implement ``compositing="weighted"``.
 WEIGHTED_BACKENDS: set[str] = {"torch"}
+#: Backends that implement ``tile_cut="3sigma"`` (legacy gsplat's tile culling; gsplat's own lists cannot be cut so).
+TILE_CUT_BACKENDS: set[str] = {"torch", "cpu", "triton"}
 
 
-def register_backend(name: str, fn: RasterizeBackend, depth_grad: bool = False, weighted: bool = False) -> None:
+def register_backend(name: str, fn: RasterizeBackend, depth_grad: bool = False, weighted: bool = False,
+                     tile_cut: bool = False) -> None:
     """Add (or replace) a rasterize backend under ``name``; ``depth_grad``: it implements ``depth_tau > 0``;
-    ``weighted``: it implements ``compositing="weighted"``."""
+    ``weighted``: it implements ``compositing="weighted"``; ``tile_cut``: it implements ``tile_cut="3sigma"``."""
     if name == "auto":
         raise GMAEError("'auto' is reserved and cannot name a render backend")
     BACKENDS[name] = fn
-    for has, table in ((depth_grad, DEPTH_GRAD_BACKENDS), (weighted, WEIGHTED_BACKENDS)):
+    for has, table in ((depth_grad, DEPTH_GRAD_BACKENDS), (weighted, WEIGHTED_BACKENDS),
+                       (tile_cut, TILE_CUT_BACKENDS)):
         (table.add if has else table.discard)(name)
 
 
@@ -125,21 +130,25 @@ def _valid_names() -> list[str]:
 
 
 def resolve_backend(backend: str, device: torch.device | str = "cpu", depth_grad: bool = False,
-                    weighted: bool = False) -> str:
+                    weighted: bool = False, tile_cut: bool = False) -> str:
     """Map a backend request to a registered backend name.
 
     ``"auto"`` picks, on CUDA, ``"triton"`` if triton imports, then ``"gsplat"``
     if it imports; on CPU ``"cpu"`` if available; else ``"torch"``; with ``depth_grad`` (the depth-order
     gradient) or ``weighted`` (weighted compositing) only backends that have
-    it qualify (:data:`DEPTH_GRAD_BACKENDS`, :data:`WEIGHTED_BACKENDS`;
-    ``"torch"`` has everything). The choice is logged once (logger
+    it qualify (:data:`DEPTH_GRAD_BACKENDS`, :data:`WEIGHTED_BACKENDS`, and
+    :data:`TILE_CUT_BACKENDS` with ``tile_cut``; ``"torch"`` has everything). The choice is logged once (logger
     ``"gmae.render"``). Unknown names, and a named backend without what is
     asked for, raise :class:`GMAEError`.
     """
     device = torch.device(device)
 
+    wanted = [(depth_grad, DEPTH_GRAD_BACKENDS, "no depth-order gradient"),
+              (weighted, WEIGHTED_BACKENDS, "no weighted compositing"),
+              (tile_cut, TILE_CUT_BACKENDS, "no 3-sigma tile cut (legacy gsplat's culling)")]
+
     def has(name: str) -> bool:
-        return (not depth_grad or name in DEPTH_GRAD_BACKENDS) and (not weighted or name in WEIGHTED_BACKENDS)
+        return all(not asked or name in table for asked, table, _ in wanted)
 
     if backend == "auto":
         # fastest first; "torch" runs everywhere and has everything
@@ -152,8 +161,7 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu", depth_grad
         return name
     if isinstance(backend, str) and _available(backend):
         if not has(backend):
-            what, table = (("no depth-order gradient", DEPTH_GRAD_BACKENDS) if depth_grad and backend not in
-                           DEPTH_GRAD_BACKENDS else ("no weighted compositing", WEIGHTED_BACKENDS))
+            what, table = next((what, table) for asked, table, what in wanted if asked and backend not in table)
             raise GMAEError(f"render backend {backend!r} has {what}; use one of {', '.join(sorted(table))} "
                             f"(or auto)")
         return backend
@@ -176,6 +184,7 @@ def rasterize(
     depth_tau: float = 0.0,
     loss_curvature: Tensor | None = None,
     compositing: str = "sorted",
+    tile_cut: str = "alpha",
 ) -> tuple[Tensor, Tensor]:
     """Render screen-space Gaussians front to back.
 
@@ -204,6 +213,10 @@ def rasterize(
             colour = Σcᵢαᵢwᵢ/Σαᵢwᵢ · (1 − Π(1−αᵢ)) with wᵢ = exp(−zᵢ/depth_tau),
             the depths differentiable through the weights; backends in
             :data:`WEIGHTED_BACKENDS`; see :func:`gmae.render.reference._weighted_chunk`).
+        tile_cut: "alpha" (default; every contribution with α ≥ 1/255 is drawn) or
+            "3sigma" (legacy gsplat's culling: a Gaussian is drawn only in the tiles
+            its ceil(3σ) box touches, :func:`gmae.render.contract.sigma3_tile_box`;
+            backends in :data:`TILE_CUT_BACKENDS`).
 
     Returns:
         image (B, C, H, W) = Σ cᵢαᵢTᵢ + T_final·background and
@@ -211,9 +224,10 @@ def rasterize(
         colors, opacities and background, and in depths when depth_tau > 0.
     """
     validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha,
-                    depth_tau, loss_curvature, compositing)
-    weighted = compositing == "weighted"
-    name = resolve_backend(backend, means2d.device, depth_grad=depth_tau > 0 and not weighted, weighted=weighted)
+                    depth_tau, loss_curvature, compositing, tile_cut)
+    weighted, cut = compositing == "weighted", tile_cut != "alpha"
+    name = resolve_backend(backend, means2d.device, depth_grad=depth_tau > 0 and not weighted, weighted=weighted,
+                           tile_cut=cut)
     return BACKENDS[name](
         means2d,
         conics,
@@ -227,4 +241,5 @@ def rasterize(
         # only backends that have them get the extra arguments (see the registries above)
         **({"depth_tau": depth_tau, "loss_curvature": loss_curvature} if depth_tau > 0 else {}),
         **({"compositing": compositing} if weighted else {}),
+        **({"tile_cut": tile_cut} if cut else {}),
     )

@@ -40,6 +40,7 @@ from ..errors import GMAEError
 __all__ = [
     "CAMERAS",
     "MAX_SCALE",
+    "PIXEL_ORIGIN_SHIFT",
     "Camera",
     "get_camera",
     "project",
@@ -64,6 +65,13 @@ AUTHORS_FOV_CLAMP = 1.3
 NEAR_PLANE = 0.01
 #: legacy gsplat divides projected centres by (w + 1e-6), with w = 1 for projmat = viewmat.
 AUTHORS_W_EPS = 1e-6
+
+#: Where pixel i is sampled, as a shift of every projected centre in the contract's pixel coordinates (pixel
+#: centres at i + 0.5): "centre" the contract's own (gsplat >= 0.1.2's); "legacy" legacy gsplat v0.1.0/v0.1.1's,
+#: the API the GMAE authors' code calls: its ``ndc2pix`` is 0.5·W·x + 0.5 + cx (gsplat/cuda/csrc/helpers.cuh line 8
+#: at tag v0.1.1) and it samples pixel i at i, not i + 0.5 (forward.cu lines 275-276), so relative to the pixel grid
+#: every Gaussian sits one pixel further right and down than the contract's (x + 1)·W/2 puts it.
+PIXEL_ORIGIN_SHIFT = {"centre": 0.0, "legacy": 1.0}
 
 # screen(means (B,K,3), height, width) -> (means2d (B,K,2), depths (B,K), J (B,K,2,3), valid (B,K) bool | None)
 ScreenFn = Callable[[Tensor, int, int], "tuple[Tensor, Tensor, Tensor, Tensor | None]"]
@@ -216,11 +224,14 @@ def project(
     height: int,
     width: int,
     eps2d: float = 0.3,
+    pixel_origin: str = "centre",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Project 3D Gaussians onto an H×W image with a registered camera.
 
     Pixel convention matches :func:`gmae.render.rasterize` (pixel centres at
-    i + 0.5). The screen covariance is Σ2 = J Σ3 Jᵀ + eps2d·I, with
+    i + 0.5); ``pixel_origin="legacy"`` puts every centre where legacy gsplat
+    (v0.1.0/v0.1.1) does, one pixel further right and down
+    (:data:`PIXEL_ORIGIN_SHIFT`). The screen covariance is Σ2 = J Σ3 Jᵀ + eps2d·I, with
     Σ3 = R·diag(s²)·Rᵀ and J the camera's Jacobian at each centre; eps2d is
     gsplat's 0.3-pixel low-pass dilation, which keeps sub-pixel Gaussians
     visible and Σ2 invertible.
@@ -245,6 +256,8 @@ def project(
     rasterizer culls, and zero gradients.
     """
     cam = camera if isinstance(camera, Camera) else get_camera(camera)
+    if pixel_origin not in PIXEL_ORIGIN_SHIFT:
+        raise GMAEError(f"pixel_origin must be one of {', '.join(PIXEL_ORIGIN_SHIFT)}; got {pixel_origin!r}")
     if means.dim() != 3 or means.shape[-1] != 3:
         raise GMAEError(f"means must have shape (B, K, 3); got {tuple(means.shape)}")
     B, K = means.shape[:2]
@@ -285,6 +298,8 @@ def project(
         means2d = torch.where(keep, means2d, torch.zeros_like(means2d))
         conics = torch.where(keep, conics, torch.zeros_like(conics))
         z = torch.where(ok, z, torch.zeros_like(z))
+    if PIXEL_ORIGIN_SHIFT[pixel_origin]:
+        means2d = means2d + PIXEL_ORIGIN_SHIFT[pixel_origin]
     return means2d, conics, z
 
 

@@ -17,6 +17,10 @@ Semantics (3D Gaussian Splatting conventions), per pixel with centre p:
   (:func:`expand_background`: None, (C,) or (B, C)).
 * A Gaussian that can never reach α ≥ 1/255 anywhere, or has a non-finite
   parameter, is culled (:func:`footprint`).
+* ``tile_cut="3sigma"`` (legacy gsplat's culling, for the authors' model) departs
+  from the rule above on purpose: a Gaussian is then drawn only in the 16×16 tiles
+  its box of ceil(3σ) pixels touches (:func:`sigma3_tile_box`), so the tails of
+  opaque Gaussians beyond 3σ that still reach α ≥ 1/255 are cut at tile borders.
 
 A backend is a function with the signature of :class:`RasterizeBackend`,
 registered with :func:`gmae.render.register_backend`.
@@ -37,9 +41,11 @@ __all__ = [
     "CULL_MARGIN",
     "RasterizeBackend",
     "TILE",
+    "TILE_CUTS",
     "T_MIN",
     "expand_background",
     "footprint",
+    "sigma3_tile_box",
     "validate_inputs",
 ]
 
@@ -48,6 +54,9 @@ __all__ = [
 COMPOSITING = ("sorted", "weighted")
 #: Side of a square screen tile, in pixels (as in 3DGS / gsplat).
 TILE = 16
+#: Which tiles list a Gaussian: "alpha" (the contract: every tile where its α can reach 1/255) or "3sigma"
+#: (legacy gsplat's: the tiles its ceil(3σ) box touches; :func:`sigma3_tile_box`).
+TILE_CUTS = ("alpha", "3sigma")
 #: Contributions with α below this are skipped (3DGS: 1/255).
 ALPHA_MIN = 1.0 / 255.0
 #: A pixel stops before the Gaussian that would bring T below this.
@@ -63,7 +72,7 @@ def _shape(t: Tensor) -> tuple[int, ...]:
 
 def validate_inputs(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor, height: int,
                     width: int, background: Tensor | None = None, max_alpha: float = 0.99, depth_tau: float = 0.0,
-                    loss_curvature: Tensor | None = None, compositing: str = "sorted") -> None:
+                    loss_curvature: Tensor | None = None, compositing: str = "sorted", tile_cut: str = "alpha") -> None:
     """Check the rasterizer inputs and raise :class:`GMAEError` with a clear message.
 
     Shapes: means2d (B, K, 2), conics (B, K, 3), colors (B, K, C) with C ≥ 1,
@@ -124,6 +133,8 @@ def validate_inputs(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: 
         raise GMAEError(f"max_alpha must be a number in (0, 1]; got {max_alpha!r}")
     if isinstance(depth_tau, bool) or not isinstance(depth_tau, (int, float)) or not float(depth_tau) >= 0.0:
         raise GMAEError(f"depth_tau must be a number >= 0 (0 = no depth-order gradient); got {depth_tau!r}")
+    if tile_cut not in TILE_CUTS:
+        raise GMAEError(f"tile_cut must be one of {', '.join(TILE_CUTS)}; got {tile_cut!r}")
     if compositing not in COMPOSITING:
         raise GMAEError(f"compositing must be one of {', '.join(COMPOSITING)}; got {compositing!r}")
     if compositing == "weighted" and not depth_tau > 0:
@@ -202,6 +213,40 @@ def footprint(
     return rx, ry, keep
 
 
+def sigma3_tile_box(means2d: Tensor, conics: Tensor, tiles_x: int, tiles_y: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Legacy gsplat's tile box of each Gaussian: inclusive tile ranges x0, x1, y0, y1 (...), empty when x0 > x1.
+
+    means2d (..., 2) in the contract's pixel coordinates, conics (..., 3). As gsplat v0.1.1 does it
+    (gsplat/cuda/csrc/helpers.cuh lines 11-68, forward.cu lines 69-85 and 116-118): the screen covariance is
+    the inverse of the conic; its larger eigenvalue v1 = b + sqrt(max(0.1, b² - det)) with b the half trace
+    gives the radius r = ceil(3·sqrt(v1)) pixels; the box spans tiles (int)(c/16 - r/16) to (int)(c/16 + r/16 + 1)
+    (exclusive), clamped to the grid, around the centre c in gsplat's own pixel frame, where pixel i is sampled at
+    i (the contract's i + 0.5, so c = means2d - 0.5). (int) truncates towards zero; after the clamp at 0 that is
+    floor.
+    """
+    with torch.no_grad():
+        a, b, c = conics.unbind(-1)
+        det = a * c - b * b
+        # Σ = conic⁻¹: (c, -b, a) / det (a non-positive det is culled by footprint; keep the arithmetic finite)
+        safe = torch.where(det > 0, det, torch.ones_like(det))
+        sxx, syy, sxy = c / safe, a / safe, -b / safe
+        half = 0.5 * (sxx + syy)
+        root = torch.sqrt(torch.clamp(half * half - (sxx * syy - sxy * sxy), min=0.1))
+        radius = torch.ceil(3.0 * torch.sqrt(half + root))
+        radius = torch.where(torch.isfinite(radius), radius, torch.zeros_like(radius)).clamp_max(1e7)
+        cx, cy = (means2d[..., 0] - 0.5) / TILE, (means2d[..., 1] - 0.5) / TILE
+        r = radius / TILE
+
+        def span(centre: Tensor, n: int) -> tuple[Tensor, Tensor]:
+            lo = torch.floor(centre - r).clamp(0, n)
+            hi = torch.floor(centre + r + 1.0).clamp(0, n)  # exclusive
+            return lo.long(), hi.long() - 1
+
+        x0, x1 = span(torch.nan_to_num(cx, nan=-1e9), tiles_x)
+        y0, y1 = span(torch.nan_to_num(cy, nan=-1e9), tiles_y)
+    return x0, x1, y0, y1
+
+
 class RasterizeBackend(Protocol):
     """The signature of a rasterize backend, as :func:`gmae.render.rasterize` calls it.
 
@@ -214,4 +259,5 @@ class RasterizeBackend(Protocol):
 
     def __call__(self, means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor, *,
                  height: int, width: int, background: Tensor | None = None, max_alpha: float = 0.99,
-                 depth_tau: float = 0.0, loss_curvature: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+                 depth_tau: float = 0.0, loss_curvature: Tensor | None = None,
+                 tile_cut: str = "alpha") -> tuple[Tensor, Tensor]: ...

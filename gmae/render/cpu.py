@@ -36,7 +36,7 @@ import torch
 from numba import njit, prange
 
 # The contract's constants (tile side, 1/255 skip, 1e-4 early stop) and input checks, shared by every backend.
-from .contract import ALPHA_MIN, T_MIN, TILE, validate_inputs
+from .contract import ALPHA_MIN, T_MIN, TILE, sigma3_tile_box, validate_inputs
 
 __all__ = ["rasterize_cpu"]
 
@@ -546,7 +546,7 @@ def _dtypes(*tensors) -> tuple[torch.dtype, type]:
 class _RasterizeCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, depths, background,
-                height, width, max_alpha, depth_tau, loss_curvature):
+                height, width, max_alpha, depth_tau, loss_curvature, tile_cut):
         n_img, k, n_ch = colors.shape
         n = n_img * k
         out_dtype, dt = _dtypes(means2d, conics, colors, opacities, background)
@@ -559,6 +559,9 @@ class _RasterizeCPU(torch.autograd.Function):
             _numpy(means2d, dt).reshape(n, 2), _numpy(conics, dt).reshape(n, 3),
             _numpy(colors, dt).reshape(n, n_ch), _numpy(opacities, dt).reshape(n),
             depths64.reshape(n), height, width)
+        if tile_cut == "3sigma":
+            packed = torch.from_numpy(params)  # (mx, my, a, b, c, ...) in the compute dtype, as the kernels read them
+            _cut_to_sigma3_tiles(box, packed[:, P_MX:P_MY + 1], packed[:, P_A:P_C + 1], tiles_x, tiles_y)
         # numpy's stable sort orders ties by index and NaN last, like torch's
         order = np.argsort(depths64, axis=1, kind="stable")
         tile_start, gid = _bin(order, box, tiles_x, tiles_y)
@@ -601,7 +604,7 @@ class _RasterizeCPU(torch.autograd.Function):
         n_img, n_ch = bg.shape
         dt = params.dtype.type
         g_img = _numpy(grad_image, dt)
-        grads = [None] * 11
+        grads = [None] * 12
         tau = ctx.depth_tau if ctx.needs_input_grad[4] else 0.0
 
         if any(ctx.needs_input_grad[:4]) or tau > 0:
@@ -623,12 +626,25 @@ class _RasterizeCPU(torch.autograd.Function):
         device = grad_image.device
         return tuple(
             g.to(device, dtype) if g is not None else None
-            for g, dtype in zip(grads, ctx.in_dtypes + [None] * 5)
+            for g, dtype in zip(grads, ctx.in_dtypes + [None] * 6)
         )
 
 
+def _cut_to_sigma3_tiles(box: np.ndarray, means2d: torch.Tensor, conics: torch.Tensor, tiles_x: int,
+                         tiles_y: int) -> None:
+    """tile_cut "3sigma": narrow each pixel box (N, 4) of `_preprocess` to the pixels of legacy gsplat's 3-sigma
+    tiles (`gmae.render.contract.sigma3_tile_box`), in place; a box left empty marks its Gaussian culled."""
+    x0, x1, y0, y1 = (t.numpy() for t in sigma3_tile_box(means2d, conics, tiles_x, tiles_y))
+    box[:, 0] = np.maximum(box[:, 0], x0 * TILE)
+    box[:, 1] = np.minimum(box[:, 1], x1 * TILE + TILE - 1)
+    box[:, 2] = np.maximum(box[:, 2], y0 * TILE)
+    box[:, 3] = np.minimum(box[:, 3], y1 * TILE + TILE - 1)
+    empty = (box[:, 0] > box[:, 1]) | (box[:, 2] > box[:, 3])
+    box[empty, 0], box[empty, 1] = 1, 0  # _bin reads x_lo > x_hi as culled
+
+
 def rasterize_cpu(means2d, conics, colors, opacities, depths, *, height, width,
-                  background=None, max_alpha=0.99, depth_tau=0.0, loss_curvature=None):
+                  background=None, max_alpha=0.99, depth_tau=0.0, loss_curvature=None, tile_cut="alpha"):
     """Tiled, differentiable CPU splatting of 2D Gaussians (3DGS conventions).
 
     means2d (B, K, 2) pixel coordinates, x right, y down, pixel centres at i + 0.5;
@@ -641,6 +657,6 @@ def rasterize_cpu(means2d, conics, colors, opacities, depths, *, height, width,
     depth_tau > 0 (with loss_curvature (B, H, W); see `gmae.render.rasterize`).
     """
     validate_inputs(means2d, conics, colors, opacities, depths, height, width,
-                    background, max_alpha, depth_tau, loss_curvature)
+                    background, max_alpha, depth_tau, loss_curvature, tile_cut=tile_cut)
     return _RasterizeCPU.apply(means2d, conics, colors, opacities, depths, background,
-                               height, width, float(max_alpha), float(depth_tau), loss_curvature)
+                               height, width, float(max_alpha), float(depth_tau), loss_curvature, tile_cut)

@@ -23,6 +23,10 @@ Two things are adapted so the result matches the torch reference:
     numbers, so it is given each Gaussian's depth *rank* + 1 instead: front-to-
     back order, with ties kept in index order as the contract says.
 
+Not supported: ``tile_cut="3sigma"`` (legacy gsplat's tile culling, for the authors' model): gsplat lists a
+Gaussian in the tiles of a box centred on its mean, which cannot be narrowed to legacy gsplat's box;
+`gmae.render.rasterize` refuses it here and points to triton, which has it.
+
 Known difference: gsplat 1.5.3 clamps alpha at 0.999 (3DGS and the contract's
 default use 0.99). Compare with the reference at `max_alpha=0.999`.
 """

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .contract import ALPHA_MIN, T_MIN, TILE, expand_background, footprint, validate_inputs
+from .contract import ALPHA_MIN, T_MIN, TILE, expand_background, footprint, sigma3_tile_box, validate_inputs
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -58,6 +58,7 @@ def _tile_ranges(
     tiles_y: int,
     colors: Tensor | None = None,
     depths: Tensor | None = None,
+    tile_cut: str = "alpha",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Opacity-aware tile bounding boxes.
 
@@ -65,7 +66,8 @@ def _tile_ranges(
     colors (N, C) and depths (N,) (only checked for being finite).
     Returns x0, x1, y0, y1 (N,) inclusive tile ranges (clamped to the grid) and
     ``keep`` (N,) bool: False for culled Gaussians (see :func:`footprint`, or
-    entirely off-screen).
+    entirely off-screen). tile_cut "3sigma" narrows each range to legacy
+    gsplat's 3σ tile box (:func:`sigma3_tile_box`).
     """
     rx, ry, keep = footprint(conics, opacities, means, colors, depths)
     with torch.no_grad():
@@ -79,6 +81,10 @@ def _tile_ranges(
         keep &= (x1 >= 0) & (x0 < tiles_x) & (y1 >= 0) & (y0 < tiles_y)
         x0, y0 = x0.clamp_min(0), y0.clamp_min(0)
         x1, y1 = x1.clamp_max(tiles_x - 1), y1.clamp_max(tiles_y - 1)
+        if tile_cut == "3sigma":
+            sx0, sx1, sy0, sy1 = sigma3_tile_box(means, conics, tiles_x, tiles_y)
+            x0, x1, y0, y1 = torch.maximum(x0, sx0), torch.minimum(x1, sx1), torch.maximum(y0, sy0), torch.minimum(y1, sy1)
+            keep &= (x0 <= x1) & (y0 <= y1)
     return x0, x1, y0, y1, keep
 
 
@@ -122,7 +128,8 @@ def _sort_flat(order: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def sort_and_bin(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor,
-                 dtype: torch.dtype, tiles_x: int, tiles_y: int) -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+                 dtype: torch.dtype, tiles_x: int, tiles_y: int,
+                 tile_cut: str = "alpha") -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor, Tensor]:
     """Steps 1-3 of the tile rasterizer: depth order, culling and the per-tile lists.
 
     1. Depth order (stable: equal depths keep index order), then flatten so
@@ -140,7 +147,7 @@ def sort_and_bin(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Ten
     order = torch.argsort(depths.detach(), dim=1, stable=True)  # (B, K)
     means_s, conics_s, colors_s, opac_s = (_sort_flat(order, t, dtype) for t in (means2d, conics, colors, opacities))
     depths_s = torch.gather(depths.detach(), 1, order).reshape(B * K)
-    x0, x1, y0, y1, keep = _tile_ranges(means_s, conics_s, opac_s, tiles_x, tiles_y, colors_s, depths_s)
+    x0, x1, y0, y1, keep = _tile_ranges(means_s, conics_s, opac_s, tiles_x, tiles_y, colors_s, depths_s, tile_cut)
     gids, starts, counts = _bin_into_tiles(x0, x1, y0, y1, keep, K, tiles_x, tiles_y, B)
     return order, (means_s, conics_s, colors_s, opac_s, depths_s), gids, starts, counts
 
@@ -373,6 +380,7 @@ def rasterize_torch(
     depth_tau: float = 0.0,
     loss_curvature: Tensor | None = None,
     compositing: str = "sorted",
+    tile_cut: str = "alpha",
 ) -> tuple[Tensor, Tensor]:
     """Reference tile rasterizer in plain PyTorch (differentiable by autograd).
 
@@ -394,12 +402,14 @@ def rasterize_torch(
         compositing: "sorted" (the contract) or "weighted" (order-free, see
             :func:`_weighted_chunk`; depth_tau is then its weights' temperature,
             and the depths are differentiable through the weights).
+        tile_cut: "alpha" (the contract) or "3sigma" (legacy gsplat's tile culling,
+            :func:`gmae.render.contract.sigma3_tile_box`).
 
     Returns:
         image (B, C, H, W) and alpha (B, H, W) = 1 - final transmittance.
     """
     validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha,
-                    depth_tau, loss_curvature, compositing)
+                    depth_tau, loss_curvature, compositing, tile_cut)
     weighted = compositing == "weighted"
     tensors = [means2d, conics, colors, opacities] + ([background] if background is not None else [])
     tensors += [depths] if weighted else []
@@ -415,7 +425,7 @@ def rasterize_torch(
 
     # 1-3. Depth order, cull and bin into tiles (shared with the triton backend).
     order, (means_s, conics_s, colors_s, opac_s, depths_s), gids, starts, counts = sort_and_bin(
-        means2d, conics, colors, opacities, depths, dtype, tiles_x, tiles_y)
+        means2d, conics, colors, opacities, depths, dtype, tiles_x, tiles_y, tile_cut)
 
     # 4. Composite the non-empty tiles, busiest first, so that each chunk is
     #    padded only to its own (first = largest) list length.

@@ -293,14 +293,15 @@ def _dtypes(*tensors) -> tuple[torch.dtype, torch.dtype, object]:
 class _RasterizeTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, depths, background, height, width, max_alpha, depth_tau,
-                loss_curvature):
+                loss_curvature, tile_cut):
         B, K, C = colors.shape
         out_dtype, dt, tdt = _dtypes(means2d, conics, colors, opacities, background)
         device = colors.device
         tiles_x, tiles_y = -(-width // TILE), -(-height // TILE)
         with torch.no_grad():
             order, flat, gids, starts, counts = sort_and_bin(means2d.detach(), conics.detach(), colors.detach(),
-                                                             opacities.detach(), depths.detach(), dt, tiles_x, tiles_y)
+                                                             opacities.detach(), depths.detach(), dt, tiles_x, tiles_y,
+                                                             tile_cut)
         means, conics_s, colors_s, opac, depths_s = (t.to(dt).contiguous() for t in flat)
         bg = expand_background(background, B, C, dt, device)
         bg = torch.zeros(1, dtype=dt, device=device) if bg is None else bg.detach().contiguous()
@@ -332,7 +333,7 @@ class _RasterizeTriton(torch.autograd.Function):
         C, dt = common["C"], trans.dtype
         g_img = grad_image.to(dt).contiguous()
         tau = depth_tau if ctx.needs_input_grad[4] else 0.0
-        grads = [None] * 11
+        grads = [None] * 12
         if any(ctx.needs_input_grad[:4]) or tau > 0:
             D = N_GEOM + C + 2
             buf = torch.zeros(gids.numel(), D, dtype=dt, device=g_img.device)
@@ -358,7 +359,7 @@ class _RasterizeTriton(torch.autograd.Function):
             g_bg = torch.einsum("bhw,bchw->bc", trans, g_img)
             grads[5] = g_bg.sum(0) if ctx.shared_bg else g_bg
         return tuple(g.to(dtype) if g is not None else None
-                     for g, dtype in zip(grads, ctx.in_dtypes + [None] * 5))
+                     for g, dtype in zip(grads, ctx.in_dtypes + [None] * 6))
 
 
 def _sum_rows(buf: Tensor, gids: Tensor, n: int, tdt) -> Tensor:
@@ -375,7 +376,7 @@ def _sum_rows(buf: Tensor, gids: Tensor, n: int, tdt) -> Tensor:
 
 
 def rasterize_triton(means2d, conics, colors, opacities, depths, *, height, width, background=None, max_alpha=0.99,
-                     depth_tau=0.0, loss_curvature=None):
+                     depth_tau=0.0, loss_curvature=None, tile_cut="alpha"):
     """Tiled, differentiable splatting of 2D Gaussians in Triton (3DGS conventions; see `gmae.render.rasterize`).
 
     CUDA tensors; CPU tensors only when the kernels run in Triton's interpreter
@@ -384,9 +385,9 @@ def rasterize_triton(means2d, conics, colors, opacities, depths, *, height, widt
     depth_tau > 0 (with loss_curvature (B, H, W)).
     """
     validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha, depth_tau,
-                    loss_curvature)
+                    loss_curvature, tile_cut=tile_cut)
     if means2d.device.type != "cuda" and not INTERPRETED:
         raise GMAEError("the triton backend needs CUDA tensors (on the CPU it runs only in Triton's interpreter, "
                         "TRITON_INTERPRET=1 set before gmae imports it: slow, for tests); use render backend cpu")
     return _RasterizeTriton.apply(means2d, conics, colors, opacities, depths, background, height, width,
-                                  float(max_alpha), float(depth_tau), loss_curvature)
+                                  float(max_alpha), float(depth_tau), loss_curvature, tile_cut)
