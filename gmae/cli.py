@@ -195,8 +195,10 @@ def add_pretrain(sub) -> None:
     _add_authors_options(p)
     p.add_argument("--position-source", default=None, choices=POSITION_SOURCES,
                    help="what places each query's Gaussians: head (default; x, y are numbers of the linear head, "
-                        "the authors') or pointer (an attention-weighted place among the visible patches, from the "
-                        "decoder's outputs, plus an offset of at most a patch: a pointer into the image)")
+                        "the authors'), pointer (an attention-weighted place among the visible patches, from the "
+                        "decoder's outputs, plus an offset of at most a patch: a pointer into the image) or slots "
+                        "(slot attention: the queries compete for the visible patches and sit around the centre of "
+                        "those they win)")
     p.add_argument("--position-gain", type=float, default=None,
                    help="x, y = 2 (sigmoid(GAIN x raw) - 1/2): positions GAIN times as sensitive to the head, and as "
                         "fast to learn under Adam (default 1)")

@@ -57,10 +57,11 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 # rebuild the model they were). Both uniform maps give uniformly distributed rotations; the 4th number is unused.
 ROTATION_PARAMS = ("normalize", "uniform", "uniform-scalar-last")
 # Where each query token's Gaussians are placed (ModelConfig.position_source): "head" (the authors': x, y are numbers
-# of the linear head, like colour) or "pointer" (an attention-weighted place among the visible patches' centres,
+# of the linear head, like colour), "pointer" (an attention-weighted place among the visible patches' centres,
 # from the decoder's outputs at the query and at the patches, plus an offset of at most a patch from the head:
-# a pointer into the image, see GMAE.point).
-POSITION_SOURCES = ("head", "pointer")
+# a pointer into the image, see GMAE.point) or "slots" (slot attention: the queries compete for the visible patches,
+# and each query's Gaussians sit around the mean centre of the patches it won, see GMAE.group).
+POSITION_SOURCES = ("head", "pointer", "slots")
 # Where a pixel's sample point is (ModelConfig.pixel_origin): "centre" (pixel i at i + 0.5 in the camera's pixel
 # coordinates: gsplat >= 0.1.2 and gmae's rendering contract) or "legacy" (legacy gsplat v0.1.0/v0.1.1, the API the
 # authors' code calls: ndc2pix = 0.5 W x + 0.5 + cx with pixel i sampled at i, helpers.cuh line 8 and forward.cu

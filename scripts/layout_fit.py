@@ -143,7 +143,41 @@ def run(args, mode: str) -> dict:
         g = decode_in_query_order(model, held)
         result.update(fidelity(model, held, g))
         result.update(layout_figures(g, held, model.cfg.camera, model.cfg.pixel_origin))
+        if args.figure:
+            save_figure(model, held, g, f"{args.figure}_{mode}.png")
     return result
+
+
+def save_figure(model, images, g, path: str) -> None:
+    """Rows: the held-out images, the renders, and the Gaussians' centres on the image (numbered by query)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gmae.render.camera import project
+
+    n = min(8, images.shape[0])
+    render = Canvas.of(model).render(g).clamp(0, 1)
+    size = images.shape[-1]
+    means2d, _, depths = project(model.cfg.camera, g.means, g.scales, g.quats, size, size)
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5))
+    for i in range(n):
+        axes[0, i].imshow(images[i].permute(1, 2, 0).numpy())
+        axes[1, i].imshow(render[i].permute(1, 2, 0).numpy())
+        axes[2, i].imshow(images[i].permute(1, 2, 0).numpy() * 0.4 + 0.6)
+        order = torch.argsort(depths[i]).tolist()
+        for rank, q in enumerate(order):
+            x, y = means2d[i, q].tolist()
+            axes[2, i].scatter([x - 0.5], [y - 0.5], s=12 + 60 * float(g.opacities[i, q]), c=[g.colors[i, q].tolist()],
+                               edgecolors="k", linewidths=0.5)
+            axes[2, i].annotate(f"{q}", (x - 0.5, y - 0.5), fontsize=6)
+        for r in range(3):
+            axes[r, i].set_xticks([]); axes[r, i].set_yticks([])
+            axes[r, i].set_xlim(-0.5, size - 0.5); axes[r, i].set_ylim(size - 0.5, -0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 class _Net(torch.nn.Module):
@@ -174,6 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--figure", metavar="PREFIX", help="write PREFIX_MODE.png: held-out images, renders, centres")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     for mode in args.mode:

@@ -67,6 +67,10 @@ CONFIGS: dict[str, list[str]] = {
     "all25-gain4": [*ALL25, "--position-gain", "4"],
     "noise05": ["--query-noise", "0.5"],
     "all25-noise05": [*ALL25, "--query-noise", "0.5"],
+    "slots": ["--position-source", "slots"],
+    "all25-slots": [*ALL25, "--position-source", "slots"],
+    "sprites-all25-slots": ["--data", "sprites", *ALL25, "--position-source", "slots"],
+    "all25-slots-4000": [*ALL25, "--position-source", "slots", *L4000],
 }
 
 MEASURED_ON = ("sprites", "deadleaves", "photos")

@@ -113,6 +113,45 @@ def test_the_pointer_gets_gradient():
     assert model.gaussian_head.weight.grad[0:2].abs().max() > 0  # the offsets too
 
 
+# ------------------------------------------------------------------------------------------------ slots
+
+
+def test_slots_share_out_the_patches_and_sit_at_the_centre_of_those_they_win(monkeypatch):
+    """Slot attention's competition: every patch's attention sums to 1 over the slots; each slot's anchor is the
+    weighted mean of the centres of the patches it won, so inside their hull; different images, other places."""
+    from gmae.model import gmae as gmae_module
+
+    model = _model(position_source="slots").eval()
+    imgs = _images(3)
+    shares = []
+    softmax = torch.softmax
+
+    def spy(t, dim):
+        out = softmax(t, dim=dim)
+        shares.append((out, dim))
+        return out
+
+    monkeypatch.setattr(gmae_module.torch, "softmax", spy)
+    g = decode_in_query_order(model, imgs)
+    monkeypatch.setattr(gmae_module.torch, "softmax", softmax)
+    assert len(shares) == gmae_module.SLOT_ITERATIONS and all(dim == 1 for _, dim in shares)
+    last = shares[-1][0]  # (B, q, n)
+    torch.testing.assert_close(last.sum(1), torch.ones(3, model.cfg.num_patches))
+    # anchors (offsets of at most a patch, 0.5 world units, around them) within the image and near the patch hull
+    assert (g.means[..., :2].abs() <= 0.75 + 0.5 + 1e-6).all()
+    a, b = (decode_in_query_order(model, im) for im in (imgs[:2], imgs[1:3]))
+    assert (a.means[1, :, :2] - b.means[0, :, :2]).abs().max() < 1e-6
+    assert (a.means[0, :, :2] - b.means[0, :, :2]).abs().max() > 0.01
+
+
+def test_slots_get_gradient():
+    model = _model(position_source="slots").train()
+    model(_images(2), mask_ratio=0.5).loss.backward()
+    for name in ("pointer_query.weight", "pointer_key.weight", "slot_value.weight", "slot_out.weight",
+                 "slot_mlp.0.weight"):
+        assert dict(model.named_parameters())[name].grad.abs().max() > 0, name
+
+
 # ---------------------------------------------------------------------------------- permuted queries
 
 

@@ -39,6 +39,8 @@ QUERY_INIT_STD = 1.0
 # The pointer's attention logits are scaled by this over the usual 1/sqrt(d): at 1 a fresh model's queries attend
 # almost evenly and every pointer starts at the image's centre; at 4 each starts near a few patches.
 POINTER_SHARPNESS = 4.0
+# Rounds of slot attention (position_source "slots"): Locatello et al. (2020) use 3.
+SLOT_ITERATIONS = 3
 
 
 def anchor_spread(num_queries: int) -> float:
@@ -160,10 +162,16 @@ class GMAE(MAE):
         # centred on 0 and every scale on c·sigmoid(0) = c/2 whatever c and m are (not the size above), every
         # opacity on max_opacity/2 and, with m > 1 anchored, every anchor on the image's centre.
         self.register_buffer("background", torch.tensor(cfg.background, dtype=torch.float32), persistent=False)
-        if cfg.position_source == "pointer":  # the attention that places each query's Gaussians (see `point`)
+        if cfg.position_source in ("pointer", "slots"):  # the attention that places each query's Gaussians
             self.pointer_query, self.pointer_key = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
             init_weights(self.pointer_query)
             init_weights(self.pointer_key)
+        if cfg.position_source == "slots":  # slot attention's value, update and refinement (see `group`)
+            self.slot_value, self.slot_out = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+            self.slot_norm_tokens, self.slot_norm_slots, self.slot_norm_mlp = (nn.LayerNorm(d) for _ in range(3))
+            self.slot_mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+            for module in (self.slot_value, self.slot_out, self.slot_mlp):
+                init_weights(module)
 
     @property
     def anchored(self) -> bool:
@@ -208,14 +216,40 @@ class GMAE(MAE):
         W_k·patch⟩ / sqrt(d) · POINTER_SHARPNESS. Where a Gaussian sits is then a pointer into the image, not a
         free coordinate that each query can learn once for every image.
         """
-        grid = self.cfg.img_size // self.cfg.patch_size
-        cells = torch.arange(grid, device=visible.device, dtype=torch.float32)
-        centre = (cells + 0.5) * (2.0 / grid) - 1.0
-        xy = torch.stack(torch.meshgrid(centre, centre, indexing="xy"), -1).reshape(-1, 2)  # (N, 2), row-major
-        centres = xy[ids_keep]  # (B, n, 2)
+        centres = self._patch_centres(ids_keep)  # (B, n, 2)
         logits = self.pointer_query(queries) @ self.pointer_key(visible).transpose(1, 2)  # (B, q, n)
         weights = torch.softmax(logits.float() * (POINTER_SHARPNESS / math.sqrt(visible.shape[-1])), dim=-1)
         return weights @ centres
+
+    def group(self, visible: torch.Tensor, slots: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot attention over the visible patches (``position_source="slots"``; Locatello et al. 2020, Algorithm 1,
+        with a residual update in place of its GRU): the query tokens compete for the patches.
+
+        visible (B, n, d), slots (B, q, d): the decoder's outputs. Each of SLOT_ITERATIONS rounds normalises the
+        attention over the slots (every patch is shared out among them), then over the patches (a weighted mean), and
+        updates each slot from the mean of its patches' values. -> (the slots (B, q, d), which the Gaussian head
+        reads; each slot's anchor (B, q, 2), the mean centre of the patches it won). Where a Gaussian sits is then the
+        centre of the part of this image its slot took: a soft clustering of the image, not a place learned once.
+        """
+        centres = self._patch_centres(ids_keep)
+        tokens = self.slot_norm_tokens(visible)
+        keys, values = self.pointer_key(tokens), self.slot_value(tokens)
+        scale = 1.0 / math.sqrt(visible.shape[-1])
+        for _ in range(SLOT_ITERATIONS):
+            logits = self.pointer_query(self.slot_norm_slots(slots)) @ keys.transpose(1, 2) * scale  # (B, q, n)
+            share = torch.softmax(logits.float(), dim=1)  # each patch shared among the slots
+            weights = share / (share.sum(-1, keepdim=True) + 1e-8)  # each slot's weighted mean of its patches
+            slots = slots + self.slot_out((weights.to(values.dtype) @ values))
+            slots = slots + self.slot_mlp(self.slot_norm_mlp(slots))
+        return slots, weights @ centres
+
+    def _patch_centres(self, ids_keep: torch.Tensor) -> torch.Tensor:
+        """(B, n) patch indices -> (B, n, 2) their centres in world x, y (the image spans (-1, 1)^2)."""
+        grid = self.cfg.img_size // self.cfg.patch_size
+        cells = torch.arange(grid, device=ids_keep.device, dtype=torch.float32)
+        centre = (cells + 0.5) * (2.0 / grid) - 1.0
+        xy = torch.stack(torch.meshgrid(centre, centre, indexing="xy"), -1).reshape(-1, 2)  # (N, 2), row-major
+        return xy[ids_keep]
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> Gaussians:
         """latent (B, 1 + n, D) -> k Gaussians per image."""
@@ -233,8 +267,12 @@ class GMAE(MAE):
         x = self.run_decoder(torch.cat([x, queries], dim=1))  # (B, 1 + n + q, d)
         # Keep only the q query outputs; float32 even under bf16 autocast, where
         # positions would otherwise snap to steps of up to a pixel.
-        raw = self.gaussian_head(x[:, n1:, :]).float()  # (B, q, m * (11 + C) [+ 2])
-        pointer = self.point(x[:, 1:n1, :], x[:, n1:, :], ids_keep) if self.cfg.position_source == "pointer" else None
+        slots, pointer = x[:, n1:, :], None
+        if self.cfg.position_source == "pointer":
+            pointer = self.point(x[:, 1:n1, :], slots, ids_keep)
+        elif self.cfg.position_source == "slots":
+            slots, pointer = self.group(x[:, 1:n1, :], slots, ids_keep)
+        raw = self.gaussian_head(slots).float()  # (B, q, m * (11 + C) [+ 2])
         return self.gaussians_from_tokens(raw, pointer)
 
     @property
