@@ -8,6 +8,7 @@ CUDA tensors (marked `gpu`), and `test_parity_at_gmae_shapes` compares at the sh
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -217,50 +218,30 @@ def test_dispatch_through_rasterize(device):
 
 # --------------------------------------------------------------------------- compiled for a GPU, without one
 
-COMPILE_FOR_SM90 = """
-import sys
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-import gmae.render.triton_raster as tr
-
-F, I = "*fp32", dict(H="i32", W="i32", tiles_x="i32", n_tiles="i32", max_alpha="fp32", tau="fp32")
-tile = dict(means=F, conics=F, colors=F, opac=F, depths=F, gids="*i64", starts="*i64", counts="*i64", bg=F,
-            image=F, trans=F, last_out="*i32", last_in="*i32", grad_image=F, grad_alpha=F, curvature=F, buf=F, **I)
-common = dict(C=3, CP=4, TILE=16, DT=tl.float32)
-jobs = [(tr._forward_kernel, dict(common, HAS_BG=True)), (tr._forward_kernel, dict(common, HAS_BG=False)),
-        (tr._backward_kernel, dict(common, HAS_BG=True, DEPTH=True)),
-        (tr._backward_kernel, dict(common, HAS_BG=False, DEPTH=False)),
-        (tr._depth_back_kernel, common), (tr._reduce_kernel, dict(D=11, DP=16, DT=tl.float32))]
-types = dict(tile, perm="*i64", seg="*i64", out=F)
-for fn, consts in jobs:
-    signature = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
-                            options=dict(tr.LAUNCH))
-    assert kernel.asm["cubin"], fn.__name__
-    print("compiled", fn.__name__)
-"""
-
-
 def test_kernels_compile_for_a_gpu_without_one():
     """The interpreter runs kernels as Python, so it accepts code that Triton's compiler refuses (types that change
     in a loop, ...): every kernel variant is compiled for sm_90 (H100/H200) down to a cubin, with the ptxas that
-    comes with triton, in a process without TRITON_INTERPRET."""
+    comes with triton, in a process without TRITON_INTERPRET (scripts/triton_sass.py, which also prints their
+    registers and the instructions and barriers of their loops); none spills registers to local memory."""
     import subprocess
     import sys
     from pathlib import Path
 
+    root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, str(root / "scripts" / "triton_sass.py"), "--json"], env=env,
+                          capture_output=True, text=True, timeout=300)
     if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr.lower()
-                                 or "No module named 'triton.backends.nvidia'" in done.stderr):
+                                 or "No module named 'triton.backends.nvidia'" in done.stderr
+                                 or "cuobjdump" in done.stderr or "nvdisasm" in done.stderr):
         pytest.skip(f"this triton cannot compile for CUDA here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 6
+    kernels = json.loads(done.stdout)["kernels"]
+    assert [k["function"] for k in kernels] == ["_forward_kernel"] * 2 + ["_backward_kernel"] * 2 + \
+        ["_depth_back_kernel", "_reduce_kernel"]
+    for k in kernels:
+        assert k["local"] == 0 and k["stack"] == 0, k  # no register spills
+        assert k["loops"], k  # each walks its list in a loop
 
 
 # --------------------------------------------------------------------------- GPU only
