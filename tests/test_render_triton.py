@@ -20,7 +20,7 @@ from gmae.errors import GMAEError  # noqa: E402
 from gmae.render import DEPTH_GRAD_BACKENDS, rasterize, resolve_backend  # noqa: E402
 from gmae.render.reference import rasterize_torch  # noqa: E402
 from test_depth_grad import assert_matches_torch, backend_grads, scene as depth_scene  # noqa: E402
-from test_render_cpu import make_scene, render_and_grad  # noqa: E402
+from render_scenes import make_scene, render_and_grad  # noqa: E402
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-10)  # float64: the same arithmetic as the oracle, up to summation order
