@@ -1,8 +1,9 @@
 """The triton render backend's kernels compiled for sm_90 (H100/H200) without a GPU: registers, spills, and per loop
 the SASS instructions and block-wide barriers of one iteration.
 
-    python scripts/triton_sass.py          # one line per kernel variant, then one per loop
-    python scripts/triton_sass.py --json   # the same as JSON
+    python scripts/triton_sass.py                    # one line per kernel variant, then one per loop
+    python scripts/triton_sass.py --json             # the same as JSON, with the float constants of the PTX
+    python scripts/triton_sass.py --float64 --json   # the float64 variants (what the tests compare at 1e-10)
 
 Every kernel variant that gmae/render/triton_raster.py launches is compiled with triton's own ptxas (triton ships it;
 no GPU and no CUDA toolkit needed) down to a cubin, which triton's nvdisasm turns into SASS. Run it without
@@ -41,7 +42,7 @@ import gmae.render.triton_raster as tr  # noqa: E402
 POINTERS = ("means", "conics", "colors", "opac", "depths", "geom", "bg", "image", "trans", "grad_image", "grad_alpha",
             "curvature", "buf", "out", "params")
 INDICES = dict(gids="*i64", starts="*i64", counts="*i64", perm="*i64", seg="*i64", last_out="*i32", last_in="*i32")
-SCALARS = dict(H="i32", W="i32", tiles_x="i32", n_tiles="i32", n="i32", max_alpha="fp32", tau="fp32")
+SCALARS = dict(H="i32", W="i32", tiles_x="i32", n_tiles="i32", n="i32")
 
 
 def jobs(dt=tl.float32) -> list[tuple[str, object, dict]]:
@@ -75,6 +76,12 @@ def _tool(name: str) -> str:
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+
+
+def ptx_floats(ptx: str) -> dict:
+    """The kernel's fp32 parameters (a Python float argument becomes one) and its float64 constants (hex)."""
+    return {"f32_params": len(re.findall(r"\.param \.f32", ptx)),
+            "f64_constants": sorted(set(re.findall(r"\b0d[0-9A-F]{16}\b", ptx)))}
 
 
 def sass_stats(cubin: bytes) -> dict:
@@ -112,8 +119,9 @@ def entries_per_iteration(label: str) -> int:
 
 def main(argv: list[str]) -> int:
     rows = []
-    for label, fn, consts in jobs():
-        stats = sass_stats(compile_sm90(fn, consts).asm["cubin"])
+    for label, fn, consts in jobs(tl.float64 if "--float64" in argv else tl.float32):
+        kernel = compile_sm90(fn, consts)
+        stats = {**sass_stats(kernel.asm["cubin"]), **ptx_floats(kernel.asm["ptx"])}
         per = entries_per_iteration(label)
         for loop in stats["loops"]:
             loop["per_entry"] = round(loop["instructions"] / per, 1)
@@ -121,7 +129,7 @@ def main(argv: list[str]) -> int:
     if "--json" in argv:
         print(json.dumps({"triton": triton.__version__, "kernels": rows}, indent=1))
         return 0
-    print(f"triton {triton.__version__}, sm_90, {tr.LAUNCH}")
+    print(f"triton {triton.__version__}, sm_90, {'float64' if '--float64' in argv else 'float32'}, {tr.LAUNCH}")
     for row in rows:
         print(f"compiled {row['kernel']:15s} registers {row['registers']:3d}  stack {row['stack']}  local "
               f"{row['local']}  shared {row['shared']:5d}  instructions {row['instructions']:5d}  "

@@ -8,9 +8,12 @@ CUDA tensors (marked `gpu`), and `test_parity_at_gmae_shapes` compares at the sh
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +21,7 @@ triton_raster = pytest.importorskip("gmae.render.triton_raster", reason="needs t
 
 from gmae.errors import GMAEError  # noqa: E402
 from gmae.render import DEPTH_GRAD_BACKENDS, rasterize, resolve_backend  # noqa: E402
+from gmae.render.contract import ALPHA_MIN, T_MIN  # noqa: E402
 from gmae.render.reference import rasterize_torch  # noqa: E402
 from test_depth_grad import assert_matches_torch, backend_grads, scene as depth_scene  # noqa: E402
 from render_scenes import make_scene, render_and_grad  # noqa: E402
@@ -218,25 +222,88 @@ def test_dispatch_through_rasterize(device):
 
 # --------------------------------------------------------------------------- compiled for a GPU, without one
 
-def test_kernels_compile_for_a_gpu_without_one():
-    """The interpreter runs kernels as Python, so it accepts code that Triton's compiler refuses (types that change
-    in a loop, ...): every kernel variant is compiled for sm_90 (H100/H200) down to a cubin, with the ptxas that
-    comes with triton, in a process without TRITON_INTERPRET (scripts/triton_sass.py, which also prints their
-    registers and the instructions and barriers of their loops); none spills registers to local memory."""
+# --------------------------------------------------------------------------- what a compiled kernel computes
+
+
+class AsCompiled:
+    """A kernel launched with its arguments as a compiled kernel receives them: triton types a Python float argument
+    fp32, so the kernel gets the nearest float32, where the interpreter passes the double on."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        params = inspect.signature(kernel.fn).parameters
+        self.runtime = {name for name, p in params.items() if "constexpr" not in str(p.annotation)}
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        names = list(inspect.signature(self.kernel.fn).parameters)
+
+        def cast(name, value):
+            return float(np.float32(value)) if type(value) is float and name in self.runtime else value
+
+        return lambda *args, **kwargs: launch(*(cast(n, v) for n, v in zip(names, args)),
+                                              **{n: cast(n, v) for n, v in kwargs.items()})
+
+
+@pytest.fixture
+def as_compiled(monkeypatch):
+    if not triton_raster.INTERPRETED:
+        pytest.skip("emulates a compiled kernel in the interpreter")
+    for name in ("_forward_kernel", "_backward_kernel", "_depth_back_kernel", "_reduce_kernel"):
+        monkeypatch.setattr(triton_raster, name, AsCompiled(getattr(triton_raster, name)))
+
+
+@pytest.mark.parametrize("case", [
+    lambda: test_opacities_above_one("cpu"),
+    lambda: test_swap_gradient_and_curvature_match_the_oracle("cpu", F64, "shared"),
+    lambda: test_swap_gradient_and_curvature_match_the_oracle("cpu", F64, None),
+    lambda: test_swap_gradient_with_opacities_above_one("cpu"),
+    lambda: test_random_scenes_match_the_oracle("cpu", F64, "shared"),
+], ids=["opacities_above_one", "swap_f64_bg", "swap_f64", "swap_opacities_above_one", "random_f64_bg"])
+def test_float64_holds_with_float_arguments_as_the_compiler_passes_them(as_compiled, case):
+    """max_alpha = 0.99 as an fp32 argument is 0.99000000953...: two clamped Gaussians then leave T just under
+    T_MIN = 1e-4 instead of just over it, and the pixel stops early. The kernels read their float parameters from
+    a tensor in their compute dtype, so this runs (in the interpreter) what a compiled kernel runs."""
+    case()
+
+
+def test_float64_kernels_compile_with_float64_parameters_and_thresholds():
+    """The float64 kernels as compiled for sm_90: no fp32 parameter, and the thresholds 1/255 and 1e-4 as float64
+    constants, not their fp32 roundings (which the tests at 1e-10 would see)."""
+    kernels = compiled_kernels("--float64")
+    as_hex = lambda x: "0d%016X" % struct.unpack("<Q", struct.pack("<d", x))[0]
+    for k in kernels:
+        assert k["f32_params"] == 0, k["kernel"]
+        assert as_hex(float(np.float32(ALPHA_MIN))) not in k["f64_constants"], k["kernel"]
+        assert as_hex(float(np.float32(T_MIN))) not in k["f64_constants"], k["kernel"]
+    forward = next(k for k in kernels if k["function"] == "_forward_kernel")
+    assert {as_hex(ALPHA_MIN), as_hex(T_MIN)} <= set(forward["f64_constants"])
+
+
+def compiled_kernels(*args):
+    """scripts/triton_sass.py --json's kernels (skips where this triton cannot compile for CUDA)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(root / "scripts" / "triton_sass.py"), "--json"], env=env,
+    done = subprocess.run([sys.executable, str(root / "scripts" / "triton_sass.py"), "--json", *args], env=env,
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr.lower()
                                  or "No module named 'triton.backends.nvidia'" in done.stderr
                                  or "cuobjdump" in done.stderr or "nvdisasm" in done.stderr):
         pytest.skip(f"this triton cannot compile for CUDA here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
-    kernels = json.loads(done.stdout)["kernels"]
+    return json.loads(done.stdout)["kernels"]
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs kernels as Python, so it accepts code that Triton's compiler refuses (types that change
+    in a loop, ...): every kernel variant is compiled for sm_90 (H100/H200) down to a cubin, with the ptxas that
+    comes with triton, in a process without TRITON_INTERPRET (scripts/triton_sass.py, which also prints their
+    registers and the instructions and barriers of their loops); none spills registers to local memory."""
+    kernels = compiled_kernels()
     assert [k["function"] for k in kernels] == ["_forward_kernel"] * 2 + ["_backward_kernel"] * 2 + \
         ["_depth_back_kernel", "_reduce_kernel"]
     for k in kernels:

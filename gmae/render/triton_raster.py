@@ -19,8 +19,7 @@ Design (the structure of gsplat's rasterizer, in Triton):
    pixel's last contributor. It stops when every pixel of the tile has stopped
    (T would fall below 1e-4). Arithmetic and accumulation are fp32 (bf16/fp16
    inputs are cast); float64 inputs run in float64, which the tests use to
-   compare with the oracle at 1e-10. No fused multiply-adds (`LAUNCH`), so the
-   kernels round alike.
+   compare with the oracle at 1e-10 (see Numerics).
 3. `_backward_kernel`: the same lists walked back to front from each tile's
    last contributor; T is rebuilt by division (T_i = T_{i+1} / (1 - a_i), as in
    3DGS) and the colour behind each Gaussian is carried per pixel. Gradients
@@ -45,6 +44,38 @@ Design (the structure of gsplat's rasterizer, in Triton):
 
 Semantics are the rendering contract's (:mod:`gmae.render.contract`).
 
+Numerics: what a compiled kernel computes, which the interpreter runs as numpy.
+
+* Float parameters (max_alpha, tau) are read from a tensor in the compute
+  dtype, and the thresholds 1/255 and 1e-4 are built in it (``tl.full``):
+  triton passes a Python float argument as fp32, so a compiled float64 kernel
+  would clamp at 0.99000000953 and stop pixels early, where the interpreter
+  keeps the double (the tests emulate the compiler's fp32 arguments and
+  read the float64 PTX).
+* exp where the result meets a threshold (alpha, against 1/255, and through T
+  against 1e-4) is libdevice's, CUDA's accurate expf, which torch's exp on
+  CUDA also is: so the kept or skipped decision is the oracle's. ``tl.exp``
+  compiles to the approximate ex2 (a few ulp), which near alpha = 1/255 flips
+  pixel/Gaussian pairs, each moving the pixel by up to T/255 and the
+  gradients of every Gaussian behind it; parity tests that accept a bounded
+  number of such flips could bound the image but not those gradients, so
+  the kernels use the accurate exp instead. (Triton builds libdevice with
+  flush-to-zero, torch without: they differ only for subnormal results, far
+  below 1/255.) The interpreter has no libdevice and uses numpy's exp,
+  accurate but not bitwise CUDA's; float32 tests compare at 1e-5.
+* No threshold depends on anything else that compiles approximately:
+  divisions (T rebuilt in the backward, the sigmoid's 1/(1 + e), /tau: fp32
+  ``div.full``, 2 ulp) and the sigmoid's exp (``tl.exp``) move gradients by a
+  few ulp, within the tests' tolerances; float64 is IEEE in both.
+* No fused multiply-adds (`LAUNCH`): the forward and the backward, compiled
+  apart, round alpha alike and take the same skip and stop decisions, and
+  alpha rounds as torch's separate multiplies and adds do.
+* T is the product of the factors (1 - alpha) in list order, one at a time,
+  as the oracle's cumprod along the list multiplies them on the CPU. Were
+  torch's cumprod on CUDA to multiply in another order, a pixel whose T lands
+  within an ulp of 1e-4 could stop one Gaussian apart from the oracle's (the
+  parity test at GMAE's shapes would show it).
+
 Tested (tests/test_render_triton.py) in the interpreter against the oracle,
 values and every gradient; every kernel variant is also compiled for sm_90
 (H100/H200) without a GPU, with triton's own ptxas (32 to 109 registers, no
@@ -60,6 +91,7 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
     from triton.runtime.jit import JITFunction
 except ImportError as exc:  # a broken install (no driver library, ...) counts as missing: the backend is unavailable
     if isinstance(exc, ModuleNotFoundError):
@@ -79,7 +111,7 @@ N_GEOM = 6
 _N_GEOM = tl.constexpr(N_GEOM)
 #: Launch options on a GPU (the interpreter ignores them): 4 warps per tile program (256 lanes: 2 per thread); no
 #: fused multiply-adds, so that the forward and the backward kernels, compiled apart, round alpha alike and take the
-#: same skip and stop decisions (and so that GPU arithmetic is the interpreter's, which the tests check).
+#: same skip and stop decisions (see Numerics in the module docstring).
 LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
 
 
@@ -97,6 +129,16 @@ def _tile_pixels(bt, n_tiles, tiles_x, H, W, TILE: tl.constexpr, DT: tl.constexp
 
 
 @triton.jit
+def _exp(x):
+    """exp(x) where the result meets a threshold: CUDA's own expf (libdevice's, as torch's exp on CUDA), not the
+    approximate ex2 that tl.exp compiles to in fp32; numpy's exp in the interpreter, which has no libdevice."""
+    if _LIBDEVICE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
 def _gaussian(means, conics, opac, g, px, py, max_alpha):
     """Gaussian g at the lanes' pixels: dx, dy, the conic (a, b, c), exp(-q/2), o exp(-q/2) and the contract's alpha
     (NaN stays NaN, so a non-finite q never counts)."""
@@ -107,7 +149,7 @@ def _gaussian(means, conics, opac, g, px, py, max_alpha):
     c = tl.load(conics + 3 * g + 2)
     dx = px - mx
     dy = py - my
-    gauss = tl.exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy))
+    gauss = _exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy))
     raw = tl.load(opac + g) * gauss
     return dx, dy, a, b, c, gauss, raw, tl.where(raw > max_alpha, max_alpha, raw)
 
@@ -130,12 +172,15 @@ def _swap_term(colors, depths, gids, start, partner, has_pair, weight, col, z, g
 
 @triton.jit
 def _forward_kernel(means, conics, colors, opac, gids, starts, counts, bg, image, trans, last_out,
-                    H, W, tiles_x, n_tiles, max_alpha,
+                    H, W, tiles_x, n_tiles, params,
                     C: tl.constexpr, CP: tl.constexpr, HAS_BG: tl.constexpr, TILE: tl.constexpr, DT: tl.constexpr):
     """Composite one (image, tile): image (B, C, H, W), trans (B, H, W) = final T, last_out (B, H, W) int32 = list
     entries up to and including the pixel's last contributor."""
     bt = tl.program_id(0)
     b, inside, pix, px, py = _tile_pixels(bt, n_tiles, tiles_x, H, W, TILE, DT)
+    max_alpha = tl.load(params)
+    alpha_min = tl.full([], _ALPHA_MIN, DT)
+    t_min = tl.full([], _T_MIN, DT)
     ch = tl.arange(0, CP)
     ch_ok = ch < C
     start = tl.load(starts + bt)
@@ -149,9 +194,9 @@ def _forward_kernel(means, conics, colors, opac, gids, starts, counts, bg, image
     while (jj < n) & (n_left > 0):
         g = tl.load(gids + start + jj)
         dx, dy, a, bq, c, gauss, raw, al = _gaussian(means, conics, opac, g, px, py, max_alpha)
-        valid = (al >= _ALPHA_MIN) & (done == 0)
+        valid = (al >= alpha_min) & (done == 0)
         t_next = T * (1.0 - al)
-        stop = valid & (t_next < _T_MIN)  # stop before this Gaussian
+        stop = valid & (t_next < t_min)  # stop before this Gaussian
         take = valid & (stop == 0)
         col = tl.load(colors + g * C + ch, mask=ch_ok, other=0.0)
         color += col[:, None] * tl.where(take, al * T, 0.0)[None, :]
@@ -186,7 +231,7 @@ def _backward_tile(bt, starts, last_in, grad_image, n_tiles, tiles_x, H, W, C: t
 
 @triton.jit
 def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, trans, last_in, grad_image, grad_alpha,
-                     curvature, buf, H, W, tiles_x, n_tiles, max_alpha, tau,
+                     curvature, buf, H, W, tiles_x, n_tiles, params,
                      C: tl.constexpr, CP: tl.constexpr, HAS_BG: tl.constexpr, DEPTH: tl.constexpr,
                      TILE: tl.constexpr, DT: tl.constexpr):
     """One (image, tile) back to front: writes buf[j] = d/d(mx, my, a, b, c, o, colours, z_front) of each list
@@ -194,6 +239,9 @@ def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, tran
     D: tl.constexpr = _N_GEOM + C + 2
     b, inside, px, py, ch, ch_ok, start, plane, cnt, g_out = _backward_tile(
         tl.program_id(0), starts, last_in, grad_image, n_tiles, tiles_x, H, W, C, CP, TILE, DT)
+    max_alpha = tl.load(params)
+    tau = tl.load(params + 1)
+    alpha_min = tl.full([], _ALPHA_MIN, DT)
     T = tl.load(trans + plane, mask=inside, other=1.0)  # T after the current Gaussian
     g_a_t = tl.load(grad_alpha + plane, mask=inside, other=0.0) * T  # dL/dalpha_out * T_final
     behind = tl.zeros([CP, TILE * TILE], DT)  # the colour behind the current Gaussian
@@ -209,7 +257,7 @@ def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, tran
         jj = n_last - 1 - t
         g = tl.load(gids + start + jj)
         dx, dy, a, bq, c, gauss, raw, al = _gaussian(means, conics, opac, g, px, py, max_alpha)
-        valid = (jj < cnt) & (al >= _ALPHA_MIN)
+        valid = (jj < cnt) & (al >= alpha_min)
         one_m = 1.0 - al
         T = tl.where(valid, T / one_m, T)  # T before this Gaussian
         col = tl.load(colors + g * C + ch, mask=ch_ok, other=0.0)
@@ -236,13 +284,16 @@ def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, tran
 
 @triton.jit
 def _depth_back_kernel(means, conics, colors, opac, depths, gids, starts, last_in, grad_image, curvature, buf,
-                       H, W, tiles_x, n_tiles, max_alpha, tau,
+                       H, W, tiles_x, n_tiles, params,
                        C: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr, DT: tl.constexpr):
     """One (image, tile) front to back: buf[j, 6 + C + 1] = -sum of s over the pairs in which entry j is the back
     member (see the module docstring, 4)."""
     D: tl.constexpr = _N_GEOM + C + 2
     b, inside, px, py, ch, ch_ok, start, plane, cnt, g_out = _backward_tile(
         tl.program_id(0), starts, last_in, grad_image, n_tiles, tiles_x, H, W, C, CP, TILE, DT)
+    max_alpha = tl.load(params)
+    tau = tl.load(params + 1)
+    alpha_min = tl.full([], _ALPHA_MIN, DT)
     curv = tl.load(curvature + plane, mask=inside, other=0.0)
     T = tl.full([TILE * TILE], 1.0, DT)
     partner = tl.full([TILE * TILE], -1, tl.int32)  # list slot of the contributor in front, -1: none yet
@@ -252,7 +303,7 @@ def _depth_back_kernel(means, conics, colors, opac, depths, gids, starts, last_i
     for jj in range(0, n_last):
         g = tl.load(gids + start + jj)
         dx, dy, a, bq, c, gauss, raw, al = _gaussian(means, conics, opac, g, px, py, max_alpha)
-        valid = (jj < cnt) & (al >= _ALPHA_MIN)
+        valid = (jj < cnt) & (al >= alpha_min)
         col = tl.load(colors + g * C + ch, mask=ch_ok, other=0.0)
         s = _swap_term(colors, depths, gids, start, partner, valid & (partner >= 0), partner_t * partner_a * al,
                        col, tl.load(depths + g), g_out, curv, tau, -1.0, C, CP)
@@ -278,6 +329,8 @@ def _reduce_kernel(buf, perm, seg, out, D: tl.constexpr, DP: tl.constexpr, DT: t
 
 #: True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported).
 INTERPRETED = not isinstance(_forward_kernel, JITFunction)
+#: Whether `_exp` calls libdevice (compiled kernels; read when a kernel is compiled, after this line has run).
+_LIBDEVICE = tl.constexpr(not INTERPRETED)
 
 
 def _dtypes(*tensors) -> tuple[torch.dtype, torch.dtype, object]:
@@ -311,7 +364,7 @@ class _RasterizeTriton(torch.autograd.Function):
         common = dict(C=C, CP=triton.next_power_of_2(C), TILE=TILE, DT=tdt)
         grid = (B * tiles_x * tiles_y,)
         _forward_kernel[grid](means, conics_s, colors_s, opac, gids, starts, counts, bg, image, trans, last,
-                              height, width, tiles_x, tiles_x * tiles_y, float(max_alpha),
+                              height, width, tiles_x, tiles_x * tiles_y, _params(max_alpha, 0.0, dt, device),
                               HAS_BG=background is not None, **LAUNCH, **common)
         curvature = (loss_curvature.detach().to(dt).contiguous() if depth_tau > 0
                      else torch.zeros(1, dtype=dt, device=device))
@@ -338,14 +391,15 @@ class _RasterizeTriton(torch.autograd.Function):
             D = N_GEOM + C + 2
             buf = torch.zeros(gids.numel(), D, dtype=dt, device=g_img.device)
             n_tiles = tiles_x * tiles_y
+            params = _params(max_alpha, tau, dt, g_img.device)
             if gids.numel():
                 _backward_kernel[grid](means, conics, colors, opac, depths, gids, starts, bg, trans, last, g_img,
                                        grad_alpha.to(dt).contiguous(), curvature, buf, height, width, tiles_x,
-                                       n_tiles, max_alpha, tau, HAS_BG=ctx.has_bg, DEPTH=tau > 0,
+                                       n_tiles, params, HAS_BG=ctx.has_bg, DEPTH=tau > 0,
                                        **LAUNCH, **common)
                 if tau > 0:
                     _depth_back_kernel[grid](means, conics, colors, opac, depths, gids, starts, last, g_img,
-                                             curvature, buf, height, width, tiles_x, n_tiles, max_alpha, tau,
+                                             curvature, buf, height, width, tiles_x, n_tiles, params,
                                              **LAUNCH, **common)
             flat = _sum_rows(buf, gids, B * K, common["DT"])  # (B*K, D) in depth order
             per_image = torch.empty_like(flat).view(B, K, D).scatter_(
@@ -360,6 +414,12 @@ class _RasterizeTriton(torch.autograd.Function):
             grads[5] = g_bg.sum(0) if ctx.shared_bg else g_bg
         return tuple(g.to(dtype) if g is not None else None
                      for g, dtype in zip(grads, ctx.in_dtypes + [None] * 6))
+
+
+def _params(max_alpha: float, tau: float, dt: torch.dtype, device) -> Tensor:
+    """max_alpha and tau as the kernels read them: a tensor in their compute dtype. A Python float argument would
+    reach a compiled kernel as fp32 (triton types it so), where the interpreter keeps the double."""
+    return torch.tensor([max_alpha, tau], dtype=dt, device=device)
 
 
 def _sum_rows(buf: Tensor, gids: Tensor, n: int, tdt) -> Tensor:
