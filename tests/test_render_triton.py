@@ -348,3 +348,27 @@ def test_parity_at_gmae_shapes(k):
     for name, a, b in zip(["means2d", "conics", "colors", "opacities", "depths"], fast[2], ref[2]):
         scale = b.abs().max().item()
         torch.testing.assert_close(a / scale, b / scale, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+def test_a_render_waits_for_the_device_once():
+    """Forward and backward make one host sync: the lists' length, which sizes them. The parameters are filled on
+    the device, the tile ranges and the backward's segments found by searchsorted (bincount and repeat_interleave
+    without a size would each wait)."""
+    import warnings
+
+    params = [p.requires_grad_(i < 4) for i, p in enumerate(gmae_scene(2, 64, 64))]
+    run = lambda: triton_raster.rasterize_triton(*params, height=64, width=64, background=torch.ones(3, device="cuda"))
+    img, alpha = run()  # compiles
+    (img.sum() + alpha.sum()).backward()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            img, alpha = run()
+            (img.sum() + alpha.sum()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs

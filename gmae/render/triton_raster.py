@@ -419,7 +419,9 @@ class _RasterizeTriton(torch.autograd.Function):
 def _params(max_alpha: float, tau: float, dt: torch.dtype, device) -> Tensor:
     """max_alpha and tau as the kernels read them: a tensor in their compute dtype. A Python float argument would
     reach a compiled kernel as fp32 (triton types it so), where the interpreter keeps the double."""
-    return torch.tensor([max_alpha, tau], dtype=dt, device=device)
+    params = torch.full((2,), tau, dtype=dt, device=device)  # filled on the device: a copy from the host would sync
+    params[0] = max_alpha
+    return params
 
 
 def _sum_rows(buf: Tensor, gids: Tensor, n: int, tdt) -> Tensor:
@@ -429,8 +431,7 @@ def _sum_rows(buf: Tensor, gids: Tensor, n: int, tdt) -> Tensor:
     if n == 0 or gids.numel() == 0:
         return out
     perm = torch.argsort(gids, stable=True)
-    seg = torch.zeros(n + 1, dtype=torch.int64, device=buf.device)
-    seg[1:] = torch.cumsum(torch.bincount(gids, minlength=n), 0)
+    seg = torch.searchsorted(gids[perm], torch.arange(n + 1, device=buf.device))  # no host sync, unlike bincount
     _reduce_kernel[(n,)](buf, perm, seg, out, D=D, DP=triton.next_power_of_2(D), DT=tdt, **LAUNCH)
     return out
 
