@@ -54,7 +54,7 @@ def jobs(dt=tl.float32) -> list[tuple[str, object, dict]]:
         ("backward depth", tr._backward_kernel, dict(common, HAS_BG=True, DEPTH=True)),
         ("backward", tr._backward_kernel, dict(common, HAS_BG=False, DEPTH=False)),
         ("depth back", tr._depth_back_kernel, common),
-        ("reduce", tr._reduce_kernel, dict(D=11, DP=16, DT=dt)),
+        ("reduce", tr._reduce_kernel, dict(D=11, DP=16, GB=tr.REDUCE_LANES // 16, DT=dt)),
     ]]
 
 
@@ -64,7 +64,8 @@ def compile_sm90(fn, consts: dict):
     types = {**{n: f"*{dt}" for n in POINTERS}, **INDICES, **SCALARS}
     signature = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
     return triton.compile(ASTSource(fn, signature, {k: consts[k] for k in consts if k in fn.arg_names}),
-                          target=GPUTarget("cuda", 90, 32), options=dict(tr.LAUNCH))
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(tr.REDUCE_LAUNCH if "GB" in consts else tr.LAUNCH))
 
 
 def _tool(name: str) -> str:

@@ -39,7 +39,8 @@ Design (the structure of gsplat's rasterizer, in Triton):
 5. `_reduce_kernel`: per Gaussian, the sum of its rows in a fixed order (the
    intersections stably sorted by Gaussian), so the gradients are bitwise
    reproducible run to run (float atomics would sum in a varying order on a
-   GPU). The background's gradient, sum over pixels of T_final * dL/dimage, is
+   GPU). A Gaussian has a handful of rows (one per tile it touches): one warp
+   sums those of several Gaussians side by side, each row's columns in lanes. The background's gradient, sum over pixels of T_final * dL/dimage, is
    one torch einsum.
 
 Semantics are the rendering contract's (:mod:`gmae.render.contract`).
@@ -113,6 +114,10 @@ _N_GEOM = tl.constexpr(N_GEOM)
 #: fused multiply-adds, so that the forward and the backward kernels, compiled apart, round alpha alike and take the
 #: same skip and stop decisions (see Numerics in the module docstring).
 LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
+#: The per-Gaussian sums: one warp per program, over GB Gaussians x DP columns of about this many lanes (a Gaussian
+#: has a handful of rows: the lanes are its columns and its neighbours in the sort, not one list walked by 4 warps).
+REDUCE_LANES = 256
+REDUCE_LAUNCH = dict(LAUNCH, num_warps=1)
 
 
 @triton.jit
@@ -315,16 +320,21 @@ def _depth_back_kernel(means, conics, colors, opac, depths, gids, starts, last_i
 
 
 @triton.jit
-def _reduce_kernel(buf, perm, seg, out, D: tl.constexpr, DP: tl.constexpr, DT: tl.constexpr):
-    """out[g] = sum of the rows buf[perm[seg[g]:seg[g + 1]]], in that order."""
-    g = tl.program_id(0)
-    lo = tl.load(seg + g)
-    hi = tl.load(seg + g + 1)
+def _reduce_kernel(buf, perm, seg, out, n, D: tl.constexpr, DP: tl.constexpr, GB: tl.constexpr, DT: tl.constexpr):
+    """out[g] = sum of the rows buf[perm[seg[g]:seg[g + 1]]], in that order, for the GB Gaussians g of this program
+    (one warp: GB x DP lanes)."""
+    g = tl.program_id(0).to(tl.int64) * GB + tl.arange(0, GB)
+    ok = g < n
+    lo = tl.load(seg + g, mask=ok, other=0)
+    cnt = tl.load(seg + g + 1, mask=ok, other=0) - lo
     cols = tl.arange(0, DP)
-    acc = tl.zeros([DP], DT)
-    for r in range(lo, hi):
-        acc += tl.load(buf + tl.load(perm + r) * D + cols, mask=cols < D, other=0.0)
-    tl.store(out + g * D + cols, acc, mask=cols < D)
+    col_ok = (cols < D)[None, :]
+    acc = tl.zeros([GB, DP], DT)
+    for r in range(0, tl.max(cnt, axis=0)):
+        has = r < cnt
+        row = tl.load(perm + lo + r, mask=has, other=0)
+        acc += tl.load(buf + row[:, None] * D + cols[None, :], mask=has[:, None] & col_ok, other=0.0)
+    tl.store(out + g[:, None] * D + cols[None, :], acc, mask=ok[:, None] & col_ok)
 
 
 #: True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported).
@@ -432,7 +442,9 @@ def _sum_rows(buf: Tensor, gids: Tensor, n: int, tdt) -> Tensor:
         return out
     perm = torch.argsort(gids, stable=True)
     seg = torch.searchsorted(gids[perm], torch.arange(n + 1, device=buf.device))  # no host sync, unlike bincount
-    _reduce_kernel[(n,)](buf, perm, seg, out, D=D, DP=triton.next_power_of_2(D), DT=tdt, **LAUNCH)
+    DP = triton.next_power_of_2(D)
+    GB = max(1, REDUCE_LANES // DP)
+    _reduce_kernel[(triton.cdiv(n, GB),)](buf, perm, seg, out, n, D=D, DP=DP, GB=GB, DT=tdt, **REDUCE_LAUNCH)
     return out
 
 
