@@ -51,8 +51,8 @@ def jobs(dt=tl.float32) -> list[tuple[str, object, dict]]:
     return [(name, fn, consts) for name, fn, consts in [
         ("forward", tr._forward_kernel, dict(common, HAS_BG=True)),
         ("forward no bg", tr._forward_kernel, dict(common, HAS_BG=False)),
-        ("backward depth", tr._backward_kernel, dict(common, HAS_BG=True, DEPTH=True)),
-        ("backward", tr._backward_kernel, dict(common, HAS_BG=False, DEPTH=False)),
+        ("backward depth", tr._backward_kernel, dict(common, HAS_BG=True, DEPTH=True, DP=16)),
+        ("backward", tr._backward_kernel, dict(common, HAS_BG=False, DEPTH=False, DP=16)),
         ("depth back", tr._depth_back_kernel, common),
         ("reduce", tr._reduce_kernel, dict(D=11, DP=16, GB=tr.REDUCE_LANES // 16, DT=dt)),
     ]]

@@ -25,7 +25,10 @@ Design (the structure of gsplat's rasterizer, in Triton):
    3DGS) and the colour behind each Gaussian is carried per pixel. Gradients
    are per-intersection partial sums: for each list entry the program reduces
    its 256 lanes and writes one row (d/d mean, conic, opacity, colours, depth)
-   that no other program writes. No atomics.
+   that no other program writes. No atomics. The row's columns are the rows
+   of one (16, 256) block: one reduction over the pixels (a reduction over a
+   tile's pixels crosses the warps, through shared memory and barriers) and
+   one store per entry.
 4. The depth-order gradient (``depth_tau > 0``: the swap gradient with the
    loss curvature, as the cpu backend has it; see
    :func:`gmae.render.reference.depth_pair_gradient`): for each pixel's
@@ -130,7 +133,10 @@ def _tile_pixels(bt, n_tiles, tiles_x, H, W, TILE: tl.constexpr, DT: tl.constexp
     x = (t % tiles_x) * TILE + lane % TILE
     y = (t // tiles_x) * TILE + lane // TILE
     inside = (x < W) & (y < H)
-    return b.to(tl.int64), inside, y * W + x, x.to(DT) + 0.5, y.to(DT) + 0.5
+    # a tile row's 16 pixels are consecutive in memory: told, the compiler gives the lanes of a warp consecutive
+    # pixels (and every (rows, pixels) block the same layout) instead of spreading a warp over channels
+    pix = tl.max_contiguous(y * W + x, TILE)
+    return b.to(tl.int64), inside, pix, x.to(DT) + 0.5, y.to(DT) + 0.5
 
 
 @triton.jit
@@ -164,9 +170,11 @@ def _swap_term(colors, depths, gids, start, partner, has_pair, weight, col, z, g
                SIGN: tl.constexpr, C: tl.constexpr, CP: tl.constexpr):
     """Per lane, s = sigma'(dz/tau)/tau * (g.dC + h|dC|^2/2) of the pair (this Gaussian, its partner at list slot
     `partner`); weight = T_front a_front a_back; SIGN = 1 when this Gaussian is the front one, -1 when the back."""
-    ch = tl.arange(0, CP)
+    ch = tl.arange(0, CP)[:, None]
     gp = tl.load(gids + start + partner, mask=has_pair, other=0)
-    col_p = tl.load(colors + gp[None, :] * C + ch[:, None], mask=has_pair[None, :] & (ch < C)[:, None], other=0.0)
+    col_p = tl.zeros_like(g_out)  # the partners' colours, a channel at a time (a (CP, P) gather would spread a
+    for c in tl.static_range(C):  # warp over the channels, and need another layout)
+        col_p = tl.where(ch == c, tl.load(colors + gp * C + c, mask=has_pair, other=0.0)[None, :], col_p)
     z_p = tl.load(depths + gp, mask=has_pair, other=0.0)
     delta = (SIGN * weight)[None, :] * (col_p - col[:, None])  # T_i a_i a_j (c_j - c_i), (CP, P)
     change = tl.sum(g_out * delta, axis=0) + 0.5 * curv * tl.sum(delta * delta, axis=0)
@@ -238,12 +246,19 @@ def _backward_tile(bt, starts, last_in, grad_image, n_tiles, tiles_x, H, W, C: t
 def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, trans, last_in, grad_image, grad_alpha,
                      curvature, buf, H, W, tiles_x, n_tiles, params,
                      C: tl.constexpr, CP: tl.constexpr, HAS_BG: tl.constexpr, DEPTH: tl.constexpr,
-                     TILE: tl.constexpr, DT: tl.constexpr):
+                     TILE: tl.constexpr, DT: tl.constexpr, DP: tl.constexpr):
     """One (image, tile) back to front: writes buf[j] = d/d(mx, my, a, b, c, o, colours, z_front) of each list
-    entry j it owns (rows of width 6 + C + 2; the last column is `_depth_back_kernel`'s)."""
+    entry j it owns (rows of width 6 + C + 2; the last column is `_depth_back_kernel`'s). Each entry's columns are
+    stacked as the rows of one (DP, P) block, summed over the pixels in one reduction and stored at once."""
     D: tl.constexpr = _N_GEOM + C + 2
     b, inside, px, py, ch, ch_ok, start, plane, cnt, g_out = _backward_tile(
         tl.program_id(0), starts, last_in, grad_image, n_tiles, tiles_x, H, W, C, CP, TILE, DT)
+    k = tl.arange(0, DP)[:, None]  # the column of the gradient row that a block row holds
+    colour = (k >= _N_GEOM) & (k < _N_GEOM + C)
+    # dL/dimage with channel c at block row 6 + c (for the colour columns; the geometry's use g_out)
+    pix = plane - b * H * W
+    g_out_k = tl.load(grad_image + (b * C + k - _N_GEOM) * (H * W) + pix[None, :], mask=colour & inside[None, :],
+                      other=0.0)
     max_alpha = tl.load(params)
     tau = tl.load(params + 1)
     alpha_min = tl.full([], _ALPHA_MIN, DT)
@@ -266,25 +281,27 @@ def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, tran
         one_m = 1.0 - al
         T = tl.where(valid, T / one_m, T)  # T before this Gaussian
         col = tl.load(colors + g * C + ch, mask=ch_ok, other=0.0)
-        row = buf + (start + jj) * D
+        swap = tl.zeros([TILE * TILE], DT)
         if DEPTH:
             has_pair = valid & (partner >= 0)
-            s = _swap_term(colors, depths, gids, start, partner, has_pair, T * al * partner_a, col,
-                           tl.load(depths + g), g_out, curv, tau, 1.0, C, CP)
-            tl.store(row + _N_GEOM + C, tl.sum(s, axis=0))
+            swap = _swap_term(colors, depths, gids, start, partner, has_pair, T * al * partner_a, col,
+                              tl.load(depths + g), g_out, curv, tau, 1.0, C, CP)
             partner = tl.where(valid, jj, partner)
             partner_a = tl.where(valid, al, partner_a)
         d_alpha = tl.sum((col[:, None] - behind) * g_out, axis=0) * T + g_a_t / one_m
-        tl.store(row + _N_GEOM + ch, tl.sum(g_out * tl.where(valid, al * T, 0.0)[None, :], axis=1), mask=ch_ok)
         behind = tl.where(valid[None, :], al[None, :] * col[:, None] + one_m[None, :] * behind, behind)
         free = valid & (raw <= max_alpha)  # a clamped alpha is constant
         d_q = tl.where(free, -0.5 * al * d_alpha, 0.0)
-        tl.store(row + 0, tl.sum(-2.0 * d_q * (a * dx + bq * dy), axis=0))
-        tl.store(row + 1, tl.sum(-2.0 * d_q * (bq * dx + c * dy), axis=0))
-        tl.store(row + 2, tl.sum(d_q * dx * dx, axis=0))
-        tl.store(row + 3, tl.sum(2.0 * d_q * dx * dy, axis=0))
-        tl.store(row + 4, tl.sum(d_q * dy * dy, axis=0))
-        tl.store(row + 5, tl.sum(tl.where(free, d_alpha * gauss, 0.0), axis=0))
+        block = tl.where(k == 0, (-2.0 * d_q * (a * dx + bq * dy))[None, :],
+                tl.where(k == 1, (-2.0 * d_q * (bq * dx + c * dy))[None, :],
+                tl.where(k == 2, (d_q * dx * dx)[None, :],
+                tl.where(k == 3, (2.0 * d_q * dx * dy)[None, :],
+                tl.where(k == 4, (d_q * dy * dy)[None, :],
+                tl.where(k == 5, tl.where(free, d_alpha * gauss, 0.0)[None, :],
+                tl.where(colour, g_out_k * tl.where(valid, al * T, 0.0)[None, :],
+                tl.where(k == _N_GEOM + C, swap[None, :], 0.0))))))))
+        tl.store(buf + (start + jj) * D + k, tl.sum(block, axis=1, keep_dims=True),
+                 mask=k < _N_GEOM + C + DEPTH)
 
 
 @triton.jit
@@ -406,7 +423,7 @@ class _RasterizeTriton(torch.autograd.Function):
                 _backward_kernel[grid](means, conics, colors, opac, depths, gids, starts, bg, trans, last, g_img,
                                        grad_alpha.to(dt).contiguous(), curvature, buf, height, width, tiles_x,
                                        n_tiles, params, HAS_BG=ctx.has_bg, DEPTH=tau > 0,
-                                       **LAUNCH, **common)
+                                       DP=triton.next_power_of_2(N_GEOM + C + 1), **LAUNCH, **common)
                 if tau > 0:
                     _depth_back_kernel[grid](means, conics, colors, opac, depths, gids, starts, last, g_img,
                                              curvature, buf, height, width, tiles_x, n_tiles, params,
