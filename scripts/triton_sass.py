@@ -39,7 +39,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import gmae.render.triton_raster as tr  # noqa: E402
 
 #: Kernel argument types by name (the kernels name their arguments alike); DT's pointers follow the job's DT.
-POINTERS = ("means", "conics", "colors", "opac", "depths", "geom", "bg", "image", "trans", "grad_image", "grad_alpha",
+POINTERS = ("geom", "colors", "bg", "image", "trans", "grad_image", "grad_alpha",
             "curvature", "buf", "out", "params")
 INDICES = dict(gids="*i64", starts="*i64", counts="*i64", perm="*i64", seg="*i64", last_out="*i32", last_in="*i32")
 SCALARS = dict(H="i32", W="i32", tiles_x="i32", n_tiles="i32", n="i32")
@@ -49,8 +49,8 @@ def jobs(dt=tl.float32) -> list[tuple[str, object, dict]]:
     """(label, kernel, constexprs) of every kernel variant the backend launches, at C = 3 channels."""
     common = dict(C=3, CP=4, TILE=16, DT=dt)
     return [(name, fn, consts) for name, fn, consts in [
-        ("forward", tr._forward_kernel, dict(common, HAS_BG=True)),
-        ("forward no bg", tr._forward_kernel, dict(common, HAS_BG=False)),
+        ("forward", tr._forward_kernel, dict(common, HAS_BG=True, NB=tr.FORWARD_CHUNK)),
+        ("forward no bg", tr._forward_kernel, dict(common, HAS_BG=False, NB=tr.FORWARD_CHUNK)),
         ("backward depth", tr._backward_kernel, dict(common, HAS_BG=True, DEPTH=True, DP=16)),
         ("backward", tr._backward_kernel, dict(common, HAS_BG=False, DEPTH=False, DP=16)),
         ("depth back", tr._depth_back_kernel, common),
@@ -115,7 +115,7 @@ def sass_stats(cubin: bytes) -> dict:
 
 
 def entries_per_iteration(label: str) -> int:
-    return getattr(tr, "FORWARD_CHUNK", 1) if label.startswith("forward") else 1
+    return tr.FORWARD_CHUNK if label.startswith("forward") else 1
 
 
 def main(argv: list[str]) -> int:

@@ -86,6 +86,37 @@ def test_edge_cases_match_the_oracle(device, case):
         assert alpha.max() > 0.999  # pixels that stopped early
 
 
+def stop_slots(scene, height, width, max_alpha):
+    """Per pixel of a one-image scene, the slot in its depth-sorted list of the Gaussian before which it stops (T
+    would fall below 1e-4), -1 where it never stops: the contract, every Gaussian at every pixel."""
+    means, conics, _, opac, depths = (t[0] for t in scene)
+    order = torch.argsort(depths, stable=True)
+    m, cn, o = means[order], conics[order], opac[order]
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=F64) + 0.5, torch.arange(width, dtype=F64) + 0.5,
+                            indexing="ij")
+    dx, dy = xs.reshape(1, -1) - m[:, 0:1], ys.reshape(1, -1) - m[:, 1:2]
+    alpha = (o[:, None] * torch.exp(-0.5 * (cn[:, 0:1] * dx * dx + 2 * cn[:, 1:2] * dx * dy + cn[:, 2:3] * dy * dy)))
+    alpha = alpha.clamp_max(max_alpha)
+    below = torch.cumprod(1 - torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha)), 0) < T_MIN
+    return torch.where(below.any(0), below.to(torch.int64).argmax(0), -1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [4, None], ids=["chunk4", "default_chunk"])
+def test_long_lists_span_several_chunks(device, chunk, monkeypatch):
+    """The forward composites its list a chunk of entries at a time: 48 Gaussians over one tile make lists of 3 to
+    12 chunks, whose pixels stop (T would fall below 1e-4) in different chunks or not at all; T, the stop and the
+    last contributor carry over from chunk to chunk."""
+    if chunk is not None:
+        monkeypatch.setattr(triton_raster, "FORWARD_CHUNK", chunk)
+    nb = triton_raster.FORWARD_CHUNK
+    scene = make_scene(batch=1, k=48, height=16, width=16, std=(2.0, 8.0), opacity=(0.3, 1.0), dtype=F64, seed=6)
+    scene[0] = scene[0].clamp(1.0, 15.0)  # every centre inside the one tile: its list has all 48
+    stops = stop_slots(scene, 16, 16, 0.999)
+    assert (stops < 0).any() and len(torch.unique(stops[stops >= 0] // nb)) >= 3  # a scene that tests the carry
+    assert_parity(to(device, scene), 16, 16, torch.rand(3, dtype=F64, device=device), max_alpha=0.999)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opacities_above_one(device):
     """Flat-topped Gaussians (`--max-opacity`): alpha = min(0.99, o G) is clamped over a core, whose gradient is 0."""

@@ -13,13 +13,19 @@ Design (the structure of gsplat's rasterizer, in Triton):
    per-tile lists ascending in depth with ties in index order.
 2. `_forward_kernel`: one program per (image, 16x16 tile); the tile's 256
    pixels are the lanes of one block. The program walks its list front to
-   back, one Gaussian per iteration (its parameters are scalar loads that all
-   lanes share, as gsplat's threads share a batch in shared memory), and keeps
-   per pixel T, the colour (C x 256) and the number of list entries up to the
-   pixel's last contributor. It stops when every pixel of the tile has stopped
-   (T would fall below 1e-4). Arithmetic and accumulation are fp32 (bf16/fp16
-   inputs are cast); float64 inputs run in float64, which the tests use to
-   compare with the oracle at 1e-10 (see Numerics).
+   back, FORWARD_CHUNK (16) entries at a time, as gsplat's threads take a
+   batch of Gaussians into shared memory: the chunk's parameters are loads
+   that every lane shares (independent, so they are in flight together), its
+   alphas one (16, 256) block, T after each entry a product scan down the
+   block (with the T carried in as its first factor, so that the factors are
+   multiplied in list order, one at a time), and the stop (T would fall below
+   1e-4) a comparison with the scanned T, which only falls. It keeps per
+   pixel T, the colour (C x 256) and the number of list entries up to the
+   pixel's last contributor, and stops when every pixel of the tile has
+   stopped (one check per chunk: a reduction over the block, whose barriers
+   the chunk shares). Arithmetic and accumulation are fp32 (bf16/fp16 inputs
+   are cast); float64 inputs run in float64, which the tests use to compare
+   with the oracle at 1e-10 (see Numerics).
 3. `_backward_kernel`: the same lists walked back to front from each tile's
    last contributor; T is rebuilt by division (T_i = T_{i+1} / (1 - a_i), as in
    3DGS) and the colour behind each Gaussian is carried per pixel. Gradients
@@ -75,10 +81,12 @@ Numerics: what a compiled kernel computes, which the interpreter runs as numpy.
   apart, round alpha alike and take the same skip and stop decisions, and
   alpha rounds as torch's separate multiplies and adds do.
 * T is the product of the factors (1 - alpha) in list order, one at a time,
-  as the oracle's cumprod along the list multiplies them on the CPU. Were
-  torch's cumprod on CUDA to multiply in another order, a pixel whose T lands
-  within an ulp of 1e-4 could stop one Gaussian apart from the oracle's (the
-  parity test at GMAE's shapes would show it).
+  as the oracle's cumprod along the list multiplies them on the CPU (the
+  interpreter's scan is numpy's cumprod; compiled, a chunk's entries are
+  in each thread's registers and scanned in order). Were torch's cumprod on
+  CUDA to multiply in another order, a pixel whose T lands within an ulp of
+  1e-4 could stop one Gaussian apart from the oracle's (the parity test at
+  GMAE's shapes would show it).
 
 Tested (tests/test_render_triton.py) in the interpreter against the oracle,
 values and every gradient; every kernel variant is also compiled for sm_90
@@ -113,10 +121,14 @@ _T_MIN = tl.constexpr(T_MIN)
 #: Columns of a per-intersection gradient row before the colours: d/d(mx, my, a, b, c, o).
 N_GEOM = 6
 _N_GEOM = tl.constexpr(N_GEOM)
+#: Values per Gaussian in the kernels' geometry rows: mx, my, a, b, c, opacity, depth, padding (32 bytes in fp32).
+GEOM = tl.constexpr(8)
 #: Launch options on a GPU (the interpreter ignores them): 4 warps per tile program (256 lanes: 2 per thread); no
 #: fused multiply-adds, so that the forward and the backward kernels, compiled apart, round alpha alike and take the
 #: same skip and stop decisions (see Numerics in the module docstring).
 LAUNCH = dict(num_warps=4, enable_fp_fusion=False)
+#: List entries the forward composites per step (an (entries, 256) block of alphas).
+FORWARD_CHUNK = 16
 #: The per-Gaussian sums: one warp per program, over GB Gaussians x DP columns of about this many lanes (a Gaussian
 #: has a handful of rows: the lanes are its columns and its neighbours in the sort, not one list walked by 4 warps).
 REDUCE_LANES = 256
@@ -150,23 +162,29 @@ def _exp(x):
 
 
 @triton.jit
-def _gaussian(means, conics, opac, g, px, py, max_alpha):
+def _minus_half_q(a, b, c, dx, dy):
+    """-q/2 = -(a dx^2 + 2b dx dy + c dy^2)/2 with the -1/2 taken into the coefficients: scaling by a power of two
+    is exact, so this rounds as the oracle's -0.5 * (a*dx*dx + 2.0*b*dx*dy + c*dy*dy), in one multiply less."""
+    return (-0.5 * a) * dx * dx + (-b) * dx * dy + (-0.5 * c) * dy * dy
+
+
+@triton.jit
+def _gaussian(geom, g, px, py, max_alpha):
     """Gaussian g at the lanes' pixels: dx, dy, the conic (a, b, c), exp(-q/2), o exp(-q/2) and the contract's alpha
     (NaN stays NaN, so a non-finite q never counts)."""
-    mx = tl.load(means + 2 * g)
-    my = tl.load(means + 2 * g + 1)
-    a = tl.load(conics + 3 * g)
-    b = tl.load(conics + 3 * g + 1)
-    c = tl.load(conics + 3 * g + 2)
-    dx = px - mx
-    dy = py - my
-    gauss = _exp(-0.5 * (a * dx * dx + 2.0 * b * dx * dy + c * dy * dy))
-    raw = tl.load(opac + g) * gauss
+    row = geom + GEOM * g
+    dx = px - tl.load(row)
+    dy = py - tl.load(row + 1)
+    a = tl.load(row + 2)
+    b = tl.load(row + 3)
+    c = tl.load(row + 4)
+    gauss = _exp(_minus_half_q(a, b, c, dx, dy))
+    raw = tl.load(row + 5) * gauss
     return dx, dy, a, b, c, gauss, raw, tl.where(raw > max_alpha, max_alpha, raw)
 
 
 @triton.jit
-def _swap_term(colors, depths, gids, start, partner, has_pair, weight, col, z, g_out, curv, tau,
+def _swap_term(colors, geom, gids, start, partner, has_pair, weight, col, z, g_out, curv, tau,
                SIGN: tl.constexpr, C: tl.constexpr, CP: tl.constexpr):
     """Per lane, s = sigma'(dz/tau)/tau * (g.dC + h|dC|^2/2) of the pair (this Gaussian, its partner at list slot
     `partner`); weight = T_front a_front a_back; SIGN = 1 when this Gaussian is the front one, -1 when the back."""
@@ -175,7 +193,7 @@ def _swap_term(colors, depths, gids, start, partner, has_pair, weight, col, z, g
     col_p = tl.zeros_like(g_out)  # the partners' colours, a channel at a time (a (CP, P) gather would spread a
     for c in tl.static_range(C):  # warp over the channels, and need another layout)
         col_p = tl.where(ch == c, tl.load(colors + gp * C + c, mask=has_pair, other=0.0)[None, :], col_p)
-    z_p = tl.load(depths + gp, mask=has_pair, other=0.0)
+    z_p = tl.load(geom + GEOM * gp + 6, mask=has_pair, other=0.0)
     delta = (SIGN * weight)[None, :] * (col_p - col[:, None])  # T_i a_i a_j (c_j - c_i), (CP, P)
     change = tl.sum(g_out * delta, axis=0) + 0.5 * curv * tl.sum(delta * delta, axis=0)
     u = tl.minimum(tl.maximum(SIGN * (z_p - z) / tau, -60.0), 60.0)
@@ -184,11 +202,13 @@ def _swap_term(colors, depths, gids, start, partner, has_pair, weight, col, z, g
 
 
 @triton.jit
-def _forward_kernel(means, conics, colors, opac, gids, starts, counts, bg, image, trans, last_out,
+def _forward_kernel(geom, colors, gids, starts, counts, bg, image, trans, last_out,
                     H, W, tiles_x, n_tiles, params,
-                    C: tl.constexpr, CP: tl.constexpr, HAS_BG: tl.constexpr, TILE: tl.constexpr, DT: tl.constexpr):
+                    C: tl.constexpr, CP: tl.constexpr, HAS_BG: tl.constexpr, TILE: tl.constexpr, DT: tl.constexpr,
+                    NB: tl.constexpr):
     """Composite one (image, tile): image (B, C, H, W), trans (B, H, W) = final T, last_out (B, H, W) int32 = list
-    entries up to and including the pixel's last contributor."""
+    entries up to and including the pixel's last contributor. NB list entries at a time: their alpha as one
+    (NB, P) block, T after each by a product scan down the block, one "all stopped" check per block."""
     bt = tl.program_id(0)
     b, inside, pix, px, py = _tile_pixels(bt, n_tiles, tiles_x, H, W, TILE, DT)
     max_alpha = tl.load(params)
@@ -196,28 +216,49 @@ def _forward_kernel(means, conics, colors, opac, gids, starts, counts, bg, image
     t_min = tl.full([], _T_MIN, DT)
     ch = tl.arange(0, CP)
     ch_ok = ch < C
-    start = tl.load(starts + bt)
-    n = tl.load(counts + bt)
+    tile_list = gids + tl.load(starts + bt)
+    n = tl.load(counts + bt).to(tl.int32)
     T = tl.full([TILE * TILE], 1.0, DT)
     color = tl.zeros([CP, TILE * TILE], DT)
     last = tl.zeros([TILE * TILE], tl.int32)
     done = inside == 0
+    slot = tl.arange(0, NB)
+    row = slot[:, None]
+    # the row before: t_before[i] = t_after[i - 1], as a sum over j of one term and -0.0s, which adds exactly
+    before = (slot[:, None, None] == slot[None, :, None] + 1)
     n_left = tl.sum(inside.to(tl.int32), axis=0)
-    jj = 0
-    while (jj < n) & (n_left > 0):
-        g = tl.load(gids + start + jj)
-        dx, dy, a, bq, c, gauss, raw, al = _gaussian(means, conics, opac, g, px, py, max_alpha)
-        valid = (al >= alpha_min) & (done == 0)
-        t_next = T * (1.0 - al)
-        stop = valid & (t_next < t_min)  # stop before this Gaussian
-        take = valid & (stop == 0)
-        col = tl.load(colors + g * C + ch, mask=ch_ok, other=0.0)
-        color += col[:, None] * tl.where(take, al * T, 0.0)[None, :]
-        T = tl.where(take, t_next, T)
-        last = tl.where(take, jj + 1, last)
-        done = done | stop
-        n_left -= tl.sum(stop.to(tl.int32), axis=0)
-        jj += 1
+    base = 0
+    while (base < n) & (n_left > 0):
+        jj = base + slot
+        # past the list's end, the last entry again with opacity 0 (no masks): a Gaussian's index fits in int32
+        g = tl.load(tile_list + tl.minimum(jj, n - 1)).to(tl.int32)
+        row_g = geom + GEOM * g
+        dx = px[None, :] - tl.load(row_g)[:, None]
+        dy = py[None, :] - tl.load(row_g + 1)[:, None]
+        a = tl.load(row_g + 2)[:, None]
+        bq = tl.load(row_g + 3)[:, None]
+        c = tl.load(row_g + 4)[:, None]
+        gauss = _exp(_minus_half_q(a, bq, c, dx, dy))
+        raw = tl.where(jj < n, tl.load(row_g + 5), 0.0)[:, None] * gauss
+        al = tl.where(raw > max_alpha, max_alpha, raw)
+        valid = al >= alpha_min
+        factor = tl.where(valid, 1.0 - al, 1.0)
+        # T (0 for a pixel that has stopped: nothing counts) enters as the first factor, so that the scan multiplies
+        # in list order, one factor at a time, as a walk one entry at a time does (and the oracle's cumprod)
+        t_start = tl.where(done, 0.0, T)[None, :]
+        t_after = tl.cumprod(tl.where(row == 0, t_start * factor, factor), axis=0)
+        t_before = tl.where(row == 0, t_start, tl.sum(tl.where(before, t_after[None, :, :], -0.0), axis=1))
+        # an entry counts until T would fall below 1e-4, and T only falls: the first entry that would is the stop
+        take = valid & (t_after >= t_min)
+        weight = tl.where(take, al * t_before, 0.0)
+        for k in tl.static_range(C):
+            col = tl.load(colors + g * C + k)
+            color = tl.where(ch[:, None] == k, color + tl.sum(col[:, None] * weight, axis=0)[None, :], color)
+        T = tl.min(tl.where(take, t_after, T[None, :]), axis=0)
+        last = tl.maximum(last, tl.max(tl.where(take, jj[:, None] + 1, 0), axis=0))
+        done = done | (tl.sum(tl.where(row == NB - 1, t_after, -0.0), axis=0) < t_min)
+        n_left = tl.sum((done == 0).to(tl.int32), axis=0)
+        base += NB
     plane = b * H * W + pix
     tl.store(trans + plane, T, mask=inside)
     tl.store(last_out + plane, last, mask=inside)
@@ -243,7 +284,7 @@ def _backward_tile(bt, starts, last_in, grad_image, n_tiles, tiles_x, H, W, C: t
 
 
 @triton.jit
-def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, trans, last_in, grad_image, grad_alpha,
+def _backward_kernel(geom, colors, gids, starts, bg, trans, last_in, grad_image, grad_alpha,
                      curvature, buf, H, W, tiles_x, n_tiles, params,
                      C: tl.constexpr, CP: tl.constexpr, HAS_BG: tl.constexpr, DEPTH: tl.constexpr,
                      TILE: tl.constexpr, DT: tl.constexpr, DP: tl.constexpr):
@@ -276,7 +317,7 @@ def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, tran
     for t in range(0, n_last):
         jj = n_last - 1 - t
         g = tl.load(gids + start + jj)
-        dx, dy, a, bq, c, gauss, raw, al = _gaussian(means, conics, opac, g, px, py, max_alpha)
+        dx, dy, a, bq, c, gauss, raw, al = _gaussian(geom, g, px, py, max_alpha)
         valid = (jj < cnt) & (al >= alpha_min)
         one_m = 1.0 - al
         T = tl.where(valid, T / one_m, T)  # T before this Gaussian
@@ -284,8 +325,8 @@ def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, tran
         swap = tl.zeros([TILE * TILE], DT)
         if DEPTH:
             has_pair = valid & (partner >= 0)
-            swap = _swap_term(colors, depths, gids, start, partner, has_pair, T * al * partner_a, col,
-                              tl.load(depths + g), g_out, curv, tau, 1.0, C, CP)
+            swap = _swap_term(colors, geom, gids, start, partner, has_pair, T * al * partner_a, col,
+                              tl.load(geom + GEOM * g + 6), g_out, curv, tau, 1.0, C, CP)
             partner = tl.where(valid, jj, partner)
             partner_a = tl.where(valid, al, partner_a)
         d_alpha = tl.sum((col[:, None] - behind) * g_out, axis=0) * T + g_a_t / one_m
@@ -305,7 +346,7 @@ def _backward_kernel(means, conics, colors, opac, depths, gids, starts, bg, tran
 
 
 @triton.jit
-def _depth_back_kernel(means, conics, colors, opac, depths, gids, starts, last_in, grad_image, curvature, buf,
+def _depth_back_kernel(geom, colors, gids, starts, last_in, grad_image, curvature, buf,
                        H, W, tiles_x, n_tiles, params,
                        C: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr, DT: tl.constexpr):
     """One (image, tile) front to back: buf[j, 6 + C + 1] = -sum of s over the pairs in which entry j is the back
@@ -324,11 +365,11 @@ def _depth_back_kernel(means, conics, colors, opac, depths, gids, starts, last_i
     n_last = tl.max(cnt, axis=0)
     for jj in range(0, n_last):
         g = tl.load(gids + start + jj)
-        dx, dy, a, bq, c, gauss, raw, al = _gaussian(means, conics, opac, g, px, py, max_alpha)
+        dx, dy, a, bq, c, gauss, raw, al = _gaussian(geom, g, px, py, max_alpha)
         valid = (jj < cnt) & (al >= alpha_min)
         col = tl.load(colors + g * C + ch, mask=ch_ok, other=0.0)
-        s = _swap_term(colors, depths, gids, start, partner, valid & (partner >= 0), partner_t * partner_a * al,
-                       col, tl.load(depths + g), g_out, curv, tau, -1.0, C, CP)
+        s = _swap_term(colors, geom, gids, start, partner, valid & (partner >= 0), partner_t * partner_a * al,
+                       col, tl.load(geom + GEOM * g + 6), g_out, curv, tau, -1.0, C, CP)
         tl.store(buf + (start + jj) * D + _N_GEOM + C + 1, -tl.sum(s, axis=0))
         partner = tl.where(valid, jj, partner)
         partner_a = tl.where(valid, al, partner_a)
@@ -382,7 +423,11 @@ class _RasterizeTriton(torch.autograd.Function):
             order, flat, gids, starts, counts = sort_and_bin(means2d.detach(), conics.detach(), colors.detach(),
                                                              opacities.detach(), depths.detach(), dt, tiles_x, tiles_y,
                                                              tile_cut)
-        means, conics_s, colors_s, opac, depths_s = (t.to(dt).contiguous() for t in flat)
+        means, conics_s, colors_s, opac, depths_s = (t.to(dt) for t in flat)
+        # one row of GEOM values per Gaussian: a list entry's parameters share a base address (and a cache line)
+        geom = torch.cat([means, conics_s, opac[:, None], depths_s[:, None],
+                          torch.zeros_like(opac)[:, None]], 1).contiguous()
+        colors_s = colors_s.contiguous()
         bg = expand_background(background, B, C, dt, device)
         bg = torch.zeros(1, dtype=dt, device=device) if bg is None else bg.detach().contiguous()
         image = torch.empty(B, C, height, width, dtype=dt, device=device)
@@ -390,12 +435,12 @@ class _RasterizeTriton(torch.autograd.Function):
         last = torch.empty(B, height, width, dtype=torch.int32, device=device)
         common = dict(C=C, CP=triton.next_power_of_2(C), TILE=TILE, DT=tdt)
         grid = (B * tiles_x * tiles_y,)
-        _forward_kernel[grid](means, conics_s, colors_s, opac, gids, starts, counts, bg, image, trans, last,
+        _forward_kernel[grid](geom, colors_s, gids, starts, counts, bg, image, trans, last,
                               height, width, tiles_x, tiles_x * tiles_y, _params(max_alpha, 0.0, dt, device),
-                              HAS_BG=background is not None, **LAUNCH, **common)
+                              HAS_BG=background is not None, NB=FORWARD_CHUNK, **LAUNCH, **common)
         curvature = (loss_curvature.detach().to(dt).contiguous() if depth_tau > 0
                      else torch.zeros(1, dtype=dt, device=device))
-        ctx.save_for_backward(means, conics_s, colors_s, opac, depths_s, gids, starts, bg, trans, last, order,
+        ctx.save_for_backward(geom, colors_s, gids, starts, bg, trans, last, order,
                               curvature)
         ctx.args = (height, width, tiles_x, tiles_y, float(max_alpha), float(depth_tau), common, grid)
         ctx.has_bg = background is not None
@@ -407,7 +452,7 @@ class _RasterizeTriton(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_image, grad_alpha):
-        means, conics, colors, opac, depths, gids, starts, bg, trans, last, order, curvature = ctx.saved_tensors
+        geom, colors, gids, starts, bg, trans, last, order, curvature = ctx.saved_tensors
         height, width, tiles_x, tiles_y, max_alpha, depth_tau, common, grid = ctx.args
         B, K = order.shape
         C, dt = common["C"], trans.dtype
@@ -420,12 +465,12 @@ class _RasterizeTriton(torch.autograd.Function):
             n_tiles = tiles_x * tiles_y
             params = _params(max_alpha, tau, dt, g_img.device)
             if gids.numel():
-                _backward_kernel[grid](means, conics, colors, opac, depths, gids, starts, bg, trans, last, g_img,
+                _backward_kernel[grid](geom, colors, gids, starts, bg, trans, last, g_img,
                                        grad_alpha.to(dt).contiguous(), curvature, buf, height, width, tiles_x,
                                        n_tiles, params, HAS_BG=ctx.has_bg, DEPTH=tau > 0,
                                        DP=triton.next_power_of_2(N_GEOM + C + 1), **LAUNCH, **common)
                 if tau > 0:
-                    _depth_back_kernel[grid](means, conics, colors, opac, depths, gids, starts, last, g_img,
+                    _depth_back_kernel[grid](geom, colors, gids, starts, last, g_img,
                                              curvature, buf, height, width, tiles_x, n_tiles, params,
                                              **LAUNCH, **common)
             flat = _sum_rows(buf, gids, B * K, common["DT"])  # (B*K, D) in depth order
