@@ -298,6 +298,16 @@ def test_float64_holds_with_float_arguments_as_the_compiler_passes_them(as_compi
     case()
 
 
+def test_gmae_scene_in_float64_with_float_arguments_as_the_compiler_passes_them(as_compiled):
+    """test_parity_at_gmae_shapes's scene (opacities up to 1.2, so clamped alphas; the depth-order gradient on) at a
+    size the interpreter runs, one image of 48 px and k = 96, in float64: the oracle's values at 1e-9."""
+    params = gmae_scene(1, 96, 48, device="cpu", dtype=F64)
+    g = torch.Generator().manual_seed(1)
+    target, weight = torch.rand(1, 3, 48, 48, generator=g, dtype=F64), torch.rand(1, 48, 48, generator=g, dtype=F64)
+    ref, _ = assert_matches_torch("triton", params, target, weight, 0.1, torch.ones(3, dtype=F64))
+    assert ref[1].max() > 0.99 and all(grad.abs().max() > 0 for grad in ref[2])
+
+
 def test_float64_kernels_compile_with_float64_parameters_and_thresholds():
     """The float64 kernels as compiled for sm_90: no fp32 parameter, and the thresholds 1/255 and 1e-4 as float64
     constants, not their fp32 roundings (which the tests at 1e-10 would see)."""
@@ -345,7 +355,7 @@ def test_kernels_compile_for_a_gpu_without_one():
 # --------------------------------------------------------------------------- GPU only
 
 
-def gmae_scene(batch, k, size, seed=0):
+def gmae_scene(batch, k, size, seed=0, device="cuda", dtype=torch.float32):
     """Gaussians like a GMAE decoder's at 224 px: centres over the image, std 1-8 px at k = 256 and 1/4 of that at
     k = 4096 (the same coverage), opacities over (0, 1), some above 1."""
     shrink = (k / 256) ** 0.5
@@ -359,7 +369,7 @@ def gmae_scene(batch, k, size, seed=0):
     colors = torch.rand(batch, k, 3, generator=g)
     opac = torch.rand(batch, k, generator=g) * 1.2
     depths = torch.rand(batch, k, generator=g)
-    return [t.cuda() for t in (means, conics, colors, opac, depths)]
+    return [t.to(device, dtype) for t in (means, conics, colors, opac, depths)]
 
 
 @pytest.mark.gpu
