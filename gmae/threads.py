@@ -137,7 +137,7 @@ def configure(requested: int | None = None) -> Decision:
             _ADDED.add(OMP_THREADS)
         os.environ[OMP_THREADS] = str(decision.threads)
     numba_threads = decision.threads
-    if "numba" in sys.modules:  # its pool size is fixed at import: limit what it uses
+    if sys.modules.get("numba") is not None:  # its pool size is fixed at import: limit what it uses
         import numba
 
         numba_threads = min(decision.threads, numba.config.NUMBA_NUM_THREADS)
@@ -173,7 +173,7 @@ def worker_init(worker_id: int) -> None:
     ignore_in_worker()  # the main process decides when to stop, at a step boundary
     torch.set_num_threads(1)
     os.environ[NUMBA_THREADS] = "1"  # for a numba first imported in this worker
-    if "numba" in sys.modules:
+    if sys.modules.get("numba") is not None:
         import numba
 
         numba.set_num_threads(1)

@@ -35,7 +35,7 @@ from .render import resolve_backend
 from .runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from .stopping import StopGuard, Stopped
 from .threads import worker_init
-from .viz import save_reconstruction_figure
+from .viz import figures_unavailable, save_reconstruction_figure
 
 #: Images in the layout monitor's held-out batch (TrainConfig.layout_every).
 LAYOUT_IMAGES = 8
@@ -335,7 +335,10 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
         "steps_per_s": steps_done / elapsed if elapsed > 0 and steps_done else float("nan"),
         "checkpoint": str(checkpoint_path(out, tcfg.steps)), "out": str(out), "figure": None,
     }
-    if ctx.is_main:
+    missing = figures_unavailable() if ctx.is_main else None
+    if missing:
+        summary["figure"] = f"not drawn: {missing}"  # a bare GPU machine: the run itself needs no matplotlib
+    elif ctx.is_main:
         # A fixed set of images (the first of the stream) and masks for the figure.
         imgs = torch.stack([source.load(stream.index(i), stream.rng(i)) for i in range(FIGURE_IMAGES)]).to(device)
         noise = masking_noise(tcfg.seed, -1, FIGURE_IMAGES, mcfg.num_patches).to(device)

@@ -2,19 +2,33 @@
 
 Figures are laid out like the paper's (input first). Every save function
 writes one PNG and returns its path; the object API of matplotlib is used so
-that no display backend is needed. Each readout draws its own figure
+that no display backend is needed. matplotlib is imported where a figure is
+drawn, not with this module, so that training runs where it is not installed
+(a bare GPU machine): :func:`figures_unavailable` says why none can be drawn. Each readout draws its own figure
 (:mod:`gmae.readouts`) with :func:`show`, :func:`picture_row` and :func:`save_figure`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure  # the object API needs no display backend
 
 from .model.vit import patchify, unpatchify
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def figures_unavailable() -> str | None:
+    """Why no figure can be drawn here (matplotlib does not import), or None when one can."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        return f"matplotlib does not import ({exc})"
+    return None
 
 
 def to_numpy_image(img: torch.Tensor) -> np.ndarray:
@@ -37,6 +51,8 @@ def save_image_grid(rows: list[list[np.ndarray]], titles: list[str] | list[list[
     titles: one list for the columns (shown above the first row) or one list per row.
     Rows may differ in length; missing cells are left blank.
     """
+    from matplotlib.figure import Figure  # the object API needs no display backend
+
     per_row = bool(titles) and isinstance(titles[0], (list, tuple))
     n_rows, n_cols = len(rows), max(len(row) for row in rows)
     fig = Figure(figsize=(cell * n_cols, cell * n_rows + (0.25 * n_rows if per_row else 0)), dpi=100)

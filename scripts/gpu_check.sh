@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# One prepared check of gmae on a GPU machine, in at most 8 minutes; writes OUT/report.json and OUT/logs/.
+# One prepared check of gmae on a GPU machine, in stages that each have a time box; OUT/report.json is rewritten
+# as each stage ends (a run cut short keeps what it measured), each stage's output is in OUT/logs/.
 #
-#   scripts/gpu_check.sh OUT                 # on a machine with one CUDA GPU
-#   scripts/gpu_check.sh OUT --device cpu    # smoke mode: the same stages, tiny, on the CPU (tests/test_gpu_check.py)
+#   scripts/gpu_check.sh OUT                                     # one CUDA GPU: the default stages
+#   GPU_CHECK_STAGES=preflight,bench scripts/gpu_check.sh OUT    # the named stages only (in the order below)
+#   scripts/gpu_check.sh OUT --device cpu                        # smoke mode: the same stages, tiny, on the CPU
+#                                                                # (tests/test_gpu_check.py)
 #
-# Stages, in order, each time-boxed (a stage that runs out of time is recorded as timed out, not fatal):
-#   1. environment: GPU, torch, CUDA, triton (and nvcc) versions
-#   2. the suite's GPU-marked tests (pytest -m gpu), which include triton vs torch parity at GMAE shapes
-#      (B 64, k 256 and 4096, 224 px)
-#   3. gmae bench --device cuda --json: render forward+backward ms per backend (render_backends) and the
-#      GMAE/MAE step ratio at ViT-B/16 (step_ratio_base224: bf16, k = 256 as 256x1 and 64x4), without and
-#      with --compile
-#   4. a 300-step tiny pre-training on CUDA with the triton backend: a finite, falling loss, and images/s
-#   5. last, in what is left of 240 s: gsplat built from a wheel brought along (the machine cannot download:
-#      GSPLAT_WHEELS, default .whl/, holds gsplat's wheel and any others the machine lacks: its dependencies,
-#      ninja, gmae's own; they are installed behind the machine's packages) and its parity test; the build's
-#      time or its first error line; then, if time is left, render_backends again with gsplat among them
+# Stages (docs/gpu.md has each one's budget on an H100); the default is preflight,tests,bench,pretrain, and every
+# run starts with the preflight, named or not:
+#   preflight      (20 s) CUDA available to torch, a C compiler and Python.h (triton builds a launcher for each
+#                  kernel with them), pytest importable, one tiny Triton kernel compiled and launched; the versions
+#                  of everything. A missing piece stops the run with one line saying what is missing.
+#   tests          (150 s) the GPU test files, tests/test_render_triton.py (triton vs torch, values and every
+#                  gradient, and the parity at GMAE's shapes: B 64, k 256 and 4096, 224 px) and
+#                  tests/test_render_gsplat.py (skipped without gsplat): one pytest run and junit file per file
+#   bench          (120 s) gmae bench --json: render forward+backward ms per backend (render_backends) and the
+#                  GMAE/MAE step ratio at ViT-B/16 (step_ratio_base224: bf16, k = 256 as 256x1 and 64x4)
+#   pretrain       (90 s) 300 steps of the tiny preset on CUDA with the triton backend: a finite, falling loss
+#   bench_compile  (optional, 300 s) the step ratio with --compile: three ViT-B models compiled cold, minutes
+#   gsplat         (optional, 120 s) a prebuilt (binary) gsplat wheel brought along in GSPLAT_WHEELS, installed
+#                  and imported without building, its parity test and render_backends with it. A wheel without
+#                  compiled CUDA code would build gsplat's sources on first use (minutes): it is not installed.
 #
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 480: the whole run), GSPLAT_WHEELS.
+# Environment: PYTHON (default python3), GPU_CHECK_STAGES, GPU_CHECK_BUDGET_S (default 900: the whole run),
+# GSPLAT_WHEELS (default .whl/: gsplat's binary wheel, and the wheels of any package the machine lacks, which are
+# installed behind the machine's own before the first stage: the machine cannot download).
 set -uo pipefail
 
-usage() { echo "usage: $0 OUT [--device cuda|cpu]" >&2; exit 2; }
+ALL_STAGES=(preflight tests bench pretrain bench_compile gsplat)
+DEFAULT_STAGES=preflight,tests,bench,pretrain
+
+usage() { echo "usage: [GPU_CHECK_STAGES=$DEFAULT_STAGES] $0 OUT [--device cuda|cpu]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 DEVICE=cuda
@@ -31,59 +42,65 @@ while [ $# -gt 0 ]; do
     esac
 done
 case $DEVICE in cuda|cpu) ;; *) echo "--device must be cuda or cpu; got $DEVICE" >&2; exit 2 ;; esac
+SELECTED=${GPU_CHECK_STAGES:-$DEFAULT_STAGES}
+case ",$SELECTED," in *,preflight,*) ;; *) SELECTED=preflight,$SELECTED ;; esac
+for name in ${SELECTED//,/ }; do
+    case " ${ALL_STAGES[*]} " in
+        *" $name "*) ;;
+        *) echo "GPU_CHECK_STAGES: no stage '$name'; the stages are ${ALL_STAGES[*]} (comma-separated)" >&2; exit 2 ;;
+    esac
+done
+selected() { case ",$SELECTED," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/logs" || exit 2
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-900}
 DEADLINE=$((SECONDS + BUDGET))
 WHEELS=${GSPLAT_WHEELS:-$ROOT/.whl}
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gmae-gpu-check.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
 : > "$OUT/stages.tsv"
+rm -f "$OUT/report.json"
 cd "$ROOT" || exit 2
 
+TEST_FILES=(tests/test_render_triton.py tests/test_render_gsplat.py)
 if [ "$DEVICE" = cpu ]; then
     # Smoke mode: the kernels run in Triton's CPU interpreter; every stage tiny.
     export TRITON_INTERPRET=1
     BENCH_SHAPE=(--render-batch 1 --render-k 8 --render-size 16 --batch-size 2 --repeats 1)
     BENCH_EAGER=(render_backends)
     BENCH_COMPILED=(step_ratio_tiny)
-    TESTS=(tests/test_render_triton.py -k "dispatch_through_rasterize and interpreter")
+    TEST_K="dispatch_through_rasterize and interpreter"
     PRETRAIN=(--device cpu --img-size 16 --patch-size 8 -k 4 --batch-size 2 --steps 6)
     # torch.compile of three models takes minutes on a CPU: the smoke run checks the plumbing only
     COMPILE_ENV=(TORCH_COMPILE_DISABLE=1)
-    # budgets (s): environment, tests, bench, bench --compile, pretrain; gsplat gets the rest (at most 240)
-    B_ENV=60; B_TESTS=120; B_BENCH=180; B_COMPILE=180; B_PRETRAIN=180
+    declare -A BOX=([preflight]=60 [tests]=180 [bench]=180 [pretrain]=180 [bench_compile]=180 [gsplat]=60)
 else
     BENCH_SHAPE=()
     BENCH_EAGER=(render_backends step_ratio_base224)
     BENCH_COMPILED=(step_ratio_base224)
-    TESTS=(-m gpu tests/)
+    TEST_K=""
     PRETRAIN=(--device cuda --steps 300)
     COMPILE_ENV=()
-    # 240 s for stages 1-4, so that gsplat's 240 s fit in 8 minutes; what a stage leaves goes to the next ones
-    B_ENV=15; B_TESTS=90; B_BENCH=45; B_COMPILE=55; B_PRETRAIN=35
+    # seconds; docs/gpu.md has the budget table these come from
+    declare -A BOX=([preflight]=20 [tests]=150 [bench]=120 [pretrain]=90 [bench_compile]=300 [gsplat]=120)
 fi
 
+report() { "$PY" scripts/gpu_check_report.py report "$OUT" "$DEVICE" "$SELECTED" > /dev/null 2>> "$OUT/logs/report.log"; }
+
 # stage NAME BUDGET_S CMD...: run CMD with its output in logs/NAME.log, for at most BUDGET_S seconds (less if the
-# whole run's deadline comes first, 10 s kept for the report); its status and time go to stages.tsv.
-# planned NAME BUDGET_S CMD...: the same, for stages 1-4, whose budgets add up: a stage may also use what the ones
-# before it left unused, so that a quick stage gives its time to a slow one.
-PLANNED=$SECONDS
-planned() {
-    local name=$1; PLANNED=$((PLANNED + $2)); shift 2
-    stage "$name" $((PLANNED - SECONDS)) "$@"
-}
+# whole run's deadline comes first); its status and time go to stages.tsv, and report.json is rewritten.
 stage() {
     local name=$1 budget=$2; shift 2
-    local left=$((DEADLINE - SECONDS - 10))
+    local left=$((DEADLINE - SECONDS))
     [ "$budget" -gt "$left" ] && budget=$left
     if [ "$budget" -lt 5 ]; then
         printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 0 >> "$OUT/stages.tsv"
         echo "[$name] skipped: no time left" | tee "$OUT/logs/$name.log"
+        report
         return 1
     fi
     echo "[$name] up to ${budget}s: $*"
@@ -92,11 +109,12 @@ stage() {
     local rc=$?
     printf '%s\t%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t0)) "$budget" >> "$OUT/stages.tsv"
     echo "[$name] exit $rc after $((SECONDS - t0))s"
+    report
     return $rc
 }
 
-# Wheels brought along (the machine cannot download): those of packages the machine lacks (pytest, numba, ... ;
-# ninja and gsplat's dependencies), installed now; gsplat's own in stage 5.
+# Wheels brought along (the machine cannot download): those of packages the machine lacks (pytest, ...),
+# installed now, behind the machine's own; gsplat's only in its stage.
 DEPS="$SCRATCH/deps"
 # shellcheck disable=SC2046  # one wheel path per word
 DEP_WHEELS=$("$PY" scripts/gpu_check_report.py missing $(ls "$WHEELS"/*.whl 2>/dev/null | grep -v '/gsplat-'))
@@ -106,58 +124,74 @@ if [ -n "$DEP_WHEELS" ]; then
     export PYTHONPATH="$PYTHONPATH:$DEPS" PATH="$PATH:$DEPS/bin"
 fi
 
-# 1. environment
-planned environment "$B_ENV" "$PY" scripts/gpu_check_report.py environment "$OUT/environment.json"
-
-# 2. GPU-marked tests (smoke: one interpreted triton test)
-planned tests "$B_TESTS" "$PY" -m pytest -q -o addopts="" -p no:cacheprovider --continue-on-collection-errors \
-    --junitxml="$OUT/logs/tests.xml" "${TESTS[@]}"
-
-# 3. bench, eager then compiled
-planned bench "$B_BENCH" sh -c '"$@" > "'"$OUT"'/bench.json"' _ "$PY" -m gmae bench --device "$DEVICE" --json \
-    --only "${BENCH_EAGER[@]}" --precision bf16 "${BENCH_SHAPE[@]}"
-planned bench_compile "$B_COMPILE" env "${COMPILE_ENV[@]}" sh -c '"$@" > "'"$OUT"'/bench_compile.json"' _ "$PY" -m gmae \
-    bench --device "$DEVICE" --json --only "${BENCH_COMPILED[@]}" --precision bf16 --compile "${BENCH_SHAPE[@]}"
-
-# 4. tiny pre-training with the triton backend
-planned pretrain "$B_PRETRAIN" "$PY" -m gmae pretrain --render-backend triton --out "$OUT/pretrain" --quiet \
-    --checkpoint-every 100000 "${PRETRAIN[@]}"
-
-# 5. gsplat from a wheel, built and tested in what is left of 240 s
-GSPLAT_WHEEL=$(ls "$WHEELS"/gsplat-*.whl 2>/dev/null | head -1)
-if [ -z "$GSPLAT_WHEEL" ]; then
-    echo "no gsplat wheel in $WHEELS" > "$OUT/logs/gsplat_build.log"
-    printf '%s\t%s\t%s\t%s\n' gsplat_build "no-wheel" 0 0 >> "$OUT/stages.tsv"
-else
-    GSPLAT_END=$((SECONDS + 240))
-    SITE="$SCRATCH/site"
-    export TORCH_EXTENSIONS_DIR="$SCRATCH/torch_extensions"
-    CUDA_HOME=${CUDA_HOME:-$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null)}
-    export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-    # CUDA 13 moved cub/ and thrust/ to include/cccl; only this GPU's architecture; one compile job per core
-    export CPATH="$CUDA_HOME/include/cccl${CPATH:+:$CPATH}"
-    export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-    if [ "$DEVICE" = cuda ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-        TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
-        export TORCH_CUDA_ARCH_LIST
-    fi
-    echo "wheel $GSPLAT_WHEEL CUDA_HOME=$CUDA_HOME CPATH=$CPATH MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}" \
-        > "$OUT/logs/gsplat_env.log"
-    "$PY" -m pip install --no-index --no-deps --target "$SITE" "$GSPLAT_WHEEL" >> "$OUT/logs/gsplat_env.log" 2>&1
-    export PYTHONPATH="$PYTHONPATH:$SITE"
-    # gsplat compiles its CUDA kernels when gsplat.cuda._backend is first imported
-    if stage gsplat_build $((GSPLAT_END - SECONDS)) "$PY" -c "
-import time; t = time.time()
-from gsplat.cuda._backend import _C
-if _C is None:
-    raise SystemExit('error: gsplat has no CUDA extension (no CUDA toolkit, or its build failed: see above)')
-print(f'gsplat_build_s {time.time() - t:.1f}')"; then
-        stage gsplat_tests $((GSPLAT_END - SECONDS)) "$PY" -m pytest -q -o addopts="" -p no:cacheprovider \
-            --junitxml="$OUT/logs/gsplat_tests.xml" tests/test_render_gsplat.py
-        # and, if time is left, its render time beside triton's and torch's
-        stage gsplat_bench $((GSPLAT_END - SECONDS)) sh -c '"$@" > "'"$OUT"'/bench_gsplat.json"' _ "$PY" -m gmae bench \
-            --device "$DEVICE" --json --only render_backends "${BENCH_SHAPE[@]}"
+# every run starts with it (seconds): a machine that cannot run the check stops here
+if selected preflight; then
+    if ! stage preflight "${BOX[preflight]}" "$PY" scripts/gpu_check_preflight.py "$OUT" "$DEVICE"; then
+        grep '^preflight: ' "$OUT/logs/preflight.log" >&2 || tail -3 "$OUT/logs/preflight.log" >&2
+        echo "stopped: the machine cannot run the check (report: $OUT/report.json)" >&2
+        exit 1
     fi
 fi
 
-"$PY" scripts/gpu_check_report.py report "$OUT" "$DEVICE" "$GSPLAT_WHEEL"
+if selected tests; then
+    # one pytest run per file, each with its own junit: a file cut off by the time box loses only its own results
+    mkdir -p "$OUT/logs/junit"
+    stage tests "${BOX[tests]}" env OUT_DIR="$OUT" PY="$PY" TEST_K="$TEST_K" bash -c 'rc=0
+        for f in "$@"; do
+            echo "== $f"
+            "$PY" -m pytest -q -o addopts="" -p no:cacheprovider --junitxml="$OUT_DIR/logs/junit/$(basename "$f" .py).xml" \
+                ${TEST_K:+-k "$TEST_K"} "$f"
+            c=$?; [ $c -eq 0 ] || [ $c -eq 5 ] || rc=$c  # 5: nothing selected
+        done
+        exit $rc' _ "${TEST_FILES[@]}"
+fi
+
+if selected bench; then
+    stage bench "${BOX[bench]}" sh -c '"$@" > "'"$OUT"'/bench.json"' _ "$PY" -m gmae bench --device "$DEVICE" --json \
+        --only "${BENCH_EAGER[@]}" --precision bf16 "${BENCH_SHAPE[@]}"
+fi
+
+if selected pretrain; then
+    stage pretrain "${BOX[pretrain]}" "$PY" -m gmae pretrain --render-backend triton --out "$OUT/pretrain" --quiet \
+        --checkpoint-every 100000 "${PRETRAIN[@]}"
+fi
+
+if selected bench_compile; then
+    stage bench_compile "${BOX[bench_compile]}" env "${COMPILE_ENV[@]}" sh -c '"$@" > "'"$OUT"'/bench_compile.json"' _ \
+        "$PY" -m gmae bench --device "$DEVICE" --json --only "${BENCH_COMPILED[@]}" --precision bf16 --compile \
+        "${BENCH_SHAPE[@]}"
+fi
+
+if selected gsplat; then
+    # a binary wheel (a platform tag, not "any"): its CUDA code is compiled already
+    GSPLAT_WHEEL=$(ls "$WHEELS"/gsplat-*.whl 2>/dev/null | grep -v -- '-any\.whl$' | head -1)
+    if [ -z "$GSPLAT_WHEEL" ]; then
+        echo "no prebuilt gsplat wheel in $WHEELS ($(ls "$WHEELS"/gsplat-*.whl 2>/dev/null | xargs -r -n1 basename \
+            | tr '\n' ' ')): a wheel without compiled CUDA code builds gsplat on first use, minutes; not in this check" \
+            > "$OUT/logs/gsplat.log"
+        printf '%s\t%s\t%s\t%s\n' gsplat "no-wheel" 0 0 >> "$OUT/stages.tsv"
+        report
+    else
+        SITE="$SCRATCH/site"
+        echo "wheel $GSPLAT_WHEEL" > "$OUT/logs/gsplat_install.log"
+        "$PY" -m pip install --no-index --no-deps --target "$SITE" "$GSPLAT_WHEEL" >> "$OUT/logs/gsplat_install.log" 2>&1
+        export PYTHONPATH="$PYTHONPATH:$SITE"
+        GSPLAT_END=$((SECONDS + BOX[gsplat]))
+        # gsplat loads its compiled module when gsplat.cuda._backend is imported; were it to build instead, the
+        # time box ends it
+        if stage gsplat $((GSPLAT_END - SECONDS)) "$PY" -c "
+import time; t = time.time()
+from gsplat.cuda._backend import _C
+if _C is None:
+    raise SystemExit('error: gsplat has no CUDA extension (the wheel has no compiled module for this machine)')
+print(f'gsplat_import_s {time.time() - t:.1f}')"; then
+            mkdir -p "$OUT/logs/junit"
+            stage gsplat_tests $((GSPLAT_END - SECONDS)) "$PY" -m pytest -q -o addopts="" -p no:cacheprovider \
+                --junitxml="$OUT/logs/junit/test_render_gsplat.xml" tests/test_render_gsplat.py
+            stage gsplat_bench $((GSPLAT_END - SECONDS)) sh -c '"$@" > "'"$OUT"'/bench_gsplat.json"' _ "$PY" -m gmae \
+                bench --device "$DEVICE" --json --only render_backends "${BENCH_SHAPE[@]}"
+        fi
+    fi
+fi
+
+"$PY" scripts/gpu_check_report.py report "$OUT" "$DEVICE" "$SELECTED"

@@ -1,8 +1,10 @@
 """scripts/gpu_check.sh's Python side: the environment record, and report.json assembled from the stages' outputs.
 
-    python scripts/gpu_check_report.py environment OUT/environment.json
-    python scripts/gpu_check_report.py report OUT DEVICE [GSPLAT_WHEEL]
-    python scripts/gpu_check_report.py missing WHEEL...   # the wheels whose package is not installed
+    python scripts/gpu_check_report.py report OUT DEVICE [STAGES]   # STAGES: the selected ones, comma-separated
+    python scripts/gpu_check_report.py missing WHEEL...             # the wheels whose package is not installed
+
+gpu_check.sh rewrites report.json after every stage, from whatever the stages have left in OUT so far: a run cut
+short (a time box, the machine taken back) still has the results of every stage that ended.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def error_lines(log: Path, most: int = 6) -> list[str]:
     return errors[:most] if errors else lines[-1:]
 
 
-#: Errors gsplat 1.5.3's loader raises and handles itself before it builds (gsplat/cuda/_backend.py).
+#: Errors gsplat 1.5.3's loader raises and handles itself before it falls back to building (gsplat/cuda/_backend.py).
 GSPLAT_HANDLED = ("cannot import name 'csrc'", "_jit_compile() missing")
 
 
@@ -116,46 +118,54 @@ def pretrain_summary(run: Path, log: Path) -> dict | None:
             "run_imgs_per_s": round(float(done.group(2)) * round(batch), 2) if done else None}
 
 
-def report(out: Path, device: str, wheel: str = "") -> dict:
+def gsplat_summary(out: Path, stages: dict) -> dict | None:
+    """The optional gsplat stage: no prebuilt wheel, its import time and parity tests, or the error that stopped it."""
+    stage = stages.get("gsplat")
+    if stage is None:
+        return None
+    log = out / "logs" / "gsplat.log"
+    if stage["exit"] == "no-wheel":
+        return {"result": log.read_text().strip() if log.exists() else "no prebuilt gsplat wheel"}
+    if stage["exit"] == "0":
+        found = re.search(r"gsplat_import_s ([0-9.]+)", log.read_text())
+        return {"result": "imported", "import_s": float(found.group(1)) if found else None,
+                "tests": junit(out / "logs" / "gsplat_tests.xml"), "bench": read_json(out / "bench_gsplat.json")}
+    lines = error_lines(log, most=8)  # the chained errors, in order
+    # gsplat 1.5.3 first tries its compiled module, then torch's private _jit_compile with its old signature, and
+    # handles both; the first error after those is the one that counts
+    real = [line for line in lines if not any(benign in line for benign in GSPLAT_HANDLED)] or lines
+    return {"result": "failed", "timed_out": stage["timed_out"],
+            "first_error": "ran past its time box" if stage["timed_out"] else (real[0] if real else None),
+            "error_lines": lines}
+
+
+def report(out: Path, device: str, selected: str = "") -> dict:
     stages = {}
-    for line in (out / "stages.tsv").read_text().splitlines():
+    tsv = out / "stages.tsv"
+    for line in (tsv.read_text().splitlines() if tsv.exists() else []):
         name, rc, seconds, budget = line.split("\t")
         stages[name] = {"exit": rc, "seconds": int(seconds), "budget_s": int(budget),
                         "timed_out": rc in ("124", "137"), "log": f"logs/{name}.log"}
-    gsplat = {"wheel": Path(wheel).name if wheel else None}
-    build = stages.get("gsplat_build")
-    if not wheel:
-        gsplat["result"] = "no gsplat wheel brought along"
-    elif build is None:
-        gsplat["result"] = "not run"
-    elif build["exit"] == "0":
-        text = (out / "logs" / "gsplat_build.log").read_text()
-        found = re.search(r"gsplat_build_s ([0-9.]+)", text)
-        gsplat["build_s"] = float(found.group(1)) if found else None
-        gsplat["tests"] = junit(out / "logs" / "gsplat_tests.xml")
-    else:
-        gsplat["timed_out"] = build["timed_out"]
-        log = out / "logs" / "gsplat_build.log"
-        lines = error_lines(log, most=8)  # the chained errors, in order
-        # gsplat 1.5.3 first tries a prebuilt module, then torch's private _jit_compile with its old signature, and
-        # handles both; the first error after those is the build's
-        real = [line for line in lines if not any(benign in line for benign in GSPLAT_HANDLED)] or lines
-        gsplat["first_error"] = "build ran past its time box" if build["timed_out"] else (real[0] if real else None)
-        gsplat["error_lines"] = lines
+    chosen = [name for name in selected.split(",") if name]
+    junits = sorted((out / "logs" / "junit").glob("*.xml")) if (out / "logs" / "junit").exists() else []
     result = {
         "mode": "cuda" if device == "cuda" else "cpu smoke (tiny shapes; no figure here is a GPU measurement)",
+        "selected": chosen,
+        "pending": [name for name in chosen if name not in stages],  # not run (yet): the run is going on, or ended
         "stages": stages,
+        "preflight": read_json(out / "preflight.json"),
         "environment": read_json(out / "environment.json"),
-        "tests": junit(out / "logs" / "tests.xml"),
+        "tests": {path.stem + ".py": junit(path) for path in junits} if "tests" in stages else None,
         "bench": read_json(out / "bench.json"),
         "bench_compile": read_json(out / "bench_compile.json"),
         "pretrain": pretrain_summary(out / "pretrain", out / "logs" / "pretrain.log"),
-        "bench_gsplat": read_json(out / "bench_gsplat.json"),
-        "gsplat": gsplat,
+        "gsplat": gsplat_summary(out, stages),
     }
-    for name in ("tests", "bench", "bench_compile", "pretrain"):
+    for name in ("preflight", "bench", "bench_compile", "pretrain"):
         if result[name] is None and name in stages:
             result[f"{name}_error"] = first_error(out / "logs" / f"{name}.log")
+    if "tests" in stages and stages["tests"]["exit"] != "0":
+        result["tests_error"] = first_error(out / "logs" / "tests.log")
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -179,12 +189,9 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "missing":
         print("\n".join(missing(argv[1:])))
         return 0
-    if len(argv) == 2 and argv[0] == "environment":
-        Path(argv[1]).write_text(json.dumps(environment()) + "\n")
-        return 0
     if len(argv) in (3, 4) and argv[0] == "report":
         r = report(Path(argv[1]), argv[2], argv[3] if len(argv) == 4 else "")
-        print(json.dumps({k: r[k] for k in ("mode", "stages")}, indent=1))
+        print(json.dumps({k: r[k] for k in ("mode", "selected", "stages")}, indent=1))
         print(f"report: {Path(argv[1]) / 'report.json'}")
         return 0
     print(__doc__, file=sys.stderr)

@@ -22,7 +22,7 @@ import torch
 from gmae.render.contract import TILE, footprint
 from gmae.render.gsplat_glue import isect_inputs
 from gmae.render.reference import sort_and_bin
-from test_render_cpu import make_scene
+from render_scenes import make_scene
 
 
 def ref_isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height):

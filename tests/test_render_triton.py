@@ -8,8 +8,12 @@ CUDA tensors (marked `gpu`), and `test_parity_at_gmae_shapes` compares at the sh
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,9 +21,10 @@ triton_raster = pytest.importorskip("gmae.render.triton_raster", reason="needs t
 
 from gmae.errors import GMAEError  # noqa: E402
 from gmae.render import DEPTH_GRAD_BACKENDS, rasterize, resolve_backend  # noqa: E402
+from gmae.render.contract import ALPHA_MIN, T_MIN  # noqa: E402
 from gmae.render.reference import rasterize_torch  # noqa: E402
 from test_depth_grad import assert_matches_torch, backend_grads, scene as depth_scene  # noqa: E402
-from test_render_cpu import make_scene, render_and_grad  # noqa: E402
+from render_scenes import make_scene, render_and_grad  # noqa: E402
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-10)  # float64: the same arithmetic as the oracle, up to summation order
@@ -79,6 +84,37 @@ def test_edge_cases_match_the_oracle(device, case):
     img, alpha, _ = assert_parity(scene, height, width, bg, max_alpha)
     if max_alpha == 0.999:
         assert alpha.max() > 0.999  # pixels that stopped early
+
+
+def stop_slots(scene, height, width, max_alpha):
+    """Per pixel of a one-image scene, the slot in its depth-sorted list of the Gaussian before which it stops (T
+    would fall below 1e-4), -1 where it never stops: the contract, every Gaussian at every pixel."""
+    means, conics, _, opac, depths = (t[0] for t in scene)
+    order = torch.argsort(depths, stable=True)
+    m, cn, o = means[order], conics[order], opac[order]
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=F64) + 0.5, torch.arange(width, dtype=F64) + 0.5,
+                            indexing="ij")
+    dx, dy = xs.reshape(1, -1) - m[:, 0:1], ys.reshape(1, -1) - m[:, 1:2]
+    alpha = (o[:, None] * torch.exp(-0.5 * (cn[:, 0:1] * dx * dx + 2 * cn[:, 1:2] * dx * dy + cn[:, 2:3] * dy * dy)))
+    alpha = alpha.clamp_max(max_alpha)
+    below = torch.cumprod(1 - torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha)), 0) < T_MIN
+    return torch.where(below.any(0), below.to(torch.int64).argmax(0), -1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [4, None], ids=["chunk4", "default_chunk"])
+def test_long_lists_span_several_chunks(device, chunk, monkeypatch):
+    """The forward composites its list a chunk of entries at a time: 48 Gaussians over one tile make lists of 3 to
+    12 chunks, whose pixels stop (T would fall below 1e-4) in different chunks or not at all; T, the stop and the
+    last contributor carry over from chunk to chunk."""
+    if chunk is not None:
+        monkeypatch.setattr(triton_raster, "FORWARD_CHUNK", chunk)
+    nb = triton_raster.FORWARD_CHUNK
+    scene = make_scene(batch=1, k=48, height=16, width=16, std=(2.0, 8.0), opacity=(0.3, 1.0), dtype=F64, seed=6)
+    scene[0] = scene[0].clamp(1.0, 15.0)  # every centre inside the one tile: its list has all 48
+    stops = stop_slots(scene, 16, 16, 0.999)
+    assert (stops < 0).any() and len(torch.unique(stops[stops >= 0] // nb)) >= 3  # a scene that tests the carry
+    assert_parity(to(device, scene), 16, 16, torch.rand(3, dtype=F64, device=device), max_alpha=0.999)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -217,56 +253,109 @@ def test_dispatch_through_rasterize(device):
 
 # --------------------------------------------------------------------------- compiled for a GPU, without one
 
-COMPILE_FOR_SM90 = """
-import sys
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# --------------------------------------------------------------------------- what a compiled kernel computes
 
-import gmae.render.triton_raster as tr
 
-F, I = "*fp32", dict(H="i32", W="i32", tiles_x="i32", n_tiles="i32", max_alpha="fp32", tau="fp32")
-tile = dict(means=F, conics=F, colors=F, opac=F, depths=F, gids="*i64", starts="*i64", counts="*i64", bg=F,
-            image=F, trans=F, last_out="*i32", last_in="*i32", grad_image=F, grad_alpha=F, curvature=F, buf=F, **I)
-common = dict(C=3, CP=4, TILE=16, DT=tl.float32)
-jobs = [(tr._forward_kernel, dict(common, HAS_BG=True)), (tr._forward_kernel, dict(common, HAS_BG=False)),
-        (tr._backward_kernel, dict(common, HAS_BG=True, DEPTH=True)),
-        (tr._backward_kernel, dict(common, HAS_BG=False, DEPTH=False)),
-        (tr._depth_back_kernel, common), (tr._reduce_kernel, dict(D=11, DP=16, DT=tl.float32))]
-types = dict(tile, perm="*i64", seg="*i64", out=F)
-for fn, consts in jobs:
-    signature = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
-                            options=dict(tr.LAUNCH))
-    assert kernel.asm["cubin"], fn.__name__
-    print("compiled", fn.__name__)
-"""
+class AsCompiled:
+    """A kernel launched with its arguments as a compiled kernel receives them: triton types a Python float argument
+    fp32, so the kernel gets the nearest float32, where the interpreter passes the double on."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        params = inspect.signature(kernel.fn).parameters
+        self.runtime = {name for name, p in params.items() if "constexpr" not in str(p.annotation)}
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        names = list(inspect.signature(self.kernel.fn).parameters)
+
+        def cast(name, value):
+            return float(np.float32(value)) if type(value) is float and name in self.runtime else value
+
+        return lambda *args, **kwargs: launch(*(cast(n, v) for n, v in zip(names, args)),
+                                              **{n: cast(n, v) for n, v in kwargs.items()})
+
+
+@pytest.fixture
+def as_compiled(monkeypatch):
+    if not triton_raster.INTERPRETED:
+        pytest.skip("emulates a compiled kernel in the interpreter")
+    for name in ("_forward_kernel", "_backward_kernel", "_depth_back_kernel", "_reduce_kernel"):
+        monkeypatch.setattr(triton_raster, name, AsCompiled(getattr(triton_raster, name)))
+
+
+@pytest.mark.parametrize("case", [
+    lambda: test_opacities_above_one("cpu"),
+    lambda: test_swap_gradient_and_curvature_match_the_oracle("cpu", F64, "shared"),
+    lambda: test_swap_gradient_and_curvature_match_the_oracle("cpu", F64, None),
+    lambda: test_swap_gradient_with_opacities_above_one("cpu"),
+    lambda: test_random_scenes_match_the_oracle("cpu", F64, "shared"),
+], ids=["opacities_above_one", "swap_f64_bg", "swap_f64", "swap_opacities_above_one", "random_f64_bg"])
+def test_float64_holds_with_float_arguments_as_the_compiler_passes_them(as_compiled, case):
+    """max_alpha = 0.99 as an fp32 argument is 0.99000000953...: two clamped Gaussians then leave T just under
+    T_MIN = 1e-4 instead of just over it, and the pixel stops early. The kernels read their float parameters from
+    a tensor in their compute dtype, so this runs (in the interpreter) what a compiled kernel runs."""
+    case()
+
+
+def test_gmae_scene_in_float64_with_float_arguments_as_the_compiler_passes_them(as_compiled):
+    """test_parity_at_gmae_shapes's scene (opacities up to 1.2, so clamped alphas; the depth-order gradient on) at a
+    size the interpreter runs, one image of 48 px and k = 96, in float64: the oracle's values at 1e-9."""
+    params = gmae_scene(1, 96, 48, device="cpu", dtype=F64)
+    g = torch.Generator().manual_seed(1)
+    target, weight = torch.rand(1, 3, 48, 48, generator=g, dtype=F64), torch.rand(1, 48, 48, generator=g, dtype=F64)
+    ref, _ = assert_matches_torch("triton", params, target, weight, 0.1, torch.ones(3, dtype=F64))
+    assert ref[1].max() > 0.99 and all(grad.abs().max() > 0 for grad in ref[2])
+
+
+def test_float64_kernels_compile_with_float64_parameters_and_thresholds():
+    """The float64 kernels as compiled for sm_90: no fp32 parameter, and the thresholds 1/255 and 1e-4 as float64
+    constants, not their fp32 roundings (which the tests at 1e-10 would see)."""
+    kernels = compiled_kernels("--float64")
+    as_hex = lambda x: "0d%016X" % struct.unpack("<Q", struct.pack("<d", x))[0]
+    for k in kernels:
+        assert k["f32_params"] == 0, k["kernel"]
+        assert as_hex(float(np.float32(ALPHA_MIN))) not in k["f64_constants"], k["kernel"]
+        assert as_hex(float(np.float32(T_MIN))) not in k["f64_constants"], k["kernel"]
+    forward = next(k for k in kernels if k["function"] == "_forward_kernel")
+    assert {as_hex(ALPHA_MIN), as_hex(T_MIN)} <= set(forward["f64_constants"])
+
+
+def compiled_kernels(*args):
+    """scripts/triton_sass.py --json's kernels (skips where this triton cannot compile for CUDA)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(root / "scripts" / "triton_sass.py"), "--json", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr.lower()
+                                 or "No module named 'triton.backends.nvidia'" in done.stderr
+                                 or "cuobjdump" in done.stderr or "nvdisasm" in done.stderr):
+        pytest.skip(f"this triton cannot compile for CUDA here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)["kernels"]
 
 
 def test_kernels_compile_for_a_gpu_without_one():
     """The interpreter runs kernels as Python, so it accepts code that Triton's compiler refuses (types that change
     in a loop, ...): every kernel variant is compiled for sm_90 (H100/H200) down to a cubin, with the ptxas that
-    comes with triton, in a process without TRITON_INTERPRET."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
-    if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr.lower()
-                                 or "No module named 'triton.backends.nvidia'" in done.stderr):
-        pytest.skip(f"this triton cannot compile for CUDA here: {done.stderr.strip().splitlines()[-1]}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 6
+    comes with triton, in a process without TRITON_INTERPRET (scripts/triton_sass.py, which also prints their
+    registers and the instructions and barriers of their loops); none spills registers to local memory."""
+    kernels = compiled_kernels()
+    assert [k["function"] for k in kernels] == ["_forward_kernel"] * 2 + ["_backward_kernel"] * 2 + \
+        ["_depth_back_kernel", "_reduce_kernel"]
+    for k in kernels:
+        assert k["local"] == 0 and k["stack"] == 0, k  # no register spills
+        assert k["loops"], k  # each walks its list in a loop
 
 
 # --------------------------------------------------------------------------- GPU only
 
 
-def gmae_scene(batch, k, size, seed=0):
+def gmae_scene(batch, k, size, seed=0, device="cuda", dtype=torch.float32):
     """Gaussians like a GMAE decoder's at 224 px: centres over the image, std 1-8 px at k = 256 and 1/4 of that at
     k = 4096 (the same coverage), opacities over (0, 1), some above 1."""
     shrink = (k / 256) ** 0.5
@@ -280,7 +369,7 @@ def gmae_scene(batch, k, size, seed=0):
     colors = torch.rand(batch, k, 3, generator=g)
     opac = torch.rand(batch, k, generator=g) * 1.2
     depths = torch.rand(batch, k, generator=g)
-    return [t.cuda() for t in (means, conics, colors, opac, depths)]
+    return [t.to(device, dtype) for t in (means, conics, colors, opac, depths)]
 
 
 @pytest.mark.gpu
@@ -300,3 +389,27 @@ def test_parity_at_gmae_shapes(k):
     for name, a, b in zip(["means2d", "conics", "colors", "opacities", "depths"], fast[2], ref[2]):
         scale = b.abs().max().item()
         torch.testing.assert_close(a / scale, b / scale, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+def test_a_render_waits_for_the_device_once():
+    """Forward and backward make one host sync: the lists' length, which sizes them. The parameters are filled on
+    the device, the tile ranges and the backward's segments found by searchsorted (bincount and repeat_interleave
+    without a size would each wait)."""
+    import warnings
+
+    params = [p.requires_grad_(i < 4) for i, p in enumerate(gmae_scene(2, 64, 64))]
+    run = lambda: triton_raster.rasterize_triton(*params, height=64, width=64, background=torch.ones(3, device="cuda"))
+    img, alpha = run()  # compiles
+    (img.sum() + alpha.sum()).backward()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            img, alpha = run()
+            (img.sum() + alpha.sum()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs

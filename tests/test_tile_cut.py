@@ -18,7 +18,7 @@ from gmae.render import BACKENDS, TILE_CUT_BACKENDS, rasterize, register_backend
 from gmae.render.contract import TILE, sigma3_tile_box
 from gmae.render.cpu import rasterize_cpu
 from gmae.render.reference import rasterize_torch
-from test_render_cpu import make_scene, render_and_grad
+from render_scenes import make_scene, render_and_grad
 
 F64 = torch.float64
 

@@ -104,7 +104,8 @@ def _bin_into_tiles(
     n_tiles = batch * tiles_x * tiles_y
     span_x = x1 - x0 + 1
     n = torch.where(keep, span_x * (y1 - y0 + 1), torch.zeros_like(x0))
-    gid = torch.repeat_interleave(torch.arange(n.numel(), device=device), n)
+    # The lists' length is the one value the host must wait for (it sizes them); nothing below waits on the device.
+    gid = torch.repeat_interleave(torch.arange(n.numel(), device=device), n, output_size=int(n.sum()))
     # Enumerate each Gaussian's tiles: local index -> (tx, ty) in its box.
     first = torch.cumsum(n, 0) - n
     local = torch.arange(gid.numel(), device=device) - first[gid]
@@ -114,9 +115,8 @@ def _bin_into_tiles(
     tile = (image * tiles_y + ty) * tiles_x + tx
     tile, perm = torch.sort(tile, stable=True)
     gids = gid[perm]
-    counts = torch.bincount(tile, minlength=n_tiles)
-    starts = torch.cumsum(counts, 0) - counts
-    return gids, starts, counts
+    bounds = torch.searchsorted(tile, torch.arange(n_tiles + 1, device=device))  # tile t: gids[bounds[t]:bounds[t+1]]
+    return gids, bounds[:-1], bounds[1:] - bounds[:-1]
 
 
 def _sort_flat(order: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
