@@ -249,9 +249,9 @@ def many_gaussians(preset: str = "tiny", batch_size: int = 32, repeats: int = 5,
             "few_render_share": t["render 1"] / few, "many_render_share": t[f"render {per_query}"] / many}
 
 
-# The tiny preset's default before the regime map (docs/depth.md): the authors' bounded z. default_step
-# times today's default against it.
-PREVIOUS_TINY_DEFAULT = dict(depth_param="bounded", max_scale=1.0)
+# The tiny preset's default before the layout map (docs/layout.md): the masked loss at 75%, positions from the head.
+# default_step times today's default against it.
+PREVIOUS_TINY_DEFAULT = dict(loss="masked", mask_ratio=0.75, position_source="head")
 
 
 def default_step(batch_size: int = 16, warm_steps: int = 300, repeats: int = 10, device: str = "cpu",

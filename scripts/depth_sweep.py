@@ -31,7 +31,9 @@ import sys
 from pathlib import Path
 
 # name -> gmae pretrain flags. All on dead-leaves, tiny encoder/decoder (the preset), seed 0.
-P64 = []  # the tiny preset: 64 px, patch 8, k = 128, 1200 steps of batch 16
+# the tiny preset as it was when these runs were made (64 px, patch 8, k = 128, 1200 steps of batch 16, the masked
+# loss at 75%, positions from the head): spelled out, so that the names keep their meaning as the preset moves
+P64 = ["--loss", "masked", "--mask-ratio", "0.75", "--position-source", "head"]
 P128 = ["--img-size", "128", "--patch-size", "16", "-k", "256"]
 CONFIGS: dict[str, list[str]] = {
     # the three cameras / mechanisms at the tiny preset (c = 1)

@@ -169,9 +169,11 @@ def save_figure(model, images, g, path: str) -> None:
         order = torch.argsort(depths[i]).tolist()
         for rank, q in enumerate(order):
             x, y = means2d[i, q].tolist()
-            axes[2, i].scatter([x - 0.5], [y - 0.5], s=12 + 60 * float(g.opacities[i, q]), c=[g.colors[i, q].tolist()],
+            axes[2, i].scatter([x - 0.5], [y - 0.5], s=(12 + 60 * float(g.opacities[i, q])) * min(1.0, 8.0 / g.num),
+                               c=[g.colors[i, q].clamp(0, 1).tolist()],
                                edgecolors="k", linewidths=0.5)
-            axes[2, i].annotate(f"{q}", (x - 0.5, y - 0.5), fontsize=6)
+            if g.num <= 16:
+                axes[2, i].annotate(f"{q}", (x - 0.5, y - 0.5), fontsize=6)
         for r in range(3):
             axes[r, i].set_xticks([]); axes[r, i].set_yticks([])
             axes[r, i].set_xlim(-0.5, size - 0.5); axes[r, i].set_ylim(size - 0.5, -0.5)

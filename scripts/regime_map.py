@@ -40,7 +40,8 @@ L4000 = ["--steps", "4000", "--checkpoint-every", "1000"]
 P128 = ["--img-size", "128", "--patch-size", "16", "-k", "256"]
 # Every configuration starts from the tiny default as it was before this map (c = 1, the authors' bounded z),
 # spelled out so that the names keep their meaning now that the preset has moved (to c3-centred).
-PREVIOUS = ["--max-scale", "1", "--depth-param", "bounded"]
+PREVIOUS = ["--max-scale", "1", "--depth-param", "bounded", "--loss", "masked", "--mask-ratio", "0.75",
+            "--position-source", "head"]
 CONFIGS: dict[str, list[str]] = {
     "previous-default": [],
     # Gaussians per pixel area: k / HW = 0.031 (default), 0.125 (512 = 128 tokens x 4)

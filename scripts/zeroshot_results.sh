@@ -4,7 +4,7 @@
 # `gmae eval-zeroshot`, and draw the readouts of skimage photos and dead-leaves images.
 # Usage: [SIZE=64 STEPS=1200] scripts/zeroshot_results.sh [RUN_DIR]   (default runs/zeroshot; an interrupted
 # run resumes; a finished run and its scores are reused). docs/zeroshot.md's figures are SIZE=64 STEPS=1200
-# on the run folder of `python scripts/depth_sweep.py free-deadleaves-off-s0` (the same flags, seed 0);
+# on the run folder of `python scripts/layout_map.py all25-pointer` (the same flags, seed 0);
 # SIZE=128 STEPS=2000 (the default) takes about 40 min on 2 shared cores.
 set -euo pipefail
 RUN=${1:-runs/zeroshot}
@@ -15,15 +15,15 @@ SIZE=${SIZE:-128}
 if [ "$SIZE" = 128 ]; then SHAPE="--img-size 128 --patch-size 16 --num-gaussians 256"; else SHAPE="--img-size $SIZE"; fi
 
 # 1. Pre-train: tiny ViT encoder (at 128 px with 16 px patches, 64 tokens, and k = 256 Gaussians), the authors'
-#    camera, c = 3, centred z and no depth-order gradient (the defaults; named here so the run stays this one
-#    if they change).
+#    camera, c = 3, centred z, no depth-order gradient, the loss on every pixel with a quarter masked and pointer
+#    positions (the defaults; named here so the run stays this one if they change).
 if [ -e "$RUN/checkpoint-$(printf %07d $STEPS).pt" ]; then
   echo "$RUN already trained"
 elif ls "$RUN"/checkpoint-*.pt >/dev/null 2>&1; then
   $GMAE pretrain --out "$RUN" --resume --steps $STEPS
 else
   $GMAE pretrain $SHAPE --steps $STEPS --camera authors --max-scale 3 --depth-param centred --depth-grad off \
-      --out "$RUN"
+      --loss all --mask-ratio 0.25 --position-source pointer --out "$RUN"
 fi
 CKPT="$RUN/checkpoint-$(printf %07d $STEPS).pt"
 
@@ -41,7 +41,7 @@ import sys
 from PIL import Image
 from skimage import data
 from gmae.data import DeadLeaves
-from gmae.evaluate.zeroshot import EVAL_SEED
+from gmae.data import EVAL_SEED
 
 out = sys.argv[1]
 for name in ("astronaut", "chelsea"):

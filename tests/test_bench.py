@@ -49,8 +49,8 @@ def test_render_benchmarks_report_ratios(monkeypatch):
 def test_default_step_times_the_default_against_the_previous_one():
     from gmae.config import model_config
 
-    c = model_config("tiny").max_scale
-    r = bench.default_step(batch_size=2, warm_steps=1, repeats=1, previous=dict(max_scale=c + 1.0, loss="masked"))
+    c, loss = model_config("tiny").max_scale, model_config("tiny").loss
+    r = bench.default_step(batch_size=2, warm_steps=1, repeats=1, previous=dict(max_scale=c + 1.0, loss=loss))
     assert r["default_step_s"] > 0 and r["previous_step_s"] > 0
     assert r["changed"] == {"max_scale": (c + 1.0, c)}  # loss is the same in both: not a change
     line = format_results({"default_step": r})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmae.config import model_config
+from gmae.config import ModelConfig, model_config
 from gmae.model import build_model
 from gmae.model.gmae import gaussians_from_raw
 from gmae.readouts.layout import decode_in_query_order
@@ -36,7 +36,8 @@ def _images(n=3, seed=1):
 
 
 def test_the_defaults_are_the_model_from_before():
-    plain = _model()
+    """ModelConfig's defaults (the paper's presets': positions from the head) are the model from before the options."""
+    plain = _model(position_source=ModelConfig.position_source)
     spelled = _model(position_gain=1.0, query_noise=0.0, position_source="head")
     for (k, a), b in zip(plain.state_dict().items(), spelled.state_dict().values()):
         assert torch.equal(a, b), k

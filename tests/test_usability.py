@@ -389,7 +389,7 @@ def test_load_gives_a_model_with_the_readouts(run, photos):
     assert figure.dtype == torch.bool and tuple(figure.shape) == (2, 32, 32)
     assert tuple(model.features(images).shape) == (2, model.config.embed_dim)
     out = model.reconstruct(images)
-    assert tuple(out.image.shape) == (2, 3, 32, 32) and out.mask.float().mean() == 0.75
+    assert tuple(out.image.shape) == (2, 3, 32, 32) and out.mask.float().mean() == model.config.mask_ratio == 0.25
     assert model.gaussians(images).num == 32
     from gmae.errors import GMAEError
 
@@ -525,7 +525,7 @@ def test_resume_refuses_flags_that_contradict_the_checkpoint(run, tmp_path, caps
     given = ["-k", "64", "--blr", "1e-3", "--mask-ratio", "0.5", "--preset", "small", "--seed", "0"]
     assert main(["pretrain", *FAST, "--steps", "3", "--out", str(out), "--resume", *given]) == 2
     err = one_line_error(capsys, "--num-gaussians/-k (saved 32, given 64)", "--blr (saved 0.016, given 0.001)",
-                         "--mask-ratio (saved 0.75, given 0.5)", "--preset (saved tiny, given small)")
+                         "--mask-ratio (saved 0.25, given 0.5)", "--preset (saved tiny, given small)")
     assert "--seed" not in err and "--steps" not in err  # the saved value given again; a flag a resume may change
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # What a resume may change, and the saved settings given again, are fine; so is --resume=auto on a new folder.
