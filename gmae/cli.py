@@ -172,8 +172,9 @@ def add_pretrain(sub) -> None:
     p.add_argument("--opacity-reg", type=float, default=None,
                    help="add this x mean opacity (relative to --max-opacity) to the loss: an economy prior for "
                         "fewer, larger Gaussians (default 0)")
-    p.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
-    p.add_argument("--loss", default=None, choices=LOSSES, help="masked (default), all, masked_normpix")
+    p.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (tiny: 0.25; the other presets: 0.75, the paper's)")
+    p.add_argument("--loss", default=None, choices=LOSSES, help="masked (the paper's; default of every preset but tiny), all (tiny's: every pixel), "
+                        "masked_normpix")
     p.add_argument("--background", type=_background, default=None, help="render background: white (default), black, grey or R,G,B")
     p.add_argument("--render-backend", default=None,
                    help="renderer backend: auto (default; triton, else gsplat, on CUDA), triton, gsplat, cpu, torch")
@@ -194,9 +195,9 @@ def add_pretrain(sub) -> None:
                         "--camera orthographic only)")
     _add_authors_options(p)
     p.add_argument("--position-source", default=None, choices=POSITION_SOURCES,
-                   help="what places each query's Gaussians: head (default; x, y are numbers of the linear head, "
-                        "the authors'), pointer (an attention-weighted place among the visible patches, from the "
-                        "decoder's outputs, plus an offset of at most a patch: a pointer into the image) or slots "
+                   help="what places each query's Gaussians: head (the paper's presets; x, y are numbers of the linear "
+                        "head, the authors'), pointer (tiny's default: an attention-weighted place among the visible "
+                        "patches, from the decoder's outputs, plus an offset of at most a patch: a pointer into the image) or slots "
                         "(slot attention: the queries compete for the visible patches and sit around the centre of "
                         "those they win)")
     p.add_argument("--position-gain", type=float, default=None,

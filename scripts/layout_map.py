@@ -62,7 +62,7 @@ CONFIGS: dict[str, list[str]] = {
     "default-4000": L4000,
     "all25-4000": [*ALL25, *L4000],
     "all25-12000": [*ALL25, *L12000],
-    # mechanisms (gmae.model.gmae; docs/depth.md says what each does)
+    # mechanisms (gmae.model.gmae; docs/layout.md says what each does)
     "pointer": ["--position-source", "pointer"],
     "all25-pointer": [*ALL25, "--position-source", "pointer"],
     "sprites-all25-pointer": ["--data", "sprites", *ALL25, "--position-source", "pointer"],
