@@ -57,7 +57,7 @@ class Variant:
 # paper's.
 PAPER_BASE = {"max_scale": 1.0, "depth_param": "bounded", "loss": "masked", "mask_ratio": 0.75, "position_source": "head"}
 
-# The paper's figures (ViT-B/16, 400 epochs; DESIGN.md). The paper gives no numbers for k.
+# The paper's figures (ViT-B/16, 400 epochs; the paper's ablation tables). The paper gives no numbers for k.
 GRID = [
     Variant("base", "GMAE base: c=1, r=0.75, masked loss, k=128", {}, (83.2, 61.9)),
     Variant("c0.5", "c = 0.5", {"max_scale": 0.5}, (82.7, 61.1)),

@@ -221,7 +221,7 @@ def add_pretrain(sub) -> None:
                         f"the flat mean colour (psnr_full, psnr_mean_colour) on a fixed held-out batch; 0: never "
                         f"(default {d.layout_every})")
     _add_pretrain_recipe_flags(p)
-    # The online probe (issue 18, part 4), apart from the flags above.
+    # The online probe (gmae.model.online_probe), apart from the flags above.
     p.add_argument("--online-probe", action="store_true",
                    help="also train a linear probe on every encoder block's visible tokens, detached (the model "
                         "trains exactly as without it), and log each block's train-batch accuracy and loss as "
@@ -231,8 +231,8 @@ def add_pretrain(sub) -> None:
 
 
 def _add_authors_options(p) -> None:
-    """The GMAE authors' code's model choices (issue 18; the authors-code recipe turns them on). Their defaults
-    (None: ModelConfig's) are gmae's behaviour from before them."""
+    """The GMAE authors' code's model choices (the authors-code recipe turns them on; docs/fidelity.md cites each).
+    Their defaults (None: ModelConfig's) are gmae's own choices, so checkpoints saved before the options keep their model."""
     p.add_argument("--rotation-param", default=None, choices=ROTATION_PARAMS,
                    help="the Gaussians' rotation from the head: normalize (default; its 4 numbers divided by their "
                         "norm), uniform (the authors': 3 sigmoids through Shoemake's uniform-rotation formula, "
@@ -274,7 +274,7 @@ def _add_recipe(p, command: str) -> None:
 
 
 def _add_pretrain_recipe_flags(p) -> None:
-    """The settings the recipes brought (issue 18): epochs, the effective batch, the optimizer's wd and betas,
+    """The settings the recipes (gmae.recipes) need: epochs, the effective batch, the optimizer's wd and betas,
     input normalisation and the crop. Their defaults (None) keep the behaviour from before them."""
     _add_recipe(p, "pretrain")
     p.add_argument("--epochs", type=float, default=None,
@@ -335,7 +335,7 @@ def cmd_pretrain(args) -> int:
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
         max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image, init_encoder=args.init_encoder,
         ema=args.ema, online_probe=args.online_probe, layout_every=args.layout_every,
-        # recipes (issue 18)
+        # recipes (gmae.recipes)
         recipe=args.recipe or "", weight_decay=args.weight_decay, betas=args.betas, crop_scale=args.crop_scale,
         interpolation=args.interpolation, **_pretrain_schedule(args),
     )
@@ -712,7 +712,7 @@ def add_probe(sub) -> None:
     p.set_defaults(func=cmd_probe)
 
 
-# gmae probe's linear-probe protocols (issue 18, part 4). The dests (protocol, epochs, batch_size, blr, weight_decay,
+# gmae probe's linear-probe protocols (MAE's main_linprobe.py; docs/evaluation.md). The dests (protocol, epochs, batch_size, blr, weight_decay,
 # warmup_epochs) are what recipes set; None = the protocol's own (gmae.choices.PROBE_DEFAULTS).
 def _add_probe_protocol(p) -> None:
     cached, mae = PROBE_DEFAULTS["cached"], PROBE_DEFAULTS["mae"]
@@ -903,7 +903,7 @@ def add_finetune(sub) -> None:
     p.set_defaults(func=cmd_finetune)
 
 
-# The FinetuneConfig fields that MAE's fine-tuning recipe adds on timm (issue 18, part 3): each flag's dest is the
+# The FinetuneConfig fields that MAE's fine-tuning recipe adds on timm (MAE's main_finetune.py; docs/evaluation.md): each flag's dest is the
 # field's name, so cmd_finetune passes them through as they are.
 FINETUNE_TIMM_FIELDS = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "aa", "reprob", "remode",
                         "recount", "global_pool", "warmup_epochs")

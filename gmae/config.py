@@ -37,9 +37,9 @@ DEPTH_GRADS = ("off", "swap", "weighted")
 # position its own, exactly as one Gaussian per token; "anchored", x and y an offset of at most
 # `anchor_spread` around a per-token anchor (z stays each Gaussian's own; see gmae.model.gmae).
 # Anchored trained better at equal steps (docs/gaussians_per_query.md), so it is the default; with
-# m = 1 both are the same model, today's.
+# m = 1 both are the same model, one Gaussian per query.
 POSITION_PARAMS = ("absolute", "anchored")
-# How the encoder normalises its [0, 1] input (ModelConfig.input_norm): "none" (today's: the raw image) or
+# How the encoder normalises its [0, 1] input (ModelConfig.input_norm): "none" (the default: the raw image) or
 # "imagenet" (MAE's: (x - mean) / std with ImageNet's statistics, MAE main_pretrain.py line 127). Only the
 # encoder's input changes: the reconstruction target stays the [0, 1] image (GMAE's colours are sigmoids).
 INPUT_NORMS = ("none", "imagenet")
@@ -47,7 +47,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Resampling of the random resized crop (TrainConfig.interpolation); bicubic is MAE's (main_pretrain.py line 124).
 INTERPOLATIONS = ("bicubic", "bilinear")
-# The GMAE authors' code's choices (issue 18), each a ModelConfig option whose default is gmae's behaviour before it:
+# The GMAE authors' code's choices (docs/fidelity.md cites each), each a ModelConfig option whose default is gmae's own:
 # how the head's 4 rotation numbers become a unit quaternion (ModelConfig.rotation_param): "normalize" (gmae's:
 # the 4-vector divided by its norm), "uniform" (the authors': 3 sigmoids u1, u2, u3 through Shoemake's
 # uniform-random-rotation formula, its components taken in the order the authors' code builds them and legacy gsplat
@@ -119,7 +119,7 @@ class ModelConfig:
     # The encoder's input normalisation, see INPUT_NORMS; part of the model so that every user of a checkpoint
     # (fine-tuning, probes, readouts, export) feeds it as it was trained.
     input_norm: str = "none"
-    # --- the GMAE authors' code's choices (issue 18); each default is the behaviour from before it, so a checkpoint
+    # --- the GMAE authors' code's choices (docs/fidelity.md); each default is gmae's own choice, so a checkpoint
     # saved without them reads as what it was (no LEGACY_VALUES needed).
     rotation_param: str = "normalize"  # see ROTATION_PARAMS
     query_init: str = "normal"  # see QUERY_INITS
@@ -238,11 +238,11 @@ class TrainConfig:
     on_bad_image: str = "skip"  # unreadable image during training: "skip" (logged, counted) | "error"
     init_encoder: str = ""  # fresh runs: encoder weights from this file (gmae.export.load_encoder); "" = random
     ema: float = 0.0  # decay of an fp32 exponential moving average of the weights (gmae.ema); 0 = none
-    # ---- the online probe (issue 18, part 4); kept apart from the fields above, which other work extends.
+    # ---- the online probe (gmae.model.online_probe).
     # A linear classifier per encoder block on the batch's labels, on detached features: the model trains exactly
     # as without it (gmae.model.online_probe); needs labelled data (gmae.data.sourcelabels).
     online_probe: bool = False
-    # --- recipes (gmae.recipes) and the settings they brought (issue 18); defaults = the behaviour before them.
+    # --- recipes (gmae.recipes) and the settings they need; each default is the run without a recipe.
     recipe: str = ""  # the gmae.recipes recipe the command line started from ("" = none); a record
     # The run's length in epochs of the data set (None: `steps` is the length). Made concrete by `resolved` once
     # the data set's size and the processes are known: `steps` is then the steps it came to.
@@ -413,9 +413,9 @@ def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
 
 
 # What a field meant before it existed: a checkpoint written without it is read
-# with this value (not today's default), so that it builds the model it was.
+# with this value (not the current default), so that it builds the model it was.
 # position_param needs none: a checkpoint without it has m = 1, where both settings are the same model,
-# and taking today's default keeps its config equal to a new m = 1 run's (`gmae ablate` compares them).
+# and taking the current default keeps its config equal to a new m = 1 run's (`gmae ablate` compares them).
 # rotation_param, query_init, head_bias, max_alpha, pixel_origin, tile_cut, head_init and patch_bias_init need none:
 # their defaults are the behaviour from before them (but see _renamed_values).
 LEGACY_VALUES: dict[type, dict] = {
@@ -429,7 +429,7 @@ def _renamed_values(cls, values: dict) -> dict:
 
     rotation_param "uniform" took Shoemake's components as (x, y, z, w) until pixel_origin existed (the two came
     together); since then it takes them in the authors' order, w first. A ModelConfig saved without pixel_origin
-    therefore meant today's "uniform-scalar-last"."""
+    therefore meant what is now called "uniform-scalar-last"."""
     if cls is ModelConfig and "pixel_origin" not in values and values.get("rotation_param") == "uniform":
         return {**values, "rotation_param": "uniform-scalar-last"}
     return values
@@ -448,7 +448,7 @@ def as_dict(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-# ----- fine-tuning on timm (issue 18, part 3): MAE's regularisers and the pooled feature -----
+# ----- fine-tuning on timm (MAE's main_finetune.py): MAE's regularisers and the pooled feature -----
 #: The fine-tuning classifier's pooled feature (gmae.model.classifier): "avg", fc_norm of the patch-token mean
 #: (MAE main_finetune.py lines 114-115: its default), or "cls", the encoder's final norm of the cls token.
 GLOBAL_POOLS = ("avg", "cls")
@@ -490,7 +490,7 @@ class FinetuneConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
     recipe: str = ""  # the gmae.recipes recipe the command line started from ("" = none); a record
     # ----- MAE's fine-tuning regularisers, from timm (gmae.evaluate.augment; needs `pip install 'gmae[timm]'`
-    # when one is on). Defaults: off (today's recipe); MAE's ViT-B values (FINETUNE.md) in the comments.
+    # when one is on). Defaults: off (gmae's own fine-tuning); MAE's ViT-B values (FINETUNE.md) in the comments.
     mixup: float = 0.0  # mixup alpha; 0 = off (MAE ViT-B: 0.8)
     cutmix: float = 0.0  # cutmix alpha; 0 = off (MAE ViT-B: 1.0)
     mixup_prob: float = 1.0  # probability of mixing a batch at all (MAE: 1.0)

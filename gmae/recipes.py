@@ -104,7 +104,7 @@ _AUTHORS_NOT_REPRODUCED = (
 )
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("tiny", "pretrain", "today's CPU default: the tiny preset on dead-leaves in a few minutes on 2 cores", {
+    Recipe("tiny", "pretrain", "the CPU default: the tiny preset on dead-leaves in a few minutes on 2 cores", {
         "preset": ("tiny", "gmae: the CPU-sized model (gmae.config.PRESETS['tiny'])"),
         "steps": (1200, "gmae: gmae.config.TRAIN_PRESETS['tiny'], tuned to learn recognisable dead-leaves renders"),
         "batch_size": (16, "gmae: TRAIN_PRESETS['tiny']; small batches, many steps on CPU"),

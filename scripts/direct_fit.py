@@ -15,7 +15,7 @@ pairs with the disc's Gaussian nearer; 0.5 = chance) and ``depth_rank_spearman``
 with the border-distance prior beside them, plus the final MSE.
 
     python scripts/direct_fit.py --scene disc --depth-grad swap --max-scale 4 -k 8
-    python scripts/direct_fit.py --scene disc --fixed-std 4.8     # the issue's fixed 4.8-px blobs
+    python scripts/direct_fit.py --scene disc --fixed-std 4.8     # the control: fixed 4.8-px blobs
 
 Prints one line per setting (``--json``: one JSON object).
 """
@@ -97,7 +97,7 @@ def fit(args, seeds: list[int]) -> dict:
     tau = args.tau if args.depth_grad == "swap" else 0.0
     for _ in range(args.steps):
         gs = gaussians_from_raw(raw, args.max_scale, camera.scale_unit, args.depth_param)
-        if args.fixed_std:  # the issue's control: every Gaussian a round blob of this std in pixels
+        if args.fixed_std:  # the control: every Gaussian a round blob of this std in pixels
             world = args.fixed_std / (size / 2) * (camera.scale_unit / get_camera("orthographic").scale_unit)
             gs.scales = torch.full_like(gs.scales, world)
         image, _ = render_gaussians(gs, size, size, background, args.backend, camera=args.camera,

@@ -1,4 +1,4 @@
-"""The GMAE authors' code's four model choices (issue 18) as ModelConfig options: rotation_param, query_init,
+"""The GMAE authors' code's four model choices as ModelConfig options: rotation_param, query_init,
 head_bias and max_alpha. Each default is the behaviour from before it, each option changes what it should and
 nothing else, every new output path passes gradient to the parameters, and old configs read as they were."""
 
@@ -52,14 +52,14 @@ def _trunk(model):
 # ------------------------------------------------------------------------------------------- defaults
 
 
-def test_the_defaults_are_todays_behaviour():
+def test_the_defaults_are_gmaes_own_choices():
     assert {k: getattr(ModelConfig(), k) for k in DEFAULTS} == DEFAULTS
     plain, spelled = _model(), _model(**DEFAULTS)
     for (k, a), b in zip(plain.state_dict().items(), spelled.state_dict().values()):
         assert torch.equal(a, b), k
     out_a, out_b = _forward(plain), _forward(spelled)
     assert torch.equal(out_a.loss, out_b.loss) and torch.equal(out_a.image, out_b.image)
-    # today's rotation: the 4 numbers normalised; today's head: a bias that sets the starting size and opacity
+    # gmae's rotation: the 4 numbers normalised; gmae's head: a bias that sets the starting size and opacity
     raw = torch.randn(2, 5, 14)
     assert torch.equal(gaussians_from_raw(raw, 1.0, 1.0).quats, F.normalize(raw[..., 6:10], dim=-1, eps=1e-8))
     bias = plain.gaussian_head.bias
@@ -234,7 +234,7 @@ def test_bad_values_are_refused_in_one_line(bad, message):
     assert ModelConfig(max_alpha=1.0).max_alpha == 1.0  # (0, 1]: 1 itself is allowed
 
 
-def test_old_configs_read_as_todays_and_new_ones_round_trip():
+def test_old_configs_read_as_they_were_and_new_ones_round_trip():
     saved = as_dict(ModelConfig(**SMALL))
     for key in OPTIONS:
         del saved[key]  # a checkpoint from before these options

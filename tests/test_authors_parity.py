@@ -325,7 +325,7 @@ def test_only_the_head_and_patch_bias_differ_between_the_inits():
 
 def test_a_checkpoint_from_before_the_authors_order_keeps_its_rotation():
     """rotation_param "uniform" meant the scalar-last reading until pixel_origin existed: such a config reads as
-    "uniform-scalar-last", so the model it rebuilds renders as it did; a config of today keeps "uniform"."""
+    "uniform-scalar-last", so the model it rebuilds renders as it did; a config saved with pixel_origin keeps "uniform"."""
     old = {k: v for k, v in as_dict(authors_config()).items()
            if k not in ("pixel_origin", "tile_cut", "head_init", "patch_bias_init")}
     assert config_from_dict(ModelConfig, old).rotation_param == "uniform-scalar-last"

@@ -1,4 +1,4 @@
-"""Cluster readiness (issue 20): a signal stops a run at a step boundary with that step's checkpoint, on every
+"""Cluster readiness: a signal stops a run at a step boundary with that step's checkpoint, on every
 rank alike; torchrun --max-restarts resumes after a lost worker; `gmae submit` runs through submitit's local
 executor (2 tasks, gloo) and requeues itself on the time-limit signal. CPU only, a few tiny steps each."""
 

@@ -214,7 +214,7 @@ def test_cpu_kernel_depth_gradient_is_deterministic():
 
 @pytest.mark.parametrize("backend", sorted(DEPTH_GRAD_BACKENDS & {"torch", "cpu"}))
 def test_forward_and_other_gradients_do_not_change(backend):
-    """The depth-order gradient only adds ∂/∂z: the image and every other gradient are today's."""
+    """The depth-order gradient only adds ∂/∂z: the image and every other gradient are those without it."""
     params, target, weight = scene(2, B=2, K=30, H=20, W=20)
     off = backend_grads(backend, params, target, weight, 0.0)
     on = backend_grads(backend, params, target, weight, 0.2)

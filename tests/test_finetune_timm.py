@@ -1,4 +1,4 @@
-"""Fine-tuning on timm (issue 18, part 3): the timm door, mixup / cutmix targets and loss, RandAugment and random
+"""Fine-tuning on timm (MAE's main_finetune.py): the timm door, mixup / cutmix targets and loss, RandAugment and random
 erasing on the training images only, the pooled feature, MAE's ViT-B settings end to end, exact resume."""
 
 import json
@@ -76,7 +76,7 @@ def test_settings_are_checked_and_recorded():
         FinetuneConfig(warmup_steps=3, warmup_epochs=1.0).check_warmup()
     cfg = FinetuneConfig(epochs=10, batch_size=10, warmup_epochs=2.5).resolved(95)  # 10 steps an epoch
     assert cfg.warmup_steps == 25 and cfg.steps == 100 and cfg.warmup_epochs == 2.5
-    assert FinetuneConfig(epochs=10, batch_size=10).resolved(95).warmup_steps == 10  # today's: one epoch
+    assert FinetuneConfig(epochs=10, batch_size=10).resolved(95).warmup_steps == 10  # the default: one epoch
     assert as_dict(FinetuneConfig(**{k: v for k, v in MAE_B.items()}))["aa"] == "rand-m9-mstd0.5-inc1"
 
 

@@ -377,7 +377,7 @@ def test_loss_scale_scales_loss_and_depth_gradient_alike():
 
 def test_checkpoint_configs_without_the_new_fields_keep_their_old_meaning():
     """A checkpoint written before the camera existed is orthographic with a bounded depth and no
-    depth-order gradient, whatever today's defaults are."""
+    depth-order gradient, whatever the defaults are."""
     new = ("camera", "depth_param", "depth_grad", "depth_tau", "gaussians_per_query", "position_param")
     old = {k: v for k, v in ModelConfig().__dict__.items() if k not in new}
     cfg = config_from_dict(ModelConfig, old)

@@ -1,4 +1,4 @@
-"""MAE's linear-probe protocol (issue 18, part 4): LARS, the head, the frozen encoder, `gmae probe --protocol`."""
+"""MAE's linear-probe protocol (MAE's main_linprobe.py): LARS, the head, the frozen encoder, `gmae probe --protocol`."""
 
 import importlib.util
 import json

@@ -1,4 +1,4 @@
-"""What a new user trips over (issue 14): --out and --resume never lose data, errors come before
+"""What a new user trips over: --out and --resume never lose data, errors come before
 any work (and before torch), every command takes every kind of checkpoint, readable figures,
 and the tools people expect: gmae plot, --tensorboard, progress, the Python API, probe --baseline."""
 
@@ -515,7 +515,7 @@ def test_probe_baseline_prints_random_init_beside_the_trained_weights(run, tmp_p
     assert "pre-trained" in table and "random init" in table and table.count("%") == 4
 
 
-# --------------------------------------------------------------------------- issue 21: --resume refuses what it would ignore
+# --------------------------------------------------------------------------- --resume refuses what it would ignore
 
 
 def test_resume_refuses_flags_that_contradict_the_checkpoint(run, tmp_path, capsys):
@@ -559,7 +559,7 @@ def test_resume_help_lists_the_flags_a_resume_may_change(capsys):
                                                 "--quiet")), text
 
 
-# --------------------------------------------------------------------------- issue 21: gmae plot writes what it prints
+# --------------------------------------------------------------------------- gmae plot writes what it prints
 
 
 def test_plot_prints_the_file_it_writes(tmp_path, capsys):
@@ -577,7 +577,7 @@ def test_plot_prints_the_file_it_writes(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == before
 
 
-# --------------------------------------------------------------------------- issue 21: eval-zeroshot
+# --------------------------------------------------------------------------- eval-zeroshot
 
 
 def test_eval_zeroshot_of_an_mae_checkpoint_fails_before_any_work(tmp_path, monkeypatch, capsys):

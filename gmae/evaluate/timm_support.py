@@ -1,6 +1,6 @@
 """The one door to timm (``pip install 'gmae[timm]'``): every use of timm in gmae goes through :func:`import_timm`.
 
-timm is optional: gmae's models, pre-training and today's fine-tuning defaults
+timm is optional: gmae's models, pre-training and the default fine-tuning
 need none of it; MAE's fine-tuning regularisers (mixup / cutmix with a
 soft-target loss, RandAugment, random erasing) come from it, as they do in MAE
 itself (MAE ``main_finetune.py`` lines 28-29, ``util/datasets.py`` line 37).

@@ -136,7 +136,7 @@ class GMAE(MAE):
         # At d = 512 its std is 0.0255, against xavier's 0.0616: the first raw outputs are 2.4x narrower.
         if cfg.head_init == "xavier":
             init_weights(self.gaussian_head)
-        if m > 1 and cfg.head_init == "xavier":  # (m = 1 keeps exactly today's initialisation, random stream included)
+        if m > 1 and cfg.head_init == "xavier":  # (m = 1 keeps the one-Gaussian initialisation, random stream included)
             # Each block of the head drawn as if it were its own one-Gaussian head (xavier over d -> 14):
             # xavier over the m-times wider output would shrink the weights, and with them the spread of
             # the starting positions and colours, as m grows.

@@ -1,8 +1,9 @@
 """The online probe (`gmae pretrain --online-probe`): a linear classifier on every encoder block, trained
 during pre-training on the batch's labels, on features detached from the model.
 
-The GMAE authors' code (described in issue 18) keeps such a probe per block on
-the masked input: the visible tokens the encoder sees in pre-training. It shows,
+The GMAE authors' code keeps such a probe per block on the masked input
+(tekotan/video-gmae at c630810, `vidgmae/models/gmae.py` lines 139-160 and
+522-525): the visible tokens the encoder sees in pre-training. It shows,
 while a run trains, how linearly decodable a label is at each depth, at almost no
 cost: one (B, D) feature per block and a linear layer each.
 
