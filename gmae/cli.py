@@ -30,7 +30,7 @@ from .config import (
 from .errors import GMAEError
 from .files import check_exists, check_output_file, check_output_folder, image_files, list_checkpoints
 from .readouts import READOUTS
-from .recipes import RECIPES, get_recipe, recipe_defaults, recipe_json
+from .recipes import RECIPES, check_schedule, get_recipe, recipe_defaults, recipe_json
 
 CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
 RAW_WEIGHTS_HELP = ("use the checkpoint's raw weights, not the EMA of them that a run with --ema saves "
@@ -304,9 +304,7 @@ def _pretrain_schedule(args) -> dict:
     (--warmup-steps, --accum-steps) replaces a recipe's --epochs (--warmup-epochs, --micro-batch); typing both
     of a pair is refused."""
     typed = args.typed
-    for a, b in (("steps", "epochs"), ("warmup_steps", "warmup_epochs"), ("accum_steps", "micro_batch")):
-        if a in typed and b in typed:
-            raise GMAEError(f"give {typed[a]} or {typed[b]}, not both")
+    check_schedule(typed)
     return dict(
         epochs=None if "steps" in typed else args.epochs,
         warmup_epochs=None if "warmup_steps" in typed else args.warmup_epochs,

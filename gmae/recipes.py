@@ -2,7 +2,8 @@
 
 A recipe is for one command (``pretrain``, ``finetune`` or ``probe``) and holds values keyed by that
 command's argparse destinations; ``--recipe NAME`` makes them the parser's defaults, so that a flag typed
-on the command line still wins (gmae.cli). ``gmae recipes`` lists them, ``gmae recipes NAME`` prints each
+on the command line still wins (gmae.cli). From Python, ``pretrain_configs(NAME, **settings)`` builds
+the same configs (and ``gmae.train.pretrain(recipe=NAME, ...)`` trains them). ``gmae recipes`` lists them, ``gmae recipes NAME`` prints each
 value with its citation.
 
 Citations name MAE's files with their line numbers (facebookresearch/mae at efb2a80: ``PRETRAIN.md``,
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import dataclasses
+
+from .config import TRAIN_PRESETS, ModelConfig, TrainConfig, model_config, train_config
 from .errors import GMAEError
 
 COMMANDS = ("pretrain", "finetune", "probe")
@@ -103,14 +107,21 @@ _AUTHORS_NOT_REPRODUCED = (
     "1245); gmae always scales lr = blr x batch / 256",
 )
 
+# Why the tiny preset trains as it does (its values: gmae.config.TRAIN_PRESETS['tiny']).
+_TINY_WHY = {
+    "steps": "tuned to learn recognisable dead-leaves renders in a few minutes on 2 cores",
+    "batch_size": "small batches, many steps on CPU",
+    "blr": "lr = 1e-3 at batch 16 (MAE's blr leaves mean-colour renders)",
+    "warmup_steps": "a short warmup for a short run",
+    "checkpoint_every": "three checkpoints in a 1200-step run",
+}
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("tiny", "pretrain", "the CPU default: the tiny preset on dead-leaves in a few minutes on 2 cores", {
         "preset": ("tiny", "gmae: the CPU-sized model (gmae.config.PRESETS['tiny'])"),
-        "steps": (1200, "gmae: gmae.config.TRAIN_PRESETS['tiny'], tuned to learn recognisable dead-leaves renders"),
-        "batch_size": (16, "gmae: TRAIN_PRESETS['tiny']; small batches, many steps on CPU"),
-        "blr": (1.6e-2, "gmae: TRAIN_PRESETS['tiny']: lr = 1e-3 at batch 16 (MAE's blr leaves mean-colour renders)"),
-        "warmup_steps": (50, "gmae: TRAIN_PRESETS['tiny']"),
-        "checkpoint_every": (400, "gmae: TRAIN_PRESETS['tiny']"),
+        # the values are TRAIN_PRESETS['tiny']'s, so that the preset and the recipe cannot drift apart
+        **{dest: (value, f"gmae: gmae.config.TRAIN_PRESETS['tiny']: {_TINY_WHY[dest]}")
+           for dest, value in TRAIN_PRESETS["tiny"].items()},
     }),
     _pretrain("mae-pretrain-vit-b", "MAE's ImageNet pre-training (800 epochs, batch 4096) of a GMAE ViT-B/16",
               _VIT_B, _MAE_SCHEDULE),
@@ -275,4 +286,52 @@ def recipe_json(recipe: Recipe) -> dict:
             "citations": {k: cite for k, (_, cite) in recipe.values.items()}, "not_reproduced": list(recipe.notes)}
 
 
-__all__ = ["COMMANDS", "RECIPES", "Recipe", "get_recipe", "recipe_defaults", "recipe_json"]
+# A length, warmup or accumulation given in steps replaces the recipe's in epochs (or micro-batches); both of a
+# pair at once is refused. The command line (gmae.cli) and pretrain_configs share this rule.
+SCHEDULE_PAIRS = (("steps", "epochs"), ("warmup_steps", "warmup_epochs"), ("accum_steps", "micro_batch"))
+
+
+def check_schedule(given: dict[str, str]) -> None:
+    """GMAEError if `given` ({setting: how it was given}) holds both settings of a SCHEDULE_PAIRS pair."""
+    for a, b in SCHEDULE_PAIRS:
+        if a in given and b in given:
+            raise GMAEError(f"give {given[a]} or {given[b]}, not both")
+
+
+def pretrain_configs(recipe: str | None = None, preset: str | None = None,
+                     **settings) -> tuple[ModelConfig, TrainConfig]:
+    """The (ModelConfig, TrainConfig) that ``gmae pretrain --recipe RECIPE`` builds, with `settings` (fields of
+    either config, by name) applied on top as flags typed after --recipe: the same rule, the same configs.
+
+        mcfg, tcfg = pretrain_configs("gmae-paper-vit-b", data="/data/imagenet/train", out="runs/vit-b")
+        gmae.train.pretrain(mcfg, tcfg)        # or: gmae.train.pretrain(recipe="gmae-paper-vit-b", data=...)
+
+    Without a recipe these are the preset's configs (`preset`, default tiny) with `settings`. GMAEError for a
+    recipe of another command, or a setting that is no field of either config."""
+    values: dict[str, object] = {}
+    if recipe:
+        values = {**recipe_defaults(recipe, "pretrain", values_of_pretrain()), "recipe": recipe}
+    check_schedule({k: k for k in settings})
+    for a, b in SCHEDULE_PAIRS:
+        if a in settings:
+            values.pop(b, None)
+    values.update(settings)
+    values.pop("preset", None)
+    preset = preset or (get_recipe(recipe).settings().get("preset") if recipe else None) or "tiny"
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - model_fields - train_fields)
+    if unknown:
+        raise GMAEError(f"{', '.join(unknown)}: not a setting of ModelConfig or TrainConfig (gmae.config)")
+    return (model_config(preset, **{k: v for k, v in values.items() if k in model_fields}),
+            train_config(preset, **{k: v for k, v in values.items() if k in train_fields}))
+
+
+def values_of_pretrain() -> set[str]:
+    """The names a pretrain recipe may set: the preset and every field of ModelConfig and TrainConfig."""
+    return {"preset", *(f.name for f in dataclasses.fields(ModelConfig)),
+            *(f.name for f in dataclasses.fields(TrainConfig))}
+
+
+__all__ = ["COMMANDS", "RECIPES", "SCHEDULE_PAIRS", "Recipe", "check_schedule", "get_recipe", "pretrain_configs",
+           "recipe_defaults", "recipe_json"]

@@ -30,6 +30,7 @@ from .export import init_encoder_weights
 from .files import check_output_folder, checkpoint_path, run_lock
 from .model import build_model, masking_noise, param_groups
 from .readouts.layout import layout_monitor
+from .recipes import pretrain_configs
 from .model.online_probe import OnlineProbe
 from .render import resolve_backend
 from .runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
@@ -135,10 +136,13 @@ def online_probe_step(probe: OnlineProbe, optimizer, labels: torch.Tensor, lr: f
     return record
 
 
-def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str = False, progress: bool = True,
-             changes: tuple[str, ...] = PRETRAIN_RESUMABLE, tensorboard: bool = False,
-             given: dict[str, str] | None = None) -> dict:
-    """Pre-train `mcfg` as `tcfg` says; returns a summary dict. Writes into `tcfg.out`:
+def pretrain(mcfg: ModelConfig | None = None, tcfg: TrainConfig | None = None, resume: bool | str = False,
+             progress: bool = True, changes: tuple[str, ...] = PRETRAIN_RESUMABLE, tensorboard: bool = False,
+             given: dict[str, str] | None = None, *, recipe: str | None = None, **settings) -> dict:
+    """Pre-train `mcfg` as `tcfg` says; returns a summary dict. Instead of the two configs, a `recipe` name
+    and/or `settings` (fields of either config) build them as ``gmae pretrain --recipe`` does
+    (gmae.recipes.pretrain_configs): ``pretrain(recipe="gmae-paper-vit-b", data="/data/imagenet/train")``.
+    Writes into `tcfg.out`:
 
     checkpoint-NNNNNNN.pt (every `checkpoint_every` steps and at the end, newest
     `keep_checkpoints` kept), metrics.jsonl (one JSON object per step),
@@ -156,6 +160,10 @@ def pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str = False, p
     it arrives in, on every process alike; the checkpoint of that step is
     written and :class:`gmae.stopping.Stopped` is raised.
     """
+    if mcfg is None and tcfg is None:
+        mcfg, tcfg = pretrain_configs(recipe, **settings)
+    elif mcfg is None or tcfg is None or recipe is not None or settings:
+        raise GMAEError("pretrain() takes both configs (mcfg, tcfg), or a recipe and/or settings that build them")
     out = check_output_folder(tcfg.out)
     if tensorboard:
         check_available()

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from regime_map import final_checkpoint, train  # noqa: E402  (the same runner: one log line per command)
 
 # name -> gmae pretrain flags after BASE; everything else is the tiny preset (64 px, patch 8, k = 128, c = 3,
 # centred z, blr 1.6e-2, 1200 steps of batch 16) on dead-leaves, seed 0. BASE spells out the tiny preset as it was
@@ -85,29 +86,13 @@ def flags(name: str) -> list[str]:
     return [*BASE, *CONFIGS[name]]
 
 
-def run(cmd: list[str], log: Path) -> None:
-    with open(log, "a") as f:
-        f.write(shlex.join(cmd) + "\n")
-    subprocess.run(cmd, check=True)
-
-
-def final_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(run_dir.glob("checkpoint-*.pt"))
-    return found[-1] if found else None
-
-
 def train_and_measure(name: str, runs: Path, gmae: str) -> None:
-    run_dir = runs / name
+    run_dir, started = runs / name, time.perf_counter()
     done = run_dir / "layout.json"
     if done.exists():
-        print(f"{name}: already measured")
-        return
+        return print(f"{name}: already measured")
     runs.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    if final_checkpoint(run_dir) is None or not (run_dir / "reconstruction.png").exists():
-        resume = ["--resume"] if final_checkpoint(run_dir) else []
-        run([gmae, "pretrain", "--out", str(run_dir), "--quiet", "--threads", "1", *resume, *flags(name)],
-            runs / "commands.txt")
+    train(gmae, run_dir, flags(name), runs / "commands.txt")
     import torch
 
     from gmae.evaluate.zeroshot import fidelity_table, layout_check

@@ -88,6 +88,13 @@ def final_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def train(gmae: str, run_dir: Path, flags: list[str], log: Path) -> None:
+    """`gmae pretrain FLAGS` into run_dir, one thread; a run cut short resumes, a finished one is left alone."""
+    if final_checkpoint(run_dir) is None or not (run_dir / "reconstruction.png").exists():
+        resume = ["--resume"] if final_checkpoint(run_dir) else []
+        run([gmae, "pretrain", "--out", str(run_dir), "--quiet", "--threads", "1", *resume, *flags], log)
+
+
 def train_and_score(name: str, runs: Path, gmae: str, psnr_images: int) -> None:
     run_dir = runs / name
     done = run_dir / "regime.json"
@@ -95,10 +102,7 @@ def train_and_score(name: str, runs: Path, gmae: str, psnr_images: int) -> None:
         print(f"{name}: already scored")
         return
     runs.mkdir(parents=True, exist_ok=True)
-    if final_checkpoint(run_dir) is None or not (run_dir / "reconstruction.png").exists():
-        resume = ["--resume"] if final_checkpoint(run_dir) else []
-        run([gmae, "pretrain", "--out", str(run_dir), "--quiet", "--threads", "1", *resume, *PREVIOUS, *CONFIGS[name]],
-            runs / "commands.txt")
+    train(gmae, run_dir, [*PREVIOUS, *CONFIGS[name]], runs / "commands.txt")
     from gmae.ablate import masked_psnr
     from gmae.runs import load_model
 

@@ -24,12 +24,7 @@ OPTIONS = dict(rotation_param="uniform", query_init="uniform", head_bias=False, 
 DEFAULTS = dict(rotation_param="normalize", query_init="normal", head_bias=True, max_alpha=0.99)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(seed=0, **options):

@@ -18,12 +18,7 @@ SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, deco
              decoder_num_heads=2, num_gaussians=12, render_backend="torch")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(seed=0, **options):

@@ -476,3 +476,76 @@ def test_the_linear_probe_recipe_runs_at_tiny_shapes(ckpt, capsys):
     assert (out["recipe"], out["protocol"], out["pool"], out["blr"], out["weight_decay"]) == (
         "mae-linprobe", "mae", "cls", 0.1, 0.0)
     assert out["linear_batch"] == 1438 and out["linear_steps"] == 2
+
+
+# --------------------------------------------------------------------------- recipes from Python
+
+
+def _cli_configs(monkeypatch, argv):
+    """The (ModelConfig, TrainConfig) `gmae pretrain ARGV` hands to gmae.train.pretrain."""
+    import gmae.train
+
+    seen = {}
+    monkeypatch.setattr(gmae.train, "pretrain", lambda mcfg, tcfg, **kw: seen.update(m=mcfg, t=tcfg) or {"figure": None})
+    assert main(["pretrain", *argv]) == 0
+    return seen["m"], seen["t"]
+
+
+TYPED = {  # a few settings typed after the recipe, as flags and as Python keywords
+    ("--steps", "7"): ("steps", 7), ("--blr", "0.5"): ("blr", 0.5), ("-k", "16"): ("num_gaussians", 16),
+    ("--data", "sprites"): ("data", "sprites"),
+}
+
+
+@pytest.mark.parametrize("name", [n for n, r in RECIPES.items() if r.command == "pretrain"])
+def test_pretrain_configs_build_what_the_command_line_builds(name, monkeypatch, tmp_path):
+    from gmae.recipes import pretrain_configs
+
+    out = str(tmp_path / "run")
+    flags = [f for pair in TYPED for f in pair]
+    settings = dict(TYPED.values())
+    mcfg, tcfg = _cli_configs(monkeypatch, ["--recipe", name, *flags, "--out", out])
+    assert pretrain_configs(name, out=out, **settings) == (mcfg, tcfg)
+    assert tcfg.recipe == name and tcfg.steps == 7 and tcfg.epochs is None  # typed steps replace the epochs
+    # and without any typed setting
+    mcfg, tcfg = _cli_configs(monkeypatch, ["--recipe", name, "--out", out])
+    assert pretrain_configs(name, out=out) == (mcfg, tcfg)
+    assert mcfg == model_config(get_recipe(name).settings()["preset"], **{
+        k: v for k, v in get_recipe(name).settings().items() if k in ModelConfig.__dataclass_fields__})
+
+
+def test_pretrain_configs_without_a_recipe_are_the_presets():
+    from gmae.recipes import pretrain_configs
+
+    assert pretrain_configs() == (model_config("tiny"), train_config("tiny"))
+    assert pretrain_configs(preset="base", steps=5) == (model_config("base"), train_config("base", steps=5))
+
+
+def test_pretrain_configs_refuse_what_the_command_line_refuses():
+    from gmae.recipes import pretrain_configs
+
+    with pytest.raises(GMAEError, match="not both"):
+        pretrain_configs("mae-pretrain-vit-b", steps=3, epochs=2)
+    with pytest.raises(GMAEError, match="gmae finetune, not gmae pretrain"):
+        pretrain_configs("mae-finetune-vit-b")
+    with pytest.raises(GMAEError, match="unknown recipe"):
+        pretrain_configs("vit-b")
+    with pytest.raises(GMAEError, match="no_such_setting: not a setting"):
+        pretrain_configs("tiny", no_such_setting=1)
+
+
+def test_pretrain_takes_a_recipe_from_python(tmp_path, one_thread):
+    from gmae.train import pretrain
+
+    out = tmp_path / "run"
+    summary = pretrain(recipe="gmae-paper-vit-b", preset="tiny", img_size=16, num_gaussians=8, steps=2,
+                       warmup_steps=1, batch_size=2, micro_batch=1, data="sprites", render_backend="torch",
+                       out=str(out), progress=False)
+    assert summary["steps_run"] == 2
+    train, model = (_checkpoint(out)["config"][k] for k in ("train", "model"))
+    # the recipe's values where no setting replaced them, the settings where they did
+    assert (train["recipe"], train["weight_decay"], train["betas"], model["loss"], model["max_scale"]) == (
+        "gmae-paper-vit-b", 0.05, [0.9, 0.95], "masked", 1.0)
+    assert (train["steps"], train["epochs"], train["accum_steps"], model["img_size"]) == (2, None, 2, 16)
+    with pytest.raises(GMAEError, match="both configs"):
+        pretrain(model_config("tiny"), recipe="tiny")
