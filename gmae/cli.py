@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import cluster, threads
-from .choices import (
+from .runtime import cluster, threads
+from .config.choices import (
     BENCHMARKS, EXPORT_FORMATS, EXTRACTION_BATCH, PROBE_DEFAULTS, PROBE_PROTOCOLS, SCENE_DATA, SCENE_IMAGES,
     SCENE_TASKS, positive_int,
 )
@@ -28,9 +28,9 @@ from .config import (
     PRETRAIN_RESUMABLE, FinetuneConfig, TrainConfig, as_dict, model_config, train_config,
 )
 from .errors import GMAEError
-from .files import check_exists, check_output_file, check_output_folder, image_files, list_checkpoints
+from .io.files import check_exists, check_output_file, check_output_folder, image_files, list_checkpoints
 from .readouts import READOUTS
-from .recipes import RECIPES, check_schedule, get_recipe, recipe_defaults, recipe_json
+from .config.recipes import RECIPES, check_schedule, get_recipe, recipe_defaults, recipe_json
 
 CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
 RAW_WEIGHTS_HELP = ("use the checkpoint's raw weights, not the EMA of them that a run with --ema saves "
@@ -71,7 +71,7 @@ def _add_raw_weights(p) -> None:
 
 
 def _add_encoder_norm(p) -> None:
-    """--normalize for the commands that read an encoder from any ViT file (gmae.export.load_encoder)."""
+    """--normalize for the commands that read an encoder from any ViT file (gmae.io.export.load_encoder)."""
     p.add_argument("--normalize", dest="input_norm", default=None, choices=INPUT_NORMS,
                    help="the input normalisation of a ViT file without gmae's config: imagenet (default for "
                         "timm's and MAE's files, as they trained) or none (a gmae .pth timm export of a model "
@@ -79,9 +79,9 @@ def _add_encoder_norm(p) -> None:
 
 
 def _say_weights(label: str | None, raw: bool) -> None:
-    """One line on stderr naming the weights a command uses, when it had a choice (gmae.checkpoint.weights_line)."""
-    from .checkpoint import weights_line
-    from .runs import say
+    """One line on stderr naming the weights a command uses, when it had a choice (gmae.io.checkpoint.weights_line)."""
+    from .io.checkpoint import weights_line
+    from .io.runs import say
 
     line = weights_line(label, raw)
     if line:
@@ -89,9 +89,9 @@ def _say_weights(label: str | None, raw: bool) -> None:
 
 
 def _load_model(args, **kw):
-    """gmae.runs.load_model of ``args.checkpoint`` on ``args.device`` with the weights ``--raw-weights`` picks,
+    """gmae.io.runs.load_model of ``args.checkpoint`` on ``args.device`` with the weights ``--raw-weights`` picks,
     saying which (model, ModelConfig, checkpoint dict)."""
-    from .runs import load_model
+    from .io.runs import load_model
 
     model, mcfg, state = load_model(args.checkpoint, args.device, raw=args.raw_weights, **kw)
     _say_weights(state["weights"], args.raw_weights)
@@ -274,7 +274,7 @@ def _add_recipe(p, command: str) -> None:
 
 
 def _add_pretrain_recipe_flags(p) -> None:
-    """The settings the recipes (gmae.recipes) need: epochs, the effective batch, the optimizer's wd and betas,
+    """The settings the recipes (gmae.config.recipes) need: epochs, the effective batch, the optimizer's wd and betas,
     input normalisation and the crop. Their defaults (None) keep the behaviour from before them."""
     _add_recipe(p, "pretrain")
     p.add_argument("--epochs", type=float, default=None,
@@ -333,13 +333,13 @@ def cmd_pretrain(args) -> int:
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
         max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image, init_encoder=args.init_encoder,
         ema=args.ema, online_probe=args.online_probe, layout_every=args.layout_every,
-        # recipes (gmae.recipes)
+        # recipes (gmae.config.recipes)
         recipe=args.recipe or "", weight_decay=args.weight_decay, betas=args.betas, crop_scale=args.crop_scale,
         interpolation=args.interpolation, **_pretrain_schedule(args),
     )
     check_output_folder(tcfg.out)
     if args.tensorboard:
-        from .board import check_available
+        from .viz.board import check_available
 
         check_available()
     if args.init_encoder:
@@ -392,7 +392,7 @@ def cmd_reconstruct(args) -> int:
 
     from .data import load_image
     from .model import masking_noise
-    from .viz import save_reconstruction_figure
+    from .viz.figures import save_reconstruction_figure
 
     model, mcfg, state = _load_model(args)
     imgs = torch.stack([load_image(path, mcfg.img_size) for path in images]).to(args.device)
@@ -428,7 +428,7 @@ def _report_collapse(collapse: dict | None) -> None:
     """The collapse guard of the readout commands and eval-zeroshot: one line on stderr (above any progress
     bar) when the depths of the Gaussians read have collapsed (gmae.readouts.core.depth_collapse)."""
     from .readouts.core import collapse_message
-    from .runs import say
+    from .io.runs import say
 
     message = collapse_message(collapse) if collapse else None
     if message:
@@ -458,10 +458,10 @@ def cmd_readout(args) -> int:
 def _report_layout(model, state) -> None:
     """The layout guard of the readout commands and eval-zeroshot: one line on stderr when the model's geometry does
     not follow the image (gmae.readouts.layout.judge_layout), measured on held-out images of its run's data."""
-    from .checkpoint import configs_of
+    from .io.checkpoint import configs_of
     from .evaluate.zeroshot import checkpoint_layout
     from .readouts.layout import layout_message
-    from .runs import say
+    from .io.runs import say
 
     layout = checkpoint_layout(model, configs_of(state)[1], fidelity_too=False)["layout"]
     message = layout_message(layout)
@@ -501,7 +501,7 @@ def cmd_eval_zeroshot(args) -> int:
     _report_collapse(results["collapse"])
     if results["layout"] is not None:
         from .readouts.layout import layout_message
-        from .runs import say
+        from .io.runs import say
 
         message = layout_message(results["layout"])
         if message:
@@ -515,7 +515,7 @@ def cmd_eval_zeroshot(args) -> int:
 
 
 def add_ablate(sub) -> None:
-    from .ablate import VARIANTS
+    from .evaluate.ablate import VARIANTS
 
     p = sub.add_parser("ablate", help="the paper's ablation grid (c, mask ratio, loss, k) and MAE on the tiny "
                        "preset at equal steps, scored by linear/kNN probes and masked PSNR")
@@ -538,7 +538,7 @@ def add_ablate(sub) -> None:
 
 def cmd_ablate(args) -> int:
     check_output_folder(args.out)
-    from .ablate import format_table, run_ablation
+    from .evaluate.ablate import format_table, run_ablation
 
     rows = run_ablation(args.out, args.only, args.steps, args.seed, args.data, args.probe_data,
                         evaluate=not args.no_eval, progress=not args.json, seeds=args.seeds)
@@ -561,9 +561,9 @@ def add_info(sub) -> None:
 
 def cmd_info(args) -> int:
     _check_checkpoint(args.checkpoint)
-    from .checkpoint import configs_of
+    from .io.checkpoint import configs_of
     from .model import count_parameters
-    from .runs import load_model
+    from .io.runs import load_model
 
     model, mcfg, state = load_model(args.checkpoint, raw=args.raw_weights)
     _, tcfg = configs_of(state)
@@ -629,7 +629,7 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_results, run
+    from .bench.suite import format_results, run
 
     results = run(args.only, device=args.device, repeats=args.repeats, batch_size=args.batch_size,
                   precision=args.precision, compile=args.compile,
@@ -655,8 +655,8 @@ def add_export(sub) -> None:
 def cmd_export(args) -> int:
     _check_checkpoint(args.checkpoint)
     check_output_file(args.out)
-    from .checkpoint import configs_of, model_weights
-    from .export import export_checkpoint, load_state, timm_create_call
+    from .io.checkpoint import configs_of, model_weights
+    from .io.export import export_checkpoint, load_state, timm_create_call
 
     state = load_state(args.checkpoint)  # read once: the export and the lines below both need it
     out = export_checkpoint(args.checkpoint, args.out, fmt=args.format, raw=args.raw_weights, state=state)
@@ -711,7 +711,7 @@ def add_probe(sub) -> None:
 
 
 # gmae probe's linear-probe protocols (MAE's main_linprobe.py; docs/evaluation.md). The dests (protocol, epochs, batch_size, blr, weight_decay,
-# warmup_epochs) are what recipes set; None = the protocol's own (gmae.choices.PROBE_DEFAULTS).
+# warmup_epochs) are what recipes set; None = the protocol's own (gmae.config.choices.PROBE_DEFAULTS).
 def _add_probe_protocol(p) -> None:
     cached, mae = PROBE_DEFAULTS["cached"], PROBE_DEFAULTS["mae"]
     g = p.add_argument_group("linear-probe protocol")
@@ -753,8 +753,8 @@ def _probe_settings(args) -> tuple[int, dict]:
 
 def _run_seed(path: str, default: int) -> int:
     """The seed a gmae checkpoint's run started from (its initial weights); `default` for other files."""
-    from .checkpoint import configs_of
-    from .export import load_state
+    from .io.checkpoint import configs_of
+    from .io.export import load_state
 
     try:
         tcfg = configs_of(load_state(path))[1]
@@ -776,7 +776,7 @@ def cmd_probe(args) -> int:
                         "--protocol mae give --task count and/or --task shape")
     _check_checkpoint(args.checkpoint)
     from .evaluate.probe import probe, random_encoder
-    from .export import load_encoder
+    from .io.export import load_encoder
 
     encoder, mcfg = load_encoder(args.checkpoint, raw=args.raw_weights, input_norm=args.input_norm)
     if not args.random_init:
@@ -1035,7 +1035,7 @@ def add_plot(sub) -> None:
 
 def cmd_plot(args) -> int:
     check_output_file(args.out)
-    from .plot import figure_path, plot_runs  # matplotlib, no torch
+    from .viz.plot import figure_path, plot_runs  # matplotlib, no torch
 
     out = check_output_file(figure_path(args.out))  # the file written, which is the name printed
     print(plot_runs(args.runs, out, smooth=args.smooth))
@@ -1088,9 +1088,9 @@ class TrainingJob:
             dist = submitit.helpers.TorchDistributedEnvironment()
             if job.cluster in ("local", "debug"):
                 dist.master_addr = "127.0.0.1"  # one machine: no name lookup
-            # Each process picks its GPU by LOCAL_RANK (gmae.distributed), so all stay visible.
+            # Each process picks its GPU by LOCAL_RANK (gmae.runtime.distributed), so all stay visible.
             dist.export(set_cuda_visible_devices=False, overwrite=True)
-        from .stopping import STOPPED_EXIT, Stopped
+        from .runtime.stopping import STOPPED_EXIT, Stopped
 
         try:
             status = run(self.argv)
@@ -1222,7 +1222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _interrupted(args) -> str:
     """What a Ctrl-C leaves behind, said for the command that was running."""
     if args.command in ("pretrain", "finetune"):
-        from .files import list_checkpoints
+        from .io.files import list_checkpoints
 
         kept = list_checkpoints(args.out)
         if kept:
@@ -1234,8 +1234,8 @@ def _interrupted(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `gmae` command; a run stopped by a signal (gmae.stopping) says so and exits with STOPPED_EXIT (75)."""
-    from .stopping import STOPPED_EXIT, Stopped
+    """The `gmae` command; a run stopped by a signal (gmae.runtime.stopping) says so and exits with STOPPED_EXIT (75)."""
+    from .runtime.stopping import STOPPED_EXIT, Stopped
 
     try:
         return run(argv)
@@ -1245,7 +1245,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """main without the handling of a signal's stop: a stopped pretrain or finetune raises gmae.stopping.Stopped."""
+    """main without the handling of a signal's stop: a stopped pretrain or finetune raises gmae.runtime.stopping.Stopped."""
     # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
     threads.prepare_environment()
     args = parse_args(argv)

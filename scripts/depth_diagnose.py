@@ -33,7 +33,7 @@ from gmae.evaluate.zeroshot import EVAL_SEED
 from gmae.render import project
 from gmae.render.contract import TILE
 from gmae.render.reference import _bin_into_tiles, _contributions, _exclusive, _tile_ranges, _to_tiles
-from gmae.runs import load_model
+from gmae.io.runs import load_model
 from gmae.readouts.core import Canvas, gaussians_of, render_subsets
 
 

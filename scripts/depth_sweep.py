@@ -228,7 +228,7 @@ def size_order(run_dirs: list[str], num_images: int = 32) -> str:
     from gmae.data import build_dataset
     from gmae.evaluate.zeroshot import EVAL_SEED
     from gmae.readouts.core import gaussians_of
-    from gmae.runs import load_model
+    from gmae.io.runs import load_model
 
     lines = []
     for run_dir in run_dirs:

@@ -32,7 +32,7 @@ import torch
 
 from gmae.data import DeadLeaves
 from gmae.evaluate.depth import DepthTruth, depth_metrics
-from gmae.loss import pixel_curvature
+from gmae.model.loss import pixel_curvature
 from gmae.model.gmae import gaussian_stats, gaussians_from_raw
 from gmae.model.vit import patchify
 from gmae.render import get_camera, project

@@ -6,7 +6,7 @@ Two commands (run from the repository root; each writes into --out and prints a 
              position parametrisation and seed, all launched at once (meant for one GPU), stopped
              at --deadline seconds (a second call continues them: `gmae pretrain --resume`); each
              layout's runs are then scored at the newest step all of them reached (masked PSNR on
-             held-out dead-leaves, `gmae.ablate.masked_psnr`).
+             held-out dead-leaves, `gmae.evaluate.ablate.masked_psnr`).
   quality    k = 256 x 1, 64 x 4, 256 x 4 and 256 x 16 at equal wall time, one run at a time:
              first one interleaved benchmark of their training steps, then each run gets the steps
              that fit the wall time `--base-steps` steps of 256 x 1 take; scored by masked PSNR,
@@ -41,15 +41,15 @@ def pretrain_command(out: Path, k: int, m: int, position: str, seed: int, steps:
 
 
 def newest_step(run: Path) -> int:
-    from gmae.files import list_checkpoints
+    from gmae.io.files import list_checkpoints
 
     found = list_checkpoints(run)
     return int(found[-1].stem.split("-")[1]) if found else 0
 
 
 def psnr_at(run: Path, step: int, device: str) -> float:
-    from gmae.ablate import masked_psnr
-    from gmae.runs import load_model
+    from gmae.evaluate.ablate import masked_psnr
+    from gmae.io.runs import load_model
 
     model, _, _ = load_model(run / f"checkpoint-{step:07d}.pt", device)
     return masked_psnr(model)
@@ -102,7 +102,7 @@ def step_times(batch_size: int, repeats: int, position: str) -> dict[str, float]
     """Median seconds of one training step of each QUALITY layout, interleaved, on dead-leaves images."""
     import torch
 
-    from gmae.bench import timed_interleaved
+    from gmae.bench.suite import timed_interleaved
     from gmae.config import model_config
     from gmae.data import DeadLeaves
     from gmae.model import build_model, masking_noise, param_groups

@@ -96,7 +96,7 @@ def train_and_measure(name: str, runs: Path, gmae: str) -> None:
     import torch
 
     from gmae.evaluate.zeroshot import fidelity_table, layout_check
-    from gmae.runs import load_model
+    from gmae.io.runs import load_model
 
     torch.set_num_threads(1)
     model = load_model(final_checkpoint(run_dir))[0]

@@ -14,12 +14,12 @@ import time
 import numpy as np
 import torch
 
-from gmae import distributed
+from gmae.runtime import distributed
 from gmae.config import model_config, train_config
 from gmae.data import SeededStream, build_dataset, source_labels
 from gmae.model import build_model, masking_noise, param_groups
 from gmae.model.online_probe import OnlineProbe
-from gmae.runs import autocast
+from gmae.io.runs import autocast
 from gmae.train import online_probe_step, train_step
 
 BATCH, STEPS, WARM = 16, 60, 10

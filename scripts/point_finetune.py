@@ -34,7 +34,7 @@ from gmae.config import FinetuneConfig
 from gmae.data.scenes import scene_labels, task_targets
 from gmae.model import param_groups
 from gmae.model.classifier import ViTClassifier
-from gmae.runs import learning_rate, load_model
+from gmae.io.runs import learning_rate, load_model
 
 POINT_TASKS = ("front", "figure")
 TRAIN, VAL = 2000, 1000

@@ -22,7 +22,7 @@ script tries the other frozen-feature read-outs the field uses, on the same labe
         runs/probe-4000/gmae-sprites-s0 runs/probe-4000/mae-sprites-s0 --threads 1
 
 Each RUN is a run folder or checkpoint (its newest checkpoint); the random-init column is the first run's
-architecture at its run's initial weights (gmae.runs.load_model(initial=True)). Prints one markdown table.
+architecture at its run's initial weights (gmae.io.runs.load_model(initial=True)). Prints one markdown table.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from gmae.data.scenes import _MAJORITY, patch_cover, scene_labels, task_targets
 from gmae.evaluate.probe import linear_probe
-from gmae.runs import load_model
+from gmae.io.runs import load_model
 
 TRAIN, VAL = 2000, 1000
 _POINT_TAG = 0x5A17  # the shape-at-point marks' rng, apart from the scene probes' own

@@ -6,7 +6,7 @@ For each NAME given (see ``CONFIGS``; ``--list`` prints them) this runs
     gmae pretrain --out RUNS/NAME --quiet --threads 1 FLAGS...      (resumed if interrupted)
 
 and scores the final checkpoint with the masked-region PSNR of `gmae ablate`
-(held-out dead-leaves, 75% masked; ``gmae.ablate.masked_psnr``), written to
+(held-out dead-leaves, 75% masked; ``gmae.evaluate.ablate.masked_psnr``), written to
 RUNS/NAME/regime.json. ``--table`` prints the markdown table of every finished
 run and ``--plot PNG`` the monitors' trajectories. Every command is appended to
 RUNS/commands.txt as it was run.
@@ -103,8 +103,8 @@ def train_and_score(name: str, runs: Path, gmae: str, psnr_images: int) -> None:
         return
     runs.mkdir(parents=True, exist_ok=True)
     train(gmae, run_dir, [*PREVIOUS, *CONFIGS[name]], runs / "commands.txt")
-    from gmae.ablate import masked_psnr
-    from gmae.runs import load_model
+    from gmae.evaluate.ablate import masked_psnr
+    from gmae.io.runs import load_model
 
     model = load_model(final_checkpoint(run_dir))[0]
     summary = trajectory_summary(read_metrics(run_dir))

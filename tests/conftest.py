@@ -38,7 +38,7 @@ def one_thread():
 def tiny_checkpoint(path, seed=0, **overrides):
     """Write a pre-training checkpoint of a fresh TINY GMAE (torch seed `seed`, TINY's fields updated with
     `overrides`) to `path`; returns `path`."""
-    from gmae.checkpoint import save_checkpoint, training_state
+    from gmae.io.checkpoint import save_checkpoint, training_state
     from gmae.config import TrainConfig, as_dict, model_config
     from gmae.model import build_model
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..choices import SCENE_DATA, SCENE_IMAGES, SCENE_TASKS
+from ..config.choices import SCENE_DATA, SCENE_IMAGES, SCENE_TASKS
 from ..errors import GMAEError
 
 TASK_KIND = {"count": "semantic", "shape": "semantic", "front": "spatial", "figure": "figure-ground"}

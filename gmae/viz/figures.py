@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .model.vit import patchify, unpatchify
+from ..model.vit import patchify, unpatchify
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

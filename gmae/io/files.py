@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from .errors import GMAEError
+from ..errors import GMAEError
 
 #: Accepted image file extensions (compared case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")

@@ -4,13 +4,13 @@ A checkpoint is a dict
     {"format": "gmae-checkpoint", "version": 1, "step": int,
      "config": {"model": {...}, "train": {...}},
      "model": state_dict, "optimizer": state_dict | None, "rng": {"torch": ByteTensor},
-     "ema": state_dict (fp32; only in runs with --ema, see gmae.ema),
+     "ema": state_dict (fp32; only in runs with --ema, see gmae.model.ema),
      "online_probe": {"heads": state_dict, "optimizer": state_dict, "classes": [str]}
                      (only in runs with --online-probe, see gmae.model.online_probe)}
 so `torch.load(path, weights_only=True)` reads it and nothing in it can run code.
 Also here: the newest readable checkpoint of a run folder (:func:`find_latest`).
 Reading any model file (a checkpoint, an export or a run folder) is
-:func:`gmae.export.load_state`; building a model from one, :func:`gmae.runs.load_model`.
+:func:`gmae.io.export.load_state`; building a model from one, :func:`gmae.io.runs.load_model`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, TrainConfig, config_from_dict
-from .ema import ema_label
-from .errors import GMAEError
+from ..config import ModelConfig, TrainConfig, config_from_dict
+from ..model.ema import ema_label
+from ..errors import GMAEError
 from .files import list_checkpoints
 
 FORMAT = "gmae-checkpoint"

@@ -7,10 +7,10 @@
   continues, or a fresh start), :func:`refuse_changes` (a flag typed on the
   command line that contradicts the saved settings is an error, not ignored)
   and :func:`resumed_config` (the saved settings, except those a resume may change);
-* checkpoint discovery: checkpoints are named by :func:`gmae.files.checkpoint_path`
-  and listed by :func:`gmae.files.list_checkpoints`; the newest readable one is
-  :func:`gmae.checkpoint.find_latest`, and any model file is read by
-  :func:`gmae.export.load_state`;
+* checkpoint discovery: checkpoints are named by :func:`gmae.io.files.checkpoint_path`
+  and listed by :func:`gmae.io.files.list_checkpoints`; the newest readable one is
+  :func:`gmae.io.checkpoint.find_latest`, and any model file is read by
+  :func:`gmae.io.export.load_state`;
 * :func:`load_model`: a model from a checkpoint, an export or a run folder (or
   with the weights its run started from);
 * :func:`autocast` (the loops' precision setting) and :func:`say` (a line above
@@ -34,11 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import configs_of, find_latest, load_checkpoint, model_weights
-from .config import TrainConfig
-from .errors import GMAEError
+from ..config import TrainConfig
+from ..errors import GMAEError
 from .export import init_encoder_weights, load_state
 from .files import list_checkpoints
-from .model import build_model
+from ..model import build_model
 
 __all__ = ["MetricsLog", "autocast", "learning_rate", "load_model", "metric_lines", "prepare_metrics",
            "refuse_changes", "resume_from", "resumed_config", "say"]
@@ -216,7 +216,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", initi
     """(model in eval mode, ModelConfig, checkpoint dict) from a checkpoint, an export or a run folder.
 
     The weights are the checkpoint's EMA when it has one, unless `raw`
-    (:func:`gmae.checkpoint.model_weights`); the dict's ``"weights"`` names
+    (:func:`gmae.io.checkpoint.model_weights`); the dict's ``"weights"`` names
     them: "EMA (decay 0.999)", "raw" or, with `initial`, "initial".
 
     initial=True gives the same architecture with the weights its run started

@@ -34,9 +34,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 # No torch at import: the command line reads VARIANTS to build `gmae ablate --help`.
-from .choices import SCENE_DATA, SCENE_IMAGES, SCENE_TASKS
-from .config import as_dict, model_config, train_config
-from .errors import GMAEError
+from ..config.choices import SCENE_DATA, SCENE_IMAGES, SCENE_TASKS
+from ..config import as_dict, model_config, train_config
+from ..errors import GMAEError
 
 PSNR_MASK_RATIO = 0.75
 PSNR_IMAGES = 256
@@ -76,7 +76,7 @@ VARIANTS = {v.name: v for v in GRID}
 
 def _check_same_run(out: Path, state: dict, mcfg, tcfg) -> None:
     """Refuse to reuse a run folder that holds a different run (other data, seed, setting or length)."""
-    from .checkpoint import configs_of
+    from ..io.checkpoint import configs_of
 
     saved_m, saved_t = configs_of(state)
     saved_m.render_backend = mcfg.render_backend
@@ -92,9 +92,9 @@ def _check_same_run(out: Path, state: dict, mcfg, tcfg) -> None:
 
 def pretrain_variant(variant: Variant, out: Path, steps: int | None, seed: int, data: str, progress: bool) -> Path:
     """Train (or finish) one variant; returns its final checkpoint."""
-    from .checkpoint import load_latest
-    from .files import checkpoint_path
-    from .train import pretrain
+    from ..io.checkpoint import load_latest
+    from ..io.files import checkpoint_path
+    from ..train import pretrain
 
     mcfg = model_config("tiny", **{**PAPER_BASE, **variant.overrides})
     tcfg = train_config("tiny", out=str(out), seed=seed, data=data, steps=steps)
@@ -110,9 +110,9 @@ def masked_psnr(model, images: int = PSNR_IMAGES, batch_size: int = 32) -> float
     """PSNR of the reconstruction on the masked patches of held-out dead-leaves images (see module doc)."""
     import torch
 
-    from .data import DeadLeaves
-    from .evaluate.zeroshot import EVAL_SEED
-    from .model.vit import patchify
+    from ..data import DeadLeaves
+    from .zeroshot import EVAL_SEED
+    from ..model.vit import patchify
 
     cfg = model.cfg
     # images and masks are made on the CPU, the same on any device, then moved to the model's
@@ -138,7 +138,7 @@ def _scene_labels(data: str, img_size, patch_size: int, images: tuple[int, int])
     """The scene probes' (train, val) labels of ``images`` (train, val) scenes, made once per process: every run of
     the grid is probed on the same held-out scenes (their seeds are the probes', not the run's), and making them
     costs about as much as a probe."""
-    from .data.scenes import scene_labels
+    from ..data.scenes import scene_labels
 
     return tuple(scene_labels(data, split, img_size, patch_size, n, progress=False)
                  for split, n in zip(("train", "val"), images))
@@ -151,11 +151,11 @@ def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = 
     ``probe_data`` deadleaves or sprites runs the scene probes (gmae.evaluate.scene): ``TASK_linear`` and
     ``TASK_knn`` per task instead of ``linear_acc`` / ``knn_acc``.
     """
-    from .runs import load_model
+    from ..io.runs import load_model
 
     model, mcfg, state = load_model(checkpoint, initial=initial)
     if probe_data in SCENE_DATA:
-        from .evaluate.scene import scene_probe
+        from .scene import scene_probe
 
         embed = model.encoder.patch_embed
         labels = _scene_labels(probe_data, embed.img_size, embed.patch_size, (SCENE_IMAGES["train"], SCENE_IMAGES["val"]))
@@ -163,7 +163,7 @@ def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = 
         scores = {"linear_acc": None, "knn_acc": None,
                   **{f"{t}_{key}": r[f"{key}_acc"] for t, r in tasks.items() for key in ("linear", "knn")}}
     else:
-        from .evaluate.probe import probe
+        from .probe import probe
 
         found = probe(model.encoder, probe_data, seed=seed, progress=progress)
         scores = {"linear_acc": found["linear_acc"], "knn_acc": found["knn_acc"]}

@@ -19,24 +19,24 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import distributed
-from .board import Board, check_available
-from .checkpoint import configs_of, save_checkpoint, training_state
-from .config import PRETRAIN_RESUMABLE, ModelConfig, TrainConfig, as_dict, preset_of
-from .data import SeededStream, StepBatchSampler, build_dataset, held_out_batch, source_labels
-from .ema import WeightEMA
-from .errors import GMAEError
-from .export import init_encoder_weights
-from .files import check_output_folder, checkpoint_path, run_lock
-from .model import build_model, masking_noise, param_groups
-from .readouts.layout import layout_monitor
-from .recipes import pretrain_configs
-from .model.online_probe import OnlineProbe
-from .render import resolve_backend
-from .runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
-from .stopping import StopGuard, Stopped
-from .threads import worker_init
-from .viz import figures_unavailable, save_reconstruction_figure
+from ..runtime import distributed
+from ..viz.board import Board, check_available
+from ..io.checkpoint import configs_of, save_checkpoint, training_state
+from ..config import PRETRAIN_RESUMABLE, ModelConfig, TrainConfig, as_dict, preset_of
+from ..data import SeededStream, StepBatchSampler, build_dataset, held_out_batch, source_labels
+from ..model.ema import WeightEMA
+from ..errors import GMAEError
+from ..io.export import init_encoder_weights
+from ..io.files import check_output_folder, checkpoint_path, run_lock
+from ..model import build_model, masking_noise, param_groups
+from ..readouts.layout import layout_monitor
+from ..config.recipes import pretrain_configs
+from ..model.online_probe import OnlineProbe
+from ..render import resolve_backend
+from ..io.runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
+from ..runtime.stopping import StopGuard, Stopped
+from ..runtime.threads import worker_init
+from ..viz.figures import figures_unavailable, save_reconstruction_figure
 
 #: Images in the layout monitor's held-out batch (TrainConfig.layout_every).
 LAYOUT_IMAGES = 8
@@ -141,7 +141,7 @@ def pretrain(mcfg: ModelConfig | None = None, tcfg: TrainConfig | None = None, r
              given: dict[str, str] | None = None, *, recipe: str | None = None, **settings) -> dict:
     """Pre-train `mcfg` as `tcfg` says; returns a summary dict. Instead of the two configs, a `recipe` name
     and/or `settings` (fields of either config) build them as ``gmae pretrain --recipe`` does
-    (gmae.recipes.pretrain_configs): ``pretrain(recipe="gmae-paper-vit-b", data="/data/imagenet/train")``.
+    (gmae.config.recipes.pretrain_configs): ``pretrain(recipe="gmae-paper-vit-b", data="/data/imagenet/train")``.
     Writes into `tcfg.out`:
 
     checkpoint-NNNNNNN.pt (every `checkpoint_every` steps and at the end, newest
@@ -156,9 +156,9 @@ def pretrain(mcfg: ModelConfig | None = None, tcfg: TrainConfig | None = None, r
     on its share of each global batch and only the first one writes files. The first holds the folder's
     lock while it runs, so a second run into the same folder is refused.
 
-    SIGTERM, SIGUSR1 or SIGUSR2 (gmae.stopping) stops the run after the step
+    SIGTERM, SIGUSR1 or SIGUSR2 (gmae.runtime.stopping) stops the run after the step
     it arrives in, on every process alike; the checkpoint of that step is
-    written and :class:`gmae.stopping.Stopped` is raised.
+    written and :class:`gmae.runtime.stopping.Stopped` is raised.
     """
     if mcfg is None and tcfg is None:
         mcfg, tcfg = pretrain_configs(recipe, **settings)
@@ -272,7 +272,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
     t_start = time.perf_counter()
     # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it. The stop signals
-    # (gmae.stopping) are caught from the first step until the run ends; before it, they end the process as ever.
+    # (gmae.runtime.stopping) are caught from the first step until the run ends; before it, they end the process as ever.
     with (StopGuard() as guard, bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(),
           MetricsLog(metrics_path) if ctx.is_main else contextlib.nullcontext() as metrics,
           Board(out / "tensorboard", start) if tensorboard and ctx.is_main else contextlib.nullcontext() as board):

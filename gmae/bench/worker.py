@@ -1,7 +1,7 @@
 """One training process of `gmae bench`'s contention benchmarks.
 
-Run as ``python -m gmae.bench_worker JSON`` (or under ``torchrun -m``) by
-`gmae.bench`; not a user command. It trains the default `tiny` pre-training
+Run as ``python -m gmae.bench.worker JSON`` (or under ``torchrun -m``) by
+`gmae.bench.suite`; not a user command. It trains the default `tiny` pre-training
 step (dead-leaves, the preset's batch, the same `train_step` and data loading
 as `gmae pretrain`) and prints one JSON line: steps, seconds, threads.
 
@@ -26,19 +26,19 @@ from pathlib import Path
 def main(spec: dict) -> dict:
     if spec.get("cpus") and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, spec["cpus"])
-    from . import threads
+    from ..runtime import threads
 
     if spec.get("defaults", True):
         threads.prepare_environment()  # before torch is imported
     import torch
     from torch.utils.data import DataLoader
 
-    from . import distributed
-    from .config import model_config, train_config
-    from .data import SeededStream, StepBatchSampler, build_dataset
-    from .model import build_model, masking_noise, param_groups
-    from .runs import learning_rate
-    from .train import train_step
+    from ..runtime import distributed
+    from ..config import model_config, train_config
+    from ..data import SeededStream, StepBatchSampler, build_dataset
+    from ..model import build_model, masking_noise, param_groups
+    from ..io.runs import learning_rate
+    from ..train import train_step
 
     if spec.get("defaults", True):
         threads.configure(spec.get("threads"))

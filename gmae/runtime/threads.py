@@ -33,9 +33,9 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
-from .errors import GMAEError
+from ..errors import GMAEError
 
-logger = logging.getLogger("gmae.threads")
+logger = logging.getLogger("gmae.runtime.threads")
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
 OMP_THREADS = "OMP_NUM_THREADS"
@@ -164,7 +164,7 @@ def worker_init(worker_id: int) -> None:
 
     The main process already uses the cores; torch gives each worker one
     thread, but numpy's BLAS and numba would still start a pool per worker
-    sized to every core. A worker also ignores the stop signals (gmae.stopping).
+    sized to every core. A worker also ignores the stop signals (gmae.runtime.stopping).
     """
     import torch
 

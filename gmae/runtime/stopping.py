@@ -4,7 +4,7 @@ While a run trains, :class:`StopGuard` replaces the handlers of these signals
 with one that only records the first signal that arrives; later ones, a
 second SIGTERM during the save included, are ignored. At the end of every step
 the loop reads :attr:`StopGuard.signum`; under torchrun it all-reduces it
-(max, gmae.distributed.max_across), so a signal sent to any one process stops
+(max, gmae.runtime.distributed.max_across), so a signal sent to any one process stops
 every process after the same step. The main process then writes that step's checkpoint
 (atomically, as every checkpoint) and the run raises :class:`Stopped`; the
 `gmae` command prints its message and exits with :data:`STOPPED_EXIT`.

@@ -4,7 +4,7 @@
   test, to submitit's local executor) as a :class:`gmae.cli.TrainingJob`. Each task sets up
   torch.distributed from the job's environment and runs the command with
   ``--resume=auto``. When the run stops on the time-limit signal (submitit's
-  SIGUSR2, or SIGUSR1) it has saved the step it stopped at (gmae.stopping); the
+  SIGUSR2, or SIGUSR1) it has saved the step it stopped at (gmae.runtime.stopping); the
   job then requeues itself, and the requeued job continues from that checkpoint.
 * :func:`slurm_task_env`: a process started by ``srun`` as one of several tasks
   (an sbatch script's ``srun gmae pretrain ...``) takes its rank, world size and
@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import GMAEError
+from ..errors import GMAEError
 
 SUBMITTABLE = ("pretrain", "finetune")
 INSTALL = "pip install 'gmae[cluster]'"

@@ -63,11 +63,11 @@ import torch
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import configs_of, find_latest, load_checkpoint, model_weights, write_atomically
-from .choices import EXPORT_FORMATS
-from .config import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ModelConfig, as_dict, config_from_dict
-from .errors import GMAEError
+from ..config.choices import EXPORT_FORMATS
+from ..config import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ModelConfig, as_dict, config_from_dict
+from ..errors import GMAEError
 from .files import list_checkpoints
-from .model import ViTEncoder, build_model
+from ..model import ViTEncoder, build_model
 
 __all__ = ["EXPORT_FORMAT", "FORMATS", "TIMM_FORMAT", "export_checkpoint", "export_state", "init_encoder_weights",
            "input_mean_std", "load_encoder", "load_exported", "load_state", "read_export_metadata", "timm_create_call",
@@ -141,7 +141,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
     needs it too reads the file once; `checkpoint_path` then only names it in messages.
 
     The weights are the checkpoint's EMA when it has one, unless `raw`
-    (:func:`gmae.checkpoint.model_weights`); the metadata's "weights" names them.
+    (:func:`gmae.io.checkpoint.model_weights`); the metadata's "weights" names them.
 
     "safetensors": the whole model (every state_dict entry, frozen ``pos_embed``
     included). "timm": the encoder only, under timm's names, as ``.safetensors``
@@ -221,7 +221,7 @@ def _config_of(metadata: dict[str, str], path) -> ModelConfig:
 
 
 def export_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """A gmae safetensors export as a checkpoint dict (:mod:`gmae.checkpoint`): format, step, the
+    """A gmae safetensors export as a checkpoint dict (:mod:`gmae.io.checkpoint`): format, step, the
     model config (no training config: ``"train": None``), the model's tensors and which weights they are
     (``"weights"``: "raw" or "EMA (decay D)"); no optimizer."""
     from safetensors.torch import load_file
@@ -389,7 +389,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu",
         ``.safetensors`` timm export keeps its config, normalisation included).
 
     Of a gmae checkpoint with an EMA of the weights, the EMA's encoder is read
-    unless `raw` (:func:`gmae.checkpoint.model_weights`); the encoder's
+    unless `raw` (:func:`gmae.io.checkpoint.model_weights`); the encoder's
     ``loaded_weights`` says which: "EMA (decay D)" or "raw" for gmae files, None
     for timm / MAE files.
 

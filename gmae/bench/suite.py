@@ -47,14 +47,14 @@ from typing import Callable
 
 import torch
 
-from . import threads
-from .choices import BENCHMARKS
-from .config import model_config
-from .errors import GMAEError
-from .model import build_model, masking_noise, param_groups
-from .render import DEPTH_GRAD_BACKENDS, is_available, rasterize, resolve_backend
-from .render.reference import rasterize_dense
-from .runs import autocast
+from ..runtime import threads
+from ..config.choices import BENCHMARKS
+from ..config import model_config
+from ..errors import GMAEError
+from ..model import build_model, masking_noise, param_groups
+from ..render import DEPTH_GRAD_BACKENDS, is_available, rasterize, resolve_backend
+from ..render.reference import rasterize_dense
+from ..io.runs import autocast
 
 
 
@@ -262,8 +262,8 @@ def default_step(batch_size: int = 16, warm_steps: int = 300, repeats: int = 10,
     footprint, which training changes (larger c, larger Gaussians): so each model is first trained for
     warm_steps on dead-leaves batches (the preset's lr), then both are timed interleaved on one batch.
     """
-    from .config import train_config
-    from .data import DeadLeaves
+    from ..config import train_config
+    from ..data import DeadLeaves
 
     tcfg = train_config("tiny")
     source = DeadLeaves(model_config("tiny").img_size, seed=seed)
@@ -289,7 +289,7 @@ def default_step(batch_size: int = 16, warm_steps: int = 300, repeats: int = 10,
 
 def _gaussian_render_step(model, imgs, noise):
     """Projection + rasterization forward and backward on the model's own Gaussians."""
-    from .render.gaussians import Gaussians
+    from ..render.gaussians import Gaussians
 
     with torch.no_grad():
         latent, _, ids_restore = model.encoder(imgs, model.cfg.mask_ratio, noise)
@@ -336,14 +336,14 @@ def _shared_cpus(n: int = 2) -> list[int] | None:
 def _worker_env() -> dict[str, str]:
     """This process's environment without what gmae added to it, and gmae importable from anywhere."""
     env = threads.child_environment()
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.pop("LOCAL_WORLD_SIZE", None)
     return env
 
 
 def run_workers(specs: list[dict], torchrun: int = 0, timeout: float = 300.0) -> list[dict]:
-    """Start one `gmae.bench_worker` per spec (or one torchrun job of `torchrun` processes), time them together.
+    """Start one `gmae.bench.worker` per spec (or one torchrun job of `torchrun` processes), time them together.
 
     Workers with a time window start timing at the same moment: each writes a
     ready file after its warm-up steps, and all start when the go file appears.
@@ -364,7 +364,7 @@ def run_workers(specs: list[dict], torchrun: int = 0, timeout: float = 300.0) ->
             for i, spec in enumerate(specs):
                 if "seconds" in spec:
                     spec = {**spec, "ready": os.path.join(tmp, f"ready{i}"), "go": go}
-                procs.append(subprocess.Popen([*python, "-m", "gmae.bench_worker", json.dumps(spec)], env=_worker_env(),
+                procs.append(subprocess.Popen([*python, "-m", "gmae.bench.worker", json.dumps(spec)], env=_worker_env(),
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
             ready = [os.path.join(tmp, f"ready{i}") for i, spec in enumerate(specs) if "seconds" in spec]
             while not all(os.path.exists(r) for r in ready):

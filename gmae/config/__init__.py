@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, replace
 
-from .errors import GMAEError
+from ..errors import GMAEError
 
 MODELS = ("gmae", "mae")
 LOSSES = ("masked", "all", "masked_normpix")
@@ -236,14 +236,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     max_bad_steps: int = 10  # consecutive non-finite losses (each step skipped) before giving up
     on_bad_image: str = "skip"  # unreadable image during training: "skip" (logged, counted) | "error"
-    init_encoder: str = ""  # fresh runs: encoder weights from this file (gmae.export.load_encoder); "" = random
-    ema: float = 0.0  # decay of an fp32 exponential moving average of the weights (gmae.ema); 0 = none
+    init_encoder: str = ""  # fresh runs: encoder weights from this file (gmae.io.export.load_encoder); "" = random
+    ema: float = 0.0  # decay of an fp32 exponential moving average of the weights (gmae.model.ema); 0 = none
     # ---- the online probe (gmae.model.online_probe).
     # A linear classifier per encoder block on the batch's labels, on detached features: the model trains exactly
     # as without it (gmae.model.online_probe); needs labelled data (gmae.data.sourcelabels).
     online_probe: bool = False
-    # --- recipes (gmae.recipes) and the settings they need; each default is the run without a recipe.
-    recipe: str = ""  # the gmae.recipes recipe the command line started from ("" = none); a record
+    # --- recipes (gmae.config.recipes) and the settings they need; each default is the run without a recipe.
+    recipe: str = ""  # the gmae.config.recipes recipe the command line started from ("" = none); a record
     # The run's length in epochs of the data set (None: `steps` is the length). Made concrete by `resolved` once
     # the data set's size and the processes are known: `steps` is then the steps it came to.
     epochs: float | None = None
@@ -478,7 +478,7 @@ class FinetuneConfig:
     random_init: bool = False  # fine-tune the architecture from fresh weights (the baseline)
     raw_weights: bool = False  # the checkpoint's raw weights, not the EMA of them it may hold
     # A ViT file without gmae's config (timm's, MAE's) says nothing of its input: "" reads it as ImageNet-normalised
-    # (as they trained), "none" / "imagenet" say (gmae.export.load_encoder). gmae files keep their own.
+    # (as they trained), "none" / "imagenet" say (gmae.io.export.load_encoder). gmae files keep their own.
     input_norm: str = ""
     seed: int = 0
     device: str = "cpu"
@@ -488,7 +488,7 @@ class FinetuneConfig:
     keep_checkpoints: int = 2
     num_workers: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
-    recipe: str = ""  # the gmae.recipes recipe the command line started from ("" = none); a record
+    recipe: str = ""  # the gmae.config.recipes recipe the command line started from ("" = none); a record
     # ----- MAE's fine-tuning regularisers, from timm (gmae.evaluate.augment; needs `pip install 'gmae[timm]'`
     # when one is on). Defaults: off (gmae's own fine-tuning); MAE's ViT-B values (FINETUNE.md) in the comments.
     mixup: float = 0.0  # mixup alpha; 0 = off (MAE ViT-B: 0.8)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import dataclasses
 
-from .config import TRAIN_PRESETS, ModelConfig, TrainConfig, model_config, train_config
-from .errors import GMAEError
+from . import TRAIN_PRESETS, ModelConfig, TrainConfig, model_config, train_config
+from ..errors import GMAEError
 
 COMMANDS = ("pretrain", "finetune", "probe")
 
@@ -276,7 +276,7 @@ def recipe_defaults(name: str, command: str, dests) -> dict[str, object]:
     unknown = [k for k in recipe.values if k not in dests]
     if unknown:
         raise GMAEError(f"recipe {name!r} sets {', '.join(unknown)}, which gmae {command} has no flag for; "
-                        "the recipe table (gmae/recipes.py) is out of date")
+                        "the recipe table (gmae/config/recipes.py) is out of date")
     return recipe.settings()
 
 

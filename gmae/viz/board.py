@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .errors import GMAEError
+from ..errors import GMAEError
 
 MISSING = ("--tensorboard needs the tensorboard package, which is not installed: "
            "pip install 'gmae[tensorboard]' (or pip install tensorboard)")

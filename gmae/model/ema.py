@@ -10,14 +10,14 @@ weights. Its state is the model's state dict (floating-point entries in fp32),
 saved in each checkpoint as ``"ema"`` and loaded on ``--resume``, so that a
 resumed run's EMA is the uninterrupted run's, bit for bit. What reads a
 checkpoint for evaluation uses it when it is there
-(:func:`gmae.checkpoint.model_weights`).
+(:func:`gmae.io.checkpoint.model_weights`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .errors import GMAEError
+from ..errors import GMAEError
 
 __all__ = ["WeightEMA", "ema_label"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # the object API needs no display backend
 
-from .errors import GMAEError
+from ..errors import GMAEError
 
 #: Fields of metrics.jsonl that are bookkeeping, not curves.
 NOT_PLOTTED = ("step", "step_time", "imgs_per_s", "skipped", "skipped_total")
