@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need a CUDA GPU: skipped, with the reason, without one."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu; scripts/gpu_check.sh runs them)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu; tools/gpu_check.sh runs them)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

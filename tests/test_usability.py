@@ -330,7 +330,7 @@ def test_documented_commands_parse():
                     or "..." in command:
                 continue
             if words[0].startswith("python") and words[1:2] != ["-m"]:
-                continue  # a script's command line (e.g. `python scripts/x.py --encoders gmae`), not gmae's
+                continue  # a script's command line (e.g. `python experiments/probes/x.py --encoders gmae`), not gmae's
             start = words.index("gmae") + 1 if "gmae" in words else 1
             parse_args(words[start:])
             checked += 1

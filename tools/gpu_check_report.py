@@ -1,7 +1,7 @@
-"""scripts/gpu_check.sh's Python side: the environment record, and report.json assembled from the stages' outputs.
+"""tools/gpu_check.sh's Python side: the environment record, and report.json assembled from the stages' outputs.
 
-    python scripts/gpu_check_report.py report OUT DEVICE [STAGES]   # STAGES: the selected ones, comma-separated
-    python scripts/gpu_check_report.py missing WHEEL...             # the wheels whose package is not installed
+    python tools/gpu_check_report.py report OUT DEVICE [STAGES]   # STAGES: the selected ones, comma-separated
+    python tools/gpu_check_report.py missing WHEEL...             # the wheels whose package is not installed
 
 gpu_check.sh rewrites report.json after every stage, from whatever the stages have left in OUT so far: a run cut
 short (a time box, the machine taken back) still has the results of every stage that ended.

@@ -15,7 +15,7 @@ For a checkpoint, over held-out dead-leaves images (the seed of `gmae eval-zeros
   the true occlusion order, and how often the model's order is the one the loss
   prefers (1.0: the model sits where the loss wants it, whatever the truth).
 
-    python scripts/depth_diagnose.py runs/depth/ortho-swap-all25 [--num-images 50]
+    python experiments/depth/depth_diagnose.py runs/depth/ortho-swap-all25 [--num-images 50]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from gmae.evaluate.depth import MIN_OPACITY, touching
 from gmae.evaluate.zeroshot import EVAL_SEED
 from gmae.render import project
 from gmae.render.contract import TILE
-from gmae.render.reference import _bin_into_tiles, _contributions, _exclusive, _tile_ranges, _to_tiles
+from gmae.render.reference import bin_into_tiles, contributions, exclusive_transmittance, tile_ranges, to_tiles
 from gmae.io.runs import load_model
 from gmae.readouts.core import Canvas, gaussians_of, render_subsets
 
@@ -47,12 +47,12 @@ def pair_votes(means2d, conics, colors, opacities, depths, target, background):
     order = torch.argsort(depths, stable=True)
     m, c, col, o = means2d[order], conics[order], colors[order], opacities[order]
     tiles_x, tiles_y = -(-W // TILE), -(-H // TILE)
-    x0, x1, y0, y1, keep = _tile_ranges(m, c, o, tiles_x, tiles_y, col, depths[order])
-    gids, starts, counts = _bin_into_tiles(x0, x1, y0, y1, keep, K, tiles_x, tiles_y, 1)
+    x0, x1, y0, y1, keep = tile_ranges(m, c, o, tiles_x, tiles_y, col, depths[order])
+    gids, starts, counts = bin_into_tiles(x0, x1, y0, y1, keep, K, tiles_x, tiles_y, 1)
     # the render, to get g = dL/dC
     image = render_one(means2d, conics, colors, opacities, depths, H, W, background)
     n = target.numel()
-    g = _to_tiles((2.0 * (image - target) / n)[None], tiles_x, tiles_y)
+    g = to_tiles((2.0 * (image - target) / n)[None], tiles_x, tiles_y)
     lin = torch.arange(TILE * TILE)
     votes = torch.zeros(K, K, dtype=torch.float64)
     for t in range(tiles_x * tiles_y):
@@ -63,8 +63,8 @@ def pair_votes(means2d, conics, colors, opacities, depths, target, background):
         present = torch.ones(1, cnt, dtype=torch.bool)
         px = ((t % tiles_x) * TILE + lin % TILE + 0.5).double()[None]
         py = ((t // tiles_x) * TILE + lin // TILE + 0.5).double()[None]
-        alpha, t_incl = _contributions(m.double(), c.double(), o.double(), gid, present, px, py, 0.99)
-        t_before = _exclusive(t_incl)
+        alpha, t_incl = contributions(m.double(), c.double(), o.double(), gid, present, px, py, 0.99)
+        t_before = exclusive_transmittance(t_incl)
         a, tb = alpha[0], t_before[0]  # (M, P)
         for p in range(TILE * TILE):
             idx = torch.nonzero(a[:, p] > 0).flatten()
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         touch = touching(m2.double().numpy(), con.double().numpy())
         area = np.sqrt(1.0 / np.clip(con[:, 0].numpy() * con[:, 2].numpy() - con[:, 1].numpy() ** 2, 1e-12, None))
         visible = np.bincount(objects.ravel(), minlength=s.num_objects)
-        _, _, _, shapes = source._render(index, whole_shapes=True)
+        shapes = source.whole_shapes(index)
         whole = shapes.sum(1)
         votes = None
         if not args.no_votes:

@@ -2,9 +2,9 @@
 # One prepared check of gmae on a GPU machine, in stages that each have a time box; OUT/report.json is rewritten
 # as each stage ends (a run cut short keeps what it measured), each stage's output is in OUT/logs/.
 #
-#   scripts/gpu_check.sh OUT                                     # one CUDA GPU: the default stages
-#   GPU_CHECK_STAGES=preflight,bench scripts/gpu_check.sh OUT    # the named stages only (in the order below)
-#   scripts/gpu_check.sh OUT --device cpu                        # smoke mode: the same stages, tiny, on the CPU
+#   tools/gpu_check.sh OUT                                     # one CUDA GPU: the default stages
+#   GPU_CHECK_STAGES=preflight,bench tools/gpu_check.sh OUT    # the named stages only (in the order below)
+#   tools/gpu_check.sh OUT --device cpu                        # smoke mode: the same stages, tiny, on the CPU
 #                                                                # (tests/test_gpu_check.py)
 #
 # Stages (docs/gpu.md has each one's budget on an H100); the default is preflight,tests,bench,pretrain, and every
@@ -89,7 +89,7 @@ else
     declare -A BOX=([preflight]=20 [tests]=150 [bench]=120 [pretrain]=90 [bench_compile]=300 [gsplat]=120)
 fi
 
-report() { "$PY" scripts/gpu_check_report.py report "$OUT" "$DEVICE" "$SELECTED" > /dev/null 2>> "$OUT/logs/report.log"; }
+report() { "$PY" tools/gpu_check_report.py report "$OUT" "$DEVICE" "$SELECTED" > /dev/null 2>> "$OUT/logs/report.log"; }
 
 # stage NAME BUDGET_S CMD...: run CMD with its output in logs/NAME.log, for at most BUDGET_S seconds (less if the
 # whole run's deadline comes first); its status and time go to stages.tsv, and report.json is rewritten.
@@ -117,7 +117,7 @@ stage() {
 # installed now, behind the machine's own; gsplat's only in its stage.
 DEPS="$SCRATCH/deps"
 # shellcheck disable=SC2046  # one wheel path per word
-DEP_WHEELS=$("$PY" scripts/gpu_check_report.py missing $(ls "$WHEELS"/*.whl 2>/dev/null | grep -v '/gsplat-'))
+DEP_WHEELS=$("$PY" tools/gpu_check_report.py missing $(ls "$WHEELS"/*.whl 2>/dev/null | grep -v '/gsplat-'))
 if [ -n "$DEP_WHEELS" ]; then
     # shellcheck disable=SC2086  # one wheel path per word
     "$PY" -m pip install --no-index --no-deps --target "$DEPS" $DEP_WHEELS > "$OUT/logs/wheels.log" 2>&1
@@ -126,7 +126,7 @@ fi
 
 # every run starts with it (seconds): a machine that cannot run the check stops here
 if selected preflight; then
-    if ! stage preflight "${BOX[preflight]}" "$PY" scripts/gpu_check_preflight.py "$OUT" "$DEVICE"; then
+    if ! stage preflight "${BOX[preflight]}" "$PY" tools/gpu_check_preflight.py "$OUT" "$DEVICE"; then
         grep '^preflight: ' "$OUT/logs/preflight.log" >&2 || tail -3 "$OUT/logs/preflight.log" >&2
         echo "stopped: the machine cannot run the check (report: $OUT/report.json)" >&2
         exit 1
@@ -194,4 +194,4 @@ print(f'gsplat_import_s {time.time() - t:.1f}')"; then
     fi
 fi
 
-"$PY" scripts/gpu_check_report.py report "$OUT" "$DEVICE" "$SELECTED"
+"$PY" tools/gpu_check_report.py report "$OUT" "$DEVICE" "$SELECTED"

@@ -5,10 +5,10 @@ The tiny preset's encoder (192 x 6) on digits, batch 16, fp32, one thread: even 
 steps also hook the encoder's blocks and take the probe's step (`gmae.train.online_probe_step`), so machine load
 falls on both alike. Prints the median step time of each (steps 10-59) and of the probe's step alone.
 
-    python scripts/online_probe_cost.py [IMG_SIZE]     # 32 (default) or 64
+    python experiments/probes/online_probe_cost.py [IMG_SIZE]     # 32 (default) or 64
 """
 
-import sys
+import argparse
 import time
 
 import numpy as np
@@ -69,4 +69,6 @@ def main(img: int) -> None:
     print(f"the probe's step alone: median {np.median(alone) * 1000:.2f} ms")
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 32)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("img_size", nargs="?", type=int, default=32, choices=[32, 64], help="image size (default 32)")
+    main(parser.parse_args().img_size)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tuning recipes at small scale (docs/evaluation.md): gmae's default vs MAE's ViT-B recipe scaled down.
 
-For each encoder (GMAE and MAE pre-trained on dead-leaves by scripts/scene_probes.py, and the random init
+For each encoder (GMAE and MAE pre-trained on dead-leaves by experiments/probes/scene_probes.py, and the random init
 of the same architecture), seed S and recipe R this runs, with the ``gmae`` command of this environment:
 
     gmae finetune --checkpoint CKPT --data digits --seed S --out RUNS/ENC-sS-R --json [--random-init] FLAGS(R)
@@ -17,10 +17,10 @@ The recipes (both 5 epochs of batch 32 at lr 1e-3, so that they differ only in w
 Every command is appended to RUNS/commands.txt as it was run, and a finished run is not run again (nor one
 whose RUN.part exists: another process is writing it).
 
-    python scripts/finetune_recipes.py --threads 2      # run what is missing
-    python scripts/finetune_recipes.py --threads 1 --first-seed 2 --seeds 1   # a second process, beside it
-    python scripts/finetune_recipes.py --table          # final val accuracy, mean ± std over the seeds
-    python scripts/finetune_recipes.py --seeds 1 --encoders gmae --recipes mae-b-none mae-b-mix mae-b-aa mae-b-erase
+    python experiments/probes/finetune_recipes.py --threads 2      # run what is missing
+    python experiments/probes/finetune_recipes.py --threads 1 --first-seed 2 --seeds 1   # a second process, beside it
+    python experiments/probes/finetune_recipes.py --table          # final val accuracy, mean ± std over the seeds
+    python experiments/probes/finetune_recipes.py --seeds 1 --encoders gmae --recipes mae-b-none mae-b-mix mae-b-aa mae-b-erase
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import json
 import sys
 from pathlib import Path
 
-from scene_probes import _mean_std, newest_checkpoint, run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runner import final_checkpoint, run  # noqa: E402  (experiments/runner.py)
+from scene_probes import mean_std  # noqa: E402
 
 _MAE_B = ["--recipe", "mae-finetune-vit-b", "--epochs", "5", "--batch-size", "32", "--blr", "8e-3",
           "--warmup-epochs", "0.25"]
@@ -51,7 +53,7 @@ ENCODERS = {"gmae": ("gmae-deadleaves-s{seed}", False), "mae": ("mae-deadleaves-
 def finetune(runs: Path, pretrained: Path, gmae: str, encoder: str, seed: int, recipe: str,
              threads: list[str]) -> None:
     pattern, init = ENCODERS[encoder]
-    ckpt = newest_checkpoint(pretrained / pattern.format(seed=seed))
+    ckpt = final_checkpoint(pretrained / pattern.format(seed=seed))
     if ckpt is None:
         print(f"{pattern.format(seed=seed)}: no checkpoint in {pretrained}; skipped")
         return
@@ -76,7 +78,7 @@ def table(runs: Path) -> str:
         acc = {enc: [json.loads(p.read_text())["val_acc"]
                      for p in sorted(runs.glob(f"{enc.replace(' ', '-')}-s*-{recipe}.json"))] for enc in ENCODERS}
         if any(acc.values()):
-            lines.append(f"| {recipe} | " + " | ".join(_mean_std(acc[e]) for e in ENCODERS) + " | "
+            lines.append(f"| {recipe} | " + " | ".join(mean_std(acc[e]) for e in ENCODERS) + " | "
                          + "/".join(str(len(acc[e])) for e in ENCODERS) + " |")
     return "\n".join(lines)
 
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="runs/ft-recipes", help="folder of the fine-tuning runs (default runs/ft-recipes)")
     p.add_argument("--pretrained", default="runs/probe",
-                   help="folder of scripts/scene_probes.py's pre-training runs (default runs/probe)")
+                   help="folder of experiments/probes/scene_probes.py's pre-training runs (default runs/probe)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="seeds run: FIRST .. FIRST + SEEDS - 1 (default 0)")
     p.add_argument("--threads", default=None, help="passed to every gmae command")

@@ -14,8 +14,8 @@ Scored with `gmae.evaluate.depth` (the same metrics as `gmae eval-zeroshot`):
 pairs with the disc's Gaussian nearer; 0.5 = chance) and ``depth_rank_spearman``,
 with the border-distance prior beside them, plus the final MSE.
 
-    python scripts/direct_fit.py --scene disc --depth-grad swap --max-scale 4 -k 8
-    python scripts/direct_fit.py --scene disc --fixed-std 4.8     # the control: fixed 4.8-px blobs
+    python experiments/depth/direct_fit.py --scene disc --depth-grad swap --max-scale 4 -k 8
+    python experiments/depth/direct_fit.py --scene disc --fixed-std 4.8     # the control: fixed 4.8-px blobs
 
 Prints one line per setting (``--json``: one JSON object).
 """

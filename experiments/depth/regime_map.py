@@ -19,20 +19,21 @@ the last 5% of steps; "spread trend" is the end spread over the spread at 75%
 of the run (mean of 5% of steps around it): below 1 the spread is shrinking
 over the last quarter of training.
 
-    python scripts/regime_map.py previous-default c2 c3  # train these (one thread each: run two at once)
-    python scripts/regime_map.py --table                # the table so far
-    python scripts/regime_map.py --plot docs/figures/regime_map.png
+    python experiments/depth/regime_map.py previous-default c2 c3  # train these (one thread each: run two at once)
+    python experiments/depth/regime_map.py --table                # the table so far
+    python experiments/depth/regime_map.py --plot docs/figures/regime_map.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runner import final_checkpoint, train  # noqa: E402  (experiments/runner.py, shared by the studies)
 
 # name -> gmae pretrain flags after PREVIOUS; everything else is the tiny preset (64 px, patch 8, k = 128, masked
 # loss at 75%, blr 1.6e-2, 1200 steps of batch 16) with the default camera (authors) on dead-leaves, seed 0.
@@ -75,24 +76,6 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 MONITORS = ("depth_at_limit", "scale_at_cap", "depth_spread", "opacity_mean")
-
-
-def run(cmd: list[str], log: Path) -> None:
-    with open(log, "a") as f:
-        f.write(shlex.join(cmd) + "\n")
-    subprocess.run(cmd, check=True)
-
-
-def final_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(run_dir.glob("checkpoint-*.pt"))
-    return found[-1] if found else None
-
-
-def train(gmae: str, run_dir: Path, flags: list[str], log: Path) -> None:
-    """`gmae pretrain FLAGS` into run_dir, one thread; a run cut short resumes, a finished one is left alone."""
-    if final_checkpoint(run_dir) is None or not (run_dir / "reconstruction.png").exists():
-        resume = ["--resume"] if final_checkpoint(run_dir) else []
-        run([gmae, "pretrain", "--out", str(run_dir), "--quiet", "--threads", "1", *resume, *flags], log)
 
 
 def train_and_score(name: str, runs: Path, gmae: str, psnr_images: int) -> None:

@@ -12,9 +12,9 @@ images, edge follow) and the PSNR of the full render at mask 0 against each imag
 RUNS/NAME/layout.json. ``--table`` prints the markdown table of every finished run and ``--plot PNG`` the layout
 figures against full-image PSNR. Every command is appended to RUNS/commands.txt as it was run.
 
-    python scripts/layout_map.py default all25 --runs runs/layout   # train and measure (one thread each)
-    python scripts/layout_map.py --table --runs runs/layout
-    python scripts/layout_map.py --plot docs/figures/layout_map.png --runs runs/layout
+    python experiments/layout/layout_map.py default all25 --runs runs/layout   # train and measure (one thread each)
+    python experiments/layout/layout_map.py --table --runs runs/layout
+    python experiments/layout/layout_map.py --plot docs/figures/layout_map.png --runs runs/layout
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime_map import final_checkpoint, train  # noqa: E402  (the same runner: one log line per command)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runner import final_checkpoint, train  # noqa: E402  (experiments/runner.py, shared by the studies)
 
 # name -> gmae pretrain flags after BASE; everything else is the tiny preset (64 px, patch 8, k = 128, c = 3,
 # centred z, blr 1.6e-2, 1200 steps of batch 16) on dead-leaves, seed 0. BASE spells out the tiny preset as it was

@@ -1,6 +1,6 @@
-"""scripts/gpu_check.sh's first stage: can this machine run the check at all? Seconds, before minutes are spent.
+"""tools/gpu_check.sh's first stage: can this machine run the check at all? Seconds, before minutes are spent.
 
-    python scripts/gpu_check_preflight.py OUT DEVICE    # DEVICE: cuda, or cpu (the smoke mode)
+    python tools/gpu_check_preflight.py OUT DEVICE    # DEVICE: cuda, or cpu (the smoke mode)
 
 Checks, each recorded in OUT/preflight.json as "ok" or why not:
 

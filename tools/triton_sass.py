@@ -1,9 +1,9 @@
 """The triton render backend's kernels compiled for sm_90 (H100/H200) without a GPU: registers, spills, and per loop
 the SASS instructions and block-wide barriers of one iteration.
 
-    python scripts/triton_sass.py                    # one line per kernel variant, then one per loop
-    python scripts/triton_sass.py --json             # the same as JSON, with the float constants of the PTX
-    python scripts/triton_sass.py --float64 --json   # the float64 variants (what the tests compare at 1e-10)
+    python tools/triton_sass.py                    # one line per kernel variant, then one per loop
+    python tools/triton_sass.py --json             # the same as JSON, with the float constants of the PTX
+    python tools/triton_sass.py --float64 --json   # the float64 variants (what the tests compare at 1e-10)
 
 Every kernel variant that gmae/render/triton_raster.py launches is compiled with triton's own ptxas (triton ships it;
 no GPU and no CUDA toolkit needed) down to a cubin, which triton's nvdisasm turns into SASS. Run it without
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if os.environ.get("TRITON_INTERPRET"):
-    sys.exit("scripts/triton_sass.py compiles kernels: run it without TRITON_INTERPRET")
+    sys.exit("tools/triton_sass.py compiles kernels: run it without TRITON_INTERPRET")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

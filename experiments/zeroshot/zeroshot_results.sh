@@ -2,9 +2,9 @@
 # Reproduce docs/zeroshot.md: pre-train the zero-shot model on dead-leaves (the tiny preset's default
 # configuration, out of the collapsed regime: docs/depth.md), score it and its initialisation with
 # `gmae eval-zeroshot`, and draw the readouts of skimage photos and dead-leaves images.
-# Usage: [SIZE=64 STEPS=1200] scripts/zeroshot_results.sh [RUN_DIR]   (default runs/zeroshot; an interrupted
+# Usage: [SIZE=64 STEPS=1200] experiments/zeroshot/zeroshot_results.sh [RUN_DIR]   (default runs/zeroshot; an interrupted
 # run resumes; a finished run and its scores are reused). docs/zeroshot.md's figures are SIZE=64 STEPS=1200
-# on the run folder of `python scripts/layout_map.py all25-pointer` (the same flags, seed 0);
+# on the run folder of `python experiments/layout/layout_map.py all25-pointer` (the same flags, seed 0);
 # SIZE=128 STEPS=2000 (the default) takes about 40 min on 2 shared cores.
 set -euo pipefail
 RUN=${1:-runs/zeroshot}

@@ -10,10 +10,10 @@ cosine to 1e-6, AdamW betas (0.9, 0.999), weight decay 0.05, layer decay 0.75, d
 0.1), except augmentation: none (a flip would move the marked points). Train / val are the scene probes' splits
 (seeds 3001 / 3002, 2000 / 1000 images; images without a valid point pair are left out).
 
-    python scripts/point_finetune.py --runs runs/probe --data sprites --task front --threads 1   # every seed
-    python scripts/point_finetune.py --runs runs/probe --data sprites --table
+    python experiments/probes/point_finetune.py --runs runs/probe --data sprites --task front --threads 1   # every seed
+    python experiments/probes/point_finetune.py --runs runs/probe --data sprites --table
 
-Runs are RUNS/{gmae,mae}-DATA-sSEED (scripts/scene_probes.py trains them); random init is the GMAE run's
+Runs are RUNS/{gmae,mae}-DATA-sSEED (experiments/probes/scene_probes.py trains them); random init is the GMAE run's
 architecture at its initial weights (the encoder is built first, so MAE's run of the same seed starts from the
 same encoder). Each result is written to RUN/ft-point-TASK[-init].json and skipped when it exists.
 """

@@ -15,9 +15,9 @@ loss (mean of the last 50 logged steps), the collapse monitors at the end and
 the training speed (median step time; only comparable between runs made on an
 otherwise idle machine).
 
-    python scripts/depth_sweep.py ortho-off authors-off ortho-swap     # run these
-    python scripts/depth_sweep.py --table                              # the table so far
-    python scripts/depth_sweep.py --timing ortho-off ortho-swap ...    # training-step cost, side by side
+    python experiments/depth/depth_sweep.py ortho-off authors-off ortho-swap     # run these
+    python experiments/depth/depth_sweep.py --table                              # the table so far
+    python experiments/depth/depth_sweep.py --timing ortho-off ortho-swap ...    # training-step cost, side by side
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The readouts re-measured on a regime of the layout map (docs/layout.md), on sprites and dead-leaves, 3 seeds.
 
-For each REGIME (a name of scripts/layout_map.py's CONFIGS, whose flags it takes, less any --data), each data set
+For each REGIME (a name of experiments/layout/layout_map.py's CONFIGS, whose flags it takes, less any --data), each data set
 (sprites, dead-leaves) and each seed, this runs
 
     gmae pretrain --out RUNS/REGIME-DATA-sSEED --quiet --threads 1 --data DATA --seed SEED FLAGS...
@@ -13,8 +13,8 @@ accuracy and OOA against the border and size priors, edge ODS against Sobel, fig
 layout figures, and the scene probes (count, shape, front, figure). Every command is appended to
 RUNS/commands.txt.
 
-    python scripts/layout_readouts.py all25-pointer --seeds 0 1 2 --runs runs/readouts
-    python scripts/layout_readouts.py --table default all25-pointer --runs runs/readouts
+    python experiments/layout/layout_readouts.py all25-pointer --seeds 0 1 2 --runs runs/readouts
+    python experiments/layout/layout_readouts.py --table default all25-pointer --runs runs/readouts
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def table(regimes: list[str], runs: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("regimes", nargs="+", help="names of scripts/layout_map.py's CONFIGS")
+    p.add_argument("regimes", nargs="+", help="names of experiments/layout/layout_map.py's CONFIGS")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--data", nargs="+", choices=DATA, default=list(DATA))
     p.add_argument("--runs", default="runs/readouts")
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     unknown = [r for r in args.regimes if r not in CONFIGS]
     if unknown:
-        p.error(f"unknown regime(s) {', '.join(unknown)}: see scripts/layout_map.py --list")
+        p.error(f"unknown regime(s) {', '.join(unknown)}: see experiments/layout/layout_map.py --list")
     runs = Path(args.runs)
     if args.table:
         print(table(args.regimes, runs))

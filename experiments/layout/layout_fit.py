@@ -15,8 +15,8 @@ For ``net`` it also prints the layout figures (`gmae.readouts.layout`): spread r
 edge follow. ``net`` at the level of ``fixed``, well below ``direct``, says the decoder does not use the image
 to place its Gaussians even where that pays.
 
-    python scripts/layout_fit.py --mode net fixed direct --shapes 1 1 -k 4 --steps 1500
-    python scripts/layout_fit.py --mode net -k 8 --shapes 1 2 --set position_gain=4   # a ModelConfig option
+    python experiments/layout/layout_fit.py --mode net fixed direct --shapes 1 1 -k 4 --steps 1500
+    python experiments/layout/layout_fit.py --mode net -k 8 --shapes 1 2 --set position_gain=4   # a ModelConfig option
 
 One JSON line per mode with --json.
 """

@@ -18,7 +18,7 @@ script tries the other frozen-feature read-outs the field uses, on the same labe
   covered more than half by one shape), read by the linear probe from that patch token, so a local feature can
   answer it.
 
-    python scripts/probe_protocols.py runs/probe/gmae-sprites-s0 runs/probe/mae-sprites-s0 \\
+    python experiments/probes/probe_protocols.py runs/probe/gmae-sprites-s0 runs/probe/mae-sprites-s0 \\
         runs/probe-4000/gmae-sprites-s0 runs/probe-4000/mae-sprites-s0 --threads 1
 
 Each RUN is a run folder or checkpoint (its newest checkpoint); the random-init column is the first run's
@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gmae.data.scenes import _MAJORITY, patch_cover, scene_labels, task_targets
+from gmae.data.scenes import MAJORITY, patch_cover, scene_labels, task_targets
 from gmae.evaluate.probe import linear_probe
 from gmae.io.runs import load_model
 
@@ -50,7 +50,7 @@ def shape_at_point(labels) -> tuple[torch.Tensor, torch.Tensor]:
     for i in range(len(labels)):
         sample = source.sample(i)
         cover = patch_cover(sample.objects.numpy(), sample.num_objects, labels.patch_size)
-        owner = np.where(cover.max(0) > _MAJORITY, cover.argmax(0), -1)
+        owner = np.where(cover.max(0) > MAJORITY, cover.argmax(0), -1)
         held = np.flatnonzero(owner >= 1)  # 0 is the background plane
         if not held.size:
             points.append(0), classes.append(-1)

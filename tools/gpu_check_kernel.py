@@ -1,4 +1,4 @@
-"""The tiny Triton kernel scripts/gpu_check_preflight.py compiles and launches (in a module of its own: triton
+"""The tiny Triton kernel tools/gpu_check_preflight.py compiles and launches (in a module of its own: triton
 reads a kernel's source from its file, and the interpreter looks for triton.language among its globals)."""
 
 import triton

@@ -14,10 +14,10 @@ finished step is not run again. The probe settings are `gmae probe`'s
 defaults, fixed before any result was seen: 2000 train / 1000 val images,
 cls token, linear probe 100 epochs, kNN k = 20, T = 0.07.
 
-    python scripts/scene_probes.py --threads 1          # train and probe what is missing
-    python scripts/scene_probes.py --table              # mean ± std over the seeds, markdown
-    python scripts/scene_probes.py --runs runs/probe-4000 --steps 4000 --seeds 1 --data sprites   # longer
-    python scripts/scene_probes.py --finetune count --data sprites   # fine-tune on an image-level task instead
+    python experiments/probes/scene_probes.py --threads 1          # train and probe what is missing
+    python experiments/probes/scene_probes.py --table              # mean ± std over the seeds, markdown
+    python experiments/probes/scene_probes.py --runs runs/probe-4000 --steps 4000 --seeds 1 --data sprites   # longer
+    python experiments/probes/scene_probes.py --finetune count --data sprites   # fine-tune on an image-level task instead
 
 ``--finetune TASK`` (count or shape) fine-tunes each finished run's encoder,
 and the random-init one of its seed, with `gmae finetune`'s default recipe
@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runner import final_checkpoint, run  # noqa: E402  (experiments/runner.py, shared by the studies)
 
 DATA = ("deadleaves", "sprites")
 MODELS = ("gmae", "mae")
@@ -45,28 +46,17 @@ TASKS = ("count", "shape", "front", "figure")
 # The tiny preset's loss and positions when these runs were made (docs/layout.md moved the default since).
 BEFORE_LAYOUT_MAP = ["--loss", "masked", "--mask-ratio", "0.75", "--position-source", "head"]
 
-def run(cmd: list[str], log: Path, stdout=None) -> None:
-    with log.open("a") as f:
-        f.write(shlex.join(cmd) + (f" > {stdout.name}" if stdout else "") + "\n")
-    subprocess.run(cmd, check=True, stdout=stdout)
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(run_dir.glob("checkpoint-*.pt"))
-    return found[-1] if found else None
-
-
 def train_and_probe(runs: Path, gmae: str, model: str, data: str, seed: int, steps: int, threads: list[str]) -> None:
     run_dir = runs / f"{model}-{data}-s{seed}"
     result = run_dir / "scene-probe.json"
     if result.exists():
         return
     log = runs / "commands.txt"
-    ckpt = newest_checkpoint(run_dir)
+    ckpt = final_checkpoint(run_dir)
     if ckpt is None or int(ckpt.stem.split("-")[1]) < steps:
         run([gmae, "pretrain", "--model", model, "--data", data, "--seed", str(seed), "--steps", str(steps),
              "--out", str(run_dir), "--quiet", "--resume=auto", *BEFORE_LAYOUT_MAP, *threads], log)
-        ckpt = newest_checkpoint(run_dir)
+        ckpt = final_checkpoint(run_dir)
     partial = result.with_suffix(".part")
     with partial.open("w") as out:
         run([gmae, "probe", "--checkpoint", str(ckpt), "--data", data, "--json", *threads,
@@ -77,7 +67,7 @@ def train_and_probe(runs: Path, gmae: str, model: str, data: str, seed: int, ste
 def finetune(runs: Path, gmae: str, model: str, data: str, seed: int, task: str, steps: int,
              threads: list[str]) -> None:
     run_dir = runs / f"{model}-{data}-s{seed}"
-    ckpt = newest_checkpoint(run_dir)
+    ckpt = final_checkpoint(run_dir)
     if ckpt is None or int(ckpt.stem.split("-")[1]) < steps:  # not pre-trained (yet)
         print(f"{run_dir.name}: not pre-trained to step {steps}; skipped")
         return
@@ -103,12 +93,12 @@ def finetune_table(runs: Path) -> str:
                                          ("mae", f"mae-{data}-s*/ft-{task}.json"),
                                          ("init", f"gmae-{data}-s*/ft-{task}-init.json"))}
             if any(acc.values()):
-                cells = " | ".join(_mean_std(acc[n]) for n in ("gmae", "mae", "init"))
+                cells = " | ".join(mean_std(acc[n]) for n in ("gmae", "mae", "init"))
                 lines.append(f"| {data} | {task} | {cells} | {len(acc['gmae'])}/{len(acc['mae'])}/{len(acc['init'])} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def _mean_std(values) -> str:
+def mean_std(values) -> str:
     if not values:
         return "–"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -128,8 +118,8 @@ def table(runs: Path) -> str:
                 ma = [r["tasks"][task][key] for r in found["mae"]]
                 first = found["gmae"][0]["encoders"]["random init"][task] if found["gmae"] else None
                 chance = f"{100 * first['chance']:.1f}" if first else "–"
-                lines.append(f"| {data} | {task} ({first['kind'] if first else ''}) | {name} | {_mean_std(gm)} | "
-                             f"{_mean_std(ma)} | {_mean_std(rnd)} | {chance} | {len(gm)}/{len(ma)} |")
+                lines.append(f"| {data} | {task} ({first['kind'] if first else ''}) | {name} | {mean_std(gm)} | "
+                             f"{mean_std(ma)} | {mean_std(rnd)} | {chance} | {len(gm)}/{len(ma)} |")
     return "\n".join(lines)
 
 
