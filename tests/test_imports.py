@@ -35,8 +35,10 @@ LAYERS = [
     ("train", "evaluate"),
     # what runs them: the ablation grid, the benchmarks, the Python API, the readouts' public facade
     ("evaluate.ablate", "bench", "api", "zeroshot"),
-    # entry points
-    ("cli", "__main__", ""),
+    # the command line
+    ("cli",),
+    # entry points: python -m gmae, and the package itself
+    ("__main__", ""),
 ]
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.cli import _pretrain_schedule, _probe_record, build_parser, main, parse_args
+from gmae.cli import build_parser, main, parse_args
+from gmae.cli.evaluate import _probe_record
+from gmae.cli.pretrain import _pretrain_schedule
 from gmae.config import (
     IMAGENET_MEAN, IMAGENET_STD, PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, model_config, train_config,
 )

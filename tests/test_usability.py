@@ -341,7 +341,8 @@ def test_imagenet_commands_agree_and_follow_maes_recipe():
     """Every ImageNet command of README.md and docs/ parses, and all run MAE's recipe: effective batch 4096, blr
     1.5e-4, ImageNet normalisation, 40 warm-up epochs, 400 epochs (1,281,167 images / 4096 = 312.8 steps an
     epoch), given in steps or in epochs (--epochs, or a recipe's)."""
-    from gmae.cli import _pretrain_schedule, parse_args
+    from gmae.cli import parse_args
+    from gmae.cli.pretrain import _pretrain_schedule
 
     epoch = 1_281_167 / 4096
     found = {}
