@@ -306,7 +306,8 @@ def _add_finetune_timm(p, d: FinetuneConfig) -> None:
     g = p.add_argument_group("MAE's regularisers, from timm (off by default; MAE's ViT-B value in brackets)")
     for flag, keywords, text, mae in _TIMM_FLAGS:
         default = getattr(d, flag[2:].replace("-", "_"))
-        g.add_argument(flag, default=default, help=f"{text} (default {'none' if default in ('', None) else default}) [{mae}]", **keywords)
+        shown = "none" if default in ("", None) else default
+        g.add_argument(flag, default=default, help=f"{text} (default {shown}) [{mae}]", **keywords)
     g.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warmup in epochs, instead of --warmup-steps [5]")
 
