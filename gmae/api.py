@@ -34,14 +34,14 @@ import torch
 
 from .config import ModelConfig
 from .errors import DepthCollapseWarning, GMAEError, LayoutWarning
-from .files import image_files
+from .io.files import image_files
 from .readouts.core import Canvas, collapse_message, depth_collapse, gaussians_of
 from .readouts.edges import EDGE_LEVELS, soft_edges
 from .readouts.layout import judge_layout, layout_message, layout_monitor
 from .readouts.layers import PARTIAL_COUNTS, layers, partial_renders
 from .readouts.segment import figure_ground
 from .render.gaussians import Gaussians
-from .runs import load_model
+from .io.runs import load_model
 
 ImagesLike = torch.Tensor | str | Path | list
 
@@ -49,7 +49,7 @@ ImagesLike = torch.Tensor | str | Path | list
 def load(path: str | Path, device: str | torch.device = "cpu", raw: bool = False) -> Model:
     """The model of a run folder (its newest readable checkpoint), a gmae checkpoint or a gmae export: with
     the EMA of its weights when the checkpoint has one (``gmae pretrain --ema``), unless `raw`."""
-    from .checkpoint import configs_of
+    from .io.checkpoint import configs_of
 
     module, config, state = load_model(path, device, raw=raw)
     train = configs_of(state)[1]
@@ -61,7 +61,7 @@ class Model:
 
     def __init__(self, module: torch.nn.Module, config: ModelConfig, step: int = 0, weights: str = "raw",
                  train_data: str | None = None):
-        # weights: which the module holds, "raw" or "EMA (decay D)" (gmae.checkpoint.model_weights);
+        # weights: which the module holds, "raw" or "EMA (decay D)" (gmae.io.checkpoint.model_weights);
         # train_data: what it was trained on (None: not recorded, an export), where the layout guard looks
         self.module, self.config, self.step, self.weights = module.eval(), config, step, weights
         self.train_data = train_data

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need a CUDA GPU: skipped, with the reason, without one."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu; scripts/gpu_check.sh runs them)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu; tools/gpu_check.sh runs them)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -38,7 +38,7 @@ def one_thread():
 def tiny_checkpoint(path, seed=0, **overrides):
     """Write a pre-training checkpoint of a fresh TINY GMAE (torch seed `seed`, TINY's fields updated with
     `overrides`) to `path`; returns `path`."""
-    from gmae.checkpoint import save_checkpoint, training_state
+    from gmae.io.checkpoint import save_checkpoint, training_state
     from gmae.config import TrainConfig, as_dict, model_config
     from gmae.model import build_model
 

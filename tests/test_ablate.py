@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae import ablate
+from gmae.evaluate import ablate
 from gmae.config import model_config
 from gmae.errors import GMAEError
 from gmae.model.mae import Output
@@ -69,7 +69,7 @@ def test_run_ablation_trains_scores_caches_and_tabulates(tmp_path, monkeypatch):
         assert 0 <= r["linear_acc"] <= 1 and 0 <= r["knn_acc"] <= 1 and math.isfinite(r["psnr"])
     assert rows[0]["step"] == 2 and rows[1]["step"] == 0
     # the base run is the paper's: c = 1, the authors' bounded z, mask 0.75, the masked loss, k = 128
-    from gmae.checkpoint import load_checkpoint
+    from gmae.io.checkpoint import load_checkpoint
 
     trained = load_checkpoint(out / "base" / "checkpoint-0000002.pt")["config"]["model"]
     assert (trained["max_scale"], trained["depth_param"], trained["mask_ratio"], trained["loss"],
@@ -94,7 +94,7 @@ def test_run_ablation_trains_scores_caches_and_tabulates(tmp_path, monkeypatch):
 
 
 def test_a_damaged_final_checkpoint_is_trained_again(tmp_path, capsys):
-    from gmae.checkpoint import load_checkpoint
+    from gmae.io.checkpoint import load_checkpoint
 
     probe_data = make_labelled_folder(tmp_path / "labelled")
     out = tmp_path / "ablate"

@@ -264,8 +264,8 @@ def test_a_run_records_the_options_and_trains(tmp_path):
     the checkpoint records them and the loss is finite."""
     import json
 
-    from gmae.checkpoint import load_checkpoint
-    from gmae.files import list_checkpoints
+    from gmae.io.checkpoint import load_checkpoint
+    from gmae.io.files import list_checkpoints
 
     out = tmp_path / "run"
     assert main(["pretrain", "--preset", "tiny", "--img-size", "16", "-k", "8", "--gaussians-per-query", "2",

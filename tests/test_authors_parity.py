@@ -32,7 +32,7 @@ import torch
 
 from gmae.config import ModelConfig, as_dict, config_from_dict
 from gmae.model import build_model
-from gmae.recipes import RECIPES
+from gmae.config.recipes import RECIPES
 from gmae.render.camera import project
 
 SIZE = 64  # 4 x 4 tiles of 16 px

@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from gmae import bench
-from gmae.bench import coverage_growth, format_results, many_gaussians, random_scene, rasterize_dense, render_speedup
+from gmae.bench import suite as bench
+from gmae.bench.suite import coverage_growth, format_results, many_gaussians, random_scene, rasterize_dense, render_speedup
 from gmae.errors import GMAEError
 from gmae.render import rasterize
 

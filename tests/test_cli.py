@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.checkpoint import list_checkpoints, load_checkpoint
+from gmae.io.checkpoint import list_checkpoints, load_checkpoint
 from gmae.cli import main
 
 # A small, fast run of the tiny preset (32 px, 16 patches, 32 Gaussians).
@@ -173,7 +173,7 @@ def test_resume_keeps_saved_settings_unless_given(tmp_path):
 
 
 def test_export_safetensors(run_dir, tmp_path):
-    from gmae.export import load_exported
+    from gmae.io.export import load_exported
 
     out = tmp_path / "model.safetensors"
     assert main(["export", str(run_dir / "checkpoint-0000004.pt"), "--format", "safetensors", "--out", str(out)]) == 0

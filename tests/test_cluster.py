@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmae.checkpoint import list_checkpoints, load_checkpoint
+from gmae.io.checkpoint import list_checkpoints, load_checkpoint
 from gmae.cli import main
-from gmae.cluster import first_host, slurm_task_env, time_minutes
+from gmae.runtime.cluster import first_host, slurm_task_env, time_minutes
 from gmae.config import model_config, train_config
 from gmae.evaluate.finetune import finetune
-from gmae.stopping import STOP_SIGNALS, STOPPED_EXIT, Stopped
+from gmae.runtime.stopping import STOP_SIGNALS, STOPPED_EXIT, Stopped
 from gmae.train import pretrain
 from test_finetune import colours, fast  # noqa: F401 (fixtures; ckpt comes from conftest)
 from test_reliability import FAST, TIMEOUT, metrics, start

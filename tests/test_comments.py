@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ("gmae", "scripts", "tests", "docs", ".ci")
+SHIPPED = ("gmae", "experiments", "tools", "tests", "docs", ".ci")
 SUFFIXES = {".py", ".md", ".sh", ".toml", ".cfg", ".txt", ""}
 
 # Spelled in pieces so that this file does not match itself.

@@ -7,12 +7,12 @@ import torch
 from conftest import TINY
 
 import gmae
-from gmae.checkpoint import load_checkpoint
+from gmae.io.checkpoint import load_checkpoint
 from gmae.cli import main
 from gmae.config import model_config, train_config
 from gmae.errors import GMAEError
-from gmae.export import export_checkpoint, load_encoder
-from gmae.runs import load_model
+from gmae.io.export import export_checkpoint, load_encoder
+from gmae.io.runs import load_model
 from gmae.train import pretrain
 
 DECAY = 0.5  # far from 1, so that three steps move the EMA well away from both the first and the last weights

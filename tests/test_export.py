@@ -8,11 +8,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gmae.checkpoint import save_checkpoint
+from gmae.io.checkpoint import save_checkpoint
 from gmae.cli import main
 from gmae.config import IMAGENET_MEAN, IMAGENET_STD, as_dict, model_config, train_config
 from gmae.errors import GMAEError
-from gmae.export import (
+from gmae.io.export import (
     CONFIG_KEY,
     export_checkpoint,
     init_encoder_weights,
@@ -20,7 +20,7 @@ from gmae.export import (
     load_exported,
 )
 from gmae.model import build_model
-from gmae.runs import load_model
+from gmae.io.runs import load_model
 
 
 def make_checkpoint(path, model="gmae", step=7, shared=False, **overrides):
@@ -360,7 +360,7 @@ def test_timm_export_errors_and_cli(tmp_path, capsys):
 
 
 def test_timm_names_of_presets():
-    from gmae.export import timm_create_call, timm_model_name
+    from gmae.io.export import timm_create_call, timm_model_name
 
     assert [timm_model_name(model_config(p)) for p in ("tiny", "small", "base", "large")] == [
         None, "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224"]

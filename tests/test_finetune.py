@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gmae.checkpoint import list_checkpoints
+from gmae.io.checkpoint import list_checkpoints
 from gmae.cli import main
 from gmae.config import model_config
 from gmae.errors import GMAEError
@@ -15,7 +15,7 @@ from gmae.evaluate.finetune import (
     finetune,
     load_finetuned,
 )
-from gmae.export import load_encoder
+from gmae.io.export import load_encoder
 from gmae.model import param_groups as param_groups_lrd
 from gmae.model.classifier import DropPath, build_classifier
 from conftest import TINY, tiny_checkpoint
@@ -196,7 +196,7 @@ def test_cli_finetune(tmp_path, ckpt, capsys):
 
 def test_cli_finetune_reads_a_timm_pth_with_the_normalisation_given(tmp_path):
     """--normalize reaches the encoder a .pth is read into, and the run's recorded model config says it."""
-    from gmae.export import export_checkpoint
+    from gmae.io.export import export_checkpoint
 
     pth = export_checkpoint(tiny_checkpoint(tmp_path / "checkpoint-0000001.pt", embed_dim=64, num_heads=1),
                             tmp_path / "vit.pth", fmt="timm")

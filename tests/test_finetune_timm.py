@@ -226,7 +226,7 @@ def test_bad_randaugment_policy_is_one_line():
 
 def test_global_pool_avg_is_the_patch_token_mean_cls_is_the_cls_token(ckpt):
     from gmae.evaluate.finetune import load_finetuned, finetune
-    from gmae.export import load_encoder
+    from gmae.io.export import load_encoder
     from gmae.model.classifier import build_classifier
 
     encoder, mcfg = load_encoder(ckpt)

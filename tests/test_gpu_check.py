@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh, the prepared GPU run, in its CPU smoke mode: the default stages run (tiny) and report.json
+"""tools/gpu_check.sh, the prepared GPU run, in its CPU smoke mode: the default stages run (tiny) and report.json
 holds what each measured; stages named alone, the optional ones, the report rewritten as each stage ends, the
 preflight that stops a machine that cannot run the check; and the GPU test files and `gmae pretrain` on a machine
 without numba and matplotlib."""
@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+SCRIPT = ROOT / "tools" / "gpu_check.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
 
 
 def run_check(out, *args, stages=None, env=None, timeout=600, popen=False):
-    """scripts/gpu_check.sh OUT ARGS with this Python, no gsplat wheels, GPU_CHECK_STAGES=stages if given."""
+    """tools/gpu_check.sh OUT ARGS with this Python, no gsplat wheels, GPU_CHECK_STAGES=stages if given."""
     env = {**os.environ, "PYTHON": sys.executable, "GSPLAT_WHEELS": str(out.parent / "no-wheels"),
            "OMP_NUM_THREADS": "1", **(env or {})}
     if stages is not None:
@@ -143,11 +143,11 @@ def test_bad_arguments_are_refused(tmp_path):
 
 def test_report_reads_gsplat_errors(tmp_path):
     """A gsplat stage that failed is reported by its first error line and the chain of errors after it."""
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "tools"))
     try:
         import gpu_check_report
     finally:
-        sys.path.remove(str(ROOT / "scripts"))
+        sys.path.remove(str(ROOT / "tools"))
     (tmp_path / "logs").mkdir()
     (tmp_path / "stages.tsv").write_text("gsplat\t1\t30\t120\n")
     (tmp_path / "logs" / "gsplat.log").write_text(

@@ -6,7 +6,7 @@ import torch
 from gmae.config import ModelConfig, model_config
 from gmae.errors import GMAEError
 from gmae.config import CAMERAS, DEPTH_GRADS, SIZE_FROM_DEPTH_CAMERAS, DEPTH_PARAMS, POSITION_PARAMS, config_from_dict
-from gmae.loss import pixel_curvature, reconstruction_loss
+from gmae.model.loss import pixel_curvature, reconstruction_loss
 from gmae.model import GMAE, MAE, build_model, count_parameters, patchify, random_masking, unpatchify
 from gmae.model.gmae import gaussians_from_raw
 from gmae.render import CAMERAS as RENDER_CAMERAS
@@ -170,8 +170,8 @@ def test_checkpoint_without_gaussians_per_query_loads_unchanged(tmp_path):
     """A checkpoint written before the field existed loads as m = 1 and gives the outputs it gave."""
     from dataclasses import asdict
 
-    from gmae.checkpoint import save_checkpoint, training_state
-    from gmae.runs import load_model
+    from gmae.io.checkpoint import save_checkpoint, training_state
+    from gmae.io.runs import load_model
     from gmae.config import as_dict
 
     torch.manual_seed(0)
@@ -285,7 +285,7 @@ def test_many_gaussians_per_token_start_at_their_share_of_the_size(m):
 
 
 def test_config_cameras_are_the_render_registry():
-    # config.py names them without importing torch; the two lists must not drift apart
+    # gmae.config names them without importing torch; the two lists must not drift apart
     assert set(CAMERAS) == set(RENDER_CAMERAS)
     assert set(SIZE_FROM_DEPTH_CAMERAS) == {n for n, c in RENDER_CAMERAS.items() if c.depth_through_projection}
 
@@ -481,7 +481,7 @@ def test_gaussians_and_render_stay_float32_under_bf16_autocast():
 
 def test_normpix_gmae_shows_its_render_in_image_space():
     """With the norm-pix loss the render predicts normalised patches; Output.image undoes that (as MAE's does)."""
-    from gmae.loss import denormalize_patches
+    from gmae.model.loss import denormalize_patches
 
     torch.manual_seed(0)
     model = build_model(model_config("tiny", img_size=32, depth=1, decoder_depth=1, num_gaussians=16,

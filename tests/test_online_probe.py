@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.checkpoint import load_checkpoint
+from gmae.io.checkpoint import load_checkpoint
 from gmae.config import model_config, train_config
 from gmae.data import SeededStream, Sprites, build_dataset, source_labels
 from gmae.errors import GMAEError
@@ -92,7 +92,7 @@ def test_labels_come_with_the_very_image_and_leave_the_image_stream_unchanged(tm
     """Each source's labelled stream gives, for sample g, the unlabelled stream's image bit for bit and the truth of
     that image: the digit, the visible shapes of a sprite image (counted here from its object map), the count bin of
     dead-leaves (the scene probe's bins), the class folder of the file actually read."""
-    from gmae.choices import SCENE_IMAGES
+    from gmae.config.choices import SCENE_IMAGES
     from gmae.data.scenes import CountClasses, scene_labels, task_targets
 
     # The scene probes' train split, cut to 300 images for both routes below (its 2000 only cost time here).
@@ -196,7 +196,7 @@ PROBE_LINES = [{"step": s, "loss": 0.3 - 0.1 * s, "lr": 1e-3, "opacity_mean": 0.
 
 
 def test_plot_draws_each_per_block_metric_in_one_panel(tmp_path):
-    from gmae.plot import curves_figure
+    from gmae.viz.plot import curves_figure
 
     lines = PROBE_LINES
     run_dir = tmp_path / "run"
@@ -214,7 +214,7 @@ def test_plot_draws_each_per_block_metric_in_one_panel(tmp_path):
 def test_tensorboard_shows_the_online_probe_as_a_section_of_its_own():
     """Board.log's tags (the writer stubbed: tensorboard is an optional extra): train/NAME, but a name that already
     names a section keeps it."""
-    from gmae.board import Board
+    from gmae.viz.board import Board
 
     class Writer:
         tags: list = []

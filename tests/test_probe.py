@@ -332,7 +332,7 @@ def test_cli_probe_reads_a_timm_pth_export_with_the_normalisation_given(tmp_path
     """A .pth timm export has no room for gmae's config: probed as it is, it is read as timm's and MAE's files
     (ImageNet-normalised); --normalize none gives back the model's own features, so the same probe results.
     A gmae checkpoint records its own normalisation, and another given for it is refused."""
-    from gmae.export import export_checkpoint
+    from gmae.io.export import export_checkpoint
 
     # one 64-wide head: the head count a file without config is read with (width // 64)
     ckpt = tiny_checkpoint(tmp_path / "checkpoint-0000001.pt", embed_dim=64, num_heads=1)

@@ -1,9 +1,9 @@
-"""Named recipes (gmae.recipes, --recipe) and the settings they brought: epochs, micro-batches to an effective
+"""Named recipes (gmae.config.recipes, --recipe) and the settings they brought: epochs, micro-batches to an effective
 batch, input normalisation, the crop's scale and interpolation.
 
 The expected numbers below are copied from MAE's files (facebookresearch/mae at HEAD: PRETRAIN.md,
 FINETUNE.md, main_pretrain.py, main_finetune.py, main_linprobe.py), the GMAE paper and the GMAE authors' code (docs/fidelity.md), not from
-gmae/recipes.py, so that a wrong entry there fails here.
+gmae/config/recipes.py, so that a wrong entry there fails here.
 """
 
 import json
@@ -13,12 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.cli import _pretrain_schedule, _probe_record, build_parser, main, parse_args
+from gmae.cli import build_parser, main, parse_args
+from gmae.cli.evaluate import _probe_record
+from gmae.cli.pretrain import _pretrain_schedule
 from gmae.config import (
     IMAGENET_MEAN, IMAGENET_STD, PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, model_config, train_config,
 )
 from gmae.errors import GMAEError
-from gmae.recipes import RECIPES, get_recipe, recipe_defaults
+from gmae.config.recipes import RECIPES, get_recipe, recipe_defaults
 
 MAE_PRETRAIN = {  # PRETRAIN.md lines 9-18, main_pretrain.py lines 124-127 and 180
     "epochs": 800, "warmup_epochs": 40, "batch_size": 4096, "micro_batch": 64, "blr": 1.5e-4,
@@ -132,7 +134,7 @@ def test_a_recipe_for_another_command_or_unknown_is_refused(capsys):
 
 
 def test_an_unknown_key_in_a_recipe_is_named(monkeypatch):
-    from gmae import recipes
+    from gmae.config import recipes
 
     bad = recipes.Recipe("bad", "pretrain", "a test", {"blr": (1.0, "gmae: test"), "no_such_flag": (1, "gmae: test")})
     monkeypatch.setitem(recipes.RECIPES, "bad", bad)
@@ -193,8 +195,8 @@ def images(tmp_path_factory):
 
 
 def _checkpoint(out):
-    from gmae.checkpoint import load_checkpoint
-    from gmae.files import list_checkpoints
+    from gmae.io.checkpoint import load_checkpoint
+    from gmae.io.files import list_checkpoints
 
     return load_checkpoint(list_checkpoints(out)[-1])
 
@@ -236,7 +238,7 @@ def test_micro_batches_equal_one_big_batch(tmp_path, one_thread):
     """Accumulating micro-batches gives the gradients of one batch (to float tolerance), and a run's losses."""
     import contextlib
 
-    from gmae.distributed import Context
+    from gmae.runtime.distributed import Context
     from gmae.model import build_model
     from gmae.train import pretrain, train_step
 
@@ -347,11 +349,11 @@ def test_old_checkpoints_read_without_normalisation():
 
 
 def test_timm_export_records_the_normalisation(tmp_path, one_thread):
-    from gmae.checkpoint import save_checkpoint, training_state
+    from gmae.io.checkpoint import save_checkpoint, training_state
     from gmae.config import as_dict
     from safetensors import safe_open
 
-    from gmae.export import export_checkpoint, load_encoder, timm_create_call
+    from gmae.io.export import export_checkpoint, load_encoder, timm_create_call
     from gmae.model import build_model
 
     mcfg = model_config("tiny", **FAST, input_norm="imagenet")
@@ -499,7 +501,7 @@ TYPED = {  # a few settings typed after the recipe, as flags and as Python keywo
 
 @pytest.mark.parametrize("name", [n for n, r in RECIPES.items() if r.command == "pretrain"])
 def test_pretrain_configs_build_what_the_command_line_builds(name, monkeypatch, tmp_path):
-    from gmae.recipes import pretrain_configs
+    from gmae.config.recipes import pretrain_configs
 
     out = str(tmp_path / "run")
     flags = [f for pair in TYPED for f in pair]
@@ -515,14 +517,14 @@ def test_pretrain_configs_build_what_the_command_line_builds(name, monkeypatch, 
 
 
 def test_pretrain_configs_without_a_recipe_are_the_presets():
-    from gmae.recipes import pretrain_configs
+    from gmae.config.recipes import pretrain_configs
 
     assert pretrain_configs() == (model_config("tiny"), train_config("tiny"))
     assert pretrain_configs(preset="base", steps=5) == (model_config("base"), train_config("base", steps=5))
 
 
 def test_pretrain_configs_refuse_what_the_command_line_refuses():
-    from gmae.recipes import pretrain_configs
+    from gmae.config.recipes import pretrain_configs
 
     with pytest.raises(GMAEError, match="not both"):
         pretrain_configs("mae-pretrain-vit-b", steps=3, epochs=2)

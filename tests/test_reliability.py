@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.checkpoint import list_checkpoints, load_checkpoint
+from gmae.io.checkpoint import list_checkpoints, load_checkpoint
 from gmae.cli import main
 
 # The brief's small run: dead-leaves (the default data), cpu renderer (auto on CPU).

@@ -322,14 +322,14 @@ def test_float64_kernels_compile_with_float64_parameters_and_thresholds():
 
 
 def compiled_kernels(*args):
-    """scripts/triton_sass.py --json's kernels (skips where this triton cannot compile for CUDA)."""
+    """tools/triton_sass.py --json's kernels (skips where this triton cannot compile for CUDA)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(root / "scripts" / "triton_sass.py"), "--json", *args], env=env,
+    done = subprocess.run([sys.executable, str(root / "tools" / "triton_sass.py"), "--json", *args], env=env,
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0 and ("ptxas" in done.stderr and "not found" in done.stderr.lower()
                                  or "No module named 'triton.backends.nvidia'" in done.stderr
@@ -342,7 +342,7 @@ def compiled_kernels(*args):
 def test_kernels_compile_for_a_gpu_without_one():
     """The interpreter runs kernels as Python, so it accepts code that Triton's compiler refuses (types that change
     in a loop, ...): every kernel variant is compiled for sm_90 (H100/H200) down to a cubin, with the ptxas that
-    comes with triton, in a process without TRITON_INTERPRET (scripts/triton_sass.py, which also prints their
+    comes with triton, in a process without TRITON_INTERPRET (tools/triton_sass.py, which also prints their
     registers and the instructions and barriers of their loops); none spills registers to local memory."""
     kernels = compiled_kernels()
     assert [k["function"] for k in kernels] == ["_forward_kernel"] * 2 + ["_backward_kernel"] * 2 + \

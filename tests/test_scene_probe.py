@@ -170,7 +170,9 @@ def test_cli_scene_probe(tmp_path, capsys):
 def test_ablate_scores_scene_probes_over_seeds(tmp_path, monkeypatch):
     import statistics
 
-    from gmae import ablate, choices
+    from gmae.evaluate import ablate
+
+    from gmae.config import choices
 
     monkeypatch.setitem(choices.SCENE_IMAGES, "train", 24)
     monkeypatch.setitem(choices.SCENE_IMAGES, "val", 12)
@@ -199,7 +201,7 @@ def test_ablate_scores_scene_probes_over_seeds(tmp_path, monkeypatch):
 
 
 def test_image_level_scene_tasks_as_labelled_data_for_finetuning(tmp_path, monkeypatch, capsys):
-    from gmae import choices
+    from gmae.config import choices
     from gmae.data.labelled import build_labelled
 
     monkeypatch.setitem(choices.SCENE_IMAGES, "train", 16)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gmae import threads
+from gmae.runtime import threads
 from gmae.cli import COMPUTING, build_parser, main
 from gmae.errors import GMAEError
 
@@ -110,7 +110,7 @@ def fresh(monkeypatch):
 
 def test_configure_sets_torch_and_numba_and_logs_once(fresh, monkeypatch, caplog):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    caplog.set_level("INFO", logger="gmae.threads")
+    caplog.set_level("INFO", logger="gmae.runtime.threads")
     decision = threads.configure(None)
     assert decision.threads == max(1, threads.usable_cores()) and torch.get_num_threads() == decision.threads
     torch.set_num_threads(1)  # the caller's own choice since ...
@@ -122,7 +122,7 @@ def test_configure_sets_torch_and_numba_and_logs_once(fresh, monkeypatch, caplog
         assert sys.modules["numba"].get_num_threads() == min(3, sys.modules["numba"].config.NUMBA_NUM_THREADS)
     else:
         assert os.environ["NUMBA_NUM_THREADS"] == "3"  # the pool numba starts with, once imported
-    lines = [r.getMessage() for r in caplog.records if r.name == "gmae.threads"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "gmae.runtime.threads"]
     assert len(lines) == 1 and "threads per process" in lines[0], lines
 
 

@@ -10,7 +10,7 @@ import torch
 
 from gmae.config import model_config, train_config
 from gmae.errors import GMAEError
-from gmae.runs import learning_rate
+from gmae.io.runs import learning_rate
 from gmae.train import pretrain
 
 FAST_MODEL = dict(img_size=32, patch_size=8, num_gaussians=32)
@@ -119,7 +119,7 @@ def test_non_finite_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
 
 
 def test_gradient_clipping_bounds_the_update(tmp_path):
-    from gmae.checkpoint import load_checkpoint
+    from gmae.io.checkpoint import load_checkpoint
 
     run(tmp_path / "free", steps=1, blr=1.0)
     run(tmp_path / "clipped", steps=1, blr=1.0, clip_grad=1e-6)
@@ -161,7 +161,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     assert worst < 1e-5
     # only rank 0 wrote files: one metrics line per step, one set of checkpoints
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    from gmae.checkpoint import load_checkpoint
+    from gmae.io.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "two" / "checkpoint-0000003.pt")["config"]["train"]["accum_steps"] == 2
 
@@ -190,7 +190,7 @@ def test_resume_with_non_default_settings_is_bitwise_exact(tmp_path, one_thread)
     input normalisation, two loader workers, 4 Gaussians per query, an EMA of the weights and the online probe (on
     sprites, whose labels it needs): a run stopped at step 2 and resumed ends with the weights, optimizer state,
     EMA, probe heads and probe optimizer of the uninterrupted run, bit for bit, and logs the same probe accuracies."""
-    from gmae.checkpoint import load_checkpoint
+    from gmae.io.checkpoint import load_checkpoint
 
     mcfg = model_config("tiny", **FAST_MODEL, depth_grad="swap", gaussians_per_query=4, input_norm="imagenet")
     settings = dict(batch_size=4, warmup_steps=1, micro_batch=2, num_workers=2, checkpoint_every=2, ema=0.9,

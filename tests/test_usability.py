@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.checkpoint import list_checkpoints, load_checkpoint
+from gmae.io.checkpoint import list_checkpoints, load_checkpoint
 from gmae.cli import main
 
 FAST = ["--img-size", "32", "--patch-size", "8", "-k", "32", "--batch-size", "4", "--quiet"]
@@ -120,7 +120,7 @@ def test_interrupt_message_says_whether_there_is_a_checkpoint(tmp_path, monkeypa
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from gmae.files import run_lock
+    from gmae.io.files import run_lock
     with run_lock(sys.argv[1]):
         print("held", flush=True)
         time.sleep(120)
@@ -330,7 +330,7 @@ def test_documented_commands_parse():
                     or "..." in command:
                 continue
             if words[0].startswith("python") and words[1:2] != ["-m"]:
-                continue  # a script's command line (e.g. `python scripts/x.py --encoders gmae`), not gmae's
+                continue  # a script's command line (e.g. `python experiments/probes/x.py --encoders gmae`), not gmae's
             start = words.index("gmae") + 1 if "gmae" in words else 1
             parse_args(words[start:])
             checked += 1
@@ -341,7 +341,8 @@ def test_imagenet_commands_agree_and_follow_maes_recipe():
     """Every ImageNet command of README.md and docs/ parses, and all run MAE's recipe: effective batch 4096, blr
     1.5e-4, ImageNet normalisation, 40 warm-up epochs, 400 epochs (1,281,167 images / 4096 = 312.8 steps an
     epoch), given in steps or in epochs (--epochs, or a recipe's)."""
-    from gmae.cli import _pretrain_schedule, parse_args
+    from gmae.cli import parse_args
+    from gmae.cli.pretrain import _pretrain_schedule
 
     epoch = 1_281_167 / 4096
     found = {}
@@ -436,7 +437,7 @@ def write_metrics(folder: Path, losses, **extra) -> Path:
 
 
 def test_plot_draws_every_run_on_shared_axes(tmp_path, capsys):
-    from gmae.plot import curves_figure
+    from gmae.viz.plot import curves_figure
 
     gmae_run = write_metrics(tmp_path / "gmae", [0.3, 0.2, 0.1], opacity_mean=[0.5, 0.6, 0.7])
     mae_run = write_metrics(tmp_path / "mae", [0.4, 0.3])
@@ -480,8 +481,8 @@ def test_tensorboard_missing_is_one_line_before_any_work(tmp_path, monkeypatch, 
 
 
 def test_eval_zeroshot_and_ablate_show_progress(run, tmp_path, capsys):
-    from gmae import ablate
-    from gmae.runs import load_model
+    from gmae.evaluate import ablate
+    from gmae.io.runs import load_model
     from gmae.evaluate.zeroshot import evaluate_zeroshot
 
     evaluate_zeroshot(load_model(run)[0], "deadleaves", num_images=2, batch_size=2, progress=True)

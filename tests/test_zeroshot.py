@@ -289,7 +289,7 @@ def test_eval_zeroshot_json_on_deadleaves(checkpoints, capsys):
     from gmae.evaluate.boundaries import evaluate_boundaries, mean_iou
     from gmae.evaluate.depth import depth_metrics
     from gmae.evaluate.zeroshot import items
-    from gmae.runs import load_model
+    from gmae.io.runs import load_model
 
     model, _, _ = load_model(checkpoints["gmae"])
     scenes = list(items("deadleaves", 32, 3)[0])
@@ -406,7 +406,7 @@ def test_depth_collapse_figures_and_verdict():
 def collapsed_checkpoint(checkpoints, tmp_path_factory):
     """The gmae checkpoint with its head's z bias at -30 and z weights 0, and the authors' bounded z: every
     z = -1, the near limit (centred z, the tiny default, cannot drift there: all z would tie at 0 instead)."""
-    from gmae.checkpoint import load_checkpoint, save_checkpoint
+    from gmae.io.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(checkpoints["gmae"])
     state["config"]["model"]["depth_param"] = "bounded"
@@ -485,7 +485,7 @@ def test_info_falls_back_to_the_logged_monitors(checkpoints, tmp_path, capsys):
     """A run whose data cannot be read here: the last monitors of its metrics.jsonl, said so."""
     import json
 
-    from gmae.checkpoint import load_checkpoint, save_checkpoint
+    from gmae.io.checkpoint import load_checkpoint, save_checkpoint
     from gmae.cli import main
 
     state = load_checkpoint(checkpoints["gmae"])

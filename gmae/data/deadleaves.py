@@ -232,6 +232,11 @@ class DeadLeaves:
             figure=torch.from_numpy(self.figure(objects, n + 1)),
         )
 
+    def whole_shapes(self, index: int) -> np.ndarray:
+        """(n+1, H*W) float32 0/1 masks of every object's whole shape in image ``index``, occluded parts included
+        (what ``sample`` shows is only the visible part of each)."""
+        return self._render(index, whole_shapes=True)[3]
+
     # ------------------------------------------------------------ internals
     def _render(self, index: int, whole_shapes: bool = False):
         """(scene parameters, object-id map, image) of ``index``; with ``whole_shapes`` also

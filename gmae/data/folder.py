@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ..errors import GMAEError
-from ..files import IMG_EXTENSIONS
+from ..io.files import IMG_EXTENSIONS
 from .images import DEFAULT_RATIO, DEFAULT_SCALE, as_hw, mae_augment, open_image, resize_center_crop
 
 __all__ = [

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..errors import GMAEError
-from ..files import IMG_EXTENSIONS
+from ..io.files import IMG_EXTENSIONS
 
 __all__ = [
     "DEFAULT_RATIO",

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..choices import SCENE_DATA
+from ..config.choices import SCENE_DATA
 from ..errors import GMAEError
 from .folder import ImageFolder
 from .images import DEFAULT_RATIO, IMG_EXTENSIONS, random_resized_crop_params

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..choices import SCENE_DATA, SCENE_IMAGES, SCENE_TASKS
+from ..config.choices import SCENE_DATA, SCENE_IMAGES, SCENE_TASKS
 from ..errors import GMAEError
 
 TASK_KIND = {"count": "semantic", "shape": "semantic", "front": "spatial", "figure": "figure-ground"}
@@ -25,7 +25,7 @@ TASK_KIND = {"count": "semantic", "shape": "semantic", "front": "spatial", "figu
 SPLIT_SEEDS = {"train": 3001, "val": 3002}
 COUNT_BINS = 4  # dead-leaves count classes
 _POINT_TAG = 0x9B0B  # the marked points' rng: (seed, index, tag), apart from the image's own rng
-_MAJORITY = 0.5  # a marked patch is covered by its object more than this
+MAJORITY = 0.5  # a marked patch is covered by its object more than this
 
 
 @dataclass
@@ -99,7 +99,7 @@ def image_labels(sample, figure_of, patch_size: int, rng: np.random.Generator) -
     visible = visible_objects(objects, m)
     largest = visible[np.argmax(area[visible])] if visible.size else 0
     cover = patch_cover(objects, m, patch_size)  # (m, N)
-    owner = np.where(cover.max(0) > _MAJORITY, cover.argmax(0), -1)  # (N,) the object holding each patch, or -1
+    owner = np.where(cover.max(0) > MAJORITY, cover.argmax(0), -1)  # (N,) the object holding each patch, or -1
 
     def point_on(obj: int) -> int:
         return int(rng.choice(np.flatnonzero(owner == obj)))

@@ -15,7 +15,7 @@ left them. The recipe (MAE, ``main_finetune.py``):
   block at x decay and the embeddings at x decay^(depth + 1);
 * AdamW (betas 0.9, 0.999, weight decay 0.05, none on norms, biases and
   tokens), linear warmup (``warmup_steps``, or ``warmup_epochs`` as MAE gives
-  it) then cosine (``gmae.runs.learning_rate``, as in pre-training);
+  it) then cosine (``gmae.io.runs.learning_rate``, as in pre-training);
 * the loss: cross-entropy with label smoothing 0.1 (PyTorch's
   ``label_smoothing``, the same function as timm's
   ``LabelSmoothingCrossEntropy`` that MAE uses, ``main_finetune.py`` lines
@@ -52,16 +52,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import load_checkpoint, save_checkpoint, weights_line
+from ..io.checkpoint import load_checkpoint, save_checkpoint, weights_line
 from ..config import FINETUNE_RESUMABLE, FinetuneConfig, ModelConfig, as_dict, config_from_dict
 from ..data import StepBatchSampler
 from ..errors import GMAEError
-from ..export import load_encoder
-from ..files import check_output_folder, checkpoint_path, run_lock
+from ..io.export import load_encoder
+from ..io.files import check_output_folder, checkpoint_path, run_lock
 from ..model import ViTEncoder, build_classifier, param_groups
-from ..runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
-from ..stopping import StopGuard, Stopped
-from ..threads import worker_init
+from ..io.runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
+from ..runtime.stopping import StopGuard, Stopped
+from ..runtime.threads import worker_init
 from .augment import augmented, build_mixup, mix_batch, soft_target_loss
 
 FORMAT = "gmae-finetune"
@@ -118,7 +118,7 @@ def finetune(fcfg: FinetuneConfig, resume: bool | str = False, progress: bool = 
     flags a command line typed) makes it refuse a typed setting that differs
     from the saved one, rather than ignore it. The folder is locked while the
     run writes it. SIGTERM, SIGUSR1 or SIGUSR2 stops it after the current step,
-    with that step's checkpoint, by raising :class:`gmae.stopping.Stopped`.
+    with that step's checkpoint, by raising :class:`gmae.runtime.stopping.Stopped`.
     """
     with run_lock(check_output_folder(fcfg.out)):
         return _finetune(fcfg, resume, progress, encoder, mcfg, changes, given or {})

@@ -25,7 +25,7 @@ measure how well its features classify a labelled data set:
   batches only (drop_last, line 178). MAE's batch is 16384 (512 x 32 GPUs)
   at blr 0.1 (line 60), so lr 6.4; here the batch defaults to 256 (never more
   than the train set) and blr to 6.4, which keeps MAE's lr per step (see
-  :data:`gmae.choices.PROBE_DEFAULTS` for why). Val images: the deterministic
+  :data:`gmae.config.choices.PROBE_DEFAULTS` for why). Val images: the deterministic
   evaluation transform (resize, + centre crop for photos, as lines 137-139).
 * **kNN** (DINO's weighted kNN): cosine similarity to every training
   feature, the k = 20 nearest vote with weight exp(similarity / T), T = 0.07.
@@ -50,14 +50,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..choices import PROBE_DEFAULTS, PROBE_PROTOCOLS
+from ..config.choices import PROBE_DEFAULTS, PROBE_PROTOCOLS
 from ..config import ModelConfig
 from ..errors import GMAEError
 from ..model.vit import ViTEncoder
-from ..threads import worker_init
+from ..runtime.threads import worker_init
 
 POOLS = ("cls", "avg")
-#: The linear-probe protocols and their default settings (kept in gmae.choices for the command line; why the mae
+#: The linear-probe protocols and their default settings (kept in gmae.config.choices for the command line; why the mae
 #: protocol's blr is 6.4 is said there).
 PROTOCOLS, PROTOCOL_DEFAULTS = PROBE_PROTOCOLS, PROBE_DEFAULTS
 

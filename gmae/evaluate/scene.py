@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..choices import SCENE_TASKS
+from ..config.choices import SCENE_TASKS
 from ..data.labelled import IMAGE_TASKS, scene_arrays
 from ..data.scenes import TASK_KIND, SceneLabels, scene_labels, task_targets
 from ..errors import GMAEError

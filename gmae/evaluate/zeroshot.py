@@ -292,7 +292,7 @@ def fidelity_line(table: dict[str, dict]) -> str:
 def logged_collapse(run: str | Path, cfg) -> tuple[dict, str] | None:
     """The verdict of :func:`judge_collapse` on the last collapse monitors a run logged in its metrics.jsonl
     (`run`: a run folder or a checkpoint in one) -> (the figures, where they come from); None if none."""
-    from ..runs import metric_lines
+    from ..io.runs import metric_lines
 
     folder = Path(run) if Path(run).is_dir() else Path(run).parent
     for line in reversed(metric_lines(folder / "metrics.jsonl")):

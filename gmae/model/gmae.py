@@ -13,7 +13,7 @@ Differences from MAE (`gmae.model.mae`), all in the decoder:
     on the masked patches' pixels;
   * optionally (`ModelConfig.depth_grad = "swap"`), the rasterizer gives the
     depths the depth-order gradient, for which the render needs the loss's
-    per-pixel curvature (`gmae.loss.pixel_curvature`).
+    per-pixel curvature (`gmae.model.loss.pixel_curvature`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..loss import denormalize_patches, pixel_curvature, reconstruction_loss
+from .loss import denormalize_patches, pixel_curvature, reconstruction_loss
 from ..render.camera import get_camera
 from ..render.gaussians import Gaussians, render_gaussians
 from .mae import MAE, Output
@@ -289,7 +289,7 @@ class GMAE(MAE):
         """(B, C, H, W) render of `gaussians` on the configured background.
 
         loss_curvature (B, H, W): given while training with the depth-order
-        gradient (see `gmae.loss.pixel_curvature`); None renders without it.
+        gradient (see `gmae.model.loss.pixel_curvature`); None renders without it.
         """
         size = self.cfg.img_size
         if self.compositing == "weighted":  # the weights' temperature is part of the forward

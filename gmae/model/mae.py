@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..loss import denormalize_patches, reconstruction_loss
+from .loss import denormalize_patches, reconstruction_loss
 from .vit import Block, ViTEncoder, init_weights, patchify, sincos_pos_embed, unpatchify
 
 

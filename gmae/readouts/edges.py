@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..choices import positive_int
+from ..config.choices import positive_int
 from .layers import layers
 from .record import Flag, Readout, Scorer
 
@@ -110,7 +110,7 @@ def edges_figure(image: torch.Tensor, per_level: dict[int, torch.Tensor], soft: 
     white), and the soft edge map (their mean over levels and change thresholds)."""
     from matplotlib.figure import Figure
 
-    from ..viz import picture_row, to_numpy_image
+    from ..viz.figures import picture_row, to_numpy_image
 
     pictures = [to_numpy_image(image)] + [1.0 - e.float().cpu().numpy() for e in per_level.values()]
     pictures.append(1.0 - soft.float().cpu().numpy())
@@ -165,7 +165,7 @@ def _compute(g: Gaussians, canvas: Canvas, options):
 
 
 def _save(image, computed, path):
-    from ..viz import save_figure
+    from ..viz.figures import save_figure
 
     soft, per_level = computed
     return save_figure(edges_figure(image, {k: v[0] for k, v in per_level.items()}, soft[0]), path)

@@ -39,7 +39,7 @@ def gaussians_figure(image: torch.Tensor, means: torch.Tensor, opacities: torch.
     """
     from matplotlib.figure import Figure
 
-    from ..viz import show, to_numpy_image
+    from ..viz.figures import show, to_numpy_image
 
     fig = Figure(figsize=(cell * 3 + 0.6, cell + 0.5), dpi=100)
     ax_in, ax_sc, ax_re = fig.subplots(1, 3)
@@ -79,7 +79,7 @@ def _compute(g: Gaussians, canvas: Canvas, options):
 
 
 def _save(image, computed, path):
-    from ..viz import save_figure
+    from ..viz.figures import save_figure
 
     g, render = computed
     return save_figure(gaussians_figure(image, g.means[0], g.opacities[0], render[0, 0], g.colors[0]), path)

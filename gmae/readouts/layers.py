@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..choices import positive_int
+from ..config.choices import positive_int
 from .record import Flag, Readout
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def layers_figure(image: torch.Tensor, counts: list[int], partial: torch.Tensor,
     """
     from matplotlib.figure import Figure
 
-    from ..viz import picture_row, to_numpy_image
+    from ..viz.figures import picture_row, to_numpy_image
 
     k, l = counts[-1], layer_images.shape[0]
     columns = max(len(counts) + 1, l)
@@ -97,7 +97,7 @@ def _compute(g: Gaussians, canvas: Canvas, options):
 
 
 def _save(image, computed, path):
-    from ..viz import save_figure
+    from ..viz.figures import save_figure
 
     counts, partial, layer_images = computed
     return save_figure(layers_figure(image, counts, partial[0], layer_images[0]), path)

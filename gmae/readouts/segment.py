@@ -61,7 +61,7 @@ def segment_figure(image: torch.Tensor, figure: torch.Tensor, near_render: torch
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from ..viz import picture_row, to_numpy_image
+    from ..viz.figures import picture_row, to_numpy_image
 
     tint = np.array(FIGURE_TINT)
     img = to_numpy_image(image)
@@ -94,7 +94,7 @@ def _compute(g: Gaussians, canvas: Canvas, options):
 
 
 def _save(image, computed, path):
-    from ..viz import save_figure
+    from ..viz.figures import save_figure
 
     figure, near = computed
     return save_figure(segment_figure(image, figure[0], near[0]), path)

@@ -50,7 +50,7 @@ __all__ = [
 CHUNK_ELEMENTS = 2**20
 
 
-def _tile_ranges(
+def tile_ranges(
     means: Tensor,
     conics: Tensor,
     opacities: Tensor,
@@ -88,7 +88,7 @@ def _tile_ranges(
     return x0, x1, y0, y1, keep
 
 
-def _bin_into_tiles(
+def bin_into_tiles(
     x0: Tensor, x1: Tensor, y0: Tensor, y1: Tensor, keep: Tensor, per_image: int, tiles_x: int, tiles_y: int, batch: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Build the per-tile, depth-ordered Gaussian lists.
@@ -140,19 +140,19 @@ def sort_and_bin(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Ten
 
     Returns ``order`` (B, K), the flat sorted (means (N, 2), conics (N, 3),
     colors (N, C), opacities (N,) in dtype, differentiable; depths (N,),
-    detached), and the lists of :func:`_bin_into_tiles` (``gids``, ``starts``,
+    detached), and the lists of :func:`bin_into_tiles` (``gids``, ``starts``,
     ``counts``). Shared by the torch and triton backends.
     """
     B, K = depths.shape
     order = torch.argsort(depths.detach(), dim=1, stable=True)  # (B, K)
     means_s, conics_s, colors_s, opac_s = (_sort_flat(order, t, dtype) for t in (means2d, conics, colors, opacities))
     depths_s = torch.gather(depths.detach(), 1, order).reshape(B * K)
-    x0, x1, y0, y1, keep = _tile_ranges(means_s, conics_s, opac_s, tiles_x, tiles_y, colors_s, depths_s, tile_cut)
-    gids, starts, counts = _bin_into_tiles(x0, x1, y0, y1, keep, K, tiles_x, tiles_y, B)
+    x0, x1, y0, y1, keep = tile_ranges(means_s, conics_s, opac_s, tiles_x, tiles_y, colors_s, depths_s, tile_cut)
+    gids, starts, counts = bin_into_tiles(x0, x1, y0, y1, keep, K, tiles_x, tiles_y, B)
     return order, (means_s, conics_s, colors_s, opac_s, depths_s), gids, starts, counts
 
 
-def _contributions(
+def contributions(
     means: Tensor,
     conics: Tensor,
     opacities: Tensor,
@@ -206,7 +206,7 @@ def _contributions(
     return alpha, torch.cumprod(1.0 - alpha, dim=1)
 
 
-def _exclusive(t_incl: Tensor) -> Tensor:
+def exclusive_transmittance(t_incl: Tensor) -> Tensor:
     """Tᵢ, the transmittance *before* entry i, from the inclusive one (an exclusive cumprod)."""
     return torch.cat([torch.ones_like(t_incl[:, :1]), t_incl[:, :-1]], dim=1)
 
@@ -222,12 +222,12 @@ def _composite_chunk(
     py: Tensor,
     max_alpha: float,
 ) -> tuple[Tensor, Tensor]:
-    """Alpha-composite a chunk of tiles (inputs as :func:`_contributions`, colors (N, C)).
+    """Alpha-composite a chunk of tiles (inputs as :func:`contributions`, colors (N, C)).
 
     Returns color (n, C, P) = Σ cᵢαᵢTᵢ and T_final (n, P).
     """
-    alpha, t_incl = _contributions(means, conics, opacities, gid, present, px, py, max_alpha)
-    weights = alpha * _exclusive(t_incl)  # (n, M, P)
+    alpha, t_incl = contributions(means, conics, opacities, gid, present, px, py, max_alpha)
+    weights = alpha * exclusive_transmittance(t_incl)  # (n, M, P)
     color = torch.einsum("nmp,nmc->ncp", weights, colors[gid])
     return color, t_incl[:, -1]
 
@@ -259,7 +259,7 @@ def _weighted_chunk(
 
     Inputs as :func:`_composite_chunk`, plus depths (N,). Returns color (n, C, P), T_final (n, P).
     """
-    alpha, t_incl = _contributions(means, conics, opacities, gid, present, px, py, max_alpha, early_stop=False)
+    alpha, t_incl = contributions(means, conics, opacities, gid, present, px, py, max_alpha, early_stop=False)
     logw = (-depths[gid] / tau).unsqueeze(-1).expand_as(alpha)  # (n, M, P)
     contributes = alpha > 0
     # per-pixel shift by the nearest contributor, so that exp() neither overflows nor underflows
@@ -359,7 +359,7 @@ class _DepthOrderGradient(torch.autograd.Function):
         return grad_image, grad_depths, None
 
 
-def _to_tiles(x: Tensor, tiles_x: int, tiles_y: int) -> Tensor:
+def to_tiles(x: Tensor, tiles_x: int, tiles_y: int) -> Tensor:
     """(B, C, H, W) -> (B·T, C, TILE²) in the tile order of the compositor (padding with zeros)."""
     B, C, H, W = x.shape
     x = torch.nn.functional.pad(x, (0, tiles_x * TILE - W, 0, tiles_y * TILE - H))
@@ -437,7 +437,7 @@ def rasterize_torch(
     in_tile_y = torch.div(lin, TILE, rounding_mode="floor").to(dtype) + 0.5
 
     def chunks():
-        """(tile ids, gid, present, px, py) of each chunk of tiles (see `_contributions`)."""
+        """(tile ids, gid, present, px, py) of each chunk of tiles (see `contributions`)."""
         i = 0
         while i < len(counts_sorted):
             m = counts_sorted[i]
@@ -490,16 +490,16 @@ def rasterize_torch(
     if not weighted and depth_tau > 0 and torch.is_grad_enabled() and depths.requires_grad:
         means_d, conics_d, colors_d, opac_d = (t.detach() for t in (means_s, conics_s, colors_s, opac_s))
         depths_d = depths_s.to(dtype)
-        curvature = _to_tiles(loss_curvature.detach().to(dtype)[:, None], tiles_x, tiles_y)[:, 0]
+        curvature = to_tiles(loss_curvature.detach().to(dtype)[:, None], tiles_x, tiles_y)[:, 0]
 
         def depth_pass(grad_image: Tensor) -> Tensor:
             """∂/∂depths (B, K) of the relaxed swap loss, chunk by chunk (see `depth_pair_gradient`)."""
-            g = _to_tiles(grad_image.to(dtype), tiles_x, tiles_y)
+            g = to_tiles(grad_image.to(dtype), tiles_x, tiles_y)
             flat = torch.zeros(B * K, dtype=dtype, device=device)
             with torch.no_grad():
                 for chunk, gid, present, px, py in chunks():
-                    alpha, t_incl = _contributions(means_d, conics_d, opac_d, gid, present, px, py, max_alpha)
-                    dz = depth_pair_gradient(alpha, _exclusive(t_incl), colors_d[gid], depths_d[gid],
+                    alpha, t_incl = contributions(means_d, conics_d, opac_d, gid, present, px, py, max_alpha)
+                    dz = depth_pair_gradient(alpha, exclusive_transmittance(t_incl), colors_d[gid], depths_d[gid],
                                              g[chunk], curvature[chunk], float(depth_tau))
                     flat.index_add_(0, gid.reshape(-1), dz.reshape(-1))
             return torch.zeros(B, K, dtype=dtype, device=device).scatter_(1, order, flat.view(B, K))

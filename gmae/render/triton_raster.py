@@ -91,9 +91,9 @@ Numerics: what a compiled kernel computes, which the interpreter runs as numpy.
 Tested (tests/test_render_triton.py) in the interpreter against the oracle,
 values and every gradient; every kernel variant is also compiled for sm_90
 (H100/H200) without a GPU, with triton's own ptxas (no spills with triton
-3.9; ``python scripts/triton_sass.py`` prints each variant's registers and
+3.9; ``python tools/triton_sass.py`` prints each variant's registers and
 the SASS instructions and barriers of its loop, docs/gpu.md has them). Not
-yet run on a GPU: its speed is unmeasured (scripts/gpu_check.sh).
+yet run on a GPU: its speed is unmeasured (tools/gpu_check.sh).
 """
 
 from __future__ import annotations

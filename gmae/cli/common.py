@@ -1,0 +1,113 @@
+"""What the commands share: help texts, argument types and checks, loading a model, --resume, the typed flags."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import INPUT_NORMS
+from ..config.recipes import RECIPES
+from ..errors import GMAEError
+from ..io.files import check_exists
+
+
+CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
+
+
+RAW_WEIGHTS_HELP = ("use the checkpoint's raw weights, not the EMA of them that a run with --ema saves "
+                    "(used by default when there is one)")
+
+
+RESUME_HELP = ("continue the newest checkpoint in --out (an error if there is none; --resume=auto: "
+               "continue if there is one, else start) with its saved settings. A flag given with --resume that "
+               "contradicts them is refused, except those a resume may change: {}")
+
+
+def _background(text: str) -> tuple[float, ...]:
+    named = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "grey": (0.5, 0.5, 0.5), "gray": (0.5, 0.5, 0.5)}
+    if text in named:
+        return named[text]
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected white, black, grey or R,G,B in [0,1]; got {text!r}") from None
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"background values must be in [0, 1]; got {text!r}")
+    return values
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _check_mask_ratio(ratio: float | None) -> None:
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise GMAEError(f"mask ratio must be in [0, 1); got {ratio}")
+
+
+def _check_checkpoint(path: str) -> None:
+    check_exists(path, "checkpoint", f"give {CHECKPOINT_HELP}")
+
+
+def _add_raw_weights(p) -> None:
+    p.add_argument("--raw-weights", action="store_true", help=RAW_WEIGHTS_HELP)
+
+
+def _add_encoder_norm(p) -> None:
+    """--normalize for the commands that read an encoder from any ViT file (gmae.io.export.load_encoder)."""
+    p.add_argument("--normalize", dest="input_norm", default=None, choices=INPUT_NORMS,
+                   help="the input normalisation of a ViT file without gmae's config: imagenet (default for "
+                        "timm's and MAE's files, as they trained) or none (a gmae .pth timm export of a model "
+                        "pre-trained without --normalize); gmae checkpoints and exports keep their own")
+
+
+def _say_weights(label: str | None, raw: bool) -> None:
+    """One line on stderr naming the weights a command uses, when it had a choice (gmae.io.checkpoint.weights_line)."""
+    from ..io.checkpoint import weights_line
+    from ..io.runs import say
+
+    line = weights_line(label, raw)
+    if line:
+        say(line)
+
+
+def _load_model(args, **kw):
+    """gmae.io.runs.load_model of ``args.checkpoint`` on ``args.device`` with the weights ``--raw-weights`` picks,
+    saying which (model, ModelConfig, checkpoint dict)."""
+    from ..io.runs import load_model
+
+    model, mcfg, state = load_model(args.checkpoint, args.device, raw=args.raw_weights, **kw)
+    _say_weights(state["weights"], args.raw_weights)
+    return model, mcfg, state
+
+
+def _add_resume(p, resumable: tuple[str, ...], *logging: str) -> None:
+    """--resume, whose help lists the flags a resume may change: the `resumable` settings, --threads,
+    --out and the `logging` flags."""
+    flags = [f"--{name.replace('_', '-')}" for name in resumable] + ["--threads", *logging, "--out"]
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                   help=RESUME_HELP.format(", ".join(flags)))
+
+
+def _typed_options(parser: argparse.ArgumentParser, argv: list[str] | None, command: str) -> dict[str, str]:
+    """{dest: flag} of the options of `command` that `argv` gives explicitly (argparse's defaults are not).
+
+    The command line is parsed again with every default of that command suppressed, so only what was
+    typed lands in the namespace; a flag is named by its option strings (``--num-gaussians/-k``).
+    """
+    actions = [a for a in parser.commands[command]._actions if a.option_strings]
+    defaults = [a.default for a in actions]
+    for action in actions:
+        action.default = argparse.SUPPRESS
+    try:
+        typed = vars(parser.parse_known_args(argv)[0])
+    finally:
+        for action, default in zip(actions, defaults):
+            action.default = default
+    return {a.dest: "/".join(a.option_strings) for a in actions if a.dest in typed}
+
+
+def _add_recipe(p, command: str) -> None:
+    names = [name for name, r in RECIPES.items() if r.command == command]
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help=f"start from a named recipe's settings (flags given here override them): {', '.join(names)}; "
+                        "gmae recipes NAME prints its values and where each comes from")

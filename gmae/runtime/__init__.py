@@ -1,0 +1,1 @@
+"""Processes and machines: threads, torchrun (distributed), SLURM and submitit (cluster), signals (stopping)."""

@@ -1,0 +1,116 @@
+"""Data-parallel training through PyTorch's own engine, started by `torchrun`.
+
+`torchrun --nproc_per_node=N -m gmae pretrain ...` sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init` reads them (env:// rendezvous)
+and joins the process group: NCCL on CUDA, gloo on CPU. Run as a plain
+command, `init` returns a single-process context and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import GMAEError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and draws the progress bar."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def rank_from_env() -> int:
+    """This process's rank under torchrun (0 when run as a plain command), before `init`."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def init(device: str) -> Context:
+    """Join the torchrun process group if there is one; returns this process's context."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        requested = torch.device(device)
+    except RuntimeError:
+        raise GMAEError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if requested.type == "cuda" and not torch.cuda.is_available():
+        raise GMAEError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
+    if world_size == 1:
+        return Context(0, 1, requested)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if requested.type == "cuda":
+        if torch.cuda.device_count() <= local_rank:
+            raise GMAEError(f"rank {rank} needs GPU {local_rank} but {torch.cuda.device_count()} are visible")
+        requested = torch.device("cuda", local_rank)
+        torch.cuda.set_device(requested)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if requested.type == "cuda" else "gloo", store=_store(rank, world_size),
+                                rank=rank, world_size=world_size)
+    return Context(rank, world_size, requested)
+
+
+def _store(rank: int, world_size: int) -> dist.Store:
+    """The env:// rendezvous store; under torchrun's shared agent store, with keys of their own for each restart.
+
+    torchrun's workers share the TCP store of its c10d rendezvous, which
+    outlives a restart (``--max-restarts``): without a prefix of its own, a
+    restart reads the addresses the dead processes published and fails to
+    connect. The prefix is the restart count, which every node's agent
+    advances when the workers fail together. With
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` each start gets a new store and
+    needs none (docs/cluster.md: a node that joins anew starts its count at 0).
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
+    return dist.PrefixStore(f"gmae/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def mean_across(value: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The mean of a scalar over all processes (itself when single-process)."""
+    if not ctx.distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / ctx.world_size
+
+
+def sum_across(value: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The element-wise sum of a tensor over all processes (itself when single-process)."""
+    if not ctx.distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def max_across(value: int, ctx: Context) -> int:
+    """The largest of an integer over all processes (itself when single-process)."""
+    if not ctx.distributed:
+        return value
+    # NCCL reduces CUDA tensors only; gloo takes CPU ones.
+    t = torch.tensor([value], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def shutdown(ctx: Context) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

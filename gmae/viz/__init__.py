@@ -1,0 +1,1 @@
+"""Figures: the reconstruction figure (figures), training curves (plot), TensorBoard (board)."""
