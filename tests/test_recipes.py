@@ -152,7 +152,12 @@ def test_epochs_become_steps_from_the_data_set_and_the_global_batch():
     # MAE's ImageNet run: 1281167 images, effective batch 4096: 312 steps an epoch, 800 epochs, 40 warmup.
     imagenet = TrainConfig(batch_size=4096, micro_batch=64, epochs=800, warmup_epochs=40).resolved(1281167, 8)
     assert (imagenet.steps, imagenet.warmup_steps, imagenet.accum_steps) == (249600, 12480, 8)
-    assert TrainConfig(batch_size=64, epochs=1).resolved(10).steps == 1  # a data set smaller than a batch
+    # a data set smaller than one batch: epochs of 0 steps, refused naming both numbers (a recipe's 4096 on 5 images)
+    with pytest.raises(GMAEError, match="epoch of 10 images at batch 64 is 0 steps"):
+        TrainConfig(batch_size=64, epochs=1).resolved(10)
+    with pytest.raises(GMAEError, match="--warmup-epochs 2: an epoch of 5 images at batch 4096"):
+        TrainConfig(batch_size=4096, warmup_epochs=2, steps=10).resolved(5)
+    assert TrainConfig(batch_size=10, epochs=1).resolved(10).steps == 1  # exactly one batch: one step
     with pytest.raises(GMAEError, match="give --steps"):
         TrainConfig(epochs=1).resolved(None)  # a generated source has no epochs
     with pytest.raises(GMAEError, match="give --steps"):
@@ -551,3 +556,14 @@ def test_pretrain_takes_a_recipe_from_python(tmp_path, one_thread):
     assert (train["steps"], train["epochs"], train["accum_steps"], model["img_size"]) == (2, None, 2, 16)
     with pytest.raises(GMAEError, match="both configs"):
         pretrain(model_config("tiny"), recipe="tiny")
+
+
+def test_a_recipe_whose_epoch_is_no_step_is_refused_before_any_work(images, tmp_path, capsys):
+    """MAE's batch of 4096 on 8 images: an epoch of 0 steps. Refused in one line naming both numbers, before the
+    ViT-B is built or the output folder made."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--recipe", "gmae-paper-vit-b", "--data", images, "--out", str(out), "--quiet",
+                 "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epoch of 8 images at batch 4096 is 0 steps" in err[0], err
+    assert not out.exists()

@@ -307,8 +307,9 @@ class TrainConfig:
         `warmup_epochs`, `accum_steps` from `micro_batch`.
 
         An epoch is MAE's: the optimizer steps of one pass with the last partial batch dropped,
-        floor(num_images / batch_size) (at least 1), batch_size being the global (effective) batch;
-        fractional epochs round to the nearest step (at least 1).
+        floor(num_images / batch_size), batch_size being the global (effective) batch; fractional epochs round
+        to the nearest step (at least 1). A data set smaller than one batch has epochs of 0 steps: refused, since a
+        recipe's length in epochs means nothing there (MAE's loader would end each epoch before a step).
         """
         changes: dict = {}
         if self.micro_batch:
@@ -322,7 +323,12 @@ class TrainConfig:
             if num_images is None:
                 raise GMAEError(f"{which} needs a data set with a size (an image folder or digits); --data "
                                 f"{self.data} is generated without end: give --steps and --warmup-steps instead")
-            per_epoch = max(1, num_images // self.batch_size)
+            per_epoch = num_images // self.batch_size
+            if per_epoch == 0:
+                raise GMAEError(f"{which} {self.epochs if self.epochs is not None else self.warmup_epochs:g}: an "
+                                f"epoch of {num_images} images at batch {self.batch_size} is 0 steps (the last "
+                                "partial batch is dropped, as MAE does); give a batch of at most "
+                                f"{num_images} images, or the length in --steps")
             if self.epochs is not None:
                 changes["steps"] = max(1, round(self.epochs * per_epoch))
             if self.warmup_epochs is not None:
