@@ -608,3 +608,24 @@ def test_eval_zeroshot_scores_the_trivial_baselines(run, capsys):
     assert main(["eval-zeroshot", "--checkpoint", str(run), "--num-images", "2"]) == 0
     rows = {line.split("  ")[0] for line in capsys.readouterr().out.splitlines()}
     assert {"all figure", "no edges", "random order"} <= rows
+
+
+def test_documented_choice_lists_match_the_parser():
+    """Every `--flag {a,b,c}` of README.md and docs/ lists exactly the choices gmae's parser has for that flag
+    (on some command that has it), so that the docs cannot offer a value the command refuses, or hide one."""
+    from gmae.cli import build_parser
+
+    choices: dict[str, list[set]] = {}
+    for command in build_parser().commands.values():
+        for action in command._actions:
+            for flag in action.option_strings:
+                if action.choices is not None:
+                    choices.setdefault(flag, []).append({str(c) for c in action.choices})
+    found = 0
+    for page in DOCS:
+        for flag, listed in re.findall(r"(--[a-z][a-z-]*) \{([A-Za-z0-9_.,-]+)\}", page.read_text()):
+            found += 1
+            assert flag in choices, f"{page.name}: {flag} takes no choices in any gmae command"
+            assert set(listed.split(",")) in choices[flag], \
+                f"{page.name}: {flag} {{{listed}}}; the parser offers {[sorted(c) for c in choices[flag]]}"
+    assert found >= 10  # the docs do list choices this way
