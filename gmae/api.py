@@ -88,11 +88,11 @@ class Model:
                 raise GMAEError(f"images must be ({self.config.in_chans}, {size}, {size}) or a batch of them, in "
                                 f"[0, 1]; got {tuple(images.shape)} (model.images(paths) reads and resizes files)")
             return batch.to(self.device)
-        from .data import load_image
+        from .data import load_images
 
         paths = [images] if isinstance(images, (str, Path)) else list(images)
         files = image_files([str(p) for p in paths])
-        return torch.stack([load_image(f, self.config.img_size) for f in files]).to(self.device)
+        return torch.stack(load_images(files, self.config.img_size)).to(self.device)
 
     @torch.no_grad()
     def reconstruct(self, images: ImagesLike, mask_ratio: float | None = None, seed: int = 0):

@@ -154,6 +154,27 @@ def test_unreadable_image_is_one_line(run_dir, tmp_path, capsys):
     assert code == 2 and "bad.jpg" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["layers", "reconstruct"])
+def test_every_input_is_read_before_any_figure_is_written(command, run_dir, tmp_path, capsys):
+    """A folder with good images and seven bad files: nothing is written, and one line names the first five bad
+    files and counts the rest (the good images sort first, so a per-image loop would have written their figures)."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a0.png", "a1.png"):
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / name)
+    for i in range(7):
+        (folder / f"b{i}.png").write_bytes(b"" if i == 0 else b"not an image")
+    out = tmp_path / "figs"
+    code = main([command, str(folder), "--checkpoint", str(run_dir / "checkpoint-0000004.pt"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "7 of 9 images cannot be used" in err and all(f"b{i}.png" in err for i in range(5)), err
+    assert "b5.png" not in err and "and 2 more" in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_console_entry_point_and_bad_flag():
     ok = subprocess.run([sys.executable, "-m", "gmae", "--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "pretrain" in ok.stdout and "reconstruct" in ok.stdout

@@ -37,12 +37,12 @@ def cmd_reconstruct(args) -> int:
     images = _image_command_inputs(args)
     import torch
 
-    from ..data import load_image
+    from ..data import load_images
     from ..model import masking_noise
     from ..viz.figures import save_reconstruction_figure
 
     model, mcfg, state = _load_model(args)
-    imgs = torch.stack([load_image(path, mcfg.img_size) for path in images]).to(args.device)
+    imgs = torch.stack(load_images(images, mcfg.img_size)).to(args.device)
     out = Path(args.out)
     for i, path in enumerate(images):
         noise = masking_noise(args.seed, i, 1, mcfg.num_patches).to(args.device)
@@ -82,7 +82,7 @@ def _report_collapse(collapse: dict | None) -> None:
 
 def cmd_readout(args) -> int:
     images = _image_command_inputs(args)
-    from ..data import load_image
+    from ..data import load_images
     from ..readouts.core import Canvas, depth_collapse, gaussians_of
 
     readout = READOUTS[args.readout]
@@ -90,8 +90,8 @@ def cmd_readout(args) -> int:
     canvas = Canvas.of(model)
     out = Path(args.out)
     read = []
-    for path in images:
-        img = load_image(path, mcfg.img_size).to(args.device)
+    for path, img in zip(images, load_images(images, mcfg.img_size)):  # every input read before any figure
+        img = img.to(args.device)
         g = gaussians_of(model, img[None], args.mask_ratio)
         read.append(g)
         print(readout.save(img, readout.compute(g, canvas, args), out / f"{Path(path).stem}_{readout.name}.png"))

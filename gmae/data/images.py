@@ -115,6 +115,23 @@ def load_image(path, size, crop_pct: float = 1.0) -> torch.Tensor:
     return resize_center_crop(img, size, crop_pct)
 
 
+def load_images(paths, size, crop_pct: float = 1.0, shown: int = 5) -> list[torch.Tensor]:
+    """:func:`load_image` of every path, all read before any is used: one GMAEError naming every file that is
+    missing or cannot be decoded (the first `shown` by name, then a count), so that a command that writes one
+    figure per image writes none when an input is bad, and the user learns of every bad input at once."""
+    images, bad = [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, size, crop_pct))
+        except GMAEError as e:
+            bad.append(str(e).split(";")[0].removeprefix("image "))
+    if bad:
+        listed = ", ".join(bad[:shown]) + (f", and {len(bad) - shown} more" if len(bad) > shown else "")
+        raise GMAEError(f"{len(bad)} of {len(images) + len(bad)} images cannot be used: {listed}; give files "
+                        "Pillow can open (nothing was written)")
+    return images
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """8-bit RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
     a = np.asarray(img, dtype=np.uint8)
