@@ -186,6 +186,61 @@ def test_a_second_signal_during_the_save_is_ignored_and_handlers_come_back(tmp_p
     assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
 
 
+# A process that saved a checkpoint, entered the guard and then never reaches a step boundary (a hung loader, a
+# CPU step of minutes): SIGNALS are sent to itself, then it "trains" for a minute.
+HUNG_STEP = """
+import os, signal, sys, time
+from gmae.io.checkpoint import save_checkpoint
+from gmae.runtime.stopping import StopGuard
+out, grace, gaps = sys.argv[1], float(sys.argv[2]), [float(g) for g in sys.argv[3:]]
+from gmae.io.checkpoint import FORMAT
+save_checkpoint({{"format": FORMAT, "step": 7, "model": {{}}}}, os.path.join(out, "checkpoint-0000007.pt"))
+with StopGuard(grace, out) as guard:
+    for gap in gaps:
+        time.sleep(gap)
+        os.kill(os.getpid(), signal.SIGTERM)
+    started = time.monotonic()
+    while time.monotonic() - started < 60:
+        time.sleep(0.05)
+print("the step ended", guard.signum)
+"""
+
+
+def hung_step(tmp_path, grace, *gaps):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", HUNG_STEP.format(), str(tmp_path), str(grace), *map(str, gaps)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    return done, time.monotonic() - started
+
+
+def test_a_step_that_outlasts_the_grace_period_is_ended_by_it(tmp_path):
+    done, seconds = hung_step(tmp_path, 1.0, 0.0)
+    assert done.returncode == STOPPED_EXIT and seconds < 30, (done.returncode, seconds, done.stderr)
+    assert "no step ended within 1 s of SIGTERM: exiting now" in done.stderr
+    assert f"the checkpoints saved in {tmp_path} are intact" in done.stderr
+    assert load_checkpoint(tmp_path / "checkpoint-0000007.pt")["step"] == 7
+
+
+def test_a_second_signal_before_the_step_ends_exits_at_once(tmp_path):
+    done, seconds = hung_step(tmp_path, 0, 0.0, 2.5)  # no grace limit: only the second signal ends it
+    assert done.returncode == STOPPED_EXIT and seconds < 30, (done.returncode, seconds, done.stderr)
+    assert "a second signal (SIGTERM) before the step ended: exiting now" in done.stderr
+    assert load_checkpoint(tmp_path / "checkpoint-0000007.pt")["step"] == 7
+
+
+def test_one_stop_delivered_twice_is_one_stop():
+    """SLURM signals every process of a step and torchrun forwards what it receives: the same SIGTERM can come
+    twice within a moment. That is not a second request; the run still stops at its step boundary."""
+    from gmae.runtime.stopping import StopGuard
+
+    with StopGuard(0) as guard:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert guard.signum == signal.SIGTERM  # still here: the process did not exit
+
+
 def test_finetune_stops_on_a_signal_and_resumes_exactly(tmp_path, ckpt, colours, monkeypatch):  # noqa: F811
     import gmae.evaluate.finetune as ft
 

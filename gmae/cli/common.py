@@ -111,3 +111,10 @@ def _add_recipe(p, command: str) -> None:
     p.add_argument("--recipe", default=None, metavar="NAME",
                    help=f"start from a named recipe's settings (flags given here override them): {', '.join(names)}; "
                         "gmae recipes NAME prints its values and where each comes from")
+
+
+def _add_stop_grace(p, default: float) -> None:
+    p.add_argument("--stop-grace", type=float, default=None, metavar="S",
+                   help="after a stop signal (SIGTERM, SIGUSR1/2) the run saves at the end of the step and exits 75; "
+                        f"if no step ends within S seconds, or a second signal comes first, it exits at once, its "
+                        f"saved checkpoints intact (default {default:g}; 0: wait for the step)")

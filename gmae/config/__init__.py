@@ -256,6 +256,9 @@ class TrainConfig:
     # Steps between measurements of whether the Gaussians follow the image (gmae.readouts.layout: the layout figures
     # and the full-image PSNR on a fixed held-out batch, logged in metrics.jsonl); 0 = never. GMAE only.
     layout_every: int = 100
+    # Seconds a run may take to reach its step boundary after a stop signal before it exits at once
+    # (gmae.runtime.stopping.StopGuard); 0 = wait for the step however long it takes.
+    stop_grace: float = 60.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -281,6 +284,8 @@ class TrainConfig:
             raise GMAEError("warmup steps must be >= 0 and checkpoint-every >= 1")
         if not 0.0 <= self.ema < 1.0:
             raise GMAEError(f"ema decay must be in [0, 1) (0: no EMA; the authors' runs use 0.999); got {self.ema}")
+        if self.stop_grace < 0:
+            raise GMAEError(f"stop-grace must be >= 0 seconds (0: no limit); got {self.stop_grace}")
         if self.layout_every < 0:
             raise GMAEError(f"layout-every must be >= 0 (0: never); got {self.layout_every}")
 
@@ -375,8 +380,9 @@ PRESETS: dict[str, dict] = {
 # every other setting is the checkpoint's, and a command line that contradicts it is refused.
 # (epochs: a new length, as steps; micro_batch: the memory of the machine it resumes on, the same result.)
 PRETRAIN_RESUMABLE = ("steps", "epochs", "micro_batch", "device", "checkpoint_every", "num_workers", "keep_checkpoints",
-                      "max_bad_steps", "layout_every")
-FINETUNE_RESUMABLE = ("steps", "device", "num_workers", "keep_checkpoints", "checkpoint_every", "eval_every")
+                      "max_bad_steps", "layout_every", "stop_grace")
+FINETUNE_RESUMABLE = ("steps", "device", "num_workers", "keep_checkpoints", "checkpoint_every", "eval_every",
+                      "stop_grace")
 
 # The fields only --preset sets: they name a checkpoint's preset (`preset_of`).
 PRESET_SHAPE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
@@ -490,6 +496,7 @@ class FinetuneConfig:
     device: str = "cpu"
     out: str = "runs/finetune"
     eval_every: int = 0  # steps between val evaluations; 0: once per epoch (and always at the end)
+    stop_grace: float = 60.0  # as TrainConfig.stop_grace
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch (and always at the end)
     keep_checkpoints: int = 2
     num_workers: int = 0
@@ -536,6 +543,7 @@ class FinetuneConfig:
             (0 <= self.reprob <= 1, f"random-erasing probability reprob must be in [0, 1]; got {self.reprob}"),
             (self.remode in ERASE_MODES, f"remode must be one of {', '.join(ERASE_MODES)}; got {self.remode!r}"),
             (self.recount >= 1, f"recount (random-erasing boxes) must be at least 1; got {self.recount}"),
+            (self.stop_grace >= 0, f"stop-grace must be >= 0 seconds (0: no limit); got {self.stop_grace}"),
             (self.global_pool in GLOBAL_POOLS, f"global pool must be one of {', '.join(GLOBAL_POOLS)}; "
                                                f"got {self.global_pool!r}"),
             (self.input_norm in ("", *INPUT_NORMS), f"input normalisation must be one of {', '.join(INPUT_NORMS)} "

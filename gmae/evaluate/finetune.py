@@ -196,7 +196,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     bar = tqdm(total=fcfg.steps, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
     # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it.
     redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
-    with StopGuard() as guard, bar, redirect, MetricsLog(metrics_path) as metrics:
+    with StopGuard(fcfg.stop_grace, fcfg.out) as guard, bar, redirect, MetricsLog(metrics_path) as metrics:
         for step, (imgs, labels) in enumerate(loader, start=start):
             t0 = time.perf_counter()
             lr = learning_rate(step, fcfg)
@@ -234,6 +234,8 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             stop = guard.signum if done < fcfg.steps else 0
+            if stop:
+                guard.stopping()  # this step's checkpoint is written whatever signal comes next
             if stop or done % fcfg.checkpoint_every == 0 or done == fcfg.steps:
                 save_checkpoint({
                     "format": FORMAT, "version": 1, "step": done, "config": run_config,

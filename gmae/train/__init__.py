@@ -273,7 +273,8 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     t_start = time.perf_counter()
     # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it. The stop signals
     # (gmae.runtime.stopping) are caught from the first step until the run ends; before it, they end the process as ever.
-    with (StopGuard() as guard, bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(),
+    with (StopGuard(tcfg.stop_grace, str(out)) as guard, bar,
+          logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(),
           MetricsLog(metrics_path) if ctx.is_main else contextlib.nullcontext() as metrics,
           Board(out / "tensorboard", start) if tensorboard and ctx.is_main else contextlib.nullcontext() as board):
         for step, batch in enumerate(loader, start=start):
@@ -317,6 +318,8 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
             bar.update(1)
             # A stop signal on any process: all stop after this step (the last step just finishes).
             stop = distributed.max_across(guard.signum, ctx) if step + 1 < tcfg.steps else 0
+            if stop:
+                guard.stopping()  # this step's checkpoint is written whatever signal comes next
             if ctx.is_main and (stop or (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps):
                 probe_state = None if probe is None else {"heads": probe.state_dict(),
                                                           "optimizer": probe_optimizer.state_dict(),
