@@ -175,6 +175,35 @@ def test_every_input_is_read_before_any_figure_is_written(command, run_dir, tmp_
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_every_command_runs_on_the_gpu_when_there_is_one():
+    """--device defaults to auto everywhere (pretrain and finetune through their configs): CUDA when it is
+    available, else the CPU; the README's ImageNet line then uses the GPU without a flag."""
+    from gmae.cli import build_parser
+    from gmae.config import FinetuneConfig, train_config
+    from gmae.errors import GMAEError
+    from gmae.runtime.distributed import resolve_device
+
+    defaults = {name: a.default for name, p in build_parser().commands.items() for a in p._actions
+                if "--device" in a.option_strings}
+    assert len(defaults) >= 8, defaults
+    assert all(d == "auto" or (d is None and name in ("pretrain", "finetune")) for name, d in defaults.items()), defaults
+    assert train_config("tiny").device == "auto" and FinetuneConfig().device == "auto"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(GMAEError, match="unknown device 'gpu'; use auto"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(GMAEError, match="CUDA is not available here"):
+            resolve_device("cuda")
+
+
+def test_the_progress_bar_names_the_device(tmp_path, capsys):
+    assert main(["pretrain", "--img-size", "16", "-k", "8", "--steps", "1", "--batch-size", "2",
+                 "--render-backend", "torch", "--threads", "1", "--out", str(tmp_path / "r")]) == 0
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"pretrain gmae ({expected})" in capsys.readouterr().err
+
+
 def test_console_entry_point_and_bad_flag():
     ok = subprocess.run([sys.executable, "-m", "gmae", "--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "pretrain" in ok.stdout and "reconstruct" in ok.stdout

@@ -75,7 +75,7 @@ def _load_model(args, **kw):
     saying which (model, ModelConfig, checkpoint dict)."""
     from ..io.runs import load_model
 
-    model, mcfg, state = load_model(args.checkpoint, args.device, raw=args.raw_weights, **kw)
+    model, mcfg, state = load_model(args.checkpoint, _resolve_device(args), raw=args.raw_weights, **kw)
     _say_weights(state["weights"], args.raw_weights)
     return model, mcfg, state
 
@@ -118,3 +118,19 @@ def _add_stop_grace(p, default: float) -> None:
                    help="after a stop signal (SIGTERM, SIGUSR1/2) the run saves at the end of the step and exits 75; "
                         f"if no step ends within S seconds, or a second signal comes first, it exits at once, its "
                         f"saved checkpoints intact (default {default:g}; 0: wait for the step)")
+
+
+DEVICE_HELP = "auto (default: CUDA when available, else the CPU), cpu, cuda, cuda:1, ..."
+
+
+def _add_device(p, default: str | None = "auto", extra: str = "") -> None:
+    p.add_argument("--device", default=default, help=DEVICE_HELP + extra)
+
+
+def _resolve_device(args) -> str:
+    """`args.device` made concrete (auto: CUDA when available, else the CPU), once the command's cheap checks have
+    passed: this imports torch."""
+    from ..runtime.distributed import resolve_device
+
+    args.device = str(resolve_device(args.device))
+    return args.device

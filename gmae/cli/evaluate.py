@@ -11,8 +11,8 @@ from ..config.choices import (
 from ..errors import GMAEError
 from ..io.files import check_output_folder
 from .common import (
-    CHECKPOINT_HELP, _add_encoder_norm, _add_raw_weights, _add_recipe, _add_resume, _add_stop_grace, _check_checkpoint,
-    _say_weights,
+    CHECKPOINT_HELP, _add_device, _add_encoder_norm, _add_raw_weights, _add_recipe, _add_resume, _add_stop_grace,
+    _check_checkpoint, _resolve_device, _say_weights,
 )
 
 
@@ -82,7 +82,7 @@ def add_probe(sub) -> None:
     _add_encoder_norm(p)
     p.add_argument("--seed", type=int, default=0, help="linear-probe seed (and --random-init's for files "
                    "that are not gmae checkpoints; a checkpoint's initial weights use its run's seed)")
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_recipe(p, "probe")
     p.set_defaults(func=cmd_probe)
@@ -157,6 +157,7 @@ def cmd_probe(args) -> int:
     from ..io.export import load_encoder
 
     encoder, mcfg = load_encoder(args.checkpoint, raw=args.raw_weights, input_norm=args.input_norm)
+    _resolve_device(args)
     if not args.random_init:
         _say_weights(encoder.loaded_weights, args.raw_weights)
     encoders = {"pre-trained": encoder}
@@ -269,7 +270,7 @@ def add_finetune(sub) -> None:
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
     _add_resume(p, FINETUNE_RESUMABLE, "--quiet", "--json")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    _add_device(p, None)
     p.add_argument("--num-workers", type=int, default=None, help="data-loading processes (default 0)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")

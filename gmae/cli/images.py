@@ -9,7 +9,7 @@ from ..config import as_dict
 from ..config.choices import positive_int
 from ..io.files import check_output_folder, image_files
 from ..readouts import READOUTS
-from .common import CHECKPOINT_HELP, _add_raw_weights, _check_checkpoint, _check_mask_ratio, _load_model
+from .common import CHECKPOINT_HELP, _add_device, _add_raw_weights, _check_checkpoint, _check_mask_ratio, _load_model
 
 
 def add_reconstruct(sub) -> None:
@@ -19,7 +19,7 @@ def add_reconstruct(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the PNG figures")
     p.add_argument("--mask-ratio", type=float, default=None, help="override the model's mask ratio")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     _add_raw_weights(p)
     p.set_defaults(func=cmd_reconstruct)
 
@@ -62,7 +62,7 @@ def add_readouts(sub) -> None:
         p.add_argument("--out", required=True, help=f"folder for the PNG figures (NAME_{readout.name}.png)")
         p.add_argument("--mask-ratio", type=float, default=0.0,
                        help="patches hidden from the encoder (default 0: it sees the whole image)")
-        p.add_argument("--device", default="cpu")
+        _add_device(p)
         _add_raw_weights(p)
         for flag in readout.flags:
             p.add_argument(*flag.names, **flag.options)
@@ -128,7 +128,7 @@ def add_eval_zeroshot(sub) -> None:
                    help="score the checkpoint's architecture at initialisation (its run's seed) instead")
     p.add_argument("--mask-ratio", type=float, default=0.0, help="patches hidden from the encoder (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     _add_raw_weights(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval_zeroshot)

@@ -12,7 +12,7 @@ from ..config import (
 from ..config.choices import positive_int
 from ..config.recipes import check_schedule
 from ..io.files import check_exists, check_output_folder
-from .common import _add_recipe, _add_resume, _add_stop_grace, _background, _count
+from .common import _add_device, _add_recipe, _add_resume, _add_stop_grace, _background, _count
 
 
 def add_pretrain(sub) -> None:
@@ -28,7 +28,7 @@ def add_pretrain(sub) -> None:
     p.add_argument("--out", default=d.out, help=f"output folder for checkpoints, metrics and figures (default {d.out})")
     _add_resume(p, PRETRAIN_RESUMABLE, "--quiet", "--tensorboard")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+    _add_device(p, None)
     p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (tiny: 400)")
     p.add_argument("--num-workers", type=int, help="data-loading processes (default 0)")
     p.add_argument("--keep-checkpoints", type=positive_int,

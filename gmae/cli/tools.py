@@ -8,7 +8,9 @@ import json
 from ..config.choices import BENCHMARKS, EXPORT_FORMATS, positive_int
 from ..config.recipes import RECIPES, get_recipe, recipe_json
 from ..io.files import check_output_file
-from .common import CHECKPOINT_HELP, _add_raw_weights, _check_checkpoint, _say_weights
+from .common import (
+    CHECKPOINT_HELP, _add_device, _add_raw_weights, _check_checkpoint, _resolve_device, _say_weights,
+)
 
 
 def add_bench(sub) -> None:
@@ -18,7 +20,7 @@ def add_bench(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="batch of step_ratio_tiny and of many_gaussians' tiny row (default 32)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per figure (median)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the fast backend is then triton, else gsplat)")
+    _add_device(p, extra="; on CUDA the fast backend is triton, else gsplat")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="the step_ratio benchmarks' precision: fp32 (default) or bf16 autocast, as gmae pretrain's")
     p.add_argument("--compile", action="store_true", help="torch.compile the step_ratio benchmarks' models")
@@ -34,7 +36,7 @@ def add_bench(sub) -> None:
 def cmd_bench(args) -> int:
     from ..bench.suite import format_results, run
 
-    results = run(args.only, device=args.device, repeats=args.repeats, batch_size=args.batch_size,
+    results = run(args.only, device=_resolve_device(args), repeats=args.repeats, batch_size=args.batch_size,
                   precision=args.precision, compile=args.compile,
                   render=dict(batch=args.render_batch, ks=tuple(args.render_k), size=args.render_size))
     print(json.dumps(results) if args.json else format_results(results))

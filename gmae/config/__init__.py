@@ -224,7 +224,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when available, else the CPU (gmae.runtime.distributed.resolve_device)
     out: str = "runs/pretrain"
     checkpoint_every: int = 500
     log_every: int = 1
@@ -493,7 +493,7 @@ class FinetuneConfig:
     # (as they trained), "none" / "imagenet" say (gmae.io.export.load_encoder). gmae files keep their own.
     input_norm: str = ""
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when available, else the CPU (gmae.runtime.distributed.resolve_device)
     out: str = "runs/finetune"
     eval_every: int = 0  # steps between val evaluations; 0: once per epoch (and always at the end)
     stop_grace: float = 60.0  # as TrainConfig.stop_grace

@@ -60,6 +60,7 @@ from ..io.export import load_encoder
 from ..io.files import check_output_folder, checkpoint_path, run_lock
 from ..model import ViTEncoder, build_classifier, param_groups
 from ..io.runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
+from ..runtime.distributed import resolve_device
 from ..runtime.stopping import StopGuard, Stopped
 from ..runtime.threads import worker_init
 from .augment import augmented, build_mixup, mix_batch, soft_target_loss
@@ -161,12 +162,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     train_source = augmented(train_ds, mcfg.img_size, fcfg)
     mixup = build_mixup(fcfg, num_classes)
     soft_loss = soft_target_loss() if mixup is not None else None
-    try:
-        device = torch.device(fcfg.device)
-    except RuntimeError:
-        raise GMAEError(f"unknown device {fcfg.device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GMAEError(f"device {fcfg.device!r} asked for but CUDA is not available here; use --device cpu")
+    device = resolve_device(fcfg.device)
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(fcfg.seed)  # the head's (and, with random_init, the encoder's) initial weights
@@ -193,7 +189,8 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
                   "classes": [str(c) for c in classes]}
     model.train()
     loss_value, val_acc = float("nan"), state.get("val_acc") if state else None
-    bar = tqdm(total=fcfg.steps, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=fcfg.steps, initial=start, desc=f"finetune ({device.type})", disable=not progress,
+               dynamic_ncols=True)
     # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it.
     redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
     with StopGuard(fcfg.stop_grace, fcfg.out) as guard, bar, redirect, MetricsLog(metrics_path) as metrics:

@@ -38,15 +38,24 @@ def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
-def init(device: str) -> Context:
-    """Join the torchrun process group if there is one; returns this process's context."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def resolve_device(device: str) -> torch.device:
+    """The device a command runs on: "auto" (every command's default) is CUDA when it is available, else the CPU;
+    anything else must name a device this machine has (one-line GMAEError)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         requested = torch.device(device)
     except RuntimeError:
-        raise GMAEError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        raise GMAEError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if requested.type == "cuda" and not torch.cuda.is_available():
-        raise GMAEError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
+        raise GMAEError(f"device {device!r} asked for but CUDA is not available here; use --device cpu (or auto)")
+    return requested
+
+
+def init(device: str) -> Context:
+    """Join the torchrun process group if there is one; returns this process's context."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    requested = resolve_device(device)
     if world_size == 1:
         return Context(0, 1, requested)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

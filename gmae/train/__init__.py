@@ -268,7 +268,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     )
     model.train()
     last_loss, bad_in_a_row, skipped, stopped = float("nan"), 0, 0, None
-    bar = tqdm(total=tcfg.steps, initial=start, desc=f"pretrain {mcfg.model}",
+    bar = tqdm(total=tcfg.steps, initial=start, desc=f"pretrain {mcfg.model} ({device.type})",
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
     t_start = time.perf_counter()
     # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it. The stop signals
