@@ -26,9 +26,11 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runner import final_checkpoint, run, train  # noqa: E402  (experiments/runner.py, shared by the studies)
 
 # name -> gmae pretrain flags. All on dead-leaves, tiny encoder/decoder (the preset), seed 0.
 # the tiny preset as it was when these runs were made (64 px, patch 8, k = 128, 1200 steps of batch 16, the masked
@@ -110,21 +112,6 @@ def eval_data(flags: list[str]) -> list[str]:
     return ["--data", data if data in ("deadleaves", "sprites") else "deadleaves"]
 
 
-def run(cmd: list[str], log: Path, stdout=None) -> None:
-    with open(log, "a") as f:
-        f.write(shlex.join(cmd) + (f" > {stdout}" if stdout else "") + "\n")
-    if stdout:
-        with open(stdout, "w") as out:
-            subprocess.run(cmd, check=True, stdout=out)
-    else:
-        subprocess.run(cmd, check=True)
-
-
-def final_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(run_dir.glob("checkpoint-*.pt"))
-    return found[-1] if found else None
-
-
 def train_and_score(name: str, runs: Path, gmae: str, num_images: int | None, threads: list[str] = ()) -> None:
     run_dir = runs / name
     log = runs / "commands.txt"
@@ -134,13 +121,12 @@ def train_and_score(name: str, runs: Path, gmae: str, num_images: int | None, th
     if done.exists():
         print(f"{name}: already scored")
         return
-    if final_checkpoint(run_dir) is None or not (run_dir / "reconstruction.png").exists():
-        resume = ["--resume"] if final_checkpoint(run_dir) else []
-        run([gmae, "pretrain", "--out", str(run_dir), "--quiet", *threads, *resume, *flags], log)
+    train(gmae, run_dir, flags, log, threads)
     ckpt = final_checkpoint(run_dir)
     extra = [*eval_data(flags), *threads, *(["--num-images", str(num_images)] if num_images else [])]
-    run([gmae, "eval-zeroshot", "--checkpoint", str(ckpt), "--json", *extra], log, run_dir / "eval-trained.json")
-    run([gmae, "eval-zeroshot", "--checkpoint", str(ckpt), "--random-init", "--json", *extra], log, done)
+    for initial, path in (([], run_dir / "eval-trained.json"), (["--random-init"], done)):
+        with open(path, "w") as out:
+            run([gmae, "eval-zeroshot", "--checkpoint", str(ckpt), *initial, "--json", *extra], log, stdout=out)
     assert metrics.exists()
 
 

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layout_map import CONFIGS, flags  # noqa: E402
+from runner import run, train  # noqa: E402  (experiments/runner.py, shared by the studies)
 
 DATA = ("sprites", "deadleaves")
 
@@ -46,13 +46,6 @@ def without_data(flags: list[str]) -> list[str]:
     return out
 
 
-def run(cmd: list[str], log: Path, capture: bool = False) -> str:
-    with open(log, "a") as f:
-        f.write(shlex.join(cmd) + "\n")
-    done = subprocess.run(cmd, check=True, capture_output=capture, text=True)
-    return done.stdout if capture else ""
-
-
 def measure(regime: str, data: str, seed: int, runs: Path, gmae: str, num_images: int) -> None:
     name = f"{regime}-{data}-s{seed}"
     out = runs / name
@@ -61,10 +54,7 @@ def measure(regime: str, data: str, seed: int, runs: Path, gmae: str, num_images
         return
     runs.mkdir(parents=True, exist_ok=True)
     log = runs / "commands.txt"
-    if not (out / "reconstruction.png").exists():
-        resume = ["--resume"] if sorted(out.glob("checkpoint-*.pt")) else []
-        run([gmae, "pretrain", "--out", str(out), "--quiet", "--threads", "1", *resume, "--data", data,
-             "--seed", str(seed), *without_data(flags(regime))], log)
+    train(gmae, out, ["--data", data, "--seed", str(seed), *without_data(flags(regime))], log)
     zeroshot = json.loads(run([gmae, "eval-zeroshot", "--checkpoint", str(out), "--data", data, "--json",
                                "--num-images", str(num_images), "--threads", "1"], log, capture=True))
     probes = json.loads(run([gmae, "probe", "--checkpoint", str(out), "--data", data, "--json", "--threads", "1"],
