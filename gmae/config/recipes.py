@@ -308,29 +308,23 @@ def pretrain_configs(recipe: str | None = None, preset: str | None = None,
 
     Without a recipe these are the preset's configs (`preset`, default tiny) with `settings`. GMAEError for a
     recipe of another command, or a setting that is no field of either config."""
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, object] = {}
     if recipe:
-        values = {**recipe_defaults(recipe, "pretrain", values_of_pretrain()), "recipe": recipe}
+        values = {**recipe_defaults(recipe, "pretrain", {"preset", *model_fields, *train_fields}), "recipe": recipe}
+    recipe_preset = values.pop("preset", None)
+    preset = preset or recipe_preset or "tiny"
     check_schedule({k: k for k in settings})
     for a, b in SCHEDULE_PAIRS:
         if a in settings:
             values.pop(b, None)
     values.update(settings)
-    values.pop("preset", None)
-    preset = preset or (get_recipe(recipe).settings().get("preset") if recipe else None) or "tiny"
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - model_fields - train_fields)
     if unknown:
         raise GMAEError(f"{', '.join(unknown)}: not a setting of ModelConfig or TrainConfig (gmae.config)")
     return (model_config(preset, **{k: v for k, v in values.items() if k in model_fields}),
             train_config(preset, **{k: v for k, v in values.items() if k in train_fields}))
-
-
-def values_of_pretrain() -> set[str]:
-    """The names a pretrain recipe may set: the preset and every field of ModelConfig and TrainConfig."""
-    return {"preset", *(f.name for f in dataclasses.fields(ModelConfig)),
-            *(f.name for f in dataclasses.fields(TrainConfig))}
 
 
 __all__ = ["COMMANDS", "RECIPES", "SCHEDULE_PAIRS", "Recipe", "check_schedule", "get_recipe", "pretrain_configs",
