@@ -108,11 +108,21 @@ def load_image(path, size, crop_pct: float = 1.0) -> torch.Tensor:
     """
     if not os.path.isfile(path):
         raise GMAEError(f"image {path} does not exist")
-    try:
-        img = open_image(path)
-    except Exception as e:  # PIL raises many types for bad files
-        raise GMAEError(f"image {path} cannot be read ({type(e).__name__}); give a file Pillow can open") from None
+    img, why = _open_or_why(path)
+    if why is not None:
+        raise GMAEError(f"image {why}; give a file Pillow can open")
     return resize_center_crop(img, size, crop_pct)
+
+
+def _open_or_why(path) -> tuple[Image.Image | None, str | None]:
+    """(the decoded image, None), or (None, why it cannot be used: "PATH does not exist" or "PATH cannot be read
+    (ErrorType)")."""
+    if not os.path.isfile(path):
+        return None, f"{path} does not exist"
+    try:
+        return open_image(path), None
+    except Exception as e:  # PIL raises many types for bad files
+        return None, f"{path} cannot be read ({type(e).__name__})"
 
 
 def load_images(paths, size, crop_pct: float = 1.0, shown: int = 5) -> list[torch.Tensor]:
@@ -121,10 +131,11 @@ def load_images(paths, size, crop_pct: float = 1.0, shown: int = 5) -> list[torc
     figure per image writes none when an input is bad, and the user learns of every bad input at once."""
     images, bad = [], []
     for path in paths:
-        try:
-            images.append(load_image(path, size, crop_pct))
-        except GMAEError as e:
-            bad.append(str(e).split(";")[0].removeprefix("image "))
+        img, why = _open_or_why(path)
+        if why is None:
+            images.append(resize_center_crop(img, size, crop_pct))
+        else:
+            bad.append(why)
     if bad:
         listed = ", ".join(bad[:shown]) + (f", and {len(bad) - shown} more" if len(bad) > shown else "")
         raise GMAEError(f"{len(bad)} of {len(images) + len(bad)} images cannot be used: {listed}; give files "
