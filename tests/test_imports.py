@@ -31,7 +31,9 @@ LAYERS = [
     ("io.checkpoint", "io.export", "viz.figures"),
     # run folders and the zero-shot readouts
     ("io.runs", "readouts"),
-    # the training loop and the evaluations
+    # the training engine: the one loop under pre-training, fine-tuning and MAE's probe
+    ("train.engine",),
+    # pre-training and the evaluations
     ("train", "evaluate"),
     # what runs them: the ablation grid, the benchmarks, the Python API, the readouts' public facade
     ("evaluate.ablate", "bench", "api", "zeroshot"),

@@ -104,15 +104,12 @@ class TrainingJob:
 
 
 def _check_job(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """gmae submit: the command to run must be pretrain or finetune with flags that parse; finetune takes one task."""
+    """gmae submit: the command to run must be pretrain or finetune with flags that parse."""
     if not args.job or args.job[0] not in cluster.SUBMITTABLE:
         given = f"; got {args.job[0]!r}" if args.job else ""
         parser.commands["submit"].error(f"give the command to run after submit's own flags: "
                                         f"{' or '.join(cluster.SUBMITTABLE)} with its flags{given}")
     args.job_args = parse_args(args.job)
-    if args.job[0] == "finetune" and args.nodes * (args.tasks_per_node or max(1, args.gpus_per_node)) > 1:
-        parser.commands["submit"].error("gmae finetune runs in one process: give --nodes 1 and one task "
-                                        "(--tasks-per-node 1, or --gpus-per-node 1)")
 
 
 def cmd_submit(args) -> int:
@@ -154,6 +151,8 @@ class Parser(argparse.ArgumentParser):
 
 # The commands that compute with torch (and so take --threads; info runs its model on a few images); export only
 # reads and writes files.
+# The commands that train data-parallel over the processes of a torchrun or srun job (the probe: --protocol mae).
+DATA_PARALLEL = ("pretrain", "finetune", "probe")
 COMPUTING = ("pretrain", "reconstruct", *READOUTS, "eval-zeroshot", "ablate", "info", "bench", "probe", "finetune")
 
 
@@ -231,7 +230,7 @@ def run(argv: list[str] | None = None) -> int:
     # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
     threads.prepare_environment()
     args = parse_args(argv)
-    if args.command == "pretrain":  # `srun gmae pretrain` with several tasks: data-parallel, as under torchrun
+    if args.command in DATA_PARALLEL:  # `srun gmae pretrain` with several tasks: data-parallel, as under torchrun
         os.environ.update(cluster.slurm_task_env())
     try:
         if args.command in COMPUTING:

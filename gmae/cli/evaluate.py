@@ -174,6 +174,10 @@ def cmd_probe(args) -> int:
                             T=args.temperature, seed=args.seed, progress=not args.json, protocol=args.protocol,
                             **linear)
                for label, enc in encoders.items()}
+    from ..runtime.distributed import rank_from_env
+
+    if rank_from_env() != 0:  # a torchrun job (--protocol mae): the first process reports
+        return 0
     result = next(iter(results.values()))
     result.update(checkpoint=str(args.checkpoint), data=args.data, random_init=args.random_init,
                   weights=None if args.random_init else encoder.loaded_weights, input_norm=mcfg.input_norm,
@@ -259,6 +263,11 @@ def add_finetune(sub) -> None:
     p.add_argument("--drop-path", type=float, default=d.drop_path, help=f"stochastic depth rate (default {d.drop_path})")
     p.add_argument("--smoothing", type=float, default=d.smoothing, help=f"label smoothing (default {d.smoothing})")
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (default 0: no clipping)")
+    p.add_argument("--accum-steps", type=positive_int, default=d.accum_steps,
+                   help="split each process's batch into this many micro-batches (same result, less memory); "
+                        "--batch-size stays the global batch")
+    p.add_argument("--max-bad-steps", type=positive_int, default=d.max_bad_steps,
+                   help=f"non-finite steps in a row (each skipped) before the run gives up (default {d.max_bad_steps})")
     p.add_argument("--random-init", action="store_true",
                    help="fine-tune the checkpoint's architecture from fresh weights (the from-scratch baseline)")
     _add_raw_weights(p)
@@ -324,7 +333,8 @@ def cmd_finetune(args) -> int:
         batch_size=args.batch_size, blr=args.blr,
         warmup_steps=d.warmup_steps if args.warmup_steps is None else args.warmup_steps,
         weight_decay=args.weight_decay, layer_decay=args.layer_decay, drop_path=args.drop_path,
-        smoothing=args.smoothing, clip_grad=args.clip_grad, random_init=args.random_init, seed=args.seed,
+        smoothing=args.smoothing, clip_grad=args.clip_grad, accum_steps=args.accum_steps,
+        max_bad_steps=args.max_bad_steps, random_init=args.random_init, seed=args.seed,
         device=args.device or d.device, out=args.out, eval_every=args.eval_every or 0,
         stop_grace=d.stop_grace if args.stop_grace is None else args.stop_grace,
         checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
@@ -344,6 +354,8 @@ def cmd_finetune(args) -> int:
 
     summary = finetune(fcfg, resume=args.resume, progress=not (args.quiet or args.json),
                        changes=tuple(k for k in FINETUNE_RESUMABLE if k in args.typed), given=args.typed)
+    if summary is None:  # not the main process of a torchrun job
+        return 0
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -382,7 +382,7 @@ PRESETS: dict[str, dict] = {
 PRETRAIN_RESUMABLE = ("steps", "epochs", "micro_batch", "device", "checkpoint_every", "num_workers", "keep_checkpoints",
                       "max_bad_steps", "layout_every", "stop_grace")
 FINETUNE_RESUMABLE = ("steps", "device", "num_workers", "keep_checkpoints", "checkpoint_every", "eval_every",
-                      "stop_grace")
+                      "stop_grace", "accum_steps", "max_bad_steps")
 
 # The fields only --preset sets: they name a checkpoint's preset (`preset_of`).
 PRESET_SHAPE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
@@ -502,6 +502,10 @@ class FinetuneConfig:
     num_workers: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
     recipe: str = ""  # the gmae.config.recipes recipe the command line started from ("" = none); a record
+    # Micro-batches per optimizer step: batch_size is the global batch (all processes), split into accum_steps
+    # parts per process, so MAE's effective batch = batch_size x accum_iter x GPUs is batch_size here.
+    accum_steps: int = 1
+    max_bad_steps: int = 10  # consecutive non-finite steps (each skipped) before giving up, as TrainConfig's
     # ----- MAE's fine-tuning regularisers, from timm (gmae.evaluate.augment; needs `pip install 'gmae[timm]'`
     # when one is on). Defaults: off (gmae's own fine-tuning); MAE's ViT-B values (FINETUNE.md) in the comments.
     mixup: float = 0.0  # mixup alpha; 0 = off (MAE ViT-B: 0.8)
@@ -552,6 +556,9 @@ class FinetuneConfig:
              f"warmup epochs must be >= 0 (or -1: not set); got {self.warmup_epochs}"),
             (self.epochs >= 1 and self.steps >= 0, f"epochs must be >= 1 and steps >= 0; got {self.epochs}, {self.steps}"),
             (self.batch_size >= 1, f"batch size must be at least 1; got {self.batch_size}"),
+            (self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
+             f"batch size {self.batch_size} must be a multiple of accum-steps {self.accum_steps} (>= 1)"),
+            (self.max_bad_steps >= 1, f"max-bad-steps must be at least 1; got {self.max_bad_steps}"),
             (self.blr > 0 and self.min_lr >= 0, f"base lr must be positive and min lr >= 0; got {self.blr}, {self.min_lr}"),
             (0 < self.layer_decay <= 1, f"layer decay must be in (0, 1]; got {self.layer_decay}"),
             (0 <= self.drop_path < 1, f"drop path must be in [0, 1); got {self.drop_path}"),

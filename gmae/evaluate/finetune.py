@@ -32,36 +32,39 @@ left them. The recipe (MAE, ``main_finetune.py``):
   needed); MAE's ViT-B values are in :class:`gmae.config.FinetuneConfig`'s
   comments and docs/evaluation.md.
 
-Runs write ``metrics.jsonl`` (step, loss, lr, and val_acc at eval points) and
-atomic ``checkpoint-NNNNNNN.pt`` files that ``torch.load(weights_only=True)``
-reads (format ``gmae-finetune``), and resume exactly: batches, augmentation
-(timm's included), mixing and drop-path masks are functions of (seed, step).
+Runs train on the engine (:mod:`gmae.train.engine`), as pre-training does, so they write
+``metrics.jsonl`` (step, loss, lr, and val_acc at eval points) and atomic ``checkpoint-NNNNNNN.pt`` files
+that ``torch.load(weights_only=True)`` reads (format ``gmae-finetune``), stop on a signal, skip a
+non-finite step, and resume exactly: batches, augmentation (timm's included), mixing and drop-path masks are
+functions of (seed, step). Under torchrun every process trains its share of each global batch
+(``batch_size`` is the global batch, MAE's ``batch_size x accum_iter x GPUs``), drop path draws its masks
+for the global batch (:meth:`gmae.model.classifier.ViTClassifier.share_batch`) and the val accuracy is
+all-reduced, so N processes train the one-process run (mixup and cutmix aside: timm pairs the images within
+each process's batch, as MAE does).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..io.checkpoint import load_checkpoint, save_checkpoint, weights_line
+from ..io.checkpoint import load_checkpoint, run_state, weights_line
 from ..config import FINETUNE_RESUMABLE, FinetuneConfig, ModelConfig, as_dict, config_from_dict
 from ..data import StepBatchSampler
 from ..errors import GMAEError
 from ..io.export import load_encoder
 from ..io.files import check_output_folder, checkpoint_path, run_lock
 from ..model import ViTEncoder, build_classifier, param_groups
-from ..io.runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
-from ..runtime.distributed import resolve_device
-from ..runtime.stopping import StopGuard, Stopped
+from ..io.runs import autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
+from ..runtime import distributed
+from ..runtime.stopping import Stopped
+from ..train.engine import Engine, Task
 from ..runtime.threads import worker_init
 from .augment import augmented, build_mixup, mix_batch, soft_target_loss
 
@@ -91,18 +94,70 @@ def load_finetuned(path: str | Path, map_location: str | torch.device = "cpu"):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: str | torch.device = "cpu",
-             amp=None) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` on ``dataset`` (its deterministic transform)."""
+             amp=None, ctx: distributed.Context | None = None) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` on ``dataset`` (its deterministic transform). Under torchrun
+    (``ctx``), each process scores every world_size-th image and the counts are summed over the processes."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    if ctx is not None and ctx.distributed:
+        dataset = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, total
     for imgs, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         with amp or contextlib.nullcontext():
             logits = model(imgs.to(device))
-        correct += (logits.argmax(dim=1).cpu() == y).sum().item()
-        total += len(y)
+        counts[0] += (logits.argmax(dim=1) == y.to(device)).sum()
+        counts[1] += len(y)
+    if ctx is not None:
+        counts = distributed.sum_across(counts, ctx)
     model.train(was_training)
+    correct, total = counts.tolist()
     return correct / max(1, total)
+
+
+class FinetuneTask(Task):
+    """Fine-tuning's step on the engine: cross-entropy (label smoothing, or timm's soft targets with mixup /
+    cutmix) of the classifier; the val accuracy every ``eval_every`` steps and at the end."""
+
+    def __init__(self, model, optimizer, fcfg: FinetuneConfig, ctx: distributed.Context, run_config: dict,
+                 val_ds, amp, mixup, soft_loss, bar_write, best, val_acc):
+        self.model, self.optimizer, self.fcfg, self.ctx, self.run_config = model, optimizer, fcfg, ctx, run_config
+        self.val_ds, self.amp, self.mixup, self.soft_loss, self.bar_write = val_ds, amp, mixup, soft_loss, bar_write
+        self.best, self.val_acc = best, val_acc
+        self.batch_size = fcfg.batch_size
+
+    def prepare(self, batch, step):
+        imgs, labels = batch
+        # Drop-path masks: a function of (seed, step), drawn for the global batch (ViTClassifier.share_batch).
+        torch.manual_seed(self.fcfg.seed * 1_000_003 + step)
+        imgs, labels = imgs.to(self.ctx.device, non_blocking=True), labels.to(self.ctx.device, non_blocking=True)
+        if self.mixup is None:
+            return imgs, labels
+        # timm's Mixup pairs each image with its mirror in this process's batch, as MAE's (one per GPU).
+        return mix_batch(self.mixup, imgs, labels, self.fcfg.seed, step)
+
+    def loss(self, net, micro, scale):
+        imgs, targets = micro
+        logits = net(imgs)
+        if self.mixup is not None:  # label smoothing is in the soft targets already (MAE main_finetune.py line 291)
+            loss = self.soft_loss(logits.float(), targets)
+        else:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.fcfg.smoothing)
+        return loss * scale, None
+
+    def after_step(self, step, output, applied, lr):
+        done = step + 1
+        if done % self.fcfg.eval_every and done != self.fcfg.steps:
+            return {}
+        self.val_acc = evaluate(self.model, self.val_ds, max(self.fcfg.batch_size, 128), self.ctx.device, self.amp,
+                                self.ctx)
+        self.best = self.val_acc if self.best is None else max(self.best, self.val_acc)
+        if self.ctx.is_main:
+            self.bar_write(f"step {done}/{self.fcfg.steps}: val top-1 {100 * self.val_acc:.2f}%")
+        return {"val_acc": self.val_acc}
+
+    def state(self, step):
+        return run_state(FORMAT, step, self.run_config, self.model, self.optimizer, val_acc=self.val_acc,
+                         best_val_acc=self.best)
 
 
 def finetune(fcfg: FinetuneConfig, resume: bool | str = False, progress: bool = True,
@@ -121,7 +176,10 @@ def finetune(fcfg: FinetuneConfig, resume: bool | str = False, progress: bool = 
     run writes it. SIGTERM, SIGUSR1 or SIGUSR2 stops it after the current step,
     with that step's checkpoint, by raising :class:`gmae.runtime.stopping.Stopped`.
     """
-    with run_lock(check_output_folder(fcfg.out)):
+    out = check_output_folder(fcfg.out)
+    if distributed.rank_from_env() != 0:  # under torchrun the first process holds the folder's lock
+        return _finetune(fcfg, resume, progress, encoder, mcfg, changes, given or {})
+    with run_lock(out):
         return _finetune(fcfg, resume, progress, encoder, mcfg, changes, given or {})
 
 
@@ -162,12 +220,18 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     train_source = augmented(train_ds, mcfg.img_size, fcfg)
     mixup = build_mixup(fcfg, num_classes)
     soft_loss = soft_target_loss() if mixup is not None else None
-    device = resolve_device(fcfg.device)
-    out.mkdir(parents=True, exist_ok=True)
+    ctx = distributed.init(fcfg.device)
+    device = ctx.device
+    if fcfg.batch_size % (ctx.world_size * fcfg.accum_steps):
+        raise GMAEError(f"batch size {fcfg.batch_size} must be a multiple of processes x accum-steps "
+                        f"({ctx.world_size} x {fcfg.accum_steps})")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(fcfg.seed)  # the head's (and, with random_init, the encoder's) initial weights
     model = build_classifier(mcfg, num_classes, fcfg.drop_path, encoder if state is None else None,
                              fcfg.global_pool).to(device)
+    model.share_batch(ctx.rank, ctx.world_size)  # drop-path masks as one process would draw them
     optimizer = torch.optim.AdamW(param_groups(model, fcfg.weight_decay, fcfg.layer_decay), lr=0.0,
                                   betas=fcfg.betas)
     start, best = 0, None
@@ -175,74 +239,37 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, best = state["step"], state.get("best_val_acc")
+    net = nn.parallel.DistributedDataParallel(model) if ctx.distributed else model
     amp = autocast(fcfg.precision, device)
-    metrics_path = out / "metrics.jsonl"
-    if state is not None:
-        say(f"resumed from {found[0].name} (step {start})")
-    prepare_metrics(metrics_path, start, warn=say)
+    if ctx.is_main:
+        if state is not None:
+            say(f"resumed from {found[0].name} (step {start})")
+        prepare_metrics(out / "metrics.jsonl", start, warn=say)
 
     stream = LabelledStream(train_source, fcfg.seed)
-    loader = DataLoader(stream, batch_sampler=StepBatchSampler(fcfg.batch_size, start, fcfg.steps - start),
+    loader = DataLoader(stream, batch_sampler=StepBatchSampler(fcfg.batch_size, start, fcfg.steps - start, ctx.rank,
+                                                               ctx.world_size),
                         num_workers=fcfg.num_workers, worker_init_fn=worker_init)
     classes = list(getattr(train_ds, "classes", range(num_classes)))
     run_config = {"model": as_dict(mcfg), "finetune": as_dict(fcfg), "num_classes": int(num_classes),
                   "classes": [str(c) for c in classes]}
     model.train()
-    loss_value, val_acc = float("nan"), state.get("val_acc") if state else None
-    bar = tqdm(total=fcfg.steps, initial=start, desc=f"finetune ({device.type})", disable=not progress,
-               dynamic_ncols=True)
-    # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it.
-    redirect = logging_redirect_tqdm() if progress else contextlib.nullcontext()
-    with StopGuard(fcfg.stop_grace, fcfg.out) as guard, bar, redirect, MetricsLog(metrics_path) as metrics:
-        for step, (imgs, labels) in enumerate(loader, start=start):
-            t0 = time.perf_counter()
-            lr = learning_rate(step, fcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            torch.manual_seed(fcfg.seed * 1_000_003 + step)  # drop-path masks: a function of (seed, step)
-            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if mixup is not None:
-                imgs, targets = mix_batch(mixup, imgs, labels, fcfg.seed, step)
-            with amp:
-                logits = model(imgs)
-            if mixup is not None:  # label smoothing is in the soft targets already (MAE main_finetune.py line 291)
-                loss = soft_loss(logits.float(), targets)
-            else:
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=fcfg.smoothing)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise GMAEError(f"the loss is not finite at step {step}; lower --blr (now {fcfg.blr}) or use --clip-grad")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if fcfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), fcfg.clip_grad)
-            optimizer.step()
-            dt = time.perf_counter() - t0
-            record = {"step": step, "loss": loss_value, "lr": lr, "step_time": round(dt, 5),
-                      "imgs_per_s": round(len(imgs) / dt, 2)}
-            done = step + 1
-            if done % fcfg.eval_every == 0 or done == fcfg.steps:
-                val_acc = evaluate(model, val_ds, max(fcfg.batch_size, 128), device, amp)
-                best = val_acc if best is None else max(best, val_acc)
-                record["val_acc"] = val_acc
-                if progress:
-                    bar.write(f"step {done}/{fcfg.steps}: val top-1 {100 * val_acc:.2f}%")
-            metrics.write(record)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
-            stop = guard.signum if done < fcfg.steps else 0
-            if stop:
-                guard.stopping()  # this step's checkpoint is written whatever signal comes next
-            if stop or done % fcfg.checkpoint_every == 0 or done == fcfg.steps:
-                save_checkpoint({
-                    "format": FORMAT, "version": 1, "step": done, "config": run_config,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "rng": {"torch": torch.get_rng_state()}, "val_acc": val_acc, "best_val_acc": best,
-                }, checkpoint_path(out, done), keep=fcfg.keep_checkpoints)
-            if stop:
-                raise Stopped(stop, done, fcfg.steps, str(checkpoint_path(out, done)))
+    task = FinetuneTask(model, optimizer, fcfg, ctx, run_config, val_ds, amp, mixup, soft_loss,
+                        tqdm.write if progress else (lambda line: None), best, state.get("val_acc") if state else None)
+    engine = Engine(model, optimizer, fcfg, ctx, lambda step: learning_rate(step, fcfg), out, net=net, amp=amp,
+                    progress=progress, desc="finetune")
+    try:
+        loss_value = engine.run(task, loader, start)
+    except Stopped:
+        distributed.shutdown(ctx)
+        raise
+    val_acc, best = task.val_acc, task.best
     if val_acc is None:  # resumed a finished run: nothing trained, evaluate what is there
-        val_acc = evaluate(model, val_ds, max(fcfg.batch_size, 128), device, amp)
+        val_acc = evaluate(model, val_ds, max(fcfg.batch_size, 128), device, amp, ctx)
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
+    if not ctx.is_main:
+        return None
     return {"val_acc": val_acc, "best_val_acc": best if best is not None else val_acc, "final_loss": loss_value,
             "steps": fcfg.steps, "steps_run": fcfg.steps - start, "num_train": len(train_ds),
             "num_val": len(val_ds), "num_classes": int(num_classes),

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,9 @@ from ..config.choices import PROBE_DEFAULTS, PROBE_PROTOCOLS
 from ..config import ModelConfig
 from ..errors import GMAEError
 from ..model.vit import ViTEncoder
+from ..runtime import distributed
 from ..runtime.threads import worker_init
+from ..train.engine import Engine, Task
 
 POOLS = ("cls", "avg")
 #: The linear-probe protocols and their default settings (kept in gmae.config.choices for the command line; why the mae
@@ -172,11 +175,37 @@ def cpu_threads(n: int):
         torch.set_num_threads(old)
 
 
+class BatchNormAcross(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are the global batch's: with a multi-process `ctx` (torchrun) the
+    sums are all-reduced, so N processes with B/N images each normalise exactly as one process with all B.
+
+    MAE's probe runs a per-GPU BatchNorm (``main_linprobe.py`` line 222), whose statistics depend on how many
+    GPUs share the batch; here the run does not. The statistics are taken without a gradient: the probe's
+    inputs are a frozen encoder's features, which get none anyway. One process: BatchNorm1d itself.
+    """
+
+    ctx: distributed.Context | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        if not self.training or ctx is None or not ctx.distributed:
+            return super().forward(x)
+        with torch.no_grad():
+            count = distributed.sum_across(x.new_tensor([float(x.shape[0])]), ctx)
+            mean = distributed.sum_across(x.sum(0), ctx) / count
+            var = distributed.sum_across(((x - mean) ** 2).sum(0), ctx) / count  # biased, as BatchNorm normalises
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+            self.running_var.mul_(1 - m).add_(var * count / (count - 1), alpha=m)  # unbiased, as BatchNorm keeps
+            self.num_batches_tracked.add_(1)
+        return (x - mean) / torch.sqrt(var + self.eps)
+
+
 class LinearHead(nn.Sequential):
     """MAE's linear-probe head: BatchNorm1d(affine=False, eps=1e-6) then Linear."""
 
     def __init__(self, dim: int, num_classes: int, generator: torch.Generator | None = None):
-        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        super().__init__(BatchNormAcross(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
         nn.init.trunc_normal_(self[1].weight, std=0.01, generator=generator)
         nn.init.zeros_(self[1].bias)
 
@@ -292,16 +321,36 @@ def mae_learning_rate(epoch: float, peak: float, warmup_epochs: float, epochs: f
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
 
 
+class _ProbeTask(Task):
+    """MAE's linear probe on the engine: the frozen encoder's features of each batch, the head's cross-entropy."""
+
+    def __init__(self, encoder: ViTEncoder, pool: str, batch_size: int, device: torch.device):
+        self.encoder, self.pool, self.batch_size, self.device = encoder, pool, batch_size, device
+
+    def prepare(self, batch, step):
+        imgs, labels = batch
+        with torch.no_grad():  # the frozen encoder: no graph, no gradient
+            feats = encode(self.encoder, imgs.to(self.device), self.pool).float()
+        return feats, labels.to(self.device)
+
+    def loss(self, net, micro, scale):
+        feats, labels = micro
+        return F.cross_entropy(net(feats), labels) * scale, None  # main_linprobe.py line 256
+
+
 def mae_linear_probe(encoder: ViTEncoder, train: Dataset, val: Dataset, num_classes: int, pool: str = "cls",
                      epochs: int = 90, batch_size: int = 256, blr: float = 0.1, weight_decay: float = 0.0,
                      warmup_epochs: float = 10, seed: int = 0, device: str | torch.device = "cpu",
-                     progress: bool = False, val_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+                     progress: bool = False, val_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ctx: distributed.Context | None = None) -> dict:
     """MAE's linear probe (``main_linprobe.py``, see the module docstring) of a frozen ``encoder``.
 
     ``train`` is a labelled set with ``load(index, rng)`` (its training augmentation; built with
     ``augment=True``) and ``targets``; ``val`` is read through ``__getitem__`` (or ``val_features``, its
     (features, labels) already extracted with ``pool``). Batches, augmentation and the head's initial weights
-    are functions of ``seed``. The encoder gets no gradient and is left as it was. ``warmup_epochs`` is capped
+    are functions of ``seed``. Under torchrun (``ctx``, gmae.runtime.distributed.init) each process takes its
+    share of every batch and the head is data-parallel: N processes train the head one process would, to float
+    rounding (:class:`BatchNormAcross`). The encoder gets no gradient and is left as it was. ``warmup_epochs`` is capped
     at half the epochs (as the cached probe's). Returns ``linear_acc`` (top-1 in [0, 1]), ``linear_batch``,
     ``linear_lr`` (the peak lr), ``linear_steps``, ``linear_warmup_epochs`` and ``head`` (the trained head, on
     the CPU).
@@ -323,24 +372,24 @@ def mae_linear_probe(encoder: ViTEncoder, train: Dataset, val: Dataset, num_clas
     per_epoch = n // batch_size  # full batches only: MAE's drop_last=True (main_linprobe.py line 178)
     total = epochs * per_epoch
     peak = blr * batch_size / 256  # main_linprobe.py lines 239-240
+    ctx = ctx or distributed.Context(device=torch.device(device))
+    if batch_size % ctx.world_size:
+        raise GMAEError(f"MAE's linear probe: batch {batch_size} must be a multiple of the {ctx.world_size} processes")
     was_training = encoder.training
     encoder.eval()
     g = torch.Generator().manual_seed(seed)
     head = LinearHead(encoder.cls_token.shape[-1], num_classes, generator=g).to(device)
+    head[0].ctx = ctx
     opt = LARS(head.parameters(), lr=0.0, weight_decay=weight_decay)  # main_linprobe.py line 252
-    loader = DataLoader(LabelledStream(train, seed), batch_sampler=StepBatchSampler(batch_size, 0, total))
+    loader = DataLoader(LabelledStream(train, seed),
+                        batch_sampler=StepBatchSampler(batch_size, 0, total, ctx.rank, ctx.world_size))
     head.train()
-    for step, (imgs, labels) in enumerate(tqdm(loader, total=total, desc="linear probe (MAE)", disable=not progress,
-                                               leave=False, dynamic_ncols=True)):
-        lr = mae_learning_rate(step / per_epoch, peak, warmup_epochs, epochs)  # engine_finetune.py line 47
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with torch.no_grad():  # the frozen encoder: no graph, no gradient
-            feats = encode(encoder, imgs.to(device), pool).float()
-        loss = F.cross_entropy(head(feats), labels.to(device))  # main_linprobe.py line 256
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    # The encoder is frozen and the same in every process: only the head is data-parallel.
+    net = nn.parallel.DistributedDataParallel(head, broadcast_buffers=False) if ctx.distributed else head
+    run = SimpleNamespace(steps=total, batch_size=batch_size, seed=seed)  # the engine's defaults for the rest
+    engine = Engine(head, opt, run, ctx, lambda step: mae_learning_rate(step / per_epoch, peak, warmup_epochs, epochs),
+                    net=net, progress=progress, desc="linear probe (MAE)")  # engine_finetune.py line 47: per step
+    engine.run(_ProbeTask(encoder, pool, batch_size, ctx.device), loader)
     encoder.train(was_training)
     head.eval()
     val_f, val_y = val_features if val_features is not None else \
@@ -393,6 +442,9 @@ def probe(encoder: ViTEncoder, data: str | tuple[Dataset, Dataset, int] = "digit
         data = build_labelled(data, img_size or encoder.patch_embed.img_size, augment=protocol == "mae",
                               progress=progress)
     train, val, num_classes = data
+    # MAE's protocol trains on every process of a torchrun job (each on its GPU); the cached one is one process's.
+    ctx = distributed.init(str(device)) if protocol == "mae" else None
+    device = device if ctx is None else ctx.device
     encoder = encoder.to(device)
     train_f, train_y = extract_features(encoder, train, batch_size, device, pool, progress, "train features")
     val_f, val_y = extract_features(encoder, val, batch_size, device, pool, progress, "val features")
@@ -404,7 +456,7 @@ def probe(encoder: ViTEncoder, data: str | tuple[Dataset, Dataset, int] = "digit
             linear = linear_probe(train_f, train_y, val_f, val_y, num_classes, seed=seed, **settings)
         else:
             out = mae_linear_probe(encoder, train, val, num_classes, pool, seed=seed, device=device,
-                                   progress=progress, val_features=(val_f, val_y), **settings)
+                                   progress=progress, val_features=(val_f, val_y), ctx=ctx, **settings)
             linear = out["linear_acc"]
             settings["batch_size"] = out["linear_batch"]  # at most the train set
             settings["warmup_epochs"] = out["linear_warmup_epochs"]  # at most half the epochs

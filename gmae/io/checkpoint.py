@@ -108,21 +108,20 @@ def configs_of(state: dict) -> tuple[ModelConfig, TrainConfig | None]:
     return mcfg, None if train is None else config_from_dict(TrainConfig, train)
 
 
+def run_state(fmt: str, step: int, config: dict, model, optimizer, **extra) -> dict:
+    """The one layout of every run's checkpoint (pre-training's `FORMAT`, fine-tuning's, ...): what a run needs to
+    continue exactly (weights, optimizer, step, RNG, its configs), then the run's own `extra` entries."""
+    return {"format": fmt, "version": 1, "step": step, "config": config, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}, **extra}
+
+
 def training_state(model, optimizer, step: int, model_cfg: dict, train_cfg: dict, ema=None,
                    online_probe: dict | None = None) -> dict:
-    """Everything a run needs to continue exactly: weights, optimizer, step, RNG, configs (and the EMA and the
-    online probe's {"heads", "optimizer", "classes"}, if any: kept apart from "model", which they are not part of)."""
-    return {
-        "format": FORMAT,
-        "version": 1,
-        "step": step,
-        "config": {"model": model_cfg, "train": train_cfg},
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": {"torch": torch.get_rng_state()},
-        **({} if ema is None else {"ema": ema.state_dict()}),
-        **({} if online_probe is None else {"online_probe": online_probe}),
-    }
+    """A pre-training checkpoint (:func:`run_state`), with the EMA and the online probe's {"heads", "optimizer",
+    "classes"} if the run has them: kept apart from "model", which they are not part of."""
+    return run_state(FORMAT, step, {"model": model_cfg, "train": train_cfg}, model, optimizer,
+                     **({} if ema is None else {"ema": ema.state_dict()}),
+                     **({} if online_probe is None else {"online_probe": online_probe}))
 
 
 def model_weights(state: dict, raw: bool = False, path: str | Path = "") -> tuple[dict, str]:

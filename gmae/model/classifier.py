@@ -38,12 +38,17 @@ class DropPath(nn.Module):
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = float(p)
+        self.share = (0, 1)  # (rank, processes): this process's slice of the global batch (ViTClassifier.share_batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        rank, world = self.share
+        # Drawn for the whole global batch and sliced as the samples are (gmae.data.stream.global_batch takes
+        # [rank::world]), so that each sample gets the mask it would get in one process: the run does not
+        # depend on how many processes share it.
+        mask = x.new_empty((x.shape[0] * world,) + (1,) * (x.ndim - 1)).bernoulli_(keep)[rank::world]
         return x * mask / keep
 
     def extra_repr(self) -> str:
@@ -84,6 +89,12 @@ class ViTClassifier(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.blocks)
+
+    def share_batch(self, rank: int, world_size: int) -> None:
+        """Train as process `rank` of `world_size`, each with its [rank::world_size] slice of every batch:
+        drop path then draws the masks one process would (every process seeds alike)."""
+        for drop in self.drop_paths:
+            drop.share = (int(rank), int(world_size))
 
     def forward_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs (B, C, H, W) in [0, 1] -> every token (B, 1 + N, D) after the last block (cls first), before any norm."""

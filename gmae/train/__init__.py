@@ -9,7 +9,6 @@ resumed from a checkpoint continues exactly as the uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,11 +16,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..runtime import distributed
 from ..viz.board import Board, check_available
-from ..io.checkpoint import configs_of, save_checkpoint, training_state
+from ..io.checkpoint import configs_of, training_state
 from ..config import PRETRAIN_RESUMABLE, ModelConfig, TrainConfig, as_dict, preset_of
 from ..data import SeededStream, StepBatchSampler, build_dataset, held_out_batch, source_labels
 from ..model.ema import WeightEMA
@@ -33,8 +31,9 @@ from ..readouts.layout import layout_monitor
 from ..config.recipes import pretrain_configs
 from ..model.online_probe import OnlineProbe
 from ..render import resolve_backend
-from ..io.runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
-from ..runtime.stopping import StopGuard, Stopped
+from ..io.runs import autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
+from ..runtime.stopping import Stopped
+from .engine import Engine, Task
 from ..runtime.threads import worker_init
 from ..viz.figures import figures_unavailable, save_reconstruction_figure
 
@@ -65,39 +64,6 @@ def resolve_run(tcfg: TrainConfig, source, world_size: int, resumed: bool = Fals
     # Resolved without epochs, steps and warmup stay as saved; only a typed --epochs recomputes the length.
     resolved = replace(tcfg, epochs=epochs if "epochs" in changes else None, warmup_epochs=None)
     return replace(resolved.resolved(size, world_size), epochs=epochs, warmup_epochs=tcfg.warmup_epochs)
-
-
-def train_step(net, optimizer, imgs, noise, tcfg: TrainConfig, ctx: distributed.Context, amp):
-    """One optimizer step over this process's share of the batch, in `accum_steps` micro-batches.
-
-    Returns the loss averaged over all processes, whether the step was
-    applied (a non-finite loss or gradient norm skips it on every process
-    alike), and the model's Output of the last micro-batch (for monitoring).
-    """
-    optimizer.zero_grad(set_to_none=True)
-    micro = imgs.shape[0] // tcfg.accum_steps
-    loss_sum = torch.zeros((), device=imgs.device)
-    for i in range(tcfg.accum_steps):
-        part = slice(i * micro, (i + 1) * micro)
-        # Let DDP all-reduce the gradients once, on the last micro-batch.
-        last = i == tcfg.accum_steps - 1
-        sync = net.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
-        with sync:
-            with amp:
-                # The model scales its loss (and the curvature its depth-order gradient uses) by 1/K.
-                out = net(imgs[part], noise[part], loss_scale=1.0 / tcfg.accum_steps)
-            out.loss.backward()
-        loss_sum += out.loss.detach().float()
-    loss_value = distributed.mean_across(loss_sum, ctx).item()
-    # The gradient norm is always computed (clipping only when asked) so that a
-    # finite loss with an inf/NaN gradient cannot reach the weights either.
-    ok = math.isfinite(loss_value)
-    if ok:
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.clip_grad or math.inf)
-        ok = math.isfinite(norm.item())
-    if ok:
-        optimizer.step()
-    return loss_value, ok, out
 
 
 def online_probe_step(probe: OnlineProbe, optimizer, labels: torch.Tensor, lr: float, ctx: distributed.Context,
@@ -134,6 +100,58 @@ def online_probe_step(probe: OnlineProbe, optimizer, labels: torch.Tensor, lr: f
     for i in range(depth):
         record[f"online_probe/loss_block{i}"] = sums[i] / batch_size
     return record
+
+
+class PretrainTask(Task):
+    """Pre-training's step on the engine: the masked reconstruction loss of GMAE or MAE, the online probe
+    (on every process, after the step), the collapse and layout monitors (logged by the first process)."""
+
+    def __init__(self, model, optimizer, mcfg: ModelConfig, tcfg: TrainConfig, ctx: distributed.Context, ema, online,
+                 layout_batch, board):
+        self.model, self.optimizer, self.mcfg, self.tcfg, self.ctx, self.ema = model, optimizer, mcfg, tcfg, ctx, ema
+        self.probe, self.probe_optimizer, self.labels = online  # all None without --online-probe
+        self.layout_batch, self.board = layout_batch, board
+        self.batch_size, self.targets = tcfg.batch_size, None
+
+    def prepare(self, batch, step):
+        imgs, self.targets = batch if self.probe is not None else (batch, None)
+        # The global batch's masks, sliced like the samples (global_batch takes [rank::world]).
+        noise = masking_noise(self.tcfg.seed, step, self.tcfg.batch_size, self.mcfg.num_patches)
+        return imgs.to(self.ctx.device, non_blocking=True), noise[self.ctx.rank :: self.ctx.world_size].to(self.ctx.device)
+
+    def loss(self, net, micro, scale):
+        # The model scales its loss (and the curvature its depth-order gradient uses) by 1/K.
+        out = net(micro[0], micro[1], loss_scale=scale)
+        return out.loss, out
+
+    def after_step(self, step, output, applied, lr):
+        if self.probe is None:
+            return {}
+        probed = online_probe_step(self.probe, self.probe_optimizer, self.targets.to(self.ctx.device, non_blocking=True),
+                                   lr, self.ctx, self.tcfg.batch_size)
+        return {k: round(v, 5) for k, v in probed.items()}
+
+    def log(self, step, output):
+        # GMAE's collapse monitors (scales at their cap, depth spread, opacity), so that a
+        # collapse shows while it happens; computed after the timing, from this step's forward.
+        record = {k: round(v, 5) for k, v in self.model.stats(output).items()}
+        if self.layout_batch is not None and (step % self.tcfg.layout_every == 0 or step + 1 == self.tcfg.steps):
+            # Does the geometry follow the image? No gradient, no random draw: training is unchanged.
+            record.update({k: round(v, 5) for k, v in layout_monitor(self.model, self.layout_batch).items()})
+            if self.probe is not None:
+                self.probe.clear()  # the monitor's images are not the next step's
+        return record
+
+    def logged(self, record):
+        if self.board is not None:
+            self.board.log(record)
+
+    def state(self, step):
+        probe_state = None if self.probe is None else {"heads": self.probe.state_dict(),
+                                                       "optimizer": self.probe_optimizer.state_dict(),
+                                                       "classes": self.labels.names}
+        return training_state(self.model, self.optimizer, step, as_dict(self.mcfg), as_dict(self.tcfg),
+                              self.ema, probe_state)
 
 
 def pretrain(mcfg: ModelConfig | None = None, tcfg: TrainConfig | None = None, resume: bool | str = False,
@@ -251,11 +269,10 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     if tcfg.compile:
         net = torch.compile(net)
     amp = autocast(tcfg.precision, device)
-    metrics_path = out / "metrics.jsonl"
     if ctx.is_main:
         if state is not None:
             say(f"resumed from {found[0].name} (step {start})")
-        prepare_metrics(metrics_path, start, warn=say)
+        prepare_metrics(out / "metrics.jsonl", start, warn=say)
 
     # The layout monitor's fixed batch (gmae.readouts.layout): held-out images of a generated source, else the first.
     layout_batch = None
@@ -267,81 +284,22 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
         num_workers=tcfg.num_workers, persistent_workers=False, worker_init_fn=worker_init,
     )
     model.train()
-    last_loss, bad_in_a_row, skipped, stopped = float("nan"), 0, 0, None
-    bar = tqdm(total=tcfg.steps, initial=start, desc=f"pretrain {mcfg.model} ({device.type})",
-               disable=not (progress and ctx.is_main), dynamic_ncols=True)
+    engine = Engine(model, optimizer, tcfg, ctx, lambda step: learning_rate(step, tcfg), out, net=net, amp=amp,
+                    ema=ema, progress=progress, desc=f"pretrain {mcfg.model}")
     t_start = time.perf_counter()
-    # Log lines (an unreadable image skipped, ...) are printed above the bar, not into it. The stop signals
-    # (gmae.runtime.stopping) are caught from the first step until the run ends; before it, they end the process as ever.
-    with (StopGuard(tcfg.stop_grace, str(out)) as guard, bar,
-          logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext(),
-          MetricsLog(metrics_path) if ctx.is_main else contextlib.nullcontext() as metrics,
-          Board(out / "tensorboard", start) if tensorboard and ctx.is_main else contextlib.nullcontext() as board):
-        for step, batch in enumerate(loader, start=start):
-            t0 = time.perf_counter()
-            imgs, targets = batch if probe is not None else (batch, None)
-            lr = learning_rate(step, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            imgs = imgs.to(device, non_blocking=True)
-            # The global batch's masks, sliced like the samples (global_batch takes [rank::world]).
-            noise = masking_noise(tcfg.seed, step, tcfg.batch_size, mcfg.num_patches)[ctx.rank :: ctx.world_size]
-            last_loss, applied, output = train_step(net, optimizer, imgs, noise.to(device), tcfg, ctx, amp)
-            if applied and ema is not None:
-                ema.update(model)
-            probed = {} if probe is None else online_probe_step(
-                probe, probe_optimizer, targets.to(device, non_blocking=True), lr, ctx, tcfg.batch_size)
-            bad_in_a_row = 0 if applied else bad_in_a_row + 1
-            skipped += not applied
-            if bad_in_a_row >= tcfg.max_bad_steps:
-                raise GMAEError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
-                                "lower the learning rate (--blr) or clip gradients (--clip-grad) and --resume")
-            dt = time.perf_counter() - t0
-            if ctx.is_main and (step % tcfg.log_every == 0 or step + 1 == tcfg.steps):
-                record = {"step": step, "loss": last_loss, "lr": lr, "step_time": round(dt, 5),
-                          "imgs_per_s": round(tcfg.batch_size / dt, 2)}
-                # GMAE's collapse monitors (scales at their cap, depth spread, opacity), so that a
-                # collapse shows while it happens; computed after the timing, from this step's forward.
-                record.update({k: round(v, 5) for k, v in model.stats(output).items()})
-                if layout_batch is not None and (step % tcfg.layout_every == 0 or step + 1 == tcfg.steps):
-                    # Does the geometry follow the image? No gradient, no random draw: training is unchanged.
-                    record.update({k: round(v, 5) for k, v in layout_monitor(model, layout_batch).items()})
-                    if probe is not None:
-                        probe.clear()  # the monitor's images are not the next step's
-                if skipped:
-                    record.update(skipped=not applied, skipped_total=skipped)
-                record.update({k: round(v, 5) for k, v in probed.items()})
-                metrics.write(record)
-                if board is not None:
-                    board.log(record)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
-            # A stop signal on any process: all stop after this step (the last step just finishes).
-            stop = distributed.max_across(guard.signum, ctx) if step + 1 < tcfg.steps else 0
-            if stop:
-                guard.stopping()  # this step's checkpoint is written whatever signal comes next
-            if ctx.is_main and (stop or (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps):
-                probe_state = None if probe is None else {"heads": probe.state_dict(),
-                                                          "optimizer": probe_optimizer.state_dict(),
-                                                          "classes": labels.names}
-                save_checkpoint(training_state(model, optimizer, step + 1, as_dict(mcfg), as_dict(tcfg), ema,
-                                               probe_state),
-                                checkpoint_path(out, step + 1), keep=tcfg.keep_checkpoints)
-            if stop:
-                stopped = Stopped(stop, step + 1, tcfg.steps, str(checkpoint_path(out, step + 1)), ctx.rank,
-                                  ctx.world_size)
-                break
-        if stopped is not None:
-            distributed.barrier(ctx)  # no process leaves before the checkpoint is written
+    with Board(out / "tensorboard", start) if tensorboard and ctx.is_main else contextlib.nullcontext() as board:
+        task = PretrainTask(model, optimizer, mcfg, tcfg, ctx, ema, (probe, probe_optimizer, labels), layout_batch, board)
+        try:
+            last_loss = engine.run(task, loader, start)
+        except Stopped:
+            distributed.shutdown(ctx)
+            raise
     if probe is not None:
         probe.detach_hooks()  # the figure's forward pass below is not the probe's
-    if stopped is not None:
-        distributed.shutdown(ctx)
-        raise stopped
     elapsed = time.perf_counter() - t_start
     steps_done = tcfg.steps - start
     summary = {
-        "steps": tcfg.steps, "steps_run": steps_done, "final_loss": last_loss, "skipped_steps": skipped,
+        "steps": tcfg.steps, "steps_run": steps_done, "final_loss": last_loss, "skipped_steps": engine.skipped,
         "bad_images": getattr(source, "bad_images", 0),
         "steps_per_s": steps_done / elapsed if elapsed > 0 and steps_done else float("nan"),
         "checkpoint": str(checkpoint_path(out, tcfg.steps)), "out": str(out), "figure": None,
