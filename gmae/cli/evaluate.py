@@ -6,7 +6,7 @@ import json
 
 from ..config import ERASE_MODES, FINETUNE_RESUMABLE, FinetuneConfig, GLOBAL_POOLS, MIXUP_MODES
 from ..config.choices import (
-    EXTRACTION_BATCH, PROBE_DEFAULTS, PROBE_PROTOCOLS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS, positive_int,
+    EXTRACTION_BATCH, PROBE_DEFAULTS, PROBE_PROTOCOLS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS, positive_int, workers,
 )
 from ..errors import GMAEError
 from ..io.files import check_output_folder
@@ -271,7 +271,9 @@ def add_finetune(sub) -> None:
     _add_resume(p, FINETUNE_RESUMABLE, "--quiet", "--json")
     p.add_argument("--seed", type=int, default=d.seed)
     _add_device(p, None)
-    p.add_argument("--num-workers", type=int, default=None, help="data-loading processes (default 0)")
+    p.add_argument("--num-workers", type=workers, default=None, metavar="N|auto",
+                   help="data-loading processes (default auto: 0 for arrays in memory, for image folders the cores "
+                        "of this process, at most 10)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

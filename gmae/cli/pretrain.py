@@ -9,7 +9,7 @@ from ..config import (
     PIXEL_ORIGINS, POSITION_PARAMS, POSITION_SOURCES, PRESETS, PRETRAIN_RESUMABLE, QUERY_INITS, ROTATION_PARAMS,
     TILE_CUTS, TrainConfig, model_config, train_config,
 )
-from ..config.choices import positive_int
+from ..config.choices import positive_int, workers
 from ..config.recipes import check_schedule
 from ..io.files import check_exists, check_output_folder
 from .common import _add_device, _add_recipe, _add_resume, _add_stop_grace, _background, _count
@@ -30,7 +30,9 @@ def add_pretrain(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     _add_device(p, None)
     p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (tiny: 400)")
-    p.add_argument("--num-workers", type=int, help="data-loading processes (default 0)")
+    p.add_argument("--num-workers", type=workers, metavar="N|auto",
+                   help="data-loading processes (default auto: 0 for generated data, for image folders the cores "
+                        "of this process, at most 10)")
     p.add_argument("--keep-checkpoints", type=positive_int,
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
     p.add_argument("--accum-steps", type=positive_int, default=d.accum_steps,

@@ -213,6 +213,18 @@ class ModelConfig:
             raise GMAEError("embedding widths must be multiples of 4 (2D sin-cos position embedding)")
 
 
+def parse_workers(value) -> int | str:
+    """A num-workers setting: "auto" (gmae.runtime.threads.resolve_workers decides per data source and machine)
+    or an integer >= 0 (0: load in the training process); GMAEError otherwise."""
+    if value == "auto":
+        return "auto"
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():
+        raise GMAEError(f"num-workers must be auto or an integer >= 0 (0: load in the training process); "
+                        f"got {value!r}")
+    return int(text)
+
+
 @dataclass
 class TrainConfig:
     data: str = "deadleaves"  # "deadleaves" | "sprites" | "photos" | "digits" | path to an image folder
@@ -228,7 +240,9 @@ class TrainConfig:
     out: str = "runs/pretrain"
     checkpoint_every: int = 500
     log_every: int = 1
-    num_workers: int = 0
+    # DataLoader processes: "auto" (gmae.runtime.threads.resolve_workers: 0 for generated data, some for image
+    # folders) or a number; batches are the same with any number (gmae.data.stream)
+    num_workers: int | str = "auto"
     keep_checkpoints: int = 3  # newest N kept
     accum_steps: int = 1  # micro-batches per optimizer step (the batch is split, not multiplied)
     clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
@@ -270,8 +284,7 @@ class TrainConfig:
             raise GMAEError(f"on-bad-image must be skip or error; got {self.on_bad_image!r}")
         if self.accum_steps < 1 or self.batch_size % self.accum_steps:
             raise GMAEError(f"batch size {self.batch_size} must be a multiple of accum-steps {self.accum_steps}")
-        if self.num_workers < 0:
-            raise GMAEError(f"num-workers must be 0 (load in the training process) or more; got {self.num_workers}")
+        self.num_workers = parse_workers(self.num_workers)
         if self.keep_checkpoints < 1 or self.max_bad_steps < 1 or self.clip_grad < 0:
             raise GMAEError("keep-checkpoints and max-bad-steps must be >= 1 and clip-grad >= 0")
         if self.steps < 1:
@@ -499,7 +512,7 @@ class FinetuneConfig:
     stop_grace: float = 60.0  # as TrainConfig.stop_grace
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch (and always at the end)
     keep_checkpoints: int = 2
-    num_workers: int = 0
+    num_workers: int | str = "auto"  # as TrainConfig.num_workers
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
     recipe: str = ""  # the gmae.config.recipes recipe the command line started from ("" = none); a record
     # ----- MAE's fine-tuning regularisers, from timm (gmae.evaluate.augment; needs `pip install 'gmae[timm]'`
@@ -529,6 +542,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
+        self.num_workers = parse_workers(self.num_workers)
         checks = [
             (self.mixup >= 0 and self.cutmix >= 0, f"mixup and cutmix alphas must be >= 0 (0: off); got {self.mixup}, "
                                                    f"{self.cutmix}"),
@@ -558,7 +572,7 @@ class FinetuneConfig:
             (0 <= self.smoothing < 1, f"label smoothing must be in [0, 1); got {self.smoothing}"),
             (self.weight_decay >= 0 and self.clip_grad >= 0, "weight decay and clip-grad must be >= 0"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval-every and checkpoint-every must be >= 0"),
-            (self.keep_checkpoints >= 1 and self.num_workers >= 0, "keep-checkpoints must be >= 1, num-workers >= 0"),
+            (self.keep_checkpoints >= 1, f"keep-checkpoints must be >= 1; got {self.keep_checkpoints}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16; got {self.precision!r}"),
         ]
         for ok, message in checks:

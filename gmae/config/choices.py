@@ -37,6 +37,17 @@ EXTRACTION_BATCH = 128
 EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}
 
 
+def workers(text: str) -> int | str:
+    """argparse type of --num-workers: auto or a whole number >= 0."""
+    from . import parse_workers
+    from ..errors import GMAEError
+
+    try:
+        return parse_workers(text)
+    except GMAEError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type of a count: a whole number of at least 1."""
     try:

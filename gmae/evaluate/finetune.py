@@ -62,7 +62,7 @@ from ..model import ViTEncoder, build_classifier, param_groups
 from ..io.runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from ..runtime.distributed import resolve_device
 from ..runtime.stopping import StopGuard, Stopped
-from ..runtime.threads import worker_init
+from ..runtime.threads import resolve_workers, worker_init
 from .augment import augmented, build_mixup, mix_batch, soft_target_loss
 
 FORMAT = "gmae-finetune"
@@ -183,7 +183,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
 
     stream = LabelledStream(train_source, fcfg.seed)
     loader = DataLoader(stream, batch_sampler=StepBatchSampler(fcfg.batch_size, start, fcfg.steps - start),
-                        num_workers=fcfg.num_workers, worker_init_fn=worker_init)
+                        num_workers=resolve_workers(fcfg.num_workers, train_ds, device), worker_init_fn=worker_init)
     classes = list(getattr(train_ds, "classes", range(num_classes)))
     run_config = {"model": as_dict(mcfg), "finetune": as_dict(fcfg), "num_classes": int(num_classes),
                   "classes": [str(c) for c in classes]}

@@ -35,7 +35,7 @@ from ..model.online_probe import OnlineProbe
 from ..render import resolve_backend
 from ..io.runs import MetricsLog, autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from ..runtime.stopping import StopGuard, Stopped
-from ..runtime.threads import worker_init
+from ..runtime.threads import resolve_workers, worker_init
 from ..viz.figures import figures_unavailable, save_reconstruction_figure
 
 #: Images in the layout monitor's held-out batch (TrainConfig.layout_every).
@@ -264,7 +264,8 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     stream = SeededStream(source, tcfg.seed, labels=labels)
     loader = DataLoader(
         stream, batch_sampler=StepBatchSampler(tcfg.batch_size, start, tcfg.steps - start, ctx.rank, ctx.world_size),
-        num_workers=tcfg.num_workers, persistent_workers=False, worker_init_fn=worker_init,
+        num_workers=resolve_workers(tcfg.num_workers, source, device), persistent_workers=False,
+        worker_init_fn=worker_init,
     )
     model.train()
     last_loss, bad_in_a_row, skipped, stopped = float("nan"), 0, 0, None
