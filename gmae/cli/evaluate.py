@@ -11,8 +11,8 @@ from ..config.choices import (
 from ..errors import GMAEError
 from ..io.files import check_output_folder
 from .common import (
-    CHECKPOINT_HELP, _add_device, _add_encoder_norm, _add_raw_weights, _add_recipe, _add_resume, _add_stop_grace,
-    _check_checkpoint, _resolve_device, _say_weights,
+    CHECKPOINT_HELP, _add_device, _add_dist_timeout, _add_encoder_norm, _add_raw_weights, _add_recipe, _add_resume,
+    _add_stop_grace, _check_checkpoint, _resolve_device, _say_weights,
 )
 
 
@@ -265,6 +265,7 @@ def add_finetune(sub) -> None:
     _add_encoder_norm(p)
     p.add_argument("--eval-every", type=positive_int, default=None, help="steps between val evaluations (default: an epoch)")
     _add_stop_grace(p, d.stop_grace)
+    _add_dist_timeout(p, d.dist_timeout)
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default: an epoch)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=None,
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
@@ -329,6 +330,7 @@ def cmd_finetune(args) -> int:
         smoothing=args.smoothing, clip_grad=args.clip_grad, random_init=args.random_init, seed=args.seed,
         device=args.device or d.device, out=args.out, eval_every=args.eval_every or 0,
         stop_grace=d.stop_grace if args.stop_grace is None else args.stop_grace,
+        dist_timeout=d.dist_timeout if args.dist_timeout is None else args.dist_timeout,
         checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
         num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
         raw_weights=args.raw_weights, input_norm=args.input_norm or "", recipe=args.recipe or "",

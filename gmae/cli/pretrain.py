@@ -12,7 +12,9 @@ from ..config import (
 from ..config.choices import positive_int, workers
 from ..config.recipes import check_schedule
 from ..io.files import check_exists, check_output_folder
-from .common import _add_device, _add_recipe, _add_resume, _add_stop_grace, _background, _count
+from .common import (
+    _add_device, _add_dist_timeout, _add_recipe, _add_resume, _add_stop_grace, _background, _count,
+)
 
 
 def add_pretrain(sub) -> None:
@@ -111,6 +113,7 @@ def add_pretrain(sub) -> None:
                         f"the flat mean colour (psnr_full, psnr_mean_colour) on a fixed held-out batch; 0: never "
                         f"(default {d.layout_every})")
     _add_stop_grace(p, d.stop_grace)
+    _add_dist_timeout(p, d.dist_timeout)
     _add_pretrain_recipe_flags(p)
     # The online probe (gmae.model.online_probe), apart from the flags above.
     p.add_argument("--online-probe", action="store_true",
@@ -217,7 +220,7 @@ def cmd_pretrain(args) -> int:
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
         max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image, init_encoder=args.init_encoder,
         ema=args.ema, online_probe=args.online_probe, layout_every=args.layout_every,
-        stop_grace=args.stop_grace,
+        stop_grace=args.stop_grace, dist_timeout=args.dist_timeout,
         # recipes (gmae.config.recipes)
         recipe=args.recipe or "", weight_decay=args.weight_decay, betas=args.betas, crop_scale=args.crop_scale,
         interpolation=args.interpolation, **_pretrain_schedule(args),

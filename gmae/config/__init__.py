@@ -273,6 +273,9 @@ class TrainConfig:
     # Seconds a run may take to reach its step boundary after a stop signal before it exits at once
     # (gmae.runtime.stopping.StopGuard); 0 = wait for the step however long it takes.
     stop_grace: float = 60.0
+    # Under torchrun: seconds a collective may wait for the other processes before this one ends with an error
+    # naming its rank (gmae.runtime.distributed.DEFAULT_TIMEOUT: torch's own 30 minutes, and why not less).
+    dist_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -299,6 +302,8 @@ class TrainConfig:
             raise GMAEError(f"ema decay must be in [0, 1) (0: no EMA; the authors' runs use 0.999); got {self.ema}")
         if self.stop_grace < 0:
             raise GMAEError(f"stop-grace must be >= 0 seconds (0: no limit); got {self.stop_grace}")
+        if not self.dist_timeout > 0:
+            raise GMAEError(f"dist-timeout must be > 0 seconds; got {self.dist_timeout}")
         if self.layout_every < 0:
             raise GMAEError(f"layout-every must be >= 0 (0: never); got {self.layout_every}")
 
@@ -393,9 +398,9 @@ PRESETS: dict[str, dict] = {
 # every other setting is the checkpoint's, and a command line that contradicts it is refused.
 # (epochs: a new length, as steps; micro_batch: the memory of the machine it resumes on, the same result.)
 PRETRAIN_RESUMABLE = ("steps", "epochs", "micro_batch", "device", "checkpoint_every", "num_workers", "keep_checkpoints",
-                      "max_bad_steps", "layout_every", "stop_grace")
+                      "max_bad_steps", "layout_every", "stop_grace", "dist_timeout")
 FINETUNE_RESUMABLE = ("steps", "device", "num_workers", "keep_checkpoints", "checkpoint_every", "eval_every",
-                      "stop_grace")
+                      "stop_grace", "dist_timeout")
 
 # The fields only --preset sets: they name a checkpoint's preset (`preset_of`).
 PRESET_SHAPE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
@@ -510,6 +515,7 @@ class FinetuneConfig:
     out: str = "runs/finetune"
     eval_every: int = 0  # steps between val evaluations; 0: once per epoch (and always at the end)
     stop_grace: float = 60.0  # as TrainConfig.stop_grace
+    dist_timeout: float = 1800.0  # as TrainConfig.dist_timeout
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch (and always at the end)
     keep_checkpoints: int = 2
     num_workers: int | str = "auto"  # as TrainConfig.num_workers
@@ -558,6 +564,7 @@ class FinetuneConfig:
             (self.remode in ERASE_MODES, f"remode must be one of {', '.join(ERASE_MODES)}; got {self.remode!r}"),
             (self.recount >= 1, f"recount (random-erasing boxes) must be at least 1; got {self.recount}"),
             (self.stop_grace >= 0, f"stop-grace must be >= 0 seconds (0: no limit); got {self.stop_grace}"),
+            (self.dist_timeout > 0, f"dist-timeout must be > 0 seconds; got {self.dist_timeout}"),
             (self.global_pool in GLOBAL_POOLS, f"global pool must be one of {', '.join(GLOBAL_POOLS)}; "
                                                f"got {self.global_pool!r}"),
             (self.input_norm in ("", *INPUT_NORMS), f"input normalisation must be one of {', '.join(INPUT_NORMS)} "

@@ -168,8 +168,9 @@ def pretrain(mcfg: ModelConfig | None = None, tcfg: TrainConfig | None = None, r
     if tensorboard:
         check_available()
     if distributed.rank_from_env() != 0:
-        return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard, given or {})
-    with run_lock(out):
+        with distributed.rank_named_timeouts(tcfg.dist_timeout):
+            return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard, given or {})
+    with run_lock(out), distributed.rank_named_timeouts(tcfg.dist_timeout):
         return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard, given or {})
 
 
@@ -188,7 +189,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
                            scale=tcfg.crop_scale, interpolation=tcfg.interpolation)
     # The online probe's labels: data without them fails here too, before anything is written.
     labels = source_labels(source, tcfg.data, mcfg.img_size) if tcfg.online_probe else None
-    ctx = distributed.init(tcfg.device)
+    ctx = distributed.init(tcfg.device, tcfg.dist_timeout)
     device = ctx.device
     tcfg = resolve_run(tcfg, source, ctx.world_size, resumed=state is not None, changes=changes)
     if state is not None and tcfg.steps < state["step"]:
