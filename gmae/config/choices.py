@@ -38,14 +38,15 @@ EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".p
 
 
 def workers(text: str) -> int | str:
-    """argparse type of --num-workers: auto or a whole number >= 0."""
+    """argparse type of --num-workers: auto or a whole number >= 0; anything else is passed on as typed, for the
+    config to refuse in its one line (gmae.config.parse_workers)."""
     from . import parse_workers
     from ..errors import GMAEError
 
     try:
         return parse_workers(text)
     except GMAEError:
-        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 0, got {text!r}") from None
+        return text
 
 
 def positive_int(text: str) -> int:
