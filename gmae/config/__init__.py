@@ -26,7 +26,7 @@ SIZE_FROM_DEPTH_CAMERAS = ("authors", "pinhole")
 # with the orthographic camera: see ModelConfig.validate), or "centred" 2·(sigmoid(raw
 # − the image's mean raw) − ½): bounded like the authors', but only depths relative to
 # the image's other Gaussians are learned, so no common drift can push them all onto a
-# limit together (docs/depth.md, "the regime map").
+# limit together (docs/reports/depth.md, "the regime map").
 DEPTH_PARAMS = ("bounded", "linear", "centred")
 # Depth learning signal from the rasterizer: "off" (3DGS compositing: depth only
 # sorts), "swap" (the same compositing, plus the depth-order gradient of the
@@ -36,7 +36,7 @@ DEPTH_GRADS = ("off", "swap", "weighted")
 # Where the m Gaussians of one query token sit (`gaussians_per_query` > 1): "absolute", each
 # position its own, exactly as one Gaussian per token; "anchored", x and y an offset of at most
 # `anchor_spread` around a per-token anchor (z stays each Gaussian's own; see gmae.model.gmae).
-# Anchored trained better at equal steps (docs/gaussians_per_query.md), so it is the default; with
+# Anchored trained better at equal steps (docs/reports/gaussians_per_query.md), so it is the default; with
 # m = 1 both are the same model, one Gaussian per query.
 POSITION_PARAMS = ("absolute", "anchored")
 # How the encoder normalises its [0, 1] input (ModelConfig.input_norm): "none" (the default: the raw image) or
@@ -112,7 +112,7 @@ class ModelConfig:
     opacity_reg: float = 0.0  # loss += opacity_reg * mean opacity / max_opacity: fewer, larger Gaussians
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # authors' white
     render_backend: str = "auto"
-    camera: str = "authors"  # a name in CAMERAS (gmae.render.camera); best-measuring in docs/depth.md
+    camera: str = "authors"  # a name in CAMERAS (gmae.render.camera); best-measuring in docs/reports/depth.md
     depth_param: str = "bounded"  # z parametrisation, see DEPTH_PARAMS
     depth_grad: str = "off"  # see DEPTH_GRADS
     depth_tau: float = 0.1  # temperature (depth units) of the swap relaxation or of the weighted compositing
@@ -127,7 +127,7 @@ class ModelConfig:
     # without it they start around c·sigmoid(0) = c/2 and max_opacity/2 (the authors' bias-free head).
     head_bias: bool = True
     max_alpha: float = 0.99  # clamp on each Gaussian's alpha in the rasterizer: 0.99 as 3DGS; the authors' 0.999
-    # --- what places the Gaussians (docs/depth.md, "does the layout follow the image"); each default is the behaviour
+    # --- what places the Gaussians (docs/reports/layout.md); each default is the behaviour
     # from before it. position_gain: x, y = 2·(sigmoid(gain·raw) − ½), a gain g makes positions g times as fast to
     # learn; query_noise: std of Gaussian noise added to each query embedding, per image, while training;
     # position_source: see POSITION_SOURCES.
@@ -185,7 +185,7 @@ class ModelConfig:
                 flag = {"input_norm": "normalize"}.get(name, name.replace("_", "-"))  # named as on the command line
                 raise GMAEError(f"{flag} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.depth_param == "linear" and self.camera in SIZE_FROM_DEPTH_CAMERAS:
-            # Measured (docs/depth.md, "the regime map"): z is then an unbounded size knob (size ~ 8 / (z + 8)), the
+            # Measured (docs/reports/depth.md, "the regime map"): z is then an unbounded size knob (size ~ 8 / (z + 8)), the
             # Gaussians that want to be larger run z towards the camera plane at -8 and training diverges (loss
             # 0.047 at step 100, 0.32 at the end, worse than the 0.23 at initialisation).
             raise GMAEError(f"depth-param linear needs --camera orthographic: with the {self.camera} camera z sets "
@@ -368,11 +368,11 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(
         img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, num_gaussians=128,
-        # Out of the collapsed regime (docs/depth.md, "the regime map"): with the authors' c = 1 and bounded z,
+        # Out of the collapsed regime (docs/reports/depth.md, "the regime map"): with the authors' c = 1 and bounded z,
         # every scale ends at its cap and every z at its near limit, so the readouts show the query tokens'
         # order; a larger cap leaves the scales room, and centred z removes the common drift onto a limit.
         max_scale=3.0, depth_param="centred",
-        # Gaussians that follow the image (docs/layout.md, "the map"): with the paper's masked loss at 75% the full
+        # Gaussians that follow the image (docs/reports/layout.md, "the map"): with the paper's masked loss at 75% the full
         # render of a held-out photo is worse than its flat mean colour and every image gets one fixed layout; the
         # loss on every pixel with a quarter masked renders photos 4.3 dB above the mean colour, but its layout is
         # fixed too; the pointer positions (GMAE.point) make it follow the image at 3.2 dB above the mean colour.
