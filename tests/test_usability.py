@@ -336,6 +336,19 @@ def test_the_link_check_can_fail(tmp_path):
     assert heading_anchors(page) == {"title-one", "the-gmae-bench-run"}
 
 
+README_WORDS = 1200  # a five-minute read
+
+
+def test_readme_is_a_five_minute_guide():
+    """The README stays within README_WORDS words, counted as whitespace-separated words of the whole file, code
+    blocks and tables included; what it leaves out is linked from it (docs/install.md, docs/status.md)."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.split()) <= README_WORDS, len(readme.split())
+    for part in ("## Install", "## Quick start", "## Commands", "## What works and what does not yet",
+                 "(docs/install.md)", "(docs/status.md)"):
+        assert part in readme, part
+
+
 def test_readme_gives_the_test_command_ci_runs():
     command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert "pytest" in command and command in (ROOT / "README.md").read_text().splitlines()
