@@ -284,6 +284,18 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
     assert len(metrics(out)) == stop
 
 
+def test_what_counts_as_a_collective_timeout():
+    from gmae.runtime.distributed import timed_out
+
+    assert timed_out(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 3000ms for send "
+                                  "operation to complete"))
+    assert timed_out(RuntimeError("Application timeout caused pair closure"))
+    assert timed_out(RuntimeError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7)"))
+    assert not timed_out(RuntimeError("CUDA out of memory"))
+    assert not timed_out(RuntimeError("the DataLoader timeout must be positive"))
+    assert not timed_out(ValueError("timed out waiting"))
+
+
 def free_port() -> int:
     import socket
 

@@ -273,8 +273,8 @@ def add_finetune(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     _add_device(p, None)
     p.add_argument("--num-workers", type=workers, default=None, metavar="N|auto",
-                   help="data-loading processes (default auto: 0 for arrays in memory, for image folders the cores "
-                        "of this process, at most 10)")
+                   help="data-loading processes (default auto: for an image folder on a GPU, the cores of this "
+                        "process, at most 10; otherwise 0)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

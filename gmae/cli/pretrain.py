@@ -33,8 +33,8 @@ def add_pretrain(sub) -> None:
     _add_device(p, None)
     p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (tiny: 400)")
     p.add_argument("--num-workers", type=workers, metavar="N|auto",
-                   help="data-loading processes (default auto: 0 for generated data, for image folders the cores "
-                        "of this process, at most 10)")
+                   help="data-loading processes (default auto: for an image folder on a GPU, the cores of this "
+                        "process, at most 10; otherwise 0)")
     p.add_argument("--keep-checkpoints", type=positive_int,
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
     p.add_argument("--accum-steps", type=positive_int, default=d.accum_steps,

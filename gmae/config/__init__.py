@@ -240,8 +240,8 @@ class TrainConfig:
     out: str = "runs/pretrain"
     checkpoint_every: int = 500
     log_every: int = 1
-    # DataLoader processes: "auto" (gmae.runtime.threads.resolve_workers: 0 for generated data, some for image
-    # folders) or a number; batches are the same with any number (gmae.data.stream)
+    # DataLoader processes: "auto" (gmae.runtime.threads.resolve_workers: some for an image folder on a GPU, else 0)
+    # or a number; batches are the same with any number (gmae.data.stream)
     num_workers: int | str = "auto"
     keep_checkpoints: int = 3  # newest N kept
     accum_steps: int = 1  # micro-batches per optimizer step (the batch is split, not multiplied)

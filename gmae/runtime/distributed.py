@@ -90,7 +90,8 @@ def timed_out(error: BaseException) -> bool:
     operation" (and "Application timeout caused pair closure" once the pair is closed), NCCL "Watchdog caught
     collective operation timeout"."""
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
+    return isinstance(error, RuntimeError) and any(
+        phrase in text for phrase in ("timed out waiting", "timeout caused pair closure", "collective operation timeout"))
 
 
 @contextlib.contextmanager
