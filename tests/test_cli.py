@@ -136,6 +136,7 @@ def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
     (["pretrain", "--img-size", "30", "--steps", "1"], "multiple of the patch size"),
     (["pretrain", "--render-backend", "nope", "--steps", "1", "-k", "4", "--img-size", "16"], "nope"),
     (["pretrain", "--num-workers", "-1", "--steps", "1"], "num-workers"),
+    (["pretrain", "--dist-timeout", "0", "--steps", "1"], "dist-timeout must be > 0 seconds"),
     pytest.param(["pretrain", "--device", "cuda", "--steps", "1"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])

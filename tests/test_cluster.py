@@ -291,6 +291,61 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
     assert len(metrics(out)) == stop
 
 
+def test_what_counts_as_a_collective_timeout():
+    from gmae.runtime.distributed import timed_out
+
+    assert timed_out(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 3000ms for send "
+                                  "operation to complete"))
+    assert timed_out(RuntimeError("Application timeout caused pair closure"))
+    assert timed_out(RuntimeError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7)"))
+    assert not timed_out(RuntimeError("CUDA out of memory"))
+    assert not timed_out(RuntimeError("the DataLoader timeout must be positive"))
+    assert not timed_out(ValueError("timed out waiting"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_rank_that_never_joins_the_collective_ends_the_other_within_the_timeout(tmp_path):
+    """Two ranks as torchrun starts them (gloo); once a checkpoint is saved, rank 1 is stopped (SIGSTOP: alive, its
+    sockets open, never joining another collective). Rank 0 waits in the step's all-reduce until --dist-timeout
+    (3 s) passes, then exits with status 2 and one line naming its rank; the newest checkpoint still loads."""
+    out = tmp_path / "run"
+    port, procs, logs = free_port(), [], []
+    for rank in (0, 1):
+        env = dict(ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        logs.append(tmp_path / f"rank{rank}.log")
+        with open(logs[-1], "wb") as f:
+            procs.append(subprocess.Popen(cmd(out, 1000, "--checkpoint-every", "2", "--dist-timeout", "3"),
+                                          stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
+    try:
+        assert when(lambda: list_checkpoints(out), procs[0], logs[0], "a checkpoint"), logs[0].read_text()[-3000:]
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        code = procs[0].wait(timeout=3 * TIMEOUT)
+        waited = time.monotonic() - stopped_at
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    text = logs[0].read_text()
+    errors = [line for line in text.splitlines() if "error:" in line or "Traceback" in line]
+    assert code == 2, text[-3000:]
+    assert errors == ["gmae pretrain: error: rank 0 of 2: a collective waited more than --dist-timeout 3 s for the "
+                      "other processes (one of them hung, stopped or died); the checkpoints already saved are "
+                      "intact: restart with --resume=auto"], text[-3000:]
+    print(f"rank 1 stopped: rank 0 ended {waited:.1f} s later")
+    assert waited < 3 + 30  # the timeout, and at most the step it was in on a busy machine
+    newest = list_checkpoints(out)[-1]
+    assert load_checkpoint(newest)["step"] % 2 == 0
+
+
 def test_max_restarts_resumes_from_the_newest_checkpoint_after_a_lost_worker(tmp_path, ddp_reference):
     out, log = tmp_path / "run", tmp_path / "run.log"
     proc = launch(cmd(out, DDP_STEPS, "--checkpoint-every", "2", "--resume=auto",

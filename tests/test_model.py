@@ -292,7 +292,8 @@ def test_config_cameras_are_the_render_registry():
 
 @pytest.mark.parametrize("camera", CAMERAS)
 def test_linear_depth_needs_orthographic(camera):
-    """Unbounded z is refused where z sets on-screen size (it diverged: docs/depth.md), accepted where it only sorts."""
+    """Unbounded z is refused where z sets on-screen size (it diverged: docs/reports/depth.md), accepted where it
+    only sorts."""
     if camera in SIZE_FROM_DEPTH_CAMERAS:
         with pytest.raises(GMAEError, match="depth-param linear needs --camera orthographic"):
             ModelConfig(camera=camera, depth_param="linear")

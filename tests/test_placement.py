@@ -1,5 +1,5 @@
-"""The options that try to make the Gaussians' placement follow the image (docs/depth.md, "does the layout follow
-the image"): each changes what it names and nothing else at its default, its gradient reaches the parameters it
+"""The options that try to make the Gaussians' placement follow the image (docs/reports/layout.md,
+"Mechanisms"): each changes what it names and nothing else at its default, its gradient reaches the parameters it
 adds or scales, and its output depends on the input where it should. Also why permuting the queries per image is
 no mechanism at all: the decoder is permutation-equivariant in its queries.
 """

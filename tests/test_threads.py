@@ -264,3 +264,95 @@ def test_feature_extraction_workers_run_one_thread():
         torch.set_num_threads(before)
         numba.set_num_threads(numba_before)
     assert labels.tolist() == [1, 1]
+
+
+# --------------------------------------------------------------------------- --num-workers auto
+
+
+class Generated:  # a source that draws its samples (dead-leaves, sprites): no reads_files
+    shuffle = False
+
+
+class Files:  # a source that decodes image files (gmae.data.folder.ImageFolder)
+    shuffle = True
+    reads_files = True
+
+
+@pytest.mark.parametrize("value,source,device,cores,procs,expected", [
+    ("auto", Generated(), "cuda", 16, 1, 0),  # drawing a scene costs less than handing it over from a worker
+    ("auto", Files(), "cpu", 16, 1, 0),  # on the CPU the training threads already take the cores
+    ("auto", Files(), "cuda", 2, 1, 2),  # a worker per core
+    ("auto", Files(), "cuda:1", 16, 2, 8),  # torchrun --nproc-per-node 2: the cores shared between the processes
+    ("auto", Files(), "cuda", 96, 8, 10),  # 12 cores per GPU: MAE's 10 per GPU at most
+    ("auto", Files(), "cuda", 1, 1, 0),  # one core: decoding elsewhere overlaps nothing
+    ("auto", Files(), "cuda", 3, 2, 0),  # one core per process, likewise
+    (3, Generated(), "cpu", 16, 1, 3),  # a number is taken as it is
+    (0, Files(), "cuda", 16, 1, 0),
+])
+def test_auto_workers_per_source_device_and_machine(value, source, device, cores, procs, expected):
+    assert threads.resolve_workers(value, source, device, cores, procs) == expected
+    assert threads.resolve_workers(value, source, torch.device(device), cores, procs) == expected
+
+
+def test_the_real_sources_say_whether_they_read_files(tmp_path):
+    from PIL import Image
+
+    from gmae.data import build_dataset
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    assert threads.resolve_workers("auto", build_dataset(str(tmp_path), 8), "cuda", 4, 1) == 4
+    assert threads.resolve_workers("auto", build_dataset("deadleaves", 8), "cuda", 4, 1) == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5", "", True, None])
+def test_num_workers_is_auto_or_a_whole_number(value):
+    from gmae.config import TrainConfig, parse_workers
+
+    with pytest.raises(GMAEError, match="num-workers must be auto or an integer >= 0"):
+        parse_workers(value)
+    assert parse_workers("auto") == "auto" and parse_workers("3") == 3 and parse_workers(0) == 0
+    assert TrainConfig().num_workers == "auto"
+
+
+def test_num_workers_flag_takes_auto_and_numbers():
+    parser = build_parser()
+    for command, extra in (("pretrain", []), ("finetune", ["--checkpoint", "x"])):
+        assert parser.parse_args([command, *extra]).num_workers is None  # the config's "auto"
+        assert parser.parse_args([command, *extra, "--num-workers", "auto"]).num_workers == "auto"
+        assert parser.parse_args([command, *extra, "--num-workers", "3"]).num_workers == 3
+
+
+def test_auto_workers_on_an_image_folder_give_the_batches_of_none(tmp_path, monkeypatch):
+    """Samples are functions of (seed, index): a run whose loader has the workers "auto" gives an image folder on a
+    GPU (here 2, on the CPU) logs the losses and ends with the weights of a run that loads in the training process,
+    bit for bit."""
+    from PIL import Image
+
+    from gmae.config import model_config, train_config
+    from gmae.train import pretrain
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (48, 40), (40 * i, 90, 255 - 30 * i)).save(folder / f"{i}.png")
+        Image.effect_noise((40, 48), 20 + 10 * i).convert("RGB").save(folder / f"n{i}.jpg")
+    made = []
+
+    def as_on_a_gpu(value, source, device):  # the count auto gives on a 2-core machine with a GPU
+        made.append(threads.resolve_workers(value, source, "cuda", cores=2, local_procs=1))
+        return made[-1]
+
+    monkeypatch.setattr("gmae.train.resolve_workers", as_on_a_gpu)
+    mcfg = model_config("tiny", img_size=32, patch_size=8, num_gaussians=8, depth=1, decoder_depth=1)
+    runs = {}
+    for workers in ("auto", 0):
+        out = tmp_path / str(workers)
+        pretrain(mcfg, train_config("tiny", data=str(folder), steps=3, batch_size=4, warmup_steps=1, layout_every=0,
+                                    num_workers=workers, out=str(out)), progress=False)
+        runs[workers] = (torch.load(out / "checkpoint-0000003.pt", weights_only=True)["model"],
+                         [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()])
+    assert made == [2, 0]
+    (auto_weights, auto_losses), (none_weights, none_losses) = runs["auto"], runs[0]
+    assert auto_losses == none_losses and len(auto_losses) == 3
+    assert auto_weights.keys() == none_weights.keys()
+    assert all(torch.equal(auto_weights[k], none_weights[k]) for k in auto_weights)

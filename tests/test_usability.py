@@ -281,7 +281,7 @@ def test_export_and_checkpoint_files_get_the_same_mode(run, tmp_path):
 
 # --------------------------------------------------------------------------- 10. the README and docs/ run
 
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]  # the guide, and the reports in docs/reports/
 
 
 def python_blocks(markdown: str) -> list[str]:
@@ -289,7 +289,7 @@ def python_blocks(markdown: str) -> list[str]:
 
 
 def test_documentation_python_examples_run(tmp_path, monkeypatch, capsys):
-    """Every Python block of README.md and docs/*.md runs (those that import timm, not a dependency, excepted)."""
+    """Every Python block of README.md and docs/ runs (those that import timm, not a dependency, excepted)."""
     blocks = [(page.relative_to(ROOT), block) for page in DOCS for block in python_blocks(page.read_text())]
     runnable = [(page, b) for page, b in blocks if "import timm" not in b]
     assert any("gmae.load" in b for _, b in runnable) and any("rasterize(" in b for _, b in runnable)
@@ -301,6 +301,52 @@ def test_documentation_python_examples_run(tmp_path, monkeypatch, capsys):
         exec(compile(block, str(page), "exec"), namespace)  # noqa: S102  our own documentation
         if "rasterize(" in block:
             assert tuple(namespace["image"].shape) == (1, 3, 32, 32)
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings (lower case, punctuation dropped, spaces to hyphens), and the
+    explicit ``<a id="...">`` ones."""
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    anchors = set(re.findall(r'<a id="([^"]+)">', text))
+    for heading in re.findall(r"^#+ (.+)$", text, flags=re.M):
+        anchors.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_every_relative_link_of_the_docs_resolves():
+    """Every relative markdown link in README.md and docs/ (the guide and the reports) names a file or folder that
+    exists, and a link into a page's heading names a heading that page has."""
+    checked, broken = 0, []
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^()\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            checked += 1
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file.read_text()):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert checked >= 100 and not broken, "\n".join(broken)
+
+
+def test_the_link_check_can_fail(tmp_path):
+    page = "# Title: one\n\n## The `gmae bench` run\n\n```bash\n# not a heading\n```\n"
+    assert heading_anchors(page) == {"title-one", "the-gmae-bench-run"}
+
+
+README_WORDS = 1200  # a five-minute read
+
+
+def test_readme_is_a_five_minute_guide():
+    """The README stays within README_WORDS words, counted as whitespace-separated words of the whole file, code
+    blocks and tables included; what it leaves out is linked from it (docs/install.md, docs/status.md)."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.split()) <= README_WORDS, len(readme.split())
+    for part in ("## Install", "## Quick start", "## Commands", "## What works and what does not yet",
+                 "(docs/install.md)", "(docs/status.md)"):
+        assert part in readme, part
 
 
 def test_readme_gives_the_test_command_ci_runs():

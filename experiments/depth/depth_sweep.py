@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The depth experiment of docs/depth.md: train named configurations on dead-leaves and score them.
+"""The depth experiment of docs/reports/depth.md: train named configurations on dead-leaves and score them.
 
 For each NAME given (see ``CONFIGS``; ``--list`` prints them) this runs, with the
 ``gmae`` command of this environment:
@@ -93,7 +93,7 @@ CONFIGS: dict[str, list[str]] = {
                             "--depth-tau", "0.3"],
 }
 
-# The depth experiment again, in the free regime (docs/depth.md, "in the free regime"): the tiny default after the
+# The depth experiment again, in the free regime (docs/reports/depth.md, "in the free regime"): the tiny default after the
 # regime map (c = 3, centred z; spelled out so that the names keep their meaning if the default moves) on
 # sprites and dead-leaves, for each depth mechanism and seed; `-4000` runs 4000 steps.
 FREE = ["--max-scale", "3", "--depth-param", "centred"]

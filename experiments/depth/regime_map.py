@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The regime map of docs/depth.md: where the Gaussians' depth and scale collapse, and where they stay free.
+"""The regime map of docs/reports/depth.md: where the Gaussians' depth and scale collapse, and where they stay free.
 
 For each NAME given (see ``CONFIGS``; ``--list`` prints them) this runs
 
@@ -21,7 +21,7 @@ over the last quarter of training.
 
     python experiments/depth/regime_map.py previous-default c2 c3  # train these (one thread each: run two at once)
     python experiments/depth/regime_map.py --table                # the table so far
-    python experiments/depth/regime_map.py --plot docs/figures/regime_map.png
+    python experiments/depth/regime_map.py --plot docs/reports/figures/regime_map.png
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The experiments behind docs/gaussians_per_query.md: several Gaussians per query token.
+"""The experiments behind docs/reports/gaussians_per_query.md: several Gaussians per query token.
 
 Two commands (run from the repository root; each writes into --out and prints a markdown table):
 
@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 GMAE = [sys.executable, "-m", "gmae"]
-# The tiny preset's loss and positions when these runs were made (docs/layout.md moved the default since).
+# The tiny preset's loss and positions when these runs were made (docs/reports/layout.md moved the default since).
 BEFORE_LAYOUT_MAP = ["--loss", "masked", "--mask-ratio", "0.75", "--position-source", "head"]
-# (label, k, m): the layouts of the quality check (docs/gaussians_per_query.md)
+# (label, k, m): the layouts of the quality check (docs/reports/gaussians_per_query.md)
 QUALITY = [("256x1", 256, 1), ("64x4", 256, 4), ("256x4", 1024, 4), ("256x16", 4096, 16)]
 POSITION_LAYOUTS = [("64x4", 256, 4), ("256x16", 4096, 16)]
 

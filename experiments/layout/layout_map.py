@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The layout map of docs/depth.md: which training regimes make the Gaussians' geometry follow the image.
+"""The layout map of docs/reports/depth.md: which training regimes make the Gaussians' geometry follow the image.
 
 For each NAME given (see ``CONFIGS``; ``--list`` prints them) this runs
 
@@ -14,7 +14,7 @@ figures against full-image PSNR. Every command is appended to RUNS/commands.txt 
 
     python experiments/layout/layout_map.py default all25 --runs runs/layout   # train and measure (one thread each)
     python experiments/layout/layout_map.py --table --runs runs/layout
-    python experiments/layout/layout_map.py --plot docs/figures/layout_map.png --runs runs/layout
+    python experiments/layout/layout_map.py --plot docs/reports/figures/layout_map.png --runs runs/layout
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from runner import final_checkpoint, train  # noqa: E402  (experiments/runner.py
 # name -> gmae pretrain flags after BASE; everything else is the tiny preset (64 px, patch 8, k = 128, c = 3,
 # centred z, blr 1.6e-2, 1200 steps of batch 16) on dead-leaves, seed 0. BASE spells out the tiny preset as it was
 # when the map was made (the masked loss at 75%, positions from the head), so that the names keep their meaning
-# now that the preset has moved (to the all-pixel loss at 25% with the pointer: docs/layout.md).
+# now that the preset has moved (to the all-pixel loss at 25% with the pointer: docs/reports/layout.md).
 BASE = ["--loss", "masked", "--mask-ratio", "0.75", "--position-source", "head"]
 L4000 = ["--steps", "4000", "--checkpoint-every", "1000"]
 L12000 = ["--steps", "12000", "--checkpoint-every", "2000"]
@@ -63,7 +63,7 @@ CONFIGS: dict[str, list[str]] = {
     "default-4000": L4000,
     "all25-4000": [*ALL25, *L4000],
     "all25-12000": [*ALL25, *L12000],
-    # mechanisms (gmae.model.gmae; docs/layout.md says what each does)
+    # mechanisms (gmae.model.gmae; docs/reports/layout.md says what each does)
     "pointer": ["--position-source", "pointer"],
     "all25-pointer": [*ALL25, "--position-source", "pointer"],
     "sprites-all25-pointer": ["--data", "sprites", *ALL25, "--position-source", "pointer"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The readouts re-measured on a regime of the layout map (docs/layout.md), on sprites and dead-leaves, 3 seeds.
+"""The readouts re-measured on a regime of the layout map (docs/reports/layout.md), on sprites and dead-leaves, 3 seeds.
 
 For each REGIME (a name of experiments/layout/layout_map.py's CONFIGS, whose flags it takes, less any --data), each data set
 (sprites, dead-leaves) and each seed, this runs

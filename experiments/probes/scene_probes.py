@@ -43,7 +43,7 @@ DATA = ("deadleaves", "sprites")
 MODELS = ("gmae", "mae")
 TASKS = ("count", "shape", "front", "figure")
 
-# The tiny preset's loss and positions when these runs were made (docs/layout.md moved the default since).
+# The tiny preset's loss and positions when these runs were made (docs/reports/layout.md moved the default since).
 BEFORE_LAYOUT_MAP = ["--loss", "masked", "--mask-ratio", "0.75", "--position-source", "head"]
 
 def train_and_probe(runs: Path, gmae: str, model: str, data: str, seed: int, steps: int, threads: list[str]) -> None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Reproduce docs/zeroshot.md: pre-train the zero-shot model on dead-leaves (the tiny preset's default
-# configuration, out of the collapsed regime: docs/depth.md), score it and its initialisation with
+# Reproduce docs/reports/zeroshot.md: pre-train the zero-shot model on dead-leaves (the tiny preset's default
+# configuration, out of the collapsed regime: docs/reports/depth.md), score it and its initialisation with
 # `gmae eval-zeroshot`, and draw the readouts of skimage photos and dead-leaves images.
 # Usage: [SIZE=64 STEPS=1200] experiments/zeroshot/zeroshot_results.sh [RUN_DIR]   (default runs/zeroshot; an interrupted
-# run resumes; a finished run and its scores are reused). docs/zeroshot.md's figures are SIZE=64 STEPS=1200
+# run resumes; a finished run and its scores are reused). docs/reports/zeroshot.md's figures are SIZE=64 STEPS=1200
 # on the run folder of `python experiments/layout/layout_map.py all25-pointer` (the same flags, seed 0);
 # SIZE=128 STEPS=2000 (the default) takes about 40 min on 2 shared cores.
 set -euo pipefail
@@ -34,7 +34,7 @@ if [ ! -s "$RUN/eval-init.json" ]; then
 fi
 
 # 3. Paper-style figures for photos bundled with scikit-image, and for two dead-leaves images.
-FIGS=docs/figures
+FIGS=docs/reports/figures
 mkdir -p "$FIGS/inputs"
 $PYTHON - "$FIGS/inputs" <<'PY'
 import sys

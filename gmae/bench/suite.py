@@ -249,7 +249,7 @@ def many_gaussians(preset: str = "tiny", batch_size: int = 32, repeats: int = 5,
             "few_render_share": t["render 1"] / few, "many_render_share": t[f"render {per_query}"] / many}
 
 
-# The tiny preset's default before the layout map (docs/layout.md): the masked loss at 75%, positions from the head.
+# The tiny preset's default before the layout map (docs/reports/layout.md): the masked loss at 75%, positions from the head.
 # default_step times the current default against it.
 PREVIOUS_TINY_DEFAULT = dict(loss="masked", mask_ratio=0.75, position_source="head")
 

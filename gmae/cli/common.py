@@ -120,6 +120,12 @@ def _add_stop_grace(p, default: float) -> None:
                         f"saved checkpoints intact (default {default:g}; 0: wait for the step)")
 
 
+def _add_dist_timeout(p, default: float) -> None:
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="S",
+                   help="under torchrun: a collective that waits more than S seconds for the other processes (one "
+                        f"hung or stopped) ends this one with an error naming its rank (default {default:g}, torch's)")
+
+
 DEVICE_HELP = "auto (default: CUDA when available, else the CPU), cpu, cuda, cuda:1, ..."
 
 

@@ -6,13 +6,13 @@ import json
 
 from ..config import ERASE_MODES, FINETUNE_RESUMABLE, FinetuneConfig, GLOBAL_POOLS, MIXUP_MODES
 from ..config.choices import (
-    EXTRACTION_BATCH, PROBE_DEFAULTS, PROBE_PROTOCOLS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS, positive_int,
+    EXTRACTION_BATCH, PROBE_DEFAULTS, PROBE_PROTOCOLS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS, positive_int, workers,
 )
 from ..errors import GMAEError
 from ..io.files import check_output_folder
 from .common import (
-    CHECKPOINT_HELP, _add_device, _add_encoder_norm, _add_raw_weights, _add_recipe, _add_resume, _add_stop_grace,
-    _check_checkpoint, _resolve_device, _say_weights,
+    CHECKPOINT_HELP, _add_device, _add_dist_timeout, _add_encoder_norm, _add_raw_weights, _add_recipe, _add_resume,
+    _add_stop_grace, _check_checkpoint, _resolve_device, _say_weights,
 )
 
 
@@ -274,13 +274,16 @@ def add_finetune(sub) -> None:
     _add_encoder_norm(p)
     p.add_argument("--eval-every", type=positive_int, default=None, help="steps between val evaluations (default: an epoch)")
     _add_stop_grace(p, d.stop_grace)
+    _add_dist_timeout(p, d.dist_timeout)
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default: an epoch)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=None,
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
     _add_resume(p, FINETUNE_RESUMABLE, "--quiet", "--json")
     p.add_argument("--seed", type=int, default=d.seed)
     _add_device(p, None)
-    p.add_argument("--num-workers", type=int, default=None, help="data-loading processes (default 0)")
+    p.add_argument("--num-workers", type=workers, default=None, metavar="N|auto",
+                   help="data-loading processes (default auto: for an image folder on a GPU, the cores of this "
+                        "process, at most 10; otherwise 0)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
                    help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -337,6 +340,7 @@ def cmd_finetune(args) -> int:
         max_bad_steps=args.max_bad_steps, random_init=args.random_init, seed=args.seed,
         device=args.device or d.device, out=args.out, eval_every=args.eval_every or 0,
         stop_grace=d.stop_grace if args.stop_grace is None else args.stop_grace,
+        dist_timeout=d.dist_timeout if args.dist_timeout is None else args.dist_timeout,
         checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
         num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
         raw_weights=args.raw_weights, input_norm=args.input_norm or "", recipe=args.recipe or "",

@@ -9,10 +9,12 @@ from ..config import (
     PIXEL_ORIGINS, POSITION_PARAMS, POSITION_SOURCES, PRESETS, PRETRAIN_RESUMABLE, QUERY_INITS, ROTATION_PARAMS,
     TILE_CUTS, TrainConfig, model_config, train_config,
 )
-from ..config.choices import positive_int
+from ..config.choices import positive_int, workers
 from ..config.recipes import check_schedule
 from ..io.files import check_exists, check_output_folder
-from .common import _add_device, _add_recipe, _add_resume, _add_stop_grace, _background, _count
+from .common import (
+    _add_device, _add_dist_timeout, _add_recipe, _add_resume, _add_stop_grace, _background, _count,
+)
 
 
 def add_pretrain(sub) -> None:
@@ -30,7 +32,9 @@ def add_pretrain(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     _add_device(p, None)
     p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (tiny: 400)")
-    p.add_argument("--num-workers", type=int, help="data-loading processes (default 0)")
+    p.add_argument("--num-workers", type=workers, metavar="N|auto",
+                   help="data-loading processes (default auto: for an image folder on a GPU, the cores of this "
+                        "process, at most 10; otherwise 0)")
     p.add_argument("--keep-checkpoints", type=positive_int,
                    help=f"newest checkpoints kept (default {d.keep_checkpoints})")
     p.add_argument("--accum-steps", type=positive_int, default=d.accum_steps,
@@ -109,6 +113,7 @@ def add_pretrain(sub) -> None:
                         f"the flat mean colour (psnr_full, psnr_mean_colour) on a fixed held-out batch; 0: never "
                         f"(default {d.layout_every})")
     _add_stop_grace(p, d.stop_grace)
+    _add_dist_timeout(p, d.dist_timeout)
     _add_pretrain_recipe_flags(p)
     # The online probe (gmae.model.online_probe), apart from the flags above.
     p.add_argument("--online-probe", action="store_true",
@@ -215,7 +220,7 @@ def cmd_pretrain(args) -> int:
         accum_steps=args.accum_steps, clip_grad=args.clip_grad, precision=args.precision, compile=args.compile,
         max_bad_steps=args.max_bad_steps, on_bad_image=args.on_bad_image, init_encoder=args.init_encoder,
         ema=args.ema, online_probe=args.online_probe, layout_every=args.layout_every,
-        stop_grace=args.stop_grace,
+        stop_grace=args.stop_grace, dist_timeout=args.dist_timeout,
         # recipes (gmae.config.recipes)
         recipe=args.recipe or "", weight_decay=args.weight_decay, betas=args.betas, crop_scale=args.crop_scale,
         interpolation=args.interpolation, **_pretrain_schedule(args),

@@ -26,7 +26,7 @@ SIZE_FROM_DEPTH_CAMERAS = ("authors", "pinhole")
 # with the orthographic camera: see ModelConfig.validate), or "centred" 2·(sigmoid(raw
 # − the image's mean raw) − ½): bounded like the authors', but only depths relative to
 # the image's other Gaussians are learned, so no common drift can push them all onto a
-# limit together (docs/depth.md, "the regime map").
+# limit together (docs/reports/depth.md, "the regime map").
 DEPTH_PARAMS = ("bounded", "linear", "centred")
 # Depth learning signal from the rasterizer: "off" (3DGS compositing: depth only
 # sorts), "swap" (the same compositing, plus the depth-order gradient of the
@@ -36,7 +36,7 @@ DEPTH_GRADS = ("off", "swap", "weighted")
 # Where the m Gaussians of one query token sit (`gaussians_per_query` > 1): "absolute", each
 # position its own, exactly as one Gaussian per token; "anchored", x and y an offset of at most
 # `anchor_spread` around a per-token anchor (z stays each Gaussian's own; see gmae.model.gmae).
-# Anchored trained better at equal steps (docs/gaussians_per_query.md), so it is the default; with
+# Anchored trained better at equal steps (docs/reports/gaussians_per_query.md), so it is the default; with
 # m = 1 both are the same model, one Gaussian per query.
 POSITION_PARAMS = ("absolute", "anchored")
 # How the encoder normalises its [0, 1] input (ModelConfig.input_norm): "none" (the default: the raw image) or
@@ -112,7 +112,7 @@ class ModelConfig:
     opacity_reg: float = 0.0  # loss += opacity_reg * mean opacity / max_opacity: fewer, larger Gaussians
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # authors' white
     render_backend: str = "auto"
-    camera: str = "authors"  # a name in CAMERAS (gmae.render.camera); best-measuring in docs/depth.md
+    camera: str = "authors"  # a name in CAMERAS (gmae.render.camera); best-measuring in docs/reports/depth.md
     depth_param: str = "bounded"  # z parametrisation, see DEPTH_PARAMS
     depth_grad: str = "off"  # see DEPTH_GRADS
     depth_tau: float = 0.1  # temperature (depth units) of the swap relaxation or of the weighted compositing
@@ -127,7 +127,7 @@ class ModelConfig:
     # without it they start around c·sigmoid(0) = c/2 and max_opacity/2 (the authors' bias-free head).
     head_bias: bool = True
     max_alpha: float = 0.99  # clamp on each Gaussian's alpha in the rasterizer: 0.99 as 3DGS; the authors' 0.999
-    # --- what places the Gaussians (docs/depth.md, "does the layout follow the image"); each default is the behaviour
+    # --- what places the Gaussians (docs/reports/layout.md); each default is the behaviour
     # from before it. position_gain: x, y = 2·(sigmoid(gain·raw) − ½), a gain g makes positions g times as fast to
     # learn; query_noise: std of Gaussian noise added to each query embedding, per image, while training;
     # position_source: see POSITION_SOURCES.
@@ -185,7 +185,7 @@ class ModelConfig:
                 flag = {"input_norm": "normalize"}.get(name, name.replace("_", "-"))  # named as on the command line
                 raise GMAEError(f"{flag} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.depth_param == "linear" and self.camera in SIZE_FROM_DEPTH_CAMERAS:
-            # Measured (docs/depth.md, "the regime map"): z is then an unbounded size knob (size ~ 8 / (z + 8)), the
+            # Measured (docs/reports/depth.md, "the regime map"): z is then an unbounded size knob (size ~ 8 / (z + 8)), the
             # Gaussians that want to be larger run z towards the camera plane at -8 and training diverges (loss
             # 0.047 at step 100, 0.32 at the end, worse than the 0.23 at initialisation).
             raise GMAEError(f"depth-param linear needs --camera orthographic: with the {self.camera} camera z sets "
@@ -213,6 +213,18 @@ class ModelConfig:
             raise GMAEError("embedding widths must be multiples of 4 (2D sin-cos position embedding)")
 
 
+def parse_workers(value) -> int | str:
+    """A num-workers setting: "auto" (gmae.runtime.threads.resolve_workers decides per data source and machine)
+    or an integer >= 0 (0: load in the training process); GMAEError otherwise."""
+    if value == "auto":
+        return "auto"
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():
+        raise GMAEError(f"num-workers must be auto or an integer >= 0 (0: load in the training process); "
+                        f"got {value!r}")
+    return int(text)
+
+
 @dataclass
 class TrainConfig:
     data: str = "deadleaves"  # "deadleaves" | "sprites" | "photos" | "digits" | path to an image folder
@@ -228,7 +240,9 @@ class TrainConfig:
     out: str = "runs/pretrain"
     checkpoint_every: int = 500
     log_every: int = 1
-    num_workers: int = 0
+    # DataLoader processes: "auto" (gmae.runtime.threads.resolve_workers: some for an image folder on a GPU, else 0)
+    # or a number; batches are the same with any number (gmae.data.stream)
+    num_workers: int | str = "auto"
     keep_checkpoints: int = 3  # newest N kept
     accum_steps: int = 1  # micro-batches per optimizer step (the batch is split, not multiplied)
     clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
@@ -259,6 +273,9 @@ class TrainConfig:
     # Seconds a run may take to reach its step boundary after a stop signal before it exits at once
     # (gmae.runtime.stopping.StopGuard); 0 = wait for the step however long it takes.
     stop_grace: float = 60.0
+    # Under torchrun: seconds a collective may wait for the other processes before this one ends with an error
+    # naming its rank (gmae.runtime.distributed.DEFAULT_TIMEOUT: torch's own 30 minutes, and why not less).
+    dist_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -270,8 +287,7 @@ class TrainConfig:
             raise GMAEError(f"on-bad-image must be skip or error; got {self.on_bad_image!r}")
         if self.accum_steps < 1 or self.batch_size % self.accum_steps:
             raise GMAEError(f"batch size {self.batch_size} must be a multiple of accum-steps {self.accum_steps}")
-        if self.num_workers < 0:
-            raise GMAEError(f"num-workers must be 0 (load in the training process) or more; got {self.num_workers}")
+        self.num_workers = parse_workers(self.num_workers)
         if self.keep_checkpoints < 1 or self.max_bad_steps < 1 or self.clip_grad < 0:
             raise GMAEError("keep-checkpoints and max-bad-steps must be >= 1 and clip-grad >= 0")
         if self.steps < 1:
@@ -286,6 +302,8 @@ class TrainConfig:
             raise GMAEError(f"ema decay must be in [0, 1) (0: no EMA; the authors' runs use 0.999); got {self.ema}")
         if self.stop_grace < 0:
             raise GMAEError(f"stop-grace must be >= 0 seconds (0: no limit); got {self.stop_grace}")
+        if not self.dist_timeout > 0:
+            raise GMAEError(f"dist-timeout must be > 0 seconds; got {self.dist_timeout}")
         if self.layout_every < 0:
             raise GMAEError(f"layout-every must be >= 0 (0: never); got {self.layout_every}")
 
@@ -350,11 +368,11 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(
         img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, num_gaussians=128,
-        # Out of the collapsed regime (docs/depth.md, "the regime map"): with the authors' c = 1 and bounded z,
+        # Out of the collapsed regime (docs/reports/depth.md, "the regime map"): with the authors' c = 1 and bounded z,
         # every scale ends at its cap and every z at its near limit, so the readouts show the query tokens'
         # order; a larger cap leaves the scales room, and centred z removes the common drift onto a limit.
         max_scale=3.0, depth_param="centred",
-        # Gaussians that follow the image (docs/layout.md, "the map"): with the paper's masked loss at 75% the full
+        # Gaussians that follow the image (docs/reports/layout.md, "the map"): with the paper's masked loss at 75% the full
         # render of a held-out photo is worse than its flat mean colour and every image gets one fixed layout; the
         # loss on every pixel with a quarter masked renders photos 4.3 dB above the mean colour, but its layout is
         # fixed too; the pointer positions (GMAE.point) make it follow the image at 3.2 dB above the mean colour.
@@ -380,9 +398,9 @@ PRESETS: dict[str, dict] = {
 # every other setting is the checkpoint's, and a command line that contradicts it is refused.
 # (epochs: a new length, as steps; micro_batch: the memory of the machine it resumes on, the same result.)
 PRETRAIN_RESUMABLE = ("steps", "epochs", "micro_batch", "device", "checkpoint_every", "num_workers", "keep_checkpoints",
-                      "max_bad_steps", "layout_every", "stop_grace")
+                      "max_bad_steps", "layout_every", "stop_grace", "dist_timeout")
 FINETUNE_RESUMABLE = ("steps", "device", "num_workers", "keep_checkpoints", "checkpoint_every", "eval_every",
-                      "stop_grace", "accum_steps", "max_bad_steps")
+                      "stop_grace", "accum_steps", "max_bad_steps", "dist_timeout")
 
 # The fields only --preset sets: they name a checkpoint's preset (`preset_of`).
 PRESET_SHAPE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
@@ -497,9 +515,10 @@ class FinetuneConfig:
     out: str = "runs/finetune"
     eval_every: int = 0  # steps between val evaluations; 0: once per epoch (and always at the end)
     stop_grace: float = 60.0  # as TrainConfig.stop_grace
+    dist_timeout: float = 1800.0  # as TrainConfig.dist_timeout
     checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch (and always at the end)
     keep_checkpoints: int = 2
-    num_workers: int = 0
+    num_workers: int | str = "auto"  # as TrainConfig.num_workers
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
     recipe: str = ""  # the gmae.config.recipes recipe the command line started from ("" = none); a record
     # Micro-batches per optimizer step: batch_size is the global batch (all processes), split into accum_steps
@@ -533,6 +552,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
+        self.num_workers = parse_workers(self.num_workers)
         checks = [
             (self.mixup >= 0 and self.cutmix >= 0, f"mixup and cutmix alphas must be >= 0 (0: off); got {self.mixup}, "
                                                    f"{self.cutmix}"),
@@ -548,6 +568,7 @@ class FinetuneConfig:
             (self.remode in ERASE_MODES, f"remode must be one of {', '.join(ERASE_MODES)}; got {self.remode!r}"),
             (self.recount >= 1, f"recount (random-erasing boxes) must be at least 1; got {self.recount}"),
             (self.stop_grace >= 0, f"stop-grace must be >= 0 seconds (0: no limit); got {self.stop_grace}"),
+            (self.dist_timeout > 0, f"dist-timeout must be > 0 seconds; got {self.dist_timeout}"),
             (self.global_pool in GLOBAL_POOLS, f"global pool must be one of {', '.join(GLOBAL_POOLS)}; "
                                                f"got {self.global_pool!r}"),
             (self.input_norm in ("", *INPUT_NORMS), f"input normalisation must be one of {', '.join(INPUT_NORMS)} "
@@ -565,7 +586,7 @@ class FinetuneConfig:
             (0 <= self.smoothing < 1, f"label smoothing must be in [0, 1); got {self.smoothing}"),
             (self.weight_decay >= 0 and self.clip_grad >= 0, "weight decay and clip-grad must be >= 0"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval-every and checkpoint-every must be >= 0"),
-            (self.keep_checkpoints >= 1 and self.num_workers >= 0, "keep-checkpoints must be >= 1, num-workers >= 0"),
+            (self.keep_checkpoints >= 1, f"keep-checkpoints must be >= 1; got {self.keep_checkpoints}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16; got {self.precision!r}"),
         ]
         for ok, message in checks:

@@ -37,6 +37,18 @@ EXTRACTION_BATCH = 128
 EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}
 
 
+def workers(text: str) -> int | str:
+    """argparse type of --num-workers: auto or a whole number >= 0; anything else is passed on as typed, for the
+    config to refuse in its one line (gmae.config.parse_workers)."""
+    from . import parse_workers
+    from ..errors import GMAEError
+
+    try:
+        return parse_workers(text)
+    except GMAEError:
+        return text
+
+
 def positive_int(text: str) -> int:
     """argparse type of a count: a whole number of at least 1."""
     try:

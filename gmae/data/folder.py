@@ -69,6 +69,7 @@ class ImageFolder:
     """
 
     shuffle = True
+    reads_files = True  # decodes image files: worth DataLoader workers (gmae.runtime.threads.resolve_workers)
 
     def __init__(self, root: str, image_size, augment: bool = True,
                  on_bad_image: str = "skip", split: str | None = "auto",

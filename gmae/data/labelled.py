@@ -319,6 +319,7 @@ class LabelledFolder(Dataset):
     """
 
     shuffle = True
+    reads_files = True  # decodes image files: worth DataLoader workers (gmae.runtime.threads.resolve_workers)
 
     def __init__(self, split_dir: str, img_size: int, classes: Sequence[str], augment: bool = False,
                  scale: Sequence[float] = PHOTO_SCALE):

@@ -4,7 +4,7 @@ Each image paints 1-4 shapes (disc, square, triangle, ellipse) of random
 colour, size, position and orientation, one after another, over a background
 of one random plain colour: the paint order *is* the depth order (the last
 painted is the nearest). It is the control between one disc (where the
-depth-order gradient already works, docs/depth.md) and dead-leaves (dozens of
+depth-order gradient already works, docs/reports/depth.md) and dead-leaves (dozens of
 textured leaves, where it does not): few, large, flat objects that overlap
 often.
 

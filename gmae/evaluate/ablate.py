@@ -52,8 +52,8 @@ class Variant:
 
 
 # The paper's base, which its ablation varies around: c = 1, the authors' bounded z, the masked loss at 75% and
-# positions from the head. The tiny preset's own default has moved (c = 3, centred z: docs/depth.md; the all-pixel
-# loss at 25% with pointer positions: docs/layout.md); the grid keeps the paper's base so that its rows stay the
+# positions from the head. The tiny preset's own default has moved (c = 3, centred z: docs/reports/depth.md; the all-pixel
+# loss at 25% with pointer positions: docs/reports/layout.md); the grid keeps the paper's base so that its rows stay the
 # paper's.
 PAPER_BASE = {"max_scale": 1.0, "depth_param": "bounded", "loss": "masked", "mask_ratio": 0.75, "position_source": "head"}
 

@@ -64,8 +64,8 @@ from ..model import ViTEncoder, build_classifier, param_groups
 from ..io.runs import autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from ..runtime import distributed
 from ..runtime.stopping import Stopped
+from ..runtime.threads import resolve_workers, worker_init
 from ..train.engine import Engine, Task
-from ..runtime.threads import worker_init
 from .augment import augmented, build_mixup, mix_batch, soft_target_loss
 
 FORMAT = "gmae-finetune"
@@ -178,8 +178,9 @@ def finetune(fcfg: FinetuneConfig, resume: bool | str = False, progress: bool = 
     """
     out = check_output_folder(fcfg.out)
     if distributed.rank_from_env() != 0:  # under torchrun the first process holds the folder's lock
-        return _finetune(fcfg, resume, progress, encoder, mcfg, changes, given or {})
-    with run_lock(out):
+        with distributed.rank_named_timeouts(fcfg.dist_timeout):
+            return _finetune(fcfg, resume, progress, encoder, mcfg, changes, given or {})
+    with run_lock(out), distributed.rank_named_timeouts(fcfg.dist_timeout):
         return _finetune(fcfg, resume, progress, encoder, mcfg, changes, given or {})
 
 
@@ -220,7 +221,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     train_source = augmented(train_ds, mcfg.img_size, fcfg)
     mixup = build_mixup(fcfg, num_classes)
     soft_loss = soft_target_loss() if mixup is not None else None
-    ctx = distributed.init(fcfg.device)
+    ctx = distributed.init(fcfg.device, fcfg.dist_timeout)
     device = ctx.device
     if fcfg.batch_size % (ctx.world_size * fcfg.accum_steps):
         raise GMAEError(f"batch size {fcfg.batch_size} must be a multiple of processes x accum-steps "
@@ -249,7 +250,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     stream = LabelledStream(train_source, fcfg.seed)
     loader = DataLoader(stream, batch_sampler=StepBatchSampler(fcfg.batch_size, start, fcfg.steps - start, ctx.rank,
                                                                ctx.world_size),
-                        num_workers=fcfg.num_workers, worker_init_fn=worker_init)
+                        num_workers=resolve_workers(fcfg.num_workers, train_ds, device), worker_init_fn=worker_init)
     classes = list(getattr(train_ds, "classes", range(num_classes)))
     run_config = {"model": as_dict(mcfg), "finetune": as_dict(fcfg), "num_classes": int(num_classes),
                   "classes": [str(c) for c in classes]}

@@ -56,7 +56,7 @@ from ..config import ModelConfig
 from ..errors import GMAEError
 from ..model.vit import ViTEncoder
 from ..runtime import distributed
-from ..runtime.threads import worker_init
+from ..runtime.threads import resolve_workers, worker_init
 from ..train.engine import Engine, Task
 
 POOLS = ("cls", "avg")
@@ -110,14 +110,15 @@ def encode(encoder: ViTEncoder, imgs: torch.Tensor, pool: str = "cls") -> torch.
 @torch.no_grad()
 def extract_features(encoder: ViTEncoder, dataset: Dataset, batch_size: int = 256, device: str | torch.device = "cpu",
                      pool: str = "cls", progress: bool = True, desc: str = "features",
-                     num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (n, D) float32 and labels (n,) int64 of ``dataset`` (in its order), on the CPU."""
+                     num_workers: int | str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (n, D) float32 and labels (n,) int64 of ``dataset`` (in its order), on the CPU; `num_workers` as
+    gmae.runtime.threads.resolve_workers (the order, and so the result, is the same with any number)."""
     if pool not in POOLS:
         raise GMAEError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
     was_training = encoder.training
     encoder.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        worker_init_fn=worker_init)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        num_workers=resolve_workers(num_workers, dataset, device), worker_init_fn=worker_init)
     feats, labels = [], []
     for imgs, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         feats.append(encode(encoder, imgs.to(device, non_blocking=True), pool).float().cpu())

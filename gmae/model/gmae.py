@@ -103,7 +103,7 @@ def gaussians_from_raw(raw: torch.Tensor, max_scale: float, scale_unit: float, d
         # Why: the head's z is one linear read-out of the decoder, and under Adam a small but consistent
         # push on it (every Gaussian wanting to be larger, which under the authors' camera z also grants)
         # moves all K depths together onto the sigmoid's limit, where they tie and pass no gradient (the
-        # collapse of docs/depth.md). Subtracting the image's mean removes exactly that common mode:
+        # collapse of docs/reports/depth.md). Subtracting the image's mean removes exactly that common mode:
         # only the order and relative sizes, which are all the readouts use, are learned.
         z = raw[..., 2:3]
         position = torch.cat([position[..., :2], 2.0 * (torch.sigmoid(z - z.mean(dim=-2, keepdim=True)) - 0.5)], -1)
@@ -149,7 +149,7 @@ class GMAE(MAE):
         start = min(0.5, 0.5 / cfg.max_scale)
         # And a token's m Gaussians share what one Gaussian of a one-per-token head would cover: each starts at
         # 1/sqrt(m) of that size (std), so the starting coverage, and with it the render's cost, does not grow
-        # with m (at m = 16 full-size Gaussians made rendering 41% of the tiny step: docs/gaussians_per_query.md).
+        # with m (at m = 16 full-size Gaussians made rendering 41% of the tiny step: docs/reports/gaussians_per_query.md).
         start = start / math.sqrt(m)
         # Likewise every opacity starts at 1/2 whatever max_opacity is.
         opacity_start = 0.5 / cfg.max_opacity

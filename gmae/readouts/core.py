@@ -177,7 +177,7 @@ def depth_collapse(gaussians: Gaussians | list[Gaussians], cfg) -> dict:
     depth_spread < :data:`COLLAPSE_SPREAD`.
 
     Why these: a collapsed run puts (nearly) every z on the sigmoid's limit (depth_at_limit ~1, spread
-    ~0.001: docs/depth.md), where z values tie or differ by float noise, so :func:`near_to_far` gives the
+    ~0.001: docs/reports/depth.md), where z values tie or differ by float noise, so :func:`near_to_far` gives the
     query-token order; a healthy one spreads z over the range (random init: spread ~0.5, at_limit ~0; a
     run with 4 Gaussians per query at step 300: at_limit 0.19, spread 0.056 -- both pass). With
     ``depth_param "linear"`` z is unbounded: nothing is at a limit (depth_at_limit is 0) and only the

@@ -44,8 +44,8 @@ __all__ = ["LAYOUT_RANK_CORR_MAX", "LAYOUT_SPREAD_RATIO_MIN", "decode_in_query_o
 
 #: The guard calls a layout image-independent when its spread ratio is below this ...
 LAYOUT_SPREAD_RATIO_MIN = 0.3
-#: ... or its depth-rank correlation between images above this (docs/depth.md, "does the layout follow the image",
-#: says how the two were calibrated).
+#: ... or its depth-rank correlation between images above this (docs/reports/layout.md,
+#: "How it is measured", says how the two were calibrated).
 LAYOUT_RANK_CORR_MAX = 0.9
 
 

@@ -4,12 +4,20 @@
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init` reads them (env:// rendezvous)
 and joins the process group: NCCL on CUDA, gloo on CPU. Run as a plain
 command, `init` returns a single-process context and nothing else changes.
+
+A collective (DDP's gradient all-reduce, a barrier) waits for every rank. If one
+rank never joins (hung in I/O, stopped, lost its node while its sockets stay
+open), the others would wait for ever and ignore SIGTERM; the process group's
+``timeout`` (``--dist-timeout``) ends the wait with an error, and
+`rank_named_timeouts` turns that error into one line naming the rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -52,8 +60,15 @@ def resolve_device(device: str) -> torch.device:
     return requested
 
 
-def init(device: str) -> Context:
-    """Join the torchrun process group if there is one; returns this process's context."""
+# Seconds a collective may wait for the other ranks: torch's own default (torch.distributed.constants.
+# default_pg_timeout, 30 minutes). Not shorter, because healthy ranks wait in a barrier while the first one works
+# alone: it writes a checkpoint (minutes for ViT-L on a slow shared file system), draws the end-of-run figures.
+DEFAULT_TIMEOUT = 1800.0
+
+
+def init(device: str, timeout: float = DEFAULT_TIMEOUT) -> Context:
+    """Join the torchrun process group if there is one, whose collectives give up after `timeout` seconds;
+    returns this process's context."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     requested = resolve_device(device)
     if world_size == 1:
@@ -66,8 +81,30 @@ def init(device: str) -> Context:
         torch.cuda.set_device(requested)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if requested.type == "cuda" else "gloo", store=_store(rank, world_size),
-                                rank=rank, world_size=world_size)
+                                rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
     return Context(rank, world_size, requested)
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether `error` is a collective giving up on another rank: gloo says "Timed out waiting 3000ms for send
+    operation" (and "Application timeout caused pair closure" once the pair is closed), NCCL "Watchdog caught
+    collective operation timeout"."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        phrase in text for phrase in ("timed out waiting", "timeout caused pair closure", "collective operation timeout"))
+
+
+@contextlib.contextmanager
+def rank_named_timeouts(timeout: float):
+    """Run a training loop; a collective that timed out becomes one GMAEError naming this rank."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not timed_out(e) or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise
+        raise GMAEError(f"rank {rank_from_env()} of {os.environ['WORLD_SIZE']}: a collective waited more than "
+                        f"--dist-timeout {timeout:g} s for the other processes (one of them hung, stopped or died); "
+                        "the checkpoints already saved are intact: restart with --resume=auto") from None
 
 
 def _store(rank: int, world_size: int) -> dist.Store:

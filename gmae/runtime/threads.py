@@ -20,7 +20,8 @@ The rules, applied by the `gmae` command before torch does any work:
   sleep instead of spinning. It must be in the environment before torch (and
   with it libgomp) is imported, which is why `prepare_environment` is a step
   of its own, run first thing by the CLI.
-* DataLoader workers compute with one thread each (`worker_init`).
+* DataLoader workers compute with one thread each (`worker_init`); how many
+  there are (``--num-workers auto``) is `resolve_workers`.
 
 A variable the user set is never overwritten.
 """
@@ -157,6 +158,37 @@ def configure(requested: int | None = None) -> Decision:
 def child_environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     """`env` without the variables this process added itself: a child decides for itself."""
     return {k: v for k, v in env.items() if k not in _ADDED}
+
+
+# DataLoader workers per process at most, for `resolve_workers`: MAE's loader runs 10 per GPU
+# (facebookresearch/mae at efb2a80, main_pretrain.py line 90, `--num_workers` default 10).
+MAX_AUTO_WORKERS = 10
+AUTO = "auto"
+
+
+def resolve_workers(value: int | str, source, device="cpu", cores: int | None = None,
+                    local_procs: int | None = None) -> int:
+    """DataLoader workers for `source` on `device`: an integer as given (gmae.config.parse_workers checked it);
+    "auto" is
+
+    * 0 for a source that does not read files: generated scenes and arrays in memory draw a sample in less time
+      than a worker takes to hand it over (docs/training.md has the measurement);
+    * 0 on the CPU: the training process's own threads already take the cores this process may use (`decide`),
+      and a worker would take one of them;
+    * for image folders (``reads_files``: JPEG decoding and resizing) on an accelerator, usable cores // local
+      processes, at most MAX_AUTO_WORKERS, and 0 below 2 (a lone core gains nothing by decoding elsewhere).
+
+    Workers never change the batches: each sample is a function of (seed, index) (gmae.data.stream), whichever
+    process draws it."""
+    if value != AUTO:
+        return int(value)
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    if not getattr(source, "reads_files", False) or device_type == "cpu":
+        return 0
+    cores = usable_cores() if cores is None else cores
+    local_procs = local_processes() if local_procs is None else local_procs
+    per_process = max(1, cores) // max(1, local_procs)
+    return min(MAX_AUTO_WORKERS, per_process) if per_process >= 2 else 0
 
 
 def worker_init(worker_id: int) -> None:

@@ -33,8 +33,8 @@ from ..model.online_probe import OnlineProbe
 from ..render import resolve_backend
 from ..io.runs import autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from ..runtime.stopping import Stopped
+from ..runtime.threads import resolve_workers, worker_init
 from .engine import Engine, Task
-from ..runtime.threads import worker_init
 from ..viz.figures import figures_unavailable, save_reconstruction_figure
 
 #: Images in the layout monitor's held-out batch (TrainConfig.layout_every).
@@ -186,8 +186,9 @@ def pretrain(mcfg: ModelConfig | None = None, tcfg: TrainConfig | None = None, r
     if tensorboard:
         check_available()
     if distributed.rank_from_env() != 0:
-        return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard, given or {})
-    with run_lock(out):
+        with distributed.rank_named_timeouts(tcfg.dist_timeout):
+            return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard, given or {})
+    with run_lock(out), distributed.rank_named_timeouts(tcfg.dist_timeout):
         return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard, given or {})
 
 
@@ -206,7 +207,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
                            scale=tcfg.crop_scale, interpolation=tcfg.interpolation)
     # The online probe's labels: data without them fails here too, before anything is written.
     labels = source_labels(source, tcfg.data, mcfg.img_size) if tcfg.online_probe else None
-    ctx = distributed.init(tcfg.device)
+    ctx = distributed.init(tcfg.device, tcfg.dist_timeout)
     device = ctx.device
     tcfg = resolve_run(tcfg, source, ctx.world_size, resumed=state is not None, changes=changes)
     if state is not None and tcfg.steps < state["step"]:
@@ -281,7 +282,8 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
     stream = SeededStream(source, tcfg.seed, labels=labels)
     loader = DataLoader(
         stream, batch_sampler=StepBatchSampler(tcfg.batch_size, start, tcfg.steps - start, ctx.rank, ctx.world_size),
-        num_workers=tcfg.num_workers, persistent_workers=False, worker_init_fn=worker_init,
+        num_workers=resolve_workers(tcfg.num_workers, source, device), persistent_workers=False,
+        worker_init_fn=worker_init,
     )
     model.train()
     engine = Engine(model, optimizer, tcfg, ctx, lambda step: learning_rate(step, tcfg), out, net=net, amp=amp,
