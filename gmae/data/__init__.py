@@ -42,7 +42,7 @@ from .images import (
     random_resized_crop_params,
     resize_center_crop,
 )
-from .stream import ImageSource, SeededStream, StepBatchSampler, check_seed, global_batch
+from .stream import ImageSource, SeededStream, StepBatchSampler, global_batch
 from .sourcelabels import LABELLED_SOURCES, SourceLabels, source_labels
 from .registry import DATASETS, Dataset, Truth, find, names_with, register
 from .builtin import EVAL_SEED
