@@ -13,6 +13,7 @@ from gmae.data import DeadLeaves, Photos, Sprites, build_dataset
 from gmae.data.labelled import ArrayImages, build_labelled
 from gmae.data.registry import Dataset, Truth, find, register, scene_names, unregister
 from gmae.errors import GMAEError
+from gmae.io.loader import load
 
 FAST = ["--img-size", "32", "--patch-size", "8", "-k", "32", "--batch-size", "4", "--quiet", "--threads", "1"]
 CLASSES = ["left", "top"]
@@ -51,7 +52,9 @@ def toy():
 
 def test_a_registered_data_set_is_pretrained_on_probed_and_scored_zero_shot(toy, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["pretrain", *FAST, "--data", "toy", "--steps", "2", "--out", str(out)]) == 0
+    # its images know their classes, so the online probe reads them too
+    assert main(["pretrain", *FAST, "--data", "toy", "--steps", "2", "--online-probe", "--out", str(out)]) == 0
+    assert load(out, "state")["online_probe"]["classes"] == CLASSES
     assert main(["probe", "--checkpoint", str(out), "--data", "toy", "--epochs", "2", "--warmup-epochs", "1",
                  "--json", "--threads", "1"]) == 0
     probed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -88,6 +88,7 @@ def register(dataset: Dataset) -> Dataset:
     if taken or not dataset.name or ":" in "".join(keys):
         raise GMAEError(f"data set name {taken[0] if taken else dataset.name!r} is taken or not a plain name; "
                         "choose another")
+    unregister(dataset.name)  # a data set registered again drops its old aliases
     DATASETS[dataset.name] = dataset
     _KEYS.update(dict.fromkeys(keys, dataset.name))
     return dataset

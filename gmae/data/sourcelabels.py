@@ -105,4 +105,6 @@ def source_labels(source, data: str, img_size: int) -> SourceLabels:
                    else f"{source.root} has {len(source.classes)} class folder(s), and a probe needs at least 2")
             raise GMAEError(f"--online-probe needs a label for every image, but {why}; use {LABELLED_SOURCES}")
         return _Targets(source, source.classes, "class folder")
+    if hasattr(source, "targets") and hasattr(source, "classes"):  # any source that knows its images' classes
+        return _Targets(source, source.classes, "class")
     raise GMAEError(f"--online-probe needs labelled data, and --data {data} has none; use {LABELLED_SOURCES}")
