@@ -41,7 +41,7 @@ from .readouts.layout import judge_layout, layout_message, layout_monitor
 from .readouts.layers import PARTIAL_COUNTS, layers, partial_renders
 from .readouts.segment import figure_ground
 from .render.gaussians import Gaussians
-from .io.runs import load_model
+from .io.loader import load as load_file
 
 ImagesLike = torch.Tensor | str | Path | list
 
@@ -51,7 +51,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", raw: bool = False
     the EMA of its weights when the checkpoint has one (``gmae pretrain --ema``), unless `raw`."""
     from .io.checkpoint import configs_of
 
-    module, config, state = load_model(path, device, raw=raw)
+    module, config, state = load_file(path, "model", device, raw=raw)
     train = configs_of(state)[1]
     return Model(module, config, int(state["step"]), state["weights"], train_data=None if train is None else train.data)
 

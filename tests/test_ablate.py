@@ -69,9 +69,9 @@ def test_run_ablation_trains_scores_caches_and_tabulates(tmp_path, monkeypatch):
         assert 0 <= r["linear_acc"] <= 1 and 0 <= r["knn_acc"] <= 1 and math.isfinite(r["psnr"])
     assert rows[0]["step"] == 2 and rows[1]["step"] == 0
     # the base run is the paper's: c = 1, the authors' bounded z, mask 0.75, the masked loss, k = 128
-    from gmae.io.checkpoint import load_checkpoint
+    from gmae.io.loader import load
 
-    trained = load_checkpoint(out / "base" / "checkpoint-0000002.pt")["config"]["model"]
+    trained = load(out / "base" / "checkpoint-0000002.pt", "checkpoint")["config"]["model"]
     assert (trained["max_scale"], trained["depth_param"], trained["mask_ratio"], trained["loss"],
             trained["num_gaussians"]) == (1.0, "bounded", 0.75, "masked", 128)
     table = (out / "table.md").read_text()
@@ -94,7 +94,7 @@ def test_run_ablation_trains_scores_caches_and_tabulates(tmp_path, monkeypatch):
 
 
 def test_a_damaged_final_checkpoint_is_trained_again(tmp_path, capsys):
-    from gmae.io.checkpoint import load_checkpoint
+    from gmae.io.loader import load
 
     probe_data = make_labelled_folder(tmp_path / "labelled")
     out = tmp_path / "ablate"
@@ -103,5 +103,5 @@ def test_a_damaged_final_checkpoint_is_trained_again(tmp_path, capsys):
     final = out / "k64" / "checkpoint-0000002.pt"
     final.write_bytes(final.read_bytes()[:100])  # truncated, as by a crash mid-copy
     ablate.run_ablation(out, **kwargs)
-    assert load_checkpoint(final)["step"] == 2
+    assert load(final, "checkpoint")["step"] == 2
     assert "checkpoint-0000002.pt cannot be read" in capsys.readouterr().out

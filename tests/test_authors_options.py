@@ -264,7 +264,7 @@ def test_a_run_records_the_options_and_trains(tmp_path):
     the checkpoint records them and the loss is finite."""
     import json
 
-    from gmae.io.checkpoint import load_checkpoint
+    from gmae.io.loader import load
     from gmae.io.files import list_checkpoints
 
     out = tmp_path / "run"
@@ -272,7 +272,7 @@ def test_a_run_records_the_options_and_trains(tmp_path):
                  "--steps", "2", "--batch-size", "2", "--warmup-steps", "1", "--render-backend", "torch",
                  "--rotation-param", "uniform", "--query-init", "uniform", "--no-head-bias", "--max-alpha", "0.999",
                  "--out", str(out), "--quiet", "--threads", "1"]) == 0
-    model = load_checkpoint(list_checkpoints(out)[-1])["config"]["model"]
+    model = load(list_checkpoints(out)[-1], "checkpoint")["config"]["model"]
     assert {k: model[k] for k in OPTIONS} == OPTIONS
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

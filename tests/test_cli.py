@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.io.checkpoint import list_checkpoints, load_checkpoint
+from gmae.io.checkpoint import list_checkpoints
+
+from gmae.io.loader import load
 from gmae.cli import main
 
 # A small, fast run of the tiny preset (32 px, 16 patches, 32 Gaussians).
@@ -113,7 +115,7 @@ def test_bench_prints_ratio(capsys):
 def test_mae_pretrain(tmp_path):
     assert main(["pretrain", *FAST, "--model", "mae", "--loss", "masked_normpix", "--steps", "2",
                  "--out", str(tmp_path)]) == 0
-    assert load_checkpoint(tmp_path / "checkpoint-0000002.pt")["config"]["model"]["model"] == "mae"
+    assert load(tmp_path / "checkpoint-0000002.pt", "checkpoint")["config"]["model"]["model"] == "mae"
 
 
 def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
@@ -219,16 +221,16 @@ def test_resume_keeps_saved_settings_unless_given(tmp_path):
     assert main(["pretrain", *FAST, "--out", out, "--resume"]) == 0
     assert [s for s, _ in losses(out)] == [0, 1]
     assert main(["pretrain", *FAST, "--out", out, "--resume", "--steps", "3"]) == 0
-    state = load_checkpoint(tmp_path / "checkpoint-0000003.pt")
+    state = load(tmp_path / "checkpoint-0000003.pt", "checkpoint")
     assert state["config"]["train"]["steps"] == 3 and state["config"]["train"]["blr"] == 0.01
 
 
 def test_export_safetensors(run_dir, tmp_path):
-    from gmae.io.export import load_exported
+    from gmae.io.loader import load
 
     out = tmp_path / "model.safetensors"
     assert main(["export", str(run_dir / "checkpoint-0000004.pt"), "--format", "safetensors", "--out", str(out)]) == 0
-    model, cfg = load_exported(out)
+    model, cfg = load(out, "export")
     state = torch.load(run_dir / "checkpoint-0000004.pt", weights_only=True)["model"]
     assert cfg.num_gaussians == 32
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
@@ -249,7 +251,7 @@ def test_gaussians_per_query_reaches_the_checkpoint_and_bad_values_are_one_line(
     out = tmp_path / "m4"
     assert main(["pretrain", *FAST, "--gaussians-per-query", "4", "--position-param", "anchored", "--steps", "1",
                  "--out", str(out)]) == 0
-    state = load_checkpoint(out / "checkpoint-0000001.pt")
+    state = load(out / "checkpoint-0000001.pt", "checkpoint")
     model_cfg = state["config"]["model"]
     assert (model_cfg["num_gaussians"], model_cfg["gaussians_per_query"], model_cfg["position_param"]) == (32, 4, "anchored")
     assert state["model"]["query_embed"].shape[1] == 8  # k / m query tokens

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmae.io.checkpoint import list_checkpoints, load_checkpoint
+from gmae.io.checkpoint import list_checkpoints
+
+from gmae.io.loader import load
 from gmae.cli import main
 from gmae.runtime.cluster import first_host, slurm_task_env, time_minutes
 from gmae.config import model_config, train_config
@@ -142,7 +144,7 @@ def test_sigterm_stops_at_the_step_it_arrives_in_and_resume_is_bitwise_exact(tmp
     assert status == STOPPED_EXIT, text
     saved = list_checkpoints(out)
     assert len(saved) == 1, saved  # no scheduled checkpoint before the end: the signal's
-    stop = load_checkpoint(saved[0])["step"]
+    stop = load(saved[0], "checkpoint")["step"]
     print(f"SIGTERM after {seen} logged steps: stopped at step {stop}, exit status {status}")
     assert stop in (seen, seen + 1), "the run went on past the step the signal arrived in"
     assert len(metrics(out)) == stop  # exactly the steps the checkpoint holds were logged
@@ -183,7 +185,7 @@ def test_a_second_signal_during_the_save_is_ignored_and_handlers_come_back(tmp_p
     with pytest.raises(Stopped) as stopped:
         pretrain(mcfg, tcfg, progress=False)
     assert (stopped.value.signal_name, stopped.value.step, sent) == ("SIGUSR1", 3, [3])
-    assert load_checkpoint(tmp_path / "checkpoint-0000003.pt")["step"] == 3
+    assert load(tmp_path / "checkpoint-0000003.pt", "checkpoint")["step"] == 3
     assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
 
 
@@ -220,14 +222,14 @@ def test_a_step_that_outlasts_the_grace_period_is_ended_by_it(tmp_path):
     assert done.returncode == STOPPED_EXIT and seconds < 30, (done.returncode, seconds, done.stderr)
     assert "no step ended within 1 s of SIGTERM: exiting now" in done.stderr
     assert f"the checkpoints saved in {tmp_path} are intact" in done.stderr
-    assert load_checkpoint(tmp_path / "checkpoint-0000007.pt")["step"] == 7
+    assert load(tmp_path / "checkpoint-0000007.pt", "checkpoint")["step"] == 7
 
 
 def test_a_second_signal_before_the_step_ends_exits_at_once(tmp_path):
     done, seconds = hung_step(tmp_path, 0, 0.0, 2.5)  # no grace limit: only the second signal ends it
     assert done.returncode == STOPPED_EXIT and seconds < 30, (done.returncode, seconds, done.stderr)
     assert "a second signal (SIGTERM) before the step ended: exiting now" in done.stderr
-    assert load_checkpoint(tmp_path / "checkpoint-0000007.pt")["step"] == 7
+    assert load(tmp_path / "checkpoint-0000007.pt", "checkpoint")["step"] == 7
 
 
 def test_one_stop_delivered_twice_is_one_stop():
@@ -287,7 +289,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
     out, log = tmp_path / "run", tmp_path / "run.log"
     stop = stop_rank_1(cmd(out, steps, "--checkpoint-every", "100", launcher=torchrun()), out, log)
     assert stop < steps
-    assert [load_checkpoint(p)["step"] for p in list_checkpoints(out)] == [stop]
+    assert [load(p, "checkpoint")["step"] for p in list_checkpoints(out)] == [stop]
     assert len(metrics(out)) == stop
 
 
@@ -343,7 +345,7 @@ def test_a_rank_that_never_joins_the_collective_ends_the_other_within_the_timeou
     print(f"rank 1 stopped: rank 0 ended {waited:.1f} s later")
     assert waited < 3 + 30  # the timeout, and at most the step it was in on a busy machine
     newest = list_checkpoints(out)[-1]
-    assert load_checkpoint(newest)["step"] % 2 == 0
+    assert load(newest, "checkpoint")["step"] % 2 == 0
 
 
 def test_max_restarts_resumes_from_the_newest_checkpoint_after_a_lost_worker(tmp_path, ddp_reference):

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmae.io.checkpoint import list_checkpoints, load_checkpoint
+from gmae.io.checkpoint import list_checkpoints
+from gmae.io.loader import load
 from test_cluster import ENV, assert_bitwise_equal, finish, launch, process_with, stop_rank_1, torchrun, weights, when
 from test_reliability import metrics
 
@@ -57,14 +58,14 @@ def test_finetune_on_two_processes_is_the_one_process_run(tmp_path, ckpt, two_pr
                                rtol=1e-5, atol=1e-6)
     # the val accuracy is all-reduced: each process scores half the images, the counts are summed
     assert [r.get("val_acc") for r in m2] == [r.get("val_acc") for r in m1]
-    assert load_checkpoint(two_process_run / f"checkpoint-{STEPS:07d}.pt", fmt="gmae-finetune")["step"] == STEPS
+    assert load(two_process_run / f"checkpoint-{STEPS:07d}.pt", "finetune-checkpoint")["step"] == STEPS
 
 
 def test_a_signal_to_one_rank_stops_both_and_the_resume_is_bitwise(tmp_path, ckpt, two_process_run):
     out, log = tmp_path / "run", tmp_path / "run.log"
     stop = stop_rank_1(finetune_cmd(ckpt, out, "--checkpoint-every", "100", launcher=torchrun()), out, log)
     assert stop < STEPS
-    assert [load_checkpoint(p, fmt="gmae-finetune")["step"] for p in list_checkpoints(out)] == [stop]
+    assert [load(p, "finetune-checkpoint")["step"] for p in list_checkpoints(out)] == [stop]
     run(finetune_cmd(ckpt, out, "--resume", launcher=torchrun()), tmp_path / "resume.log")
     assert_bitwise_equal(two_process_run / f"checkpoint-{STEPS:07d}.pt", out / f"checkpoint-{STEPS:07d}.pt")
 

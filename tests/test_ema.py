@@ -7,12 +7,11 @@ import torch
 from conftest import TINY
 
 import gmae
-from gmae.io.checkpoint import load_checkpoint
+from gmae.io.loader import load
 from gmae.cli import main
 from gmae.config import model_config, train_config
 from gmae.errors import GMAEError
-from gmae.io.export import export_checkpoint, load_encoder
-from gmae.io.runs import load_model
+from gmae.io.export import export_checkpoint
 from gmae.train import pretrain
 
 DECAY = 0.5  # far from 1, so that three steps move the EMA well away from both the first and the last weights
@@ -41,11 +40,11 @@ def run(tmp_path_factory):
 
 
 def checkpoint(run, step):
-    return load_checkpoint(run / f"checkpoint-{step:07d}.pt")
+    return load(run / f"checkpoint-{step:07d}.pt", "checkpoint")
 
 
 def test_the_ema_is_the_hand_computed_average_of_the_applied_steps(run):
-    initial, _, _ = load_model(run, initial=True)
+    initial, _, _ = load(run, "model", initial=True)
     trainable = {name for name, p in initial.named_parameters() if p.requires_grad}
     weights = [initial.state_dict()] + [checkpoint(run, s)["model"] for s in (1, 2, 3)]
     assert all(torch.equal(weights[1][k], weights[2][k]) for k in trainable)  # step 2 was skipped
@@ -66,19 +65,19 @@ def test_the_ema_is_the_hand_computed_average_of_the_applied_steps(run):
 def test_readers_use_the_ema_unless_asked_for_the_raw_weights(run, tmp_path):
     state = checkpoint(run, 3)
     for raw, key, label in ((False, "ema", "EMA (decay 0.5)"), (True, "model", "raw")):
-        model, _, loaded = load_model(run, raw=raw)
+        model, _, loaded = load(run, "model", raw=raw)
         assert loaded["weights"] == label and gmae.load(run, raw=raw).weights == label
         assert all(torch.equal(v, state[key][k]) for k, v in model.state_dict().items())
-        encoder, _ = load_encoder(run, raw=raw)
+        encoder, _ = load(run, "encoder", raw=raw)
         assert encoder.loaded_weights == label
         assert all(torch.equal(v, state[key][f"encoder.{k}"]) for k, v in encoder.state_dict().items())
         # an export holds the weights it was asked for, and says which
         out = export_checkpoint(run, tmp_path / f"{key}.safetensors", raw=raw)
-        model, _, loaded = load_model(out)
+        model, _, loaded = load(out, "model")
         assert loaded["weights"] == label
         assert all(torch.equal(v, state[key][k]) for k, v in model.state_dict().items())
     with pytest.raises(GMAEError, match=r"ema.safetensors holds only its EMA \(decay 0.5\) weights"):
-        load_encoder(tmp_path / "ema.safetensors", raw=True)
+        load(tmp_path / "ema.safetensors", "encoder", raw=True)
 
 
 def test_the_commands_say_which_weights_they_use(run, tmp_path, capsys):

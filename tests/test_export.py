@@ -15,12 +15,9 @@ from gmae.errors import GMAEError
 from gmae.io.export import (
     CONFIG_KEY,
     export_checkpoint,
-    init_encoder_weights,
-    load_encoder,
-    load_exported,
 )
 from gmae.model import build_model
-from gmae.io.runs import load_model
+from gmae.io.loader import load
 
 
 def make_checkpoint(path, model="gmae", step=7, shared=False, **overrides):
@@ -70,13 +67,13 @@ def test_round_trip_rebuilds_the_same_model(tmp_path, model):
     assert meta["step"] == "7" and meta["format"] == "gmae-export"
     assert json.loads(meta[CONFIG_KEY]) == as_dict(mcfg)
 
-    loaded, cfg = load_exported(out)
+    loaded, cfg = load(out, "export")
     assert cfg == mcfg and not loaded.training
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, sd[k]), k
     # the same outputs as the model loaded from the checkpoint itself
-    ref, _, _ = load_model(ckpt)
-    # load_model renders with this machine's backend ("auto"), the export with the saved one: the same
+    ref, _, _ = load(ckpt, "model")
+    # load(..., "model") renders with this machine's backend ("auto"), the export with the saved one: the same
     # weights through two kernels agree only to float rounding, so compare through the same kernel
     ref.cfg.render_backend = loaded.cfg.render_backend
     imgs = torch.rand(2, 3, 32, 32)
@@ -87,7 +84,7 @@ def test_round_trip_rebuilds_the_same_model(tmp_path, model):
 
 def test_tensors_sharing_memory_are_exported(tmp_path):
     ckpt, net, _ = make_checkpoint(tmp_path / "checkpoint-0000007.pt", shared=True)
-    loaded, _ = load_exported(export_checkpoint(ckpt, tmp_path / "m.safetensors"))
+    loaded, _ = load(export_checkpoint(ckpt, tmp_path / "m.safetensors"), "export")
     for k, v in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
@@ -124,35 +121,35 @@ def test_export_errors(tmp_path):
 
 def test_load_errors(tmp_path):
     with pytest.raises(GMAEError) as e:
-        load_exported(tmp_path / "missing.safetensors")
+        load(tmp_path / "missing.safetensors", "export")
     one_line_error(e, "missing.safetensors", "does not exist")
 
     ckpt, _, _ = make_checkpoint(tmp_path / "checkpoint-0000007.pt")
     with pytest.raises(GMAEError) as e:  # a checkpoint is not an export
-        load_exported(ckpt)
+        load(ckpt, "export")
     one_line_error(e, "checkpoint-0000007.pt", ".safetensors")
 
     with pytest.raises(GMAEError) as e:
-        load_exported(tmp_path)
+        load(tmp_path, "export")
     one_line_error(e, str(tmp_path))
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(GMAEError) as e:
-        load_exported(junk)
+        load(junk, "export")
     one_line_error(e, "junk.safetensors")
 
     other = tmp_path / "other.safetensors"  # valid safetensors, not written by gmae
     save_file({"w": torch.zeros(3)}, str(other))
     with pytest.raises(GMAEError) as e:
-        load_exported(other)
+        load(other, "export")
     one_line_error(e, "other.safetensors", "not a gmae export")
 
     good = export_checkpoint(ckpt, tmp_path / "good.safetensors")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(GMAEError) as e:
-        load_exported(cut)
+        load(cut, "export")
     one_line_error(e, "cut.safetensors")
 
     # right metadata but weights of another model
@@ -160,7 +157,7 @@ def test_load_errors(tmp_path):
     wrong = tmp_path / "wrong.safetensors"
     save_file({"w": torch.zeros(3)}, str(wrong), metadata=meta)
     with pytest.raises(GMAEError) as e:
-        load_exported(wrong)
+        load(wrong, "export")
     one_line_error(e, "wrong.safetensors", "does not match")
 
 
@@ -247,8 +244,8 @@ def test_timm_export_loads_into_a_timm_vit(tmp_path, ext):
     # round trip: the file back as a gmae encoder, 192 wide -> 3 heads of 64 as in the preset. A .pth has no
     # metadata, so it is read as MAE's and timm's files are (ImageNet-normalised) unless told otherwise.
     if ext == ".pth":
-        assert load_encoder(out)[1].input_norm == "imagenet"
-    enc, cfg = load_encoder(out, input_norm=mcfg.input_norm if ext == ".pth" else None)
+        assert load(out, "encoder")[1].input_norm == "imagenet"
+    enc, cfg = load(out, "encoder", input_norm=mcfg.input_norm if ext == ".pth" else None)
     assert cfg.input_norm == mcfg.input_norm == "none"
     assert not enc.training and cfg.num_heads == mcfg.num_heads == 3
     assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth) == (32, 8, 192, 2)
@@ -260,7 +257,7 @@ def test_load_encoder_from_gmae_checkpoint_and_export(tmp_path):
     imgs = torch.rand(2, 3, 32, 32)
     want = features(net.encoder.eval(), imgs)
     for source in (ckpt, export_checkpoint(ckpt, tmp_path / "m.safetensors")):
-        enc, cfg = load_encoder(source)
+        enc, cfg = load(source, "encoder")
         assert cfg == mcfg and not enc.training
         assert torch.equal(features(enc, imgs), want)
 
@@ -279,14 +276,14 @@ def test_mae_and_timm_checkpoints_load(tmp_path):
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         ref = vit.forward_features((imgs - mean) / std)
-    enc, cfg = load_encoder(tmp_path / "mae_pretrain.pth", num_heads=4)
+    enc, cfg = load(tmp_path / "mae_pretrain.pth", "encoder", num_heads=4)
     assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads) == (32, 8, 128, 2, 4)
     assert cfg.input_norm == "imagenet"
     assert torch.allclose(features(enc, imgs), ref, atol=1e-5)
-    assert load_encoder(tmp_path / "mae_pretrain.pth")[1].num_heads == 2
+    assert load(tmp_path / "mae_pretrain.pth", "encoder")[1].num_heads == 2
     # a timm model's own safetensors (with a classifier head, no metadata)
     save_file({**sd, "head.weight": torch.zeros(10, 128), "head.bias": torch.zeros(10)}, str(tmp_path / "model.safetensors"))
-    enc, _ = load_encoder(tmp_path / "model.safetensors", num_heads=4)
+    enc, _ = load(tmp_path / "model.safetensors", "encoder", num_heads=4)
     assert torch.allclose(features(enc, imgs), ref, atol=1e-5)
 
 
@@ -313,34 +310,34 @@ def fine_tuned(sd):
 ])
 def test_load_encoder_refuses_what_does_not_fit(tmp_path, change, needles):
     with pytest.raises(GMAEError) as e:
-        load_encoder(timm_state(tmp_path, "vit.pth", change))
+        load(timm_state(tmp_path, "vit.pth", change), "encoder")
     one_line_error(e, "vit.pth", *needles)
 
 
 def test_load_encoder_file_errors(tmp_path):
     with pytest.raises(GMAEError) as e:
-        load_encoder(tmp_path / "missing.pth")
+        load(tmp_path / "missing.pth", "encoder")
     one_line_error(e, "missing.pth", "does not exist")
     (tmp_path / "vit.onnx").write_bytes(b"x")
     with pytest.raises(GMAEError) as e:
-        load_encoder(tmp_path / "vit.onnx")
+        load(tmp_path / "vit.onnx", "encoder")
     one_line_error(e, "vit.onnx", ".safetensors")
     for name in ("junk.pth", "junk.safetensors"):
         (tmp_path / name).write_bytes(bytes(range(256)) * 4)
         with pytest.raises(GMAEError) as e:
-            load_encoder(tmp_path / name)
+            load(tmp_path / name, "encoder")
         one_line_error(e, name)
     torch.save([torch.zeros(3)], tmp_path / "list.pt")
     with pytest.raises(GMAEError) as e:
-        load_encoder(tmp_path / "list.pt")
+        load(tmp_path / "list.pt", "encoder")
     one_line_error(e, "list.pt", "state dict")
     wide = timm_state(tmp_path, "wide.pth", lambda sd: None)  # fine with the 64-dim rule; 96 wide is not
-    assert load_encoder(wide)[1].num_heads == 2
+    assert load(wide, "encoder")[1].num_heads == 2
     torch.save(TimmViT(32, 8, 96, 1, num_heads=2).state_dict(), tmp_path / "w96.pth")
     with pytest.raises(GMAEError) as e:
-        load_encoder(tmp_path / "w96.pth")
+        load(tmp_path / "w96.pth", "encoder")
     one_line_error(e, "w96.pth", "num_heads")
-    assert load_encoder(tmp_path / "w96.pth", num_heads=2)[1].embed_dim == 96
+    assert load(tmp_path / "w96.pth", "encoder", num_heads=2)[1].embed_dim == 96
 
 
 def test_timm_export_errors_and_cli(tmp_path, capsys):
@@ -356,7 +353,7 @@ def test_timm_export_errors_and_cli(tmp_path, capsys):
     assert lines[0] == str(tmp_path / "vit.pth")
     assert "timm.create_model('vit_tiny_patch16_224', pretrained=True, num_classes=0, img_size=32, patch_size=8, depth=1" \
         in lines[1] and "std=(1, 1, 1)" in lines[1]
-    assert load_encoder(tmp_path / "vit.pth")[1].depth == 1
+    assert load(tmp_path / "vit.pth", "encoder")[1].depth == 1
 
 
 def test_timm_names_of_presets():
@@ -373,10 +370,10 @@ def test_init_encoder_shape_mismatch_names_the_parameter(tmp_path):
 
     ckpt, _, _ = make_checkpoint(tmp_path / "checkpoint-0000007.pt", depth=2)
     with pytest.raises(GMAEError) as e:
-        init_encoder_weights(ViTEncoder(64, 8, 3, 192, 2, 3), ckpt)
+        load(ckpt, "encoder", into=ViTEncoder(64, 8, 3, 192, 2, 3))
     one_line_error(e, "checkpoint-0000007.pt", "pos_embed", "(1, 17, 192)", "(1, 65, 192)")
     with pytest.raises(GMAEError) as e:
-        init_encoder_weights(ViTEncoder(32, 8, 3, 192, 3, 3), ckpt)
+        load(ckpt, "encoder", into=ViTEncoder(32, 8, 3, 192, 3, 3))
     one_line_error(e, "blocks.2.norm1.weight", "absent", "(192,)")
 
 

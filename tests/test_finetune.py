@@ -13,9 +13,8 @@ from gmae.evaluate.finetune import (
     FinetuneConfig,
     evaluate,
     finetune,
-    load_finetuned,
 )
-from gmae.io.export import load_encoder
+from gmae.io.loader import load
 from gmae.model import param_groups as param_groups_lrd
 from gmae.model.classifier import DropPath, build_classifier
 from conftest import TINY, tiny_checkpoint
@@ -71,7 +70,7 @@ def test_drop_path_identity_in_eval_stochastic_in_train():
 
 
 def test_classifier_keeps_pretrained_weights_and_timm_names(ckpt):
-    encoder, mcfg = load_encoder(ckpt)
+    encoder, mcfg = load(ckpt, "encoder")
     reference = {k: v.clone() for k, v in encoder.state_dict().items()}
     model = build_classifier(mcfg, 10, drop_path=0.3, encoder=encoder)
     sd = model.state_dict()
@@ -129,7 +128,7 @@ def test_finetune_learns_writes_metrics_and_checkpoints(tmp_path, ckpt, colours)
     lrs = {g["layer_id"]: (g["lr"], g["lr_scale"]) for g in state["optimizer"]["param_groups"]}
     head_lr = lrs[3][0]
     assert all(lr == pytest.approx(head_lr * scale) for lr, scale in lrs.values())
-    model, mcfg, _ = load_finetuned(out / "checkpoint-0000024.pt")
+    model, mcfg, _ = load(out / "checkpoint-0000024.pt", "classifier")
     from gmae.data.labelled import build_labelled
 
     _, val, _ = build_labelled(str(colours), mcfg.img_size)
@@ -171,7 +170,7 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(GMAEError, match="not a gmae fine-tune checkpoint"):
         bad = tmp_path / "x.pt"
         torch.save({"format": "other"}, bad)
-        load_finetuned(bad)
+        load(bad, "classifier")
 
 
 # --------------------------------------------------------------------------- CLI

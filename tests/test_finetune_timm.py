@@ -225,13 +225,13 @@ def test_bad_randaugment_policy_is_one_line():
 
 
 def test_global_pool_avg_is_the_patch_token_mean_cls_is_the_cls_token(ckpt):
-    from gmae.evaluate.finetune import load_finetuned, finetune
-    from gmae.io.export import load_encoder
+    from gmae.evaluate.finetune import finetune
+    from gmae.io.loader import load
     from gmae.model.classifier import build_classifier
 
-    encoder, mcfg = load_encoder(ckpt)
+    encoder, mcfg = load(ckpt, "encoder")
     avg = build_classifier(mcfg, 3, 0.0, encoder, "avg").eval()
-    encoder, _ = load_encoder(ckpt)
+    encoder, _ = load(ckpt, "encoder")
     cls = build_classifier(mcfg, 3, 0.0, encoder, "cls").eval()
     x = torch.rand(4, 3, 32, 32)
     tokens = avg.forward_tokens(x)
@@ -242,7 +242,7 @@ def test_global_pool_avg_is_the_patch_token_mean_cls_is_the_cls_token(ckpt):
     assert "norm.weight" in cls.state_dict() and "fc_norm.weight" not in cls.state_dict()
     assert "fc_norm.weight" in avg.state_dict() and "norm.weight" not in avg.state_dict()
     # the encoder's pre-trained final norm is the cls classifier's norm
-    assert torch.equal(cls.state_dict()["norm.weight"], load_encoder(ckpt)[0].state_dict()["norm.weight"])
+    assert torch.equal(cls.state_dict()["norm.weight"], load(ckpt, "encoder")[0].state_dict()["norm.weight"])
 
 
 # --------------------------------------------------------------------------- end to end
@@ -252,7 +252,8 @@ def test_mae_base_settings_run_and_resume_exactly(tmp_path, ckpt):
     """A few steps with every MAE ViT-B regulariser on (mixup, cutmix, RandAugment, erasing, smoothing, cls
     pooling to exercise it too): finite losses that are not the plain recipe's, the settings saved in the
     checkpoint, loadable, and a resume that repeats the uninterrupted run bit for bit."""
-    from gmae.evaluate.finetune import finetune, load_finetuned
+    from gmae.evaluate.finetune import finetune
+    from gmae.io.loader import load
 
     def cfg(out, **kw):
         return FinetuneConfig(**{**MAE_B, "global_pool": "cls", "checkpoint": str(ckpt), "data": "digits",
@@ -279,7 +280,7 @@ def test_mae_base_settings_run_and_resume_exactly(tmp_path, ckpt):
     assert {k: saved[k] for k in MAE_B if k not in ("global_pool", "warmup_epochs")} == \
         {k: v for k, v in MAE_B.items() if k not in ("global_pool", "warmup_epochs")}
     assert saved["global_pool"] == "cls"
-    model, _, _ = load_finetuned(full / "checkpoint-0000004.pt")
+    model, _, _ = load(full / "checkpoint-0000004.pt", "classifier")
     assert model.global_pool == "cls"
     # a resume that contradicts a saved regulariser is refused
     with pytest.raises(GMAEError, match="mixup"):

@@ -28,7 +28,7 @@ LAYERS = [
     # models, and the EMA of their weights
     ("model", "model.ema"),
     # model files (checkpoints, exports) and figures
-    ("io.checkpoint", "io.export", "viz.figures"),
+    ("io.checkpoint", "io.export", "io.loader", "viz.figures"),
     # run folders and the zero-shot readouts
     ("io.runs", "readouts"),
     # the training engine: the one loop under pre-training, fine-tuning and MAE's probe

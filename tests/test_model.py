@@ -171,7 +171,7 @@ def test_checkpoint_without_gaussians_per_query_loads_unchanged(tmp_path):
     from dataclasses import asdict
 
     from gmae.io.checkpoint import save_checkpoint, training_state
-    from gmae.io.runs import load_model
+    from gmae.io.loader import load
     from gmae.config import as_dict
 
     torch.manual_seed(0)
@@ -180,7 +180,7 @@ def test_checkpoint_without_gaussians_per_query_loads_unchanged(tmp_path):
     old_config = {k: v for k, v in as_dict(cfg).items() if k not in ("gaussians_per_query", "position_param")}
     opt = torch.optim.AdamW(model.parameters())
     save_checkpoint(training_state(model, opt, 3, old_config, {}), tmp_path / "checkpoint-0000003.pt")
-    loaded, mcfg, _ = load_model(tmp_path / "checkpoint-0000003.pt")
+    loaded, mcfg, _ = load(tmp_path / "checkpoint-0000003.pt", "model")
     # the same config as a new m = 1 run's (position_param: both settings are the same model at m = 1)
     assert mcfg.gaussians_per_query == 1
     assert {k: v for k, v in asdict(mcfg).items() if k != "render_backend"} == \

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.io.checkpoint import load_checkpoint
+from gmae.io.loader import load
 from gmae.config import model_config, train_config
 from gmae.data import SeededStream, Sprites, build_dataset, source_labels
 from gmae.errors import GMAEError
@@ -39,8 +39,8 @@ def test_the_probe_leaves_the_model_training_exactly_as_without_it(tmp_path, one
     settings = dict(steps=3, data="digits", accum_steps=2)
     run(tmp_path / "plain", **settings)
     run(tmp_path / "probed", online_probe=True, **settings)
-    plain = load_checkpoint(tmp_path / "plain" / "checkpoint-0000003.pt")
-    probed = load_checkpoint(tmp_path / "probed" / "checkpoint-0000003.pt")
+    plain = load(tmp_path / "plain" / "checkpoint-0000003.pt", "checkpoint")
+    probed = load(tmp_path / "probed" / "checkpoint-0000003.pt", "checkpoint")
     assert "online_probe" not in plain and probed["online_probe"]["classes"] == [str(d) for d in range(10)]
     assert plain["model"].keys() == probed["model"].keys()  # no head in the model's state dict
     for name, value in plain["model"].items():
@@ -187,7 +187,7 @@ def test_two_process_run_with_the_probe_trains_the_model_as_one_process_and_logs
     assert all(e == round(e) for e in eighths), eighths
     probe_losses = [r[f"online_probe/loss_block{i}"] for r in r2 for i in range(6)]
     assert all(2.0 < v < 2.7 for v in probe_losses), probe_losses
-    assert "online_probe" in load_checkpoint(tmp_path / "two" / "checkpoint-0000003.pt")
+    assert "online_probe" in load(tmp_path / "two" / "checkpoint-0000003.pt", "checkpoint")
 
 
 PROBE_LINES = [{"step": s, "loss": 0.3 - 0.1 * s, "lr": 1e-3, "opacity_mean": 0.5,

@@ -200,10 +200,10 @@ def images(tmp_path_factory):
 
 
 def _checkpoint(out):
-    from gmae.io.checkpoint import load_checkpoint
+    from gmae.io.loader import load
     from gmae.io.files import list_checkpoints
 
-    return load_checkpoint(list_checkpoints(out)[-1])
+    return load(list_checkpoints(out)[-1], "checkpoint")
 
 
 @pytest.mark.parametrize("name", [n for n, r in RECIPES.items() if r.command == "pretrain"])
@@ -358,7 +358,9 @@ def test_timm_export_records_the_normalisation(tmp_path, one_thread):
     from gmae.config import as_dict
     from safetensors import safe_open
 
-    from gmae.io.export import export_checkpoint, load_encoder, timm_create_call
+    from gmae.io.export import export_checkpoint, timm_create_call
+
+    from gmae.io.loader import load
     from gmae.model import build_model
 
     mcfg = model_config("tiny", **FAST, input_norm="imagenet")
@@ -369,7 +371,7 @@ def test_timm_export_records_the_normalisation(tmp_path, one_thread):
     out = export_checkpoint(tmp_path / "checkpoint-0000001.pt", tmp_path / "vit.safetensors", fmt="timm")
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    assert load_encoder(out)[0].input_norm == "imagenet"  # and gmae reads it back normalising
+    assert load(out, "encoder")[0].input_norm == "imagenet"  # and gmae reads it back normalising
     assert json.loads(meta["mean"]) == list(IMAGENET_MEAN) and json.loads(meta["std"]) == list(IMAGENET_STD)
     assert "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)" in timm_create_call(mcfg, out)
     # A plain ViT (no normalisation of its own, as timm's) fed images normalised with the recorded statistics

@@ -18,7 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.io.checkpoint import list_checkpoints, load_checkpoint
+from gmae.io.checkpoint import list_checkpoints
+
+from gmae.io.loader import load
 from gmae.cli import main
 
 # The brief's small run: dead-leaves (the default data), cpu renderer (auto on CPU).
@@ -134,7 +136,7 @@ def test_resume_after_kill_9_is_bitwise_exact(tmp_path):
     for (step, a), (_, b) in zip(got, expected):
         assert a == b, f"step {step}: loss {a!r} after kill -9 and resume, {b!r} uninterrupted"
     # the resumed run's last checkpoint reads and is at the end
-    assert load_checkpoint(list_checkpoints(run_dir)[-1])["step"] == STEPS
+    assert load(list_checkpoints(run_dir)[-1], "checkpoint")["step"] == STEPS
 
 
 # --------------------------------------------------------------------------- damaged files
@@ -169,7 +171,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(short_run, t
     assert "starting from scratch" not in said
     assert identity(out / "checkpoint-0000004.pt") == previous  # resumed from it, not from scratch
     assert step_losses(out) == expected  # bitwise, no missing or duplicated steps
-    assert load_checkpoint(newest)["step"] == 6  # rewritten whole
+    assert load(newest, "checkpoint")["step"] == 6  # rewritten whole
 
 
 def test_leftover_tmp_file_is_ignored(short_run, tmp_path, capsys):
@@ -193,7 +195,7 @@ def test_leftover_tmp_file_is_ignored(short_run, tmp_path, capsys):
     assert ".tmp" not in said and "warning" not in said.lower(), said
     assert identity(out / "checkpoint-0000004.pt") == previous
     assert step_losses(out) == expected
-    assert load_checkpoint(newest)["step"] == 6
+    assert load(newest, "checkpoint")["step"] == 6
     assert not tmp.exists()  # replaced by the completed write
 
 

@@ -119,12 +119,12 @@ def test_non_finite_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
 
 
 def test_gradient_clipping_bounds_the_update(tmp_path):
-    from gmae.io.checkpoint import load_checkpoint
+    from gmae.io.loader import load
 
     run(tmp_path / "free", steps=1, blr=1.0)
     run(tmp_path / "clipped", steps=1, blr=1.0, clip_grad=1e-6)
-    free = load_checkpoint(tmp_path / "free" / "checkpoint-0000001.pt")["optimizer"]["state"]
-    clipped = load_checkpoint(tmp_path / "clipped" / "checkpoint-0000001.pt")["optimizer"]["state"]
+    free = load(tmp_path / "free" / "checkpoint-0000001.pt", "checkpoint")["optimizer"]["state"]
+    clipped = load(tmp_path / "clipped" / "checkpoint-0000001.pt", "checkpoint")["optimizer"]["state"]
     # Adam's second moment sees the clipped gradient: tiny when clipped to norm 1e-6
     v_free = sum(float(s["exp_avg_sq"].sum()) for s in free.values())
     v_clip = sum(float(s["exp_avg_sq"].sum()) for s in clipped.values())
@@ -161,9 +161,9 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     assert worst < 1e-5
     # only rank 0 wrote files: one metrics line per step, one set of checkpoints
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    from gmae.io.checkpoint import load_checkpoint
+    from gmae.io.loader import load
 
-    assert load_checkpoint(tmp_path / "two" / "checkpoint-0000003.pt")["config"]["train"]["accum_steps"] == 2
+    assert load(tmp_path / "two" / "checkpoint-0000003.pt", "checkpoint")["config"]["train"]["accum_steps"] == 2
 
 
 def test_torch_compile_matches_eager(tmp_path):
@@ -190,7 +190,7 @@ def test_resume_with_non_default_settings_is_bitwise_exact(tmp_path, one_thread)
     input normalisation, two loader workers, 4 Gaussians per query, an EMA of the weights and the online probe (on
     sprites, whose labels it needs): a run stopped at step 2 and resumed ends with the weights, optimizer state,
     EMA, probe heads and probe optimizer of the uninterrupted run, bit for bit, and logs the same probe accuracies."""
-    from gmae.io.checkpoint import load_checkpoint
+    from gmae.io.loader import load
 
     mcfg = model_config("tiny", **FAST_MODEL, depth_grad="swap", gaussians_per_query=4, input_norm="imagenet")
     settings = dict(batch_size=4, warmup_steps=1, micro_batch=2, num_workers=2, checkpoint_every=2, ema=0.9,
@@ -198,8 +198,8 @@ def test_resume_with_non_default_settings_is_bitwise_exact(tmp_path, one_thread)
     pretrain(mcfg, train_config("tiny", steps=4, out=str(tmp_path / "whole"), **settings), progress=False)
     pretrain(mcfg, train_config("tiny", steps=2, out=str(tmp_path / "split"), **settings), progress=False)
     pretrain(mcfg, train_config("tiny", steps=4, out=str(tmp_path / "split"), **settings), resume=True, progress=False)
-    whole = load_checkpoint(tmp_path / "whole" / "checkpoint-0000004.pt")
-    split = load_checkpoint(tmp_path / "split" / "checkpoint-0000004.pt")
+    whole = load(tmp_path / "whole" / "checkpoint-0000004.pt", "checkpoint")
+    split = load(tmp_path / "split" / "checkpoint-0000004.pt", "checkpoint")
     assert whole["config"]["model"]["depth_grad"] == "swap" and whole["config"]["train"]["accum_steps"] == 2
     assert whole["config"]["train"]["micro_batch"] == 2 and whole["config"]["model"]["input_norm"] == "imagenet"
     assert whole["model"].keys() == split["model"].keys()

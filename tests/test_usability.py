@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gmae.io.checkpoint import list_checkpoints, load_checkpoint
+from gmae.io.checkpoint import list_checkpoints
 from gmae.cli import main
 
 FAST = ["--img-size", "32", "--patch-size", "8", "-k", "32", "--batch-size", "4", "--quiet"]
@@ -530,10 +530,10 @@ def test_tensorboard_missing_is_one_line_before_any_work(tmp_path, monkeypatch, 
 
 def test_eval_zeroshot_and_ablate_show_progress(run, tmp_path, capsys):
     from gmae.evaluate import ablate
-    from gmae.io.runs import load_model
+    from gmae.io.loader import load
     from gmae.evaluate.zeroshot import evaluate_zeroshot
 
-    evaluate_zeroshot(load_model(run)[0], "deadleaves", num_images=2, batch_size=2, progress=True)
+    evaluate_zeroshot(load(run, "model")[0], "deadleaves", num_images=2, batch_size=2, progress=True)
     err = capsys.readouterr().err
     assert "zero-shot readouts" in err and "2/2" in err
     assert all(f"edges of {name} vs truth" in err for name in ("gmae", "sobel", "canny"))

@@ -289,9 +289,9 @@ def test_eval_zeroshot_json_on_deadleaves(checkpoints, capsys):
     from gmae.evaluate.boundaries import evaluate_boundaries, mean_iou
     from gmae.evaluate.depth import depth_metrics
     from gmae.evaluate.zeroshot import items
-    from gmae.io.runs import load_model
+    from gmae.io.loader import load
 
-    model, _, _ = load_model(checkpoints["gmae"])
+    model, _, _ = load(checkpoints["gmae"], "model")
     scenes = list(items("deadleaves", 32, 3)[0])
     g = zeroshot.gaussians_of(model, torch.stack([s.image for s in scenes]))
     canvas = zeroshot.Canvas.of(model)
@@ -406,9 +406,10 @@ def test_depth_collapse_figures_and_verdict():
 def collapsed_checkpoint(checkpoints, tmp_path_factory):
     """The gmae checkpoint with its head's z bias at -30 and z weights 0, and the authors' bounded z: every
     z = -1, the near limit (centred z, the tiny default, cannot drift there: all z would tie at 0 instead)."""
-    from gmae.io.checkpoint import load_checkpoint, save_checkpoint
+    from gmae.io.checkpoint import save_checkpoint
+    from gmae.io.loader import load
 
-    state = load_checkpoint(checkpoints["gmae"])
+    state = load(checkpoints["gmae"], "checkpoint")
     state["config"]["model"]["depth_param"] = "bounded"
     state["model"]["gaussian_head.bias"][2] = -30.0
     state["model"]["gaussian_head.weight"][2] = 0.0
@@ -485,10 +486,12 @@ def test_info_falls_back_to_the_logged_monitors(checkpoints, tmp_path, capsys):
     """A run whose data cannot be read here: the last monitors of its metrics.jsonl, said so."""
     import json
 
-    from gmae.io.checkpoint import load_checkpoint, save_checkpoint
+    from gmae.io.checkpoint import save_checkpoint
+
+    from gmae.io.loader import load
     from gmae.cli import main
 
-    state = load_checkpoint(checkpoints["gmae"])
+    state = load(checkpoints["gmae"], "checkpoint")
     state["config"]["train"]["data"] = str(tmp_path / "gone")
     save_checkpoint(state, tmp_path / "checkpoint-0000002.pt")
     (tmp_path / "metrics.jsonl").write_text(

@@ -33,7 +33,7 @@ from gmae.evaluate.zeroshot import EVAL_SEED
 from gmae.render import project
 from gmae.render.contract import TILE
 from gmae.render.reference import bin_into_tiles, contributions, exclusive_transmittance, tile_ranges, to_tiles
-from gmae.io.runs import load_model
+from gmae.io.loader import load
 from gmae.readouts.core import Canvas, gaussians_of, render_subsets
 
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=30)
     p.add_argument("--no-votes", action="store_true", help="skip the (slow, pure-Python) swap votes")
     args = p.parse_args(argv)
-    model, mcfg, _ = load_model(args.checkpoint)
+    model, mcfg, _ = load(args.checkpoint, "model")
     size = mcfg.img_size
     source = DeadLeaves(size, seed=EVAL_SEED)
     canvas = Canvas.of(model)

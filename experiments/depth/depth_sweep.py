@@ -214,11 +214,11 @@ def size_order(run_dirs: list[str], num_images: int = 32) -> str:
     from gmae.data import build_dataset
     from gmae.evaluate.zeroshot import EVAL_SEED
     from gmae.readouts.core import gaussians_of
-    from gmae.io.runs import load_model
+    from gmae.io.loader import load
 
     lines = []
     for run_dir in run_dirs:
-        model, cfg, state = load_model(run_dir)
+        model, cfg, state = load(run_dir, "model")
         data = state.get("config", {}).get("train", {}).get("data", "deadleaves")
         source = build_dataset(data if data in ("deadleaves", "sprites") else "deadleaves", cfg.img_size, EVAL_SEED)
         g = gaussians_of(model, torch.stack([source.load(i) for i in range(num_images)]))

@@ -87,9 +87,9 @@ def train_and_score(name: str, runs: Path, gmae: str, psnr_images: int) -> None:
     runs.mkdir(parents=True, exist_ok=True)
     train(gmae, run_dir, [*PREVIOUS, *CONFIGS[name]], runs / "commands.txt")
     from gmae.evaluate.ablate import masked_psnr
-    from gmae.io.runs import load_model
+    from gmae.io.loader import load
 
-    model = load_model(final_checkpoint(run_dir))[0]
+    model = load(final_checkpoint(run_dir), "model")[0]
     summary = trajectory_summary(read_metrics(run_dir))
     summary["psnr"] = masked_psnr(model, images=psnr_images)
     summary["flags"] = CONFIGS[name]

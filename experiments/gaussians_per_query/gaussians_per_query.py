@@ -49,9 +49,9 @@ def newest_step(run: Path) -> int:
 
 def psnr_at(run: Path, step: int, device: str) -> float:
     from gmae.evaluate.ablate import masked_psnr
-    from gmae.io.runs import load_model
+    from gmae.io.loader import load
 
-    model, _, _ = load_model(run / f"checkpoint-{step:07d}.pt", device)
+    model, _, _ = load(run / f"checkpoint-{step:07d}.pt", "model", device)
     return masked_psnr(model)
 
 

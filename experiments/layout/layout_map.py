@@ -96,10 +96,10 @@ def train_and_measure(name: str, runs: Path, gmae: str) -> None:
     import torch
 
     from gmae.evaluate.zeroshot import fidelity_table, layout_check
-    from gmae.io.runs import load_model
+    from gmae.io.loader import load
 
     torch.set_num_threads(1)
-    model = load_model(final_checkpoint(run_dir))[0]
+    model = load(final_checkpoint(run_dir), "model")[0]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     times = [r["step_time"] for r in lines if "step_time" in r]
     result = {

@@ -34,7 +34,8 @@ from gmae.config import FinetuneConfig
 from gmae.data.scenes import scene_labels, task_targets
 from gmae.model import param_groups
 from gmae.model.classifier import ViTClassifier
-from gmae.io.runs import learning_rate, load_model
+from gmae.io.loader import load
+from gmae.io.runs import learning_rate
 
 POINT_TASKS = ("front", "figure")
 TRAIN, VAL = 2000, 1000
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
                 out = run / f"ft-point-{task}{'-init' if initial else ''}.json"
                 if out.exists() or not run.exists():
                     continue
-                net, mcfg, _ = load_model(run, initial=initial)
+                net, mcfg, _ = load(run, "model", initial=initial)
                 result = {"run": str(run), "initial": initial, **finetune_points(net.encoder, mcfg, task, args.data, seed)}
                 out.write_text(json.dumps(result, indent=1))
                 print(f"{out}: {100 * result['val_acc']:.1f}% ({result['seconds']} s)", flush=True)

@@ -22,7 +22,7 @@ script tries the other frozen-feature read-outs the field uses, on the same labe
         runs/probe-4000/gmae-sprites-s0 runs/probe-4000/mae-sprites-s0 --threads 1
 
 Each RUN is a run folder or checkpoint (its newest checkpoint); the random-init column is the first run's
-architecture at its run's initial weights (gmae.io.runs.load_model(initial=True)). Prints one markdown table.
+architecture at its run's initial weights (gmae.io.loader.load(RUN, "model", initial=True)). Prints one markdown table.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from gmae.data.scenes import MAJORITY, patch_cover, scene_labels, task_targets
 from gmae.evaluate.probe import linear_probe
-from gmae.io.runs import load_model
+from gmae.io.loader import load
 
 TRAIN, VAL = 2000, 1000
 _POINT_TAG = 0x5A17  # the shape-at-point marks' rng, apart from the scene probes' own
@@ -147,9 +147,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     encoders = {}
     for run in args.runs:
-        model, mcfg, _ = load_model(run)
+        model, mcfg, _ = load(run, "model")
         encoders[str(Path(run))] = model.encoder.eval()
-    first, mcfg, _ = load_model(args.runs[0], initial=True)
+    first, mcfg, _ = load(args.runs[0], "model", initial=True)
     encoders["random init"] = first.encoder.eval()
     train = scene_labels(args.data, "train", mcfg.img_size, mcfg.patch_size, TRAIN, progress=False)
     val = scene_labels(args.data, "val", mcfg.img_size, mcfg.patch_size, VAL, progress=False)

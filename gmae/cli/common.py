@@ -53,7 +53,7 @@ def _add_raw_weights(p) -> None:
 
 
 def _add_encoder_norm(p) -> None:
-    """--normalize for the commands that read an encoder from any ViT file (gmae.io.export.load_encoder)."""
+    """--normalize for the commands that read an encoder from any ViT file (gmae.io.loader.load)."""
     p.add_argument("--normalize", dest="input_norm", default=None, choices=INPUT_NORMS,
                    help="the input normalisation of a ViT file without gmae's config: imagenet (default for "
                         "timm's and MAE's files, as they trained) or none (a gmae .pth timm export of a model "
@@ -71,11 +71,11 @@ def _say_weights(label: str | None, raw: bool) -> None:
 
 
 def _load_model(args, **kw):
-    """gmae.io.runs.load_model of ``args.checkpoint`` on ``args.device`` with the weights ``--raw-weights`` picks,
+    """gmae.io.loader.load of ``args.checkpoint`` on ``args.device`` with the weights ``--raw-weights`` picks,
     saying which (model, ModelConfig, checkpoint dict)."""
-    from ..io.runs import load_model
+    from ..io.loader import load
 
-    model, mcfg, state = load_model(args.checkpoint, _resolve_device(args), raw=args.raw_weights, **kw)
+    model, mcfg, state = load(args.checkpoint, "model", _resolve_device(args), raw=args.raw_weights, **kw)
     _say_weights(state["weights"], args.raw_weights)
     return model, mcfg, state
 

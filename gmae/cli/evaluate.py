@@ -132,10 +132,10 @@ def _probe_settings(args) -> tuple[int, dict]:
 def _run_seed(path: str, default: int) -> int:
     """The seed a gmae checkpoint's run started from (its initial weights); `default` for other files."""
     from ..io.checkpoint import configs_of
-    from ..io.export import load_state
+    from ..io.loader import load
 
     try:
-        tcfg = configs_of(load_state(path))[1]
+        tcfg = configs_of(load(path, "state"))[1]
     except GMAEError:
         return default
     return default if tcfg is None else tcfg.seed
@@ -154,9 +154,9 @@ def cmd_probe(args) -> int:
                         "--protocol mae give --task count and/or --task shape")
     _check_checkpoint(args.checkpoint)
     from ..evaluate.probe import probe, random_encoder
-    from ..io.export import load_encoder
+    from ..io.loader import load
 
-    encoder, mcfg = load_encoder(args.checkpoint, raw=args.raw_weights, input_norm=args.input_norm)
+    encoder, mcfg = load(args.checkpoint, "encoder", raw=args.raw_weights, input_norm=args.input_norm)
     _resolve_device(args)
     if not args.random_init:
         _say_weights(encoder.loaded_weights, args.raw_weights)

@@ -170,9 +170,9 @@ def cmd_info(args) -> int:
     _check_checkpoint(args.checkpoint)
     from ..io.checkpoint import configs_of
     from ..model import count_parameters
-    from ..io.runs import load_model
+    from ..io.loader import load
 
-    model, mcfg, state = load_model(args.checkpoint, raw=args.raw_weights)
+    model, mcfg, state = load(args.checkpoint, "model", raw=args.raw_weights)
     _, tcfg = configs_of(state)
     encoder = count_parameters(model.encoder)
     total = count_parameters(model)

@@ -58,9 +58,10 @@ def cmd_export(args) -> int:
     _check_checkpoint(args.checkpoint)
     check_output_file(args.out)
     from ..io.checkpoint import configs_of, model_weights
-    from ..io.export import export_checkpoint, load_state, timm_create_call
+    from ..io.export import export_checkpoint, timm_create_call
+    from ..io.loader import load
 
-    state = load_state(args.checkpoint)  # read once: the export and the lines below both need it
+    state = load(args.checkpoint, "state")  # read once: the export and the lines below both need it
     out = export_checkpoint(args.checkpoint, args.out, fmt=args.format, raw=args.raw_weights, state=state)
     print(out)
     _say_weights(model_weights(state, args.raw_weights, args.checkpoint)[1], args.raw_weights)

@@ -250,7 +250,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     max_bad_steps: int = 10  # consecutive non-finite losses (each step skipped) before giving up
     on_bad_image: str = "skip"  # unreadable image during training: "skip" (logged, counted) | "error"
-    init_encoder: str = ""  # fresh runs: encoder weights from this file (gmae.io.export.load_encoder); "" = random
+    init_encoder: str = ""  # fresh runs: encoder weights from this file (gmae.io.loader.load); "" = random
     ema: float = 0.0  # decay of an fp32 exponential moving average of the weights (gmae.model.ema); 0 = none
     # ---- the online probe (gmae.model.online_probe).
     # A linear classifier per encoder block on the batch's labels, on detached features: the model trains exactly
@@ -508,7 +508,7 @@ class FinetuneConfig:
     random_init: bool = False  # fine-tune the architecture from fresh weights (the baseline)
     raw_weights: bool = False  # the checkpoint's raw weights, not the EMA of them it may hold
     # A ViT file without gmae's config (timm's, MAE's) says nothing of its input: "" reads it as ImageNet-normalised
-    # (as they trained), "none" / "imagenet" say (gmae.io.export.load_encoder). gmae files keep their own.
+    # (as they trained), "none" / "imagenet" say (gmae.io.loader.load). gmae files keep their own.
     input_norm: str = ""
     seed: int = 0
     device: str = "auto"  # CUDA when available, else the CPU (gmae.runtime.distributed.resolve_device)

@@ -11,7 +11,10 @@ pure function of (seed, g), so training is exactly reproducible and can resume
 at any step (``global_batch(step, batch_size)``), and several processes can take
 disjoint slices of each global batch (``rank``/``world_size``).
 
-:func:`build_dataset` names the sources; the modules hold them: ``deadleaves``
+:mod:`~gmae.data.registry` names the data sets (each with the builders of its
+uses: pre-training images, labels, zero-shot truth, scene generators), and
+:mod:`~gmae.data.builtin` registers the built-in ones; :func:`build_dataset`
+gives a name's images. The modules hold the sources: ``deadleaves``
 (the generator with its ground truth), ``sprites`` (a few plain shapes over
 a plain background, the same generator and truth), ``images`` (decoding and MAE's
 augmentation), ``folder`` (image folders and the scikit-image photos),
@@ -39,8 +42,10 @@ from .images import (
     random_resized_crop_params,
     resize_center_crop,
 )
-from .stream import ImageSource, SeededStream, StepBatchSampler, check_seed, global_batch
+from .stream import ImageSource, SeededStream, StepBatchSampler, global_batch
 from .sourcelabels import LABELLED_SOURCES, SourceLabels, source_labels
+from .registry import DATASETS, Dataset, Truth, find, names_with, register
+from .builtin import EVAL_SEED
 
 __all__ = [
     "ImageSource",
@@ -51,7 +56,10 @@ __all__ = [
     "source_labels",
     "SourceLabels",
     "LABELLED_SOURCES",
-    "DATA_NAMES",
+    "DATASETS",
+    "Dataset",
+    "Truth",
+    "register",
     "DeadLeaves",
     "DeadLeavesSample",
     "masks",
@@ -71,20 +79,11 @@ __all__ = [
     "held_out_batch",
 ]
 
-#: The seed of the images the monitors and the evaluations read from a generated source (dead-leaves, sprites):
-#: training's default seed is 0, so these are images training never saw.
-EVAL_SEED = 2024
-
-
-#: Built-in data names understood by :func:`build_dataset` (besides folder paths).
-DATA_NAMES = ("deadleaves", "sprites", "photos", "digits")
-_ALIASES = {"deadleaves": "deadleaves", "dead-leaves": "deadleaves", "dead_leaves": "deadleaves",
-            "sprites": "sprites", "photos": "photos", "skimage": "photos", "digits": "digits"}
-
 
 def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "skip",
                   scale=DEFAULT_SCALE, interpolation: str = "bicubic") -> ImageSource:
-    """The image source called ``name``.
+    """The image source called ``name``: the ``images`` builder of the data set registered under that name or
+    alias (:mod:`gmae.data.registry`, the built-in ones in :mod:`gmae.data.builtin`).
 
     ``"deadleaves"``: :class:`DeadLeaves` (image_size, seed); ``"sprites"``:
     :class:`Sprites` (image_size, seed), 1-4 plain shapes; ``"photos"``: the
@@ -111,21 +110,14 @@ def build_dataset(name: str, image_size, seed: int = 0, on_bad_image: str = "ski
         ok = False
     if not ok:
         raise GMAEError(f"image_size must be a positive integer or (height, width), got {image_size!r}")
+    dataset = find(name)
+    if dataset is not None and dataset.images is not None:
+        return dataset.images(image_size, seed=seed, scale=scale, interpolation=interpolation,
+                              on_bad_image=on_bad_image)
     name = str(name)
-    key = _ALIASES.get(name.strip().lower())
-    if key == "deadleaves":
-        return DeadLeaves(image_size, seed=check_seed(seed))
-    if key == "sprites":
-        return Sprites(image_size, seed=check_seed(seed))
-    if key == "photos":
-        return Photos(image_size, scale=scale, interpolation=interpolation)
-    if key == "digits":  # the train split's images, unlabelled (MAE's protocol: pre-train where you probe)
-        from .labelled import load_digits
-
-        return load_digits(image_size, augment=True)[0]
     path = os.path.expanduser(name)
     if not os.path.exists(path) and os.sep not in name and "/" not in name and not name.startswith("."):
-        raise GMAEError(f"unknown data {name!r}: use one of {', '.join(DATA_NAMES)} "
+        raise GMAEError(f"unknown data {name!r}: use one of {', '.join(names_with('images'))} "
                         f"or the path of an existing image folder")
     return ImageFolder(path, image_size, on_bad_image=on_bad_image, scale=scale, interpolation=interpolation)
 
@@ -143,16 +135,9 @@ def held_out_batch(data: str, image_size, num_images: int, seed: int = 0, source
     import torch
 
     eval_seed = EVAL_SEED if seed != EVAL_SEED else EVAL_SEED + 1
-    key = _ALIASES.get(str(data).strip().lower())
-    if key == "photos":
-        photos = Photos(image_size)
-        chosen = list(zip(photos.names, photos.photos))[:num_images]
-        batch = torch.stack([resize_center_crop(photo, image_size, crop_pct=1.0) for _, photo in chosen])
-        return batch, f"{len(chosen)} photos ({', '.join(n for n, _ in chosen)}), whole and centre-cropped"
-    if key in ("deadleaves", "sprites"):
-        held = build_dataset(data, image_size, seed=eval_seed)
-        batch = torch.stack([held.load(i, np.random.default_rng([eval_seed, i])) for i in range(num_images)])
-        return batch, f"{num_images} held-out {key} images (seed {eval_seed})"
+    dataset = find(data)
+    if dataset is not None and dataset.held_out is not None:
+        return dataset.held_out(image_size, num_images, eval_seed)
     source = build_dataset(data, image_size, seed=seed) if source is None else source
     if isinstance(source, ImageFolder):
         # The evaluation view (resized, centre-cropped) of its first readable files; an unreadable one is passed

@@ -188,3 +188,12 @@ class MaskFolder:
             raise GMAEError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} (HxW) but its image is "
                             f"{image.shape[1]}x{image.shape[2]}: masks must match their images' size")
         return name, image, mask
+
+
+def centre_square(image: torch.Tensor, *maps: np.ndarray):
+    """(the image's centred square (side = its shorter side), each map cropped alike (None stays None))."""
+    H, W = image.shape[-2:]
+    s = min(H, W)
+    top, left = (H - s) // 2, (W - s) // 2
+    crop = (slice(top, top + s), slice(left, left + s))
+    return image[:, crop[0], crop[1]], [None if m is None else m[crop] for m in maps]

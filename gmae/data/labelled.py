@@ -50,14 +50,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..config.choices import SCENE_DATA
 from ..errors import GMAEError
 from .folder import ImageFolder
 from .images import DEFAULT_RATIO, IMG_EXTENSIONS, random_resized_crop_params
+from .registry import DATASETS, names_with, spec_of
 from .stream import SeededStream
 
 __all__ = [
-    "LABELLED_KINDS",
     "ArrayImages",
     "LabelledFolder",
     "LabelledStream",
@@ -71,9 +70,6 @@ __all__ = [
     "read_cifar_pickle",
     "scene_arrays",
 ]
-
-#: Spec prefixes understood by :func:`build_labelled` (``digits`` takes no root).
-LABELLED_KINDS = ("digits", "cifar10", "cifar100", "folder")
 
 # Fine-tuning crop scales: MAE's (0.08, 1) for photos; digits fill their 8x8 box,
 # so small crops would cut them apart, and a mirrored digit is another symbol.
@@ -402,7 +398,9 @@ def detect_kind(root: str) -> str:
 
 def build_labelled(spec: str, img_size: int, augment: bool = False,
                    progress: bool = True) -> tuple[Dataset, Dataset, int]:
-    """(train dataset, val dataset, number of classes) for ``spec`` (see the module docstring).
+    """(train dataset, val dataset, number of classes) for ``spec`` (see the module docstring): a registered
+    data set with labels (:mod:`gmae.data.registry`), ``NAME`` or ``NAME:OPTION`` as it takes, or the path of a
+    labelled data folder, whose kind (:func:`detect_kind`) names the registered data set that reads it.
 
     ``augment`` turns on the fine-tuning augmentation of the train dataset
     (used by ``load(index, rng)``; indexing stays deterministic). ``progress``:
@@ -410,24 +408,17 @@ def build_labelled(spec: str, img_size: int, augment: bool = False,
     """
     text = str(spec).strip()
     img_size = _size(img_size)
-    if text.lower() == "digits":
-        return load_digits(img_size, augment)
-    kind, sep, root = text.partition(":")
-    kind = kind.lower()
-    if sep and kind in SCENE_DATA:
-        return build_scene_labelled(kind, root, img_size, augment, progress)
-    if sep and kind in LABELLED_KINDS:
-        if kind == "digits" or not root:
-            raise GMAEError(f"data {text!r}: 'digits' takes no path and {kind}: needs one, e.g. cifar10:/data/cifar")
-    else:
-        root = text
-        if not os.path.exists(os.path.expanduser(root)):
-            raise GMAEError(f"unknown data {text!r}: use digits, cifar10:ROOT, cifar100:ROOT, folder:ROOT "
-                            "or the path of an existing data folder")
-        kind = detect_kind(os.path.expanduser(root))
-    if kind == "folder":
-        return load_folder(root, img_size, augment)
-    return load_cifar(kind, root, img_size, augment)
+    dataset, option, colon = spec_of(text)
+    if dataset is not None and dataset.labelled is not None:
+        if colon != bool(dataset.labelled_option) or (colon and not option):
+            want = dataset.name + (f":{dataset.labelled_option}" if dataset.labelled_option else "")
+            raise GMAEError(f"data {text!r}: write it as {want}")
+        return dataset.labelled(option, img_size, augment, progress)
+    if not os.path.exists(os.path.expanduser(text)):
+        raise GMAEError(f"unknown data {text!r}: use {', '.join(names_with('labelled'))} "
+                        "or the path of an existing data folder")
+    kind = detect_kind(os.path.expanduser(text))
+    return DATASETS[kind].labelled(text, img_size, augment, progress)
 
 
 # --------------------------------------------------------------------------- generated scenes

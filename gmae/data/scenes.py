@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config.choices import SCENE_DATA, SCENE_IMAGES, SCENE_TASKS
+from ..config.choices import SCENE_IMAGES, SCENE_TASKS
 from ..errors import GMAEError
+from .registry import find, scene_names
 
 TASK_KIND = {"count": "semantic", "shape": "semantic", "front": "spatial", "figure": "figure-ground"}
 #: Source seeds of the probe splits: pre-training uses the run's --seed (small integers) and the
@@ -60,14 +61,12 @@ class SceneLabels:
 
 
 def _source(data: str, img_size: int, seed: int):
-    if data not in SCENE_DATA:
-        raise GMAEError(f"scene probes read generated scenes: data must be one of {', '.join(SCENE_DATA)}; "
+    """The scene generator registered as `data` (:mod:`gmae.data.registry`), of images of `seed`."""
+    dataset = find(data)
+    if dataset is None or dataset.scenes is None or data != dataset.name:
+        raise GMAEError(f"scene probes read generated scenes: data must be one of {', '.join(scene_names())}; "
                         f"got {data!r}")
-    # Not gmae.data.build_dataset: gmae.data imports this module (through labelled), so that would be a cycle.
-    from .deadleaves import DeadLeaves
-    from .sprites import Sprites
-
-    return {"deadleaves": DeadLeaves, "sprites": Sprites}[data](img_size, seed=seed)
+    return dataset.scenes(img_size, seed=seed)
 
 
 def patch_cover(objects: np.ndarray, num_objects: int, patch_size: int) -> np.ndarray:

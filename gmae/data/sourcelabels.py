@@ -29,9 +29,9 @@ import torch
 from ..errors import GMAEError
 from .deadleaves import DeadLeaves
 from .folder import ImageFolder
-from .sprites import Sprites
+from .registry import find
 
-__all__ = ["LABELLED_SOURCES", "SourceLabels", "source_labels"]
+__all__ = ["LABELLED_SOURCES", "SourceLabels", "counts_labels", "source_labels", "targets_labels"]
 
 #: What `--online-probe` accepts, as its error message names it.
 LABELLED_SOURCES = ("digits (the digit), sprites (visible shapes), deadleaves (visible-leaf count bins) or an "
@@ -81,18 +81,30 @@ class _Counts(SourceLabels):
         return image, self.classes(len(visible_objects(objects, num_objects)))
 
 
+def counts_labels(source, data: str, img_size: int) -> SourceLabels:
+    """A scene generator's labels: the count class of each image's visible objects (the registry's builder)."""
+    return _Counts(source, data, img_size)
+
+
+def targets_labels(source, names: list[str], what: str) -> SourceLabels:
+    """The labels of a source that knows each image's class (the registry's builder)."""
+    return _Targets(source, names, what)
+
+
 def source_labels(source, data: str, img_size: int) -> SourceLabels:
-    """The labels of the pre-training ``source`` built from ``--data data``; GMAEError naming ``data`` and the
+    """The labels of the pre-training ``source`` built from ``--data data``: the registered data set's
+    (:mod:`gmae.data.registry`), or an image folder's class folders; GMAEError naming ``data`` and the
     sources that have labels where it has none (or where some images have none)."""
-    if isinstance(source, (DeadLeaves, Sprites)):
-        return _Counts(source, "sprites" if isinstance(source, Sprites) else "deadleaves", img_size)
-    if isinstance(source, ImageFolder):
+    dataset = find(data)
+    if dataset is not None and dataset.labels is not None:
+        return dataset.labels(source, img_size)
+    if dataset is None and isinstance(source, ImageFolder):
         flat = [f for f, t in zip(source.files, source.targets) if t < 0]
         if flat or len(source.classes) < 2:
             why = (f"image {flat[0]} lies directly in {source.root}, outside a class folder" if flat
                    else f"{source.root} has {len(source.classes)} class folder(s), and a probe needs at least 2")
             raise GMAEError(f"--online-probe needs a label for every image, but {why}; use {LABELLED_SOURCES}")
         return _Targets(source, source.classes, "class folder")
-    if hasattr(source, "targets") and hasattr(source, "classes"):  # digits (gmae.data.labelled.ArrayImages)
+    if hasattr(source, "targets") and hasattr(source, "classes"):  # any source that knows its images' classes
         return _Targets(source, source.classes, "class")
     raise GMAEError(f"--online-probe needs labelled data, and --data {data} has none; use {LABELLED_SOURCES}")

@@ -92,14 +92,15 @@ def _check_same_run(out: Path, state: dict, mcfg, tcfg) -> None:
 
 def pretrain_variant(variant: Variant, out: Path, steps: int | None, seed: int, data: str, progress: bool) -> Path:
     """Train (or finish) one variant; returns its final checkpoint."""
-    from ..io.checkpoint import load_latest
+    from ..io.loader import find_latest
     from ..io.files import checkpoint_path
     from ..train import pretrain
 
     mcfg = model_config("tiny", **{**PAPER_BASE, **variant.overrides})
     tcfg = train_config("tiny", out=str(out), seed=seed, data=data, steps=steps)
-    state = load_latest(out, warn=print)  # a damaged newest checkpoint falls back to the one before
-    if state is not None:
+    found = find_latest(out, warn=print)  # a damaged newest checkpoint falls back to the one before
+    if found is not None:
+        state = found[1]
         _check_same_run(out, state, mcfg, tcfg)
         if state["step"] >= tcfg.steps:
             return checkpoint_path(out, state["step"])
@@ -151,9 +152,9 @@ def score_variant(checkpoint: Path, probe_data: str, seed: int, initial: bool = 
     ``probe_data`` deadleaves or sprites runs the scene probes (gmae.evaluate.scene): ``TASK_linear`` and
     ``TASK_knn`` per task instead of ``linear_acc`` / ``knn_acc``.
     """
-    from ..io.runs import load_model
+    from ..io.loader import load
 
-    model, mcfg, state = load_model(checkpoint, initial=initial)
+    model, mcfg, state = load(checkpoint, "model", initial=initial)
     if probe_data in SCENE_DATA:
         from .scene import scene_probe
 

@@ -54,11 +54,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ..io.checkpoint import load_checkpoint, run_state, weights_line
+from ..io.checkpoint import FINETUNE_FORMAT as FORMAT
+from ..io.checkpoint import run_state, weights_line
 from ..config import FINETUNE_RESUMABLE, FinetuneConfig, ModelConfig, as_dict, config_from_dict
 from ..data import StepBatchSampler
 from ..errors import GMAEError
-from ..io.export import load_encoder
+from ..io.loader import load
 from ..io.files import check_output_folder, checkpoint_path, run_lock
 from ..model import ViTEncoder, build_classifier, param_groups
 from ..io.runs import autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
@@ -67,26 +68,6 @@ from ..runtime.stopping import Stopped
 from ..runtime.threads import resolve_workers, worker_init
 from ..train.engine import Engine, Task
 from .augment import augmented, build_mixup, mix_batch, soft_target_loss
-
-FORMAT = "gmae-finetune"
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def load_finetune_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """A fine-tuning checkpoint, read with ``weights_only=True``; one-line GMAEError if it cannot be."""
-    return load_checkpoint(path, map_location, fmt=FORMAT, kind="gmae fine-tune")
-
-
-def load_finetuned(path: str | Path, map_location: str | torch.device = "cpu"):
-    """(classifier in eval mode, ModelConfig, checkpoint dict) from a fine-tuning checkpoint."""
-    state = load_finetune_checkpoint(path, map_location)
-    mcfg = config_from_dict(ModelConfig, state["config"]["model"])
-    pool = state["config"]["finetune"].get("global_pool", "avg")  # runs before the setting existed pooled avg
-    model = build_classifier(mcfg, state["config"]["num_classes"], global_pool=pool)
-    model.load_state_dict(state["model"])
-    return model.to(map_location).eval(), mcfg, state
 
 
 # --------------------------------------------------------------------------- training
@@ -189,7 +170,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     from ..data.labelled import LabelledStream, build_labelled
 
     out = Path(fcfg.out)
-    found = resume_from(out, resume, say, load=load_finetune_checkpoint)
+    found = resume_from(out, resume, say, what="finetune-checkpoint")
     state = None if found is None else found[1]
     if state is not None:
         saved = state["config"]
@@ -207,7 +188,7 @@ def _finetune(fcfg: FinetuneConfig, resume: bool | str, progress: bool, encoder:
     if state is None and encoder is None:
         if not fcfg.checkpoint:
             raise GMAEError("fine-tuning needs a pre-trained model: give --checkpoint")
-        encoder, mcfg = load_encoder(fcfg.checkpoint, raw=fcfg.raw_weights, input_norm=fcfg.input_norm or None)
+        encoder, mcfg = load(fcfg.checkpoint, "encoder", raw=fcfg.raw_weights, input_norm=fcfg.input_norm or None)
         if fcfg.random_init:
             encoder = None  # the architecture only
         elif line := weights_line(encoder.loaded_weights, fcfg.raw_weights):

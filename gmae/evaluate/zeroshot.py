@@ -9,7 +9,8 @@ Each also has a trivial floor, scored alike: an all-zero edge map ("no
 edges"), everything figure ("all figure") and a random depth order ("random
 order": Spearman 0, pair accuracy and OOA 0.5).
 
-Data (``--data``):
+Data (``--data``): any data set registered with a ``truth`` builder
+(:mod:`gmae.data.registry`); the built-in ones:
 
 * ``deadleaves``: generated images with exact ground truth, from a seed that
   training does not use by default (``EVAL_SEED``). Edge truth: occlusion
@@ -52,13 +53,11 @@ import torch.nn.functional as F
 from ..errors import GMAEError
 from ..readouts import READOUTS
 from ..data import EVAL_SEED, held_out_batch
+from ..data.registry import names_with, spec_of
 from ..readouts.layout import fidelity, judge_layout, layout_monitor
 from ..readouts.core import Canvas, depth_collapse, gaussians_of, judge_collapse, require_gmae
 from .depth import DepthTruth
 
-DEFAULT_DEADLEAVES_IMAGES = 200
-#: The generated evaluation sources: ``--data`` name -> class name in :mod:`gmae.data`.
-GENERATED = {"deadleaves": "DeadLeaves", "dead-leaves": "DeadLeaves", "sprites": "Sprites"}
 
 
 @dataclass
@@ -73,49 +72,15 @@ class Item:
     depth: DepthTruth | None = None  # occlusion truth at (S, S) (generated data only)
 
 
-def _centre_square(image: torch.Tensor, *maps: np.ndarray):
-    H, W = image.shape[-2:]
-    s = min(H, W)
-    top, left = (H - s) // 2, (W - s) // 2
-    crop = (slice(top, top + s), slice(left, left + s))
-    return image[:, crop[0], crop[1]], [None if m is None else m[crop] for m in maps]
-
-
 def items(data: str, size: int, num_images: int | None = None) -> tuple[Iterator[Item], int]:
-    """(the items of `data`, how many there are)."""
-    kind, _, root = data.partition(":")
-    if kind in GENERATED and not root:
-        from .. import data as sources
-
-        n = num_images or DEFAULT_DEADLEAVES_IMAGES
-        source = getattr(sources, GENERATED[kind])(size, seed=EVAL_SEED)
-        name = kind.replace("-", "")
-
-        def generate():
-            for i in range(n):
-                s = source.sample(i)
-                yield Item(f"{name}-{i}", s.image, [s.boundaries.numpy()], s.figure.numpy(),
-                           DepthTruth(s.objects.numpy(), s.overlaps.numpy(), s.order_weights.numpy()))
-
-        return generate(), n
-    if kind in ("bsds", "masks") and root:
-        from ..data.benchmarks import BSDS500, MaskFolder
-
-        dataset = BSDS500(root) if kind == "bsds" else MaskFolder(root)
-        n = len(dataset) if num_images is None else min(num_images, len(dataset))
-
-        def read():
-            for i in range(n):
-                name, image, truth = dataset[i]
-                if kind == "bsds":
-                    image, truth = _centre_square(image, *truth)
-                    yield Item(name, image, truth, None)
-                else:
-                    image, (mask,) = _centre_square(image, truth)
-                    yield Item(name, image, None, mask)
-
-        return read(), n
-    raise GMAEError(f"unknown evaluation data {data!r}: use deadleaves, sprites, bsds:ROOT (BSDS500) or masks:ROOT")
+    """(the items of `data`, how many there are): the ``truth`` builder of the data set registered as `data`
+    (``NAME`` or ``NAME:ROOT``, :mod:`gmae.data.registry`)."""
+    dataset, option, colon = spec_of(data)
+    if dataset is None or dataset.truth is None or colon != bool(dataset.truth_option) or (colon and not option):
+        raise GMAEError(f"unknown evaluation data {data!r}: use {', '.join(names_with('truth'))}")
+    truths, n = dataset.truth(option, size, num_images)
+    return (Item(t.name, t.image, t.boundaries, t.figure, None if t.depth is None else DepthTruth(*t.depth))
+            for t in truths), n
 
 
 # --------------------------------------------------------------------------- evaluation

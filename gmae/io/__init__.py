@@ -1,2 +1,3 @@
-"""Files in and out: checkpoints (checkpoint), exports and foreign weights (export), run-folder paths and
-locks (files), and loading a run's model (runs)."""
+"""Files in and out: reading every model file (loader: checkpoints, exports, run folders, timm and MAE
+encoders), the checkpoint and export formats and writing them (checkpoint, export), run-folder paths and
+locks (files), and what the training loops share (runs)."""

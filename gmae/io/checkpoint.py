@@ -8,26 +8,40 @@ A checkpoint is a dict
      "online_probe": {"heads": state_dict, "optimizer": state_dict, "classes": [str]}
                      (only in runs with --online-probe, see gmae.model.online_probe)}
 so `torch.load(path, weights_only=True)` reads it and nothing in it can run code.
-Also here: the newest readable checkpoint of a run folder (:func:`find_latest`).
-Reading any model file (a checkpoint, an export or a run folder) is
-:func:`gmae.io.export.load_state`; building a model from one, :func:`gmae.io.runs.load_model`.
+Here: the formats' markers and writing checkpoints; reading any model file (a
+checkpoint, an export or a run folder) is :func:`gmae.io.loader.load`.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig, TrainConfig, config_from_dict
+from ..config.choices import EXPORT_FORMATS
 from ..model.ema import ema_label
 from ..errors import GMAEError
 from .files import list_checkpoints
 
 FORMAT = "gmae-checkpoint"
+#: A fine-tuning checkpoint's marker (gmae.evaluate.finetune writes them).
+FINETUNE_FORMAT = "gmae-finetune"
+#: The checkpoint files :func:`gmae.io.loader.load` reads by name: (marker, what the messages call them).
+CHECKPOINT_FORMATS = {"checkpoint": (FORMAT, "gmae"), "finetune-checkpoint": (FINETUNE_FORMAT, "gmae fine-tune")}
+
+# Exports (gmae.io.export writes them, gmae.io.loader reads them; the format is described in gmae.io.export).
+EXPORT_FORMAT = "gmae-export"
+TIMM_FORMAT = "timm-vit"
+EXPORT_VERSION = "1"
+CONFIG_KEY = "gmae_model_config"
+EXPORT_SUFFIXES = EXPORT_FORMATS["safetensors"]
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+#: Entries of MAE / timm checkpoints that are not the encoder and are dropped on load:
+#: MAE's decoder (``decoder_*``) and ``mask_token``, a classifier (``head.*``) and the
+#: norm after global pooling of MAE fine-tuned models (``fc_norm.*``).
+DROPPED = ("decoder", "mask_token", "head.", "fc_norm.")
 
 
 def save_checkpoint(state: dict, path: str | Path, keep: int | None = None) -> Path:
@@ -61,43 +75,6 @@ def write_atomically(path: str | Path, write) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", fmt: str = FORMAT,
-                    kind: str = "gmae") -> dict:
-    """Load a checkpoint with `weights_only=True`; one clear GMAEError if it cannot be.
-
-    `fmt` is the marker the file must carry (pre-training's by default; fine-tuning
-    has its own), `kind` names such files in the messages.
-    """
-    path = Path(path)
-    if path.is_dir():
-        inside = list_checkpoints(path)
-        hint = f", e.g. its newest, {inside[-1]}" if inside else ""
-        raise GMAEError(f"checkpoint {path} is a folder; give the path of a .pt file written by gmae{hint}")
-    if not path.is_file():
-        raise GMAEError(f"checkpoint {path} does not exist; give the path to a .pt file written by gmae")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only=True raises this both for a forbidden object and for bytes
-        # that are not a pickle at all; only the first is a refusal.
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        if found or "Unsupported global" in str(e):
-            what = f" ({found.group(1)})" if found else ""
-            raise GMAEError(
-                f"checkpoint {path} was refused: it holds an object that would run code on load{what} "
-                f"(weights_only=True); only load checkpoints written by gmae"
-            ) from None
-        raise GMAEError(f"checkpoint {path} cannot be read: it is not a PyTorch checkpoint file, or it is damaged") from None
-    except Exception as e:  # truncated (zip without its directory), empty, unreadable
-        detail = " ".join(str(e).split()).split(". ")[0][:120] or "no data"  # its first sentence
-        raise GMAEError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}: {detail}); it may be truncated or damaged"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != fmt:
-        raise GMAEError(f"{path} is not a {kind} checkpoint (no '{fmt}' marker)")
-    return state
 
 
 def configs_of(state: dict) -> tuple[ModelConfig, TrainConfig | None]:
@@ -141,23 +118,3 @@ def weights_line(label: str | None, raw: bool) -> str | None:
     """What a command says about the weights it read (a :func:`model_weights` label): an EMA, or the raw
     weights asked for; nothing for a run without an EMA."""
     return f"weights: {label}" if label and (label.startswith("EMA") or raw) else None
-
-
-def find_latest(out: str | Path, warn=print, load=load_checkpoint) -> tuple[Path, dict] | None:
-    """(path, state) of the newest checkpoint in `out` that `load` reads (None if there is none).
-
-    A truncated or corrupt newest checkpoint is reported through `warn` and
-    the next older one is tried, so a crash during a save costs one interval.
-    """
-    for path in reversed(list_checkpoints(out)):
-        try:
-            return path, load(path)
-        except GMAEError as e:
-            warn(f"warning: {e}; trying an older checkpoint")
-    return None
-
-
-def load_latest(out: str | Path, warn=print, load=load_checkpoint) -> dict | None:
-    """The state of :func:`find_latest` (None if there is none)."""
-    found = find_latest(out, warn, load)
-    return None if found is None else found[1]

@@ -1,4 +1,4 @@
-"""Run infrastructure: what the training loops (`gmae pretrain`, `gmae finetune`) share, and model loading.
+"""Run infrastructure: what the training loops (`gmae pretrain`, `gmae finetune`) share.
 
 * the schedule: :func:`learning_rate` (MAE's: linear warmup, then half-cycle cosine);
 * ``metrics.jsonl``: :func:`prepare_metrics` (what a run keeps when it starts or
@@ -9,10 +9,8 @@
   and :func:`resumed_config` (the saved settings, except those a resume may change);
 * checkpoint discovery: checkpoints are named by :func:`gmae.io.files.checkpoint_path`
   and listed by :func:`gmae.io.files.list_checkpoints`; the newest readable one is
-  :func:`gmae.io.checkpoint.find_latest`, and any model file is read by
-  :func:`gmae.io.export.load_state`;
-* :func:`load_model`: a model from a checkpoint, an export or a run folder (or
-  with the weights its run started from);
+  :func:`gmae.io.loader.find_latest`, and any model file is read by
+  :func:`gmae.io.loader.load`;
 * :func:`autocast` (the loops' precision setting) and :func:`say` (a line above
   the progress bar).
 
@@ -33,14 +31,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import configs_of, find_latest, load_checkpoint, model_weights
-from ..config import TrainConfig
 from ..errors import GMAEError
-from .export import init_encoder_weights, load_state
 from .files import list_checkpoints
-from ..model import build_model
+from .loader import find_latest
 
-__all__ = ["MetricsLog", "autocast", "learning_rate", "load_model", "metric_lines", "prepare_metrics",
+__all__ = ["MetricsLog", "autocast", "learning_rate", "metric_lines", "prepare_metrics",
            "refuse_changes", "resume_from", "resumed_config", "say"]
 
 
@@ -150,8 +145,10 @@ def _lines(n: int) -> str:
 # --------------------------------------------------------------------------- resume
 
 
-def resume_from(out: str | Path, resume: bool | str, warn=print, load=load_checkpoint) -> tuple[Path, dict] | None:
-    """(path, state) of the checkpoint a run into `out` continues, or None for a fresh start.
+def resume_from(out: str | Path, resume: bool | str, warn=print,
+                what: str = "checkpoint") -> tuple[Path, dict] | None:
+    """(path, state) of the checkpoint a run into `out` continues, or None for a fresh start: the newest
+    file :func:`gmae.io.loader.load` reads as `what` ("checkpoint" or "finetune-checkpoint").
 
     resume False: a fresh run, refused if `out` holds checkpoints (it would
     prune them). True: the newest readable checkpoint, and a GMAEError if
@@ -166,7 +163,7 @@ def resume_from(out: str | Path, resume: bool | str, warn=print, load=load_check
             raise GMAEError(f"{out} already holds checkpoints of another run; add --resume to continue it "
                             "or choose a new --out")
         return None
-    found = find_latest(out, warn, load)
+    found = find_latest(out, warn, what)
     if found is None and resume == "auto":
         if existing:
             warn(f"none of the {len(existing)} checkpoints in {out} can be read; starting afresh")
@@ -207,37 +204,3 @@ def resumed_config(saved, given, changes: tuple[str, ...], resumable: tuple[str,
     """The config a resumed run continues with: `saved` (the checkpoint's), with `given`'s output folder and
     `given`'s values of the `changes` fields that are `resumable` (what the command line set)."""
     return replace(saved, out=given.out, **{k: getattr(given, k) for k in changes if k in resumable})
-
-
-# --------------------------------------------------------------------------- models
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", initial: bool = False, raw: bool = False):
-    """(model in eval mode, ModelConfig, checkpoint dict) from a checkpoint, an export or a run folder.
-
-    The weights are the checkpoint's EMA when it has one, unless `raw`
-    (:func:`gmae.io.checkpoint.model_weights`); the dict's ``"weights"`` names
-    them: "EMA (decay 0.999)", "raw" or, with `initial`, "initial".
-
-    initial=True gives the same architecture with the weights its run started
-    from (built after seeding with the run's seed, as `gmae pretrain` does):
-    the "before pre-training" baseline of every evaluation.
-    """
-    state = load_state(path, map_location)
-    mcfg, tcfg = configs_of(state)
-    tcfg = tcfg or TrainConfig()  # an export: a run's defaults (seed 0, no init-encoder) for `initial`
-    # The renderer is a property of this machine, not of the model: a model
-    # trained with gsplat on a GPU must still render on a laptop.
-    mcfg.render_backend = "auto"
-    if initial:
-        with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
-            torch.manual_seed(tcfg.seed)
-            model = build_model(mcfg)
-        if tcfg.init_encoder:  # the run's encoder started from a file, as `gmae pretrain --init-encoder`
-            init_encoder_weights(model.encoder, tcfg.init_encoder)
-        state["weights"] = "initial"
-    else:
-        model = build_model(mcfg)
-        weights, state["weights"] = model_weights(state, raw, path)
-        model.load_state_dict(weights)
-    return model.to(map_location).eval(), mcfg, state

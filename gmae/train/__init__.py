@@ -24,7 +24,7 @@ from ..config import PRETRAIN_RESUMABLE, ModelConfig, TrainConfig, as_dict, pres
 from ..data import SeededStream, StepBatchSampler, build_dataset, held_out_batch, source_labels
 from ..model.ema import WeightEMA
 from ..errors import GMAEError
-from ..io.export import init_encoder_weights
+from ..io.loader import load
 from ..io.files import check_output_folder, checkpoint_path, run_lock
 from ..model import build_model, masking_noise, param_groups
 from ..readouts.layout import layout_monitor
@@ -244,7 +244,7 @@ def _pretrain(mcfg: ModelConfig, tcfg: TrainConfig, resume: bool | str, progress
         torch.set_rng_state(state["rng"]["torch"])
         start = state["step"]
     elif tcfg.init_encoder:  # a fresh run whose encoder starts from another run's, timm's or MAE's weights
-        init_encoder_weights(model.encoder, tcfg.init_encoder)
+        load(tcfg.init_encoder, "encoder", into=model.encoder)
     ema = WeightEMA(model, tcfg.ema) if tcfg.ema else None  # every process keeps it alike; the first saves it
     if ema is not None and state is not None:
         ema.load_state_dict(state["ema"])
