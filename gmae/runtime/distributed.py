@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -80,7 +81,9 @@ def init(device: str, timeout: float = DEFAULT_TIMEOUT) -> Context:
         requested = torch.device("cuda", local_rank)
         torch.cuda.set_device(requested)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if requested.type == "cuda" else "gloo", store=_store(rank, world_size),
+        global _STORE
+        _STORE = _store(rank, world_size)
+        dist.init_process_group("nccl" if requested.type == "cuda" else "gloo", store=_STORE,
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
     return Context(rank, world_size, requested)
 
@@ -157,6 +160,28 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
+#: The rendezvous store the process group was made with (init), which outlives it: shutdown's last handshake.
+_STORE: dist.Store | None = None
+
+#: Seconds the first process waits at shutdown for the others to have closed their connections.
+SHUTDOWN_WAIT_S = 60.0
+
+
 def shutdown(ctx: Context) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group; the first process leaves last.
+
+    Gloo's connections are closed as each process destroys its group. Had the first process gone (and closed
+    its end) while another was still closing its own, that one's pending read would fail with "Connection reset
+    by peer" and abort the process at exit; so every process says on the store when it is done, and the first
+    waits for all of them (at most SHUTDOWN_WAIT_S) before it returns.
+    """
+    if not (ctx.distributed and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    if _STORE is None:
+        return
+    done = _STORE.add("gmae/left", 1)
+    deadline = time.monotonic() + SHUTDOWN_WAIT_S
+    while ctx.rank == 0 and done < ctx.world_size and time.monotonic() < deadline:
+        time.sleep(0.01)
+        done = _STORE.add("gmae/left", 0)

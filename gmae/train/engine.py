@@ -60,7 +60,8 @@ class Task:
 
     def prepare(self, batch, step: int) -> tuple[torch.Tensor, ...]:
         """This process's share of step `step` from the loader's `batch`, on the device: tensors with the
-        batch first, which the engine splits into micro-batches."""
+        batch first (or lists, one entry per sample: a detector's images and targets), which the engine
+        slices into micro-batches."""
         raise NotImplementedError
 
     def loss(self, net, micro: tuple[torch.Tensor, ...], scale: float):
@@ -145,11 +146,11 @@ class Engine:
     def step(self, task: Task, parts: tuple[torch.Tensor, ...]):
         """One optimizer step over this process's share: (global mean loss, applied, last micro-batch's output)."""
         self.optimizer.zero_grad(set_to_none=True)
-        n = parts[0].shape[0]
+        n = len(parts[0])
         if n % self.accum:
             raise GMAEError(f"this process's batch of {n} does not split into {self.accum} micro-batches")
         micro = n // self.accum
-        loss_sum = torch.zeros((), device=parts[0].device)
+        loss_sum = torch.zeros((), device=self.ctx.device)
         out = None
         for i in range(self.accum):
             # DDP all-reduces the gradients once, on the last micro-batch.
