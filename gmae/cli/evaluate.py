@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 
-from ..config import ERASE_MODES, FINETUNE_RESUMABLE, FinetuneConfig, GLOBAL_POOLS, MIXUP_MODES
+from ..config import FINETUNE_RESUMABLE, FinetuneConfig
 from ..config.choices import (
-    EXTRACTION_BATCH, PROBE_DEFAULTS, PROBE_PROTOCOLS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS, positive_int,
+    EXTRACTION_BATCH, LABELLED_DATA_HELP, PROBE_DEFAULTS, PROBE_PROTOCOLS, SCENE_DATA, SCENE_IMAGES, SCENE_TASKS,
+    positive_int,
 )
 from ..errors import GMAEError
 from ..io.files import check_output_folder
 from .common import (
-    CHECKPOINT_HELP, _add_device, _add_encoder_norm, _add_raw_weights, _add_recipe, _add_resume, _add_stop_grace,
-    _check_checkpoint, _resolve_device, _say_weights,
+    CHECKPOINT_HELP, _add_device, _add_encoder_norm, _add_raw_weights, _add_recipe, _add_resume, _check_checkpoint,
+    _resolve_device, _say_weights,
 )
+from .flags import add_config_flags, config_settings
 
 
 def add_ablate(sub) -> None:
@@ -46,12 +48,6 @@ def cmd_ablate(args) -> int:
                         evaluate=not args.no_eval, progress=not args.json, seeds=args.seeds)
     print(json.dumps(rows) if args.json else format_table(rows))
     return 0
-
-
-LABELLED_DATA_HELP = ("labelled data: digits (default; scikit-learn's 8x8 digits upsampled, stratified 80/20 "
-                      "split, seed 0), cifar10:ROOT, cifar100:ROOT (python-pickle releases; ROOT holds "
-                      "cifar-10-batches-py/ or cifar-100-python/, or is it), folder:ROOT (ROOT/train/CLASS/*.jpg "
-                      "and ROOT/val/CLASS/*.jpg), or a bare ROOT, detected as one of these")
 
 
 def add_probe(sub) -> None:
@@ -243,98 +239,23 @@ def _scene_probe(args, encoders: dict, mcfg, extraction: int, linear: dict) -> i
 
 
 def add_finetune(sub) -> None:
-    d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune a pre-trained encoder as a classifier (MAE's recipe)")
-    p.add_argument("--checkpoint", help=f"{CHECKPOINT_HELP}, or timm/MAE ViT weights (not needed with --resume)")
-    p.add_argument("--data", default=d.data, help=LABELLED_DATA_HELP)
-    p.add_argument("--out", default=d.out, help=f"folder for checkpoints and metrics.jsonl (default {d.out})")
-    p.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"epochs (default {d.epochs})")
-    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
-    p.add_argument("--blr", type=float, default=d.blr, help=f"base lr; lr = blr * batch / 256 (default {d.blr})")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: one epoch)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay})")
-    p.add_argument("--layer-decay", type=float, default=d.layer_decay,
-                   help=f"layer-wise lr decay (default {d.layer_decay}; MAE: 0.65 base, 0.75 large)")
-    p.add_argument("--drop-path", type=float, default=d.drop_path, help=f"stochastic depth rate (default {d.drop_path})")
-    p.add_argument("--smoothing", type=float, default=d.smoothing, help=f"label smoothing (default {d.smoothing})")
-    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (default 0: no clipping)")
-    p.add_argument("--random-init", action="store_true",
-                   help="fine-tune the checkpoint's architecture from fresh weights (the from-scratch baseline)")
-    _add_raw_weights(p)
-    _add_encoder_norm(p)
-    p.add_argument("--eval-every", type=positive_int, default=None, help="steps between val evaluations (default: an epoch)")
-    _add_stop_grace(p, d.stop_grace)
-    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints (default: an epoch)")
-    p.add_argument("--keep-checkpoints", type=positive_int, default=None,
-                   help=f"newest checkpoints kept (default {d.keep_checkpoints})")
+    _add_recipe(p, "finetune")
     _add_resume(p, FINETUNE_RESUMABLE, "--quiet", "--json")
-    p.add_argument("--seed", type=int, default=d.seed)
-    _add_device(p, None)
-    p.add_argument("--num-workers", type=int, default=None, help="data-loading processes (default 0)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
-                   help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    _add_finetune_timm(p, d)
-    _add_recipe(p, "finetune")
+    # Every other flag is a FinetuneConfig field's (gmae.config: its help, type and choices are written there).
+    add_config_flags(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)
-
-
-# The FinetuneConfig fields that MAE's fine-tuning recipe adds on timm (MAE's main_finetune.py; docs/evaluation.md): each flag's dest is the
-# field's name, so cmd_finetune passes them through as they are.
-FINETUNE_TIMM_FIELDS = ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "aa", "reprob", "remode",
-                        "recount", "global_pool", "warmup_epochs")
-
-
-# gmae finetune's MAE regularisers and pooling: (flag, argparse keywords, help, MAE's ViT-B value); each default is
-# FinetuneConfig's, so the help cannot drift from it.
-_TIMM_FLAGS = (
-    ("--mixup", dict(type=float), "mixup alpha, 0 = off", "0.8"),
-    ("--cutmix", dict(type=float), "cutmix alpha, 0 = off", "1.0"),
-    ("--mixup-prob", dict(type=float), "probability of mixing a batch", "1.0"),
-    ("--mixup-switch-prob", dict(type=float), "with both on: probability of cutmix instead of mixup", "0.5"),
-    ("--mixup-mode", dict(choices=MIXUP_MODES), "one mixing weight per batch, pair or element", "batch"),
-    ("--aa", dict(metavar="POLICY"), "RandAugment policy in timm's syntax", "rand-m9-mstd0.5-inc1"),
-    ("--reprob", dict(type=float), "random-erasing probability", "0.25"),
-    ("--remode", dict(choices=ERASE_MODES), "random-erasing fill", "pixel"),
-    ("--recount", dict(type=positive_int), "random-erasing boxes per image", "1"),
-    ("--global-pool", dict(choices=GLOBAL_POOLS), "classifier feature: avg (fc_norm of the patch-token mean) or cls "
-                                                   "(the encoder's final norm of the cls token)", "avg"),
-)
-
-
-def _add_finetune_timm(p, d: FinetuneConfig) -> None:
-    """gmae finetune's MAE regularisers (timm's; `pip install 'gmae[timm]'` when one is on) and pooling."""
-    g = p.add_argument_group("MAE's regularisers, from timm (off by default; MAE's ViT-B value in brackets)")
-    for flag, keywords, text, mae in _TIMM_FLAGS:
-        default = getattr(d, flag[2:].replace("-", "_"))
-        shown = "none" if default in ("", None) else default
-        g.add_argument(flag, default=default, help=f"{text} (default {shown}) [{mae}]", **keywords)
-    g.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear warmup in epochs, instead of --warmup-steps [5]")
 
 
 def cmd_finetune(args) -> int:
     if not args.resume and not args.checkpoint:
         raise GMAEError("give --checkpoint (the pre-trained model to fine-tune), or --resume to continue a run")
-    d = FinetuneConfig()
-    fcfg = FinetuneConfig(
-        checkpoint=str(args.checkpoint or ""), data=args.data, epochs=args.epochs, steps=args.steps or 0,
-        batch_size=args.batch_size, blr=args.blr,
-        warmup_steps=d.warmup_steps if args.warmup_steps is None else args.warmup_steps,
-        weight_decay=args.weight_decay, layer_decay=args.layer_decay, drop_path=args.drop_path,
-        smoothing=args.smoothing, clip_grad=args.clip_grad, random_init=args.random_init, seed=args.seed,
-        device=args.device or d.device, out=args.out, eval_every=args.eval_every or 0,
-        stop_grace=d.stop_grace if args.stop_grace is None else args.stop_grace,
-        checkpoint_every=args.checkpoint_every or 0, keep_checkpoints=args.keep_checkpoints or d.keep_checkpoints,
-        num_workers=d.num_workers if args.num_workers is None else args.num_workers, precision=args.precision,
-        raw_weights=args.raw_weights, input_norm=args.input_norm or "", recipe=args.recipe or "",
-        **{k: getattr(args, k) for k in FINETUNE_TIMM_FIELDS if k != "warmup_epochs"},
-        # A typed --warmup-steps replaces a recipe's warmup epochs (typing both is refused by check_warmup).
-        warmup_epochs=d.warmup_epochs if args.warmup_epochs is None or (
-            "warmup_steps" in args.typed and "warmup_epochs" not in args.typed) else args.warmup_epochs,
-    )
+    values = config_settings(args, FinetuneConfig)
+    if "warmup_steps" in args.typed and "warmup_epochs" not in args.typed:
+        values.pop("warmup_epochs", None)  # a typed --warmup-steps replaces a recipe's warmup epochs
+    fcfg = FinetuneConfig(**values)
     if not args.resume:
         fcfg.check_warmup()
     if args.checkpoint:
