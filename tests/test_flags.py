@@ -55,9 +55,13 @@ def test_every_field_has_one_flag_and_every_flag_one_field(command):
             assert by_dest[name][0].help == meta["help"].format(default=field.default), name
     assert set(by_dest) - set(fields) == set(COMMAND_ONLY[command]), \
         f"{command}: flags that are no field: {sorted(set(by_dest) - set(fields) - set(COMMAND_ONLY[command]))}"
-    # no field without a decision: each is a setting (help), deliberately flagless, or the command's own
+    # no field without a decision: each is a setting (help), deliberately flagless, or the command's own; a cited
+    # default names a file (and line) of MAE or of the GMAE authors' code
     for field in fields.values():
         assert {"help", "no_flag", "own_flag"} & set(field.metadata), field.name
+        if "cite" in field.metadata:
+            assert field.metadata["cite"].startswith(("MAE ", "tekotan/video-gmae@")) and " line" in \
+                field.metadata["cite"], field.name
 
 
 def test_a_field_that_names_choices_or_a_type_gets_them():

@@ -42,6 +42,9 @@ def own_flag(default, flag: str, why: str):
     return dataclasses.field(default=default, metadata={"own_flag": flag, "why": why})
 
 
+# Citations name MAE's files at facebookresearch/mae@efb2a80 and the GMAE authors' code at tekotan/video-gmae@c630810,
+# as gmae.config.recipes does.
+AUTHORS_LR = "tekotan/video-gmae@c630810 configs/gmae_ema.yaml line 138 (lr: 0.001, scaled by batch / 256)"
 BY_PRESET = "set by --preset (PRESET_SHAPE: the presets are MAE's ViT shapes)"
 RECIPE_FLAG = "--recipe sets the other flags' defaults before the command line is parsed (gmae.cli.common._add_recipe)"
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -311,11 +314,14 @@ class TrainConfig:
         'folder of images (ImageNet layout or flat)')
     steps: int = setting(1000, type=positive_int, help='optimizer steps (tiny: 1200)')
     batch_size: int = setting(64, type=positive_int, help='global batch size (tiny: 16)')
-    blr: float = setting(1e-3, help='base learning rate; lr = blr * batch / 256 (tiny: 1.6e-2, others 1e-3)')
+    blr: float = setting(1e-3,
+        cite=AUTHORS_LR, help='base learning rate; lr = blr * batch / 256 (tiny: 1.6e-2, others 1e-3)')
     warmup_steps: int = setting(100, help='linear warmup steps (tiny: 50)')
     min_lr: float = no_flag(0.0, "the cosine schedule ends at 0, as MAE's pre-training (main_pretrain.py --min_lr 0)")
-    weight_decay: float = setting(0.05, help='AdamW weight decay (default 0.05)')
-    betas: tuple[float, float] = setting((0.9, 0.95), metavar=("B1", "B2"), help=
+    weight_decay: float = setting(0.05,
+        cite="MAE PRETRAIN.md line 15 (--weight_decay 0.05)", help='AdamW weight decay (default 0.05)')
+    betas: tuple[float, float] = setting((0.9, 0.95), metavar=("B1", "B2"),
+        cite="MAE main_pretrain.py line 180 (AdamW betas=(0.9, 0.95))", help=
         "AdamW betas (default 0.9 0.95, MAE's)")
     seed: int = setting(0, flag_default=True, help="random seed of the run (default {default})")
     device: str = setting("auto", help=DEVICE_HELP)
@@ -364,9 +370,11 @@ class TrainConfig:
         'per-process micro-batch: --batch-size is then the effective batch, reached by gradient accumulation over'
         " batch / (processes x micro-batch) micro-batches, as MAE's accum_iter (e.g. --batch-size 4096 "
         '--micro-batch 64; not with --accum-steps)')
-    crop_scale: tuple[float, float] = setting((0.2, 1.0), metavar=("MIN", "MAX"), help=
+    crop_scale: tuple[float, float] = setting((0.2, 1.0), metavar=("MIN", "MAX"),
+        cite="MAE main_pretrain.py line 124 (RandomResizedCrop scale=(0.2, 1.0))", help=
         "random resized crop's area range for image folders and photos (default 0.2 1, MAE's)")
-    interpolation: str = setting("bicubic", choices=INTERPOLATIONS, help=
+    interpolation: str = setting("bicubic", choices=INTERPOLATIONS,
+        cite="MAE main_pretrain.py line 124 (interpolation=3, bicubic)", help=
         "random resized crop's resampling for image folders and photos (default bicubic, MAE's)")
     # Steps between measurements of whether the Gaussians follow the image (gmae.readouts.layout: the layout figures
     # and the full-image PSNR on a fixed held-out batch, logged in metrics.jsonl); 0 = never. GMAE only.
@@ -599,12 +607,16 @@ class FinetuneConfig:
     blr: float = setting(8e-3, flag_default=True, help='base lr; lr = blr * batch / 256 (default {default})')
     min_lr: float = no_flag(1e-6, "MAE main_finetune.py's default (--min_lr 1e-6), which no recipe changes")
     warmup_steps: int = setting(-1, help='linear warmup steps (default: one epoch)')
-    weight_decay: float = setting(0.05, flag_default=True, help='AdamW weight decay (default {default})')
+    weight_decay: float = setting(0.05, flag_default=True,
+        cite="MAE FINETUNE.md line 73 (--weight_decay 0.05)", help='AdamW weight decay (default {default})')
     betas: tuple[float, float] = no_flag((0.9, 0.999), "AdamW's defaults, which MAE main_finetune.py keeps")
-    layer_decay: float = setting(0.75, flag_default=True, help=
+    layer_decay: float = setting(0.75, flag_default=True,
+        cite="MAE FINETUNE.md line 91 (ViT-L: --layer_decay 0.75)", help=
         'layer-wise lr decay (default {default}; MAE: 0.65 base, 0.75 large)')
-    drop_path: float = setting(0.1, flag_default=True, help='stochastic depth rate (default {default})')
-    smoothing: float = setting(0.1, flag_default=True, help='label smoothing (default {default})')
+    drop_path: float = setting(0.1, flag_default=True,
+        cite="MAE FINETUNE.md line 73 (ViT-B: --drop_path 0.1)", help='stochastic depth rate (default {default})')
+    smoothing: float = setting(0.1, flag_default=True,
+        cite="MAE main_finetune.py line 84 (--smoothing 0.1)", help='label smoothing (default {default})')
     clip_grad: float = setting(0.0, flag_default=True, help='max gradient norm (default 0: no clipping)')
     random_init: bool = setting(False, help=
         "fine-tune the checkpoint's architecture from fresh weights (the from-scratch baseline)")
@@ -628,21 +640,27 @@ class FinetuneConfig:
     # when one is on). Defaults: off (gmae's own fine-tuning); MAE's ViT-B values (FINETUNE.md) in the comments.
     mixup: float = setting(0.0, flag_default=True, group=TIMM_GROUP, help='mixup alpha, 0 = off (default 0.0) [0.8]')
     cutmix: float = setting(0.0, flag_default=True, group=TIMM_GROUP, help='cutmix alpha, 0 = off (default 0.0) [1.0]')
-    mixup_prob: float = setting(1.0, flag_default=True, group=TIMM_GROUP, help=
+    mixup_prob: float = setting(1.0, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 104 (--mixup_prob 1.0)", help=
         'probability of mixing a batch (default 1.0) [1.0]')
-    mixup_switch_prob: float = setting(0.5, flag_default=True, group=TIMM_GROUP, help=
+    mixup_switch_prob: float = setting(0.5, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 106 (--mixup_switch_prob 0.5)", help=
         'with both on: probability of cutmix instead of mixup (default 0.5) [0.5]')
-    mixup_mode: str = setting("batch", choices=MIXUP_MODES, flag_default=True, group=TIMM_GROUP, help=
+    mixup_mode: str = setting("batch", choices=MIXUP_MODES, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 108 (--mixup_mode batch)", help=
         'one mixing weight per batch, pair or element (default batch) [batch]')
     aa: str = setting("", metavar="POLICY", flag_default=True, group=TIMM_GROUP, help=
         "RandAugment policy in timm's syntax (default none) [rand-m9-mstd0.5-inc1]")
     reprob: float = setting(0.0, flag_default=True, group=TIMM_GROUP, help=
         'random-erasing probability (default 0.0) [0.25]')
-    remode: str = setting("pixel", choices=ERASE_MODES, flag_default=True, group=TIMM_GROUP, help=
+    remode: str = setting("pixel", choices=ERASE_MODES, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 90 (--remode pixel)", help=
         'random-erasing fill (default pixel) [pixel]')
-    recount: int = setting(1, type=positive_int, flag_default=True, group=TIMM_GROUP, help=
+    recount: int = setting(1, type=positive_int, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 92 (--recount 1)", help=
         'random-erasing boxes per image (default 1) [1]')
-    global_pool: str = setting("avg", choices=GLOBAL_POOLS, flag_default=True, group=TIMM_GROUP, help=
+    global_pool: str = setting("avg", choices=GLOBAL_POOLS, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 115 (global_pool=True: the patch-token mean)", help=
         "classifier feature: avg (fc_norm of the patch-token mean) or cls (the encoder's final norm of the cls "
         'token) (default avg) [avg]')
     warmup_epochs: float = setting(-1.0, group=TIMM_GROUP, help=
@@ -719,4 +737,5 @@ class FinetuneConfig:
 __all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
            "DEPTH_PARAMS", "DEPTH_GRADS", "POSITION_PARAMS", "GLOBAL_POOLS", "MIXUP_MODES", "ERASE_MODES",
            "INPUT_NORMS", "POSITION_SOURCES", "PIXEL_ORIGINS", "TILE_CUTS", "HEAD_INITS", "PATCH_BIAS_INITS", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
-           "train_config", "config_from_dict", "as_dict", "preset_of"]
+           "train_config", "config_from_dict", "as_dict", "preset_of", "setting", "no_flag", "own_flag", "PRECISIONS",
+           "BAD_IMAGE_ACTIONS"]
