@@ -229,7 +229,6 @@ class ModelConfig:
         "the Gaussian head's starting weights: xavier (default; MAE's init of every linear) or torch (nn.Linear's"
         " own U(+-1/sqrt(d)), as the authors' head keeps it: models_mae.py lines 306 and 333-335 create it after "
         'initialize_weights())')
-    opacity_floor: float = setting(0.0, help="add this to every Gaussian's opacity, clamped to 1 (default 0: none)")
     patch_bias_init: str = setting("zero", choices=PATCH_BIAS_INITS, help=
         "the patch embedding's starting bias: zero (default) or torch (nn.Conv2d's own, kept by MAE and the "
         'authors, whose init re-draws only the weight: models_mae.py lines 357-359)')
@@ -289,8 +288,6 @@ class ModelConfig:
         if not self.position_gain > 0 or not self.query_noise >= 0:
             raise GMAEError(f"position-gain must be > 0 and query-noise >= 0; got {self.position_gain}, "
                             f"{self.query_noise}")
-        if not 0.0 <= self.opacity_floor < 1.0:
-            raise GMAEError(f"opacity-floor must be in [0, 1); got {self.opacity_floor}")
         if not self.depth_tau > 0:
             raise GMAEError(f"depth-tau must be positive; got {self.depth_tau}")
         if not isinstance(self.head_bias, bool):

@@ -199,8 +199,6 @@ class GMAE(MAE):
         own = raw[..., : m * per].reshape(B, q * m, per)
         g = gaussians_from_raw(own, cfg.max_scale, self.camera.scale_unit, cfg.depth_param, cfg.max_opacity,
                                cfg.rotation_param, cfg.position_gain)
-        if cfg.opacity_floor:
-            g.opacities = (g.opacities + cfg.opacity_floor).clamp_max(1.0)
         if pointer is not None or self.anchored:
             if pointer is not None:
                 anchor, spread = pointer, 2.0 * cfg.patch_size / cfg.img_size  # one patch (the image spans 2)
