@@ -2,7 +2,10 @@
 
 `ModelConfig` is everything needed to rebuild a model (it is stored in every
 checkpoint); `TrainConfig` is everything about one pre-training run,
-`FinetuneConfig` about one fine-tuning run.
+`FinetuneConfig` about one fine-tuning run. Each field says here, once, how the
+command line sets it (`setting`: help, type, choices, citation) or why it does
+not (`no_flag`); gmae.cli.flags builds the flags of `gmae pretrain` and
+`gmae finetune` from that, so a new setting is a field here plus its use.
 """
 
 from __future__ import annotations
