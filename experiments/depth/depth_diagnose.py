@@ -79,7 +79,8 @@ def pair_votes(means2d, conics, colors, opacities, depths, target, background):
 def render_one(means2d, conics, colors, opacities, depths, H, W, background):
     from gmae.render import rasterize
 
-    image, _ = rasterize(means2d[None], conics[None], colors[None], opacities[None], depths[None], height=H, width=W, background=background, settings=RenderSettings(backend="torch"))
+    image, _ = rasterize(means2d[None], conics[None], colors[None], opacities[None], depths[None], height=H,
+                         width=W, background=background, settings=RenderSettings(backend="torch"))
     return image[0]
 
 
