@@ -6,12 +6,12 @@ import dataclasses
 import pytest
 
 from gmae.cli import build_parser, parse_args
-from gmae.cli.flags import flag_fields
+from gmae.cli.flags import config_settings, flag_fields
 from gmae.cli.pretrain import configs_from_args
-from gmae.config import FinetuneConfig, ModelConfig, TrainConfig
+from gmae.config import FinetuneConfig, ModelConfig, ProbeConfig, TrainConfig
 
 # The configs each command builds from its flags.
-CONFIGS = {"pretrain": (ModelConfig, TrainConfig), "finetune": (FinetuneConfig,)}
+CONFIGS = {"pretrain": (ModelConfig, TrainConfig), "finetune": (FinetuneConfig,), "probe": (ProbeConfig,)}
 
 # Flags that are the command's own, not a config field's, and why.
 COMMAND_ONLY = {
@@ -29,6 +29,18 @@ COMMAND_ONLY = {
         "quiet": "the progress bar, not the run",
         "json": "how the summary is printed",
         "threads": "this process's CPU threads (gmae.runtime.threads), not the run: every computing command has it",
+    },
+    "probe": {
+        "help": "argparse's --help",
+        "checkpoint": "which encoder is probed, not how (required, unlike every setting)",
+        "random_init": "which weights: fresh ones (a mutually exclusive pair with --baseline)",
+        "baseline": "which weights: the trained and fresh ones side by side",
+        "task": "which scene tasks to run (repeatable), for --data deadleaves or sprites only",
+        "raw_weights": "which weights of the checkpoint, as every command that reads one",
+        "input_norm": "how a ViT file without gmae's config is read (--normalize), as every command that reads one",
+        "device": "where it runs, as every command that computes",
+        "json": "how the results are printed",
+        "threads": "this process's CPU threads (gmae.runtime.threads): every computing command has it",
     },
 }
 
@@ -112,3 +124,15 @@ def test_typed_values_of_every_kind_arrive_in_the_finetune_config(monkeypatch, t
     assert (fcfg.mixup_mode, fcfg.global_pool, fcfg.input_norm) == ("pair", "cls", "none")
     assert (fcfg.warmup_epochs, fcfg.aa, fcfg.checkpoint) == (1.5, "rand-m9", __file__)
     assert (fcfg.epochs, fcfg.steps, fcfg.eval_every) == (FinetuneConfig().epochs, 0, 0)  # not typed: the defaults
+
+
+def test_typed_values_reach_the_probe_config_and_the_protocol_fills_the_rest():
+    from gmae.config.choices import PROBE_DEFAULTS
+
+    args = parse_args(["probe", "--checkpoint", "x.pt", "--protocol", "mae", "--blr", "0.5", "--k", "7",
+                       "--pool", "avg", "--warmup-epochs", "2.5"])
+    pcfg = ProbeConfig(**config_settings(args, ProbeConfig))
+    assert (pcfg.protocol, pcfg.blr, pcfg.k, pcfg.pool, pcfg.warmup_epochs) == ("mae", 0.5, 7, "avg", 2.5)
+    extraction, linear = pcfg.linear()
+    assert (linear["blr"], linear["warmup_epochs"]) == (0.5, 2.5)  # typed
+    assert (linear["epochs"], linear["linear_batch"]) == (PROBE_DEFAULTS["mae"]["epochs"], extraction)  # the protocol's

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 
 from ..errors import GMAEError
 from .choices import (
-    CHECKPOINT_HELP, DEVICE_HELP, ENCODER_NORM_HELP, LABELLED_DATA_HELP, RAW_WEIGHTS_HELP, STOP_GRACE_HELP,
-    background_colour, positive_int,
+    CHECKPOINT_HELP, DEVICE_HELP, ENCODER_NORM_HELP, EXTRACTION_BATCH, LABELLED_DATA_HELP, PROBE_DEFAULTS,
+    PROBE_PROTOCOLS, RAW_WEIGHTS_HELP, SCENE_IMAGES, STOP_GRACE_HELP, background_colour, positive_int,
 )
 
 
@@ -737,7 +737,74 @@ class FinetuneConfig:
         )
 
 
-__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
+# ----- the linear and kNN probes of a frozen encoder (gmae probe; gmae.evaluate.probe and gmae.evaluate.scene)
+#: The probes' feature (gmae.evaluate.probe): the cls token (MAE's linear probe) or the mean of the patch tokens.
+PROBE_POOLS = ("cls", "avg")
+_CACHED, _MAE = PROBE_DEFAULTS["cached"], PROBE_DEFAULTS["mae"]
+#: The --help section of the linear probe's protocol and schedule.
+PROTOCOL_GROUP = "linear-probe protocol"
+
+
+@dataclass
+class ProbeConfig:
+    """How `gmae probe` probes an encoder: the feature, the linear probe's protocol and schedule (None: the
+    protocol's own, gmae.config.choices.PROBE_DEFAULTS), kNN's neighbours and vote temperature, the scene probes'
+    split sizes. Which encoder it probes (--checkpoint, --random-init, --baseline, --raw-weights, --normalize) and
+    how it prints are the command's own flags."""
+
+    data: str = setting("digits", flag_default=True, help=LABELLED_DATA_HELP + "; or deadleaves / sprites for the "
+                        "scene probes (see --task)")
+    pool: str = setting("cls", choices=PROBE_POOLS, flag_default=True, help=
+        "feature: cls token (default, MAE's linear probe) or mean of patch tokens, after the final norm")
+    train_images: int = setting(SCENE_IMAGES["train"], type=positive_int, flag_default=True,
+                                help="scene probes: train images (default {default})")
+    val_images: int = setting(SCENE_IMAGES["val"], type=positive_int, flag_default=True,
+                              help="scene probes: val images (default {default})")
+    k: int = setting(20, type=positive_int, flag_default=True, help="kNN neighbours (default {default})")
+    temperature: float = setting(0.07, flag_default=True, help="kNN vote temperature T (default {default})")
+    protocol: str = setting("cached", choices=PROBE_PROTOCOLS, flag_default=True, group=PROTOCOL_GROUP, help=
+        "cached (default): SGD on the features of the un-augmented images, computed once (fast); mae: MAE's "
+        "main_linprobe.py (BatchNorm + linear head, LARS, the encoder run on every augmented training batch; "
+        "scenes: count and shape only). See docs/evaluation.md")
+    epochs: int | None = setting(None, type=positive_int, group=PROTOCOL_GROUP, help=
+        f"linear-probe epochs (default: cached {_CACHED['epochs']}, mae {_MAE['epochs']})")
+    batch_size: int | None = setting(None, type=positive_int, group=PROTOCOL_GROUP, help=
+        f"cached: the feature-extraction batch (default {EXTRACTION_BATCH}; the probe trains at "
+        f"{_CACHED['batch_size']}); mae: the training batch, at most the train set (default {_MAE['batch_size']}; "
+        "MAE: 16384)")
+    blr: float | None = setting(None, group=PROTOCOL_GROUP, help=
+        f"linear-probe base lr; lr = blr * batch / 256 (default: cached {_CACHED['blr']}; mae {_MAE['blr']}, MAE's "
+        "lr per LARS step at batch 256 (MAE: 0.1 at batch 16384))")
+    weight_decay: float | None = setting(None, group=PROTOCOL_GROUP,
+                                         help=f"linear-probe weight decay (default {_MAE['weight_decay']:g})")
+    warmup_epochs: float | None = setting(None, group=PROTOCOL_GROUP, help=
+        f"linear-probe warmup epochs, at most half the epochs (default {_MAE['warmup_epochs']})")
+    seed: int = setting(0, flag_default=True, help="linear-probe seed (and --random-init's for files that are not "
+                        "gmae checkpoints; a checkpoint's initial weights use its run's seed)")
+    recipe: str = own_flag("", "--recipe", RECIPE_FLAG)  # a record of the recipe the probe started from ("" = none)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise GMAEError(f"temperature must be positive; got {self.temperature}")
+
+    def linear(self) -> tuple[int, dict]:
+        """(feature-extraction batch, the linear probe's settings as probe() and scene_probe() take them): the
+        given settings over the protocol's defaults; GMAEError for impossible ones."""
+        given = {k: getattr(self, k) for k in PROBE_DEFAULTS[self.protocol] if getattr(self, k) is not None}
+        if self.protocol == "cached":  # batch_size is the extraction batch; the probe's own stays at its default
+            extraction = given.pop("batch_size", EXTRACTION_BATCH)
+        else:
+            extraction = given.get("batch_size", _MAE["batch_size"])
+        values = {**PROBE_DEFAULTS[self.protocol], **given}
+        if not values["blr"] > 0 or values["weight_decay"] < 0 or values["warmup_epochs"] < 0:
+            raise GMAEError(f"the linear probe needs blr > 0 (got {values['blr']}), weight decay >= 0 (got "
+                            f"{values['weight_decay']}) and warmup epochs >= 0 (got {values['warmup_epochs']}; at most "
+                            "half the epochs are used)")
+        values["linear_batch"] = values.pop("batch_size")
+        return extraction, values
+
+
+__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "ProbeConfig", "PROBE_POOLS", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
            "DEPTH_PARAMS", "DEPTH_GRADS", "POSITION_PARAMS", "GLOBAL_POOLS", "MIXUP_MODES", "ERASE_MODES",
            "INPUT_NORMS", "POSITION_SOURCES", "PIXEL_ORIGINS", "TILE_CUTS", "HEAD_INITS", "PATCH_BIAS_INITS", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
            "train_config", "config_from_dict", "as_dict", "preset_of", "setting", "no_flag", "own_flag", "PRECISIONS",
