@@ -1,6 +1,6 @@
 """The command-line flags of a config dataclass, built from its fields' metadata (gmae.config.setting).
 
-Each field of ModelConfig, TrainConfig and FinetuneConfig says its help, type, choices and flag name once, where it
+Each field of ModelConfig, TrainConfig, FinetuneConfig and ProbeConfig says its help, type, choices and flag name once, where it
 is defined; `add_config_flags` turns those into argparse flags whose destination is the field's name, and
 `config_settings` reads back the values a command line gave. Torch-free, like the rest of gmae.cli's parsing.
 """

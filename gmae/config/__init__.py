@@ -2,10 +2,11 @@
 
 `ModelConfig` is everything needed to rebuild a model (it is stored in every
 checkpoint); `TrainConfig` is everything about one pre-training run,
-`FinetuneConfig` about one fine-tuning run. Each field says here, once, how the
-command line sets it (`setting`: help, type, choices, citation) or why it does
-not (`no_flag`); gmae.cli.flags builds the flags of `gmae pretrain` and
-`gmae finetune` from that, so a new setting is a field here plus its use.
+`FinetuneConfig` about one fine-tuning run, `ProbeConfig` about one probe. Each
+field says here, once, how the command line sets it (`setting`: help, type,
+choices, citation) or why it does not (`no_flag`); gmae.cli.flags builds the
+flags of `gmae pretrain`, `finetune` and `probe` from that, so a new setting is a
+field here plus its use.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .choices import (
 
 
 # ----- one place per setting: each config field carries its command-line flag's description, and gmae.cli.flags
-# builds the flags of `gmae pretrain` and `gmae finetune` from it (tests/test_flags.py keeps the two matched).
+# builds the flags of `gmae pretrain`, `finetune` and `probe` from it (tests/test_flags.py keeps the two matched).
 def setting(default, *, help: str, flags: tuple[str, ...] | None = None, type=None, choices=None, metavar=None,
             negatable: bool = False, flag_default: bool = False, group: str | None = None, cite: str | None = None):
     """A config field with a flag. help: its help text ("{default}" is replaced by the field's default); flags: its
