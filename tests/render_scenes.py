@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from gmae.render import RenderSettings
+
 
 def make_scene(batch=2, k=64, height=40, width=56, channels=3, seed=0,
                dtype=torch.float32, std=(0.5, 6.0), opacity=(0.0, 1.0)):
@@ -45,16 +47,17 @@ def conic_of(sx, sy, theta=0.0):
     return [syy / det, -sxy / det, sxx / det]
 
 
-def render_and_grad(fn, scene, height, width, background=None, max_alpha=0.99, seed=123):
+def render_and_grad(fn, scene, height, width, background=None, max_alpha=0.99, seed=123, tile_cut="alpha"):
     """Image, alpha and the gradients of a random weighted sum of both with
-    respect to (means2d, conics, colors, opacities[, background])."""
+    respect to (means2d, conics, colors, opacities[, background]), rendered by backend `fn` with this max_alpha
+    and tile_cut."""
     inputs = [t.detach().clone().requires_grad_(i < 4) for i, t in enumerate(scene)]
     wrt = inputs[:4]
     if background is not None:
         background = background.detach().clone().requires_grad_(True)
         wrt = wrt + [background]
     image, alpha = fn(*inputs, height=height, width=width, background=background,
-                      max_alpha=max_alpha)
+                      settings=RenderSettings(max_alpha=max_alpha, tile_cut=tile_cut))
     g = torch.Generator().manual_seed(seed)
     w_img = torch.randn(image.shape, generator=g, dtype=torch.float64).to(image.dtype)
     w_alpha = torch.randn(alpha.shape, generator=g, dtype=torch.float64).to(alpha.dtype)

@@ -61,7 +61,7 @@ def test_the_defaults_are_gmaes_own_choices():
     assert torch.allclose(torch.sigmoid(bias[3:6]), torch.full((3,), 0.5)) and bias[-1].item() == 0.0
     assert 0.8 < plain.query_embed.std().item() < 1.2 and abs(plain.query_embed.mean().item()) < 0.2  # N(0, 1)
     # and it renders with 3DGS's clamp
-    assert Canvas.of(plain).max_alpha == 0.99
+    assert Canvas.of(plain).settings.max_alpha == 0.99
 
 
 # ------------------------------------------------------------------------------------------- rotation
@@ -192,7 +192,7 @@ def test_max_alpha_reaches_the_renderer_and_equals_the_reference():
         assert torch.allclose(images[clamp], ref, atol=1e-5), clamp
         # the readouts render with the model's clamp too
         canvas = Canvas.of(model)
-        assert canvas.max_alpha == clamp
+        assert canvas.settings.max_alpha == clamp
         subset, _ = render_subsets(g, torch.ones(1, 1, 2, dtype=torch.bool), canvas)
         assert torch.allclose(subset[:, 0], images[clamp], atol=1e-5)
     # where an opacity saturates, less of the white background shows through at 0.999

@@ -6,13 +6,13 @@ import torch
 from gmae.bench import suite as bench
 from gmae.bench.suite import coverage_growth, format_results, many_gaussians, random_scene, rasterize_dense, render_speedup
 from gmae.errors import GMAEError
-from gmae.render import rasterize
+from gmae.render import RenderSettings, rasterize
 
 
 def test_dense_baseline_has_the_contract_semantics():
     scene = random_scene(2, 40, 24, (1.0, 5.0), seed=3)
     dense = rasterize_dense(*scene, height=24, width=24)
-    ref = rasterize(*scene, height=24, width=24, backend="torch")
+    ref = rasterize(*scene, height=24, width=24, settings=RenderSettings(backend="torch"))
     torch.testing.assert_close(dense[0], ref[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dense[1], ref[1], atol=1e-5, rtol=1e-5)
 

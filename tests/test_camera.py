@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gmae.errors import GMAEError
-from gmae.render import CAMERAS, project, project_authors, project_orthographic, quat_to_rotmat, rasterize
+from gmae.render import CAMERAS, RenderSettings, project, project_authors, project_orthographic, quat_to_rotmat, rasterize
 
 F64 = torch.float64
 
@@ -108,8 +108,7 @@ def test_projected_gaussian_peaks_at_expected_pixel():
     scales = torch.tensor([[[0.08, 0.05, 0.1]]], dtype=F64)
     quats = torch.tensor([[[0.9, 0.1, 0.2, 0.3]]], dtype=F64)
     m2, con, dep = project_orthographic(means, scales, quats, H, W)
-    img, alpha = rasterize(m2, con, torch.ones(1, 1, 1, dtype=F64), torch.full((1, 1), 0.8, dtype=F64),
-                           dep, height=H, width=W, backend="torch")
+    img, alpha = rasterize(m2, con, torch.ones(1, 1, 1, dtype=F64), torch.full((1, 1), 0.8, dtype=F64), dep, height=H, width=W, settings=RenderSettings(backend="torch"))
     peak = divmod(int(alpha[0].argmax()), W)
     assert peak == (9, 30)
     assert alpha[0, 9, 30].item() == pytest.approx(0.8)

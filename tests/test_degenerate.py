@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gmae.render import project_orthographic, rasterize
+from gmae.render import RenderSettings, project_orthographic, rasterize
 
 pytest.importorskip("numba")
 
@@ -99,10 +99,7 @@ def finite_gaussian(scene: dict[str, torch.Tensor]) -> torch.Tensor:
 def render_with_grads(scene, backend, background, grad_names):
     """Render, then backpropagate a fixed random weighting of image and alpha."""
     leaves = {k: v.clone().requires_grad_(k in grad_names) for k, v in scene.items()}
-    image, alpha = rasterize(
-        leaves["means2d"], leaves["conics"], leaves["colors"], leaves["opacities"], leaves["depths"],
-        height=H, width=W, background=background, backend=backend,
-    )
+    image, alpha = rasterize(leaves["means2d"], leaves["conics"], leaves["colors"], leaves["opacities"], leaves["depths"], height=H, width=W, background=background, settings=RenderSettings(backend=backend))
     g = torch.Generator().manual_seed(123)
     w_img = torch.rand(image.shape, generator=g, dtype=torch.float64).to(image.dtype)
     w_alpha = torch.rand(alpha.shape, generator=g, dtype=torch.float64).to(alpha.dtype)
@@ -163,8 +160,7 @@ def test_rasterize_degenerate_parameters(backend, seed, pokes, bg, dtype):
     for name in SCREEN:
         invisible[name][~ok] = clean[name][~ok]
     invisible["opacities"][~ok] = 0.0
-    image2, alpha2 = rasterize(*(invisible[k] for k in SCREEN), height=H, width=W,
-                               background=background, backend=backend)
+    image2, alpha2 = rasterize(*(invisible[k] for k in SCREEN), height=H, width=W, background=background, settings=RenderSettings(backend=backend))
     assert torch.equal(image, image2) and torch.equal(alpha, alpha2)
 
 
@@ -193,8 +189,7 @@ def test_project_and_rasterize_degenerate_parameters(backend, seed, pokes, bg, d
     assert ((a > 0) & (c > 0))[geometry].all()
     assert (conics.detach()[~geometry] == 0).all()
 
-    image, alpha = rasterize(means2d, conics, leaves["colors"], leaves["opacities"], depths,
-                             height=H, width=W, background=background, backend=backend)
+    image, alpha = rasterize(means2d, conics, leaves["colors"], leaves["opacities"], depths, height=H, width=W, background=background, settings=RenderSettings(backend=backend))
     check_image(image.detach(), alpha.detach(), scene["colors"], ok, background)
     g = torch.Generator().manual_seed(7)
     w = torch.rand(image.shape, generator=g, dtype=torch.float64).to(dtype)
@@ -233,8 +228,7 @@ def test_huge_scale_covers_the_screen_instead_of_vanishing():
         quats = torch.tensor([[[1.0, 0.2, 0.0, 0.1]]])
         means2d, conics, depths = project_orthographic(means, scales, quats, 32, 32)
         for backend in BACKENDS:
-            _, alpha = rasterize(means2d, conics, torch.ones(1, 1, 3), torch.full((1, 1), 0.5), depths,
-                                 height=32, width=32, backend=backend)
+            _, alpha = rasterize(means2d, conics, torch.ones(1, 1, 3), torch.full((1, 1), 0.5), depths, height=32, width=32, settings=RenderSettings(backend=backend))
             torch.testing.assert_close(alpha, torch.full((1, 32, 32), 0.5), atol=1e-5, rtol=0)
 
 
@@ -251,7 +245,7 @@ def test_one_non_finite_parameter_culls_that_gaussian(backend, name, value):
     image, alpha, grads = render_with_grads(bad, backend, None, DIFFERENTIABLE)
     gone = {k: v.clone() for k, v in scene.items()}
     gone["opacities"][0, 0] = 0.0
-    image2, alpha2 = rasterize(*(gone[k] for k in SCREEN), height=H, width=W, backend=backend)
+    image2, alpha2 = rasterize(*(gone[k] for k in SCREEN), height=H, width=W, settings=RenderSettings(backend=backend))
     assert torch.equal(image, image2) and torch.equal(alpha, alpha2)
     for g in grads.values():
         assert torch.isfinite(g).all() and (g[0, 0] == 0).all()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gmae.errors import GMAEError
-from gmae.render import DEPTH_GRAD_BACKENDS, rasterize, resolve_backend
+from gmae.render import DEPTH_GRAD_BACKENDS, RenderSettings, rasterize, resolve_backend
 from gmae.render.contract import ALPHA_MIN, T_MIN
 
 F64 = torch.float64
@@ -45,8 +45,7 @@ def backend_grads(backend, params, target, weight, tau, background=BACKGROUND):
     leaves = [p.clone().requires_grad_() for p in params]
     H, W = target.shape[-2:]
     bg = None if background is None else background.to(params[0].dtype)
-    image, alpha = rasterize(*leaves, height=H, width=W, background=bg, backend=backend,
-                             depth_tau=tau, loss_curvature=2 * weight)
+    image, alpha = rasterize(*leaves, height=H, width=W, background=bg, loss_curvature=2 * weight, settings=RenderSettings(backend=backend, depth_tau=tau))
     (loss_of(image, target, weight) + alpha.sum()).backward()
     return image.detach(), alpha.detach(), [leaf.grad for leaf in leaves]
 
@@ -162,8 +161,7 @@ def test_the_pairs_loss_change_is_the_renderers_when_the_pair_swaps(seed):
     assert len(pairs) > 20 and {(i, j) for _, i, j, _, _ in pairs} == {tuple(torch.argsort(depths[0]).tolist())}
 
     def loss(z):
-        image, _ = rasterize(means, conics, colors, opacities, z, height=9, width=9, background=BACKGROUND,
-                             backend="torch")
+        image, _ = rasterize(means, conics, colors, opacities, z, height=9, width=9, background=BACKGROUND, settings=RenderSettings(backend="torch"))
         return loss_of(image, target, weight)
 
     total = sum(change for *_, change in pairs)
@@ -247,18 +245,18 @@ def test_an_occluded_gaussian_that_should_be_in_front_is_pulled_forward(backend)
 def test_depth_gradient_needs_the_loss_curvature_and_a_backend_that_has_it():
     params, target, weight = scene(0)
     with pytest.raises(GMAEError, match="loss_curvature"):
-        rasterize(*params, height=13, width=11, depth_tau=0.1)
+        rasterize(*params, height=13, width=11, settings=RenderSettings(depth_tau=0.1))
     with pytest.raises(GMAEError, match=r"\(B, H, W\)"):
-        rasterize(*params, height=13, width=11, depth_tau=0.1, loss_curvature=weight[0])
+        rasterize(*params, height=13, width=11, loss_curvature=weight[0], settings=RenderSettings(depth_tau=0.1))
     with pytest.raises(GMAEError, match="depth_tau"):
-        rasterize(*params, height=13, width=11, depth_tau=-1.0, loss_curvature=weight)
+        rasterize(*params, height=13, width=11, loss_curvature=weight, settings=RenderSettings(depth_tau=-1.0))
     from gmae.render import register_backend, BACKENDS
     from gmae.render.reference import rasterize_torch
 
     register_backend("no-depth-grad", rasterize_torch)
     try:
         with pytest.raises(GMAEError, match="no depth-order gradient"):
-            rasterize(*params, height=13, width=11, depth_tau=0.1, loss_curvature=weight, backend="no-depth-grad")
+            rasterize(*params, height=13, width=11, loss_curvature=weight, settings=RenderSettings(backend="no-depth-grad", depth_tau=0.1))
         assert resolve_backend("auto", "cpu", depth_grad=True) in DEPTH_GRAD_BACKENDS
     finally:
         BACKENDS.pop("no-depth-grad")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from gmae.render import RenderSettings
 from gmae.evaluate.depth import (
     DepthTruth,
     depth_metrics,
@@ -369,7 +370,7 @@ def test_the_gaussians_readout_gives_footprints_in_image_width_units():
     g = Gaussians(torch.tensor([[[0.2, -0.4, 0.1]]]), torch.tensor([[[0.1, 0.05, 0.3]]]),
                   torch.tensor([[[1.0, 0.0, 0.0, 0.0]]]), torch.rand(1, 1, 3), torch.tensor([[0.9]]))
     for size in (16, 48):
-        means, opacities, means2d, conics = READOUT.scorer.predict(g, Canvas(size, size, None, "torch"), [size])[0]
+        means, opacities, means2d, conics = READOUT.scorer.predict(g, Canvas(size, size, None, RenderSettings(backend="torch")), [size])[0]
         np.testing.assert_allclose(means, [[0.2, -0.4, 0.1]]) and np.testing.assert_allclose(opacities, [0.9])
         np.testing.assert_allclose(means2d, [[0.6, 0.3]], rtol=1e-6)
         dilation = 0.3 / size**2  # 0.3 px^2 in width^2

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from gmae.render import RenderSettings
 from gmae.render.gaussians import Gaussians, render_gaussians
 
 
@@ -58,7 +59,7 @@ def test_render_gaussians_composites_two_gaussians_as_their_formula(camera):
                   torch.tensor([[[sx[k], sy[k], 0.2] for k in range(2)]], dtype=torch.float64),
                   torch.tensor([[[1.0, 0.0, 0.0, 0.0]] * 2], dtype=torch.float64), colors, opacities)
     bg = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-    image, alpha = render_gaussians(g, W, W, bg, backend="torch", camera=camera)
+    image, alpha = render_gaussians(g, W, W, bg, settings=RenderSettings(backend="torch", camera=camera))
     c = torch.arange(W, dtype=torch.float64) + 0.5
     alphas = []
     for k in range(2):
@@ -76,4 +77,4 @@ def test_render_gaussians_composites_two_gaussians_as_their_formula(camera):
     swapped = Gaussians(g.means * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64), g.scales, g.quats, colors,
                         opacities)
     if camera == "orthographic":  # (the other cameras change sizes with z too; the order alone is checked here)
-        assert (render_gaussians(swapped, W, W, bg, backend="torch", camera=camera)[0] - image).abs().max() > 0.1
+        assert (render_gaussians(swapped, W, W, bg, settings=RenderSettings(backend="torch", camera=camera))[0] - image).abs().max() > 0.1

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from gmae.render import RenderSettings
 from gmae.config import model_config
 from gmae.evaluate.zeroshot import evaluate_zeroshot, items
 from gmae.render.gaussians import Gaussians
@@ -116,7 +117,7 @@ class OracleModel(torch.nn.Module):
         super().__init__()
         self.cfg = model_config("tiny", img_size=S, patch_size=8, num_gaussians=K, render_backend="cpu")
         self.register_buffer("background", torch.zeros(3))
-        self.compositing = "sorted"
+        self.render_settings = RenderSettings.from_config(self.cfg)  # how a GMAE of this config renders
         self.device_anchor = torch.nn.Parameter(torch.zeros(()))  # evaluate_zeroshot reads the device from it
         self.scenes = scenes
         self.gaussians = [oracle_gaussians(it.depth.objects, it.figure, len(it.depth.overlaps), depth, seed=n)
@@ -225,7 +226,7 @@ def test_nearest_and_farthest_renders_of_an_unsorted_scene_show_the_front_object
     visible = g.opacities[0] > 0
     g = Gaussians(*(getattr(g, f)[:, visible] for f in FIELDS))
     assert not torch.equal(g.means[0, :, 2], g.means[0, :, 2].sort().values)  # index order is not depth order
-    canvas = Canvas(S, S, torch.zeros(3), "cpu")
+    canvas = Canvas(S, S, torch.zeros(3), RenderSettings(backend="cpu"))
     ordered = near_to_far(g)
     n_front = int((objects == front).sum())
     counts, partial = partial_renders(ordered, canvas, counts=(n_front,))

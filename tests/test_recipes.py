@@ -15,7 +15,7 @@ from PIL import Image
 
 from gmae.cli import build_parser, main, parse_args
 from gmae.cli.evaluate import _probe_record
-from gmae.cli.pretrain import _pretrain_schedule
+from gmae.cli.pretrain import configs_from_args
 from gmae.config import (
     IMAGENET_MEAN, IMAGENET_STD, PRESETS, TRAIN_PRESETS, ModelConfig, TrainConfig, model_config, train_config,
 )
@@ -113,15 +113,28 @@ def test_a_typed_flag_beats_the_recipe():
 
 
 def test_typed_steps_replace_the_recipes_epochs_and_both_typed_are_refused():
-    args = parse_args(["pretrain", "--recipe", "mae-pretrain-vit-b", "--steps", "3", "--warmup-steps", "1",
-                       "--accum-steps", "2"])
-    assert _pretrain_schedule(args) == {"epochs": None, "warmup_epochs": None, "micro_batch": 0}
-    assert _pretrain_schedule(parse_args(["pretrain", "--recipe", "mae-pretrain-vit-b"])) == {
-        "epochs": 800, "warmup_epochs": 40, "micro_batch": 64}
+    def schedule(argv):
+        tcfg = configs_from_args(parse_args(["pretrain", *argv]))[1]
+        return {"epochs": tcfg.epochs, "warmup_epochs": tcfg.warmup_epochs, "micro_batch": tcfg.micro_batch}
+
+    assert schedule(["--recipe", "mae-pretrain-vit-b", "--steps", "3", "--warmup-steps", "1", "--accum-steps", "2"]) \
+        == {"epochs": None, "warmup_epochs": None, "micro_batch": 0}
+    assert schedule(["--recipe", "mae-pretrain-vit-b"]) == {"epochs": 800, "warmup_epochs": 40, "micro_batch": 64}
     for pair in (["--steps", "3", "--epochs", "1"], ["--warmup-steps", "1", "--warmup-epochs", "1"],
                  ["--accum-steps", "2", "--micro-batch", "2"]):
-        with pytest.raises(GMAEError, match="not both"):
-            _pretrain_schedule(parse_args(["pretrain", *pair]))
+        with pytest.raises(GMAEError, match=f"give {pair[0]} or {pair[2]}, not both"):
+            schedule(pair)
+
+
+def test_the_command_line_builds_the_configs_pretrain_configs_builds():
+    """gmae pretrain --recipe NAME FLAGS and pretrain_configs(NAME, **FLAGS) are one rule, from one recipe table."""
+    from gmae.config.recipes import pretrain_configs
+
+    argv = ["--recipe", "authors-code", "--blr", "0.5", "--steps", "7", "--no-head-bias", "--betas", "0.8", "0.9",
+            "-k", "64", "--preset", "small"]
+    assert configs_from_args(parse_args(["pretrain", *argv])) == pretrain_configs(
+        "authors-code", "small", blr=0.5, steps=7, head_bias=False, betas=(0.8, 0.9), num_gaussians=64)
+    assert configs_from_args(parse_args(["pretrain"])) == pretrain_configs()
 
 
 def test_a_recipe_for_another_command_or_unknown_is_refused(capsys):

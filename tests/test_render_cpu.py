@@ -15,6 +15,7 @@ import numba
 import pytest
 import torch
 
+from gmae.render import RenderSettings
 from gmae.render.cpu import rasterize_cpu
 from gmae.render.reference import rasterize_torch
 from render_scenes import conic_of, make_scene, render_and_grad
@@ -282,6 +283,6 @@ def test_dispatch_through_rasterize():
     from gmae.render import rasterize
 
     scene = make_scene(batch=1, k=8)
-    img, alpha = rasterize(*scene, height=40, width=56, backend="cpu")
+    img, alpha = rasterize(*scene, height=40, width=56, settings=RenderSettings(backend="cpu"))
     img_r, alpha_r = rasterize_cpu(*scene, height=40, width=56)
     assert torch.equal(img, img_r) and torch.equal(alpha, alpha_r)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gmae.render import rasterize
+from gmae.render import RenderSettings, rasterize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 gsplat = pytest.importorskip("gsplat", reason="needs gsplat (pip install gmae[cuda])")
@@ -40,7 +40,7 @@ def test_gsplat_matches_reference(B, K, C, H, W, seed, kwargs, with_background):
     results = {}
     for backend in ("torch", "gsplat"):
         leaves = [t.clone().requires_grad_(i < 4) for i, t in enumerate(inputs)]
-        image, alpha = rasterize(*leaves, height=H, width=W, background=bg, backend=backend, max_alpha=MAX_ALPHA)
+        image, alpha = rasterize(*leaves, height=H, width=W, background=bg, settings=RenderSettings(backend=backend, max_alpha=MAX_ALPHA))
         weights = torch.rand(image.shape, generator=torch.Generator().manual_seed(9)).cuda()
         ((image * weights).sum() + alpha.sum()).backward()
         results[backend] = (image, alpha, [leaf.grad for leaf in leaves[:4]])
@@ -75,10 +75,10 @@ def test_gsplat_clamps_at_its_own_max_alpha_whatever_is_asked_and_says_so(asked,
     monkeypatch.setattr(gsplat_backend, "_warned", False)
     inputs = scene(2, 64, 3, 48, 48, 3, opacity=(1.0, 1.0))
     with caplog.at_level("WARNING", logger="gmae.render"):
-        image, alpha = rasterize(*inputs, height=48, width=48, backend="gsplat", max_alpha=asked)
+        image, alpha = rasterize(*inputs, height=48, width=48, settings=RenderSettings(backend="gsplat", max_alpha=asked))
     assert any(f"max_alpha={asked} is ignored" in r.getMessage() for r in caplog.records)
-    at_its_clamp = rasterize(*inputs, height=48, width=48, backend="torch", max_alpha=MAX_ALPHA)
-    as_asked = rasterize(*inputs, height=48, width=48, backend="torch", max_alpha=asked)
+    at_its_clamp = rasterize(*inputs, height=48, width=48, settings=RenderSettings(backend="torch", max_alpha=MAX_ALPHA))
+    as_asked = rasterize(*inputs, height=48, width=48, settings=RenderSettings(backend="torch", max_alpha=asked))
     torch.testing.assert_close(image, at_its_clamp[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(alpha, at_its_clamp[1], atol=1e-4, rtol=1e-4)
     assert (alpha - as_asked[1]).abs().max() > 1e-3

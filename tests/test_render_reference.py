@@ -10,7 +10,7 @@ import torch
 
 import gmae.render as render
 from gmae.errors import GMAEError
-from gmae.render import reference
+from gmae.render import RenderSettings, reference
 
 F64 = torch.float64
 
@@ -83,7 +83,7 @@ def random_scene(seed, B, K, H, W, C, smin=0.3, smax=6.0, omin=0.05, omax=1.0, m
 
 
 def render_torch(means, conics, colors, opac, depths, H, W, **kw):
-    return render.rasterize(means, conics, colors, opac, depths, height=H, width=W, backend="torch", **kw)
+    return render.rasterize(means, conics, colors, opac, depths, height=H, width=W, **kw, settings=RenderSettings(backend="torch"))
 
 
 def assert_matches_brute(scene, H, W, **kw):
@@ -382,7 +382,7 @@ def test_shape_validation_messages():
 def test_unknown_backend_lists_valid_names():
     scene = random_scene(0, B=1, K=2, H=5, W=5, C=3)
     with pytest.raises(GMAEError, match=r"unknown or unavailable render backend 'nope'; valid: auto, .*torch"):
-        render.rasterize(*scene, height=5, width=5, backend="nope")
+        render.rasterize(*scene, height=5, width=5, settings=RenderSettings(backend="nope"))
     assert issubclass(GMAEError, ValueError)
 
 
@@ -409,5 +409,5 @@ def test_auto_backend_resolution_and_logging(monkeypatch, caplog):
     assert render.resolve_backend("auto", "cpu") == "cpu"
     assert render.resolve_backend("auto", "meta") == "torch"
     scene = random_scene(0, B=1, K=2, H=5, W=5, C=3)
-    render.rasterize(*scene, height=5, width=5, max_alpha=0.999)
-    assert calls and calls[0]["max_alpha"] == 0.999
+    render.rasterize(*scene, height=5, width=5, settings=RenderSettings(max_alpha=0.999))
+    assert calls and calls[0]["settings"].max_alpha == 0.999

@@ -20,7 +20,7 @@ import torch
 triton_raster = pytest.importorskip("gmae.render.triton_raster", reason="needs triton (pip install -e '.[test]')")
 
 from gmae.errors import GMAEError  # noqa: E402
-from gmae.render import DEPTH_GRAD_BACKENDS, rasterize, resolve_backend  # noqa: E402
+from gmae.render import DEPTH_GRAD_BACKENDS, RenderSettings, rasterize, resolve_backend  # noqa: E402
 from gmae.render.contract import ALPHA_MIN, T_MIN  # noqa: E402
 from gmae.render.reference import rasterize_torch  # noqa: E402
 from test_depth_grad import assert_matches_torch, backend_grads, scene as depth_scene  # noqa: E402
@@ -246,7 +246,7 @@ def test_cpu_tensors_without_the_interpreter_are_one_clear_error(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_dispatch_through_rasterize(device):
     scene = to(device, make_scene(batch=1, k=4, height=16, width=16))
-    img, alpha = rasterize(*scene, height=16, width=16, backend="triton")
+    img, alpha = rasterize(*scene, height=16, width=16, settings=RenderSettings(backend="triton"))
     img_r, alpha_r = triton_raster.rasterize_triton(*scene, height=16, width=16)
     assert torch.equal(img, img_r) and torch.equal(alpha, alpha_r)
 

@@ -7,14 +7,13 @@ against the oracle (values and every gradient); and a backend without the cut re
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 
 from gmae.errors import GMAEError
-from gmae.render import BACKENDS, TILE_CUT_BACKENDS, rasterize, register_backend, resolve_backend
+from gmae.render import BACKENDS, TILE_CUT_BACKENDS, RenderSettings, rasterize, register_backend, resolve_backend
 from gmae.render.contract import TILE, sigma3_tile_box
 from gmae.render.cpu import rasterize_cpu
 from gmae.render.reference import rasterize_torch
@@ -57,7 +56,7 @@ def test_the_oracle_with_the_cut_is_the_dense_render_of_each_gaussian_in_its_box
     means, conics, colors, opac, depths = opaque_scene(k=10)
     B, K = opac.shape
     H, W = 48, 64
-    image, alpha = rasterize_torch(means, conics, colors, opac, depths, H, W, tile_cut="3sigma")
+    image, alpha = rasterize_torch(means, conics, colors, opac, depths, H, W, settings=RenderSettings(tile_cut="3sigma"))
     # dense: every Gaussian at every pixel, its alpha zeroed outside its 3-sigma tiles
     x0, x1, y0, y1 = sigma3_tile_box(means, conics, math.ceil(W / TILE), math.ceil(H / TILE))
     ys, xs = torch.meshgrid(torch.arange(H, dtype=F64) + 0.5, torch.arange(W, dtype=F64) + 0.5, indexing="ij")
@@ -82,8 +81,8 @@ def test_the_oracle_with_the_cut_is_the_dense_render_of_each_gaussian_in_its_box
 
 def _assert_parity(fn, scene, tol):
     H, W = 48, 64
-    fast = render_and_grad(functools.partial(fn, tile_cut="3sigma"), scene, H, W)
-    ref = render_and_grad(functools.partial(rasterize_torch, tile_cut="3sigma"), scene, H, W)
+    fast = render_and_grad(fn, scene, H, W, tile_cut="3sigma")
+    ref = render_and_grad(rasterize_torch, scene, H, W, tile_cut="3sigma")
     torch.testing.assert_close(fast[0], ref[0], **tol)
     torch.testing.assert_close(fast[1], ref[1], **tol)
     for name, g, g_r in zip(["means2d", "conics", "colors", "opacities"], fast[2], ref[2]):
@@ -113,9 +112,9 @@ def test_a_backend_without_the_cut_refuses_it_by_name():
     try:
         scene = opaque_scene(k=4)
         with pytest.raises(GMAEError, match="plain_test.*3-sigma tile cut"):
-            rasterize(*scene, height=48, width=64, backend="plain_test", tile_cut="3sigma")
+            rasterize(*scene, height=48, width=64, settings=RenderSettings(backend="plain_test", tile_cut="3sigma"))
         assert resolve_backend("auto", "cpu", tile_cut=True) in TILE_CUT_BACKENDS
         with pytest.raises(GMAEError, match="tile_cut must be one of alpha, 3sigma"):
-            rasterize(*scene, height=48, width=64, backend="torch", tile_cut="5sigma")
+            rasterize(*scene, height=48, width=64, settings=RenderSettings(backend="torch", tile_cut="5sigma"))
     finally:
         BACKENDS.pop("plain_test")

@@ -388,7 +388,7 @@ def test_imagenet_commands_agree_and_follow_maes_recipe():
     1.5e-4, ImageNet normalisation, 40 warm-up epochs, 400 epochs (1,281,167 images / 4096 = 312.8 steps an
     epoch), given in steps or in epochs (--epochs, or a recipe's)."""
     from gmae.cli import parse_args
-    from gmae.cli.pretrain import _pretrain_schedule
+    from gmae.cli.pretrain import configs_from_args
 
     epoch = 1_281_167 / 4096
     found = {}
@@ -398,11 +398,9 @@ def test_imagenet_commands_agree_and_follow_maes_recipe():
                 words = command.split()
                 args = parse_args(words[words.index("gmae") + 1:])
                 args = args.job_args if args.command == "submit" else args  # the command gmae submit runs
-                if args.command != "pretrain":  # fine-tuning and probing commands follow their own recipes
-                    continue
-                schedule = _pretrain_schedule(args)
-                epochs = schedule["epochs"] or round(args.steps / epoch)
-                warmup = schedule["warmup_epochs"] or round(args.warmup_steps / epoch)
+                tcfg = configs_from_args(args)[1]
+                epochs = tcfg.epochs or round(tcfg.steps / epoch)
+                warmup = tcfg.warmup_epochs or round(tcfg.warmup_steps / epoch)
                 found[f"{page.name}: {command}"] = (args.preset, args.batch_size, args.blr, args.input_norm, warmup,
                                                     epochs)
     assert len(found) >= 4, found  # one GPU (steps and a recipe), one machine of 8, two machines

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gmae.errors import GMAEError
-from gmae.render import rasterize, resolve_backend
+from gmae.render import RenderSettings, rasterize, resolve_backend
 from gmae.render.contract import ALPHA_MIN
 
 from test_depth_grad import scene
@@ -43,8 +43,7 @@ def brute_force(params, H, W, tau, background):
 
 
 def render(params, H, W, tau=0.2, background=None, backend="torch"):
-    return rasterize(*params, height=H, width=W, background=background, backend=backend, depth_tau=tau,
-                     compositing="weighted")
+    return rasterize(*params, height=H, width=W, background=background, settings=RenderSettings(backend=backend, compositing="weighted", depth_tau=tau))
 
 
 def test_matches_the_per_pixel_formula():
@@ -84,7 +83,7 @@ def test_coverage_is_that_of_sorted_compositing():
     params, _, _ = scene(3, B=1, K=10, H=12, W=12)
     params[3] = params[3] * 0.2
     _, alpha = render(params, 12, 12)
-    _, sorted_alpha = rasterize(*params, height=12, width=12, backend="torch")
+    _, sorted_alpha = rasterize(*params, height=12, width=12, settings=RenderSettings(backend="torch"))
     torch.testing.assert_close(alpha, sorted_alpha)
 
 
@@ -94,6 +93,6 @@ def test_only_backends_with_weighted_compositing_take_it():
         render(params, 13, 11, backend="cpu")
     assert resolve_backend("auto", "cpu", weighted=True) == "torch"
     with pytest.raises(GMAEError, match="needs depth_tau > 0"):
-        rasterize(*params, height=13, width=11, compositing="weighted")
+        rasterize(*params, height=13, width=11, settings=RenderSettings(compositing="weighted"))
     with pytest.raises(GMAEError, match="compositing must be one of"):
-        rasterize(*params, height=13, width=11, compositing="additive")
+        rasterize(*params, height=13, width=11, settings=RenderSettings(compositing="additive"))

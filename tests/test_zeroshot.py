@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from gmae.render import RenderSettings
 from gmae import zeroshot
 from gmae.config import model_config
 from gmae.errors import GMAEError
@@ -36,11 +37,11 @@ def random_scene(k=24, batch=2, seed=0) -> Gaussians:
     )
 
 
-CANVAS = zeroshot.Canvas(SIZE, SIZE, WHITE, "torch")
+CANVAS = zeroshot.Canvas(SIZE, SIZE, WHITE, RenderSettings(backend="torch"))
 
 
 def full_render(g: Gaussians) -> torch.Tensor:
-    return render_gaussians(g, SIZE, SIZE, WHITE, "torch")[0]
+    return render_gaussians(g, SIZE, SIZE, WHITE, settings=RenderSettings(backend="torch"))[0]
 
 
 def test_near_to_far_orders_by_ascending_depth_stably():
@@ -186,12 +187,12 @@ def test_readouts_render_as_the_model_was_trained(camera, depth_grad):
     imgs = torch.rand(2, 3, 32, 32)
     g = zeroshot.gaussians_of(model, imgs)
     canvas = zeroshot.Canvas.of(model)
-    assert canvas.camera == camera and canvas.compositing == model.compositing
+    assert canvas.settings.camera == camera and canvas.settings.compositing == model.compositing
     everything = zeroshot.render_subsets(g, torch.ones(1, 16, dtype=torch.bool), canvas)[0][:, 0]
     with torch.no_grad():
         torch.testing.assert_close(everything, model.render(g), atol=1e-5, rtol=0)
     if depth_grad == "weighted":  # and differs from what sorted compositing would draw
-        sorted_canvas = zeroshot.Canvas(32, 32, model.background, "torch", camera)
+        sorted_canvas = zeroshot.Canvas(32, 32, model.background, RenderSettings(backend="torch", camera=camera))
         assert not torch.allclose(zeroshot.render_subsets(g, torch.ones(1, 16, dtype=torch.bool), sorted_canvas)[0][:, 0],
                                   everything, atol=1e-3)
 

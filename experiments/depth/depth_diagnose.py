@@ -30,7 +30,7 @@ import torch
 from gmae.data import DeadLeaves
 from gmae.evaluate.depth import MIN_OPACITY, touching
 from gmae.evaluate.zeroshot import EVAL_SEED
-from gmae.render import project
+from gmae.render import RenderSettings, project
 from gmae.render.contract import TILE
 from gmae.render.reference import bin_into_tiles, contributions, exclusive_transmittance, tile_ranges, to_tiles
 from gmae.io.loader import load
@@ -80,7 +80,7 @@ def render_one(means2d, conics, colors, opacities, depths, H, W, background):
     from gmae.render import rasterize
 
     image, _ = rasterize(means2d[None], conics[None], colors[None], opacities[None], depths[None], height=H,
-                         width=W, background=background, backend="torch")
+                         width=W, background=background, settings=RenderSettings(backend="torch"))
     return image[0]
 
 
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         s = source.sample(index)
         g = gaussians_of(model, s.image[None])
         with torch.no_grad():
-            means2d, conics, depths = project(canvas.camera, g.means, g.scales, g.quats, size, size)
+            means2d, conics, depths = project(canvas.settings.camera, g.means, g.scales, g.quats, size, size)
         m2, con, z = means2d[0], conics[0], g.means[0, :, 2]
         objects = s.objects.numpy()
         px, py = m2[:, 0].numpy(), m2[:, 1].numpy()

@@ -35,7 +35,7 @@ from gmae.evaluate.depth import DepthTruth, depth_metrics
 from gmae.model.loss import pixel_curvature
 from gmae.model.gmae import gaussian_stats, gaussians_from_raw
 from gmae.model.vit import patchify
-from gmae.render import get_camera, project
+from gmae.render import RenderSettings, get_camera, project
 from gmae.render.gaussians import render_gaussians
 
 
@@ -100,8 +100,9 @@ def fit(args, seeds: list[int]) -> dict:
         if args.fixed_std:  # the control: every Gaussian a round blob of this std in pixels
             world = args.fixed_std / (size / 2) * (camera.scale_unit / get_camera("orthographic").scale_unit)
             gs.scales = torch.full_like(gs.scales, world)
-        image, _ = render_gaussians(gs, size, size, background, args.backend, camera=args.camera,
-                                    depth_tau=tau, loss_curvature=curvature if tau > 0 else None)
+        image, _ = render_gaussians(gs, size, size, background,
+                                    RenderSettings(backend=args.backend, camera=args.camera, depth_tau=tau),
+                                    curvature if tau > 0 else None)
         loss = ((patchify(image, p) - patchify(target, p)) ** 2).mean()
         opt.zero_grad()
         loss.backward()

@@ -52,7 +52,7 @@ from ..config.choices import BENCHMARKS
 from ..config import model_config
 from ..errors import GMAEError
 from ..model import build_model, masking_noise, param_groups
-from ..render import DEPTH_GRAD_BACKENDS, is_available, rasterize, resolve_backend
+from ..render import DEPTH_GRAD_BACKENDS, RenderSettings, is_available, rasterize, resolve_backend
 from ..render.reference import rasterize_dense
 from ..io.runs import autocast
 
@@ -103,13 +103,15 @@ def _render_step(backend_or_fn, scene, size, depth_tau: float = 0.0):
     inputs = [t.clone().requires_grad_(i < 4 or depth_tau > 0) for i, t in enumerate(scene)]
     g = torch.Generator().manual_seed(1)
     w_img = torch.randn(scene[0].shape[0], 3, size, size, generator=g).to(scene[0].device)
-    depth = {"depth_tau": depth_tau, "loss_curvature": torch.full_like(w_img[:, 0], 2.0)} if depth_tau > 0 else {}
+    curvature = torch.full_like(w_img[:, 0], 2.0) if depth_tau > 0 else None
 
     def step():
         if callable(backend_or_fn):
             image, _ = backend_or_fn(*inputs, height=size, width=size)
         else:
-            image, _ = rasterize(*inputs, height=size, width=size, backend=backend_or_fn, **depth)
+            image, _ = rasterize(*inputs, height=size, width=size,
+                                 settings=RenderSettings(backend=backend_or_fn, depth_tau=depth_tau),
+                                 loss_curvature=curvature)
         torch.autograd.grad(image, inputs[:5] if depth_tau > 0 else inputs[:4], w_img)
 
     return step

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from ..config.choices import positive_int
@@ -142,8 +143,21 @@ def cmd_submit(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help layout, but a line never breaks inside a hyphenated word, so that a flag named in a help text
+    (--num-workers) stays whole and can be searched for."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (with where to look), not the whole usage block."""
+    """argparse, but a bad flag is one line (with where to look), not the whole usage block; every command's
+    parser is one (argparse makes sub-commands of the parser's own class) and lays out its help with HelpFormatter."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -5,34 +5,15 @@ from __future__ import annotations
 import argparse
 
 from ..config import INPUT_NORMS
+from ..config.choices import CHECKPOINT_HELP, DEVICE_HELP, ENCODER_NORM_HELP, RAW_WEIGHTS_HELP
 from ..config.recipes import RECIPES
 from ..errors import GMAEError
 from ..io.files import check_exists
 
 
-CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
-
-
-RAW_WEIGHTS_HELP = ("use the checkpoint's raw weights, not the EMA of them that a run with --ema saves "
-                    "(used by default when there is one)")
-
-
 RESUME_HELP = ("continue the newest checkpoint in --out (an error if there is none; --resume=auto: "
                "continue if there is one, else start) with its saved settings. A flag given with --resume that "
                "contradicts them is refused, except those a resume may change: {}")
-
-
-def _background(text: str) -> tuple[float, ...]:
-    named = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "grey": (0.5, 0.5, 0.5), "gray": (0.5, 0.5, 0.5)}
-    if text in named:
-        return named[text]
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected white, black, grey or R,G,B in [0,1]; got {text!r}") from None
-    if not all(0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"background values must be in [0, 1]; got {text!r}")
-    return values
 
 
 def _count(n: int, noun: str) -> str:
@@ -54,10 +35,7 @@ def _add_raw_weights(p) -> None:
 
 def _add_encoder_norm(p) -> None:
     """--normalize for the commands that read an encoder from any ViT file (gmae.io.loader.load)."""
-    p.add_argument("--normalize", dest="input_norm", default=None, choices=INPUT_NORMS,
-                   help="the input normalisation of a ViT file without gmae's config: imagenet (default for "
-                        "timm's and MAE's files, as they trained) or none (a gmae .pth timm export of a model "
-                        "pre-trained without --normalize); gmae checkpoints and exports keep their own")
+    p.add_argument("--normalize", dest="input_norm", default=None, choices=INPUT_NORMS, help=ENCODER_NORM_HELP)
 
 
 def _say_weights(label: str | None, raw: bool) -> None:
@@ -111,22 +89,6 @@ def _add_recipe(p, command: str) -> None:
     p.add_argument("--recipe", default=None, metavar="NAME",
                    help=f"start from a named recipe's settings (flags given here override them): {', '.join(names)}; "
                         "gmae recipes NAME prints its values and where each comes from")
-
-
-def _add_stop_grace(p, default: float) -> None:
-    p.add_argument("--stop-grace", type=float, default=None, metavar="S",
-                   help="after a stop signal (SIGTERM, SIGUSR1/2) the run saves at the end of the step and exits 75; "
-                        f"if no step ends within S seconds, or a second signal comes first, it exits at once, its "
-                        f"saved checkpoints intact (default {default:g}; 0: wait for the step)")
-
-
-def _add_dist_timeout(p, default: float) -> None:
-    p.add_argument("--dist-timeout", type=float, default=None, metavar="S",
-                   help="under torchrun: a collective that waits more than S seconds for the other processes (one "
-                        f"hung or stopped) ends this one with an error naming its rank (default {default:g}, torch's)")
-
-
-DEVICE_HELP = "auto (default: CUDA when available, else the CPU), cpu, cuda, cuda:1, ..."
 
 
 def _add_device(p, default: str | None = "auto", extra: str = "") -> None:

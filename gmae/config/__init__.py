@@ -2,7 +2,11 @@
 
 `ModelConfig` is everything needed to rebuild a model (it is stored in every
 checkpoint); `TrainConfig` is everything about one pre-training run,
-`FinetuneConfig` about one fine-tuning run.
+`FinetuneConfig` about one fine-tuning run, `ProbeConfig` about one probe. Each
+field says here, once, how the command line sets it (`setting`: help, type,
+choices, citation) or why it does not (`no_flag`); gmae.cli.flags builds the
+flags of `gmae pretrain`, `finetune` and `probe` from that, so a new setting is a
+field here plus its use.
 """
 
 from __future__ import annotations
@@ -12,6 +16,46 @@ import math
 from dataclasses import dataclass, replace
 
 from ..errors import GMAEError
+from .choices import (
+    CHECKPOINT_HELP, DEVICE_HELP, ENCODER_NORM_HELP, EXTRACTION_BATCH, LABELLED_DATA_HELP, PROBE_DEFAULTS,
+    PROBE_PROTOCOLS, RAW_WEIGHTS_HELP, SCENE_IMAGES, STOP_GRACE_HELP, DIST_TIMEOUT_HELP, WORKERS_HELP,
+    background_colour, positive_int, workers,
+)
+
+
+# ----- one place per setting: each config field carries its command-line flag's description, and gmae.cli.flags
+# builds the flags of `gmae pretrain`, `finetune` and `probe` from it (tests/test_flags.py keeps the two matched).
+def setting(default, *, help: str, flags: tuple[str, ...] | None = None, type=None, choices=None, metavar=None,
+            negatable: bool = False, flag_default: bool = False, group: str | None = None, cite: str | None = None):
+    """A config field with a flag. help: its help text ("{default}" is replaced by the field's default); flags: its
+    option strings (default --the-field-name); type, choices, metavar: argparse's (type defaults to the field's
+    annotation: int, float, or float pairs for a tuple; a bool is an on/off switch, --no-NAME too with `negatable`);
+    flag_default: the flag's own default is the field's (otherwise None: a value not typed is the preset's or the
+    recipe's, else the field's); group: the --help section it is listed in; cite: where the default comes from."""
+    meta = dict(help=help, flags=flags, type=type, choices=choices, metavar=metavar, negatable=negatable,
+                flag_default=flag_default, group=group, cite=cite)
+    return dataclasses.field(default=default, metadata={k: v for k, v in meta.items() if v not in (None, False)})
+
+
+def no_flag(default, why: str):
+    """A config field that deliberately has no command-line flag, and why."""
+    return dataclasses.field(default=default, metadata={"no_flag": why})
+
+
+def own_flag(default, flag: str, why: str):
+    """A config field whose flag `flag` the command writes itself (gmae.cli), and why it is not generated."""
+    return dataclasses.field(default=default, metadata={"own_flag": flag, "why": why})
+
+
+# Citations name MAE's files at facebookresearch/mae@efb2a80 and the GMAE authors' code at tekotan/video-gmae@c630810,
+# as gmae.config.recipes does.
+AUTHORS_LR = "tekotan/video-gmae@c630810 configs/gmae_ema.yaml line 138 (lr: 0.001, scaled by batch / 256)"
+BY_PRESET = "set by --preset (PRESET_SHAPE: the presets are MAE's ViT shapes)"
+RECIPE_FLAG = "--recipe sets the other flags' defaults before the command line is parsed (gmae.cli.common._add_recipe)"
+PRECISIONS = ("auto", "fp32", "bf16")
+BAD_IMAGE_ACTIONS = ("skip", "error")
+# The --help section of fine-tuning's MAE regularisers.
+TIMM_GROUP = "MAE's regularisers, from timm (off by default; MAE's ViT-B value in brackets)"
 
 MODELS = ("gmae", "mae")
 LOSSES = ("masked", "all", "masked_normpix")
@@ -86,58 +130,113 @@ QUERY_INITS = ("normal", "uniform")
 
 @dataclass
 class ModelConfig:
-    model: str = "gmae"  # "gmae" (Gaussian decoder + splatting) or "mae" (pixel decoder)
-    img_size: int = 64
-    patch_size: int = 8
-    in_chans: int = 3
+    model: str = setting("gmae", choices=MODELS, help='gmae (default) or the mae baseline')
+    img_size: int = setting(64, type=positive_int, help="input size (default: the preset's)")
+    patch_size: int = setting(8, type=positive_int, help="patch size (default: the preset's)")
+    in_chans: int = no_flag(3, "every data source loads RGB images")
     # ViT encoder
-    embed_dim: int = 192
-    depth: int = 6
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
+    embed_dim: int = no_flag(192, BY_PRESET)
+    depth: int = no_flag(6, BY_PRESET)
+    num_heads: int = no_flag(3, BY_PRESET)
+    mlp_ratio: float = no_flag(4.0, "4 in every preset, as in every ViT of MAE")
     # light decoder
-    decoder_embed_dim: int = 128
-    decoder_depth: int = 2
-    decoder_num_heads: int = 4
+    decoder_embed_dim: int = no_flag(128, BY_PRESET)
+    decoder_depth: int = no_flag(2, BY_PRESET)
+    decoder_num_heads: int = no_flag(4, BY_PRESET)
     # pre-training objective
-    mask_ratio: float = 0.75
-    loss: str = "masked"  # "masked" | "all" | "masked_normpix"
+    mask_ratio: float = setting(0.75, help=
+        "fraction of patches masked (tiny: 0.25; the other presets: 0.75, the paper's)")
+    loss: str = setting("masked", choices=LOSSES, help=
+        "masked (the paper's; default of every preset but tiny), all (tiny's: every pixel), masked_normpix")
     # GMAE only
-    num_gaussians: int = 256  # k, independent of the number of masked patches
+    num_gaussians: int = setting(256, flags=("--num-gaussians", "-k"), type=positive_int, help=
+        'k Gaussians per image, whatever --gaussians-per-query (tiny: 128, others 256)')
     # m: Gaussians each query token emits; the decoder runs k / m query tokens (m must divide k)
-    gaussians_per_query: int = 1
-    position_param: str = "anchored"  # with m > 1: see POSITION_PARAMS
-    max_scale: float = 1.0  # c: scale = c * sigmoid(s); c = 1 -> largest std ~ W/16 pixels
-    max_opacity: float = 1.0  # opacity = max_opacity * sigmoid; > 1: flat-topped Gaussians with sharp rims
-    opacity_reg: float = 0.0  # loss += opacity_reg * mean opacity / max_opacity: fewer, larger Gaussians
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # authors' white
-    render_backend: str = "auto"
-    camera: str = "authors"  # a name in CAMERAS (gmae.render.camera); best-measuring in docs/reports/depth.md
-    depth_param: str = "bounded"  # z parametrisation, see DEPTH_PARAMS
-    depth_grad: str = "off"  # see DEPTH_GRADS
-    depth_tau: float = 0.1  # temperature (depth units) of the swap relaxation or of the weighted compositing
+    gaussians_per_query: int = setting(1, type=positive_int, help=
+        'm Gaussians emitted by each query token: the decoder runs k / m query tokens, so m must divide k '
+        '(default 1; e.g. -k 4096 --gaussians-per-query 16: 256 tokens, 4096 Gaussians)')
+    position_param: str = setting("anchored", choices=POSITION_PARAMS, help=
+        "with m > 1, where a token's m Gaussians sit: anchored (default; x, y offsets of at most 2/sqrt(k/m) "
+        'around a per-token anchor; trains better) or absolute (each its own position)')
+    max_scale: float = setting(1.0, help='c, the largest Gaussian scale (default 1.0)')
+    max_opacity: float = setting(1.0, help=
+        "opacity = MAX * sigmoid (default 1, the authors'); above 1 a Gaussian saturates at alpha --max-alpha "
+        'over a core and has a sharp rim (a flat-topped blob)')
+    opacity_reg: float = setting(0.0, help=
+        'add this x mean opacity (relative to --max-opacity) to the loss: an economy prior for fewer, larger '
+        'Gaussians (default 0)')
+    background: tuple[float, float, float] = setting((1.0, 1.0, 1.0), type=background_colour, help=
+        'render background: white (default), black, grey or R,G,B')
+    render_backend: str = setting("auto", help=
+        'renderer backend: auto (default; triton, else gsplat, on CUDA), triton, gsplat, cpu, torch')
+    camera: str = setting("authors", choices=CAMERAS, help=
+        "projection of the Gaussians: orthographic (z only sorts), authors (the GMAE authors' legacy-gsplat "
+        'camera: z changes on-screen size), pinhole (true perspective)')
+    depth_param: str = setting("bounded", choices=DEPTH_PARAMS, help=
+        "z from the head: bounded 2*(sigmoid-0.5) (the authors'), centred (the same of the raw depth minus the "
+        "image's mean: no common drift onto a limit) or linear (never saturates; --camera orthographic only)")
+    depth_grad: str = setting("off", choices=DEPTH_GRADS, help=
+        'how depth learns: off (3DGS compositing; depth only sorts), swap (the same compositing plus the '
+        "rasterizer's depth-order gradient: z learns which of two overlapping Gaussians should be in front; "
+        'backends torch and cpu) or weighted (order-free weighted compositing with depth weights exp(-z/tau); '
+        'backend torch; the readouts render the same way)')
+    depth_tau: float = setting(0.1, help=
+        'temperature, in depth units, of the swap relaxation or of the weighted compositing (default 0.1)')
     # The encoder's input normalisation, see INPUT_NORMS; part of the model so that every user of a checkpoint
     # (fine-tuning, probes, readouts, export) feeds it as it was trained.
-    input_norm: str = "none"
+    input_norm: str = setting("none", flags=("--normalize",), choices=INPUT_NORMS, help=
+        "the encoder's input: none (default: the [0, 1] image) or imagenet (MAE's mean/std, applied inside the "
+        'encoder, so fine-tuning, probes, readouts and exports get it too); the reconstruction target stays the '
+        '[0, 1] image')
     # --- the GMAE authors' code's choices (docs/fidelity.md); each default is gmae's own choice, so a checkpoint
     # saved without them reads as what it was (no LEGACY_VALUES needed).
-    rotation_param: str = "normalize"  # see ROTATION_PARAMS
-    query_init: str = "normal"  # see QUERY_INITS
+    rotation_param: str = setting("normalize", choices=ROTATION_PARAMS, help=
+        "the Gaussians' rotation from the head: normalize (default; its 4 numbers divided by their norm), uniform"
+        " (the authors': 3 sigmoids through Shoemake's uniform-rotation formula, components in the authors' "
+        'order, the first, sqrt(1-u1) sin 2 pi u2, as w: tekotan/video-gmae models_mae.py lines 555-564, gsplat '
+        'v0.1.1 helpers.cuh line 144; the 4th number is unused) or uniform-scalar-last (the same formula read (x,'
+        ' y, z, w))')
+    query_init: str = setting("normal", choices=QUERY_INITS, help=
+        "the query tokens' own embeddings at the start: normal (default; N(0, 1)) or uniform (the authors': U[0, "
+        '1))')
     # Whether the Gaussian head has a bias. The bias also sets each Gaussian's starting size and opacity (GMAE.build_head);
     # without it they start around c·sigmoid(0) = c/2 and max_opacity/2 (the authors' bias-free head).
-    head_bias: bool = True
-    max_alpha: float = 0.99  # clamp on each Gaussian's alpha in the rasterizer: 0.99 as 3DGS; the authors' 0.999
+    head_bias: bool = setting(True, negatable=True, help=
+        'whether the Gaussian head has a bias (default: yes). Its bias also sets the starting size (half of c = '
+        "1's largest std, / sqrt(m)) and opacity (1/2); --no-head-bias (the authors') starts every scale around c"
+        ' x sigmoid(0) = c/2 and every opacity around max-opacity/2')
+    max_alpha: float = setting(0.99, help=
+        "the renderer's clamp on each Gaussian's alpha, in (0, 1] (default 0.99, 3DGS's; the authors' 0.999); "
+        'training and the readouts render with it')
     # --- what places the Gaussians (docs/reports/layout.md); each default is the behaviour
     # from before it. position_gain: x, y = 2·(sigmoid(gain·raw) − ½), a gain g makes positions g times as fast to
     # learn; query_noise: std of Gaussian noise added to each query embedding, per image, while training;
     # position_source: see POSITION_SOURCES.
-    position_gain: float = 1.0
-    query_noise: float = 0.0
-    position_source: str = "head"
-    pixel_origin: str = "centre"  # see PIXEL_ORIGINS
-    tile_cut: str = "alpha"  # see TILE_CUTS
-    head_init: str = "xavier"  # see HEAD_INITS
-    patch_bias_init: str = "zero"  # see PATCH_BIAS_INITS
+    position_gain: float = setting(1.0, help=
+        'x, y = 2 (sigmoid(GAIN x raw) - 1/2): positions GAIN times as sensitive to the head, and as fast to '
+        'learn under Adam (default 1)')
+    query_noise: float = setting(0.0, help=
+        'std of Gaussian noise added to every query embedding, per image, while training (default 0)')
+    position_source: str = setting("head", choices=POSITION_SOURCES, help=
+        "what places each query's Gaussians: head (the paper's presets; x, y are numbers of the linear head, the "
+        "authors'), pointer (tiny's default: an attention-weighted place among the visible patches, from the "
+        "decoder's outputs, plus an offset of at most a patch: a pointer into the image) or slots (slot "
+        'attention: the queries compete for the visible patches and sit around the centre of those they win)')
+    pixel_origin: str = setting("centre", choices=PIXEL_ORIGINS, help=
+        "where pixel i is sampled: centre (default; at i + 0.5, gsplat >= 0.1.2's) or legacy (legacy gsplat "
+        "v0.1.0/v0.1.1's, which the authors' code calls: ndc2pix = 0.5 W x + 0.5 + cx with pixel i at i, "
+        'helpers.cuh line 8: every Gaussian one pixel further right and down)')
+    tile_cut: str = setting("alpha", choices=TILE_CUTS, help=
+        'which tiles draw a Gaussian: alpha (default; every tile where its alpha can reach 1/255) or 3sigma '
+        "(legacy gsplat's, as the authors' model renders: only the tiles its ceil(3 sigma) box touches, "
+        'helpers.cuh line 66; backends torch, cpu, triton)')
+    head_init: str = setting("xavier", choices=HEAD_INITS, help=
+        "the Gaussian head's starting weights: xavier (default; MAE's init of every linear) or torch (nn.Linear's"
+        " own U(+-1/sqrt(d)), as the authors' head keeps it: models_mae.py lines 306 and 333-335 create it after "
+        'initialize_weights())')
+    patch_bias_init: str = setting("zero", choices=PATCH_BIAS_INITS, help=
+        "the patch embedding's starting bias: zero (default) or torch (nn.Conv2d's own, kept by MAE and the "
+        'authors, whose init re-draws only the weight: models_mae.py lines 357-359)')
 
     def __post_init__(self) -> None:
         self.background = tuple(float(v) for v in self.background)
@@ -227,63 +326,95 @@ def parse_workers(value) -> int | str:
 
 @dataclass
 class TrainConfig:
-    data: str = "deadleaves"  # "deadleaves" | "sprites" | "photos" | "digits" | path to an image folder
-    steps: int = 1000
-    batch_size: int = 64  # global batch
-    blr: float = 1e-3  # base lr (the GMAE authors' default); lr = blr * batch_size / 256
-    warmup_steps: int = 100
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    seed: int = 0
-    device: str = "auto"  # CUDA when available, else the CPU (gmae.runtime.distributed.resolve_device)
-    out: str = "runs/pretrain"
-    checkpoint_every: int = 500
-    log_every: int = 1
+    data: str = setting("deadleaves", flag_default=True, help=
+        "deadleaves (default), sprites (1-4 plain shapes), photos, digits (scikit-learn's, train split), or a "
+        'folder of images (ImageNet layout or flat)')
+    steps: int = setting(1000, type=positive_int, help='optimizer steps (tiny: 1200)')
+    batch_size: int = setting(64, type=positive_int, help='global batch size (tiny: 16)')
+    blr: float = setting(1e-3,
+        cite=AUTHORS_LR, help='base learning rate; lr = blr * batch / 256 (tiny: 1.6e-2, others 1e-3)')
+    warmup_steps: int = setting(100, help='linear warmup steps (tiny: 50)')
+    min_lr: float = no_flag(0.0, "the cosine schedule ends at 0, as MAE's pre-training (main_pretrain.py --min_lr 0)")
+    weight_decay: float = setting(0.05,
+        cite="MAE PRETRAIN.md line 15 (--weight_decay 0.05)", help='AdamW weight decay (default 0.05)')
+    betas: tuple[float, float] = setting((0.9, 0.95), metavar=("B1", "B2"),
+        cite="MAE main_pretrain.py line 180 (AdamW betas=(0.9, 0.95))", help=
+        "AdamW betas (default 0.9 0.95, MAE's)")
+    seed: int = setting(0, flag_default=True, help="random seed of the run (default {default})")
+    device: str = setting("auto", help=DEVICE_HELP)
+    out: str = setting("runs/pretrain", flag_default=True, help=
+        'output folder for checkpoints, metrics and figures (default {default})')
+    checkpoint_every: int = setting(500, type=positive_int, help='steps between checkpoints (tiny: 400)')
+    log_every: int = no_flag(1, "every step is logged to metrics.jsonl; a longer interval is for the Python API")
     # DataLoader processes: "auto" (gmae.runtime.threads.resolve_workers: some for an image folder on a GPU, else 0)
     # or a number; batches are the same with any number (gmae.data.stream)
-    num_workers: int | str = "auto"
-    keep_checkpoints: int = 3  # newest N kept
-    accum_steps: int = 1  # micro-batches per optimizer step (the batch is split, not multiplied)
-    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
-    compile: bool = False  # torch.compile the model
-    max_bad_steps: int = 10  # consecutive non-finite losses (each step skipped) before giving up
-    on_bad_image: str = "skip"  # unreadable image during training: "skip" (logged, counted) | "error"
-    init_encoder: str = ""  # fresh runs: encoder weights from this file (gmae.io.loader.load); "" = random
-    ema: float = 0.0  # decay of an fp32 exponential moving average of the weights (gmae.model.ema); 0 = none
+    num_workers: int | str = setting("auto", type=workers, metavar="N|auto", help=WORKERS_HELP)
+    keep_checkpoints: int = setting(3, type=positive_int, help='newest checkpoints kept (default {default})')
+    accum_steps: int = setting(1, type=positive_int, flag_default=True, help=
+        "split each process's batch into this many micro-batches (same result, less memory)")
+    clip_grad: float = setting(0.0, flag_default=True, help='max gradient norm (default 0: no clipping)')
+    precision: str = setting("auto", choices=PRECISIONS, flag_default=True, help=
+        'auto (default): bf16 autocast on CUDA, fp32 on CPU')
+    compile: bool = setting(False, help='torch.compile the model')
+    max_bad_steps: int = setting(10, type=positive_int, help=
+        'non-finite losses in a row (each step skipped) before stopping (default {default})')
+    on_bad_image: str = setting("skip", choices=BAD_IMAGE_ACTIONS, flag_default=True, help=
+        'an unreadable image during training: skip it (logged and counted, default) or stop')
+    init_encoder: str = setting("", metavar="FILE", flag_default=True, help=
+        'start the encoder from FILE: a gmae checkpoint or export, or a timm / MAE ViT checkpoint of the same '
+        'shape (fresh runs only)')
+    ema: float = setting(0.0, metavar="DECAY", help=
+        'also keep an fp32 exponential moving average of the weights with this decay, saved in the checkpoints '
+        "and used by the commands that read them (--raw-weights: not); e.g. 0.999, the authors' (default 0: none)")
     # ---- the online probe (gmae.model.online_probe).
     # A linear classifier per encoder block on the batch's labels, on detached features: the model trains exactly
     # as without it (gmae.model.online_probe); needs labelled data (gmae.data.sourcelabels).
-    online_probe: bool = False
+    online_probe: bool = setting(False, help=
+        "also train a linear probe on every encoder block's visible tokens, detached (the model trains exactly as"
+        " without it), and log each block's train-batch accuracy and loss as online_probe/acc_blockI, "
+        'online_probe/loss_blockI; needs labelled --data: digits, sprites, deadleaves or a folder of class '
+        'sub-folders')
     # --- recipes (gmae.config.recipes) and the settings they need; each default is the run without a recipe.
-    recipe: str = ""  # the gmae.config.recipes recipe the command line started from ("" = none); a record
+    recipe: str = own_flag("", "--recipe", RECIPE_FLAG)  # a record of the recipe the run started from ("" = none)
     # The run's length in epochs of the data set (None: `steps` is the length). Made concrete by `resolved` once
     # the data set's size and the processes are known: `steps` is then the steps it came to.
-    epochs: float | None = None
-    warmup_epochs: float | None = None  # warmup in epochs (None: `warmup_steps`); resolved into warmup_steps
+    epochs: float | None = setting(None, help=
+        'run length in epochs of the data set (an image folder or digits; not with --steps): steps = round(EPOCHS'
+        ' x floor(images / batch)), batch being the global (effective) batch')
+    warmup_epochs: float | None = setting(None, help=
+        'linear warmup in epochs, as --epochs converts them (not with --warmup-steps)')
     # Per-process micro-batch (0: none; accum_steps splits the batch). With it, batch_size is the effective batch
     # and accum_steps = batch_size / (processes x micro_batch), as MAE's accum_iter (PRETRAIN.md line 18).
-    micro_batch: int = 0
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MAE main_pretrain.py line 124)
-    interpolation: str = "bicubic"  # of the random resized crop, see INTERPOLATIONS
+    micro_batch: int = setting(0, type=positive_int, help=
+        'per-process micro-batch: --batch-size is then the effective batch, reached by gradient accumulation over'
+        " batch / (processes x micro-batch) micro-batches, as MAE's accum_iter (e.g. --batch-size 4096 "
+        '--micro-batch 64; not with --accum-steps)')
+    crop_scale: tuple[float, float] = setting((0.2, 1.0), metavar=("MIN", "MAX"),
+        cite="MAE main_pretrain.py line 124 (RandomResizedCrop scale=(0.2, 1.0))", help=
+        "random resized crop's area range for image folders and photos (default 0.2 1, MAE's)")
+    interpolation: str = setting("bicubic", choices=INTERPOLATIONS,
+        cite="MAE main_pretrain.py line 124 (interpolation=3, bicubic)", help=
+        "random resized crop's resampling for image folders and photos (default bicubic, MAE's)")
     # Steps between measurements of whether the Gaussians follow the image (gmae.readouts.layout: the layout figures
     # and the full-image PSNR on a fixed held-out batch, logged in metrics.jsonl); 0 = never. GMAE only.
-    layout_every: int = 100
+    layout_every: int = setting(100, metavar="STEPS", help=
+        'every STEPS steps (and at the last), log whether the Gaussians follow the image: the layout figures '
+        '(layout_spread_ratio, depth_rank_corr, edge_follow) and the full-image PSNR against the flat mean colour'
+        ' (psnr_full, psnr_mean_colour) on a fixed held-out batch; 0: never (default {default})')
     # Seconds a run may take to reach its step boundary after a stop signal before it exits at once
     # (gmae.runtime.stopping.StopGuard); 0 = wait for the step however long it takes.
-    stop_grace: float = 60.0
+    stop_grace: float = setting(60.0, metavar="S", help=STOP_GRACE_HELP)
     # Under torchrun: seconds a collective may wait for the other processes before this one ends with an error
     # naming its rank (gmae.runtime.distributed.DEFAULT_TIMEOUT: torch's own 30 minutes, and why not less).
-    dist_timeout: float = 1800.0
+    dist_timeout: float = setting(1800.0, metavar="S", help=DIST_TIMEOUT_HELP)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         self.crop_scale = tuple(float(v) for v in self.crop_scale)
         self._check_recipe_settings()
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise GMAEError(f"precision must be auto, fp32 or bf16; got {self.precision!r}")
-        if self.on_bad_image not in ("skip", "error"):
+        if self.on_bad_image not in BAD_IMAGE_ACTIONS:
             raise GMAEError(f"on-bad-image must be skip or error; got {self.on_bad_image!r}")
         if self.accum_steps < 1 or self.batch_size % self.accum_steps:
             raise GMAEError(f"batch size {self.batch_size} must be a multiple of accum-steps {self.accum_steps}")
@@ -491,55 +622,85 @@ ERASE_MODES = ("pixel", "rand", "const")
 # Fine-tuning's settings live here, beside pre-training's, so that `gmae finetune --help` needs no torch.
 @dataclass
 class FinetuneConfig:
-    checkpoint: str = ""  # the pre-trained model fine-tuned (a record; resume does not need it)
-    data: str = "digits"  # a gmae.data.labelled spec
-    epochs: int = 5
-    steps: int = 0  # optimizer steps; 0: epochs x ceil(train size / batch)
-    batch_size: int = 32
-    blr: float = 8e-3  # lr = blr * batch / 256 = 1e-3 at batch 32 (MAE base: blr 5e-4 at batch 1024)
-    min_lr: float = 1e-6
-    warmup_steps: int = -1  # -1: one epoch (unless warmup_epochs is given)
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    smoothing: float = 0.1
-    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
-    random_init: bool = False  # fine-tune the architecture from fresh weights (the baseline)
-    raw_weights: bool = False  # the checkpoint's raw weights, not the EMA of them it may hold
+    checkpoint: str = setting("", help=f"{CHECKPOINT_HELP}, or timm/MAE ViT weights (not needed with --resume)")
+    data: str = setting("digits", flag_default=True, help=LABELLED_DATA_HELP)
+    epochs: int = setting(5, type=positive_int, flag_default=True, help='epochs (default {default})')
+    steps: int = setting(0, type=positive_int, help='optimizer steps (overrides --epochs)')
+    batch_size: int = setting(32, type=positive_int, flag_default=True, help='batch size (default {default})')
+    blr: float = setting(8e-3, flag_default=True, help='base lr; lr = blr * batch / 256 (default {default})')
+    min_lr: float = no_flag(1e-6, "MAE main_finetune.py's default (--min_lr 1e-6), which no recipe changes")
+    warmup_steps: int = setting(-1, help='linear warmup steps (default: one epoch)')
+    weight_decay: float = setting(0.05, flag_default=True,
+        cite="MAE FINETUNE.md line 73 (--weight_decay 0.05)", help='AdamW weight decay (default {default})')
+    betas: tuple[float, float] = no_flag((0.9, 0.999), "AdamW's defaults, which MAE main_finetune.py keeps")
+    layer_decay: float = setting(0.75, flag_default=True,
+        cite="MAE FINETUNE.md line 91 (ViT-L: --layer_decay 0.75)", help=
+        'layer-wise lr decay (default {default}; MAE: 0.65 base, 0.75 large)')
+    drop_path: float = setting(0.1, flag_default=True,
+        cite="MAE FINETUNE.md line 73 (ViT-B: --drop_path 0.1)", help='stochastic depth rate (default {default})')
+    smoothing: float = setting(0.1, flag_default=True,
+        cite="MAE main_finetune.py line 84 (--smoothing 0.1)", help='label smoothing (default {default})')
+    clip_grad: float = setting(0.0, flag_default=True, help='max gradient norm (default 0: no clipping)')
+    random_init: bool = setting(False, help=
+        "fine-tune the checkpoint's architecture from fresh weights (the from-scratch baseline)")
+    raw_weights: bool = setting(False, help=RAW_WEIGHTS_HELP)
     # A ViT file without gmae's config (timm's, MAE's) says nothing of its input: "" reads it as ImageNet-normalised
     # (as they trained), "none" / "imagenet" say (gmae.io.loader.load). gmae files keep their own.
-    input_norm: str = ""
-    seed: int = 0
-    device: str = "auto"  # CUDA when available, else the CPU (gmae.runtime.distributed.resolve_device)
-    out: str = "runs/finetune"
-    eval_every: int = 0  # steps between val evaluations; 0: once per epoch (and always at the end)
-    stop_grace: float = 60.0  # as TrainConfig.stop_grace
-    dist_timeout: float = 1800.0  # as TrainConfig.dist_timeout
-    checkpoint_every: int = 0  # steps between checkpoints; 0: once per epoch (and always at the end)
-    keep_checkpoints: int = 2
-    num_workers: int | str = "auto"  # as TrainConfig.num_workers
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA) | "fp32" | "bf16"
-    recipe: str = ""  # the gmae.config.recipes recipe the command line started from ("" = none); a record
-    # Micro-batches per optimizer step: batch_size is the global batch (all processes), split into accum_steps
-    # parts per process, so MAE's effective batch = batch_size x accum_iter x GPUs is batch_size here.
-    accum_steps: int = 1
-    max_bad_steps: int = 10  # consecutive non-finite steps (each skipped) before giving up, as TrainConfig's
+    input_norm: str = setting("", flags=("--normalize",), choices=INPUT_NORMS, help=ENCODER_NORM_HELP)
+    seed: int = setting(0, flag_default=True, help="random seed of the run (default {default})")
+    device: str = setting("auto", help=DEVICE_HELP)
+    out: str = setting("runs/finetune", flag_default=True, help=
+        'folder for checkpoints and metrics.jsonl (default {default})')
+    eval_every: int = setting(0, type=positive_int, help='steps between val evaluations (default: an epoch)')
+    stop_grace: float = setting(60.0, metavar="S", help=STOP_GRACE_HELP)
+    dist_timeout: float = setting(1800.0, metavar="S", help=DIST_TIMEOUT_HELP)  # as TrainConfig.dist_timeout
+    checkpoint_every: int = setting(0, type=positive_int, help='steps between checkpoints (default: an epoch)')
+    keep_checkpoints: int = setting(2, type=positive_int, help='newest checkpoints kept (default {default})')
+    # DataLoader processes: "auto" (gmae.runtime.threads.resolve_workers: some for an image folder on a GPU, else 0)
+    # or a number; batches are the same with any number (gmae.data.stream)
+    num_workers: int | str = setting("auto", type=workers, metavar="N|auto", help=WORKERS_HELP)
+    precision: str = setting("auto", choices=PRECISIONS, flag_default=True, help=
+        'auto (default): bf16 autocast on CUDA, fp32 on CPU')
+    recipe: str = own_flag("", "--recipe", RECIPE_FLAG)  # a record of the recipe the run started from ("" = none)
+    # batch_size is the global batch (all processes), split into accum_steps micro-batches per process, so MAE's
+    # effective batch = batch_size x accum_iter x GPUs is batch_size here.
+    accum_steps: int = setting(1, type=positive_int, flag_default=True, help=
+        "split each process's batch into this many micro-batches (same result, less memory); --batch-size stays "
+        "the global batch")
+    max_bad_steps: int = setting(10, type=positive_int, flag_default=True, help=
+        'non-finite steps in a row (each skipped) before the run gives up (default {default})')
     # ----- MAE's fine-tuning regularisers, from timm (gmae.evaluate.augment; needs `pip install 'gmae[timm]'`
     # when one is on). Defaults: off (gmae's own fine-tuning); MAE's ViT-B values (FINETUNE.md) in the comments.
-    mixup: float = 0.0  # mixup alpha; 0 = off (MAE ViT-B: 0.8)
-    cutmix: float = 0.0  # cutmix alpha; 0 = off (MAE ViT-B: 1.0)
-    mixup_prob: float = 1.0  # probability of mixing a batch at all (MAE: 1.0)
-    mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup (MAE: 0.5)
-    mixup_mode: str = "batch"  # one lambda per "batch" | "pair" | "elem" (MAE: batch)
-    aa: str = ""  # RandAugment policy, timm's syntax; "" = none (MAE: rand-m9-mstd0.5-inc1)
-    reprob: float = 0.0  # random-erasing probability (MAE: 0.25)
-    remode: str = "pixel"  # random-erasing fill, see ERASE_MODES (MAE: pixel)
-    recount: int = 1  # random-erasing boxes per image (MAE: 1)
-    global_pool: str = "avg"  # the classifier's feature, see GLOBAL_POOLS (MAE's fine-tuning: avg)
-    warmup_epochs: float = -1.0  # linear warmup in epochs instead of warmup_steps; -1 = not set (MAE ViT-B: 5)
+    mixup: float = setting(0.0, flag_default=True, group=TIMM_GROUP, help='mixup alpha, 0 = off (default 0.0) [0.8]')
+    cutmix: float = setting(0.0, flag_default=True, group=TIMM_GROUP, help='cutmix alpha, 0 = off (default 0.0) [1.0]')
+    mixup_prob: float = setting(1.0, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 104 (--mixup_prob 1.0)", help=
+        'probability of mixing a batch (default 1.0) [1.0]')
+    mixup_switch_prob: float = setting(0.5, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 106 (--mixup_switch_prob 0.5)", help=
+        'with both on: probability of cutmix instead of mixup (default 0.5) [0.5]')
+    mixup_mode: str = setting("batch", choices=MIXUP_MODES, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 108 (--mixup_mode batch)", help=
+        'one mixing weight per batch, pair or element (default batch) [batch]')
+    aa: str = setting("", metavar="POLICY", flag_default=True, group=TIMM_GROUP, help=
+        "RandAugment policy in timm's syntax (default none) [rand-m9-mstd0.5-inc1]")
+    reprob: float = setting(0.0, flag_default=True, group=TIMM_GROUP, help=
+        'random-erasing probability (default 0.0) [0.25]')
+    remode: str = setting("pixel", choices=ERASE_MODES, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 90 (--remode pixel)", help=
+        'random-erasing fill (default pixel) [pixel]')
+    recount: int = setting(1, type=positive_int, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 92 (--recount 1)", help=
+        'random-erasing boxes per image (default 1) [1]')
+    global_pool: str = setting("avg", choices=GLOBAL_POOLS, flag_default=True, group=TIMM_GROUP,
+        cite="MAE main_finetune.py line 115 (global_pool=True: the patch-token mean)", help=
+        "classifier feature: avg (fc_norm of the patch-token mean) or cls (the encoder's final norm of the cls "
+        'token) (default avg) [avg]')
+    warmup_epochs: float = setting(-1.0, group=TIMM_GROUP, help=
+        'linear warmup in epochs, instead of --warmup-steps [5]')
 
     @property
+
     def mixup_active(self) -> bool:
         """Whether batches are mixed (timm's Mixup, soft-target loss): MAE main_finetune.py line 219."""
         return self.mixup > 0 or self.cutmix > 0
@@ -611,7 +772,75 @@ class FinetuneConfig:
         )
 
 
-__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
+# ----- the linear and kNN probes of a frozen encoder (gmae probe; gmae.evaluate.probe and gmae.evaluate.scene)
+#: The probes' feature (gmae.evaluate.probe): the cls token (MAE's linear probe) or the mean of the patch tokens.
+PROBE_POOLS = ("cls", "avg")
+_CACHED, _MAE = PROBE_DEFAULTS["cached"], PROBE_DEFAULTS["mae"]
+#: The --help section of the linear probe's protocol and schedule.
+PROTOCOL_GROUP = "linear-probe protocol"
+
+
+@dataclass
+class ProbeConfig:
+    """How `gmae probe` probes an encoder: the feature, the linear probe's protocol and schedule (None: the
+    protocol's own, gmae.config.choices.PROBE_DEFAULTS), kNN's neighbours and vote temperature, the scene probes'
+    split sizes. Which encoder it probes (--checkpoint, --random-init, --baseline, --raw-weights, --normalize) and
+    how it prints are the command's own flags."""
+
+    data: str = setting("digits", flag_default=True, help=LABELLED_DATA_HELP + "; or deadleaves / sprites for the "
+                        "scene probes (see --task)")
+    pool: str = setting("cls", choices=PROBE_POOLS, flag_default=True, help=
+        "feature: cls token (default, MAE's linear probe) or mean of patch tokens, after the final norm")
+    train_images: int = setting(SCENE_IMAGES["train"], type=positive_int, flag_default=True,
+                                help="scene probes: train images (default {default})")
+    val_images: int = setting(SCENE_IMAGES["val"], type=positive_int, flag_default=True,
+                              help="scene probes: val images (default {default})")
+    k: int = setting(20, type=positive_int, flag_default=True, help="kNN neighbours (default {default})")
+    temperature: float = setting(0.07, flag_default=True, help="kNN vote temperature T (default {default})")
+    protocol: str = setting("cached", choices=PROBE_PROTOCOLS, flag_default=True, group=PROTOCOL_GROUP, help=
+        "cached (default): SGD on the features of the un-augmented images, computed once (fast); mae: MAE's "
+        "main_linprobe.py (BatchNorm + linear head, LARS, the encoder run on every augmented training batch; "
+        "scenes: count and shape only). See docs/evaluation.md")
+    epochs: int | None = setting(None, type=positive_int, group=PROTOCOL_GROUP, help=
+        f"linear-probe epochs (default: cached {_CACHED['epochs']}, mae {_MAE['epochs']})")
+    batch_size: int | None = setting(None, type=positive_int, group=PROTOCOL_GROUP, help=
+        f"cached: the feature-extraction batch (default {EXTRACTION_BATCH}; the probe trains at "
+        f"{_CACHED['batch_size']}); mae: the training batch, at most the train set (default {_MAE['batch_size']}; "
+        "MAE: 16384)")
+    blr: float | None = setting(None, group=PROTOCOL_GROUP, help=
+        f"linear-probe base lr; lr = blr * batch / 256 (default: cached {_CACHED['blr']}; mae {_MAE['blr']}, MAE's "
+        "lr per LARS step at batch 256 (MAE: 0.1 at batch 16384))")
+    weight_decay: float | None = setting(None, group=PROTOCOL_GROUP,
+                                         help=f"linear-probe weight decay (default {_MAE['weight_decay']:g})")
+    warmup_epochs: float | None = setting(None, group=PROTOCOL_GROUP, help=
+        f"linear-probe warmup epochs, at most half the epochs (default {_MAE['warmup_epochs']})")
+    seed: int = setting(0, flag_default=True, help="linear-probe seed (and --random-init's for files that are not "
+                        "gmae checkpoints; a checkpoint's initial weights use its run's seed)")
+    recipe: str = own_flag("", "--recipe", RECIPE_FLAG)  # a record of the recipe the probe started from ("" = none)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise GMAEError(f"temperature must be positive; got {self.temperature}")
+
+    def linear(self) -> tuple[int, dict]:
+        """(feature-extraction batch, the linear probe's settings as probe() and scene_probe() take them): the
+        given settings over the protocol's defaults; GMAEError for impossible ones."""
+        given = {k: getattr(self, k) for k in PROBE_DEFAULTS[self.protocol] if getattr(self, k) is not None}
+        if self.protocol == "cached":  # batch_size is the extraction batch; the probe's own stays at its default
+            extraction = given.pop("batch_size", EXTRACTION_BATCH)
+        else:
+            extraction = given.get("batch_size", _MAE["batch_size"])
+        values = {**PROBE_DEFAULTS[self.protocol], **given}
+        if not values["blr"] > 0 or values["weight_decay"] < 0 or values["warmup_epochs"] < 0:
+            raise GMAEError(f"the linear probe needs blr > 0 (got {values['blr']}), weight decay >= 0 (got "
+                            f"{values['weight_decay']}) and warmup epochs >= 0 (got {values['warmup_epochs']}; at most "
+                            "half the epochs are used)")
+        values["linear_batch"] = values.pop("batch_size")
+        return extraction, values
+
+
+__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "ProbeConfig", "PROBE_POOLS", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
            "DEPTH_PARAMS", "DEPTH_GRADS", "POSITION_PARAMS", "GLOBAL_POOLS", "MIXUP_MODES", "ERASE_MODES",
            "INPUT_NORMS", "POSITION_SOURCES", "PIXEL_ORIGINS", "TILE_CUTS", "HEAD_INITS", "PATCH_BIAS_INITS", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
-           "train_config", "config_from_dict", "as_dict", "preset_of"]
+           "train_config", "config_from_dict", "as_dict", "preset_of", "setting", "no_flag", "own_flag", "PRECISIONS",
+           "BAD_IMAGE_ACTIONS"]

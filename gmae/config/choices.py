@@ -1,4 +1,5 @@
-"""Names the command line offers as choices, and its value types, kept apart from the modules that use them.
+"""Names the command line offers as choices, its value types and the help texts several commands share, kept apart
+from the modules that use them.
 
 Building the `gmae` parser reads these, and the modules that run the
 commands import torch; holding the names here lets `gmae --help` and every
@@ -58,3 +59,38 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def background_colour(text: str) -> tuple[float, ...]:
+    """argparse type of a render background: white, black, grey (gray) or R,G,B with each value in [0, 1]."""
+    named = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "grey": (0.5, 0.5, 0.5), "gray": (0.5, 0.5, 0.5)}
+    if text in named:
+        return named[text]
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected white, black, grey or R,G,B in [0,1]; got {text!r}") from None
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"background values must be in [0, 1]; got {text!r}")
+    return values
+
+
+# ----- help texts that several commands' flags share (the config fields' metadata and gmae.cli read them)
+CHECKPOINT_HELP = "a gmae checkpoint (.pt), a gmae .safetensors export, or a run folder (its newest checkpoint)"
+RAW_WEIGHTS_HELP = ("use the checkpoint's raw weights, not the EMA of them that a run with --ema saves "
+                    "(used by default when there is one)")
+DEVICE_HELP = "auto (default: CUDA when available, else the CPU), cpu, cuda, cuda:1, ..."
+ENCODER_NORM_HELP = ("the input normalisation of a ViT file without gmae's config: imagenet (default for "
+                     "timm's and MAE's files, as they trained) or none (a gmae .pth timm export of a model "
+                     "pre-trained without --normalize); gmae checkpoints and exports keep their own")
+STOP_GRACE_HELP = ("after a stop signal (SIGTERM, SIGUSR1/2) the run saves at the end of the step and exits 75; "
+                   "if no step ends within S seconds, or a second signal comes first, it exits at once, its "
+                   "saved checkpoints intact (default {default:g}; 0: wait for the step)")
+DIST_TIMEOUT_HELP = ("under torchrun: a collective that waits more than S seconds for the other processes (one hung "
+                     "or stopped) ends this one with an error naming its rank (default {default:g}, torch's)")
+WORKERS_HELP = ("data-loading processes (default auto: for an image folder on a GPU, the cores of this process, at "
+                "most 10; otherwise 0)")
+LABELLED_DATA_HELP = ("labelled data: digits (default; scikit-learn's 8x8 digits upsampled, stratified 80/20 "
+                      "split, seed 0), cifar10:ROOT, cifar100:ROOT (python-pickle releases; ROOT holds "
+                      "cifar-10-batches-py/ or cifar-100-python/, or is it), folder:ROOT (ROOT/train/CLASS/*.jpg "
+                      "and ROOT/val/CLASS/*.jpg), or a bare ROOT, detected as one of these")

@@ -1,10 +1,11 @@
 """Named recipes: published training settings, each value with where it comes from.
 
 A recipe is for one command (``pretrain``, ``finetune`` or ``probe``) and holds values keyed by that
-command's argparse destinations; ``--recipe NAME`` makes them the parser's defaults, so that a flag typed
-on the command line still wins (gmae.cli). From Python, ``pretrain_configs(NAME, **settings)`` builds
-the same configs (and ``gmae.train.pretrain(recipe=NAME, ...)`` trains them). ``gmae recipes`` lists them, ``gmae recipes NAME`` prints each
-value with its citation.
+command's argparse destinations, which are the config fields' names; ``--recipe NAME`` makes them the parser's
+defaults, so that a flag typed on the command line still wins (gmae.cli). ``pretrain_configs(NAME, **settings)``
+builds the configs, for ``gmae pretrain`` (with the flags typed as settings) and from Python alike (and
+``gmae.train.pretrain(recipe=NAME, ...)`` trains them). ``gmae recipes`` lists them, ``gmae recipes NAME`` prints
+each value with its citation.
 
 Citations name MAE's files with their line numbers (facebookresearch/mae at efb2a80: ``PRETRAIN.md``,
 ``FINETUNE.md``, ``main_pretrain.py``, ``main_finetune.py``, ``main_linprobe.py``, ``engine_pretrain.py``), the
@@ -287,7 +288,8 @@ def recipe_json(recipe: Recipe) -> dict:
 
 
 # A length, warmup or accumulation given in steps replaces the recipe's in epochs (or micro-batches); both of a
-# pair at once is refused. The command line (gmae.cli) and pretrain_configs share this rule.
+# pair at once is refused. pretrain_configs applies this rule, for the command line (gmae.cli.pretrain) and Python
+# alike.
 SCHEDULE_PAIRS = (("steps", "epochs"), ("warmup_steps", "warmup_epochs"), ("accum_steps", "micro_batch"))
 
 

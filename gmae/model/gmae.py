@@ -19,6 +19,7 @@ Differences from MAE (`gmae.model.mae`), all in the decoder:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from .loss import denormalize_patches, pixel_curvature, reconstruction_loss
 from ..render.camera import get_camera
+from ..render.contract import RenderSettings
 from ..render.gaussians import Gaussians, render_gaussians
 from .mae import MAE, Output
 from .vit import init_weights, patchify, unpatchify
@@ -276,9 +278,14 @@ class GMAE(MAE):
         return self.gaussians_from_tokens(raw, pointer)
 
     @property
+    def render_settings(self) -> RenderSettings:
+        """How this model renders its images (`RenderSettings.from_config` of its config)."""
+        return RenderSettings.from_config(self.cfg)
+
+    @property
     def compositing(self) -> str:
         """How the rasterizer combines the Gaussians: "weighted" for depth_grad "weighted", else "sorted"."""
-        return "weighted" if self.cfg.depth_grad == "weighted" else "sorted"
+        return self.render_settings.compositing
 
     @property
     def depth_tau(self) -> float:
@@ -292,15 +299,11 @@ class GMAE(MAE):
         gradient (see `gmae.model.loss.pixel_curvature`); None renders without it.
         """
         size = self.cfg.img_size
-        if self.compositing == "weighted":  # the weights' temperature is part of the forward
-            tau = self.cfg.depth_tau
-        else:
-            tau = self.depth_tau if loss_curvature is not None and torch.is_grad_enabled() else 0.0
+        settings = self.render_settings  # weighted compositing: its weights' temperature is part of the forward
+        if settings.compositing == "sorted" and loss_curvature is not None and torch.is_grad_enabled():
+            settings = replace(settings, depth_tau=self.depth_tau)  # the depth-order gradient, while training
         with torch.autocast(gaussians.means.device.type, enabled=False):  # splatting stays in float32
-            image, _ = render_gaussians(gaussians, size, size, self.background, self.cfg.render_backend,
-                                        camera=self.cfg.camera, depth_tau=tau, loss_curvature=loss_curvature,
-                                        compositing=self.compositing, max_alpha=self.cfg.max_alpha,
-                                        pixel_origin=self.cfg.pixel_origin, tile_cut=self.cfg.tile_cut)
+            image, _ = render_gaussians(gaussians, size, size, self.background, settings, loss_curvature)
         return image
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float | None = None,

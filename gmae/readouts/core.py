@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GMAEError
+from ..render.contract import RenderSettings
 from ..render.gaussians import Gaussians, render_gaussians
 
 __all__ = ["COLLAPSE_AT_LIMIT", "COLLAPSE_SPREAD", "RENDER_CHUNK", "Canvas", "collapse_message", "depth_collapse",
@@ -40,34 +41,26 @@ RENDER_CHUNK = 64
 
 @dataclass
 class Canvas:
-    """Where Gaussians are rendered: the model's image size, background, backend and camera."""
+    """Where Gaussians are rendered: the model's image size and background, and how it renders
+    (:class:`gmae.render.RenderSettings`: its backend, camera, compositing, alpha clamp, pixel convention and tile
+    culling)."""
 
     height: int
     width: int
     background: torch.Tensor | None = None  # (C,), None = black
-    backend: str = "auto"
-    camera: str = "orthographic"  # a name in gmae.render.CAMERAS: the one the model was trained with
-    compositing: str = "sorted"  # and how it composited ("weighted": with depth weights of temperature depth_tau)
-    depth_tau: float = 0.0
-    max_alpha: float = 0.99  # the clamp on each alpha the model trained with (ModelConfig.max_alpha)
-    pixel_origin: str = "centre"  # and its pixel convention and tile culling (ModelConfig.pixel_origin, .tile_cut)
-    tile_cut: str = "alpha"
+    settings: RenderSettings = RenderSettings()
 
     @classmethod
     def of(cls, model) -> Canvas:
+        """The canvas of a GMAE model: its render settings without the depth-order gradient (a training-only
+        setting that leaves the image as it is)."""
         require_gmae(model)
         size = model.cfg.img_size
-        weighted = model.compositing == "weighted"
-        return cls(size, size, model.background, model.cfg.render_backend, model.cfg.camera, model.compositing,
-                   model.cfg.depth_tau if weighted else 0.0, model.cfg.max_alpha, model.cfg.pixel_origin,
-                   model.cfg.tile_cut)
-
+        return cls(size, size, model.background, model.render_settings)
 
     def render(self, g: Gaussians) -> torch.Tensor:
         """(B, C, H, W): all of g rendered as the model renders (no gradient-only settings)."""
-        return render_gaussians(g, self.height, self.width, self.background, self.backend, camera=self.camera,
-                                compositing=self.compositing, depth_tau=self.depth_tau, max_alpha=self.max_alpha,
-                                pixel_origin=self.pixel_origin, tile_cut=self.tile_cut)[0]
+        return render_gaussians(g, self.height, self.width, self.background, self.settings)[0]
 
 
 def require_gmae(model) -> None:
@@ -146,10 +139,7 @@ def render_subsets(g: Gaussians, keep: torch.Tensor, canvas: Canvas) -> tuple[to
     for start in range(0, B * S, RENDER_CHUNK):
         rows = slice(start, start + RENDER_CHUNK)
         sub = Gaussians(means[rows], scales[rows], quats[rows], colors[rows], opacities[rows])
-        image, alpha = render_gaussians(sub, canvas.height, canvas.width, canvas.background, canvas.backend,
-                                        camera=canvas.camera, compositing=canvas.compositing,
-                                        depth_tau=canvas.depth_tau, max_alpha=canvas.max_alpha,
-                                        pixel_origin=canvas.pixel_origin, tile_cut=canvas.tile_cut)
+        image, alpha = render_gaussians(sub, canvas.height, canvas.width, canvas.background, canvas.settings)
         images.append(image)
         alphas.append(alpha)
     image, alpha = torch.cat(images), torch.cat(alphas)

@@ -91,7 +91,7 @@ def _predict(g: Gaussians, canvas: Canvas, sides: list[int]) -> list[tuple]:
     from ..render.camera import project
 
     size = canvas.width
-    means2d, conics, _ = project(canvas.camera, g.means, g.scales, g.quats, canvas.height, size)
+    means2d, conics, _ = project(canvas.settings.camera, g.means, g.scales, g.quats, canvas.height, size)
     return [(g.means[i].float().cpu().numpy(), g.opacities[i].float().cpu().numpy(),
              (means2d[i] / size).float().cpu().numpy(), (conics[i] * size**2).float().cpu().numpy())
             for i in range(len(sides))]

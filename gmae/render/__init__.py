@@ -11,6 +11,9 @@ Public entry points:
   checks, and the backend signature :class:`RasterizeBackend`); the torch
   backend (:mod:`gmae.render.reference`) is the oracle the others are tested against.
 
+  How it renders is one :class:`RenderSettings` (backend, compositing, depth_tau, max_alpha, tile_cut; and
+  for :func:`gmae.render.gaussians.render_gaussians`, camera and pixel_origin).
+
   ``depth_tau > 0`` asks for the depth-order gradient (see
   :func:`gmae.render.reference.depth_pair_gradient`); the backends in
   :data:`DEPTH_GRAD_BACKENDS` have it, the others refuse it.
@@ -35,7 +38,7 @@ from .camera import (
     CAMERAS, Camera, get_camera, project, project_authors, project_orthographic, project_pinhole, quat_to_rotmat,
     register_camera,
 )
-from .contract import RasterizeBackend, validate_inputs
+from .contract import RasterizeBackend, RenderSettings, validate_inputs
 from .reference import rasterize_torch
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "Camera",
     "DEPTH_GRAD_BACKENDS",
     "RasterizeBackend",
+    "RenderSettings",
     "TILE_CUT_BACKENDS",
     "WEIGHTED_BACKENDS",
     "get_camera",
@@ -179,12 +183,8 @@ def rasterize(
     height: int,
     width: int,
     background: Tensor | None = None,
-    backend: str = "auto",
-    max_alpha: float = 0.99,
-    depth_tau: float = 0.0,
+    settings: RenderSettings = RenderSettings(),
     loss_curvature: Tensor | None = None,
-    compositing: str = "sorted",
-    tile_cut: str = "alpha",
 ) -> tuple[Tensor, Tensor]:
     """Render screen-space Gaussians front to back.
 
@@ -198,6 +198,8 @@ def rasterize(
         depths: (B, K), ascending = front to back; ties keep index order.
         height, width: image size.
         background: None (no background term), (C,) or (B, C).
+        settings: how to render (:class:`RenderSettings`; its camera and pixel_origin are the projection's, and
+            unused here). Its fields:
         backend: "auto", "torch", or another name in :data:`BACKENDS`.
         max_alpha: clamp on each α (0.99 as in 3DGS).
         depth_tau: 0 (default): depths only order the Gaussians and get no
@@ -223,23 +225,10 @@ def rasterize(
         alpha (B, H, W) = 1 - T_final. Differentiable in means2d, conics,
         colors, opacities and background, and in depths when depth_tau > 0.
     """
-    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha,
-                    depth_tau, loss_curvature, compositing, tile_cut)
-    weighted, cut = compositing == "weighted", tile_cut != "alpha"
-    name = resolve_backend(backend, means2d.device, depth_grad=depth_tau > 0 and not weighted, weighted=weighted,
-                           tile_cut=cut)
-    return BACKENDS[name](
-        means2d,
-        conics,
-        colors,
-        opacities,
-        depths,
-        height=height,
-        width=width,
-        background=background,
-        max_alpha=max_alpha,
-        # only backends that have them get the extra arguments (see the registries above)
-        **({"depth_tau": depth_tau, "loss_curvature": loss_curvature} if depth_tau > 0 else {}),
-        **({"compositing": compositing} if weighted else {}),
-        **({"tile_cut": tile_cut} if cut else {}),
-    )
+    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, settings, loss_curvature)
+    weighted = settings.compositing == "weighted"
+    name = resolve_backend(settings.backend, means2d.device, depth_grad=settings.depth_tau > 0 and not weighted,
+                           weighted=weighted, tile_cut=settings.tile_cut != "alpha")
+    return BACKENDS[name](means2d, conics, colors, opacities, depths, height=height, width=width,
+                          background=background, settings=settings,
+                          loss_curvature=loss_curvature if settings.depth_tau > 0 else None)

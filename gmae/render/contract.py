@@ -22,12 +22,18 @@ Semantics (3D Gaussian Splatting conventions), per pixel with centre p:
   its box of ceil(3σ) pixels touches (:func:`sigma3_tile_box`), so the tails of
   opaque Gaussians beyond 3σ that still reach α ≥ 1/255 are cut at tile borders.
 
+How a render is made -- backend, camera, compositing, depth temperature, alpha clamp, pixel convention, tile
+culling -- is one :class:`RenderSettings`, built once from the model's config (:meth:`RenderSettings.from_config`)
+and handed on whole: the model, :func:`gmae.render.gaussians.render_gaussians`, :func:`gmae.render.rasterize`, the
+backends and the readouts' :class:`gmae.readouts.core.Canvas` all take it.
+
 A backend is a function with the signature of :class:`RasterizeBackend`,
 registered with :func:`gmae.render.register_backend`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -40,6 +46,7 @@ __all__ = [
     "COMPOSITING",
     "CULL_MARGIN",
     "RasterizeBackend",
+    "RenderSettings",
     "TILE",
     "TILE_CUTS",
     "T_MIN",
@@ -66,20 +73,57 @@ T_MIN = 1e-4
 CULL_MARGIN = 1.0
 
 
+@dataclass(frozen=True)
+class RenderSettings:
+    """How Gaussians become an image: everything about a render except the Gaussians, the image size, the background
+    and (for the depth-order gradient) the loss's curvature.
+
+    backend: "auto" or a name in :data:`gmae.render.BACKENDS`; camera: a name in :data:`gmae.render.CAMERAS`
+    (used by :func:`gmae.render.gaussians.render_gaussians`, which projects); compositing: one of
+    :data:`COMPOSITING`; depth_tau: the depth-order gradient's temperature with sorted compositing (0: none; then
+    the depths only order), the depth weights' with weighted compositing; max_alpha: the clamp on each α (0.99 as
+    3DGS); pixel_origin: where pixel i is sampled (:data:`gmae.render.camera.PIXEL_ORIGIN_SHIFT`); tile_cut: one of
+    :data:`TILE_CUTS`. :func:`validate_inputs` checks the values.
+    """
+
+    backend: str = "auto"
+    camera: str = "orthographic"
+    compositing: str = "sorted"
+    depth_tau: float = 0.0
+    max_alpha: float = 0.99
+    pixel_origin: str = "centre"
+    tile_cut: str = "alpha"
+
+    @classmethod
+    def from_config(cls, cfg) -> RenderSettings:
+        """How a GMAE of ModelConfig `cfg` renders its images: its backend, camera, alpha clamp, pixel convention
+        and tile culling, and weighted compositing for depth_grad "weighted" (whose temperature is part of the
+        image). The depth-order gradient (depth_grad "swap") is a training-only setting that leaves the image as it
+        is: it is off here, and `gmae.model.gmae.GMAE.render` turns it on while training."""
+        weighted = cfg.depth_grad == "weighted"
+        return cls(backend=cfg.render_backend, camera=cfg.camera, compositing="weighted" if weighted else "sorted",
+                   depth_tau=cfg.depth_tau if weighted else 0.0, max_alpha=cfg.max_alpha,
+                   pixel_origin=cfg.pixel_origin, tile_cut=cfg.tile_cut)
+
+
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
 def validate_inputs(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor, height: int,
-                    width: int, background: Tensor | None = None, max_alpha: float = 0.99, depth_tau: float = 0.0,
-                    loss_curvature: Tensor | None = None, compositing: str = "sorted", tile_cut: str = "alpha") -> None:
-    """Check the rasterizer inputs and raise :class:`GMAEError` with a clear message.
+                    width: int, background: Tensor | None = None, settings: RenderSettings = RenderSettings(),
+                    loss_curvature: Tensor | None = None) -> None:
+    """Check the rasterizer inputs and their :class:`RenderSettings`, and raise :class:`GMAEError` with a clear message.
 
     Shapes: means2d (B, K, 2), conics (B, K, 3), colors (B, K, C) with C ≥ 1,
     opacities (B, K), depths (B, K), background None, (C,) or (B, C);
     with sorted compositing and depth_tau > 0, loss_curvature (B, H, W).
     Shared by every backend so they all reject the same inputs the same way.
     """
+    if not isinstance(settings, RenderSettings):
+        raise GMAEError(f"settings must be a gmae.render.RenderSettings; got {type(settings).__name__}")
+    max_alpha, depth_tau, compositing, tile_cut = settings.max_alpha, settings.depth_tau, settings.compositing, \
+        settings.tile_cut
     named = {
         "means2d": means2d,
         "conics": conics,
@@ -251,13 +295,14 @@ class RasterizeBackend(Protocol):
     """The signature of a rasterize backend, as :func:`gmae.render.rasterize` calls it.
 
     means2d (B, K, 2), conics (B, K, 3), colors (B, K, C), opacities (B, K), depths (B, K) ->
-    image (B, C, H, W), alpha (B, H, W), following the contract above. ``depth_tau`` and
-    ``loss_curvature`` are passed only when ``depth_tau > 0`` and only to the backends of
-    :data:`gmae.render.DEPTH_GRAD_BACKENDS` (the depth-order gradient); ``compositing="weighted"``
-    only to those of :data:`gmae.render.WEIGHTED_BACKENDS`.
+    image (B, C, H, W), alpha (B, H, W), following the contract above, rendered as ``settings`` says
+    (its backend and camera are already chosen and applied). A backend is handed only what it implements:
+    sorted compositing with ``depth_tau > 0`` (and ``loss_curvature``) only if it is in
+    :data:`gmae.render.DEPTH_GRAD_BACKENDS`, weighted compositing only in :data:`gmae.render.WEIGHTED_BACKENDS`,
+    ``tile_cut="3sigma"`` only in :data:`gmae.render.TILE_CUT_BACKENDS` (:func:`gmae.render.resolve_backend`).
     """
 
     def __call__(self, means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor, *,
-                 height: int, width: int, background: Tensor | None = None, max_alpha: float = 0.99,
-                 depth_tau: float = 0.0, loss_curvature: Tensor | None = None,
-                 tile_cut: str = "alpha") -> tuple[Tensor, Tensor]: ...
+                 height: int, width: int, background: Tensor | None = None,
+                 settings: RenderSettings = RenderSettings(),
+                 loss_curvature: Tensor | None = None) -> tuple[Tensor, Tensor]: ...

@@ -36,7 +36,7 @@ import torch
 from numba import njit, prange
 
 # The contract's constants (tile side, 1/255 skip, 1e-4 early stop) and input checks, shared by every backend.
-from .contract import ALPHA_MIN, T_MIN, TILE, sigma3_tile_box, validate_inputs
+from .contract import ALPHA_MIN, T_MIN, TILE, RenderSettings, sigma3_tile_box, validate_inputs
 
 __all__ = ["rasterize_cpu"]
 
@@ -643,8 +643,8 @@ def _cut_to_sigma3_tiles(box: np.ndarray, means2d: torch.Tensor, conics: torch.T
     box[empty, 0], box[empty, 1] = 1, 0  # _bin reads x_lo > x_hi as culled
 
 
-def rasterize_cpu(means2d, conics, colors, opacities, depths, *, height, width,
-                  background=None, max_alpha=0.99, depth_tau=0.0, loss_curvature=None, tile_cut="alpha"):
+def rasterize_cpu(means2d, conics, colors, opacities, depths, *, height, width, background=None,
+                  settings=RenderSettings(), loss_curvature=None):
     """Tiled, differentiable CPU splatting of 2D Gaussians (3DGS conventions).
 
     means2d (B, K, 2) pixel coordinates, x right, y down, pixel centres at i + 0.5;
@@ -654,9 +654,9 @@ def rasterize_cpu(means2d, conics, colors, opacities, depths, *, height, width,
     Returns image (B, C, H, W) and alpha (B, H, W) = 1 - final transmittance.
     Differentiable in means2d, conics, colors, opacities and background; the
     depths only order the Gaussians, and get the depth-order gradient when
-    depth_tau > 0 (with loss_curvature (B, H, W); see `gmae.render.rasterize`).
+    settings.depth_tau > 0 (with loss_curvature (B, H, W); see `gmae.render.rasterize`). settings: a
+    `gmae.render.RenderSettings` with sorted compositing (its max_alpha, depth_tau and tile_cut are used).
     """
-    validate_inputs(means2d, conics, colors, opacities, depths, height, width,
-                    background, max_alpha, depth_tau, loss_curvature, tile_cut=tile_cut)
-    return _RasterizeCPU.apply(means2d, conics, colors, opacities, depths, background,
-                               height, width, float(max_alpha), float(depth_tau), loss_curvature, tile_cut)
+    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, settings, loss_curvature)
+    return _RasterizeCPU.apply(means2d, conics, colors, opacities, depths, background, height, width,
+                               float(settings.max_alpha), float(settings.depth_tau), loss_curvature, settings.tile_cut)

@@ -41,7 +41,7 @@ from gsplat import isect_offset_encode, isect_tiles, rasterize_to_pixels
 from torch import Tensor
 
 from ..errors import GMAEError
-from .contract import expand_background
+from .contract import RenderSettings, expand_background
 from .gsplat_glue import isect_inputs
 
 GSPLAT_MAX_ALPHA = 0.999
@@ -50,11 +50,13 @@ _warned = False
 
 
 def rasterize_gsplat(means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor, height: int,
-                     width: int, background: Tensor | None = None, max_alpha: float = 0.99, depth_tau: float = 0.0,
+                     width: int, background: Tensor | None = None, settings: RenderSettings = RenderSettings(),
                      loss_curvature: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as `gmae.render.rasterize`; CUDA float32 tensors only; no depth-order gradient."""
+    """Same contract as `gmae.render.rasterize`; CUDA float32 tensors only; no depth-order gradient, no weighted
+    compositing, no 3-sigma tile cut, and alpha clamped at GSPLAT_MAX_ALPHA whatever settings.max_alpha."""
     global _warned
-    if depth_tau > 0:
+    max_alpha = settings.max_alpha
+    if settings.depth_tau > 0:
         raise GMAEError("the gsplat backend has no depth-order gradient (depth_tau > 0); use render backend "
                         "triton or torch on CUDA (cpu on the CPU), or turn the depth gradient off")
     if means2d.device.type != "cuda":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .camera import project
+from .contract import RenderSettings
 from . import rasterize
 
 
@@ -61,28 +62,18 @@ def render_gaussians(
     height: int,
     width: int,
     background: torch.Tensor | None = None,
-    backend: str = "auto",
-    camera: str = "orthographic",
-    depth_tau: float = 0.0,
+    settings: RenderSettings = RenderSettings(),
     loss_curvature: torch.Tensor | None = None,
-    compositing: str = "sorted",
-    max_alpha: float = 0.99,
-    pixel_origin: str = "centre",
-    tile_cut: str = "alpha",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Project with `camera` and splat: image (B, C, H, W), alpha (B, H, W).
+    """Project with `settings.camera` and splat: image (B, C, H, W), alpha (B, H, W).
 
-    With sorted compositing, depth_tau > 0 turns on the rasterizer's
-    depth-order gradient, which needs `loss_curvature`; weighted compositing
-    uses depth_tau as its weights' temperature (see :func:`gmae.render.rasterize`).
-    max_alpha: the clamp on each α (the model's `ModelConfig.max_alpha`; 0.99 as 3DGS).
-    pixel_origin, tile_cut: where pixels are sampled and which tiles list a Gaussian ("legacy" and "3sigma":
-    legacy gsplat's, as the authors' model renders; `ModelConfig.pixel_origin`, `ModelConfig.tile_cut`).
+    settings: how to render (:class:`gmae.render.RenderSettings`; a model's is
+    `RenderSettings.from_config(model.cfg)`): the camera and pixel_origin project, the rest rasterizes. With
+    sorted compositing, settings.depth_tau > 0 turns on the rasterizer's depth-order gradient, which needs
+    `loss_curvature`; weighted compositing uses depth_tau as its weights' temperature (see
+    :func:`gmae.render.rasterize`).
     """
-    means2d, conics, depths = project(camera, g.means, g.scales, g.quats, height, width, pixel_origin=pixel_origin)
-    return rasterize(
-        means2d, conics, g.colors, g.opacities, depths,
-        height=height, width=width, background=background, backend=backend,
-        depth_tau=depth_tau, loss_curvature=loss_curvature, compositing=compositing, max_alpha=max_alpha,
-        tile_cut=tile_cut,
-    )
+    means2d, conics, depths = project(settings.camera, g.means, g.scales, g.quats, height, width,
+                                      pixel_origin=settings.pixel_origin)
+    return rasterize(means2d, conics, g.colors, g.opacities, depths, height=height, width=width,
+                     background=background, settings=settings, loss_curvature=loss_curvature)

@@ -32,7 +32,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .contract import ALPHA_MIN, T_MIN, TILE, expand_background, footprint, sigma3_tile_box, validate_inputs
+from .contract import (
+    ALPHA_MIN, T_MIN, TILE, RenderSettings, expand_background, footprint, sigma3_tile_box, validate_inputs,
+)
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -376,11 +378,8 @@ def rasterize_torch(
     height: int,
     width: int,
     background: Tensor | None = None,
-    max_alpha: float = 0.99,
-    depth_tau: float = 0.0,
+    settings: RenderSettings = RenderSettings(),
     loss_curvature: Tensor | None = None,
-    compositing: str = "sorted",
-    tile_cut: str = "alpha",
 ) -> tuple[Tensor, Tensor]:
     """Reference tile rasterizer in plain PyTorch (differentiable by autograd).
 
@@ -394,6 +393,7 @@ def rasterize_torch(
             gradient (depth_tau > 0).
         height, width: image size in pixels.
         background: None (no background term), (C,) or (B, C).
+        settings: how to render (:class:`gmae.render.contract.RenderSettings`); it uses:
         max_alpha: upper clamp of each α (3DGS 0.99, gsplat 0.999).
         depth_tau: > 0 gives the depths the depth-order gradient of
             :func:`depth_pair_gradient` with this temperature; 0 (default):
@@ -408,9 +408,9 @@ def rasterize_torch(
     Returns:
         image (B, C, H, W) and alpha (B, H, W) = 1 - final transmittance.
     """
-    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha,
-                    depth_tau, loss_curvature, compositing, tile_cut)
-    weighted = compositing == "weighted"
+    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, settings, loss_curvature)
+    max_alpha, depth_tau, tile_cut = settings.max_alpha, settings.depth_tau, settings.tile_cut
+    weighted = settings.compositing == "weighted"
     tensors = [means2d, conics, colors, opacities] + ([background] if background is not None else [])
     tensors += [depths] if weighted else []
     dtype = tensors[0].dtype

@@ -112,7 +112,7 @@ except ImportError as exc:  # a broken install (no driver library, ...) counts a
     raise ModuleNotFoundError(f"triton does not import: {exc}", name="triton") from exc
 
 from ..errors import GMAEError
-from .contract import ALPHA_MIN, T_MIN, TILE, expand_background, validate_inputs
+from .contract import ALPHA_MIN, T_MIN, TILE, RenderSettings, expand_background, validate_inputs
 from .reference import sort_and_bin
 
 __all__ = ["INTERPRETED", "rasterize_triton"]
@@ -511,19 +511,20 @@ def _sum_rows(buf: Tensor, gids: Tensor, n: int, tdt) -> Tensor:
     return out
 
 
-def rasterize_triton(means2d, conics, colors, opacities, depths, *, height, width, background=None, max_alpha=0.99,
-                     depth_tau=0.0, loss_curvature=None, tile_cut="alpha"):
+def rasterize_triton(means2d, conics, colors, opacities, depths, *, height, width, background=None,
+                     settings=RenderSettings(), loss_curvature=None):
     """Tiled, differentiable splatting of 2D Gaussians in Triton (3DGS conventions; see `gmae.render.rasterize`).
 
     CUDA tensors; CPU tensors only when the kernels run in Triton's interpreter
     (``TRITON_INTERPRET=1``). Differentiable in means2d, conics, colors,
     opacities and background; the depths get the depth-order gradient when
-    depth_tau > 0 (with loss_curvature (B, H, W)).
+    settings.depth_tau > 0 (with loss_curvature (B, H, W)). settings: a `gmae.render.RenderSettings` with sorted
+    compositing (its max_alpha, depth_tau and tile_cut are used).
     """
-    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, max_alpha, depth_tau,
-                    loss_curvature, tile_cut=tile_cut)
+    validate_inputs(means2d, conics, colors, opacities, depths, height, width, background, settings, loss_curvature)
     if means2d.device.type != "cuda" and not INTERPRETED:
         raise GMAEError("the triton backend needs CUDA tensors (on the CPU it runs only in Triton's interpreter, "
                         "TRITON_INTERPRET=1 set before gmae imports it: slow, for tests); use render backend cpu")
     return _RasterizeTriton.apply(means2d, conics, colors, opacities, depths, background, height, width,
-                                  float(max_alpha), float(depth_tau), loss_curvature, tile_cut)
+                                  float(settings.max_alpha), float(settings.depth_tau), loss_curvature,
+                                  settings.tile_cut)
