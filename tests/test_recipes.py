@@ -254,11 +254,10 @@ def test_typed_steps_override_a_recipes_epochs_in_the_recorded_config(images, tm
 
 def test_micro_batches_equal_one_big_batch(tmp_path, one_thread):
     """Accumulating micro-batches gives the gradients of one batch (to float tolerance), and a run's losses."""
-    import contextlib
-
     from gmae.runtime.distributed import Context
     from gmae.model import build_model
-    from gmae.train import pretrain, train_step
+    from gmae.train import PretrainTask, pretrain
+    from gmae.train.engine import Engine
 
     mcfg = model_config("tiny", **FAST, input_norm="imagenet")
     imgs, noise = torch.rand(4, 3, 16, 16), torch.rand(4, 4)
@@ -268,7 +267,8 @@ def test_micro_batches_equal_one_big_batch(tmp_path, one_thread):
         torch.manual_seed(0)
         model = build_model(mcfg)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the gradients, leaves the weights
-        loss, applied, _ = train_step(model, optimizer, imgs, noise, tcfg, Context(), contextlib.nullcontext())
+        task = PretrainTask(model, optimizer, mcfg, tcfg, Context(), None, (None, None, None), None, None)
+        loss, applied, _ = Engine(model, optimizer, tcfg, Context(), lambda step: 0.0).step(task, (imgs, noise))
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[micro] = tcfg.accum_steps, loss, grads
     assert [results[m][0] for m in (0, 1, 2)] == [1, 4, 2]

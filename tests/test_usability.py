@@ -398,6 +398,8 @@ def test_imagenet_commands_agree_and_follow_maes_recipe():
                 words = command.split()
                 args = parse_args(words[words.index("gmae") + 1:])
                 args = args.job_args if args.command == "submit" else args  # the command gmae submit runs
+                if args.command != "pretrain":  # fine-tuning and probing commands follow their own recipes
+                    continue
                 tcfg = configs_from_args(args)[1]
                 epochs = tcfg.epochs or round(tcfg.steps / epoch)
                 warmup = tcfg.warmup_epochs or round(tcfg.warmup_steps / epoch)

@@ -20,7 +20,8 @@ from gmae.data import SeededStream, build_dataset, source_labels
 from gmae.model import build_model, masking_noise, param_groups
 from gmae.model.online_probe import OnlineProbe
 from gmae.io.runs import autocast
-from gmae.train import online_probe_step, train_step
+from gmae.train import PretrainTask, online_probe_step
+from gmae.train.engine import Engine
 
 BATCH, STEPS, WARM = 16, 60, 10
 
@@ -46,7 +47,8 @@ def main(img: int) -> None:
         if on:
             probe.attach(model.encoder)
         t = time.perf_counter()
-        train_step(model, optimizer, imgs, noise, tcfg, ctx, amp)
+        Engine(model, optimizer, tcfg, ctx, lambda s: 1e-4, amp=amp).step(
+            PretrainTask(model, optimizer, mcfg, tcfg, ctx, None, (None, None, None), None, None), (imgs, noise))
         if on:
             online_probe_step(probe, probe_optimizer, labels, 1e-4, ctx, BATCH)
         dt = time.perf_counter() - t

@@ -36,9 +36,10 @@ def main(spec: dict) -> dict:
     from ..runtime import distributed
     from ..config import model_config, train_config
     from ..data import SeededStream, StepBatchSampler, build_dataset
-    from ..model import build_model, masking_noise, param_groups
+    from ..model import build_model, param_groups
     from ..io.runs import learning_rate
-    from ..train import train_step
+    from ..train import PretrainTask
+    from ..train.engine import Engine
 
     if spec.get("defaults", True):
         threads.configure(spec.get("threads"))
@@ -52,14 +53,14 @@ def main(spec: dict) -> dict:
     loader = iter(DataLoader(SeededStream(build_dataset("deadleaves", mcfg.img_size, seed=tcfg.seed), tcfg.seed),
                              batch_sampler=StepBatchSampler(tcfg.batch_size, 0, None, ctx.rank, ctx.world_size)))
     amp = torch.autocast("cpu", enabled=False)
+    engine = Engine(model, optimizer, tcfg, ctx, lambda s: learning_rate(s, tcfg), net=net, amp=amp)
+    task = PretrainTask(model, optimizer, mcfg, tcfg, ctx, None, (None, None, None), None, None)
     step = 0
 
-    def one_step():
+    def one_step():  # the engine's step as a run takes it: the lr, this process's share and masks, one update
         nonlocal step
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, tcfg)
-        noise = masking_noise(tcfg.seed, step, tcfg.batch_size, mcfg.num_patches)[ctx.rank :: ctx.world_size]
-        train_step(net, optimizer, next(loader), noise, tcfg, ctx, amp)
+        engine.set_lr(step)
+        engine.step(task, task.prepare(next(loader), step))
         step += 1
 
     for _ in range(spec.get("warmup", 3)):

@@ -19,7 +19,7 @@ from ..errors import GMAEError
 from .choices import (
     CHECKPOINT_HELP, DEVICE_HELP, ENCODER_NORM_HELP, EXTRACTION_BATCH, LABELLED_DATA_HELP, PROBE_DEFAULTS,
     PROBE_PROTOCOLS, RAW_WEIGHTS_HELP, SCENE_IMAGES, STOP_GRACE_HELP, DIST_TIMEOUT_HELP, WORKERS_HELP,
-    background_colour, positive_int, workers,
+    background_colour, parse_workers, positive_int, workers,
 )
 
 
@@ -310,18 +310,6 @@ class ModelConfig:
                 raise GMAEError(f"{name} {dim} must be divisible by its number of heads {heads}")
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
             raise GMAEError("embedding widths must be multiples of 4 (2D sin-cos position embedding)")
-
-
-def parse_workers(value) -> int | str:
-    """A num-workers setting: "auto" (gmae.runtime.threads.resolve_workers decides per data source and machine)
-    or an integer >= 0 (0: load in the training process); GMAEError otherwise."""
-    if value == "auto":
-        return "auto"
-    text = str(value).strip()
-    if isinstance(value, bool) or not text.isdigit():
-        raise GMAEError(f"num-workers must be auto or an integer >= 0 (0: load in the training process); "
-                        f"got {value!r}")
-    return int(text)
 
 
 @dataclass

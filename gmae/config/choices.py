@@ -8,6 +8,8 @@ usage error answer without loading torch.
 
 import argparse
 
+from ..errors import GMAEError
+
 #: `gmae bench` benchmarks, in the order they run.
 BENCHMARKS = ("render_speedup", "coverage_growth", "render_backends", "step_ratio_tiny", "step_ratio_base224", "many_gaussians",
               "default_step", "contention", "contention_ddp")
@@ -38,12 +40,21 @@ EXTRACTION_BATCH = 128
 EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}
 
 
+def parse_workers(value) -> int | str:
+    """A num-workers setting: "auto" (gmae.runtime.threads.resolve_workers decides per data source and machine)
+    or an integer >= 0 (0: load in the training process); GMAEError otherwise."""
+    if value == "auto":
+        return "auto"
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():
+        raise GMAEError(f"num-workers must be auto or an integer >= 0 (0: load in the training process); "
+                        f"got {value!r}")
+    return int(text)
+
+
 def workers(text: str) -> int | str:
     """argparse type of --num-workers: auto or a whole number >= 0; anything else is passed on as typed, for the
-    config to refuse in its one line (gmae.config.parse_workers)."""
-    from . import parse_workers
-    from ..errors import GMAEError
-
+    config to refuse in its one line (parse_workers)."""
     try:
         return parse_workers(text)
     except GMAEError:
