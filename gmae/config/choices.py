@@ -34,7 +34,7 @@ PROBE_DEFAULTS = {
 EXTRACTION_BATCH = 128
 
 #: `gmae export` formats and the file extensions each accepts.
-EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}
+EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth"), "mae": (".pth",)}
 
 
 def positive_int(text: str) -> int:
