@@ -33,6 +33,8 @@ LAYERS = [
     ("io.runs", "readouts"),
     # the training loop and the evaluations
     ("train", "evaluate"),
+    # detection transfer, on the evaluations' door to timm and torchvision
+    ("evaluate.detection",),
     # what runs them: the ablation grid, the benchmarks, the Python API, the readouts' public facade
     ("evaluate.ablate", "bench", "api", "zeroshot"),
     # the command line
