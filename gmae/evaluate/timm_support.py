@@ -82,13 +82,19 @@ def import_torchvision():
         raise GMAEError(f"this needs torchvision: {INSTALL}")
     if torchvision_ops_loadable() is False:
         _declare_torchvision_op_schemas()
+    return _import("torchvision", ())
+
+
+def _import(name: str, submodules: tuple[str, ...]):
+    """``import name`` (and its `submodules`), a failure told as a one-line GMAEError."""
     try:
-        import torchvision
+        for module in (name, *submodules):
+            importlib.import_module(module)
     except (ImportError, RuntimeError) as e:
         detail = " ".join(str(e).split())[:160]
-        raise GMAEError(f"torchvision could not be imported ({type(e).__name__}: {detail}); reinstall it with "
+        raise GMAEError(f"{name} could not be imported ({type(e).__name__}: {detail}); reinstall it with "
                         f"{INSTALL} (a torchvision built for this torch)") from None
-    return torchvision
+    return sys.modules[name]
 
 
 def import_timm():
@@ -102,13 +108,6 @@ def import_timm():
         raise GMAEError(f"this needs timm and torchvision (MAE's mixup, cutmix, RandAugment and random erasing): "
                         f"{INSTALL}")
     import_torchvision()
-    try:
-        import timm
-        import timm.data  # noqa: F401  (Mixup, RandAugment)
-        import timm.data.random_erasing  # noqa: F401  (RandomErasing: not exported by timm.data)
-        import timm.loss  # noqa: F401  (SoftTargetCrossEntropy)
-    except (ImportError, RuntimeError) as e:
-        detail = " ".join(str(e).split())[:160]
-        raise GMAEError(f"timm could not be imported ({type(e).__name__}: {detail}); reinstall it with "
-                        f"{INSTALL} (a torchvision built for this torch)") from None
-    return timm
+    # timm.data: Mixup, RandAugment; timm.data.random_erasing: RandomErasing (not exported by timm.data);
+    # timm.loss: SoftTargetCrossEntropy
+    return _import("timm", ("timm.data", "timm.data.random_erasing", "timm.loss"))
