@@ -130,3 +130,47 @@ def test_param_groups_follow_vitdets_lr_decay_and_weight_decay():
     for name in ("backbone.net.blocks.0.attn.qkv.weight", "backbone.net.blocks.0.attn.qkv.bias",
                  "roi_heads.box_head.5.weight"):
         assert of[id(named[name])]["weight_decay"] == 0.1, name
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def test_lr_schedule_is_vitdets():
+    from gmae.evaluate.detection.train import lr_factor
+
+    assert lr_factor(0, 1000, 100) == pytest.approx(0.001)
+    assert lr_factor(50, 1000, 100) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(100, 1000, 100) == 1.0
+    assert lr_factor(888, 1000, 100) == 1.0 and lr_factor(889, 1000, 100) == pytest.approx(0.1)
+    assert lr_factor(962, 1000, 100) == pytest.approx(0.1) and lr_factor(963, 1000, 100) == pytest.approx(0.01)
+
+
+def test_flipped_batches_keep_boxes_on_their_masks():
+    from gmae.evaluate.detection.train import batch_of
+
+    data = generated_set("sprites", 32, 3, seed=2)
+    images, targets = batch_of(data, [0, 1, 2], torch.tensor([True, False, True]))
+    for i, (image, target) in enumerate(zip(images, targets)):
+        assert image.dtype == torch.float32 and image.max() <= 1
+        want = data.images[i].float() / 255
+        assert torch.equal(image, want.flip(-1) if i != 1 else want)
+        for mask, box in zip(target["masks"], target["boxes"]):
+            rows, cols = torch.nonzero(mask, as_tuple=True)
+            assert box.tolist() == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+    assert torch.equal(data.targets[0]["masks"], targets[0]["masks"].flip(-1))  # the data itself is untouched
+
+
+def test_train_detector_moves_the_encoder_less_in_its_early_blocks():
+    """Two steps of fine-tuning: every block moves, the first (lr x decay^depth) less than the last."""
+    from gmae.evaluate.detection.train import DetectionRecipe, train_detector
+
+    data = generated_set("sprites", 32, 4, seed=0)
+    enc = tiny_encoder(32, 8, depth=2)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    recipe = DetectionRecipe(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, layer_decay=0.1, channels=16)
+    model, results = train_detector(enc, data, data.subset([0, 1]), recipe)
+    assert set(results["bbox"]) == {"AP", "AP50", "AP75"} and set(results["segm"]) == {"AP", "AP50", "AP75"}
+    assert set(results["losses"]) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+                                      "loss_rpn_box_reg"}
+    step = {i: (enc.blocks[i].mlp.fc1.weight - before[f"blocks.{i}.mlp.fc1.weight"]).abs().max() for i in (0, 1)}
+    assert 0 < step[0] < step[1]

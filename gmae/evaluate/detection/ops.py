@@ -42,22 +42,31 @@ def nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch
         return torch.empty(0, dtype=torch.long, device=dets.device)
     order = torch.argsort(scores, descending=True, stable=True)
     boxes = dets[order]
-    x1, y1, x2, y2 = boxes.unbind(1)
-    areas = (x2 - x1) * (y2 - y1)
-    removed = np.zeros(len(order), dtype=bool)
+    n = len(order)
+    removed = np.zeros(n, dtype=bool)
     keep = []
-    for i in range(len(order)):
-        if removed[i]:
-            continue
-        keep.append(i)
-        if i + 1 == len(order):
-            break
-        w = (torch.minimum(x2[i], x2[i + 1:]) - torch.maximum(x1[i], x1[i + 1:])).clamp(min=0)
-        h = (torch.minimum(y2[i], y2[i + 1:]) - torch.maximum(y1[i], y1[i + 1:])).clamp(min=0)
-        inter = w * h
-        iou = inter / (areas[i] + areas[i + 1:] - inter)
-        removed[i + 1:] |= (iou > iou_threshold).cpu().numpy()
+    # IoU above the threshold of each box with the lower-scored ones, a block of rows at a time (the whole
+    # n x n matrix at once for the few thousand boxes of a detector's image)
+    for lo in range(0, n, NMS_BLOCK):
+        over = (_iou(boxes[lo:lo + NMS_BLOCK], boxes) > iou_threshold).cpu().numpy()
+        for i in range(lo, min(lo + NMS_BLOCK, n)):
+            if not removed[i]:
+                keep.append(i)
+                removed[i + 1:] |= over[i - lo, i + 1:]
     return order[torch.tensor(keep, dtype=torch.long, device=dets.device)]
+
+
+#: Rows of the IoU matrix :func:`nms` computes at once.
+NMS_BLOCK = 2048
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(len(a), len(b)) IoU of xyxy boxes, as torchvision's nms kernel computes it (a 0/0 is nan: kept)."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    wh = (torch.minimum(a[:, None, 2:], b[None, :, 2:]) - torch.maximum(a[:, None, :2], b[None, :, :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def _sample_grid(rois: torch.Tensor, spatial_scale, ph: int, pw: int, gh: int, gw: int, aligned: bool):
@@ -90,6 +99,7 @@ def roi_align(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, poo
     out = input.new_zeros(rois.shape[0], c, ph, pw)
     if rois.shape[0] == 0:
         return out
+    done, pooled = [], []  # the boxes of each group and their bins, written into `out` at once
     rois = rois.detach().to(input.dtype)
     if sampling_ratio > 0:
         gh = gw = torch.full((rois.shape[0],), sampling_ratio, dtype=torch.long)
@@ -110,9 +120,14 @@ def roi_align(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, poo
         gx = (2 * x / max(width - 1, 1) - 1)[:, None, :].expand(-1, y.shape[1], -1)
         grid = torch.stack([gx, gy], -1).reshape(1, -1, x.shape[1], 2)  # the boxes stacked along the height
         vals = F.grid_sample(input[b:b + 1], grid, mode="bilinear", padding_mode="border", align_corners=True)
-        vals = vals.reshape(c, len(idx), ph * g_h, pw * g_w).transpose(0, 1) * inside[:, None].to(input.dtype)
-        out = out.index_copy(0, idx.to(out.device), vals.reshape(len(idx), c, ph, g_h, pw, g_w).mean((3, 5)))
-    return out
+        vals = vals.reshape(c, len(idx), ph * g_h, pw * g_w).transpose(0, 1)
+        if not inside.all():
+            vals = vals * inside[:, None].to(input.dtype)
+        done.append(idx)
+        pooled.append(F.avg_pool2d(vals, (g_h, g_w)))  # each bin's mean
+    if not done:
+        return out
+    return out.index_copy(0, torch.cat(done).to(out.device), torch.cat(pooled))
 
 
 def install() -> bool:
