@@ -33,17 +33,22 @@ class DetectionRecipe:
     """The fine-tuning settings (ViTDet's values where they carry over to small images; see the module
     docstring). `lr` is the peak learning rate at `batch_size`, not scaled."""
 
+    # the run (ViTDet: 184375 iterations at batch 64)
     steps: int = 300
     batch_size: int = 8
+    seed: int = 0
+    # AdamW with ViTDet-B's lr, weight decay and layer decay
     lr: float = 1e-4
     weight_decay: float = 0.1
     layer_decay: float = 0.7
-    drop_path: float = 0.1
+    # ViTDet's warmup is 250 iterations from 0.001 x lr; here a twelfth of the run at most
     warmup_steps: int = 25
     warmup_factor: float = 0.001
+    # the model: ViT-B's drop path, the pyramid's and heads' width
+    drop_path: float = 0.1
     channels: int = 64
+    # augmentation: random horizontal flips
     flip: bool = True
-    seed: int = 0
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, warmup_factor: float = 0.001) -> float:
