@@ -13,7 +13,7 @@ import torchvision  # noqa: E402  (after install: its import needs the op schema
 
 
 def test_fallbacks_only_where_the_compiled_ops_do_not_load():
-    assert INSTALLED == (torchvision_ops_loadable() is False)
+    assert INSTALLED == (torchvision_ops_loadable() is not True)  # _C.so missing or not loadable here
     assert torchvision.extension._has_ops()  # torchvision calls its ops either way
     assert ops.install() == INSTALLED  # idempotent
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..timm_support import import_torchvision, torchvision_ops_loadable
+from ..timm_support import import_torchvision
 
 __all__ = ["install", "nms", "roi_align"]
 
@@ -138,7 +138,7 @@ def install() -> bool:
     torchvision = import_torchvision()
     if _LIBRARY is not None:
         return True
-    if torchvision_ops_loadable() is not False or torchvision.extension._has_ops():
+    if torchvision.extension._has_ops():  # its compiled ops loaded
         return False
     lib = torch.library.Library("torchvision", "FRAGMENT")
     try:
