@@ -7,8 +7,8 @@ label i being ``categories[i - 1]``.
 
 :func:`generated_set` draws ``sprites`` or ``deadleaves`` images and takes each object's visible pixels from
 the generator's object-id map (:meth:`gmae.data.DeadLeaves.sample`): the parts another object hides are cut
-away, as COCO annotates, and an object with fewer than ``min_pixels`` visible pixels is left out (COCO's
-annotators skip what they cannot see; a few pixels is not an object a detector can find). Its category is its
+away, as COCO annotates, and an object with fewer than ``min_pixels`` visible pixels is left out (a sliver
+of a few pixels is not an object anyone could box). Its category is its
 shape (disc, square, ... : the source's ``shape_names``), its box the tight box of its visible pixels, as
 ``pycocotools.mask.toBbox`` gives it (x = first column, w = last - first + 1).
 
