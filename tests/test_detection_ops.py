@@ -114,8 +114,8 @@ def test_roi_align_matches_torchvisions_python_reference(sampling_ratio, aligned
 
 def test_roi_align_gradient():
     g = torch.Generator().manual_seed(2)
-    feats = torch.randn(2, 2, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
-    rois = torch.tensor([[0, 0.3, 0.7, 4.2, 5.1], [1, 1.1, 0.2, 6.3, 3.9], [0, -1.5, 2.0, 3.0, 7.5]],
+    feats = torch.randn(2, 1, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    rois = torch.tensor([[0, 0.3, 0.7, 4.2, 4.1], [1, 1.1, 0.2, 5.3, 3.9], [0, -1.5, 2.0, 3.0, 6.5]],
                         dtype=torch.float64)
     for sampling_ratio, aligned in [(2, True), (-1, False)]:
         assert torch.autograd.gradcheck(
