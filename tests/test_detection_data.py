@@ -38,6 +38,15 @@ def test_generated_boxes_and_masks_are_the_visible_objects(name, cls):
     assert occluded > 0
 
 
+def test_class_agnostic_set_has_the_same_objects_under_one_category():
+    shapes = generated_set("sprites", 40, 3, seed=4)
+    agnostic = generated_set("sprites", 40, 3, seed=4, class_agnostic=True)
+    assert agnostic.categories == [{"id": 1, "name": "object"}]
+    for a, b in zip(shapes.targets, agnostic.targets):
+        assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["boxes"], b["boxes"])
+        assert (b["labels"] == 1).all() and len(b["labels"]) == len(a["labels"])
+
+
 def test_small_objects_are_dropped():
     few = generated_set("deadleaves", 48, 3, min_pixels=200)
     many = generated_set("deadleaves", 48, 3, min_pixels=1)

@@ -27,6 +27,7 @@ def main() -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--encoder", help="encoder file or run folder (gmae.io.export.load_encoder)")
     source.add_argument("--random-init", action="store_true", help="a random encoder of the tiny preset")
+    p.add_argument("--class-agnostic", action="store_true", help="one category, object, instead of the shapes")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--train", type=int, default=2000, help="training images")
     p.add_argument("--val", type=int, default=200, help="held-out images scored")
@@ -50,8 +51,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    train = generated_set(args.data, args.image_size, args.train, seed=0)
-    val = generated_set(args.data, args.image_size, args.val, seed=0, start=VAL_START)
+    train = generated_set(args.data, args.image_size, args.train, seed=0, class_agnostic=args.class_agnostic)
+    val = generated_set(args.data, args.image_size, args.val, seed=0, start=VAL_START,
+                        class_agnostic=args.class_agnostic)
     print(f"data: {len(train)} + {len(val)} images, {sum(len(t['labels']) for t in train.targets)} train objects, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     if args.random_init:
@@ -69,7 +71,8 @@ def main() -> None:
         print(f"step {step:5d}  lr {lr:.2e}  {parts}  {time.perf_counter() - start:.0f} s", flush=True)
 
     _, results = train_detector(encoder, train, val, recipe, log=log)
-    results = {"data": args.data, "encoder": "random" if args.random_init else args.encoder, **vars(recipe), **results}
+    results = {"data": args.data, "class_agnostic": args.class_agnostic,
+               "encoder": "random" if args.random_init else args.encoder, **vars(recipe), **results}
     print(json.dumps(results), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -91,9 +91,10 @@ def _target(masks: np.ndarray, labels, boxes: np.ndarray | None = None) -> dict[
 
 
 def generated_set(name: str, image_size: int, count: int, seed: int = 0, start: int = 0,
-                  min_pixels: int = MIN_PIXELS) -> DetectionData:
+                  min_pixels: int = MIN_PIXELS, class_agnostic: bool = False) -> DetectionData:
     """`count` images (indices `start`, `start` + 1, ...) of the generator `name` ("sprites" or "deadleaves")
-    at `image_size`, with the boxes and masks of their visible objects; see the module docstring."""
+    at `image_size`, with the boxes and masks of their visible objects; see the module docstring.
+    `class_agnostic`: one category, "object", instead of the shapes (finding objects without naming them)."""
     from ... import data
 
     if name not in GENERATED:
@@ -108,7 +109,10 @@ def generated_set(name: str, image_size: int, count: int, seed: int = 0, start: 
         visible = (s.objects[None] == ids[:, None, None]).numpy()
         keep = visible.sum((1, 2)) >= min_pixels
         images.append((s.image * 255).round().to(torch.uint8))
-        targets.append(_target(visible[keep], s.shapes[1:][torch.from_numpy(keep)].numpy()))
+        labels = s.shapes[1:][torch.from_numpy(keep)].numpy()
+        targets.append(_target(visible[keep], np.ones_like(labels) if class_agnostic else labels))
+    if class_agnostic:
+        categories = [{"id": 1, "name": "object"}]
     return DetectionData(images, targets, categories, list(range(start + 1, start + count + 1)))
 
 
