@@ -35,6 +35,8 @@ LAYERS = [
     ("train.engine",),
     # pre-training and the evaluations
     ("train", "evaluate"),
+    # detection transfer, on the evaluations' door to timm and torchvision
+    ("evaluate.detection",),
     # what runs them: the ablation grid, the benchmarks, the Python API, the readouts' public facade
     ("evaluate.ablate", "bench", "api", "zeroshot"),
     # the command line

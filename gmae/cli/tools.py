@@ -48,7 +48,9 @@ def add_export(sub) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--format", default="safetensors", choices=list(EXPORT_FORMATS),
                    help="safetensors (default): the whole gmae model; timm: the encoder only, under timm's "
-                        "VisionTransformer names (.safetensors or .pth)")
+                        "VisionTransformer names (.safetensors or .pth); mae: the same encoder as "
+                        "{'model': state_dict} in a .pth, the file MAE's main_finetune.py/main_linprobe.py "
+                        "--finetune and ViTDet's train.init_checkpoint take")
     p.add_argument("--out", required=True, help="output file, e.g. model.safetensors or vit.pth")
     _add_raw_weights(p)
     p.set_defaults(func=cmd_export)
@@ -65,9 +67,15 @@ def cmd_export(args) -> int:
     out = export_checkpoint(args.checkpoint, args.out, fmt=args.format, raw=args.raw_weights, state=state)
     print(out)
     _say_weights(model_weights(state, args.raw_weights, args.checkpoint)[1], args.raw_weights)
+    mcfg, _ = configs_of(state)
     if args.format == "timm":
-        mcfg, _ = configs_of(state)
         print(f"load in timm: {timm_create_call(mcfg, out)}")
+    if args.format == "mae":
+        print(f"load in MAE: main_finetune.py --finetune {out} (or main_linprobe.py); in ViTDet: "
+              f"train.init_checkpoint={out}?matching_heuristics=True (docs/evaluation.md)")
+        if mcfg.input_norm != "imagenet":
+            print("note: this encoder learnt on [0, 1] images, while MAE's and ViTDet's data pipelines normalise "
+                  "with ImageNet's mean and std (see docs/evaluation.md)")
     return 0
 
 

@@ -37,7 +37,7 @@ PROBE_DEFAULTS = {
 EXTRACTION_BATCH = 128
 
 #: `gmae export` formats and the file extensions each accepts.
-EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth")}
+EXPORT_FORMATS = {"safetensors": (".safetensors",), "timm": (".safetensors", ".pth"), "mae": (".pth",)}
 
 
 def parse_workers(value) -> int | str:

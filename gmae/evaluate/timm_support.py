@@ -17,6 +17,9 @@ never its compiled ops, so before torchvision is first imported
 :func:`import_timm` checks whether ``_C.so`` loads and, if it does not,
 declares the schemas of the two ops torchvision registers fakes for (``nms``
 and ``qnms``; no kernel: calling them would still fail, as it would anyway).
+:func:`import_torchvision` does the same for torchvision alone; the detector
+gives ``nms`` and ``roi_align`` pure-torch kernels
+(:mod:`gmae.evaluate.detection.ops`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from ..errors import GMAEError
 
-__all__ = ["import_timm", "torchvision_ops_loadable"]
+__all__ = ["import_timm", "import_torchvision", "torchvision_ops_loadable"]
 
 INSTALL = "pip install 'gmae[timm]'"
 
@@ -70,6 +73,30 @@ def _declare_torchvision_op_schemas() -> None:
     _SCHEMA_LIBRARY = lib
 
 
+def import_torchvision():
+    """The ``torchvision`` module, importable even where its compiled ops cannot load here (their schemas
+    declared first, see the module docstring). GMAEError when torchvision is missing or still fails."""
+    if "torchvision" in sys.modules:
+        return sys.modules["torchvision"]
+    if importlib.util.find_spec("torchvision") is None:
+        raise GMAEError(f"this needs torchvision: {INSTALL}")
+    if torchvision_ops_loadable() is False:
+        _declare_torchvision_op_schemas()
+    return _import("torchvision", ())
+
+
+def _import(name: str, submodules: tuple[str, ...]):
+    """``import name`` (and its `submodules`), a failure told as a one-line GMAEError."""
+    try:
+        for module in (name, *submodules):
+            importlib.import_module(module)
+    except (ImportError, RuntimeError) as e:
+        detail = " ".join(str(e).split())[:160]
+        raise GMAEError(f"{name} could not be imported ({type(e).__name__}: {detail}); reinstall it with "
+                        f"{INSTALL} (a torchvision built for this torch)") from None
+    return sys.modules[name]
+
+
 def import_timm():
     """The ``timm`` module, importable even beside a torchvision whose compiled ops cannot load here.
 
@@ -80,15 +107,7 @@ def import_timm():
     if importlib.util.find_spec("timm") is None or importlib.util.find_spec("torchvision") is None:
         raise GMAEError(f"this needs timm and torchvision (MAE's mixup, cutmix, RandAugment and random erasing): "
                         f"{INSTALL}")
-    if torchvision_ops_loadable() is False:
-        _declare_torchvision_op_schemas()
-    try:
-        import timm
-        import timm.data  # noqa: F401  (Mixup, RandAugment)
-        import timm.data.random_erasing  # noqa: F401  (RandomErasing: not exported by timm.data)
-        import timm.loss  # noqa: F401  (SoftTargetCrossEntropy)
-    except (ImportError, RuntimeError) as e:
-        detail = " ".join(str(e).split())[:160]
-        raise GMAEError(f"timm could not be imported ({type(e).__name__}: {detail}); reinstall it with "
-                        f"{INSTALL} (a torchvision built for this torch)") from None
-    return timm
+    import_torchvision()
+    # timm.data: Mixup, RandAugment; timm.data.random_erasing: RandomErasing (not exported by timm.data);
+    # timm.loss: SoftTargetCrossEntropy
+    return _import("timm", ("timm.data", "timm.data.random_erasing", "timm.loss"))

@@ -19,7 +19,12 @@ dropped): ``cls_token``, ``pos_embed`` (1, 1 + N, D, the cls slot first, as in
 timm), ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``,
 ``norm.*``. A ``.pth`` file is a plain dict of tensors (``torch.save``; loads with
 ``weights_only=True``); a ``.safetensors`` file carries the metadata above with
-``"format": "timm-vit"``. There is no classifier, so create the timm model with
+``"format": "timm-vit"``. ``--format mae`` writes the same tensors as a ``.pth`` holding
+``{"model": state_dict}``, the layout of MAE's own ``mae_pretrain_vit_base.pth``: MAE's
+``main_finetune.py`` / ``main_linprobe.py --finetune`` read ``torch.load(path)["model"]``
+(facebookresearch/mae at efb2a80, ``main_finetune.py`` lines 234-248, ``main_linprobe.py``
+lines 195-209) and detectron2's ViTDet configs take it as ``train.init_checkpoint``
+(docs/evaluation.md, "Exports for MAE's and ViTDet's scripts"). There is no classifier, so create the timm model with
 ``num_classes=0`` (or load with ``strict=False``)::
 
     timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0,
@@ -67,6 +72,8 @@ __all__ = ["CONFIG_KEY", "EXPORT_FORMAT", "FORMATS", "TIMM_FORMAT", "export_chec
            "input_mean_std", "timm_create_call", "timm_model_name"]
 
 FORMATS = EXPORT_FORMATS  # format -> the file extensions it accepts
+#: Formats holding only the encoder, under timm's names.
+ENCODER_ONLY = ("timm", "mae")
 #: gmae presets whose encoder is exactly a standard timm ViT.
 TIMM_NAMES = {"small": "vit_small_patch16_224", "base": "vit_base_patch16_224", "large": "vit_large_patch16_224"}
 ENCODER_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
@@ -129,7 +136,8 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
 
     "safetensors": the whole model (every state_dict entry, frozen ``pos_embed``
     included). "timm": the encoder only, under timm's names, as ``.safetensors``
-    or ``.pth`` (see the module docstring). Each tensor is its own contiguous
+    or ``.pth``; "mae": the same tensors as ``{"model": state_dict}`` in a ``.pth``
+    (see the module docstring). Each tensor is its own contiguous
     copy (safetensors refuses tensors that share memory). The file is written
     next to `out_path` and renamed into place, so a crash never leaves a
     half-written export.
@@ -150,7 +158,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
         if not isinstance(value, torch.Tensor):
             raise GMAEError(f"checkpoint {checkpoint_path} has a non-tensor model entry {name!r}; it is damaged")
         tensors[name] = value.detach().to("cpu").contiguous().clone()
-    if fmt == "timm":
+    if fmt in ENCODER_ONLY:
         tensors = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
     metadata = {
         "format": EXPORT_FORMAT if fmt == "safetensors" else TIMM_FORMAT,
@@ -163,6 +171,8 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, fmt: st
         mean, std = input_mean_std(mcfg)
         metadata.update(mean=json.dumps(list(mean)), std=json.dumps(list(std)))
     if out_path.suffix.lower() == ".pth":
-        return write_atomically(out_path, lambda f: torch.save(tensors, f))
+        # MAE's scripts read the state dict under "model" (see the module docstring); timm takes it bare.
+        payload = {"model": tensors} if fmt == "mae" else tensors
+        return write_atomically(out_path, lambda f: torch.save(payload, f))
     # Bytes written through `open` (safetensors' own save_file makes its files 0600, whatever the umask).
     return write_atomically(out_path, lambda f: f.write(save(tensors, metadata=metadata)))
