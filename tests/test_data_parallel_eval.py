@@ -132,9 +132,15 @@ def test_finetune_batch_must_split_over_the_processes(tmp_path, ckpt):
     assert "batch size 7 must be a multiple of processes x accum-steps (2 x 1)" in log.read_text()
 
 
-def test_submit_takes_a_multi_task_finetune():
-    from gmae.cli import parse_args
+def test_submit_takes_a_multi_task_finetune_and_probe(tmp_path, capsys):
+    from gmae.cli import main, parse_args
+    from gmae.runtime.cluster import job_command
 
     args = parse_args(["submit", "--gpus-per-node", "2", "--nodes", "2", "finetune", "--checkpoint", "x"])
     assert args.job_args.command == "finetune"
-    json.dumps(vars(args.job_args), default=str)  # what submitit pickles holds plain values
+    assert job_command(args.job)[-1] == "--resume=auto"  # a requeue continues the newest checkpoint
+    probe = ["probe", "--checkpoint", "x", "--protocol", "mae"]
+    args = parse_args(["submit", "--nodes", "4", "--gpus-per-node", "8", "--folder", str(tmp_path), *probe])
+    assert args.job_args.command == "probe" and job_command(args.job) == probe  # no checkpoints: it starts over
+    assert main(["submit", "--nodes", "2", *probe]) == 2  # the probe has no --out for the job's files
+    assert "gmae probe has no --out: give submit's --folder" in capsys.readouterr().err

@@ -44,7 +44,8 @@ def add_submit(sub) -> None:
     p.add_argument("--signal-delay", type=positive_int, default=120, metavar="S",
                    help="seconds before the time limit at which the run is told to save and requeue (default 120)")
     p.add_argument("--folder", default=None,
-                   help="folder for submitit's job files and each task's log (default: the command's --out/submitit)")
+                   help="folder for submitit's job files and each task's log (default: the command's --out/submitit; "
+                        "needed for probe, which has no --out)")
     p.add_argument("--name", default="gmae", help="the job's name (default gmae)")
     p.add_argument("--slurm", type=cluster.key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="a further sbatch option, e.g. --slurm account=myproj --slurm qos=high (repeatable)")
@@ -52,8 +53,8 @@ def add_submit(sub) -> None:
                    help="slurm (default when sbatch is available) or local: the tasks on this machine, for a test")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and report how it ended")
     p.add_argument("job", nargs=argparse.REMAINDER, metavar="COMMAND ...",
-                   help=f"the command to run, with its flags: {' or '.join(cluster.SUBMITTABLE)} ... (it runs with "
-                        "--resume=auto)")
+                   help=f"the command to run, with its flags: {', '.join(cluster.SUBMITTABLE)} ... (pretrain and "
+                        "finetune run with --resume=auto)")
     p.set_defaults(func=cmd_submit)
 
 
@@ -105,33 +106,38 @@ class TrainingJob:
 
 
 def _check_job(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """gmae submit: the command to run must be pretrain or finetune with flags that parse."""
+    """gmae submit: the command to run must be one of cluster.SUBMITTABLE, with flags that parse."""
     if not args.job or args.job[0] not in cluster.SUBMITTABLE:
         given = f"; got {args.job[0]!r}" if args.job else ""
         parser.commands["submit"].error(f"give the command to run after submit's own flags: "
-                                        f"{' or '.join(cluster.SUBMITTABLE)} with its flags{given}")
+                                        f"{', '.join(cluster.SUBMITTABLE)} with its flags{given}")
     args.job_args = parse_args(args.job)
 
 
 def cmd_submit(args) -> int:
     inner = args.job_args
-    check_output_folder(inner.out)
-    saved = list_checkpoints(inner.out)
-    if not inner.resume and saved:
-        raise GMAEError(f"{inner.out} already holds checkpoints of another run; add --resume to continue it "
-                        "or choose a new --out")
-    if inner.resume is True and not saved:
-        raise GMAEError(f"--resume: there is no checkpoint in {inner.out} to continue; drop --resume to start "
-                        "a new run there (the job continues its own checkpoints when requeued)")
+    resuming = args.job[0] in cluster.RESUMING  # the probe writes no checkpoints: nothing to check or continue
+    if resuming:
+        check_output_folder(inner.out)
+        saved = list_checkpoints(inner.out)
+        if not inner.resume and saved:
+            raise GMAEError(f"{inner.out} already holds checkpoints of another run; add --resume to continue it "
+                            "or choose a new --out")
+        if inner.resume is True and not saved:
+            raise GMAEError(f"--resume: there is no checkpoint in {inner.out} to continue; drop --resume to start "
+                            "a new run there (the job continues its own checkpoints when requeued)")
+    elif not args.folder:
+        raise GMAEError(f"gmae {args.job[0]} has no --out: give submit's --folder for the job's files and logs")
     folder = args.folder or str(Path(inner.out) / "submitit")
     check_output_folder(folder)
     job = cluster.submit(TrainingJob(cluster.job_command(args.job)), folder, cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
                          partition=args.partition, time_min=args.time, name=args.name,
                          signal_delay_s=args.signal_delay, slurm=dict(args.slurm))
-    print(f"submitted job {job.job_id}: gmae {' '.join(args.job)} (it runs with --resume=auto)")
+    print(f"submitted job {job.job_id}: gmae {' '.join(args.job)}" + (" (it runs with --resume=auto)" if resuming else ""))
     print(f"logs:  {folder}/{job.job_id}_*_log.out and .err (one per task)")
-    print(f"where it stands: gmae info {inner.out}   gmae plot {inner.out} --out curves.png")
+    if resuming:
+        print(f"where it stands: gmae info {inner.out}   gmae plot {inner.out} --out curves.png")
     if not args.wait:
         return 0
     try:
@@ -139,7 +145,8 @@ def cmd_submit(args) -> int:
     except Exception as e:  # submitit's UncompletedJobError / FailedJobError: the task's traceback is in its log
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GMAEError(f"job {job.job_id} did not finish ({first}); see {folder}/{job.job_id}_0_log.err") from None
-    print(f"job {job.job_id} finished: {list_checkpoints(inner.out)[-1]}")
+    print(f"job {job.job_id} finished: " + (str(list_checkpoints(inner.out)[-1]) if resuming else
+                                            f"the first task's results are in {folder}/{job.job_id}_0_log.out"))
     return 0
 
 

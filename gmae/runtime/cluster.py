@@ -24,7 +24,9 @@ from pathlib import Path
 
 from ..errors import GMAEError
 
-SUBMITTABLE = ("pretrain", "finetune")
+SUBMITTABLE = ("pretrain", "finetune", "probe")
+#: The submittable commands that write checkpoints and continue them (--resume=auto); the probe starts over.
+RESUMING = ("pretrain", "finetune")
 INSTALL = "pip install 'gmae[cluster]'"
 
 
@@ -102,8 +104,11 @@ def import_submitit():
 
 
 def job_command(command: list[str]) -> list[str]:
-    """The command a job runs: `command` with --resume=auto in place of any --resume, so that the job and
-    every requeue of it (a time limit, a preemption, a failed node) continue the newest checkpoint."""
+    """The command a job runs: for a run that checkpoints (RESUMING), `command` with --resume=auto in place of any
+    --resume, so that the job and every requeue of it (a time limit, a preemption, a failed node) continue the
+    newest checkpoint; any other command (the probe) as it is: a requeue runs it again."""
+    if command[0] not in RESUMING:
+        return list(command)
     out, i = [], 0
     while i < len(command):
         word = command[i]

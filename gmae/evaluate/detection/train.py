@@ -1,8 +1,9 @@
 """Fine-tuning the detector, ViTDet's recipe at small scale: AdamW with layer-wise lr decay, linear warmup and
 two step decays, drop path; COCO AP on held-out images at the end.
 
-The per-step work is one function, :func:`detection_step` (batch -> loss and its parts), so that a training
-engine can run it; :func:`train_detector` is the plain single-process loop around it.
+The per-step work is one function, :func:`detection_step` (batch -> loss and its parts);
+:class:`DetectionTask` runs it on the training engine (gmae.train.engine), as pre-training and fine-tuning
+run theirs, and :func:`train_detector` is the Python entry.
 
 ViTDet's schedule (``projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py`` lines 23-35 at detectron2
 02b5c4e): linear warmup from 0.001 x lr over 250 of 184375 iterations, then x0.1 at 88.9 % and x0.01 at
@@ -17,12 +18,16 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DataLoader
 
+from ...data.stream import SeededStream, StepBatchSampler
+from ...runtime.distributed import Context
+from ...train.engine import Engine, Task
 from .data import DetectionData
 from .metric import evaluate
 from .model import build_detector, param_groups
 
-__all__ = ["DetectionRecipe", "batch_of", "detection_step", "lr_factor", "predict", "train_detector"]
+__all__ = ["DetectionRecipe", "DetectionTask", "batch_of", "detection_step", "lr_factor", "predict", "train_detector"]
 
 #: Where ViTDet's two lr steps fall, as fractions of the run (163889 and 177546 of 184375 iterations).
 STEP_FRACTIONS = (163889 / 184375, 177546 / 184375)
@@ -96,35 +101,83 @@ def predict(model: torch.nn.Module, data: DetectionData, batch_size: int = 16) -
     return out
 
 
+class _Images:
+    """The training images as a SeededStream source (gmae.data.stream): sample g is image perm(seed, epoch)[pos],
+    mirrored where its own draw says so; so the batches of step s are a function of (seed, s), as in
+    pre-training and fine-tuning, and a run resumes exactly."""
+
+    shuffle = True
+
+    def __init__(self, data: DetectionData, flip: bool):
+        self.data, self.flip = data, flip
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def load(self, index: int, rng):
+        flip = torch.tensor([bool(self.flip and rng.random() < 0.5)])
+        images, targets = batch_of(self.data, [index], flip)
+        return images[0], targets[0]
+
+
+def _as_lists(samples):
+    """A DataLoader batch of (image, target) samples as (images, targets): Mask R-CNN takes lists."""
+    images, targets = zip(*samples)
+    return list(images), list(targets)
+
+
+class DetectionTask(Task):
+    """Detection fine-tuning on the training engine (gmae.train.engine): Mask R-CNN's summed loss of each batch;
+    each of its parts in the metrics."""
+
+    def __init__(self, model: torch.nn.Module, recipe: DetectionRecipe, device: torch.device):
+        self.model, self.recipe, self.device = model, recipe, device
+        self.batch_size, self.last = recipe.batch_size, {}
+
+    def prepare(self, batch, step):
+        images, targets = batch
+        torch.manual_seed(self.recipe.seed * 1_000_003 + step)  # drop-path masks: a function of (seed, step)
+        return ([im.to(self.device) for im in images],
+                [{k: v.to(self.device) for k, v in t.items()} for t in targets])
+
+    def loss(self, net, micro, scale):
+        total, self.last = detection_step(net, micro)
+        return total * scale, self.last
+
+    def log(self, step, output):
+        return {k: round(v, 5) for k, v in output.items()}
+
+
 def train_detector(encoder, train: DetectionData, val: DetectionData, recipe: DetectionRecipe | None = None,
                    device: str | torch.device = "cpu", log=None) -> tuple[torch.nn.Module, dict]:
-    """Fine-tune a detector built on `encoder` (taken over) on `train`; (model, results) where results has
-    COCO AP / AP50 / AP75 for "bbox" and "segm" on `val`, the last step's losses and the seconds taken.
-    `log(step, losses, lr)` is called every 10 steps and at the last."""
+    """Fine-tune a detector built on `encoder` (taken over) on `train`, on the training engine; (model, results)
+    where results has COCO AP / AP50 / AP75 for "bbox" and "segm" on `val`, the last step's losses and the
+    seconds taken. `log(step, losses, lr)` is called every 10 steps and at the last."""
     recipe = recipe or DetectionRecipe()
-    g = torch.Generator().manual_seed(recipe.seed)
+    device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)  # the new layers' initial weights
         model = build_detector(encoder, len(train.categories), int(train.images[0].shape[-1]),
                                channels=recipe.channels, drop_path=recipe.drop_path).to(device)
-    groups = param_groups(model, recipe.weight_decay, recipe.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.999))
-    start, parts = time.perf_counter(), {}
-    model.train()
-    for step in range(recipe.steps):
-        factor = lr_factor(step, recipe.steps, recipe.warmup_steps, recipe.warmup_factor)
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * factor * group["lr_scale"]
-        indices = torch.randint(len(train), (recipe.batch_size,), generator=g).tolist()
-        flip = torch.rand(recipe.batch_size, generator=g) < 0.5 if recipe.flip else None
-        images, targets = batch_of(train, indices, flip)
-        loss, parts = detection_step(model, ([im.to(device) for im in images],
-                                             [{k: v.to(device) for k, v in t.items()} for t in targets]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if log is not None and (step % 10 == 0 or step == recipe.steps - 1):
-            log(step, parts, recipe.lr * factor)
-    seconds = time.perf_counter() - start
+        groups = param_groups(model, recipe.weight_decay, recipe.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.999))
+        loader = DataLoader(SeededStream(_Images(train, recipe.flip), recipe.seed),
+                            batch_sampler=StepBatchSampler(recipe.batch_size, 0, recipe.steps), collate_fn=_as_lists)
+
+        def lr_at(step: int) -> float:
+            return recipe.lr * lr_factor(step, recipe.steps, recipe.warmup_steps, recipe.warmup_factor)
+
+        class Logged(DetectionTask):
+            def after_step(self, step, output, applied, lr):
+                if log is not None and (step % 10 == 0 or step == recipe.steps - 1):
+                    log(step, output, lr)
+                return {}
+
+        task = Logged(model, recipe, device)
+        engine = Engine(model, optimizer, recipe, Context(device=device), lr_at, progress=False, desc="detect")
+        start = time.perf_counter()
+        model.train()
+        engine.run(task, loader)
+        seconds = time.perf_counter() - start
     results = evaluate(val, predict(model, val))
-    return model, {**results, "losses": parts, "train_seconds": seconds}
+    return model, {**results, "losses": task.last, "train_seconds": seconds}
