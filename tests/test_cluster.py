@@ -348,10 +348,10 @@ def test_a_rank_that_never_joins_the_collective_ends_the_other_within_the_timeou
     assert load(newest, "checkpoint")["step"] % 2 == 0
 
 
-def test_max_restarts_resumes_from_the_newest_checkpoint_after_a_lost_worker(tmp_path, ddp_reference):
-    out, log = tmp_path / "run", tmp_path / "run.log"
-    proc = launch(cmd(out, DDP_STEPS, "--checkpoint-every", "2", "--resume=auto",
-                      launcher=torchrun("--max-restarts", "1")), log)
+def kill_rank_1_and_restart(command: list[str], out: Path, log: Path) -> int:
+    """Run a torchrun `command` (with --max-restarts and --resume=auto) writing `out`, SIGKILL rank 1 once a
+    checkpoint is saved, and return the step the restarted workers resumed from (asserting the run finished)."""
+    proc = launch(command, log)
     victim = when(lambda: list_checkpoints(out) and len(metrics(out)) >= 3 and process_with(proc.pid, "RANK", "1"),
                   proc, log, "a checkpoint and rank 1")
     assert victim, f"the run ended before the kill:\n{log.read_text()[-3000:]}"
@@ -362,6 +362,13 @@ def test_max_restarts_resumes_from_the_newest_checkpoint_after_a_lost_worker(tmp
     resumed = re.findall(r"resumed from checkpoint-(\d+)\.pt", text)
     assert resumed, f"the restarted workers did not resume:\n{text[-3000:]}"
     print(f"rank 1 killed with SIGKILL; torchrun restarted the workers, which resumed from step {int(resumed[0])}")
+    return int(resumed[0])
+
+
+def test_max_restarts_resumes_from_the_newest_checkpoint_after_a_lost_worker(tmp_path, ddp_reference):
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    kill_rank_1_and_restart(cmd(out, DDP_STEPS, "--checkpoint-every", "2", "--resume=auto",
+                                launcher=torchrun("--max-restarts", "1")), out, log)
     final = f"checkpoint-{DDP_STEPS:07d}.pt"
     assert_bitwise_equal(out / final, ddp_reference / final)
 

@@ -5,9 +5,6 @@ worker killed with SIGKILL resumed bitwise by torchrun's restart. A few tiny ste
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +14,8 @@ import torch
 
 from gmae.io.checkpoint import list_checkpoints
 from gmae.io.loader import load
-from test_cluster import ENV, assert_bitwise_equal, finish, launch, process_with, stop_rank_1, torchrun, weights, when
+from test_cluster import (ENV, assert_bitwise_equal, finish, kill_rank_1_and_restart, launch, stop_rank_1, torchrun,
+                          weights)
 from test_reliability import metrics
 
 STEPS = 6
@@ -72,14 +70,8 @@ def test_a_signal_to_one_rank_stops_both_and_the_resume_is_bitwise(tmp_path, ckp
 
 def test_a_worker_killed_with_sigkill_resumes_bitwise_under_max_restarts(tmp_path, ckpt, two_process_run):
     out, log = tmp_path / "run", tmp_path / "run.log"
-    proc = launch(finetune_cmd(ckpt, out, "--checkpoint-every", "2", "--resume=auto",
-                               launcher=torchrun("--max-restarts", "1")), log)
-    victim = when(lambda: list_checkpoints(out) and len(metrics(out)) >= 3 and process_with(proc.pid, "RANK", "1"),
-                  proc, log, "a checkpoint and rank 1")
-    assert victim, f"the run ended before the kill:\n{log.read_text()[-3000:]}"
-    os.kill(victim, signal.SIGKILL)
-    assert finish(proc, log) == 0, log.read_text()[-3000:]
-    assert re.findall(r"resumed from checkpoint-(\d+)\.pt", log.read_text()), log.read_text()[-3000:]
+    kill_rank_1_and_restart(finetune_cmd(ckpt, out, "--checkpoint-every", "2", "--resume=auto",
+                                         launcher=torchrun("--max-restarts", "1")), out, log)
     assert_bitwise_equal(two_process_run / f"checkpoint-{STEPS:07d}.pt", out / f"checkpoint-{STEPS:07d}.pt")
 
 
