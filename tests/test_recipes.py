@@ -582,3 +582,25 @@ def test_a_recipe_whose_epoch_is_no_step_is_refused_before_any_work(images, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "epoch of 8 images at batch 4096 is 0 steps" in err[0], err
     assert not out.exists()
+
+
+def test_a_finetune_recipe_whose_batch_exceeds_the_images_is_refused_before_any_work(ckpt, tmp_path, capsys):
+    """MAE's fine-tuning batch of 1024 on a folder of 6 images would repeat each image in every batch (MAE drops
+    that partial batch: no step at all). Refused in one line naming both numbers,
+    before the output folder is made; the same data at a batch it holds runs."""
+    from PIL import Image
+
+    root = tmp_path / "few"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (16, 16), (80 * i, 0, 0)).save(root / split / label / f"{i}.png")
+    out = tmp_path / "ft"
+    argv = ["finetune", "--recipe", "mae-finetune-vit-b", "--checkpoint", str(ckpt), "--data", f"folder:{root}",
+            "--out", str(out), "--quiet", "--threads", "1", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "batch of 1024 images is more than the 6 training images" in err[0], err
+    assert not out.exists()
+    assert main([*argv, "--batch-size", "6", "--steps", "1"]) == 0

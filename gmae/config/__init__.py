@@ -746,7 +746,15 @@ class FinetuneConfig:
         """A copy with steps, warmup, eval and checkpoint intervals made concrete for ``num_train`` images.
 
         warmup_epochs, if set, becomes round(warmup_epochs x steps per epoch) warmup steps (MAE's warmup is
-        per iteration in fractional epochs, util/lr_sched.py lines 11-12); it stays recorded beside them."""
+        per iteration in fractional epochs, util/lr_sched.py lines 11-12); it stays recorded beside them.
+
+        A recipe's batch larger than the training set is refused (GMAEError naming both): MAE drops the last
+        partial batch (main_finetune.py line 207), so its epoch here would have no step, and every batch
+        would repeat each image many times."""
+        if self.recipe and self.batch_size > num_train:
+            raise GMAEError(f"--recipe {self.recipe}: its batch of {self.batch_size} images is more than the "
+                            f"{num_train} training images of {self.data}; give --batch-size {num_train} or less "
+                            "(and --blr for it), or more data")
         per_epoch = max(1, math.ceil(num_train / self.batch_size))
         steps = self.steps or self.epochs * per_epoch
         if self.warmup_epochs >= 0:
