@@ -93,7 +93,7 @@ def cmd_probe(args) -> int:
         raise GMAEError(f"--task {points[0]} reads marked points: only --protocol cached probes it; with "
                         "--protocol mae give --task count and/or --task shape")
     _check_checkpoint(args.checkpoint)
-    from ..evaluate.probe import probe, random_encoder
+    from ..evaluate.probe import format_probe, probe, random_encoder
     from ..io.loader import load
 
     encoder, mcfg = load(args.checkpoint, "encoder", raw=args.raw_weights, input_norm=args.input_norm)
@@ -127,18 +127,7 @@ def cmd_probe(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.checkpoint} ({' vs '.join(results)}), {pcfg.data}: {result['num_train']} train / "
-          f"{result['num_val']} val images, {result['num_classes']} classes; feature: {result['feature']} "
-          f"({result['dim']}-d)")
-    if args.baseline:
-        print(" " * 10 + "".join(f"{label:>14}" for label in results))
-    linear_how = f"BatchNorm + linear, SGD on cached features, {result['linear_epochs']} epochs" \
-        if pcfg.protocol == "cached" else \
-        f"MAE's protocol: BatchNorm + linear, LARS, batch {result['linear_batch']}, {result['linear_epochs']} epochs"
-    for key, how in (("linear_acc", linear_how),
-                     ("knn_acc", f"cosine, k={pcfg.k}, T={pcfg.temperature}")):
-        cells = "".join(f"{100 * r[key]:13.2f}%" for r in results.values())
-        print(f"{key:<10}{cells}   ({how})")
+    print(format_probe(results, str(args.checkpoint), pcfg.data))
     return 0
 
 
@@ -152,7 +141,7 @@ def _probe_record(args) -> dict:
 def _scene_probe(args, pcfg: ProbeConfig, encoders: dict, mcfg, extraction: int, linear: dict) -> int:
     """`gmae probe --data deadleaves|sprites`: the scene tasks, each encoder on the same labels."""
     from ..data.scenes import SPLIT_SEEDS, scene_labels
-    from ..evaluate.scene import scene_probe
+    from ..evaluate.scene import format_scene_table, scene_probe
 
     tasks = SCENE_TASKS if not args.task or "all" in args.task else tuple(dict.fromkeys(args.task))
     if pcfg.protocol == "mae" and (not args.task or "all" in args.task):
@@ -171,18 +160,8 @@ def _scene_probe(args, pcfg: ProbeConfig, encoders: dict, mcfg, extraction: int,
                           **_probe_record(args),
                           **({"tasks": results[next(iter(results))]} if len(results) == 1 else {"encoders": results})}))
         return 0
-    print(f"{args.checkpoint}, {pcfg.data} scene probes: {pcfg.train_images} train / {pcfg.val_images} val images "
-          f"(seeds {SPLIT_SEEDS['train']} / {SPLIT_SEEDS['val']}); linear: BatchNorm + linear, "
-          f"{'SGD on cached features' if pcfg.protocol == 'cached' else 'LARS (MAE protocol)'}, "
-          f"{linear['epochs']} epochs; kNN: cosine, k={pcfg.k}, T={pcfg.temperature}; chance: the train split's most "
-          "common class")
-    head = "".join(f"{f'{name} {label}':>24}" for name in ("linear", "kNN") for label in results)
-    print(f"{'task':<34}{head}{'chance':>10}")
-    for task in tasks:
-        first = results[next(iter(results))][task]
-        row = f"{task} ({first['kind']}, {first['num_classes']} classes)"
-        cells = "".join(f"{100 * r[task][key]:23.1f}%" for key in ("linear_acc", "knn_acc") for r in results.values())
-        print(f"{row:<34}{cells}{100 * first['chance']:9.1f}%")
+    print(format_scene_table(results, tasks, f"{args.checkpoint}, {pcfg.data}", pcfg.train_images, pcfg.val_images,
+                             pcfg.protocol, linear["epochs"], pcfg.k, pcfg.temperature))
     return 0
 
 

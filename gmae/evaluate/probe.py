@@ -470,3 +470,21 @@ def probe(encoder: ViTEncoder, data: str | tuple[Dataset, Dataset, int] = "digit
             "linear_batch": int(settings["batch_size"]), "blr": float(settings["blr"]),
             "weight_decay": float(settings["weight_decay"]), "warmup_epochs": float(settings["warmup_epochs"]),
             **extra, "seed": int(seed)}
+
+
+def format_probe(results: dict[str, dict], source: str, data: str) -> str:
+    """`gmae probe`'s table of :func:`probe` results ({encoder label: result}, e.g. the pre-trained weights and
+    the random-init baseline): a line naming the data and the feature, then the linear and kNN accuracy of
+    each encoder, one column each, with how each was measured."""
+    result = next(iter(results.values()))
+    lines = [f"{source} ({' vs '.join(results)}), {data}: {result['num_train']} train / {result['num_val']} val "
+             f"images, {result['num_classes']} classes; feature: {result['feature']} ({result['dim']}-d)"]
+    if len(results) > 1:
+        lines.append(" " * 10 + "".join(f"{label:>14}" for label in results))
+    linear_how = f"BatchNorm + linear, SGD on cached features, {result['linear_epochs']} epochs" \
+        if result["protocol"] == "cached" else \
+        f"MAE's protocol: BatchNorm + linear, LARS, batch {result['linear_batch']}, {result['linear_epochs']} epochs"
+    for key, how in (("linear_acc", linear_how), ("knn_acc", f"cosine, k={result['k']}, T={result['T']}")):
+        cells = "".join(f"{100 * r[key]:13.2f}%" for r in results.values())
+        lines.append(f"{key:<10}{cells}   ({how})")
+    return "\n".join(lines)

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..config.choices import SCENE_TASKS
 from ..data.labelled import IMAGE_TASKS, scene_arrays
-from ..data.scenes import TASK_KIND, SceneLabels, scene_labels, task_targets
+from ..data.scenes import SPLIT_SEEDS, TASK_KIND, SceneLabels, scene_labels, task_targets
 from ..errors import GMAEError
 from .probe import (
     POOLS, PROTOCOLS, encode_tokens, knn_accuracy, linear_probe, linear_settings, mae_linear_probe, pool_tokens,
@@ -163,3 +163,22 @@ def scene_probe(encoder, data: str = "sprites", tasks=SCENE_TASKS, labels: tuple
 
 
 __all__ = ["probe_task", "scene_features", "scene_probe"]
+
+
+def format_scene_table(results: dict[str, dict], tasks, source: str, train_images: int, val_images: int,
+                       protocol: str, epochs: int, k: int, T: float) -> str:
+    """`gmae probe --data deadleaves|sprites`'s table of :func:`scene_probe` results ({encoder label: {task:
+    result}}): a line saying how the probes ran, then per task each encoder's linear and kNN accuracy and the
+    chance level."""
+    lines = [f"{source} scene probes: {train_images} train / {val_images} val images "
+             f"(seeds {SPLIT_SEEDS['train']} / {SPLIT_SEEDS['val']}); linear: BatchNorm + linear, "
+             f"{'SGD on cached features' if protocol == 'cached' else 'LARS (MAE protocol)'}, "
+             f"{epochs} epochs; kNN: cosine, k={k}, T={T}; chance: the train split's most common class"]
+    head = "".join(f"{f'{name} {label}':>24}" for name in ("linear", "kNN") for label in results)
+    lines.append(f"{'task':<34}{head}{'chance':>10}")
+    for task in tasks:
+        first = results[next(iter(results))][task]
+        row = f"{task} ({first['kind']}, {first['num_classes']} classes)"
+        cells = "".join(f"{100 * r[task][key]:23.1f}%" for key in ("linear_acc", "knn_acc") for r in results.values())
+        lines.append(f"{row:<34}{cells}{100 * first['chance']:9.1f}%")
+    return "\n".join(lines)
