@@ -349,6 +349,23 @@ def test_readme_is_a_five_minute_guide():
         assert part in readme, part
 
 
+def test_readme_installs_torch_and_torchvision_as_a_pair_before_gmae():
+    """The install the README gives pins torch and torchvision together, in the same command, before gmae itself
+    (so no extra can pull another torch over them), names the error a mismatched pair gives, and pins the pair
+    this suite runs with."""
+    from importlib.metadata import version
+
+    readme = (ROOT / "README.md").read_text()
+    install = readme[readme.index("## Install"):readme.index("\n## ", readme.index("## Install") + 1)]
+    commands = bash_commands(install)
+    first_gmae = next(i for i, c in enumerate(commands) if "pip install -e" in c)
+    pairs = [c for c in commands[:first_gmae] if "torch==" in c]
+    assert pairs and all("torchvision==" in c for c in pairs), commands
+    tested = f"torch=={version('torch').split('+')[0]} torchvision=={version('torchvision').split('+')[0]}"
+    assert all(tested in c for c in pairs), (tested, pairs)
+    assert "operator torchvision::nms does not exist" in install and "import_timm()" in install
+
+
 def test_readme_gives_the_test_command_ci_runs():
     command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert "pytest" in command and command in (ROOT / "README.md").read_text().splitlines()
