@@ -20,8 +20,9 @@ what to log, what a checkpoint holds). The engine owns everything else, the same
 * atomic checkpoints (gmae.io.checkpoint.save_checkpoint) every ``checkpoint_every`` steps and at the end,
   the newest ``keep_checkpoints`` kept; what they hold is the task's (one layout for every task:
   gmae.io.checkpoint.run_state);
-* the projected time: on the CPU, a run whose first step says it would take more than an hour prints
-  that once, after the step, so a ViT-B recipe started on a laptop says so instead of silently grinding.
+* the projected time: on the CPU, a run whose first step (or, when that one was short enough to be mostly
+  kernel compilation, its second) says it would take more than an hour prints that once, so a ViT-B recipe
+  started on a laptop says so instead of silently grinding.
 
 Exact resume needs nothing more from the engine: the data of step s and every random draw of the task are
 functions of (seed, step), so a run restarted at step s continues as the uninterrupted one would.
@@ -46,10 +47,13 @@ from ..io.runs import MetricsLog, say
 from ..runtime import distributed
 from ..runtime.stopping import StopGuard, Stopped
 
-__all__ = ["Engine", "Task", "projection_line", "SLOW_RUN_S"]
+__all__ = ["Engine", "Task", "projection_line", "SLOW_RUN_S", "TRUSTED_FIRST_STEP_S"]
 
-#: On the CPU, a run whose first step projects past this many seconds says so once (projection_line).
+#: On the CPU, a run whose first steps project past this many seconds says so once (projection_line).
 SLOW_RUN_S = 3600.0
+#: A first step at least this long is trusted for the projection: compiling kernels (numba's, on a fresh clone)
+#: cannot account for most of it. A shorter one may be mostly compilation, so the second step is timed instead.
+TRUSTED_FIRST_STEP_S = 60.0
 
 
 class Task:
@@ -100,15 +104,16 @@ class _Unguarded:
         pass
 
 
-def projection_line(step_s: float, steps_left: int, device: torch.device) -> str | None:
-    """What a run on the CPU says after its first step when the rest would take more than SLOW_RUN_S."""
+def projection_line(step_s: float, steps_left: int, device: torch.device, step: int = 1) -> str | None:
+    """What a run on the CPU says after its `step`-th step (of this start) when the rest would take more than
+    SLOW_RUN_S."""
     total = step_s * steps_left
     if device.type != "cpu" or total <= SLOW_RUN_S:
         return None
     hours = total / 3600
     span = f"{hours:.1f} hours" if hours < 48 else f"{hours / 24:.1f} days"
-    return (f"on the CPU, step 1 took {step_s:.1f} s: the remaining {steps_left} steps would take about {span}; "
-            "a GPU (--device cuda) or a smaller model/recipe runs it in less")
+    return (f"on the CPU, step {step} took {step_s:.1f} s: the remaining {steps_left} steps would take about "
+            f"{span}; a GPU (--device cuda) or a smaller model/recipe runs it in less")
 
 
 class Engine:
@@ -181,7 +186,7 @@ class Engine:
         Raises Stopped after a stop signal (its step's checkpoint written), GMAEError after max_bad_steps."""
         ctx, main = self.ctx, self.ctx.is_main
         write = main and self.out is not None
-        bad_in_a_row, stopped = 0, None
+        bad_in_a_row, stopped, projected = 0, None, False
         bar = tqdm(total=self.steps, initial=start, desc=f"{self.desc} ({ctx.device.type})",
                    disable=not (self.progress and main), dynamic_ncols=True)
         where = "" if self.out is None else str(self.out)
@@ -207,8 +212,11 @@ class Engine:
                                     "--resume")
                 dt = time.perf_counter() - t0
                 done = step + 1
-                if step == start and main and (line := projection_line(dt, self.steps - done, ctx.device)):
-                    say(line)
+                # The projected time, once: after the first step if it took long enough to trust, else the second.
+                if main and (step == start + 1 or (step == start and dt >= TRUSTED_FIRST_STEP_S)) and not projected:
+                    projected = True
+                    if line := projection_line(dt, self.steps - done, ctx.device, step - start + 1):
+                        say(line)
                 if write and (step % self.log_every == 0 or done == self.steps):
                     record = {"step": step, "loss": self.loss_value, "lr": lr, "step_time": round(dt, 5),
                               "imgs_per_s": round(task.batch_size / dt, 2)}
