@@ -149,3 +149,19 @@ def test_usage_errors_are_one_line_before_torch_is_imported(tmp_path):
                      "missing.pt does not exist", "--val-dir is the folder of --val-json's images"):
         assert any(expected in e for e in errors), (expected, errors)
 
+
+
+def test_two_processes_under_torchrun(tmp_path):
+    from test_cluster import ENV, torchrun
+
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, *torchrun(), "-m", "gmae", "detect", "--random-init", *TINY,
+                           "--train-images", "8", "--val-images", "4", "--steps", "3", "--device", "cpu", "--json",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1  # the first process reports
+    scores_in_unit_interval(printed[0])
+    assert printed[0] == json.loads((out / "results.json").read_text())
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert load(out / "checkpoint-0000003.pt", "detect-checkpoint")["step"] == 3

@@ -306,7 +306,8 @@ def _detect(dcfg: DetectConfig, resume, progress: bool, changes: tuple[str, ...]
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-    # Mask R-CNN's mask head gets no gradient in a step without a positive proposal: DDP must allow that.
+    # find_unused_parameters: a step in which some parameter gets no gradient (a head with nothing sampled for
+    # it) runs on instead of failing DDP's check; the cost is one more pass over the graph.
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ctx.distributed else model
     if ctx.is_main:
         if state is not None:
