@@ -118,23 +118,19 @@ CHECKS = textwrap.dedent("""
     import sys
     from gmae.cli import main
 
-    def code(argv):
+    folder, codes = sys.argv[1], []
+    for argv in (["--random-init", "--data", "cats"],
+                 ["--random-init", "--data-json", folder + "/missing.json", "--images", folder],
+                 ["--random-init", "--batch-size", "0"],
+                 ["--data-json", folder + "/x.json"],
+                 [],
+                 ["--checkpoint", folder + "/missing.pt"],
+                 ["--random-init", "--val-dir", folder]):
         try:
-            return main(argv)
-        except SystemExit as e:
-            return e.code
-
-    folder = sys.argv[1]
-    results = [
-        code(["detect", "--random-init", "--data", "cats"]),
-        code(["detect", "--random-init", "--data-json", folder + "/missing.json", "--images", folder]),
-        code(["detect", "--random-init", "--batch-size", "0"]),
-        code(["detect", "--data-json", folder + "/x.json"]),
-        code(["detect"]),
-        code(["detect", "--checkpoint", folder + "/missing.pt"]),
-        code(["detect", "--random-init", "--val-dir", folder]),
-    ]
-    print(results, "torch" in sys.modules)
+            codes.append(main(["detect", *argv]))
+        except SystemExit as e:  # argparse's usage errors
+            codes.append(e.code)
+    print(codes, "torch" in sys.modules)
 """)
 
 

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 from ..config import DETECT_RESUMABLE, DetectConfig
 from ..errors import GMAEError
 from ..io.files import check_exists, check_output_folder
-from .common import _add_resume, _check_checkpoint
-from .flags import add_config_flags, config_settings
+from .common import _add_training, _check_checkpoint, _train
+from .flags import config_settings
 
 
 def add_detect(sub) -> None:
     p = sub.add_parser("detect", help="fine-tune a detector (ViTDet's Mask R-CNN) on an encoder; COCO box and mask AP")
-    _add_resume(p, DETECT_RESUMABLE, "--quiet", "--json")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    # Every other flag is a DetectConfig field's (gmae.config: its help, type and choices are written there).
-    add_config_flags(p, DetectConfig)
+    _add_training(p, DETECT_RESUMABLE, DetectConfig, "results")
     p.set_defaults(func=cmd_detect)
 
 
@@ -37,12 +31,8 @@ def cmd_detect(args) -> int:
     check_output_folder(dcfg.out)
     from ..evaluate.detection.train import detect
 
-    results = detect(dcfg, resume=args.resume, progress=not (args.quiet or args.json),
-                     changes=tuple(k for k in DETECT_RESUMABLE if k in args.typed), given=args.typed)
-    if results is None:  # not the main process of a torchrun job
-        return 0
-    if args.json:
-        print(json.dumps(results))
+    results = _train(args, detect, dcfg, DETECT_RESUMABLE)
+    if results is None:
         return 0
     print(f"done: {results['steps_run']} steps; {results['num_train']} train / {results['num_val']} val images")
     for kind in ("bbox", "segm"):
