@@ -3,6 +3,7 @@ stop, exact resume), on generated data or a COCO folder; COCO AP in results.json
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,3 +162,15 @@ def test_two_processes_under_torchrun(tmp_path):
     assert printed[0] == json.loads((out / "results.json").read_text())
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     assert load(out / "checkpoint-0000003.pt", "detect-checkpoint")["step"] == 3
+
+
+def test_the_resume_help_names_detects_own_flags(capsys):
+    from gmae.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["detect", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps after a hyphen
+    start = text.index("a resume may change")
+    named = re.findall(r"--[a-z-]+", text[start:text.index("--out", start) + len("--out")])
+    options = {o for a in build_parser().commands["detect"]._actions for o in a.option_strings}
+    assert "--eval" in named and "--steps" in named and set(named) <= options, (named, options)

@@ -59,10 +59,13 @@ def _load_model(args, **kw):
     return model, mcfg, state
 
 
-def _add_resume(p, resumable: tuple[str, ...], *logging: str) -> None:
-    """--resume, whose help lists the flags a resume may change: the `resumable` settings, --threads,
-    --out and the `logging` flags."""
-    flags = [f"--{name.replace('_', '-')}" for name in resumable] + ["--threads", *logging, "--out"]
+def _add_resume(p, resumable: tuple[str, ...], *logging: str, config=None) -> None:
+    """--resume, whose help lists the flags a resume may change: the `resumable` settings (by the flags of
+    the dataclass `config`'s fields where it is given), --threads, --out and the `logging` flags."""
+    from .flags import flag_fields, option_strings
+
+    named = {f.name: option_strings(f)[0] for f in (flag_fields(config) if config is not None else ())}
+    flags = [named.get(name, f"--{name.replace('_', '-')}") for name in resumable] + ["--threads", *logging, "--out"]
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
                    help=RESUME_HELP.format(", ".join(flags)))
 
@@ -72,7 +75,7 @@ def _add_training(p, resumable: tuple[str, ...], config, printed: str) -> None:
     one flag per field of the dataclass `config` (gmae.config: their help, type and choices are written there)."""
     from .flags import add_config_flags
 
-    _add_resume(p, resumable, "--quiet", "--json")
+    _add_resume(p, resumable, "--quiet", "--json", config=config)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help=f"print the {printed} as one JSON object")
     add_config_flags(p, config)
