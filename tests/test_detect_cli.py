@@ -113,6 +113,10 @@ def test_a_coco_folder_and_an_encoder_file(tmp_path, capsys):
     assert main(["detect", "--random-init", *TINY, *coco, "--val-images", "8", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--val-images 8 leaves no training image of the 8" in err
+    write_coco(detection_train._one_category(val), tmp_path / "other" / "instances.json", tmp_path / "other" / "im")
+    assert main(["detect", "--random-init", *TINY, *coco, "--val-json", str(tmp_path / "other" / "instances.json"),
+                 "--val-dir", str(tmp_path / "other" / "im"), "--out", str(tmp_path / "d")]) == 2
+    assert "categories of " + str(tmp_path / "other" / "instances.json") + " differ" in capsys.readouterr().err
 
 
 CHECKS = textwrap.dedent("""

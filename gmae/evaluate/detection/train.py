@@ -228,8 +228,8 @@ def detection_data(dcfg: DetectConfig) -> tuple[DetectionData, DetectionData]:
         if dcfg.val_images >= len(data):
             raise GMAEError(f"--val-images {dcfg.val_images} leaves no training image of the {len(data)} in "
                             f"{dcfg.data_json}; give a smaller --val-images, or --val-json")
-        train, val = data.subset(range(len(data) - dcfg.val_images)), data.subset(range(len(data) - dcfg.val_images,
-                                                                                        len(data)))
+        cut = len(data) - dcfg.val_images
+        train, val = data.subset(range(cut)), data.subset(range(cut, len(data)))
     return (_one_category(train), _one_category(val)) if dcfg.class_agnostic else (train, val)
 
 
