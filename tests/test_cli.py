@@ -179,18 +179,19 @@ def test_every_input_is_read_before_any_figure_is_written(command, run_dir, tmp_
 
 
 def test_every_command_runs_on_the_gpu_when_there_is_one():
-    """--device defaults to auto everywhere (pretrain and finetune through their configs): CUDA when it is
+    """--device defaults to auto everywhere (pretrain, finetune and detect through their configs): CUDA when it is
     available, else the CPU; the README's ImageNet line then uses the GPU without a flag."""
     from gmae.cli import build_parser
-    from gmae.config import FinetuneConfig, train_config
+    from gmae.config import DetectConfig, FinetuneConfig, train_config
     from gmae.errors import GMAEError
     from gmae.runtime.distributed import resolve_device
 
     defaults = {name: a.default for name, p in build_parser().commands.items() for a in p._actions
                 if "--device" in a.option_strings}
     assert len(defaults) >= 8, defaults
-    assert all(d == "auto" or (d is None and name in ("pretrain", "finetune")) for name, d in defaults.items()), defaults
-    assert train_config("tiny").device == "auto" and FinetuneConfig().device == "auto"
+    assert all(d == "auto" or (d is None and name in ("pretrain", "finetune", "detect"))
+               for name, d in defaults.items()), defaults
+    assert train_config("tiny").device == DetectConfig().device == FinetuneConfig().device == "auto"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(GMAEError, match="unknown device 'gpu'; use auto"):

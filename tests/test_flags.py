@@ -8,10 +8,11 @@ import pytest
 from gmae.cli import build_parser, parse_args
 from gmae.cli.flags import config_settings, flag_fields
 from gmae.cli.pretrain import configs_from_args
-from gmae.config import FinetuneConfig, ModelConfig, ProbeConfig, TrainConfig
+from gmae.config import DetectConfig, FinetuneConfig, ModelConfig, ProbeConfig, TrainConfig
 
 # The configs each command builds from its flags.
-CONFIGS = {"pretrain": (ModelConfig, TrainConfig), "finetune": (FinetuneConfig,), "probe": (ProbeConfig,)}
+CONFIGS = {"pretrain": (ModelConfig, TrainConfig), "finetune": (FinetuneConfig,), "probe": (ProbeConfig,),
+           "detect": (DetectConfig,)}
 
 # Flags that are the command's own, not a config field's, and why.
 COMMAND_ONLY = {
@@ -28,6 +29,13 @@ COMMAND_ONLY = {
         "resume": "continues the run in --out instead of building a new config",
         "quiet": "the progress bar, not the run",
         "json": "how the summary is printed",
+        "threads": "this process's CPU threads (gmae.runtime.threads), not the run: every computing command has it",
+    },
+    "detect": {
+        "help": "argparse's --help",
+        "resume": "continues the run in --out instead of building a new config",
+        "quiet": "the progress bar, not the run",
+        "json": "how the results are printed",
         "threads": "this process's CPU threads (gmae.runtime.threads), not the run: every computing command has it",
     },
     "probe": {

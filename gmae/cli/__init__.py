@@ -1,5 +1,6 @@
 """The `gmae` command: pretrain, reconstruct, the readouts (layers, edges, segment, gaussians: one command per
-readout registered in gmae.readouts), eval-zeroshot, ablate, info, export, bench, probe, finetune, plot, submit.
+readout registered in gmae.readouts), eval-zeroshot, ablate, info, export, bench, probe, finetune, detect, plot,
+submit.
 
 Each sub-command is one small function; mistakes a user can make are raised as
 GMAEError and printed as one line (exit status 2). Building the parser and
@@ -23,6 +24,7 @@ from ..io.files import check_output_folder, list_checkpoints
 from ..readouts import READOUTS
 from ..runtime import cluster, threads
 from .common import _typed_options
+from .detect import add_detect
 from .evaluate import add_ablate, add_finetune, add_probe
 from .images import add_eval_zeroshot, add_info, add_readouts, add_reconstruct
 from .pretrain import add_pretrain
@@ -173,15 +175,16 @@ class Parser(argparse.ArgumentParser):
 # The commands that compute with torch (and so take --threads; info runs its model on a few images); export only
 # reads and writes files.
 # The commands that train data-parallel over the processes of a torchrun or srun job (the probe: --protocol mae).
-DATA_PARALLEL = ("pretrain", "finetune", "probe")
-COMPUTING = ("pretrain", "reconstruct", *READOUTS, "eval-zeroshot", "ablate", "info", "bench", "probe", "finetune")
+DATA_PARALLEL = ("pretrain", "finetune", "probe", "detect")
+COMPUTING = ("pretrain", "reconstruct", *READOUTS, "eval-zeroshot", "ablate", "info", "bench", "probe", "finetune",
+             "detect")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gmae", description="Gaussian Masked Autoencoders")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_pretrain, add_reconstruct, add_readouts, add_eval_zeroshot, add_ablate, add_info, add_export, add_bench,
-                add_probe, add_finetune, add_recipes, add_plot, add_submit):
+                add_probe, add_finetune, add_detect, add_recipes, add_plot, add_submit):
         add(sub)
     parser.commands = sub.choices  # {name: its parser}, so that its own errors name it
     # gmae recipes shows a recipe's values under the flags of the command it is for
@@ -223,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _interrupted(args) -> str:
     """What a Ctrl-C leaves behind, said for the command that was running."""
-    if args.command in ("pretrain", "finetune"):
+    if args.command in ("pretrain", "finetune", "detect"):
         from ..io.files import list_checkpoints
 
         kept = list_checkpoints(args.out)
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """main without the handling of a signal's stop: a stopped pretrain or finetune raises gmae.runtime.stopping.Stopped."""
+    """main without the handling of a signal's stop: a stopped pretrain, finetune or detect raises
+    gmae.runtime.stopping.Stopped."""
     # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it.
     threads.prepare_environment()
     args = parse_args(argv)

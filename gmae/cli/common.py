@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from ..config import INPUT_NORMS
 from ..config.choices import CHECKPOINT_HELP, DEVICE_HELP, ENCODER_NORM_HELP, RAW_WEIGHTS_HELP
@@ -58,12 +59,38 @@ def _load_model(args, **kw):
     return model, mcfg, state
 
 
-def _add_resume(p, resumable: tuple[str, ...], *logging: str) -> None:
-    """--resume, whose help lists the flags a resume may change: the `resumable` settings, --threads,
-    --out and the `logging` flags."""
-    flags = [f"--{name.replace('_', '-')}" for name in resumable] + ["--threads", *logging, "--out"]
+def _add_resume(p, resumable: tuple[str, ...], *logging: str, config=None) -> None:
+    """--resume, whose help lists the flags a resume may change: the `resumable` settings (by the flags of
+    the dataclass `config`'s fields where it is given), --threads, --out and the `logging` flags."""
+    from .flags import flag_fields, option_strings
+
+    named = {f.name: option_strings(f)[0] for f in (flag_fields(config) if config is not None else ())}
+    flags = [named.get(name, f"--{name.replace('_', '-')}") for name in resumable] + ["--threads", *logging, "--out"]
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
                    help=RESUME_HELP.format(", ".join(flags)))
+
+
+def _add_training(p, resumable: tuple[str, ...], config, printed: str) -> None:
+    """The flags of a command that trains on the engine: --resume, --quiet, --json (prints the `printed`), then
+    one flag per field of the dataclass `config` (gmae.config: their help, type and choices are written there)."""
+    from .flags import add_config_flags
+
+    _add_resume(p, resumable, "--quiet", "--json", config=config)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help=f"print the {printed} as one JSON object")
+    add_config_flags(p, config)
+
+
+def _train(args, train, cfg, resumable: tuple[str, ...]) -> dict | None:
+    """Run `train` (gmae.evaluate.finetune.finetune, gmae.evaluate.detection.train.detect) on `cfg` as the command
+    line asks (--resume, --quiet, --json, the typed flags); its summary for the command to print, or None when
+    there is nothing more to print (--json printed it; not the main process of a torchrun job)."""
+    summary = train(cfg, resume=args.resume, progress=not (args.quiet or args.json),
+                    changes=tuple(k for k in resumable if k in args.typed), given=args.typed)
+    if summary is not None and args.json:
+        print(json.dumps(summary))
+        return None
+    return summary
 
 
 def _typed_options(parser: argparse.ArgumentParser, argv: list[str] | None, command: str) -> dict[str, str]:

@@ -9,8 +9,8 @@ from ..config.choices import SCENE_DATA, SCENE_TASKS, positive_int
 from ..errors import GMAEError
 from ..io.files import check_output_folder
 from .common import (
-    CHECKPOINT_HELP, _add_device, _add_encoder_norm, _add_raw_weights, _add_recipe, _add_resume, _check_checkpoint,
-    _resolve_device, _say_weights,
+    CHECKPOINT_HELP, _add_device, _add_encoder_norm, _add_raw_weights, _add_recipe, _add_training, _check_checkpoint,
+    _resolve_device, _say_weights, _train,
 )
 from .flags import add_config_flags, config_settings
 
@@ -168,11 +168,7 @@ def _scene_probe(args, pcfg: ProbeConfig, encoders: dict, mcfg, extraction: int,
 def add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a pre-trained encoder as a classifier (MAE's recipe)")
     _add_recipe(p, "finetune")
-    _add_resume(p, FINETUNE_RESUMABLE, "--quiet", "--json")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    # Every other flag is a FinetuneConfig field's (gmae.config: its help, type and choices are written there).
-    add_config_flags(p, FinetuneConfig)
+    _add_training(p, FINETUNE_RESUMABLE, FinetuneConfig, "summary")
     p.set_defaults(func=cmd_finetune)
 
 
@@ -190,12 +186,8 @@ def cmd_finetune(args) -> int:
     check_output_folder(fcfg.out)
     from ..evaluate.finetune import finetune
 
-    summary = finetune(fcfg, resume=args.resume, progress=not (args.quiet or args.json),
-                       changes=tuple(k for k in FINETUNE_RESUMABLE if k in args.typed), given=args.typed)
-    if summary is None:  # not the main process of a torchrun job
-        return 0
-    if args.json:
-        print(json.dumps(summary))
+    summary = _train(args, finetune, fcfg, FINETUNE_RESUMABLE)
+    if summary is None:
         return 0
     print(f"done: {summary['steps_run']} steps; final val top-1 {100 * summary['val_acc']:.2f}% "
           f"(best {100 * summary['best_val_acc']:.2f}%) on {summary['num_val']} images")

@@ -520,6 +520,8 @@ PRETRAIN_RESUMABLE = ("steps", "epochs", "micro_batch", "device", "checkpoint_ev
                       "max_bad_steps", "layout_every", "stop_grace", "dist_timeout")
 FINETUNE_RESUMABLE = ("steps", "device", "num_workers", "keep_checkpoints", "checkpoint_every", "eval_every",
                       "stop_grace", "accum_steps", "max_bad_steps", "dist_timeout")
+DETECT_RESUMABLE = ("steps", "device", "keep_checkpoints", "checkpoint_every", "stop_grace", "max_bad_steps",
+                    "dist_timeout", "evaluate")
 
 # The fields only --preset sets: they name a checkpoint's preset (`preset_of`).
 PRESET_SHAPE = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
@@ -768,6 +770,110 @@ class FinetuneConfig:
         )
 
 
+# ----- detection fine-tuning (gmae detect; gmae.evaluate.detection): ViTDet's recipe at small scale
+#: The generated detection sets (gmae.evaluate.detection.data.generated_set); a COCO file is the other source.
+DETECTION_DATA = ("sprites", "deadleaves")
+#: Where a generated val set starts: image indices far from the train set's 0, 1, ...
+DETECTION_VAL_START = 10**6
+# The recipe's defaults are gmae.evaluate.detection.train.DetectionRecipe's (ViTDet's values, cited there); they are
+# repeated here so that `gmae detect --help` needs no torch, and tests/test_detect_cli.py keeps the two equal.
+DETECTION_GROUP = "ViTDet's recipe (gmae.evaluate.detection.train)"
+
+
+@dataclass
+class DetectConfig:
+    """One `gmae detect` run: the encoder, the data (generated or a COCO folder), the recipe, where it writes."""
+
+    checkpoint: str = setting("", help=f"{CHECKPOINT_HELP}, or timm/MAE ViT weights: the detector's backbone "
+                              "(not needed with --resume or with --random-init)")
+    random_init: bool = setting(False, help=
+        "fresh encoder weights drawn with --seed (the baseline): the checkpoint's architecture, else the tiny "
+        "preset's at --image-size")
+    raw_weights: bool = setting(False, help=RAW_WEIGHTS_HELP)
+    input_norm: str = setting("", flags=("--normalize",), choices=INPUT_NORMS, help=ENCODER_NORM_HELP)
+    data: str = setting("sprites", choices=DETECTION_DATA, flag_default=True, help=
+        "generated images with the boxes and masks of every visible object: sprites (default) or deadleaves; "
+        "--data-json trains on a COCO file instead")
+    data_json: str = setting("", metavar="FILE", help=
+        "a COCO instances .json file to train on (with --images); its last --val-images images are the val set "
+        "unless --val-json is given")
+    images: str = setting("", metavar="DIR", help="the folder of --data-json's images")
+    val_json: str = setting("", metavar="FILE", help="a COCO instances .json file of the val set")
+    val_dir: str = setting("", metavar="DIR", help="the folder of --val-json's images (default: --images)")
+    train_images: int = setting(2000, type=positive_int, flag_default=True, help=
+        "generated train images (default {default})")
+    val_images: int = setting(200, type=positive_int, flag_default=True, help=
+        "val images: generated ones, or the last ones of --data-json without --val-json (default {default})")
+    class_agnostic: bool = setting(False, help="one category, object, instead of the data's own")
+    image_size: int = setting(64, type=positive_int, flag_default=True, help=
+        "generated images' size; COCO images are resized to it (longer side) (default {default})")
+    steps: int = setting(300, type=positive_int, flag_default=True, group=DETECTION_GROUP,
+                         help="optimizer steps (default {default})")
+    batch_size: int = setting(8, type=positive_int, flag_default=True, group=DETECTION_GROUP,
+                              help="global batch size, all processes together (default {default})")
+    lr: float = setting(1e-4, flag_default=True, group=DETECTION_GROUP, help="peak AdamW lr (default {default})")
+    weight_decay: float = setting(0.1, flag_default=True, group=DETECTION_GROUP,
+                                  help="AdamW weight decay (default {default})")
+    layer_decay: float = setting(0.7, flag_default=True, group=DETECTION_GROUP,
+                                 help="layer-wise lr decay (default {default})")
+    warmup_steps: int = setting(-1, group=DETECTION_GROUP, help=
+        "linear warmup steps (default: a twelfth of the run, at most ViTDet's 250)")
+    drop_path: float = setting(0.1, flag_default=True, group=DETECTION_GROUP,
+                               help="stochastic depth rate (default {default})")
+    channels: int = setting(64, type=positive_int, flag_default=True, group=DETECTION_GROUP,
+                            help="width of the feature pyramid and the heads (default {default})")
+    flip: bool = setting(True, negatable=True, group=DETECTION_GROUP,
+                         help="random horizontal flips of the training images (default on)")
+    seed: int = setting(0, flag_default=True, help=
+        "seed of the run: new layers, batches, flips, drop path (the generated data are fixed) (default {default})")
+    device: str = setting("auto", help=DEVICE_HELP)
+    out: str = setting("runs/detect", flag_default=True, help=
+        "folder for checkpoints, metrics.jsonl and results.json (default {default})")
+    evaluate: bool = setting(True, flags=("--eval",), negatable=True, help=
+        "score COCO AP on the val images at the end (default on; --no-eval trains only)")
+    checkpoint_every: int = setting(100, type=positive_int, flag_default=True,
+                                    help="steps between checkpoints (default {default}; and at the end)")
+    keep_checkpoints: int = setting(2, type=positive_int, flag_default=True,
+                                    help="newest checkpoints kept (default {default})")
+    max_bad_steps: int = setting(10, type=positive_int, flag_default=True, help=
+        "non-finite steps in a row (each skipped) before the run gives up (default {default})")
+    stop_grace: float = setting(60.0, metavar="S", help=STOP_GRACE_HELP)
+    dist_timeout: float = setting(1800.0, metavar="S", help=DIST_TIMEOUT_HELP)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.data in DETECTION_DATA, f"no detection data {self.data!r}: give --data "
+                                          f"{' or '.join(DETECTION_DATA)}, or a COCO file with --data-json and --images"),
+            (bool(self.data_json) == bool(self.images), "--data-json and --images go together: give both (the COCO "
+                                                        "file and the folder of its images) or neither"),
+            (not self.val_json or self.data_json, "--val-json is the val set of a COCO run: give --data-json and "
+                                                  "--images too"),
+            (not self.val_dir or self.val_json, "--val-dir is the folder of --val-json's images: give --val-json too"),
+            (self.input_norm in ("", *INPUT_NORMS), f"input normalisation must be one of {', '.join(INPUT_NORMS)} "
+                                                    f"(or empty: the file's own); got {self.input_norm!r}"),
+            (min(self.steps, self.batch_size, self.train_images, self.val_images, self.image_size, self.channels) >= 1,
+             f"steps, batch size, train/val images, image size and channels must be at least 1; got {self.steps}, "
+             f"{self.batch_size}, {self.train_images}, {self.val_images}, {self.image_size}, {self.channels}"),
+            (self.lr > 0 and self.weight_decay >= 0, f"lr must be > 0 and weight decay >= 0; got {self.lr}, "
+                                                     f"{self.weight_decay}"),
+            (0 < self.layer_decay <= 1, f"layer decay must be in (0, 1]; got {self.layer_decay}"),
+            (0 <= self.drop_path < 1, f"drop path must be in [0, 1); got {self.drop_path}"),
+            (self.warmup_steps >= -1, f"warmup steps must be >= 0 (or -1: the default); got {self.warmup_steps}"),
+            (self.checkpoint_every >= 1 and self.keep_checkpoints >= 1 and self.max_bad_steps >= 1,
+             "checkpoint-every, keep-checkpoints and max-bad-steps must be at least 1"),
+            (self.stop_grace >= 0, f"stop-grace must be >= 0 seconds (0: no limit); got {self.stop_grace}"),
+            (self.dist_timeout > 0, f"dist-timeout must be > 0 seconds; got {self.dist_timeout}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GMAEError(message)
+
+    @property
+    def warmup(self) -> int:
+        """The warmup steps of the run: the given ones, else a twelfth of the run, at most ViTDet's 250."""
+        return self.warmup_steps if self.warmup_steps >= 0 else min(250, self.steps // 12)
+
+
 # ----- the linear and kNN probes of a frozen encoder (gmae probe; gmae.evaluate.probe and gmae.evaluate.scene)
 #: The probes' feature (gmae.evaluate.probe): the cls token (MAE's linear probe) or the mean of the patch tokens.
 PROBE_POOLS = ("cls", "avg")
@@ -835,7 +941,8 @@ class ProbeConfig:
         return extraction, values
 
 
-__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "ProbeConfig", "PROBE_POOLS", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
+__all__ = ["ModelConfig", "TrainConfig", "FinetuneConfig", "ProbeConfig", "DetectConfig", "DETECT_RESUMABLE",
+           "DETECTION_DATA", "PROBE_POOLS", "PRESETS", "TRAIN_PRESETS", "CAMERAS", "SIZE_FROM_DEPTH_CAMERAS",
            "DEPTH_PARAMS", "DEPTH_GRADS", "POSITION_PARAMS", "GLOBAL_POOLS", "MIXUP_MODES", "ERASE_MODES",
            "INPUT_NORMS", "POSITION_SOURCES", "PIXEL_ORIGINS", "TILE_CUTS", "HEAD_INITS", "PATCH_BIAS_INITS", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "PRETRAIN_RESUMABLE", "FINETUNE_RESUMABLE", "model_config",
            "train_config", "config_from_dict", "as_dict", "preset_of", "setting", "no_flag", "own_flag", "PRECISIONS",

@@ -28,8 +28,11 @@ from .files import list_checkpoints
 FORMAT = "gmae-checkpoint"
 #: A fine-tuning checkpoint's marker (gmae.evaluate.finetune writes them).
 FINETUNE_FORMAT = "gmae-finetune"
+#: The marker of a `gmae detect` run's checkpoints (a detector's weights, optimizer and run config).
+DETECT_FORMAT = "gmae-detect"
 #: The checkpoint files :func:`gmae.io.loader.load` reads by name: (marker, what the messages call them).
-CHECKPOINT_FORMATS = {"checkpoint": (FORMAT, "gmae"), "finetune-checkpoint": (FINETUNE_FORMAT, "gmae fine-tune")}
+CHECKPOINT_FORMATS = {"checkpoint": (FORMAT, "gmae"), "finetune-checkpoint": (FINETUNE_FORMAT, "gmae fine-tune"),
+                      "detect-checkpoint": (DETECT_FORMAT, "gmae detect")}
 
 # Exports (gmae.io.export writes them, gmae.io.loader reads them; the format is described in gmae.io.export).
 EXPORT_FORMAT = "gmae-export"

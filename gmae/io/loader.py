@@ -14,6 +14,7 @@
 ``"export"``             (model in eval mode, ModelConfig) from a gmae safetensors export only (no pickle)
 ``"checkpoint"``         the dict of one pre-training checkpoint file (what a resumed run reads)
 ``"finetune-checkpoint"``  the dict of one fine-tuning checkpoint file
+``"detect-checkpoint"``  the dict of one detection fine-tuning (``gmae detect``) checkpoint file
 =======================  =====================================================================================
 
 Every ``.pt`` file is read with ``torch.load(weights_only=True)``, so nothing in
@@ -47,7 +48,7 @@ from .files import list_checkpoints
 __all__ = ["WHAT", "find_latest", "load"]
 
 #: What :func:`load` gives (see the module docstring).
-WHAT = ("model", "encoder", "classifier", "state", "export", "checkpoint", "finetune-checkpoint")
+WHAT = ("model", "encoder", "classifier", "state", "export", "checkpoint", "finetune-checkpoint", "detect-checkpoint")
 
 
 def _warn(message: str) -> None:
@@ -128,8 +129,8 @@ def _read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
 def find_latest(out: str | Path, warn=print, what: str = "checkpoint",
                 map_location: str | torch.device = "cpu") -> tuple[Path, dict] | None:
-    """(path, state) of the newest checkpoint in `out` that :func:`load` reads as `what` ("checkpoint" or
-    "finetune-checkpoint"; None if there is none).
+    """(path, state) of the newest checkpoint in `out` that :func:`load` reads as `what` ("checkpoint",
+    "finetune-checkpoint" or "detect-checkpoint"; None if there is none).
 
     A truncated or corrupt newest checkpoint is reported through `warn` and
     the next older one is tried, so a crash during a save costs one interval.

@@ -14,20 +14,34 @@ replaced here by horizontal flips: the generated objects already come at every s
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from ...config import (
+    DETECT_RESUMABLE, DETECTION_VAL_START, DetectConfig, ModelConfig, as_dict, config_from_dict, model_config,
+)
 from ...data.stream import SeededStream, StepBatchSampler
+from ...errors import GMAEError
+from ...io.checkpoint import DETECT_FORMAT, run_state, weights_line
+from ...io.files import check_output_folder, checkpoint_path, run_lock
+from ...io.loader import load
+from ...io.runs import prepare_metrics, refuse_changes, resume_from, resumed_config, say
+from ...runtime import distributed
 from ...runtime.distributed import Context
+from ...runtime.stopping import Stopped
 from ...train.engine import Engine, Task
-from .data import DetectionData
+from ..probe import random_encoder
+from .data import DetectionData, generated_set, read_coco
 from .metric import evaluate
 from .model import build_detector, param_groups
 
-__all__ = ["DetectionRecipe", "DetectionTask", "batch_of", "detection_step", "lr_factor", "predict", "train_detector"]
+__all__ = ["DetectionRecipe", "DetectionTask", "batch_of", "detect", "detection_data", "detection_step", "lr_factor",
+           "predict", "train_detector"]
 
 #: Where ViTDet's two lr steps fall, as fractions of the run (163889 and 177546 of 184375 iterations).
 STEP_FRACTIONS = (163889 / 184375, 177546 / 184375)
@@ -130,8 +144,10 @@ class DetectionTask(Task):
     """Detection fine-tuning on the training engine (gmae.train.engine): Mask R-CNN's summed loss of each batch;
     each of its parts in the metrics."""
 
-    def __init__(self, model: torch.nn.Module, recipe: DetectionRecipe, device: torch.device):
+    def __init__(self, model: torch.nn.Module, recipe: DetectionRecipe, device: torch.device, optimizer=None,
+                 run_config: dict | None = None):
         self.model, self.recipe, self.device = model, recipe, device
+        self.optimizer, self.run_config = optimizer, run_config
         self.batch_size, self.last = recipe.batch_size, {}
 
     def prepare(self, batch, step):
@@ -146,6 +162,9 @@ class DetectionTask(Task):
 
     def log(self, step, output):
         return {k: round(v, 5) for k, v in output.items()}
+
+    def state(self, step):
+        return run_state(DETECT_FORMAT, step, self.run_config, self.model, self.optimizer)
 
 
 def train_detector(encoder, train: DetectionData, val: DetectionData, recipe: DetectionRecipe | None = None,
@@ -181,3 +200,145 @@ def train_detector(encoder, train: DetectionData, val: DetectionData, recipe: De
         seconds = time.perf_counter() - start
     results = evaluate(val, predict(model, val))
     return model, {**results, "losses": task.last, "train_seconds": seconds}
+
+
+# --------------------------------------------------------------------------- gmae detect
+
+
+def _one_category(data: DetectionData) -> DetectionData:
+    """`data` with every object labelled 1, "object" (class-agnostic detection)."""
+    targets = [{**t, "labels": torch.ones_like(t["labels"])} for t in data.targets]
+    return DetectionData(data.images, targets, [{"id": 1, "name": "object"}], data.image_ids, data.file_names)
+
+
+def detection_data(dcfg: DetectConfig) -> tuple[DetectionData, DetectionData]:
+    """(train, val) of `dcfg`: generated images (train from index 0, val from DETECTION_VAL_START), or a COCO
+    file whose last `val_images` images are the val set unless `val_json` names one."""
+    if not dcfg.data_json:
+        sets = [generated_set(dcfg.data, dcfg.image_size, n, seed=0, start=start, class_agnostic=dcfg.class_agnostic)
+                for n, start in ((dcfg.train_images, 0), (dcfg.val_images, DETECTION_VAL_START))]
+        return sets[0], sets[1]
+    data = read_coco(dcfg.data_json, dcfg.images)
+    if dcfg.val_json:
+        train, val = data, read_coco(dcfg.val_json, dcfg.val_dir or dcfg.images)
+        if [c["name"] for c in val.categories] != [c["name"] for c in train.categories]:
+            raise GMAEError(f"the categories of {dcfg.val_json} differ from those of {dcfg.data_json}; give a val "
+                            "file of the same categories, in the same order")
+    else:
+        if dcfg.val_images >= len(data):
+            raise GMAEError(f"--val-images {dcfg.val_images} leaves no training image of the {len(data)} in "
+                            f"{dcfg.data_json}; give a smaller --val-images, or --val-json")
+        cut = len(data) - dcfg.val_images
+        train, val = data.subset(range(cut)), data.subset(range(cut, len(data)))
+    return (_one_category(train), _one_category(val)) if dcfg.class_agnostic else (train, val)
+
+
+def _encoder(dcfg: DetectConfig):
+    """(encoder, its ModelConfig) the detector starts from: the checkpoint's, or fresh weights drawn with the
+    run's seed (the checkpoint's architecture; without one, the tiny preset's at the image size)."""
+    if dcfg.checkpoint:
+        encoder, mcfg = load(dcfg.checkpoint, "encoder", raw=dcfg.raw_weights, input_norm=dcfg.input_norm or None)
+        if not dcfg.random_init:
+            if line := weights_line(encoder.loaded_weights, dcfg.raw_weights):
+                say(line)
+            return encoder, mcfg
+    elif dcfg.random_init:
+        mcfg = model_config("tiny", img_size=dcfg.image_size)
+    else:
+        raise GMAEError("detection needs an encoder: give --checkpoint, or --random-init for the baseline")
+    return random_encoder(mcfg, dcfg.seed), mcfg
+
+
+def detect(dcfg: DetectConfig, resume: bool | str = False, progress: bool = True,
+           changes: tuple[str, ...] = DETECT_RESUMABLE, given: dict[str, str] | None = None) -> dict | None:
+    """Fine-tune a detector on `dcfg`'s encoder and data on the training engine (checkpoints, metrics.jsonl, the
+    signal stop, torchrun) into ``dcfg.out``; then the first process scores COCO AP on the val set and writes
+    ``results.json``. Returns the results (None on the other processes of a torchrun job).
+
+    ``resume`` (True, or "auto": only if there is a checkpoint) continues the newest checkpoint in ``dcfg.out``
+    with its saved settings, except the ``changes`` fields (from DETECT_RESUMABLE); ``given`` ({setting: flag}
+    of a command line) makes it refuse a typed setting that contradicts the saved one. A stop signal raises
+    :class:`gmae.runtime.stopping.Stopped` after that step's checkpoint.
+    """
+    out = check_output_folder(dcfg.out)
+    if distributed.rank_from_env() != 0:  # under torchrun the first process holds the folder's lock
+        with distributed.rank_named_timeouts(dcfg.dist_timeout):
+            return _detect(dcfg, resume, progress, changes, given or {})
+    with run_lock(out), distributed.rank_named_timeouts(dcfg.dist_timeout):
+        return _detect(dcfg, resume, progress, changes, given or {})
+
+
+def _detect(dcfg: DetectConfig, resume, progress: bool, changes: tuple[str, ...], given: dict[str, str]):
+    out = Path(dcfg.out)
+    found = resume_from(out, resume, say, what="detect-checkpoint")
+    state = None if found is None else found[1]
+    if state is not None:
+        saved = config_from_dict(DetectConfig, state["config"]["detect"])
+        refuse_changes(given, DETECT_RESUMABLE, as_dict(dcfg), as_dict(saved))
+        dcfg = resumed_config(saved, dcfg, changes, DETECT_RESUMABLE)
+        if dcfg.steps < state["step"]:
+            raise GMAEError(f"--steps {dcfg.steps} is below the checkpoint's step {state['step']}; "
+                            "give a larger --steps to extend the run")
+        mcfg = config_from_dict(ModelConfig, state["config"]["model"])
+        encoder = random_encoder(mcfg)  # the architecture: its weights are the checkpoint's
+    else:
+        encoder, mcfg = _encoder(dcfg)
+    train, val = detection_data(dcfg)
+    ctx = distributed.init(dcfg.device, dcfg.dist_timeout)
+    device = ctx.device
+    if dcfg.batch_size % ctx.world_size:
+        raise GMAEError(f"batch size {dcfg.batch_size} must be a multiple of the {ctx.world_size} processes")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    # A saved run keeps the warmup it started with, even where its length changes on resume.
+    recipe = DetectionRecipe(steps=dcfg.steps, batch_size=dcfg.batch_size, seed=dcfg.seed, lr=dcfg.lr,
+                             weight_decay=dcfg.weight_decay, layer_decay=dcfg.layer_decay,
+                             warmup_steps=dcfg.warmup, drop_path=dcfg.drop_path, channels=dcfg.channels,
+                             flip=dcfg.flip)
+    dcfg = replace(dcfg, warmup_steps=recipe.warmup_steps)
+    torch.manual_seed(dcfg.seed)  # the new layers' initial weights
+    model = build_detector(encoder, len(train.categories), dcfg.image_size, channels=dcfg.channels,
+                           drop_path=dcfg.drop_path).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, dcfg.weight_decay, dcfg.layer_decay), lr=dcfg.lr,
+                                  betas=(0.9, 0.999))
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    # find_unused_parameters: a step in which some parameter gets no gradient (a head with nothing sampled for
+    # it) runs on instead of failing DDP's check; the cost is one more pass over the graph.
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ctx.distributed else model
+    if ctx.is_main:
+        if state is not None:
+            say(f"resumed from {found[0].name} (step {start})")
+        prepare_metrics(out / "metrics.jsonl", start, warn=say)
+    loader = DataLoader(SeededStream(_Images(train, dcfg.flip), dcfg.seed),
+                        batch_sampler=StepBatchSampler(dcfg.batch_size, start, dcfg.steps - start, ctx.rank,
+                                                       ctx.world_size), collate_fn=_as_lists)
+    run_config = {"model": as_dict(mcfg), "detect": as_dict(dcfg), "categories": train.categories}
+
+    def lr_at(step: int) -> float:
+        return dcfg.lr * lr_factor(step, dcfg.steps, recipe.warmup_steps, recipe.warmup_factor)
+
+    task = DetectionTask(model, recipe, device, optimizer, run_config)
+    engine = Engine(model, optimizer, dcfg, ctx, lr_at, out, net=net, progress=progress, desc="detect")
+    model.train()
+    try:
+        loss_value = engine.run(task, loader, start)
+    except Stopped:
+        distributed.shutdown(ctx)
+        raise
+    results = None
+    if ctx.is_main:
+        results = {"steps": dcfg.steps, "steps_run": dcfg.steps - start, "final_loss": loss_value,
+                   "num_train": len(train), "num_val": len(val), "categories": len(train.categories),
+                   "encoder": "random init" if dcfg.random_init else dcfg.checkpoint,
+                   "checkpoint": str(checkpoint_path(out, dcfg.steps)), "out": str(out)}
+        if dcfg.evaluate:
+            results = {**evaluate(val, predict(model, val)), **results}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
+    return results
+
