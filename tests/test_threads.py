@@ -132,7 +132,7 @@ def test_every_computing_command_takes_threads():
         flags = {s for a in parser._actions for s in a.option_strings}
         assert ("--threads" in flags) == (name in COMPUTING), name
     assert {"pretrain", "reconstruct", "layers", "edges", "segment", "gaussians", "eval-zeroshot", "ablate", "info",
-            "bench", "probe", "finetune"} == set(COMPUTING)
+            "bench", "probe", "finetune", "detect"} == set(COMPUTING)
 
 
 def test_threads_flag_reaches_configure(fresh, monkeypatch, tmp_path):
