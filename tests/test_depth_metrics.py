@@ -375,3 +375,8 @@ def test_the_gaussians_readout_gives_footprints_in_image_width_units():
         np.testing.assert_allclose(means2d, [[0.6, 0.3]], rtol=1e-6)
         dilation = 0.3 / size**2  # 0.3 px^2 in width^2
         np.testing.assert_allclose(conics, [[1 / (0.05**2 + dilation), 0.0, 1 / (0.025**2 + dilation)]], rtol=1e-5)
+        # a model rendering with legacy gsplat's pixel convention (--pixel-origin legacy) is read where it renders:
+        # one pixel right and down
+        legacy = RenderSettings(backend="torch", pixel_origin="legacy")
+        shifted = READOUT.scorer.predict(g, Canvas(size, size, None, legacy), [size])[0][2]
+        np.testing.assert_allclose(shifted, [[0.6 + 1 / size, 0.3 + 1 / size]], rtol=1e-6)

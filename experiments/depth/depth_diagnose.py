@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         s = source.sample(index)
         g = gaussians_of(model, s.image[None])
         with torch.no_grad():
-            means2d, conics, depths = project(canvas.settings.camera, g.means, g.scales, g.quats, size, size)
+            means2d, conics, depths = project(canvas.settings.camera, g.means, g.scales, g.quats, size, size,
+                                              pixel_origin=canvas.settings.pixel_origin)
         m2, con, z = means2d[0], conics[0], g.means[0, :, 2]
         objects = s.objects.numpy()
         px, py = m2[:, 0].numpy(), m2[:, 1].numpy()

@@ -91,7 +91,9 @@ def _predict(g: Gaussians, canvas: Canvas, sides: list[int]) -> list[tuple]:
     from ..render.camera import project
 
     size = canvas.width
-    means2d, conics, _ = project(canvas.settings.camera, g.means, g.scales, g.quats, canvas.height, size)
+    # Where the renderer puts them: with the model's pixel convention too (legacy gsplat's is one pixel off).
+    means2d, conics, _ = project(canvas.settings.camera, g.means, g.scales, g.quats, canvas.height, size,
+                                 pixel_origin=canvas.settings.pixel_origin)
     return [(g.means[i].float().cpu().numpy(), g.opacities[i].float().cpu().numpy(),
              (means2d[i] / size).float().cpu().numpy(), (conics[i] * size**2).float().cpu().numpy())
             for i in range(len(sides))]
