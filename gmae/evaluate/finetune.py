@@ -60,13 +60,13 @@ from ..config import FINETUNE_RESUMABLE, FinetuneConfig, ModelConfig, as_dict, c
 from ..data import StepBatchSampler
 from ..errors import GMAEError
 from ..io.loader import load
-from ..io.files import check_output_folder, checkpoint_path, run_lock
+from ..io.files import checkpoint_path
 from ..model import ViTEncoder, build_classifier, param_groups
 from ..io.runs import autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from ..runtime import distributed
 from ..runtime.stopping import Stopped
 from ..runtime.threads import resolve_workers, worker_init
-from ..train.engine import Engine, Task
+from ..train.engine import Engine, Task, run_folder
 from .augment import augmented, build_mixup, mix_batch, soft_target_loss
 
 
@@ -157,11 +157,7 @@ def finetune(fcfg: FinetuneConfig, resume: bool | str = False, progress: bool = 
     run writes it. SIGTERM, SIGUSR1 or SIGUSR2 stops it after the current step,
     with that step's checkpoint, by raising :class:`gmae.runtime.stopping.Stopped`.
     """
-    out = check_output_folder(fcfg.out)
-    if distributed.rank_from_env() != 0:  # under torchrun the first process holds the folder's lock
-        with distributed.rank_named_timeouts(fcfg.dist_timeout):
-            return _finetune(fcfg, resume, progress, encoder, mcfg, changes, given or {})
-    with run_lock(out), distributed.rank_named_timeouts(fcfg.dist_timeout):
+    with run_folder(fcfg.out, fcfg.dist_timeout):
         return _finetune(fcfg, resume, progress, encoder, mcfg, changes, given or {})
 
 

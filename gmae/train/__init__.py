@@ -25,7 +25,7 @@ from ..data import SeededStream, StepBatchSampler, build_dataset, held_out_batch
 from ..model.ema import WeightEMA
 from ..errors import GMAEError
 from ..io.loader import load
-from ..io.files import check_output_folder, checkpoint_path, run_lock
+from ..io.files import checkpoint_path
 from ..model import build_model, masking_noise, param_groups
 from ..readouts.layout import layout_monitor
 from ..config.recipes import pretrain_configs
@@ -34,7 +34,7 @@ from ..render import resolve_backend
 from ..io.runs import autocast, learning_rate, prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from ..runtime.stopping import Stopped
 from ..runtime.threads import resolve_workers, worker_init
-from .engine import Engine, Task
+from .engine import Engine, Task, run_folder
 from ..viz.figures import figures_unavailable, save_reconstruction_figure
 
 #: Images in the layout monitor's held-out batch (TrainConfig.layout_every).
@@ -182,13 +182,9 @@ def pretrain(mcfg: ModelConfig | None = None, tcfg: TrainConfig | None = None, r
         mcfg, tcfg = pretrain_configs(recipe, **settings)
     elif mcfg is None or tcfg is None or recipe is not None or settings:
         raise GMAEError("pretrain() takes both configs (mcfg, tcfg), or a recipe and/or settings that build them")
-    out = check_output_folder(tcfg.out)
-    if tensorboard:
-        check_available()
-    if distributed.rank_from_env() != 0:
-        with distributed.rank_named_timeouts(tcfg.dist_timeout):
-            return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard, given or {})
-    with run_lock(out), distributed.rank_named_timeouts(tcfg.dist_timeout):
+    with run_folder(tcfg.out, tcfg.dist_timeout):
+        if tensorboard:
+            check_available()
         return _pretrain(mcfg, tcfg, resume, progress, changes, tensorboard, given or {})
 
 

@@ -42,12 +42,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..errors import GMAEError
 from ..io.checkpoint import save_checkpoint
-from ..io.files import checkpoint_path
+from ..io.files import check_output_folder, checkpoint_path, run_lock
 from ..io.runs import MetricsLog, say
 from ..runtime import distributed
 from ..runtime.stopping import StopGuard, Stopped
 
-__all__ = ["Engine", "Task", "projection_line", "SLOW_RUN_S", "TRUSTED_FIRST_STEP_S"]
+__all__ = ["Engine", "Task", "projection_line", "run_folder", "SLOW_RUN_S", "TRUSTED_FIRST_STEP_S"]
 
 #: On the CPU, a run whose first steps project past this many seconds says so once (projection_line).
 SLOW_RUN_S = 3600.0
@@ -89,6 +89,17 @@ class Task:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def run_folder(out: str | Path, dist_timeout: float):
+    """The block of a run that writes `out` (checked first): the first process holds the folder's lock (under
+    torchrun the others write nothing), so a second run into it is refused; a collective that times out ends the
+    block with one line naming the rank (gmae.runtime.distributed.rank_named_timeouts). Yields `out` as a Path."""
+    out = check_output_folder(out)
+    lock = run_lock(out) if distributed.rank_from_env() == 0 else contextlib.nullcontext()
+    with lock, distributed.rank_named_timeouts(dist_timeout):
+        yield out
+
+
 class _Unguarded:
     """StopGuard's stand-in for a run without checkpoints: no signal is caught, so none is ever pending."""
 
@@ -125,7 +136,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, ctx: distributed.Context,
                  lr_at: Callable[[int], float], out: str | Path | None = None, *, net=None, amp=None, ema=None,
                  progress: bool = True, desc: str = "train"):
-        self.model, self.optimizer, self.cfg, self.ctx = model, optimizer, cfg, ctx
+        self.model, self.optimizer, self.ctx = model, optimizer, ctx
         self.net = model if net is None else net  # what runs the forward: DDP's wrapper, a compiled model
         self.lr_at, self.amp, self.ema = lr_at, amp or contextlib.nullcontext(), ema
         self.out = None if out is None else Path(out)
@@ -234,9 +245,9 @@ class Engine:
                     guard.stopping()  # this step's checkpoint is written whatever signal comes next
                 if write and (stop or done % self.checkpoint_every == 0 or done == self.steps):
                     save_checkpoint(task.state(done), checkpoint_path(self.out, done), keep=self.keep)
-                if stop:
-                    saved = "" if self.out is None else str(checkpoint_path(self.out, done))
-                    stopped = Stopped(stop, done, self.steps, saved, ctx.rank, ctx.world_size)
+                if stop:  # only a run with `out` catches signals (StopGuard), so there is a checkpoint to name
+                    stopped = Stopped(stop, done, self.steps, str(checkpoint_path(self.out, done)), ctx.rank,
+                                      ctx.world_size)
                     break
             if stopped is not None:
                 distributed.barrier(ctx)  # no process leaves before the checkpoint is written

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,13 +29,13 @@ from ...config import (
 from ...data.stream import SeededStream, StepBatchSampler
 from ...errors import GMAEError
 from ...io.checkpoint import DETECT_FORMAT, run_state, weights_line
-from ...io.files import check_output_folder, checkpoint_path, run_lock
+from ...io.files import checkpoint_path
 from ...io.loader import load
 from ...io.runs import prepare_metrics, refuse_changes, resume_from, resumed_config, say
 from ...runtime import distributed
 from ...runtime.distributed import Context
 from ...runtime.stopping import Stopped
-from ...train.engine import Engine, Task
+from ...train.engine import Engine, Task, run_folder
 from ..probe import random_encoder
 from .data import DetectionData, generated_set, read_coco
 from .metric import evaluate
@@ -167,6 +168,27 @@ class DetectionTask(Task):
         return run_state(DETECT_FORMAT, step, self.run_config, self.model, self.optimizer)
 
 
+def _detector(encoder, train: DetectionData, recipe: DetectionRecipe, image_size: int, device):
+    """(detector on `encoder` for `train`'s categories, its AdamW with ViTDet's parameter groups), as `recipe`
+    says; the caller seeds the new layers' weights."""
+    model = build_detector(encoder, len(train.categories), image_size, channels=recipe.channels,
+                           drop_path=recipe.drop_path).to(device)
+    groups = param_groups(model, recipe.weight_decay, recipe.layer_decay)
+    return model, torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.999))
+
+
+def _loader(train: DetectionData, recipe: DetectionRecipe, start: int, ctx: Context) -> DataLoader:
+    """This process's batches of steps `start` .. recipe.steps - 1: functions of (seed, step), sliced by rank."""
+    return DataLoader(SeededStream(_Images(train, recipe.flip), recipe.seed),
+                      batch_sampler=StepBatchSampler(recipe.batch_size, start, recipe.steps - start, ctx.rank,
+                                                     ctx.world_size), collate_fn=_as_lists)
+
+
+def _lr_at(recipe: DetectionRecipe, step: int) -> float:
+    """The lr of `step`: the recipe's peak times ViTDet's warmup and step decays (lr_factor)."""
+    return recipe.lr * lr_factor(step, recipe.steps, recipe.warmup_steps, recipe.warmup_factor)
+
+
 def train_detector(encoder, train: DetectionData, val: DetectionData, recipe: DetectionRecipe | None = None,
                    device: str | torch.device = "cpu", log=None) -> tuple[torch.nn.Module, dict]:
     """Fine-tune a detector built on `encoder` (taken over) on `train`, on the training engine; (model, results)
@@ -176,15 +198,8 @@ def train_detector(encoder, train: DetectionData, val: DetectionData, recipe: De
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)  # the new layers' initial weights
-        model = build_detector(encoder, len(train.categories), int(train.images[0].shape[-1]),
-                               channels=recipe.channels, drop_path=recipe.drop_path).to(device)
-        groups = param_groups(model, recipe.weight_decay, recipe.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.999))
-        loader = DataLoader(SeededStream(_Images(train, recipe.flip), recipe.seed),
-                            batch_sampler=StepBatchSampler(recipe.batch_size, 0, recipe.steps), collate_fn=_as_lists)
-
-        def lr_at(step: int) -> float:
-            return recipe.lr * lr_factor(step, recipe.steps, recipe.warmup_steps, recipe.warmup_factor)
+        model, optimizer = _detector(encoder, train, recipe, int(train.images[0].shape[-1]), device)
+        loader = _loader(train, recipe, 0, Context(device=device))
 
         class Logged(DetectionTask):
             def after_step(self, step, output, applied, lr):
@@ -193,7 +208,8 @@ def train_detector(encoder, train: DetectionData, val: DetectionData, recipe: De
                 return {}
 
         task = Logged(model, recipe, device)
-        engine = Engine(model, optimizer, recipe, Context(device=device), lr_at, progress=False, desc="detect")
+        engine = Engine(model, optimizer, recipe, Context(device=device), partial(_lr_at, recipe), progress=False,
+                        desc="detect")
         start = time.perf_counter()
         model.train()
         engine.run(task, loader)
@@ -260,11 +276,7 @@ def detect(dcfg: DetectConfig, resume: bool | str = False, progress: bool = True
     of a command line) makes it refuse a typed setting that contradicts the saved one. A stop signal raises
     :class:`gmae.runtime.stopping.Stopped` after that step's checkpoint.
     """
-    out = check_output_folder(dcfg.out)
-    if distributed.rank_from_env() != 0:  # under torchrun the first process holds the folder's lock
-        with distributed.rank_named_timeouts(dcfg.dist_timeout):
-            return _detect(dcfg, resume, progress, changes, given or {})
-    with run_lock(out), distributed.rank_named_timeouts(dcfg.dist_timeout):
+    with run_folder(dcfg.out, dcfg.dist_timeout):
         return _detect(dcfg, resume, progress, changes, given or {})
 
 
@@ -297,10 +309,7 @@ def _detect(dcfg: DetectConfig, resume, progress: bool, changes: tuple[str, ...]
                              flip=dcfg.flip)
     dcfg = replace(dcfg, warmup_steps=recipe.warmup_steps)
     torch.manual_seed(dcfg.seed)  # the new layers' initial weights
-    model = build_detector(encoder, len(train.categories), dcfg.image_size, channels=dcfg.channels,
-                           drop_path=dcfg.drop_path).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, dcfg.weight_decay, dcfg.layer_decay), lr=dcfg.lr,
-                                  betas=(0.9, 0.999))
+    model, optimizer = _detector(encoder, train, recipe, dcfg.image_size, device)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -313,16 +322,11 @@ def _detect(dcfg: DetectConfig, resume, progress: bool, changes: tuple[str, ...]
         if state is not None:
             say(f"resumed from {found[0].name} (step {start})")
         prepare_metrics(out / "metrics.jsonl", start, warn=say)
-    loader = DataLoader(SeededStream(_Images(train, dcfg.flip), dcfg.seed),
-                        batch_sampler=StepBatchSampler(dcfg.batch_size, start, dcfg.steps - start, ctx.rank,
-                                                       ctx.world_size), collate_fn=_as_lists)
+    loader = _loader(train, recipe, start, ctx)
     run_config = {"model": as_dict(mcfg), "detect": as_dict(dcfg), "categories": train.categories}
-
-    def lr_at(step: int) -> float:
-        return dcfg.lr * lr_factor(step, dcfg.steps, recipe.warmup_steps, recipe.warmup_factor)
-
     task = DetectionTask(model, recipe, device, optimizer, run_config)
-    engine = Engine(model, optimizer, dcfg, ctx, lr_at, out, net=net, progress=progress, desc="detect")
+    engine = Engine(model, optimizer, dcfg, ctx, partial(_lr_at, recipe), out, net=net, progress=progress,
+                    desc="detect")
     model.train()
     try:
         loss_value = engine.run(task, loader, start)
