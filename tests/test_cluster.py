@@ -411,7 +411,7 @@ def test_submit_without_submitit_says_how_to_install_it(tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["submit"], "give the command to run after submit's own flags: pretrain, finetune, probe"),
+    (["submit"], "give the command to run after submit's own flags: pretrain, finetune, detect, probe"),
     (["submit", "info", "runs/x"], "got 'info'"),
     (["submit", "--time", "soon", "pretrain"], "expected minutes, H:MM:SS or D-HH:MM:SS"),
     (["submit", "pretrain", "--steps", "0"], "gmae pretrain: error: argument --steps: must be at least 1"),

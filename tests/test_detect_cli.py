@@ -40,7 +40,7 @@ def scores_in_unit_interval(results: dict) -> None:
 
 def test_the_recipe_defaults_are_the_detection_recipes():
     recipe, dcfg = DetectionRecipe(), DetectConfig()
-    same = ("steps", "batch_size", "seed", "lr", "weight_decay", "layer_decay", "drop_path", "channels", "flip")
+    same = ("steps", "batch_size", "seed", "lr", "weight_decay", "layer_decay", "drop_path", "channels", "rois_per_image", "flip")
     assert {k: getattr(dcfg, k) for k in same} == {k: getattr(recipe, k) for k in same}
     assert DetectConfig(steps=300).warmup == 25 == recipe.warmup_steps  # a twelfth of the run
     assert DetectConfig(steps=6000).warmup == 250  # ViTDet's warmup at most
@@ -60,6 +60,7 @@ def test_the_command_writes_results_checkpoints_and_metrics(tmp_path, capsys):
     state = load(out / "checkpoint-0000003.pt", "detect-checkpoint")
     assert state["step"] == 3 and state["config"]["detect"]["warmup_steps"] == 0  # 3 // 12, recorded
     assert any(k.startswith("backbone.net.blocks.") for k in state["model"])
+    assert state["config"]["detect"]["rois_per_image"] == 32
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1, 2] and all("loss_mask" in r for r in lines)
     with pytest.raises(GMAEError, match="not a gmae fine-tune checkpoint"):
@@ -81,8 +82,8 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         detect(tiny(cut, evaluate=False), progress=False)
     assert [p.name for p in list_checkpoints(cut)] == ["checkpoint-0000002.pt"]
     monkeypatch.setattr(detection_train, "lr_factor", real)
-    with pytest.raises(GMAEError, match=r"--lr \(saved 0.0001, given 0.001\)"):
-        detect(tiny(cut, evaluate=False, lr=1e-3), resume=True, progress=False, given={"lr": "--lr"})
+    with pytest.raises(GMAEError, match=r"--lr \(saved 0.001, given 0.0001\)"):
+        detect(tiny(cut, evaluate=False, lr=1e-4), resume=True, progress=False, given={"lr": "--lr"})
     results = detect(tiny(cut, evaluate=False), resume=True, progress=False)
     assert results["steps_run"] == 1
     a = load(full / "checkpoint-0000003.pt", "detect-checkpoint")["model"]
@@ -178,3 +179,29 @@ def test_the_resume_help_names_detects_own_flags(capsys):
     named = re.findall(r"--[a-z-]+", text[start:text.index("--out", start) + len("--out")])
     options = {o for a in build_parser().commands["detect"]._actions for o in a.option_strings}
     assert "--eval" in named and "--steps" in named and set(named) <= options, (named, options)
+
+
+def test_submit_runs_detect_as_a_job_that_continues_its_checkpoints(tmp_path):
+    pytest.importorskip("submitit")
+    from gmae.cli import parse_args
+    from gmae.runtime.cluster import job_command
+    from test_cluster import ENV
+
+    job = ["detect", "--random-init", *TINY, "--train-images", "8", "--val-images", "4", "--steps", "3", "--device",
+           "cpu", "--out", str(tmp_path / "run")]
+    args = parse_args(["submit", "--nodes", "2", "--gpus-per-node", "8", *job])
+    assert args.job_args.command == "detect" and job_command(args.job)[-1] == "--resume=auto"  # a requeue continues
+    done = subprocess.run([sys.executable, "-m", "gmae", "submit", "--cluster", "local", "--time", "10", "--wait",
+                           *job], capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "finished" in done.stdout and "(it runs with --resume=auto)" in done.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == 3
+    scores_in_unit_interval(results)
+
+
+def test_the_proposals_sampled_per_image_reach_the_box_head(tmp_path):
+    train = generated_set("sprites", 32, 2)
+    model, _ = detection_train._detector(random_encoder(model_config("tiny", img_size=32)), train,
+                                         DetectionRecipe(rois_per_image=5, channels=16), 32, "cpu")
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 5

@@ -32,8 +32,8 @@ from .tools import add_bench, add_export, add_plot, add_recipes
 
 
 def add_submit(sub) -> None:
-    p = sub.add_parser("submit", help="run gmae pretrain or finetune as a SLURM job through submitit, requeued on a "
-                       f"time limit or preemption ({cluster.INSTALL})")
+    p = sub.add_parser("submit", help="run gmae pretrain, finetune, detect or probe as a SLURM job through submitit, "
+                       f"requeued on a time limit or preemption ({cluster.INSTALL})")
     p.add_argument("--nodes", type=positive_int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0: a CPU job)")
     p.add_argument("--tasks-per-node", type=positive_int, default=None,
@@ -55,8 +55,8 @@ def add_submit(sub) -> None:
                    help="slurm (default when sbatch is available) or local: the tasks on this machine, for a test")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and report how it ended")
     p.add_argument("job", nargs=argparse.REMAINDER, metavar="COMMAND ...",
-                   help=f"the command to run, with its flags: {', '.join(cluster.SUBMITTABLE)} ... (pretrain and "
-                        "finetune run with --resume=auto)")
+                   help=f"the command to run, with its flags: {', '.join(cluster.SUBMITTABLE)} ... (pretrain, "
+                        "finetune and detect run with --resume=auto)")
     p.set_defaults(func=cmd_submit)
 
 

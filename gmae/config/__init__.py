@@ -807,11 +807,13 @@ class DetectConfig:
     class_agnostic: bool = setting(False, help="one category, object, instead of the data's own")
     image_size: int = setting(64, type=positive_int, flag_default=True, help=
         "generated images' size; COCO images are resized to it (longer side) (default {default})")
-    steps: int = setting(300, type=positive_int, flag_default=True, group=DETECTION_GROUP,
+    steps: int = setting(600, type=positive_int, flag_default=True, group=DETECTION_GROUP,
                          help="optimizer steps (default {default})")
     batch_size: int = setting(8, type=positive_int, flag_default=True, group=DETECTION_GROUP,
                               help="global batch size, all processes together (default {default})")
-    lr: float = setting(1e-4, flag_default=True, group=DETECTION_GROUP, help="peak AdamW lr (default {default})")
+    lr: float = setting(1e-3, flag_default=True, group=DETECTION_GROUP, help=
+        "peak AdamW lr (default {default}; ViTDet's 1e-4 is for batch 64 over 184k steps and learns about half as "
+        "fast in a short run at batch 8: docs/evaluation.md)")
     weight_decay: float = setting(0.1, flag_default=True, group=DETECTION_GROUP,
                                   help="AdamW weight decay (default {default})")
     layer_decay: float = setting(0.7, flag_default=True, group=DETECTION_GROUP,
@@ -822,6 +824,9 @@ class DetectConfig:
                                help="stochastic depth rate (default {default})")
     channels: int = setting(64, type=positive_int, flag_default=True, group=DETECTION_GROUP,
                             help="width of the feature pyramid and the heads (default {default})")
+    rois_per_image: int = setting(32, type=positive_int, flag_default=True, group=DETECTION_GROUP, help=
+        "proposals sampled per image to train the box head, a quarter of them objects at most (ViTDet: 512 for "
+        "COCO's crowded 1024 px images; default {default})")
     flip: bool = setting(True, negatable=True, group=DETECTION_GROUP,
                          help="random horizontal flips of the training images (default on)")
     seed: int = setting(0, flag_default=True, help=

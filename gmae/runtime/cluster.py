@@ -1,6 +1,6 @@
 """Training on a SLURM cluster: `gmae submit` (through submitit) and `srun gmae ...` in an sbatch script.
 
-* :func:`submit` sends `gmae pretrain ...` or `gmae finetune ...` to SLURM (or, for a
+* :func:`submit` sends `gmae pretrain ...`, `finetune ...`, `detect ...` or `probe ...` to SLURM (or, for a
   test, to submitit's local executor) as a :class:`gmae.cli.TrainingJob`. Each task sets up
   torch.distributed from the job's environment and runs the command with
   ``--resume=auto``. When the run stops on the time-limit signal (submitit's
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from ..errors import GMAEError
 
-SUBMITTABLE = ("pretrain", "finetune", "probe")
+SUBMITTABLE = ("pretrain", "finetune", "detect", "probe")
 #: The submittable commands that write checkpoints and continue them (--resume=auto); the probe starts over.
-RESUMING = ("pretrain", "finetune")
+RESUMING = ("pretrain", "finetune", "detect")
 INSTALL = "pip install 'gmae[cluster]'"
 
 
