@@ -28,7 +28,7 @@ import torch
 
 from ...errors import GMAEError
 
-__all__ = ["DetectionData", "GENERATED", "coco_dict", "generated_set", "import_pycocotools", "read_coco",
+__all__ = ["DetectionData", "GENERATED", "coco_dict", "generated_set", "import_pycocotools", "mask_rle", "read_coco",
            "write_coco"]
 
 INSTALL = "pip install 'gmae[detect]'"
@@ -116,7 +116,8 @@ def generated_set(name: str, image_size: int, count: int, seed: int = 0, start: 
     return DetectionData(images, targets, categories, list(range(start + 1, start + count + 1)))
 
 
-def _rle(mask: np.ndarray) -> dict:
+def mask_rle(mask: np.ndarray) -> dict:
+    """A (H, W) mask as COCO's JSON form of a run-length encoding: {"size": [H, W], "counts": str}."""
     _, mask_api = import_pycocotools()
     rle = mask_api.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -132,7 +133,7 @@ def coco_dict(data: DetectionData) -> dict:
             x1, y1, x2, y2 = box
             annotations.append({"id": len(annotations) + 1, "image_id": int(image_id),
                                 "category_id": data.categories[label - 1]["id"], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "area": int(mask.sum()), "iscrowd": 0, "segmentation": _rle(mask)})
+                                "area": int(mask.sum()), "iscrowd": 0, "segmentation": mask_rle(mask)})
     return {"info": {"description": "written by gmae"}, "licenses": [], "images": images,
             "annotations": annotations, "categories": data.categories}
 

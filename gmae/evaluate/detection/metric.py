@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from .data import DetectionData, coco_dict, import_pycocotools
+from .data import DetectionData, coco_dict, import_pycocotools, mask_rle
 
 __all__ = ["IOU_TYPES", "coco_results", "evaluate"]
 
@@ -27,7 +27,6 @@ STATS = {"AP": 0, "AP50": 1, "AP75": 2}
 def coco_results(data: DetectionData, predictions: list[dict], with_masks: bool = True) -> list[dict]:
     """The predictions as COCO's result list: image_id, category_id, bbox (x, y, w, h), score, and an RLE
     segmentation where `with_masks`."""
-    _, mask_api = import_pycocotools()
     if len(predictions) != len(data):
         raise ValueError(f"{len(predictions)} predictions for {len(data)} images")
     results = []
@@ -43,8 +42,7 @@ def coco_results(data: DetectionData, predictions: list[dict], with_masks: bool 
             result = {"image_id": int(image_id), "category_id": data.categories[int(label) - 1]["id"],
                       "bbox": [float(v) for v in box], "score": float(score)}
             if masks is not None:
-                rle = mask_api.encode(np.asfortranarray(masks[i]))
-                result["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+                result["segmentation"] = mask_rle(masks[i])
             results.append(result)
     return results
 
