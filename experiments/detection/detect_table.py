@@ -11,8 +11,8 @@ The paper's COCO row (ViTDet's Mask R-CNN; AP^box / AP^mask, GMAE about equal to
 
 2. fine-tunes a detector on each encoder (and on a random one), on each data set, with each seed:
 
-       gmae detect --checkpoint RUNS/pretrain-gmae --data sprites --seed 0 --steps N --lr LR --threads 1 \\
-           --json --quiet --out RUNS/sprites-gmae-s0 --resume=auto
+       gmae detect --checkpoint RUNS/pretrain-gmae --data sprites --seed 0 --threads 1 --json --quiet \\
+           --out RUNS/sprites-gmae-s0 --resume=auto
        gmae detect --random-init --data sprites --seed 0 ...
 
    up to ``--jobs`` at a time (one thread each); a run cut short continues, a finished one is left alone;
@@ -49,9 +49,9 @@ def detect(gmae: str, runs: Path, data: str, encoder: str, seed: int, args) -> N
         print(f"{out.name}: already measured", flush=True)
         return
     source = ["--random-init"] if encoder == "random" else ["--checkpoint", str(runs / f"pretrain-{encoder}")]
-    run([gmae, "detect", *source, "--data", data, "--seed", str(seed), "--steps", str(args.steps), "--lr",
-         str(args.lr), *args.extra, "--threads", "1", "--json", "--quiet", "--out", str(out), "--resume=auto"],
-        runs / "commands.txt", stdout=open(runs / f"{out.name}.log", "w"))
+    with open(runs / f"{out.name}.log", "w") as log:
+        run([gmae, "detect", *source, "--data", data, "--seed", str(seed), *args.extra, "--threads", "1", "--json",
+             "--quiet", "--out", str(out), "--resume=auto"], runs / "commands.txt", stdout=log)
     print(f"{out.name}: done", flush=True)
 
 
@@ -87,12 +87,11 @@ def main() -> None:
     p.add_argument("--data", nargs="+", choices=DATA, default=list(DATA))
     p.add_argument("--encoders", nargs="+", choices=ENCODERS, default=list(ENCODERS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=800, help="detection fine-tuning steps (default 800)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW lr (default 1e-3)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
     p.add_argument("--gmae", default=str(Path(sys.executable).parent / "gmae"), help="the gmae command")
     p.add_argument("--table", action="store_true", help="print the table of the runs in --runs and stop")
-    p.add_argument("extra", nargs="*", help="further gmae detect flags, after --")
+    p.add_argument("extra", nargs="*", help="further gmae detect flags, after -- (default: none, gmae detect's own "
+                   "recipe: 600 steps of batch 8 at lr 1e-3)")
     args = p.parse_args()
     if args.table:
         print(table(args.runs, args.seeds))
