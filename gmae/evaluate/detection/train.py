@@ -70,8 +70,9 @@ class DetectionRecipe:
     # the model: ViT-B's drop path, the pyramid's and heads' width
     drop_path: float = 0.1
     channels: int = 64
-    # box-head proposals sampled per image (ViTDet's 512 at COCO's 1024 px; the generated images hold 2-30
-    # objects in 64 px, and the box head's cost grows with this)
+    # box-head proposals sampled per image (ViTDet's 512 at COCO's 1024 px: detectron2 at 163549b,
+    # configs/common/models/mask_rcnn_fpn.py line 54, which mask_rcnn_vitdet.py builds on; the generated images
+    # hold 2-30 objects in 64 px, and the box head's cost grows with this)
     rois_per_image: int = 32
     # augmentation: random horizontal flips
     flip: bool = True
